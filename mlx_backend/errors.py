@@ -1,0 +1,30 @@
+"""Why the engine could not serve a request: one code per cause, sent over IPC as a string.
+
+The gateway maps each code to an HTTP status in `gateway/errors.py`; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class EngineErrorCode(str, enum.Enum):
+    MODEL_NOT_FOUND = "model_not_found"
+    MODEL_LOAD_FAILED = "model_load_failed"  # files missing, corrupt, shapes wrong, tokenizer broken
+    MODEL_UNSUPPORTED = "model_unsupported"  # model_type mlx-lm has no implementation for
+    MODEL_TOO_LARGE = "model_too_large"  # weights exceed the memory budget: refused before loading
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+    INVALID_REQUEST = "invalid_request"  # e.g. a chat template that rejects the messages
+    ENGINE_UNAVAILABLE = "engine_unavailable"  # engine died, stalled or is restarting
+    ENGINE_OVERLOADED = "engine_overloaded"
+    INTERNAL = "internal_error"
+
+
+class EngineError(Exception):
+    """A failure the engine reports for one request; carries a stable code and a readable message."""
+
+    def __init__(self, code: EngineErrorCode, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param

@@ -1,0 +1,91 @@
+"""Framing for the gateway <-> engine socket: a 4-byte big-endian length, then one msgpack message.
+
+The engine side is blocking (threads), the gateway side is asyncio; both share the codecs here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import threading
+
+import msgspec
+
+from mlx_backend.types import Command, Event
+
+_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # a frame larger than this means a corrupt stream
+
+_encoder = msgspec.msgpack.Encoder()
+_command_decoder = msgspec.msgpack.Decoder(Command)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+class ConnectionClosed(Exception):
+    """The other side closed the socket (or died)."""
+
+
+def frame(message: Command | Event) -> bytes:
+    payload = _encoder.encode(message)
+    return _HEADER.pack(len(payload)) + payload
+
+
+class EngineSide:
+    """Blocking endpoint used inside the engine process; `send` is safe from several threads."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._send_lock = threading.Lock()
+
+    def send(self, event: Event) -> None:
+        data = frame(event)
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def receive(self) -> Command:
+        (size,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
+        if size > MAX_FRAME_BYTES:
+            raise ConnectionClosed(f"frame of {size} bytes")
+        return _command_decoder.decode(self._read_exactly(size))
+
+    def _read_exactly(self, size: int) -> bytes:
+        chunks = bytearray()
+        while len(chunks) < size:
+            chunk = self._sock.recv(size - len(chunks))
+            if not chunk:
+                raise ConnectionClosed("gateway closed the socket")
+            chunks += chunk
+        return bytes(chunks)
+
+
+class GatewaySide:
+    """Asyncio endpoint used by the gateway; one reader task, writes from the event loop only."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> GatewaySide:
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+        return cls(reader, writer)
+
+    def send(self, command: Command) -> None:
+        """Queue a command; never blocks (the socket buffer absorbs bursts, the engine drains it)."""
+        if self._writer.is_closing():
+            raise ConnectionClosed("engine socket is closed")
+        self._writer.write(frame(command))
+
+    async def receive(self) -> Event:
+        try:
+            header = await self._reader.readexactly(_HEADER.size)
+            (size,) = _HEADER.unpack(header)
+            if size > MAX_FRAME_BYTES:
+                raise ConnectionClosed(f"frame of {size} bytes")
+            return _event_decoder.decode(await self._reader.readexactly(size))
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise ConnectionClosed("engine closed the socket") from exc
+
+    def close(self) -> None:
+        self._writer.close()

@@ -1,0 +1,142 @@
+"""Messages between the gateway and the engine process, encoded with msgspec (msgpack) over a socket.
+
+Plain data only: this module imports neither MLX nor Litestar. Each message is a tagged Struct so one
+decoder per direction handles every kind.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# ---------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # matched on decoded text, never emitted
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    role: str  # system | user | assistant | tool
+    content: str
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What the engine process is started with (JSON on its command line)."""
+
+    models_dirs: tuple[str, ...] = ()
+    hf_cache_dir: str | None = None  # None: the local Hugging Face cache is not searched
+    include_demo_model: bool = True
+    memory_budget_bytes: int = 0  # 0: derive from the machine (see mlx_backend.cache)
+    max_running: int = 32  # requests decoded together in one batch
+    prefill_step_size: int = 2048
+    prompt_cache_bytes: int = 1 << 30  # prefix (KV) cache kept for reuse across requests
+    heartbeat_interval_s: float = 0.25
+    load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change
+    allow_fault_injection: bool = False  # test-only: honours Generate.fault
+
+
+class LoadedModel(msgspec.Struct, frozen=True):
+    id: str
+    size_bytes: int
+    loaded_at: float  # unix time
+    running: int  # requests of this model in the batch
+
+
+class FailedModel(msgspec.Struct, frozen=True):
+    id: str
+    code: str  # an EngineErrorCode value
+    message: str
+    failed_at: float
+    retry_after_s: float  # seconds until a new attempt is allowed (unless the files change)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Gateway -> engine
+
+
+class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
+    request_id: str
+    model: str
+    params: SamplingParams
+    messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the model's chat template
+    prompt: str | None = None  # legacy completions: used as is
+    fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
+
+
+class Abort(msgspec.Struct, frozen=True, tag="abort"):
+    """Stop a request; the engine answers with Finished(finish_reason="abort") if it was running."""
+
+    request_id: str
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    """Clear the model cache and exit 0."""
+
+
+Command = Generate | Abort | Shutdown
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engine -> gateway
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready"):
+    pid: int
+    device: str  # e.g. "cpu", "gpu"
+    mlx_version: str
+    mlx_lm_version: str
+
+
+class Started(msgspec.Struct, frozen=True, tag="started"):
+    """The prompt is tokenized, fits the context, and the request has joined the batch."""
+
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+
+
+class Delta(msgspec.Struct, frozen=True, tag="delta"):
+    request_id: str
+    text: str
+    tokens: int  # tokens generated since the previous Delta
+
+
+class Finished(msgspec.Struct, frozen=True, tag="finished"):
+    request_id: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+
+class Failed(msgspec.Struct, frozen=True, tag="failed", omit_defaults=True):
+    request_id: str
+    code: str  # an EngineErrorCode value
+    message: str
+    param: str | None = None
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
+    """Sent every heartbeat_interval_s by a thread that never touches MLX."""
+
+    progress: int  # bumped by the MLX thread on every decode step, prefill chunk and model load
+    running: int
+    waiting: int
+    loading: str | None  # model id being loaded right now
+    loaded: tuple[LoadedModel, ...]
+    failed: tuple[FailedModel, ...]
+    memory_budget_bytes: int
+    active_memory_bytes: int
+    prompt_cache_bytes: int
+
+
+Event = Ready | Started | Delta | Finished | Failed | Heartbeat
