@@ -17,6 +17,7 @@ class EngineErrorCode(str, enum.Enum):
     INVALID_REQUEST = "invalid_request"  # e.g. a chat template that rejects the messages
     ENGINE_UNAVAILABLE = "engine_unavailable"  # engine died, stalled or is restarting
     ENGINE_OVERLOADED = "engine_overloaded"
+    REQUEST_TIMEOUT = "request_timeout"  # the request ran past the gateway's request timeout
     INTERNAL = "internal_error"
 
 
@@ -28,3 +29,11 @@ class EngineError(Exception):
         self.code = code
         self.message = message
         self.param = param
+
+    @classmethod
+    def from_wire(cls, code: str, message: str, param: str | None = None) -> EngineError:
+        """Rebuild an error sent over IPC; an unknown code (a newer engine?) is internal."""
+        try:
+            return cls(EngineErrorCode(code), message, param)
+        except ValueError:
+            return cls(EngineErrorCode.INTERNAL, message, param)
