@@ -1,0 +1,179 @@
+"""`create_app`: routes, exception handlers, middleware and lifespan. Nothing else lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.config.cors import CORSConfig
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import metrics
+from gateway.errors import ErrorKind, GatewayError, internal
+from gateway.lifecycle import GatewayRuntime
+from gateway.logs import request_id_var
+from gateway.protocol import JSON_ENCODER
+from gateway.routes.chat import create_chat_completion
+from gateway.routes.completions import create_completion
+from gateway.routes.health import health, liveness, prometheus_metrics, readiness
+from gateway.routes.models import list_models, retrieve_model
+from mlx_backend import __version__
+
+log = logging.getLogger("mlx_gateway")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_STATUS_KINDS = {
+    400: ErrorKind.INVALID_REQUEST, 401: ErrorKind.UNAUTHORIZED, 404: ErrorKind.ROUTE_NOT_FOUND,
+    405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.BODY_TOO_LARGE, 415: ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+    429: ErrorKind.OVERLOADED, 503: ErrorKind.NOT_READY,
+}
+
+
+def _error_response(error: GatewayError) -> Response[Any]:
+    return Response(error.body(), status_code=error.status, headers=error.headers())
+
+
+def _on_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[Any]:
+    return _error_response(exc)
+
+
+def _on_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+    """Litestar's msgspec validation errors, reshaped into OpenAI's error naming the field."""
+    details = exc.extra if isinstance(exc.extra, list) else []
+    first = details[0] if details and isinstance(details[0], dict) else {}
+    message = str(first.get("message") or exc.detail)
+    param = str(first["key"]) if first.get("key") else None
+    if "malformed" in message.lower():
+        return _error_response(GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid JSON: {message}"))
+    if "unknown field" in message:
+        field = re.search(r"`([^`]*)`", message)
+        name = field.group(1) if field else param
+        if name and param and name != param:  # nested: name the full path
+            name = f"{param}.{name}"
+        return _error_response(GatewayError(
+            ErrorKind.UNSUPPORTED_PARAMETER, f"Unrecognized request argument supplied: {name}", name
+        ))
+    where = f" for '{param}'" if param else ""
+    return _error_response(GatewayError(ErrorKind.INVALID_REQUEST, f"Invalid value{where}: {message}", param))
+
+
+def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    kind = _STATUS_KINDS.get(exc.status_code, ErrorKind.INVALID_REQUEST if exc.status_code < 500 else None)
+    if kind is None:
+        return _on_unexpected(_, exc)
+    if exc.status_code == 400 and "malformed" in exc.detail.lower():
+        kind = ErrorKind.INVALID_JSON
+    return _error_response(GatewayError(kind, exc.detail))
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    request_id = request_id_var.get() or "unknown"
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _error_response(internal(request_id))
+
+
+class RequestContextMiddleware:
+    """Request id (header, logs, error bodies), API-key check on /v1, and HTTP metrics, for every request.
+
+    It wraps the whole Litestar app (not Litestar's per-route middleware) so unmatched routes get it too.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = time.monotonic()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            if self.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
+                await self._reject_unauthorized(send_with_id)
+                return
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("path_template") or "unmatched"
+            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
+            if status >= 500:
+                log.warning("%s %s -> %d in %.3fs", scope["method"], scope["path"], status,
+                            time.monotonic() - started)
+            request_id_var.reset(token)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, key = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip(), self.api_key or "")
+
+    @staticmethod
+    async def _reject_unauthorized(send: Send) -> None:
+        error = GatewayError(ErrorKind.UNAUTHORIZED, "Missing or invalid API key: send 'Authorization: Bearer <key>'.")
+        body = JSON_ENCODER.encode(error.body())
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def create_app(runtime: GatewayRuntime) -> Litestar:
+    settings = runtime.settings
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        # Never load a model here: a startup exception would exit the whole server.
+        await runtime.engine.start()
+        try:
+            yield
+        finally:
+            log.info("shutdown: stopping the engine and clearing the model cache")
+            await runtime.engine.stop()
+
+    app = Litestar(
+        route_handlers=[create_chat_completion, create_completion, list_models, retrieve_model,
+                        health, liveness, readiness, prometheus_metrics],
+        lifespan=[lifespan],
+        exception_handlers={
+            GatewayError: _on_gateway_error,
+            ValidationException: _on_validation_error,
+            HTTPException: _on_http_exception,
+            Exception: _on_unexpected,
+        },
+        cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="mlx-gateway", version=__version__,
+            description="An OpenAI-compatible API for local MLX models.",
+            path="/docs",
+        ),
+        logging_config=None,
+        debug=False,
+    )
+    app.state.runtime = runtime
+    return app
+
+
+def create_asgi_app(runtime: GatewayRuntime) -> ASGIApp:
+    """What Granian serves: the Litestar app inside the request-context middleware."""
+    return RequestContextMiddleware(create_app(runtime), runtime.settings.api_key)

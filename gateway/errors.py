@@ -1,0 +1,101 @@
+"""One error tree and one table from each kind of failure to (HTTP status, OpenAI type, code).
+
+Every non-2xx body is `{"error": {"message", "type", "param", "code"}}`. The OpenAI SDK maps the status
+to its exception classes (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429
+RateLimitError, 5xx InternalServerError), so the status is the contract and the code is the detail.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+from gateway.protocol import ErrorDetail, ErrorResponse
+from mlx_backend.errors import EngineError, EngineErrorCode
+
+
+class ErrorSpec(NamedTuple):
+    status: int
+    type: str
+    code: str | None
+    retry_after_s: int | None = None
+
+
+class ErrorKind(enum.Enum):
+    INVALID_REQUEST = ErrorSpec(400, "invalid_request_error", "invalid_request")
+    INVALID_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json")
+    UNSUPPORTED_PARAMETER = ErrorSpec(400, "invalid_request_error", "unsupported_parameter")
+    CONTEXT_LENGTH_EXCEEDED = ErrorSpec(400, "invalid_request_error", "context_length_exceeded")
+    UNAUTHORIZED = ErrorSpec(401, "authentication_error", "invalid_api_key")
+    ROUTE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
+    MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found")
+    METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_allowed")
+    BODY_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large")
+    UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type")
+    CLIENT_CLOSED = ErrorSpec(499, "invalid_request_error", "client_closed_request")  # nginx's convention
+    OVERLOADED = ErrorSpec(429, "rate_limit_error", "server_overloaded", retry_after_s=1)
+    # Model files that cannot be served are the server's problem, not the request's: 500 family.
+    MODEL_LOAD_FAILED = ErrorSpec(500, "server_error", "model_load_failed")
+    MODEL_UNSUPPORTED = ErrorSpec(500, "server_error", "model_unsupported")
+    MODEL_TOO_LARGE = ErrorSpec(500, "server_error", "model_too_large")
+    INTERNAL = ErrorSpec(500, "server_error", "internal_error")
+    ENGINE_UNAVAILABLE = ErrorSpec(503, "server_error", "engine_unavailable", retry_after_s=2)
+    NOT_READY = ErrorSpec(503, "server_error", "not_ready", retry_after_s=2)
+    DRAINING = ErrorSpec(503, "server_error", "server_shutting_down", retry_after_s=5)
+    TIMEOUT = ErrorSpec(504, "server_error", "request_timeout")
+
+
+_FROM_ENGINE: dict[EngineErrorCode, ErrorKind] = {
+    EngineErrorCode.MODEL_NOT_FOUND: ErrorKind.MODEL_NOT_FOUND,
+    EngineErrorCode.MODEL_LOAD_FAILED: ErrorKind.MODEL_LOAD_FAILED,
+    EngineErrorCode.MODEL_UNSUPPORTED: ErrorKind.MODEL_UNSUPPORTED,
+    EngineErrorCode.MODEL_TOO_LARGE: ErrorKind.MODEL_TOO_LARGE,
+    EngineErrorCode.CONTEXT_LENGTH_EXCEEDED: ErrorKind.CONTEXT_LENGTH_EXCEEDED,
+    EngineErrorCode.INVALID_REQUEST: ErrorKind.INVALID_REQUEST,
+    EngineErrorCode.ENGINE_UNAVAILABLE: ErrorKind.ENGINE_UNAVAILABLE,
+    EngineErrorCode.ENGINE_OVERLOADED: ErrorKind.OVERLOADED,
+    EngineErrorCode.REQUEST_TIMEOUT: ErrorKind.TIMEOUT,
+    EngineErrorCode.INTERNAL: ErrorKind.INTERNAL,
+}
+
+
+class GatewayError(Exception):
+    """The one exception the HTTP layer raises on purpose; anything else is an internal error."""
+
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.param = param
+
+    @property
+    def status(self) -> int:
+        return self.kind.value.status
+
+    @classmethod
+    def from_engine(cls, error: EngineError) -> GatewayError:
+        return cls(_FROM_ENGINE[error.code], error.message, error.param)
+
+    def body(self) -> ErrorResponse:
+        spec = self.kind.value
+        return ErrorResponse(ErrorDetail(message=self.message, type=spec.type, param=self.param, code=spec.code))
+
+    def headers(self) -> dict[str, str]:
+        retry = self.kind.value.retry_after_s
+        return {"Retry-After": str(retry)} if retry is not None else {}
+
+
+def unsupported(param: str, detail: str) -> GatewayError:
+    return GatewayError(ErrorKind.UNSUPPORTED_PARAMETER, f"'{param}' is not supported: {detail}", param)
+
+
+def invalid(param: str | None, message: str) -> GatewayError:
+    return GatewayError(ErrorKind.INVALID_REQUEST, message, param)
+
+
+def internal(request_id: str) -> GatewayError:
+    return GatewayError(
+        ErrorKind.INTERNAL,
+        f"The server had an internal error while processing request {request_id}; "
+        "the log holds the details under this id.",
+    )

@@ -1,0 +1,269 @@
+"""OpenAI wire types, as msgspec Structs ordered like OpenAI's reference.
+
+Requests forbid unknown fields: a parameter we do not know is a 400 naming it, never silently ignored.
+Parameters we know but do not support are declared so that `convert.check_supported` can name them.
+This module imports neither MLX nor Litestar.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+# ---------------------------------------------------------------------------------------------------
+# Requests
+
+NonNegativeInt = Annotated[int, Meta(ge=0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+StopList = Annotated[list[str], Meta(max_length=4)]
+
+
+class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ImageUrlPart(Struct, tag="image_url", tag_field="type"):
+    """Accepted by the decoder only so the error can say that images are not supported."""
+
+    image_url: dict[str, Any]
+
+
+class SystemMessage(Struct, tag="system", tag_field="role", forbid_unknown_fields=True):
+    content: str | list[TextPart]
+    name: str | UnsetType = UNSET
+
+
+class DeveloperMessage(Struct, tag="developer", tag_field="role", forbid_unknown_fields=True):
+    content: str | list[TextPart]
+    name: str | UnsetType = UNSET
+
+
+class UserMessage(Struct, tag="user", tag_field="role", forbid_unknown_fields=True):
+    content: str | list[TextPart | ImageUrlPart]
+    name: str | UnsetType = UNSET
+
+
+class AssistantMessage(Struct, tag="assistant", tag_field="role", forbid_unknown_fields=True):
+    content: str | list[TextPart] | None = None
+    name: str | UnsetType = UNSET
+    refusal: str | None | UnsetType = UNSET
+    tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # unsupported: rejected by name
+
+
+class ToolMessage(Struct, tag="tool", tag_field="role", forbid_unknown_fields=True):
+    content: str | list[TextPart]
+    tool_call_id: str
+
+
+Message = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
+
+
+class StreamOptions(Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+    include_obfuscation: bool | UnsetType = UNSET  # accepted: we never add obfuscation padding
+
+
+class ChatCompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    model: str
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None | UnsetType = UNSET
+    logprobs: bool | None = None
+    top_logprobs: int | None | UnsetType = UNSET
+    max_completion_tokens: MaxTokens | None = None
+    max_tokens: MaxTokens | None = None
+    n: int | None = None
+    presence_penalty: Penalty = 0.0
+    response_format: dict[str, Any] | UnsetType = UNSET
+    seed: Seed | None = None
+    stop: str | StopList | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    tools: list[dict[str, Any]] | UnsetType = UNSET
+    tool_choice: str | dict[str, Any] | UnsetType = UNSET
+    parallel_tool_calls: bool | UnsetType = UNSET
+    user: str | UnsetType = UNSET
+    # Fields OpenAI defines that change behaviour we do not offer: named in a 400 when set.
+    audio: dict[str, Any] | None | UnsetType = UNSET
+    modalities: list[str] | None | UnsetType = UNSET
+    prediction: dict[str, Any] | None | UnsetType = UNSET
+    reasoning_effort: str | None | UnsetType = UNSET
+    functions: list[dict[str, Any]] | UnsetType = UNSET
+    function_call: str | dict[str, Any] | UnsetType = UNSET
+    web_search_options: dict[str, Any] | UnsetType = UNSET
+    store: bool | None = None
+
+
+class CompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    model: str
+    prompt: str | list[Any]  # OpenAI also allows token ids and batches; convert.py names what we refuse
+    best_of: int | None = None
+    echo: bool | None = None
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[str, float] | None | UnsetType = UNSET
+    logprobs: int | None = None
+    max_tokens: MaxTokens | None = 16  # OpenAI's default for legacy completions
+    n: int | None = None
+    presence_penalty: Penalty = 0.0
+    seed: Seed | None = None
+    stop: str | StopList | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    user: str | UnsetType = UNSET
+
+
+# ---------------------------------------------------------------------------------------------------
+# Responses
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
+
+
+class AssistantReply(Struct):
+    role: Literal["assistant"]
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(Struct):
+    index: int
+    message: AssistantReply
+    logprobs: None
+    finish_reason: str
+
+
+class ChatCompletion(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChunkDelta(Struct, omit_defaults=True):
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChunkChoice(Struct):
+    index: int
+    delta: ChunkDelta
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class Completion(Struct, kw_only=True):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelError(Struct):
+    code: str
+    message: str
+    retry_after_s: float
+
+
+class Model(Struct, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    # Extras beyond OpenAI's schema, useful to a local user:
+    context_length: int | None = None
+    size_bytes: int = 0
+    source: str = "models_dir"
+    status: Literal["available", "loaded", "loading", "failed"] = "available"
+    loaded: bool = False
+    error: ModelError | None = None
+
+
+class ModelList(Struct):
+    data: list[Model]
+    object: Literal["list"] = "list"
+
+
+class ErrorDetail(Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(Struct):
+    error: ErrorDetail
+
+
+# ---------------------------------------------------------------------------------------------------
+# Health
+
+
+class EngineHealth(Struct):
+    state: str  # starting | up | restarting | down | stopped
+    pid: int | None
+    restarts: int
+    device: str | None
+    last_exit: str | None
+    seconds_since_progress: float | None
+
+
+class Health(Struct):
+    status: Literal["ok", "starting", "degraded", "stalled", "draining", "engine_down"]
+    ready: bool
+    reason: str | None
+    models_loaded: int
+    models_available: int
+    requests_running: int
+    requests_waiting: int
+    engine: EngineHealth
+    uptime_s: float
+    version: str
+
+
+class Liveness(Struct):
+    status: Literal["alive"] = "alive"
+
+
+JSON_ENCODER = msgspec.json.Encoder()

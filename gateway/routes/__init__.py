@@ -1,0 +1,1 @@
+"""Thin HTTP handlers: decode -> convert -> engine -> wrap."""

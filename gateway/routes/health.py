@@ -1,0 +1,42 @@
+"""Health for the watchdog and load balancers, metrics for Prometheus. Never blocked by generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get
+from litestar.openapi import ResponseSpec
+
+from gateway import metrics
+from gateway.lifecycle import GatewayRuntime
+from gateway.protocol import Health, Liveness
+
+
+@get("/health", operation_id="health", summary="Status, readiness and model counts", tags=["Operations"],
+     responses={503: ResponseSpec(Health, description="Not ready: the body says why")})
+async def health(request: Request[Any, Any, Any]) -> Response[Health]:
+    runtime: GatewayRuntime = request.app.state.runtime
+    report = runtime.health()
+    headers = {} if report.ready else {"Retry-After": "2"}
+    return Response(report, status_code=200 if report.ready else 503, headers=headers)
+
+
+@get("/health/live", operation_id="liveness", summary="The process and its event loop answer",
+     tags=["Operations"])
+async def liveness() -> Liveness:
+    return Liveness()
+
+
+@get("/health/ready", operation_id="readiness", summary="200 when generation requests are accepted",
+     tags=["Operations"], responses={503: ResponseSpec(Health, description="Not ready: the body says why")})
+async def readiness(request: Request[Any, Any, Any]) -> Response[Health]:
+    return await health.fn(request)  # type: ignore[no-any-return]
+
+
+@get("/metrics", operation_id="metrics", summary="Prometheus text exposition", tags=["Operations"],
+     media_type="text/plain")
+async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+    runtime: GatewayRuntime = request.app.state.runtime
+    runtime.refresh_gauges()
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

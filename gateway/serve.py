@@ -1,0 +1,144 @@
+"""`mlx-gateway serve`: the process main. Embedded Granian in our own event loop, so the signals are ours.
+
+On SIGTERM or SIGINT: readiness goes 503 at once, new requests get 503, requests in flight finish until
+the drain deadline and are then ended with a final chunk and `[DONE]`; then Granian stops, the lifespan
+stops the engine (which clears its model cache), and the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+from granian.constants import Interfaces
+from granian.http import HTTP1Settings
+from granian.server.embed import Server
+
+from gateway import logs, sdnotify
+from gateway.app import create_asgi_app
+from gateway.lifecycle import GatewayRuntime, MetricsObserver
+from gateway.settings import Settings
+from mlx_backend.engine import EngineClient, SupervisionPolicy
+from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
+from mlx_backend.types import EngineConfig
+
+log = logging.getLogger("mlx_gateway")
+
+
+def build_runtime(settings: Settings) -> GatewayRuntime:
+    hf_cache = default_hf_cache_dir() if settings.hf_cache else None
+    registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model)
+    config = EngineConfig(
+        models_dirs=tuple(str(p) for p in settings.models_dirs),
+        hf_cache_dir=str(hf_cache) if hf_cache else None,
+        include_demo_model=settings.offers_demo_model,
+        memory_budget_bytes=settings.memory_budget_bytes,
+        max_running=settings.max_running,
+        allow_fault_injection=settings.test_faults,
+    )
+    policy = SupervisionPolicy(
+        stall_timeout_s=settings.stall_timeout_s,
+        load_timeout_s=settings.load_timeout_s,
+        restart_budget=settings.engine_restart_budget,
+    )
+    engine = EngineClient(config, MetricsObserver(), policy)
+    return GatewayRuntime(settings, engine, registry)
+
+
+class _PidFile:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(f"{os.getpid()}\n")
+            tmp.replace(self.path)
+
+    def __exit__(self, *_: object) -> None:
+        if self.path:
+            with contextlib.suppress(OSError):
+                if self.path.read_text().strip() == str(os.getpid()):
+                    self.path.unlink()
+
+
+async def _serve(settings: Settings) -> int:
+    runtime = build_runtime(settings)
+    server = Server(
+        create_asgi_app(runtime),
+        address=settings.host,
+        port=settings.port,
+        interface=Interfaces.ASGI,
+        http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout_s * 1000)),
+        log_access=False,
+    )
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stopping.is_set():
+            log.warning("second %s: exiting now without draining", name)
+            _exit_now(runtime)
+        log.info("%s received: draining (deadline %.0fs)", name, settings.drain_timeout_s)
+        stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    async def stop_when_asked() -> None:
+        await stopping.wait()
+        sdnotify.stopping()
+        await runtime.drain(settings.drain_timeout_s)
+        log.info("shutdown: stopping the HTTP server")
+        server.stop()
+
+    async def keep_systemd_informed() -> None:
+        await _ready_then_ping(runtime)
+
+    tasks = [asyncio.create_task(stop_when_asked()), asyncio.create_task(keep_systemd_informed())]
+    log.info("serving on http://%s:%d (models dirs: %s; demo model: %s)", settings.host, settings.port,
+             ", ".join(map(str, settings.models_dirs)) or "none", settings.offers_demo_model)
+    try:
+        await server.serve()
+    finally:
+        for task in tasks:
+            task.cancel()
+    log.info("shutdown: complete")
+    return 0
+
+
+async def _ready_then_ping(runtime: GatewayRuntime) -> None:
+    """systemd: READY once the engine is up; WATCHDOG pings only while the engine is healthy or idle."""
+    interval = sdnotify.watchdog_interval_s()
+    while runtime.engine.status().state.value != "up":
+        await asyncio.sleep(0.2)
+    sdnotify.ready()
+    while interval:
+        if not runtime.engine.status().stalled:
+            sdnotify.watchdog_ping()
+        await asyncio.sleep(interval / 3)
+
+
+def _exit_now(runtime: GatewayRuntime) -> None:
+    pid = runtime.engine.status().pid
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    os._exit(1)
+
+
+def run(settings: Settings) -> int:
+    logs.configure(settings.log_level, settings.log_json)
+    try:
+        settings.check()
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    with _PidFile(settings.pid_file):
+        return asyncio.run(_serve(settings))

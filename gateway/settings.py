@@ -1,0 +1,163 @@
+"""Every setting of `mlx-gateway serve`: one field, one flag, one `MLX_GATEWAY_*` environment variable.
+
+Precedence: command-line flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MLX_GATEWAY_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=11435, metadata={"help": "port to bind"})
+    models_dirs: tuple[Path, ...] = field(
+        default=(), metadata={"help": "folder of model folders (repeatable; env: os.pathsep-separated)"}
+    )
+    hf_cache: bool = field(default=True, metadata={"help": "also serve models in the local Hugging Face cache"})
+    demo_model: bool | None = field(
+        default=None, metadata={"help": "offer the bundled demo model (default: only when no models dir)"}
+    )
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1"})
+    allow_public: bool = field(
+        default=False, metadata={"help": "allow binding a non-loopback address without an API key"}
+    )
+    cors_origins: tuple[str, ...] = field(default=(), metadata={"help": "origins allowed by CORS (repeatable)"})
+    memory_budget_gb: float = field(
+        default=0.0, metadata={"help": "memory for loaded models, GB (0: derive from the machine)"}
+    )
+    max_running: int = field(default=32, metadata={"help": "requests generating at once (one batch)"})
+    max_queue: int = field(default=128, metadata={"help": "requests waiting for a batch slot; beyond: 429"})
+    max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})
+    request_timeout_s: float = field(default=600.0, metadata={"help": "a request running longer is ended"})
+    stall_timeout_s: float = field(
+        default=30.0, metadata={"help": "engine with work but no progress this long is restarted"}
+    )
+    load_timeout_s: float = field(default=600.0, metadata={"help": "a model load taking longer is a stall"})
+    drain_timeout_s: float = field(
+        default=30.0, metadata={"help": "on SIGTERM, streams may finish for this long"}
+    )
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
+    header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
+    engine_restart_budget: int = field(
+        default=10, metadata={"help": "engine restarts allowed per hour before the gateway gives up"}
+    )
+    log_json: bool = field(default=False, metadata={"help": "log JSON lines"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    pid_file: Path | None = field(default=None, metadata={"help": "write the server's pid here"})
+    watchdog_state_dir: Path | None = field(
+        default=None, metadata={"help": "the watchdog's state folder, to export its status as metrics"}
+    )
+    test_faults: bool = field(
+        default=False, metadata={"help": "TEST ONLY: honour fault injection through the 'user' field"}
+    )
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return int(self.memory_budget_gb * 1024**3)
+
+    @property
+    def offers_demo_model(self) -> bool:
+        return self.demo_model if self.demo_model is not None else not self.models_dirs
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    def check(self) -> None:
+        """Refuse unsafe or impossible combinations before anything starts."""
+        if not self.is_loopback and not self.api_key and not self.allow_public:
+            raise ValueError(
+                f"refusing to bind {self.host} without an API key: set --api-key, or --allow-public "
+                "if this server is really meant to be open to the network"
+            )
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range")
+        for name in ("max_running", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _kind(f: dataclasses.Field[Any]) -> str:
+    return str(f.type).replace(" ", "")
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    for f in dataclasses.fields(Settings):
+        kind = _kind(f)
+        help_text = f.metadata.get("help", "") + f" (env {ENV_PREFIX}{f.name.upper()})"
+        if kind.startswith("bool"):
+            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        elif kind.startswith("tuple"):
+            parser.add_argument(_flag(f.name.rstrip("s")), _flag(f.name), dest=f.name, action="append",
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text)
+    return parser
+
+
+def _parse_value(f: dataclasses.Field[Any], raw: Any) -> Any:
+    kind = _kind(f)
+    if raw is None:
+        return None
+    if kind.startswith("bool"):
+        if isinstance(raw, bool):
+            return raw
+        return str(raw).strip().lower() in ("1", "true", "yes", "on")
+    if kind.startswith("tuple[Path"):
+        parts = raw if isinstance(raw, list) else str(raw).split(os.pathsep)
+        return tuple(Path(p).expanduser() for p in parts if p)
+    if kind.startswith("tuple"):
+        parts = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(p.strip() for p in parts if p.strip())
+    if kind.startswith("int"):
+        return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
+    if kind.startswith("Path"):
+        return Path(raw).expanduser()
+    return str(raw)
+
+
+def load_settings(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge flags over environment over defaults; raise ValueError naming a bad value."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Settings):
+        raw = getattr(args, f.name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _parse_value(f, raw)
+        except ValueError as exc:
+            raise ValueError(f"invalid value for {f.name}: {raw!r}") from exc
+    return Settings(**values)
+
+
+def parse_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
+    parser = build_parser(argparse.ArgumentParser(prog="mlx-gateway serve"))
+    return load_settings(parser.parse_args(list(argv)), env)
