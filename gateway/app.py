@@ -117,7 +117,7 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("path_template") or "unmatched"
             metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
-            if status >= 500:
+            if status >= 500 and not scope["path"].startswith("/health"):
                 log.warning("%s %s -> %d in %.3fs", scope["method"], scope["path"], status,
                             time.monotonic() - started)
             request_id_var.reset(token)

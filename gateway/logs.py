@@ -54,8 +54,3 @@ def configure(level: str = "info", json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Granian logs through its own logger; route it through ours so JSON mode covers every line.
-    for name in ("_granian", "granian", "granian.access"):
-        granian_logger = logging.getLogger(name)
-        granian_logger.handlers[:] = []
-        granian_logger.propagate = True

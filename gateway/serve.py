@@ -29,6 +29,14 @@ from mlx_backend.types import EngineConfig
 log = logging.getLogger("mlx_gateway")
 
 
+# Granian configures its own handlers; make its loggers propagate to ours so JSON mode covers every line.
+_GRANIAN_LOGS_THROUGH_OURS = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "loggers": {name: {"handlers": [], "propagate": True} for name in ("_granian", "granian.access")},
+}
+
+
 def build_runtime(settings: Settings) -> GatewayRuntime:
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
     registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model)
@@ -76,6 +84,7 @@ async def _serve(settings: Settings) -> int:
         interface=Interfaces.ASGI,
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout_s * 1000)),
         log_access=False,
+        log_dictconfig=_GRANIAN_LOGS_THROUGH_OURS,
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()

@@ -1,0 +1,120 @@
+"""The official `openai` client against a real server and a real engine: the contract users rely on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.support.server import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def client(shared_server: ServerProcess) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=shared_server.base_url + "/v1", api_key="unused", max_retries=0,
+                       timeout=60) as c:
+        yield c
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
+
+
+def test_chat_non_streaming(client: openai.OpenAI) -> None:
+    completion = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)  # type: ignore[arg-type]
+    assert completion.object == "chat.completion"
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = completion.usage
+    assert usage is not None and usage.completion_tokens <= 12 and usage.prompt_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_streaming_with_usage_keeps_every_invariant(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=16, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishes) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens <= 16
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    non_stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16,  # type: ignore[arg-type]
+                                                temperature=0)
+    greedy = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16,  # type: ignore[arg-type]
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in greedy if c.choices) == non_stream.choices[0].message.content
+    assert isinstance(text, str)
+
+
+def test_same_seed_same_output(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str | None:
+        return client.chat.completions.create(  # type: ignore[call-overload, no-any-return]
+            model="tiny", messages=MESSAGES, max_tokens=20, temperature=1.0, seed=seed,
+        ).choices[0].message.content
+
+    assert sample(123) == sample(123)
+    assert len({sample(s) for s in (1, 2, 3, 4)}) > 1  # the seed does change the sample
+
+
+def test_stop_string_is_matched_on_text_and_never_emitted(client: openai.OpenAI) -> None:
+    free = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,  # type: ignore[arg-type]
+                                          temperature=0).choices[0].message.content or ""
+    assert len(free) > 4
+    stop = free[2:4]  # a stop string taken from the middle of real output, likely spanning tokens
+    stopped = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,  # type: ignore[arg-type]
+                                             temperature=0, stop=[stop]).choices[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.message.content == free[: free.index(stop)]
+
+
+def test_legacy_completions_stream_and_not(client: openai.OpenAI) -> None:
+    completion = client.completions.create(model="tiny", prompt="The answer is", max_tokens=5)
+    assert completion.object == "text_completion" and completion.usage is not None
+    assert completion.usage.completion_tokens <= 5
+    chunks = list(client.completions.create(model="tiny", prompt="The answer is", max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+
+
+def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
+    ids = {m.id for m in client.models.list()}
+    assert {"tiny", "org/tiny-two"} <= ids
+    model = client.models.retrieve("org/tiny-two")
+    assert model.id == "org/tiny-two" and model.owned_by == "org"
+    assert (model.model_extra or {}).get("context_length") == 512
+
+
+def test_errors_map_to_the_sdks_exception_classes(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        client.chat.completions.create(model="missing", messages=MESSAGES)  # type: ignore[arg-type]
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=3)  # type: ignore[arg-type]
+    assert bad.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(  # type: ignore[call-overload]
+            model="tiny", messages=[{"role": "user", "content": "word " * 400}], max_tokens=5)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("../tiny")
+
+
+def test_raw_malformed_input_gets_400_and_the_server_keeps_serving(shared_server: ServerProcess) -> None:
+    url = shared_server.base_url + "/v1/chat/completions"
+    bad_bodies = [b"{", b"\xff\xfe\xfa", b'{"model": "tiny", "messages": "hi"}', b'{"model": "tiny"}', b"[]",
+                  b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e309}']
+    for body in bad_bodies:
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=10)
+        assert response.status_code == 400, (body, response.text)
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    assert httpx.post(url, content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"},
+                      timeout=30).status_code == 413
+    assert shared_server.health().status_code == 200

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the tests need on a fresh Debian/Ubuntu or macOS machine, then runs them.
+# Usage: bash tests/run.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests drive for real: Prometheus (server + promtool), shellcheck, systemd-analyze.
+if command -v apt-get >/dev/null 2>&1; then
+  missing=()
+  command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  if ((${#missing[@]})); then
+    SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+python3 -m pip install -q -e ".[test]"
+exec python3 -m pytest "$@"

@@ -1,0 +1,143 @@
+"""Every failure is OpenAI's error shape with the right status, and names the parameter at fault."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from litestar.testing import TestClient
+
+from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.fake import FakeEngine
+from tests.unit.gateway.conftest import ClientFactory, chat_body
+
+
+def error_of(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error  # type: ignore[no-any-return]
+
+
+def post_raw(client: TestClient[Any], body: bytes | str, path: str = "/v1/chat/completions") -> Any:
+    return client.post(path, content=body, headers={"content-type": "application/json"})
+
+
+def test_unknown_model_is_404_model_not_found(client: TestClient[Any]) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=chat_body(model="nope")), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "nope" in error["message"]
+
+
+@pytest.mark.parametrize(("overrides", "param"), [
+    ({"n": 2}, "n"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logprobs": True}, "logprobs"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"audio": {"voice": "x"}}, "audio"),
+    ({"store": True}, "store"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages[0].content[0]"),
+])
+def test_unsupported_parameters_are_400_naming_them(client: TestClient[Any], overrides: dict[str, Any],
+                                                    param: str) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=chat_body(**overrides)), 400)
+    assert error["param"] == param and error["code"] == "unsupported_parameter"
+
+
+def test_neutral_values_of_unsupported_parameters_are_accepted(client: TestClient[Any]) -> None:
+    body = chat_body(n=1, logprobs=False, tools=[], response_format={"type": "text"}, tool_choice="none")
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_unknown_field_is_400_naming_it(client: TestClient[Any]) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=chat_body(frobnicate=1)), 400)
+    assert error["param"] == "frobnicate"
+
+
+@pytest.mark.parametrize(("overrides", "param"), [
+    ({"max_tokens": "ten"}, "max_tokens"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"temperature": 9}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"presence_penalty": -3}, "presence_penalty"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, "messages[0]"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"seed": 2**70}, "seed"),
+    ({"model": 3}, "model"),
+])
+def test_wrong_types_and_absurd_numbers_are_400_naming_the_field(
+    client: TestClient[Any], overrides: dict[str, Any], param: str
+) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=chat_body(**overrides)), 400)
+    assert error["param"] == param, error
+
+
+def test_missing_required_field_is_400(client: TestClient[Any]) -> None:
+    error = error_of(client.post("/v1/chat/completions", json={"model": "tiny"}), 400)
+    assert "messages" in error["message"]
+
+
+@pytest.mark.parametrize("body", [b"{bad", b"", b"[1, 2", b"\xff\xfe{}", b"null"])
+def test_malformed_or_truncated_json_is_400(client: TestClient[Any], body: bytes) -> None:
+    error_of(post_raw(client, body), 400)
+
+
+def test_empty_stop_string_is_400(client: TestClient[Any]) -> None:
+    assert error_of(client.post("/v1/chat/completions", json=chat_body(stop="")), 400)["param"] == "stop"
+
+
+def test_oversized_body_is_413(make_client: ClientFactory) -> None:
+    client = make_client(max_body_bytes=1024)
+    error = error_of(post_raw(client, b'{"model": "' + b"x" * 4096 + b'"}'), 413)
+    assert error["code"] == "request_too_large"
+
+
+def test_unknown_route_and_wrong_method_have_the_error_shape(client: TestClient[Any]) -> None:
+    assert error_of(client.get("/v1/nothing"), 404)["code"] == "not_found"
+    assert error_of(client.get("/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+
+
+def test_context_length_exceeded_is_400_before_any_generation(make_client: ClientFactory) -> None:
+    client = make_client(FakeEngine(context_length=5))
+    long_prompt = " ".join(["word"] * 10)
+    error = error_of(client.post("/v1/chat/completions", json=chat_body(
+        messages=[{"role": "user", "content": long_prompt}])), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+
+
+@pytest.mark.parametrize(("code", "status"), [
+    (EngineErrorCode.MODEL_LOAD_FAILED, 500), (EngineErrorCode.MODEL_UNSUPPORTED, 500),
+    (EngineErrorCode.MODEL_TOO_LARGE, 500), (EngineErrorCode.ENGINE_UNAVAILABLE, 503),
+])
+def test_model_failures_are_clear_errors_naming_the_model(make_client: ClientFactory, code: EngineErrorCode,
+                                                          status: int) -> None:
+    failure = EngineError(code, "model 'tiny' failed: corrupt safetensors header in model.safetensors")
+    client = make_client(FakeEngine(failures={"tiny": failure}))
+    error = error_of(client.post("/v1/chat/completions", json=chat_body()), status)
+    assert error["code"] == code.value and "tiny" in error["message"]
+    assert client.get("/health/live").status_code == 200
+
+
+def test_internal_error_is_500_carrying_the_request_id(make_client: ClientFactory,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    def explode(_: Any) -> str:
+        raise RuntimeError("boom")
+
+    client = make_client(FakeEngine(reply=explode))
+    response = client.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "req-abc"})
+    error = error_of(response, 500)
+    assert response.headers["x-request-id"] == "req-abc"
+    assert "req-abc" in error["message"] and "boom" not in error["message"]
+    assert any(getattr(r, "request_id", None) == "req-abc" and r.exc_info for r in caplog.records)
+
+
+def test_api_key_guards_v1_routes_but_not_health(make_client: ClientFactory) -> None:
+    client = make_client(api_key="s3cret")
+    assert error_of(client.get("/v1/models"), 401)["type"] == "authentication_error"
+    assert error_of(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+    assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.get("/health/live").status_code == 200
