@@ -51,7 +51,7 @@ def _on_validation_error(_: Request[Any, Any, Any], exc: ValidationException) ->
     details = exc.extra if isinstance(exc.extra, list) else []
     first = details[0] if details and isinstance(details[0], dict) else {}
     message = str(first.get("message") or exc.detail)
-    param = str(first["key"]) if first.get("key") else None
+    param = str(first["key"]) if first.get("key") and first.get("key") != "data" else None  # data: the body
     if "malformed" in message.lower():
         return _error_response(GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid JSON: {message}"))
     if "unknown field" in message:

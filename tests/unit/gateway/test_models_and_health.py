@@ -33,7 +33,8 @@ def test_retrieve_accepts_org_slash_name_ids(client: TestClient[Any]) -> None:
 
 
 def test_retrieve_unknown_or_escaping_ids_is_404(client: TestClient[Any]) -> None:
-    for model_id in ("nope", "../models/tiny", "org/../tiny", "%2e%2e/etc"):
+    # Percent-encoded so the HTTP client cannot normalise the dots away before the server sees them.
+    for model_id in ("nope", "..%2Fmodels%2Ftiny", "org%2F..%2F..%2Ftiny", "%2Fetc%2Fpasswd", "tiny%00"):
         response = client.get(f"/v1/models/{model_id}")
         assert response.status_code == 404, model_id
         assert response.json()["error"]["code"] in ("model_not_found", "not_found")
