@@ -1,0 +1,68 @@
+"""Per-request sampling for mlx-lm's BatchGenerator: a sampler with its own PRNG key, and OpenAI's
+presence/frequency penalties as a logits processor.
+
+Shapes follow BatchGenerator: a sampler takes log-probabilities (rows, vocab) and returns token ids (rows,);
+a logits processor takes (tokens so far, logits (1, vocab)) and returns logits.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import mlx.core as mx
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_top_p, greedy_sampler
+
+from mlx_backend.types import SamplingParams
+
+
+class SeededSampler:
+    """Temperature + top-p sampling from a key of its own, so one request's draws do not depend on what
+    else runs in the batch: the same seed and prompt give the same tokens."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+        self._inv_temp = 1.0 / temperature
+        self._top_p = top_p
+        self._key = mx.random.key(seed if seed is not None else secrets.randbits(63))
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        keys = mx.random.split(self._key)
+        self._key, draw = keys[0], keys[1]
+        if 0.0 < self._top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self._top_p)
+        return mx.random.categorical(logprobs * self._inv_temp, key=draw)
+
+
+def make_sampler(params: SamplingParams) -> Sampler:
+    if params.temperature <= 0.0:
+        # The one shared greedy sampler lets BatchGenerator sample a batch of greedy requests in one call.
+        return greedy_sampler
+    return SeededSampler(params.temperature, params.top_p, params.seed)
+
+
+class PenaltyProcessor:
+    """OpenAI semantics: logit[t] -= presence * (count[t] > 0) + frequency * count[t], where count covers the
+    tokens generated so far (not the prompt). Counts are kept incrementally: one scatter per step."""
+
+    def __init__(self, presence: float, frequency: float, prompt_tokens: int) -> None:
+        self._presence = presence
+        self._frequency = frequency
+        self._seen = prompt_tokens  # BatchGenerator's token context starts with the whole prompt
+        self._counts: mx.array | None = None
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._counts is None:
+            self._counts = mx.zeros((logits.shape[-1],), dtype=mx.float32)
+        new = tokens[self._seen:]
+        if new.size:
+            self._counts = self._counts.at[new].add(1.0)
+            self._seen = tokens.size
+        penalty = self._frequency * self._counts
+        if self._presence:
+            penalty = penalty + self._presence * (self._counts > 0)
+        return logits - penalty.astype(logits.dtype)
+
+
+def make_logits_processors(params: SamplingParams, prompt_tokens: int) -> list[LogitsProcessor]:
+    if not params.presence_penalty and not params.frequency_penalty:
+        return []  # no processors keeps BatchGenerator on its fast path
+    return [PenaltyProcessor(params.presence_penalty, params.frequency_penalty, prompt_tokens)]

@@ -1,0 +1,75 @@
+"""Per-request samplers and OpenAI penalties, on hand-made log-probabilities."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.sample_utils import greedy_sampler
+
+from mlx_backend.sampling import PenaltyProcessor, make_logits_processors, make_sampler
+from mlx_backend.types import SamplingParams
+
+LOGPROBS = mx.log(mx.array([[0.1, 0.2, 0.3, 0.4]]))
+
+
+def draws(params: SamplingParams, n: int = 50) -> list[int]:
+    sampler = make_sampler(params)
+    return [int(sampler(LOGPROBS).item()) for _ in range(n)]
+
+
+def test_same_seed_same_tokens_different_seed_different_tokens() -> None:
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=42)
+    first = draws(params)
+    mx.random.seed(123)  # the global PRNG must not matter
+    assert draws(params) == first
+    assert draws(SamplingParams(max_tokens=1, temperature=1.0, seed=43)) != first
+    assert len(set(first)) > 1
+
+
+def test_unseeded_samplers_differ() -> None:
+    params = SamplingParams(max_tokens=1, temperature=1.0)
+    assert draws(params) != draws(params)
+
+
+def test_temperature_zero_is_the_shared_greedy_sampler() -> None:
+    sampler = make_sampler(SamplingParams(max_tokens=1, temperature=0.0, seed=1))
+    assert sampler is greedy_sampler
+    assert sampler(LOGPROBS).tolist() == [3]
+
+
+def test_tiny_top_p_keeps_only_the_best_token() -> None:
+    assert set(draws(SamplingParams(max_tokens=1, temperature=1.0, top_p=0.05, seed=7))) == {3}
+
+
+def test_low_temperature_concentrates_on_the_best_token() -> None:
+    got = draws(SamplingParams(max_tokens=1, temperature=0.01, seed=3))
+    assert set(got) == {3}
+
+
+def test_sampler_handles_one_row_of_a_batch() -> None:
+    sampler = make_sampler(SamplingParams(max_tokens=1, temperature=1.0, seed=3))
+    assert sampler(mx.concatenate([LOGPROBS, LOGPROBS])[1:2]).shape == (1,)
+
+
+def test_penalties_follow_openai_and_ignore_the_prompt() -> None:
+    processor = PenaltyProcessor(presence=0.5, frequency=0.25, prompt_tokens=3)
+    logits = mx.zeros((1, 5))
+    prompt = mx.array([0, 0, 4])
+    assert processor(prompt, logits).tolist() == [[0.0] * 5]
+    generated = mx.array([0, 0, 4, 1, 1, 2])  # tokens 1 (x2) and 2 (x1) generated
+    out = processor(generated[:4], logits)  # steps arrive one token at a time
+    out = processor(generated[:5], logits)
+    out = processor(generated, logits)
+    expected = [0.0, -(0.5 + 2 * 0.25), -(0.5 + 0.25), 0.0, 0.0]
+    assert [round(x, 6) for x in out.tolist()[0]] == expected
+
+
+def test_penalty_keeps_logits_dtype() -> None:
+    processor = PenaltyProcessor(presence=1.0, frequency=0.0, prompt_tokens=0)
+    out = processor(mx.array([2]), mx.zeros((1, 4), dtype=mx.float16))
+    assert out.dtype == mx.float16
+    assert out.tolist() == [[0.0, 0.0, -1.0, 0.0]]
+
+
+def test_no_penalties_no_processors() -> None:
+    assert make_logits_processors(SamplingParams(max_tokens=1), 10) == []
+    assert len(make_logits_processors(SamplingParams(max_tokens=1, frequency_penalty=0.1), 10)) == 1
