@@ -11,13 +11,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import metrics
+from gateway import metrics, openapi
 from gateway.errors import ErrorKind, GatewayError, internal
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
@@ -36,6 +36,11 @@ _STATUS_KINDS = {
     405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.BODY_TOO_LARGE, 415: ErrorKind.UNSUPPORTED_MEDIA_TYPE,
     429: ErrorKind.OVERLOADED, 503: ErrorKind.NOT_READY,
 }
+
+
+@get("/openapi.json", include_in_schema=False, media_type="application/json")
+async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
+    return Response(openapi.render(request.app), media_type="application/json")
 
 
 def _error_response(error: GatewayError) -> Response[Any]:
@@ -72,7 +77,9 @@ def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Respons
         return _on_unexpected(_, exc)
     if exc.status_code == 400 and "malformed" in exc.detail.lower():
         kind = ErrorKind.INVALID_JSON
-    return _error_response(GatewayError(kind, exc.detail))
+    response = _error_response(GatewayError(kind, exc.detail))
+    response.headers.update(exc.headers or {})  # e.g. Allow on 405
+    return response
 
 
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -152,7 +159,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
 
     app = Litestar(
         route_handlers=[create_chat_completion, create_completion, list_models, retrieve_model,
-                        health, liveness, readiness, prometheus_metrics],
+                        health, liveness, readiness, prometheus_metrics, openapi_json],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _on_gateway_error,

@@ -27,8 +27,7 @@ def _serve(argv: Sequence[str]) -> int:
 
 def openapi_document() -> bytes:
     """The OpenAPI document of the app as configured by default (no engine is started)."""
-    import json
-
+    from gateway import openapi
     from gateway.app import create_app
     from gateway.lifecycle import GatewayRuntime
     from gateway.settings import Settings
@@ -37,7 +36,7 @@ def openapi_document() -> bytes:
 
     settings = Settings(hf_cache=False, demo_model=False)
     app = create_app(GatewayRuntime(settings, FakeEngine(), ModelRegistry((), None, False)))
-    return (json.dumps(app.openapi_schema.to_schema(), indent=2, sort_keys=True) + "\n").encode()
+    return openapi.render(app)
 
 
 def _export_openapi(argv: Sequence[str]) -> int:

@@ -129,6 +129,12 @@ def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
+def _temperature(temperature: float | None, top_p: float | None) -> float:
+    if top_p == 0:
+        return 0.0  # only the most likely token survives a top_p of 0: that is greedy decoding
+    return 1.0 if temperature is None else temperature
+
+
 def _fault(user: object, allow_faults: bool) -> str | None:
     if allow_faults and isinstance(user, str) and user.startswith(FAULT_PREFIX):
         return user[len(FAULT_PREFIX):]
@@ -146,8 +152,8 @@ def chat_to_generate(
     max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=_temperature(req.temperature, req.top_p),
+        top_p=1.0 if not req.top_p else req.top_p,
         seed=req.seed,
         stop=_stops(req.stop),
         presence_penalty=req.presence_penalty,
@@ -163,8 +169,8 @@ def completion_to_generate(req: CompletionRequest, request_id: str, allow_faults
     prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
     params = SamplingParams(
         max_tokens=req.max_tokens or 16,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
+        temperature=_temperature(req.temperature, req.top_p),
+        top_p=1.0 if not req.top_p else req.top_p,
         seed=req.seed,
         stop=_stops(req.stop),
         presence_penalty=req.presence_penalty,

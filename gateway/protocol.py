@@ -18,7 +18,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 NonNegativeInt = Annotated[int, Meta(ge=0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopP = Annotated[float, Meta(ge=0.0, le=1.0)]  # 0 keeps only the most likely token: greedy
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 StopList = Annotated[list[str], Meta(max_length=4)]

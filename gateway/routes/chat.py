@@ -11,6 +11,7 @@ from gateway import convert
 from gateway.convert import ResponseMeta
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta
+from gateway.routes import responses
 from gateway.routes.generation import respond
 from mlx_backend.types import Finished
 
@@ -39,12 +40,14 @@ class ChatRenderer:
     summary="Create a chat completion",
     description="OpenAI-compatible chat completion; `stream: true` answers with server-sent events.",
     tags=["OpenAI"],
+    responses={**responses.GENERATION, 200: responses.ok(ChatCompletion, ChatCompletionChunk)},
 )
 async def create_chat_completion(
     request: Request[Any, Any, Any], data: ChatCompletionRequest
 ) -> Response[ChatCompletion] | Stream:
     runtime: GatewayRuntime = request.app.state.runtime
     request_id: str = request.state.request_id
+    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
     command = convert.chat_to_generate(
         data, request_id, runtime.settings.max_tokens_default, runtime.settings.test_faults
     )

@@ -11,6 +11,7 @@ from gateway import convert
 from gateway.convert import ResponseMeta
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Completion, CompletionRequest
+from gateway.routes import responses
 from gateway.routes.generation import respond
 from mlx_backend.types import Finished
 
@@ -39,10 +40,12 @@ class CompletionRenderer:
     summary="Create a text completion (legacy)",
     description="OpenAI-compatible legacy completion; `stream: true` answers with server-sent events.",
     tags=["OpenAI"],
+    responses={**responses.GENERATION, 200: responses.ok(Completion, Completion)},
 )
 async def create_completion(request: Request[Any, Any, Any], data: CompletionRequest) -> Response[Completion] | Stream:
     runtime: GatewayRuntime = request.app.state.runtime
     request_id: str = request.state.request_id
+    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
     command = convert.completion_to_generate(data, request_id, runtime.settings.test_faults)
     meta = ResponseMeta(f"cmpl-{request_id}", data.model)
     include_usage = bool(data.stream_options and data.stream_options.include_usage)

@@ -49,7 +49,6 @@ async def respond(
     include_usage: bool,
 ) -> Response[Any] | Stream:
     arrived_at = time.monotonic()
-    runtime.resolve(command.model)
     events = runtime.run(command, arrived_at)
     try:
         await anext(events)  # Started: admitted, model loaded, prompt fits

@@ -8,9 +8,11 @@ from litestar import Request, get
 
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Model, ModelList
+from gateway.routes import responses
 
 
-@get("/v1/models", operation_id="listModels", summary="List the models on this machine", tags=["OpenAI"])
+@get("/v1/models", operation_id="listModels", summary="List the models on this machine", tags=["OpenAI"],
+     responses=responses.COMMON)
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     runtime: GatewayRuntime = request.app.state.runtime
     return runtime.models()
@@ -22,6 +24,7 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     summary="Describe one model",
     description="Ids may contain one slash (`org/name`), as in the Hugging Face cache.",
     tags=["OpenAI"],
+    responses=responses.MODEL_LOOKUP,
 )
 async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Model:
     runtime: GatewayRuntime = request.app.state.runtime
