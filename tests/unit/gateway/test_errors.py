@@ -141,3 +141,14 @@ def test_api_key_guards_v1_routes_but_not_health(make_client: ClientFactory) -> 
     assert error_of(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/health/live").status_code == 200
+
+
+def test_the_error_table_in_the_docs_matches_the_code() -> None:
+    from pathlib import Path
+
+    from gateway.errors import ErrorKind
+
+    doc = (Path(__file__).resolve().parents[3] / "docs" / "api.md").read_text()
+    for kind in ErrorKind:
+        spec = kind.value
+        assert f"| {spec.status} | `{spec.type}` | `{spec.code}` |" in doc, kind
