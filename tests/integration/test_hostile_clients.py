@@ -1,0 +1,124 @@
+"""The worst clients: disconnects by the hundred, slow headers by the hundred, absurd input.
+Each gets its own consequence; other clients do not notice."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.integration.conftest import StartServer
+from tests.support.server import ServerProcess
+
+STREAM = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 200,
+          "stream": True, "user": "fault:slow"}
+
+
+def tree_rss_mb(server: ServerProcess) -> float:
+    assert server.proc is not None
+    processes = [psutil.Process(server.proc.pid), *server.descendants()]
+    return sum(p.memory_info().rss for p in processes) / 2**20
+
+
+async def _disconnect_mid_stream(client: httpx.AsyncClient) -> bool:
+    async with client.stream("POST", "/v1/chat/completions", json=STREAM) as response:
+        if response.status_code != 200:
+            return False
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and '"content"' in line:
+                return True  # leaving the block closes the connection mid-stream
+    return False
+
+
+def test_100_disconnects_mid_stream_free_every_slot_and_leak_nothing(start_server: StartServer,
+                                                                     models_dir: Path) -> None:
+    server = start_server("--models-dir", str(models_dir), "--test-faults", "--max-running", "16",
+                          "--max-queue", "200")
+    server.wait_ready()
+    httpx.post(server.base_url + "/v1/chat/completions", timeout=30,
+               json={**STREAM, "stream": False, "max_tokens": 5})  # load the model before measuring
+    before = tree_rss_mb(server)
+
+    async def scenario() -> list[bool]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as client:
+            results: list[bool] = []
+            for _ in range(4):  # 4 waves of 25
+                results += await asyncio.gather(*[_disconnect_mid_stream(client) for _ in range(25)])
+            return results
+
+    results = asyncio.run(scenario())
+    assert sum(results) == 100
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = server.health().json()
+        if health["requests_running"] == 0 and health["requests_waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert (health["requests_running"], health["requests_waiting"]) == (0, 0)
+    metrics = httpx.get(server.base_url + "/metrics", timeout=5).text
+    assert "mlx_gateway_requests_cancelled_total 100.0" in metrics
+    assert tree_rss_mb(server) - before < 50
+    assert httpx.post(server.base_url + "/v1/chat/completions", timeout=30,
+                      json={**STREAM, "stream": False, "max_tokens": 5}).status_code == 200
+
+
+def test_200_slow_header_connections_are_cut_while_health_stays_fast(start_server: StartServer,
+                                                                      models_dir: Path) -> None:
+    server = start_server("--models-dir", str(models_dir), "--header-timeout", "2")
+    server.wait_ready()
+    sockets = []
+    for _ in range(200):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        sock.sendall(b"P")  # then nothing more: a header sent a byte at a time, stalled
+        sockets.append(sock)
+
+    latencies: list[float] = []
+    with httpx.Client(base_url=server.base_url, timeout=5) as client:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            start = time.perf_counter()
+            assert client.get("/health").status_code == 200
+            latencies.append(time.perf_counter() - start)
+            time.sleep(0.02)
+    p99 = statistics.quantiles(latencies, n=100)[98]
+    assert p99 < 0.1, f"/health p99 {p99 * 1000:.1f} ms"
+
+    closed = 0
+    for sock in sockets:
+        sock.settimeout(5)
+        try:
+            data = sock.recv(1024)  # b"" (closed) or a 408 before closing
+            closed += 1 if data == b"" or data.startswith(b"HTTP/1.1 408") else 0
+        except (ConnectionResetError, TimeoutError):
+            closed += 1  # a reset is a close too
+        finally:
+            sock.close()
+    assert closed == 200
+
+
+def test_invalid_utf8_and_absurd_numbers_get_400s_and_nothing_else_changes(
+    start_server: StartServer, models_dir: Path
+) -> None:
+    server = start_server("--models-dir", str(models_dir))
+    server.wait_ready()
+    url = server.base_url + "/v1/chat/completions"
+    bodies = [
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\xc3\x28"}]}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999999999999999999}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": -1e308}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "seed": "NaN"}',
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}',
+        # 10,000 messages: valid JSON, but far beyond the tiny model's 256-token context.
+        b'{"model": "tiny", "messages": [' + b",".join([b'{"role": "user", "content": "x"}'] * 10000) + b"]}",
+    ]
+    for body in bodies:
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code == 400, (body[:80], response.text)
+    health = server.health().json()
+    assert health["status"] == "ok" and health["engine"]["restarts"] == 0
