@@ -121,23 +121,27 @@ class GatewayRuntime:
                         first_text_seen = True
                         metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - arrived_at)
                 elif isinstance(event, Finished):
-                    ended = True
                     metrics.E2E_LATENCY.labels(model).observe(time.monotonic() - arrived_at)
                     metrics.REQUESTS_FINISHED.labels(model, event.finish_reason).inc()
+                    ended = self._release(state)  # before the last yield: the consumer may stop there
                 yield event
         except EngineError as exc:
-            ended = True
+            ended = self._release(state)
             raise GatewayError.from_engine(exc) from exc
         finally:
-            if state == "waiting":
-                counts.waiting -= 1
-            else:
-                counts.running -= 1
-            if not ended:
+            if not ended:  # the consumer left early: the client went away
+                self._release(state)
                 metrics.REQUESTS_CANCELLED.inc()
-            self._publish_counts()
-            if counts.total == 0:
-                self._idle.set()
+
+    def _release(self, state: str) -> bool:
+        if state == "waiting":
+            self._counts.waiting -= 1
+        else:
+            self._counts.running -= 1
+        self._publish_counts()
+        if self._counts.total == 0:
+            self._idle.set()
+        return True
 
     def _publish_counts(self) -> None:
         metrics.REQUESTS_RUNNING.set(self._counts.running)

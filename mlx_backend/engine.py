@@ -126,8 +126,10 @@ class EngineClient:
         observer: EngineObserver,
         policy: SupervisionPolicy | None = None,
         extra_env: dict[str, str] | None = None,
+        worker_module: str = "mlx_backend.worker",
     ) -> None:
         self._config = config
+        self._worker_module = worker_module
         self._observer = observer
         self._policy = policy or SupervisionPolicy()
         self._extra_env = extra_env
@@ -193,13 +195,15 @@ class EngineClient:
             process.channel.send(command)
             while True:
                 item = await self._next(pending, deadline, timeout_s)
-                if isinstance(item, EngineError):
+                if isinstance(item, EngineError | Finished):
+                    # Settle before handing out the last event: a consumer may stop iterating right there.
                     finished = True
-                    raise item
-                yield item
-                if isinstance(item, Finished):
-                    finished = True
+                    self._requests.pop(rid, None)
+                    if isinstance(item, EngineError):
+                        raise item
+                    yield item
                     return
+                yield item
         except ConnectionClosed:
             finished = True
             raise self._unavailable() from None
@@ -307,7 +311,7 @@ class EngineClient:
 
     async def _run_one_process(self) -> str:
         """Run a process until it dies or must be killed; returns why it ended."""
-        process = EngineProcess(self._config, self._extra_env)
+        process = EngineProcess(self._config, self._extra_env, self._worker_module)
         self._process = process
         self._ready = None
         self._heartbeat = None
@@ -328,10 +332,12 @@ class EngineClient:
                 problem = self._check_health()
                 if problem:
                     log.error("engine %s; killing it (pid %s)", problem, process.pid)
+                    self._mark_not_up()
                     self._fail_all(f"the engine {problem}")
                     process.kill()
                     await process.wait()
                     return problem
+            self._mark_not_up()
             if waiter in done:
                 return f"{describe_exit(process.returncode)}"
             # The socket closed first: the process is dying or broke the protocol; make sure it is gone.
@@ -348,6 +354,12 @@ class EngineClient:
             reader.cancel()
             if self._state == EngineState.STOPPED:
                 waiter.cancel()
+
+    def _mark_not_up(self) -> None:
+        """From the moment a failure is seen, nobody may be told the engine is up."""
+        if self._state != EngineState.STOPPED:
+            self._state = EngineState.RESTARTING
+        self._up.clear()
 
     def _check_health(self) -> str | None:
         now = time.monotonic()

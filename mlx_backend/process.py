@@ -50,9 +50,11 @@ def describe_exit(returncode: int | None) -> str:
 class EngineProcess:
     """One spawned engine process and its socket; single use (make a new one to restart)."""
 
-    def __init__(self, config: EngineConfig, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: EngineConfig, extra_env: dict[str, str] | None = None,
+                 worker_module: str = "mlx_backend.worker") -> None:
         self.config = config
         self._extra_env = extra_env or {}
+        self._worker_module = worker_module  # tests swap in a scripted worker
         self._proc: asyncio.subprocess.Process | None = None
         self.channel: GatewaySide | None = None
 
@@ -70,7 +72,7 @@ class EngineProcess:
                "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", **self._extra_env}
         try:
             self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "mlx_backend.worker",
+                sys.executable, "-m", self._worker_module,
                 "--fd", str(child_sock.fileno()),
                 "--config", msgspec.json.encode(self.config).decode(),
                 pass_fds=(child_sock.fileno(),),

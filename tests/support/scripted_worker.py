@@ -1,0 +1,91 @@
+"""A stand-in engine process that speaks the real IPC protocol without MLX, for supervision tests.
+
+Each Generate answers Started, one Delta per word of the prompt (at `delay` seconds each), then
+Finished. Prompts starting with a command misbehave on purpose: "die" exits hard, "stall" stops
+progress while heartbeats go on, "freeze" stops heartbeats too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import socket
+import threading
+import time
+
+import msgspec
+
+from mlx_backend.ipc import ConnectionClosed, EngineSide
+from mlx_backend.types import Abort, Delta, EngineConfig, Finished, Generate, Heartbeat, Ready, Shutdown, Started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args()
+    config = msgspec.json.decode(args.config, type=EngineConfig)
+    channel = EngineSide(socket.socket(fileno=args.fd))
+    inbox: queue.Queue[object] = queue.Queue()
+    state = {"progress": 0, "running": 0, "frozen": False}
+    delay = float(os.environ.get("SCRIPTED_TOKEN_DELAY", "0.02"))
+
+    def heartbeats() -> None:
+        while True:
+            if not state["frozen"]:
+                channel.send(Heartbeat(progress=state["progress"], running=state["running"], waiting=0,
+                                       loading=None, loaded=(), failed=(), memory_budget_bytes=0,
+                                       active_memory_bytes=0, prompt_cache_bytes=0))
+            time.sleep(config.heartbeat_interval_s)
+
+    def reader() -> None:
+        try:
+            while True:
+                inbox.put(channel.receive())
+        except (ConnectionClosed, OSError):
+            os._exit(0)
+
+    threading.Thread(target=heartbeats, daemon=True).start()
+    threading.Thread(target=reader, daemon=True).start()
+    channel.send(Ready(pid=os.getpid(), device="scripted", mlx_version="-", mlx_lm_version="-"))
+    aborted: set[str] = set()
+    while True:
+        command = inbox.get()
+        if isinstance(command, Shutdown):
+            os._exit(0)
+        if isinstance(command, Abort):
+            aborted.add(command.request_id)
+            continue
+        assert isinstance(command, Generate)
+        words = (command.prompt or "").split()
+        rid = command.request_id
+        if words[:1] == ["die"]:
+            os._exit(3)
+        if words[:1] == ["freeze"]:
+            state["frozen"] = True
+        state["running"] += 1
+        channel.send(Started(rid, len(words), 0))
+        if words[:1] in (["stall"], ["freeze"]):
+            time.sleep(3600)
+        produced = 0
+        for word in words[: command.params.max_tokens]:
+            while not inbox.empty():  # aborts arrive while we "decode"
+                pending = inbox.get()
+                if isinstance(pending, Abort):
+                    aborted.add(pending.request_id)
+                else:
+                    inbox.put(pending)
+                    break
+            if rid in aborted:
+                break
+            time.sleep(delay)
+            state["progress"] += 1
+            produced += 1
+            channel.send(Delta(rid, word + " ", 1))
+        state["running"] -= 1
+        channel.send(Finished(rid, "abort" if rid in aborted else "stop", len(words), produced, 0))
+
+
+if __name__ == "__main__":
+    main()
