@@ -141,7 +141,7 @@ def fingerprint(folder: Path) -> Fingerprint:
     return tuple((name, st.st_size, st.st_mtime_ns) for name, st in _stat_files(folder))
 
 
-def _context_length(config: dict[str, Any]) -> int | None:
+def context_length_of(config: dict[str, Any]) -> int | None:
     for scope in (config, config.get("text_config")):
         if not isinstance(scope, dict):
             continue
@@ -158,7 +158,7 @@ def read_context_length(folder: Path) -> int | None:
             config = json.load(f)
     except (OSError, ValueError):
         return None
-    return _context_length(config) if isinstance(config, dict) else None
+    return context_length_of(config) if isinstance(config, dict) else None
 
 
 def make_entry(model_id: str, folder: Path, source: Source) -> ModelEntry:
