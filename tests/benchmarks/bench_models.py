@@ -3,6 +3,10 @@
 A model lives in `<model-dir>/bench-<shape>/` (outside the repo; default /tmp/mlx-gateway-bench/models),
 so `mlx-gateway serve --models-dir <model-dir>` serves it under the id `bench-<shape>`. A hidden
 marker file records the shape it was made with; a folder whose marker matches is reused.
+
+The output rows of the EOS tokens are zeroed (`silence_eos`), so greedy decoding never ends a
+request early: every request generates exactly max_tokens with no logit_bias, on any server, at no
+cost per step (the model computes exactly what it did before).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ def model_folder(shape: str, model_dir: Path) -> Path:
 
 def ensure_model(shape: str, model_dir: Path, seed: int = 0) -> Path:
     """The folder of a `shape` model under `model_dir`, made with the factory unless already there."""
-    wanted = {"shape": shape, "seed": seed, "model_type": "llama", **SHAPES[shape]}
+    wanted = {"shape": shape, "seed": seed, "model_type": "llama", "eos_rows": "zero", **SHAPES[shape]}
     folder = model_folder(shape, model_dir)
     marker = folder / MARKER
     if marker.is_file() and (folder / "config.json").is_file():
@@ -63,8 +67,38 @@ def ensure_model(shape: str, model_dir: Path, seed: int = 0) -> Path:
     started = time.monotonic()
     print(f"making a random {shape} model in {folder} ...", file=sys.stderr, flush=True)
     make_tiny_model(partial, model_type="llama", seed=seed, **SHAPES[shape])
+    silence_eos(partial)
     (partial / MARKER).write_text(json.dumps(wanted, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # atomic: a server never sees a half-written folder
     print(f"made {folder} in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
     return folder
+
+
+def silence_eos(folder: Path) -> list[int]:
+    """Zero the output-embedding rows of the EOS tokens: their logit is then exactly 0, while among
+    thousands of random rows some logit is always above 0, so argmax (temperature 0) never picks EOS."""
+    import mlx.core as mx
+
+    config = json.loads((folder / "config.json").read_text())
+    eos = config.get("eos_token_id")
+    eos_ids = sorted({int(t) for t in (eos if isinstance(eos, list) else [eos]) if t is not None})
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    eos_token = tokenizer_config.get("eos_token")
+    for added in tokenizer.get("added_tokens", []):
+        if added.get("content") == eos_token:
+            eos_ids = sorted({*eos_ids, int(added["id"])})
+    files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        weights, metadata = mx.load(str(file), return_metadata=True)
+        name = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
+        if name not in weights:
+            continue
+        matrix = weights[name]
+        keep = mx.ones((matrix.shape[0], 1), dtype=matrix.dtype)
+        keep[mx.array(eos_ids)] = 0
+        weights[name] = matrix * keep
+        mx.save_safetensors(str(file), weights, metadata)
+        return eos_ids
+    raise SystemExit(f"no output embedding found in {folder} to silence EOS")

@@ -63,9 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--requests-per-client", type=int, default=2)
     load.add_argument("--max-tokens", type=int, default=128)
     load.add_argument("--prompt-tokens", type=int, default=64, help="words of user text (one token each)")
-    load.add_argument("--eos", choices=["auto", "bias", "none"], default="auto",
-                      help="bias EOS away (logit_bias) so every request generates --max-tokens; "
-                           "auto: only if the model stops early without it")
+    load.add_argument("--eos", choices=["auto", "bias", "none"], default="bias",
+                      help="bias: logit_bias keeps EOS away so every request generates --max-tokens (a "
+                           "random model's greedy path in a batch differs from a lone one's and can hit "
+                           "EOS); auto: only if a lone stream stops early; none: never")
     load.add_argument("--level-timeout", type=float, default=300.0, help="seconds for one level, all requests")
     load.add_argument("--read-timeout", type=float, default=120.0, help="seconds without a byte on a stream")
     load.add_argument("--health-interval-ms", type=float, default=75.0)
@@ -196,7 +197,9 @@ def run_one_level(server: Server, args: argparse.Namespace, body: dict[str, Any]
                    "--interval-ms", str(args.health_interval_ms),
                    "--max-seconds", str(args.level_timeout + 60), "--out", str(probe_out)],
                   args.work_dir / "probe.log")
-    log(f"{name}: concurrency {concurrency} x {args.requests_per_client} requests ...")
+    load_before = os.getloadavg()[0]
+    log(f"{name}: concurrency {concurrency} x {args.requests_per_client} requests "
+        f"(load average {load_before:.2f}) ...")
     try:
         level = asyncio.run(run_level(server.base_url, body, prompts, concurrency, args.requests_per_client,
                                       args.level_timeout, args.read_timeout))
@@ -205,6 +208,7 @@ def run_one_level(server: Server, args: argparse.Namespace, body: dict[str, Any]
     summary = level.summary()
     summary["health"] = summarize_probe(probe_out)
     summary["server_alive_after"] = server.alive()
+    summary["loadavg_1m_before"] = load_before
     with contextlib.suppress(OSError):
         (args.work_dir / f"requests-{name}-c{concurrency}.json").write_text(
             json.dumps([r.__dict__ for r in level.results]))
@@ -295,7 +299,7 @@ def environment() -> dict[str, Any]:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
+    return {"loadavg_at_start": os.getloadavg(), "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
             "cpu_count": os.cpu_count(), "gpu": gpu, "versions": versions, "commit": commit}
 
 
@@ -314,7 +318,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{a['max_tokens']} new tokens; EOS bias {'on' if ceiling.get('eos_bias') else 'off'}",
         f"- Load: {a['requests_per_client']} requests per client; level timeout {a['level_timeout']:.0f}s; "
         f"/health polled every {a['health_interval_ms']:.0f} ms; ceiling best of {a['ceiling_repeats']}",
-        f"- Took {result['duration_s']:.0f}s in all",
+        f"- Took {result['duration_s']:.0f}s in all; 1-minute load average {env['loadavg_at_start'][0]:.2f} at the "
+        "start (anything well above 0 means other processes shared the CPU)",
         "",
         markdown_table(table_rows(result)),
     ]
@@ -365,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
     result["duration_s"] = time.monotonic() - started
 
+    if "ceiling" in result:  # the prompt vocabulary is an input, not a result
+        result["ceiling"]["words"] = len(result["ceiling"].get("words", []))
     rows = table_rows(result)
     print(text_table(rows))
     markdown = render_markdown(result)
