@@ -1,0 +1,382 @@
+"""The MLX thread's work: continuous batching with mlx-lm's BatchGenerator, one generator per loaded model.
+
+Every `mx` call of the engine happens on the one thread that calls `submit`, `abort` and `step`. Requests
+join and leave the batch at any step; each has its own sampler, penalties, token budget, stop strings and
+streaming detokenizer. A prefix (KV) cache per model lets a multi-turn chat skip the prefill of the turns
+it shares with an earlier request. The heartbeat thread only reads plain values published after each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+
+from mlx_backend.cache import CachedModel, ModelCache
+from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.sampling import make_logits_processors, make_sampler
+from mlx_backend.stops import StopMatcher
+from mlx_backend.types import Delta, EngineConfig, Event, Failed, Finished, Generate, Heartbeat, Started
+
+log = logging.getLogger("mlx_gateway.engine.batcher")
+
+_PREFIX_KEY = "model"  # one LRUPromptCache per loaded model, so one key is enough
+_PREFILL_BATCH = 8  # prompts prefilled together in one step
+
+
+# mlx-lm has no type hints: its objects are held as Any.
+@dataclass
+class _Request:
+    command: Generate
+    uid: int
+    prompt_tokens: int
+    cached_tokens: int
+    detokenizer: Any  # StreamingDetokenizer, one per request
+    stops: StopMatcher
+    completion_tokens: int = 0
+    unsent_tokens: int = 0  # generated but not yet reported in a Delta
+
+    @property
+    def rid(self) -> str:
+        return self.command.request_id
+
+
+@dataclass
+class _ModelState:
+    cached: CachedModel
+    generator: Any  # BatchGenerator
+    prefix: LRUPromptCache
+    requests: dict[int, _Request] = field(default_factory=dict)  # BatchGenerator uid -> request
+
+
+class Batcher:
+    def __init__(self, config: EngineConfig, cache: ModelCache, emit: Callable[[Event], None]) -> None:
+        self.config = config
+        self.cache = cache
+        self._emit = emit
+        self._waiting: deque[Generate] = deque()
+        self._states: dict[str, _ModelState] = {}
+        self._where: dict[str, tuple[_ModelState, int]] = {}  # request id -> (model state, uid)
+        # Published for the heartbeat thread: plain values, replaced (never mutated) by the MLX thread.
+        self.progress = 0
+        self.active_memory_bytes = 0
+        self.prompt_cache_bytes = 0
+        self._running_by_model: dict[str, int] = {}
+        cache.on_evict = self._drop_model
+
+    # -- commands (MLX thread) ---------------------------------------------------------------------------
+
+    def submit(self, command: Generate) -> None:
+        rid = command.request_id
+        if rid in self._where or any(c.request_id == rid for c in self._waiting):
+            log.warning("request id %s is already in flight; refusing the duplicate", rid)
+            self._emit(Failed(rid, EngineErrorCode.INTERNAL.value, "Duplicate request id."))
+            return
+        self._waiting.append(command)
+
+    def abort(self, request_id: str) -> None:
+        for command in self._waiting:
+            if command.request_id == request_id:
+                self._waiting.remove(command)
+                self._emit(Finished(request_id, "abort", 0, 0, 0))
+                return
+        where = self._where.get(request_id)
+        if where is not None:
+            state, uid = where
+            state.generator.remove([uid])
+            self._finish(state, state.requests[uid], "abort")
+            self._publish()
+
+    def has_work(self) -> bool:
+        return bool(self._waiting) or bool(self._where)
+
+    def step(self) -> None:
+        """Admit waiting requests while there is room, then one step (decode + a prefill chunk) per model."""
+        self._admit()
+        for state in list(self._states.values()):
+            if state.requests:
+                self._step_model(state)
+        self._publish()
+
+    def shutdown(self) -> None:
+        """End everything with finish_reason "abort" and free every model."""
+        while self._waiting:
+            self._emit(Finished(self._waiting.popleft().request_id, "abort", 0, 0, 0))
+        for state in list(self._states.values()):
+            for request in list(state.requests.values()):
+                self._finish(state, request, "abort")
+        self.cache.clear()  # calls _drop_model for each model
+        self._states.clear()
+        mx.clear_cache()
+        self._publish()
+
+    def fail_all(self, message: str) -> None:
+        """Last resort after an unexpected error outside any one request: end every running request."""
+        for state in list(self._states.values()):
+            for request in list(state.requests.values()):
+                self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, message))
+            self._drop_model(state.cached.id)
+        self._publish()
+
+    # -- heartbeat (any thread) --------------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return sum(self._running_by_model.values())
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def heartbeat(self) -> Heartbeat:
+        loaded, failed = self.cache.snapshot(self._running_by_model)
+        return Heartbeat(
+            progress=self.progress, running=self.running, waiting=self.waiting, loading=self.cache.loading,
+            loaded=loaded, failed=failed, memory_budget_bytes=self.cache.budget,
+            active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
+        )
+
+    def _publish(self) -> None:
+        self._running_by_model = {m: len(s.requests) for m, s in self._states.items() if s.requests}
+        self.prompt_cache_bytes = sum(s.prefix.nbytes for s in self._states.values())
+        self.active_memory_bytes = mx.get_active_memory()
+
+    # -- admission ---------------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._where) < self.config.max_running:
+            command = self._waiting.popleft()
+            try:
+                self._start(command)
+            except EngineError as exc:
+                self._emit(Failed(command.request_id, exc.code.value, exc.message, exc.param))
+            except Exception as exc:
+                log.exception("request %s failed while joining the batch", command.request_id)
+                self._emit(Failed(command.request_id, EngineErrorCode.INTERNAL.value, _internal(exc)))
+            self._publish()
+
+    def _start(self, command: Generate) -> None:
+        if command.fault and self.config.allow_fault_injection:
+            _inject_early_fault(command.fault)
+        busy = {m for m, s in self._states.items() if s.requests}
+        loads_before = self.cache.loads
+        cached = self.cache.get(command.model, busy)
+        if self.cache.loads != loads_before:
+            self.progress += 1
+        state = self._state_for(cached)
+        tokenizer: Any = cached.artifacts.tokenizer
+        param = "messages" if command.messages is not None else "prompt"
+        tokens = _encode(command, tokenizer)
+        context = cached.artifacts.context_length
+        if context is not None and len(tokens) >= context:
+            raise EngineError(
+                EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                f"This model's maximum context length is {context} tokens, but the {param} has {len(tokens)} "
+                "tokens, leaving no room for a completion. Shorten the input.",
+                param,
+            )
+        # A request may not run past the context: max_tokens is clamped to what is left after the prompt
+        # (the request then ends with "length" there) rather than refused, as OpenAI-compatible servers do.
+        max_tokens = max(1, command.params.max_tokens)
+        if context is not None:
+            max_tokens = min(max_tokens, context - len(tokens))
+        prompt_cache, rest = state.prefix.fetch_nearest_cache(_PREFIX_KEY, tokens)
+        if prompt_cache is not None and not rest:
+            # An exact hit still needs one token to feed the model: step the cache back by one.
+            if can_trim_prompt_cache(prompt_cache):
+                trim_prompt_cache(prompt_cache, 1)
+                rest = tokens[-1:]
+            else:
+                prompt_cache, rest = None, tokens
+        cached_tokens = len(tokens) - len(rest)
+        (uid,) = state.generator.insert(
+            [rest],
+            max_tokens=[max_tokens],
+            caches=[prompt_cache],  # None: a fresh cache
+            all_tokens=[tokens[:cached_tokens]],
+            samplers=[make_sampler(command.params)],
+            logits_processors=[make_logits_processors(command.params, len(tokens))],
+        )
+        request = _Request(command, uid, len(tokens), cached_tokens, tokenizer.detokenizer,
+                           StopMatcher(command.params.stop))
+        state.requests[uid] = request
+        self._where[command.request_id] = (state, uid)
+        self._emit(Started(command.request_id, len(tokens), cached_tokens))
+
+    def _state_for(self, cached: CachedModel) -> _ModelState:
+        state = self._states.get(cached.id)
+        if state is not None and state.cached is cached:
+            return state
+        if state is not None:  # reloaded under us (files changed): start over with the new weights
+            self._drop_model(cached.id)
+        tokenizer = cached.artifacts.tokenizer
+        generator = BatchGenerator(
+            cached.artifacts.model,
+            stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
+            completion_batch_size=self.config.max_running,
+            prefill_batch_size=min(_PREFILL_BATCH, self.config.max_running),
+            prefill_step_size=self.config.prefill_step_size,
+        )
+        prefix = LRUPromptCache(max_size=256, max_bytes=self.config.prompt_cache_bytes)
+        state = _ModelState(cached, generator, prefix)
+        self._states[cached.id] = state
+        return state
+
+    def _drop_model(self, model_id: str) -> None:
+        """Let go of a model's generator and prefix cache (the cache is evicting or reloading it)."""
+        state = self._states.pop(model_id, None)
+        if state is None:
+            return
+        for request in list(state.requests.values()):
+            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, "The model was unloaded."))
+        state.generator.close()
+
+    # -- decoding ----------------------------------------------------------------------------------------
+
+    def _step_model(self, state: _ModelState) -> None:
+        try:
+            _, responses = state.generator.next()
+        except Exception as exc:
+            # The generator's state is unknown after a failed step: end its requests and start it over.
+            log.exception("a batch step of model %s failed", state.cached.id)
+            for request in list(state.requests.values()):
+                self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+            self._states.pop(state.cached.id, None)
+            state.generator.close()
+            return
+        finally:
+            self.progress += 1
+        for response in responses:
+            active = state.requests.get(response.uid)
+            if active is None:
+                continue
+            try:
+                self._on_token(state, active, response)
+            except Exception as exc:
+                log.exception("request %s failed during decoding", active.rid)
+                state.generator.remove([active.uid])
+                self._fail(state, active, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+
+    def _on_token(self, state: _ModelState, request: _Request, response: Any) -> None:
+        """One generated token (a GenerationBatch.Response) of one request."""
+        if request.command.fault == "raise" and self.config.allow_fault_injection:
+            raise RuntimeError("injected fault (raise)")
+        request.completion_tokens += 1
+        request.unsent_tokens += 1
+        detokenizer = request.detokenizer
+        if response.finish_reason == "stop":  # an EOS token: ends the text, is not part of it
+            detokenizer.finalize()
+        else:
+            detokenizer.add_token(response.token)
+            if response.finish_reason is not None:
+                detokenizer.finalize()
+        text, hit_stop = request.stops.feed(detokenizer.last_segment)
+        if hit_stop:
+            if response.finish_reason is None:  # the generator would go on: take it out now
+                saved = state.generator.remove([request.uid], return_prompt_caches=True)
+                if request.uid in saved:
+                    self._save_prefix(state, *saved[request.uid])
+            else:
+                self._save_prefix(state, response.prompt_cache, response.all_tokens)
+            self._finish(state, request, "stop", text)
+        elif response.finish_reason is not None:
+            self._save_prefix(state, response.prompt_cache, response.all_tokens)
+            self._finish(state, request, response.finish_reason, text + request.stops.flush())
+        elif text:
+            self._emit(Delta(request.rid, text, request.unsent_tokens))
+            request.unsent_tokens = 0
+
+    def _save_prefix(
+        self, state: _ModelState, prompt_cache: list[Any] | None, tokens: list[int] | None
+    ) -> None:
+        """Keep a finished request's KV cache, keyed by every token in it, for the next turn to reuse."""
+        if not prompt_cache or not tokens or self.config.prompt_cache_bytes <= 0:
+            return
+        mx.eval([c.state for c in prompt_cache])  # detach it from the batch's arrays now
+        state.prefix.insert_cache(_PREFIX_KEY, list(tokens), prompt_cache)
+        # One budget for all models: trim the other models' caches first, then this one's.
+        over = sum(s.prefix.nbytes for s in self._states.values()) - self.config.prompt_cache_bytes
+        for other in sorted(self._states.values(), key=lambda s: s is state):
+            if over <= 0:
+                break
+            before = other.prefix.nbytes
+            other.prefix.trim_to(n_bytes=max(0, before - over))
+            over -= before - other.prefix.nbytes
+
+    # -- endings -----------------------------------------------------------------------------------------
+
+    def _finish(self, state: _ModelState, request: _Request, reason: str, text: str = "") -> None:
+        self._forget(state, request)
+        if reason != "abort" and (text or request.unsent_tokens):
+            self._emit(Delta(request.rid, text, request.unsent_tokens))
+        self._emit(Finished(request.rid, reason, request.prompt_tokens, request.completion_tokens,
+                            request.cached_tokens))
+
+    def _fail(self, state: _ModelState, request: _Request, error: EngineError) -> None:
+        self._forget(state, request)
+        self._emit(Failed(request.rid, error.code.value, error.message, error.param))
+
+    def _forget(self, state: _ModelState, request: _Request) -> None:
+        state.requests.pop(request.uid, None)
+        self._where.pop(request.rid, None)
+
+
+def _encode(command: Generate, tokenizer: Any) -> list[int]:
+    """Prompt token ids: chat messages through the model's template, a legacy prompt as is."""
+    param = "messages" if command.messages is not None else "prompt"
+    if command.messages is not None:
+        messages = [
+            {"role": m.role, "content": m.content}
+            | ({"name": m.name} if m.name is not None else {})
+            | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
+            for m in command.messages
+        ]
+        if tokenizer.has_chat_template:
+            try:
+                tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            except Exception as exc:
+                raise EngineError(
+                    EngineErrorCode.INVALID_REQUEST,
+                    f"The model's chat template rejected the messages: {_short(exc)}", "messages",
+                ) from exc
+        else:
+            # No template: a plain transcript the model can at least continue.
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            tokens = list(tokenizer.encode(text))
+    elif command.prompt is not None:
+        tokens = list(tokenizer.encode(command.prompt))
+    else:
+        raise EngineError(EngineErrorCode.INVALID_REQUEST, "The request has neither messages nor a prompt.",
+                          param)
+    if not tokens:
+        raise EngineError(EngineErrorCode.INVALID_REQUEST, f"The {param} is empty.", param)
+    return tokens
+
+
+def _inject_early_fault(fault: str) -> None:
+    """Test-only faults that stand for native failures; honoured only with allow_fault_injection."""
+    if fault == "abort":
+        log.error("fault injection: aborting the engine process")
+        os.abort()
+    if fault == "stall":
+        log.error("fault injection: the MLX thread stalls for good")
+        threading.Event().wait()
+    # "raise" happens later, inside the decode step (see _on_token)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _internal(exc: BaseException) -> str:
+    return f"The engine failed while generating: {type(exc).__name__}: {_short(exc)}"
+

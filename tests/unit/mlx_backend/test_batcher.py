@@ -1,0 +1,356 @@
+"""The MLX thread's logic, driven in-process on tiny models: generation, stop strings, abort, context
+limits, seeds, penalties, joining a running batch, prefix-cache reuse, and failures that end one request."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlx_backend.batcher import Batcher
+from mlx_backend.cache import ModelCache
+from mlx_backend.registry import ModelRegistry
+from mlx_backend.types import (
+    ChatMessage,
+    Delta,
+    EngineConfig,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    SamplingParams,
+    Started,
+)
+from tests.support import tiny_models as tm
+
+HELLO = (ChatMessage("user", "hello world"),)
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    tm.make_tiny_model(root / "tiny")
+    tm.remove_chat_template(tm.copy_model(root / "tiny", root / "plain"))
+    tm.mismatch_shapes(tm.copy_model(root / "tiny", root / "broken"))
+    return root
+
+
+class Harness:
+    def __init__(self, models_dir: Path, **config: object) -> None:
+        self.events: list[Event] = []
+        cfg = EngineConfig(**config)  # type: ignore[arg-type]
+        cache = ModelCache(ModelRegistry([models_dir], None, False), 0, 30.0)
+        self.batcher = Batcher(cfg, cache, self.events.append)
+
+    def submit(self, rid: str, model: str = "tiny", messages: tuple[ChatMessage, ...] | None = HELLO,
+               prompt: str | None = None, fault: str | None = None, **params: object) -> None:
+        params.setdefault("max_tokens", 12)
+        params.setdefault("temperature", 0.0)
+        sampling = SamplingParams(**params)  # type: ignore[arg-type]
+        if prompt is not None:
+            messages = None
+        self.batcher.submit(Generate(rid, model, sampling, messages=messages, prompt=prompt, fault=fault))
+
+    def run(self, max_steps: int = 2000) -> None:
+        for _ in range(max_steps):
+            if not self.batcher.has_work():
+                return
+            self.batcher.step()
+        raise AssertionError("the batcher did not finish")
+
+    def of(self, rid: str) -> list[Event]:
+        return [e for e in self.events if e.request_id == rid]  # type: ignore[union-attr]
+
+    def text(self, rid: str) -> str:
+        return "".join(e.text for e in self.of(rid) if isinstance(e, Delta))
+
+    def end(self, rid: str) -> Finished | Failed:
+        last = self.of(rid)[-1]
+        assert isinstance(last, Finished | Failed)
+        return last
+
+    def started(self, rid: str) -> Started:
+        first = self.of(rid)[0]
+        assert isinstance(first, Started)
+        return first
+
+
+@pytest.fixture
+def h(models_dir: Path) -> Iterator[Harness]:
+    harness = Harness(models_dir, max_running=4)
+    yield harness
+    harness.batcher.shutdown()
+
+
+def check_well_formed(h: Harness, rid: str) -> Finished:
+    events = h.of(rid)
+    assert isinstance(events[0], Started)
+    assert all(isinstance(e, Delta) for e in events[1:-1])
+    end = events[-1]
+    assert isinstance(end, Finished)
+    assert sum(e.tokens for e in events if isinstance(e, Delta)) == end.completion_tokens
+    assert end.prompt_tokens == events[0].prompt_tokens
+    return end
+
+
+def test_chat_generation(h: Harness) -> None:
+    h.submit("a", max_tokens=10)
+    h.run()
+    end = check_well_formed(h, "a")
+    assert end.finish_reason in {"length", "stop"}
+    assert end.completion_tokens == 10 if end.finish_reason == "length" else end.completion_tokens <= 10
+    assert h.text("a").strip()
+    assert h.batcher.heartbeat().progress > 10
+
+
+def test_legacy_prompt_and_max_tokens(h: Harness) -> None:
+    h.submit("a", prompt="the quick brown fox", max_tokens=7)
+    h.run()
+    end = check_well_formed(h, "a")
+    assert (end.finish_reason, end.completion_tokens) == ("length", 7)
+    assert end.prompt_tokens == 5  # BOS + four words
+
+
+def test_stop_string_spanning_tokens_is_cut_and_never_emitted(h: Harness) -> None:
+    h.submit("free", max_tokens=20, presence_penalty=100.0)  # distinct words: every boundary differs
+    h.run()
+    pieces = [e.text for e in h.of("free") if isinstance(e, Delta) and e.text]
+    full = "".join(pieces)
+    boundary = len(pieces[0]) + len(pieces[1])
+    stop = full[boundary - 2: boundary + 2]  # last chars of one token + first chars of the next
+    h.submit("cut", max_tokens=20, presence_penalty=100.0, stop=("zzz-never", stop))
+    h.run()
+    end = check_well_formed(h, "cut")
+    assert end.finish_reason == "stop"
+    assert h.text("cut") == full[: full.index(stop)]
+    assert stop not in h.text("cut")
+    assert end.completion_tokens <= 3
+
+
+def test_eos_token_ends_with_stop_and_is_not_emitted(models_dir: Path, tmp_path: Path) -> None:
+    h = Harness(models_dir)
+    h.submit("probe", max_tokens=3, presence_penalty=100.0)  # three different words
+    h.run()
+    words = h.text("probe").split()
+    tokenizer = h.batcher._states["tiny"].cached.artifacts.tokenizer
+    third = tokenizer.encode(words[2], add_special_tokens=False)[0]
+    # A copy whose EOS is the third word the model says greedily: generation must stop there.
+    folder = tm.copy_model(models_dir / "tiny", tmp_path / "eos")
+    config = json.loads((folder / "config.json").read_text())
+    config["eos_token_id"] = [third]
+    (folder / "config.json").write_text(json.dumps(config))
+    h2 = Harness(tmp_path)
+    h2.submit("a", model="eos", max_tokens=50, presence_penalty=100.0)
+    h2.run()
+    end = check_well_formed(h2, "a")
+    assert (end.finish_reason, end.completion_tokens) == ("stop", 3)
+    assert h2.text("a") == " ".join(words[:2])
+    h.batcher.shutdown()
+    h2.batcher.shutdown()
+
+
+def test_abort_running_request(h: Harness) -> None:
+    h.submit("a", max_tokens=400)
+    for _ in range(5):
+        h.batcher.step()
+    h.batcher.abort("a")
+    end = h.end("a")
+    assert isinstance(end, Finished) and end.finish_reason == "abort"
+    assert 0 < end.completion_tokens < 400
+    assert not h.batcher.has_work()
+    assert h.batcher.running == 0
+    h.batcher.abort("a")  # twice, or unknown: nothing happens
+    h.batcher.abort("nope")
+    assert len([e for e in h.of("a") if isinstance(e, Finished)]) == 1
+
+
+def test_waiting_queue_and_abort_while_waiting(models_dir: Path) -> None:
+    h = Harness(models_dir, max_running=1)
+    h.submit("a", max_tokens=30)
+    h.submit("b", max_tokens=5)
+    h.submit("c", max_tokens=5)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (1, 2)
+    assert h.batcher.heartbeat().waiting == 2
+    h.batcher.abort("b")
+    assert h.of("b") == [Finished("b", "abort", 0, 0, 0)]
+    h.run()
+    check_well_formed(h, "a")
+    check_well_formed(h, "c")
+    assert h.events.index(h.end("a")) < h.events.index(h.started("c"))
+    h.batcher.shutdown()
+
+
+def test_concurrent_requests_join_the_running_batch(h: Harness) -> None:
+    h.submit("a", max_tokens=40)
+    for _ in range(5):
+        h.batcher.step()
+    h.submit("b", max_tokens=10)
+    h.batcher.step()
+    assert h.batcher.running == 2
+    assert h.batcher.heartbeat().loaded[0].running == 2
+    h.run()
+    a, b = check_well_formed(h, "a"), check_well_formed(h, "b")
+    assert a.finish_reason == b.finish_reason == "length"
+    # b was decoded while a was still running: their deltas interleave
+    order = [e.request_id for e in h.events if isinstance(e, Delta)]
+    assert order.index("b") < len(order) - 1 - order[::-1].index("a")
+
+
+def test_batched_greedy_matches_alone(h: Harness) -> None:
+    h.submit("alone", max_tokens=15, prompt="the quick brown fox")
+    h.run()
+    h.submit("x", max_tokens=15, prompt="hello model code")
+    h.submit("together", max_tokens=15, prompt="the quick brown fox")
+    h.run()
+    assert h.text("together") == h.text("alone")
+
+
+def test_context_length_exceeded(h: Harness) -> None:
+    h.submit("p", prompt="hello " * 600)
+    h.submit("m", messages=(ChatMessage("user", "world " * 600),))
+    h.run()
+    p, m = h.of("p"), h.of("m")
+    assert len(p) == 1 and isinstance(p[0], Failed)
+    assert (p[0].code, p[0].param) == ("context_length_exceeded", "prompt")
+    assert "512" in p[0].message
+    assert isinstance(m[0], Failed) and (m[0].code, m[0].param) == ("context_length_exceeded", "messages")
+    h.submit("edge", prompt="hello " * 511)  # BOS + 511 = 512 tokens: no room left
+    h.run()
+    assert isinstance(h.end("edge"), Failed)
+
+
+def test_max_tokens_is_clamped_to_the_context(h: Harness) -> None:
+    h.submit("a", prompt="hello " * 505, max_tokens=100)  # 506 prompt tokens, 6 left
+    h.run()
+    end = check_well_formed(h, "a")
+    assert end.prompt_tokens == 506
+    assert end.completion_tokens <= 6
+
+
+def test_same_seed_same_text(h: Harness) -> None:
+    for rid in ("s1", "s2"):
+        h.submit(rid, max_tokens=20, temperature=1.0, seed=1234)
+        h.run()
+    h.submit("other", max_tokens=20, temperature=1.0, seed=99)
+    h.run()
+    assert h.text("s1") == h.text("s2")
+    assert h.text("s1") != h.text("other")
+
+
+def test_penalties_change_greedy_output(h: Harness) -> None:
+    h.submit("plain", max_tokens=30)
+    h.submit("penalised", max_tokens=30, presence_penalty=100.0)
+    h.run()
+    plain, penalised = h.text("plain").split(), h.text("penalised").split()
+    assert len(set(plain)) < len(plain)  # this random model repeats itself when greedy
+    assert len(set(penalised)) == len(penalised)
+
+
+def test_second_turn_reuses_the_prefix_cache(h: Harness) -> None:
+    h.submit("t1", max_tokens=8)
+    h.run()
+    first = h.started("t1")
+    assert first.cached_tokens == 0
+    reply = h.text("t1")
+    turn2 = (*HELLO, ChatMessage("assistant", reply), ChatMessage("user", "tell me more"))
+    h.submit("t2", messages=turn2, max_tokens=4)
+    h.run()
+    second = h.started("t2")
+    assert second.cached_tokens >= first.prompt_tokens
+    assert check_well_formed(h, "t2").cached_tokens == second.cached_tokens
+    assert h.batcher.heartbeat().prompt_cache_bytes > 0
+
+
+def test_exact_repeat_of_a_cached_prompt(h: Harness) -> None:
+    h.submit("a", prompt="hello world", max_tokens=3)
+    h.run()
+    tokens_so_far = "hello world " + h.text("a")
+    h.submit("b", prompt=tokens_so_far, max_tokens=3)
+    h.run()
+    check_well_formed(h, "b")
+    assert h.started("b").cached_tokens == h.started("b").prompt_tokens - 1
+
+
+def test_chat_template_that_rejects_messages_is_invalid_request(h: Harness) -> None:
+    h.submit("a", messages=(ChatMessage("robot", "beep"),))
+    h.run()
+    (failed,) = h.of("a")
+    assert isinstance(failed, Failed)
+    assert (failed.code, failed.param) == ("invalid_request", "messages")
+    assert "unknown role" in failed.message
+
+
+def test_model_without_chat_template_gets_a_plain_transcript(h: Harness) -> None:
+    h.submit("a", model="plain", max_tokens=4)
+    h.run()
+    assert check_well_formed(h, "a").prompt_tokens > 3
+
+
+def test_model_failures_are_per_request(h: Harness) -> None:
+    h.submit("missing", model="nope")
+    h.submit("broken", model="broken")
+    h.submit("broken-again", model="broken")
+    h.submit("fine", max_tokens=3)
+    h.run()
+    assert isinstance(h.end("missing"), Failed) and h.end("missing").code == "model_not_found"  # type: ignore[union-attr]
+    for rid in ("broken", "broken-again"):
+        end = h.end(rid)
+        assert isinstance(end, Failed) and end.code == "model_load_failed"
+        assert "'broken'" in end.message
+    check_well_formed(h, "fine")
+    failed = h.batcher.heartbeat().failed
+    assert [f.id for f in failed] == ["broken"]
+
+
+def test_raise_fault_ends_only_its_request(models_dir: Path) -> None:
+    h = Harness(models_dir, allow_fault_injection=True)
+    h.submit("ok", max_tokens=10)
+    h.submit("bad", max_tokens=10, fault="raise")
+    h.run()
+    bad = h.end("bad")
+    assert isinstance(bad, Failed) and bad.code == "internal_error"
+    assert check_well_formed(h, "ok").completion_tokens == 10
+    h.submit("after", max_tokens=3)
+    h.run()
+    check_well_formed(h, "after")
+    h.batcher.shutdown()
+
+
+def test_faults_are_ignored_unless_allowed(h: Harness) -> None:
+    h.submit("a", max_tokens=3, fault="raise")
+    h.run()
+    check_well_formed(h, "a")
+
+
+def test_a_failing_generator_step_ends_its_requests_and_recovers(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h.submit("a", max_tokens=50)
+    h.batcher.step()
+    state = h.batcher._states["tiny"]
+
+    def boom() -> None:
+        raise RuntimeError("native failure")
+
+    monkeypatch.setattr(state.generator, "next", boom)
+    h.batcher.step()
+    end = h.end("a")
+    assert isinstance(end, Failed) and end.code == "internal_error" and "native failure" in end.message
+    h.submit("b", max_tokens=3)
+    h.run()
+    check_well_formed(h, "b")
+
+
+def test_shutdown_aborts_everything_and_frees_models(models_dir: Path) -> None:
+    h = Harness(models_dir, max_running=1)
+    h.submit("a", max_tokens=100)
+    h.submit("b", max_tokens=100)
+    h.batcher.step()
+    h.batcher.shutdown()
+    assert isinstance(h.end("a"), Finished) and h.end("a").finish_reason == "abort"  # type: ignore[union-attr]
+    assert h.of("b") == [Finished("b", "abort", 0, 0, 0)]
+    beat = h.batcher.heartbeat()
+    assert (beat.running, beat.waiting, beat.loaded) == (0, 0, ())
