@@ -1,0 +1,334 @@
+"""Tiny model folders that `mlx_lm.load` loads like any checkpoint, made offline in seconds, and helpers
+that damage such a folder in the ways real model folders go bad (each one a real file mutation).
+
+The tokenizer is word-level: special role tokens, single characters, common English words, then
+synthetic words (`w123`) up to `vocab_size`, so any vocabulary size from ~100 to 128256 is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import string
+from pathlib import Path
+from typing import Literal
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+UNK = "<|unk|>"
+END = "<|end|>"  # ends every chat turn; listed in config's eos_token_id so generation stops on it
+ROLE_TOKENS = {role: f"<|{role}|>" for role in ("system", "user", "assistant", "tool")}
+SPECIAL_TOKENS = [BOS, EOS, UNK, *ROLE_TOKENS.values(), END]
+
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# Split in _vocabulary: one word per vocabulary entry, in this order.
+COMMON_WORDS = """
+hello model python code function value string return error word words the of and to in is it you that he
+was for on are with as his they be at one have this from or had by not word but what some we can out
+other were all there when up use your how said an each she which do their time if will way about many
+then them write would like so these her long make thing see him two has look more day could go come did
+number sound no most people my over know water than call first who may down side been now find any new
+work part take get place made live where after back little only round man year came show every good me
+give our under name very through just form sentence great think say help low line differ turn cause much
+mean before move right boy old too same tell does set three want air well also play small end put home
+read hand port large spell add even land here must big high such follow act why ask men change went
+light kind off need house picture try us again animal point mother world near build self earth father
+head stand own page should country found answer school grow study still learn plant cover food sun four
+between state keep eye never last let thought city tree cross farm hard start might story saw far sea
+draw left late run while press close night real life few north open seem together next white children
+begin got walk example ease paper group always music those both mark often letter until mile river car
+feet care second book carry took science eat room friend began idea fish mountain stop once base hear
+horse cut sure watch color face wood main enough plain girl usual young ready above ever red list though
+feel talk bird soon body dog family direct pose leave song measure door product black short numeral
+class wind question happen complete ship area half rock order fire south problem piece told knew pass
+since top whole king space heard best hour better true during hundred five remember step early hold west
+ground interest reach fast verb sing listen six table travel less morning ten simple several vowel
+toward war lay against pattern slow center love person money serve appear road map rain rule govern pull
+cold notice voice unit power town fine certain fly fall lead cry dark machine note wait plan figure star
+box noun field rest correct able pound done beauty drive stood contain front teach week final gave green
+oh quick develop ocean warm free minute strong special mind behind clear tail produce fact street inch
+multiply nothing course stay wheel full force blue object decide surface deep moon island foot system
+busy test record boat common gold possible plane stead dry wonder laugh thousand ago ran check game
+shape equate hot miss brought heat snow tire bring yes distant fill east paint language among
+"""
+
+
+def _vocabulary(vocab_size: int) -> list[str]:
+    """Special tokens, single characters, common words, then synthetic words: exactly vocab_size."""
+    characters = list(string.ascii_lowercase + string.digits + string.punctuation)
+    base = SPECIAL_TOKENS + characters
+    if vocab_size < len(base):
+        raise ValueError(f"vocab_size must be at least {len(base)}, got {vocab_size}")
+    words = list(dict.fromkeys(w for w in COMMON_WORDS.split() if len(w) > 1))  # dedupe, keep order
+    vocab = base + words[: vocab_size - len(base)]
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    return vocab
+
+
+# Role tokens frame each message; tool calls and tool definitions are shown as JSON so templates that
+# get them still render (the model is random, so nothing more faithful is needed).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>\ntools: {{ tools | tojson }}<|end|>\n{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{% if message.tool_calls %}{{ message['tool_calls'] | tojson }}{% endif %}"
+    "<|end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _write_tokenizer(path: Path, vocab_size: int, context_length: int) -> dict[str, int]:
+    vocab = {word: index for index, word in enumerate(_vocabulary(vocab_size))}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tokenizer.normalizer = (
+        normalizers.Lowercase()
+    )  # the vocabulary is lowercase; "Hello" should not be unknown
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ]
+    )
+    # WordPiece's decoder joins words with spaces and glues punctuation back ("hello , world" -> "hello,").
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)  # registered so the pre-tokenizer never splits them
+
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=EOS,
+        additional_special_tokens=[*ROLE_TOKENS.values(), END],
+        model_max_length=context_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+    # The template goes into tokenizer_config.json (not chat_template.jinja), where every loader looks.
+    fast.save_pretrained(str(path), save_jinja_files=False)
+    # transformers 5 no longer writes special_tokens_map.json; older checkpoints all have one.
+    special_tokens_map = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": EOS,
+        "additional_special_tokens": [*ROLE_TOKENS.values(), END],
+    }
+    (path / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n")
+    return vocab
+
+
+# Prime, so a matrix tiled from the block never repeats row for row (rows are powers of two wide).
+_RANDOM_BLOCK = 1_000_003
+
+
+def _random_weights(shapes: dict[str, mx.array], dtype: mx.Dtype, seed: int) -> dict[str, mx.array]:
+    """Gaussian weights scaled by 1/sqrt(fan_in) (norms are ones), cut from one random block.
+
+    Drawing 1.2B fresh normals takes ~30 s on two cores; tiling one block takes ~2 s and the numbers
+    are just as good for a model whose point is its shape.
+    """
+    block = mx.random.normal((_RANDOM_BLOCK,), key=mx.random.key(seed))
+    scaled_blocks: dict[int, mx.array] = {}  # one per fan_in: scaling the block beats scaling each matrix
+    weights: dict[str, mx.array] = {}
+    for index, (name, parameter) in enumerate(shapes.items()):
+        if parameter.ndim == 1:
+            weights[name] = mx.ones(parameter.shape, dtype=dtype)
+            continue
+        fan_in = parameter.shape[-1]
+        if fan_in not in scaled_blocks:
+            scaled_blocks[fan_in] = (block * fan_in**-0.5).astype(dtype)
+        # Each matrix starts somewhere else in the block; slicing from 0 keeps the result contiguous.
+        start = mx.roll(scaled_blocks[fan_in], index * 104_729)
+        repeats = parameter.size // _RANDOM_BLOCK + 1
+        weights[name] = mx.tile(start, (repeats,))[: parameter.size].reshape(parameter.shape)
+    return weights
+
+
+def make_tiny_model(
+    path: Path,
+    *,
+    model_type: str = "llama",
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vocab_size: int = 512,
+    context_length: int = 512,
+    dtype: str = "float16",
+    seed: int = 0,
+) -> Path:
+    """Write a randomly initialised llama-shaped model folder at `path` (created if missing).
+
+    `model_type` is written to config.json as given; the weights are always llama-shaped, so any type
+    mlx-lm maps onto llama's layout (e.g. "llama", "mistral") loads.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = _write_tokenizer(path, vocab_size, context_length)
+
+    config: dict[str, object] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": model_type,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "intermediate_size": intermediate_size,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": context_length,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": vocab[BOS],
+        # A list, as Llama 3 checkpoints have: the end of a chat turn also stops generation.
+        "eos_token_id": [vocab[EOS], vocab[END]],
+        "torch_dtype": dtype,
+    }
+    # The model is built only for its parameter names and shapes; its own (lazy) init is never run.
+    model = llama.Model(llama.ModelArgs.from_dict(config))  # type: ignore[no-untyped-call]
+    weights = _random_weights(dict(tree_flatten(model.parameters())), getattr(mx, dtype), seed)
+    mx.save_safetensors(str(path / WEIGHTS_FILE), weights, {"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+# ---- ways a model folder goes bad -------------------------------------------------------------------
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files mlx-lm would read (it globs `model*.safetensors`)."""
+    return sorted(Path(path).glob("model*.safetensors"))
+
+
+def remove_config(path: Path) -> Path:
+    (Path(path) / "config.json").unlink()
+    return path
+
+
+def write_invalid_config_json(path: Path) -> Path:
+    (Path(path) / "config.json").write_text('{"model_type": "llama", "hidden_size": 64,,\n')
+    return path
+
+
+def set_model_type(path: Path, model_type: str = "no_such_arch") -> Path:
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"] = model_type
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def mismatch_shapes(path: Path) -> Path:
+    """Double hidden_size in config.json so every weight disagrees with the shapes the config implies."""
+    config_path = Path(path) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["hidden_size"] = int(config["hidden_size"]) * 2
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def remove_weights(path: Path) -> Path:
+    for weights in weight_files(path):
+        weights.unlink()
+    (Path(path) / "model.safetensors.index.json").unlink(missing_ok=True)
+    return path
+
+
+def truncate_weights(path: Path) -> Path:
+    """Cut each weights file in half, as an interrupted download or copy leaves it."""
+    for weights in weight_files(path):
+        os.truncate(weights, weights.stat().st_size // 2)
+    return path
+
+
+def corrupt_safetensors_header(path: Path, how: Literal["garbage", "huge_length"] = "garbage") -> Path:
+    """Damage the safetensors header: the 8-byte little-endian length, then that many bytes of JSON.
+
+    "garbage" keeps the length but overwrites the JSON; "huge_length" claims a header far past the file.
+    """
+    for weights in weight_files(path):
+        with weights.open("r+b") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if how == "garbage":
+                f.write(b"{not json" + b"\xff" * max(0, header_length - 9))
+            else:
+                f.seek(0)
+                f.write((2**62).to_bytes(8, "little"))
+    return path
+
+
+def remove_tokenizer(path: Path) -> Path:
+    for name in TOKENIZER_FILES:
+        (Path(path) / name).unlink(missing_ok=True)
+    return path
+
+
+def break_tokenizer(path: Path) -> Path:
+    """tokenizer.json becomes invalid JSON (a half-written file)."""
+    tokenizer_json = Path(path) / "tokenizer.json"
+    text = tokenizer_json.read_text()
+    tokenizer_json.write_text(text[: len(text) // 2])
+    return path
+
+
+def remove_chat_template(path: Path) -> Path:
+    """A base model: loads and completes text, but has no chat template."""
+    config_path = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("chat_template", None)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (Path(path) / "chat_template.jinja").unlink(missing_ok=True)
+    return path
+
+
+def make_unreadable(path: Path) -> Path:
+    """chmod 000 the weights. Root still reads them: use the two helpers below where tests run as root."""
+    for weights in weight_files(path):
+        weights.chmod(0)
+    return path
+
+
+def replace_weights_with_directory(path: Path) -> Path:
+    """The weights path becomes a directory: unreadable as a file, for root too."""
+    for weights in weight_files(path):
+        weights.unlink()
+        weights.mkdir()
+    return path
+
+
+def replace_weights_with_dangling_symlink(path: Path) -> Path:
+    """The weights become a symlink to nothing, as a Hugging Face cache with a deleted blob leaves them."""
+    for weights in weight_files(path):
+        weights.unlink()
+        weights.symlink_to(Path(path) / "blobs" / "missing-blob")
+    return path
+
+
+def copy_model(source: Path, destination: Path) -> Path:
+    """A fresh copy of a model folder, so a test can damage it without touching a shared one."""
+    shutil.copytree(source, destination)
+    return destination

@@ -1,0 +1,133 @@
+"""The tiny-model factory makes a folder mlx-lm loads and generates from; each damage helper breaks it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+from mlx_lm.utils import load_tokenizer as _load_tokenizer
+
+from tests.support import tiny_models
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "What is the name of this model?"},
+    {"role": "assistant", "content": "model"},
+    {"role": "tool", "content": "42"},
+    {"role": "user", "content": [{"type": "text", "text": "Say hello."}]},
+]
+
+
+def load(path: Path) -> tuple[Any, Any]:
+    model, tokenizer = mlx_lm.load(str(path))[:2]
+    return model, tokenizer
+
+
+def load_tokenizer(path: Path) -> Any:
+    return _load_tokenizer(path)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture
+def model_copy(tiny_model: Path, tmp_path: Path) -> Path:
+    return tiny_models.copy_model(tiny_model, tmp_path / "model")
+
+
+def test_folder_has_the_files_of_a_checkpoint(tiny_model: Path) -> None:
+    names = {p.name for p in tiny_model.iterdir()}
+    assert {"config.json", "model.safetensors", *tiny_models.TOKENIZER_FILES} <= names
+    config = json.loads((tiny_model / "config.json").read_text())
+    assert config["max_position_embeddings"] == 512
+    assert "chat_template" in json.loads((tiny_model / "tokenizer_config.json").read_text())
+
+
+def test_loads_and_streams_text(tiny_model: Path) -> None:
+    model, tokenizer = load(tiny_model)
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    assert tokenizer.decode(prompt).endswith("<|assistant|>")
+    pieces = [r.text for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=8)]
+    assert "".join(pieces).strip()
+    assert tokenizer.eos_token_ids == {tokenizer.convert_tokens_to_ids(t) for t in ("<|eos|>", "<|end|>")}
+
+
+def test_batch_generate(tiny_model: Path) -> None:
+    model, tokenizer = load(tiny_model)
+    prompts = [
+        tokenizer.encode("hello world"),
+        tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True),
+    ]
+    result = mlx_lm.batch_generate(model, tokenizer, prompts, max_tokens=4)
+    assert len(result.texts) == 2
+
+
+def test_tokenizer_round_trips_known_words(tiny_model: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model)
+    ids = tokenizer.encode("Hello, the model can write 42 words!")
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "hello, the model can write 4 2 words!"
+
+
+@pytest.mark.parametrize("vocab_size", [300, 128256])
+def test_vocabulary_has_exactly_vocab_size_entries(tmp_path: Path, vocab_size: int) -> None:
+    tiny_models.make_tiny_model(
+        tmp_path, hidden_size=16, num_layers=1, intermediate_size=32, vocab_size=vocab_size
+    )
+    tokenizer = load_tokenizer(tmp_path)
+    assert len(tokenizer.get_vocab()) == vocab_size
+
+
+def test_bfloat16(tmp_path: Path) -> None:
+    tiny_models.make_tiny_model(tmp_path, dtype="bfloat16")
+    model, _ = load(tmp_path)
+    assert model.model.embed_tokens.weight.dtype == mx.bfloat16
+
+
+Damage = Callable[[Path], Path]
+
+LOAD_FAILURES: list[tuple[Damage, type[BaseException]]] = [
+    (tiny_models.remove_config, FileNotFoundError),
+    (tiny_models.write_invalid_config_json, json.JSONDecodeError),
+    (tiny_models.set_model_type, ValueError),
+    (tiny_models.mismatch_shapes, ValueError),
+    (tiny_models.remove_weights, FileNotFoundError),
+    (tiny_models.truncate_weights, RuntimeError),
+    (tiny_models.corrupt_safetensors_header, RuntimeError),
+    (lambda p: tiny_models.corrupt_safetensors_header(p, "huge_length"), RuntimeError),
+    (tiny_models.replace_weights_with_directory, RuntimeError),
+    (tiny_models.replace_weights_with_dangling_symlink, RuntimeError),
+    (tiny_models.remove_tokenizer, ValueError),
+    (tiny_models.break_tokenizer, json.JSONDecodeError),
+]
+
+
+@pytest.mark.parametrize(("damage", "error"), LOAD_FAILURES, ids=lambda v: getattr(v, "__name__", ""))
+def test_damage_makes_load_fail(model_copy: Path, damage: Damage, error: type[BaseException]) -> None:
+    assert damage(model_copy) == model_copy
+    with pytest.raises(error):
+        load(model_copy)
+
+
+def test_make_unreadable(model_copy: Path) -> None:
+    tiny_models.make_unreadable(model_copy)
+    assert (model_copy / "model.safetensors").stat().st_mode & 0o777 == 0
+    if os.geteuid() == 0:
+        pytest.skip("root reads mode-000 files; replace_weights_with_directory covers root")
+    with pytest.raises(RuntimeError):
+        load(model_copy)
+
+
+def test_remove_chat_template_leaves_a_base_model(model_copy: Path) -> None:
+    tiny_models.remove_chat_template(model_copy)
+    _, tokenizer = load(model_copy)
+    assert not tokenizer.has_chat_template
