@@ -17,6 +17,7 @@ import json
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,52 +52,109 @@ def chat_ids(tokenizer: Any, text: str) -> list[int]:
     return list(ids)
 
 
-def run_single(model: Any, tokenizer: Any, ids: list[int], max_tokens: int, processors: list[Any]) -> dict[str, Any]:
+def run_single(
+    model: Any, tokenizer: Any, ids: list[int], max_tokens: int, processors: list[Any]
+) -> dict[str, Any]:
     from mlx_lm import stream_generate
 
     started = time.perf_counter()
     ttft = None
     last = None
-    for response in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, logits_processors=processors):
+    for response in stream_generate(
+        model, tokenizer, ids, max_tokens=max_tokens, logits_processors=processors
+    ):
         if ttft is None:
             ttft = time.perf_counter() - started
         last = response
     wall = time.perf_counter() - started
     assert last is not None
-    return {"tokens": last.generation_tokens, "wall_s": wall, "tok_s": last.generation_tokens / wall,
-            "decode_tok_s": last.generation_tps, "prompt_tok_s": last.prompt_tps, "ttft_s": ttft,
-            "prompt_tokens": last.prompt_tokens, "finish_reason": last.finish_reason,
-            "peak_memory_gb": last.peak_memory}
+    return {
+        "tokens": last.generation_tokens,
+        "wall_s": wall,
+        "tok_s": last.generation_tokens / wall,
+        "decode_tok_s": last.generation_tps,
+        "prompt_tok_s": last.prompt_tps,
+        "ttft_s": ttft,
+        "prompt_tokens": last.prompt_tokens,
+        "finish_reason": last.finish_reason,
+        "peak_memory_gb": last.peak_memory,
+    }
 
 
-def run_batch(model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: int, processors: list[Any],
-              prefill_batch_size: int) -> dict[str, Any]:
+def run_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_tokens: int,
+    processors: list[Any],
+    prefill_batch_size: int,
+) -> dict[str, Any]:
     from mlx_lm import batch_generate
 
     started = time.perf_counter()
-    result = batch_generate(model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True,
-                            completion_batch_size=len(prompts), prefill_batch_size=prefill_batch_size,
-                            logits_processors=processors or None)
+    result = batch_generate(
+        model,
+        tokenizer,
+        prompts,
+        max_tokens=max_tokens,
+        return_token_ids=True,
+        completion_batch_size=len(prompts),
+        prefill_batch_size=prefill_batch_size,
+        logits_processors=processors or None,
+    )
     wall = time.perf_counter() - started
     lengths = [len(t) for t in result.token_ids or []]
     total = sum(lengths)
-    return {"batch": len(prompts), "tokens": total, "wall_s": wall, "tok_s": total / wall,
-            "decode_tok_s": result.stats.generation_tps, "prompt_tok_s": result.stats.prompt_tps,
-            "min_tokens": min(lengths), "max_tokens": max(lengths), "peak_memory_gb": result.stats.peak_memory}
+    return {
+        "batch": len(prompts),
+        "tokens": total,
+        "wall_s": wall,
+        "tok_s": total / wall,
+        "decode_tok_s": result.stats.generation_tps,
+        "prompt_tok_s": result.stats.prompt_tps,
+        "min_tokens": min(lengths),
+        "max_tokens": max(lengths),
+        "peak_memory_gb": result.stats.peak_memory,
+    }
+
+
+def repeat(measure: Callable[[], dict[str, Any]], repeats: int, min_seconds: float) -> list[dict[str, Any]]:
+    """At least `repeats` runs, more (up to 20) while under `min_seconds`: short runs are noisy."""
+    runs: list[dict[str, Any]] = []
+    spent = 0.0
+    while len(runs) < repeats or (runs and spent < min_seconds and len(runs) < 20):
+        runs.append(measure())
+        spent += runs[-1]["wall_s"]
+    return runs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument("--prompt-tokens", type=int, default=64, help="words (tokens) of user text per prompt")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=64, help="words (tokens) of user text per prompt"
+    )
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", default="8,32,64", help="comma-separated; empty for none")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best is the ceiling")
-    parser.add_argument("--prefill-batch-size", type=int, default=8, help="batch_generate's (and mlx_lm.server's) default")
-    parser.add_argument("--eos", choices=["auto", "bias", "none"], default="bias",
-                        help="auto: bias EOS away only if the model stops early without it")
-    parser.add_argument("--prompt-only", action="store_true",
-                        help="only pick the prompt words and probe EOS; time nothing")
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=3.0,
+        help="repeat a measurement past --repeats until this much time was spent (at most 20 runs)",
+    )
+    parser.add_argument(
+        "--prefill-batch-size", type=int, default=8, help="batch_generate's (and mlx_lm.server's) default"
+    )
+    parser.add_argument(
+        "--eos",
+        choices=["auto", "bias", "none"],
+        default="auto",
+        help="auto: bias EOS away only if the model stops early without it",
+    )
+    parser.add_argument(
+        "--prompt-only", action="store_true", help="only pick the prompt words and probe EOS; time nothing"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.prompt_only:
@@ -121,35 +179,69 @@ def main(argv: list[str] | None = None) -> int:
     eos_bias = args.eos == "bias" or (args.eos == "auto" and bool(early))
     bias = {t: EOS_BIAS for t in eos_ids}
     processors = make_logits_processors(logit_bias=bias) if eos_bias else []
-    print(f"ceiling: loaded in {load_s:.1f}s; EOS bias {'on' if eos_bias else 'off'} "
-          f"(probe lengths {[p['tokens'] for p in probe]})", file=sys.stderr, flush=True)
+    if args.repeats == 0:
+        args.min_seconds = 0.0
+    print(
+        f"ceiling: loaded in {load_s:.1f}s; EOS bias {'on' if eos_bias else 'off'} "
+        f"(probe lengths {[p['tokens'] for p in probe]})",
+        file=sys.stderr,
+        flush=True,
+    )
 
-    singles = [run_single(model, tokenizer, prompts[0], args.max_tokens, processors) for _ in range(args.repeats)]
+    singles = repeat(
+        lambda: run_single(model, tokenizer, prompts[0], args.max_tokens, processors),
+        args.repeats,
+        args.min_seconds,
+    )
     best_single = max(singles, key=lambda r: r["tok_s"]) if singles else None
     if best_single:
-        print(f"ceiling: stream_generate {best_single['tok_s']:.1f} tok/s end to end, "
-              f"{best_single['decode_tok_s']:.1f} decode", file=sys.stderr, flush=True)
+        print(
+            f"ceiling: stream_generate {best_single['tok_s']:.1f} tok/s end to end, "
+            f"{best_single['decode_tok_s']:.1f} decode",
+            file=sys.stderr,
+            flush=True,
+        )
 
     batches: dict[str, Any] = {}
     for size in batch_sizes:
         batch_prompts = prompts[:size]
         # Warm-up at this batch size: kernels for new shapes are built on first use on a GPU.
-        run_batch(model, tokenizer, batch_prompts, min(8, args.max_tokens), processors, args.prefill_batch_size)
-        runs = [run_batch(model, tokenizer, batch_prompts, args.max_tokens, processors, args.prefill_batch_size)
-                for _ in range(args.repeats)]
+        run_batch(
+            model, tokenizer, batch_prompts, min(8, args.max_tokens), processors, args.prefill_batch_size
+        )
+        runs = repeat(
+            lambda batch_prompts=batch_prompts: run_batch(
+                model, tokenizer, batch_prompts, args.max_tokens, processors, args.prefill_batch_size
+            ),
+            args.repeats,
+            args.min_seconds,
+        )
         best = max(runs, key=lambda r: r["tok_s"])
         best["runs_tok_s"] = [r["tok_s"] for r in runs]
         batches[str(size)] = best
-        print(f"ceiling: batch_generate x{size}: {best['tok_s']:.1f} tok/s end to end, "
-              f"{best['decode_tok_s']:.1f} decode", file=sys.stderr, flush=True)
+        print(
+            f"ceiling: batch_generate x{size}: {best['tok_s']:.1f} tok/s end to end, "
+            f"{best['decode_tok_s']:.1f} decode",
+            file=sys.stderr,
+            flush=True,
+        )
 
     out = {
-        "model": str(args.model), "load_s": load_s, "prompt_tokens": probe[0]["prompt_tokens"],
-        "max_tokens": args.max_tokens, "eos_ids": eos_ids, "eos_bias": eos_bias,
-        "probe_lengths": [p["tokens"] for p in probe], "words": words,
-        "single": best_single, "single_runs_tok_s": [r["tok_s"] for r in singles], "batch": batches,
-        "prefill_batch_size": args.prefill_batch_size, "repeats": args.repeats,
-        "device": str(mx.default_device()), "platform": platform.platform(),
+        "model": str(args.model),
+        "load_s": load_s,
+        "prompt_tokens": probe[0]["prompt_tokens"],
+        "max_tokens": args.max_tokens,
+        "eos_ids": eos_ids,
+        "eos_bias": eos_bias,
+        "probe_lengths": [p["tokens"] for p in probe],
+        "words": words,
+        "single": best_single,
+        "single_runs_tok_s": [r["tok_s"] for r in singles],
+        "batch": batches,
+        "prefill_batch_size": args.prefill_batch_size,
+        "repeats": args.repeats,
+        "device": str(mx.default_device()),
+        "platform": platform.platform(),
     }
     args.out.write_text(json.dumps(out, indent=1))
     return 0

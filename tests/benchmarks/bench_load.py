@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-
 from bench_common import loads, msgspec_error, percentile
 
 
@@ -55,18 +54,25 @@ class LevelResult:
         tokens = sum(r.tokens for r in ok)
         ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
         return {
-            "concurrency": self.concurrency, "requests_per_client": self.requests_per_client,
-            "sent": len(self.results), "ok": len(ok), "failed": len(failed), "rate_limited": len(limited),
+            "concurrency": self.concurrency,
+            "requests_per_client": self.requests_per_client,
+            "requests": len(self.results),
+            "ok": len(ok),
+            "failed": len(failed),
+            "rate_limited": len(limited),
             "failure_reasons": dict(Counter(r.reason for r in failed)),
             "rate_limited_with_retry_after": sum(1 for r in limited if r.retry_after),
-            "wall_s": self.wall_s, "timed_out": self.timed_out,
-            "tokens": tokens, "tok_s": tokens / self.wall_s if self.wall_s > 0 else 0.0,
+            "wall_s": self.wall_s,
+            "timed_out": self.timed_out,
+            "tokens": tokens,
+            "tok_s": tokens / self.wall_s if self.wall_s > 0 else 0.0,
             "tokens_per_ok_request": tokens / len(ok) if ok else None,
             "min_tokens": min((r.tokens for r in ok), default=None),
             "max_tokens": max((r.tokens for r in ok), default=None),
             "tokens_from_usage": all(r.tokens_from_usage for r in ok) if ok else None,
             "prompt_tokens": ok[0].prompt_tokens if ok else None,
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
+            "ttft_p50_s": percentile(ttfts, 50),
+            "ttft_p95_s": percentile(ttfts, 95),
             "ttft_max_s": max(ttfts, default=None),
             "latency_p50_s": percentile([r.latency_s for r in ok], 50),
         }
@@ -81,12 +87,18 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
         async with client.stream("POST", url, json=body) as response:
             if response.status_code == 429:
                 await response.aread()
-                return RequestResult(outcome="rate_limited", latency_s=time.perf_counter() - started,
-                                     retry_after=response.headers.get("retry-after"))
+                return RequestResult(
+                    outcome="rate_limited",
+                    latency_s=time.perf_counter() - started,
+                    retry_after=response.headers.get("retry-after"),
+                )
             if response.status_code != 200:
                 text = (await response.aread())[:300].decode(errors="replace")
-                return RequestResult(outcome="failed", reason=f"http_{response.status_code}: {text}",
-                                     latency_s=time.perf_counter() - started)
+                return RequestResult(
+                    outcome="failed",
+                    reason=f"http_{response.status_code}: {text}",
+                    latency_s=time.perf_counter() - started,
+                )
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators and ": keepalive" comments
@@ -131,8 +143,15 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any])
     return result
 
 
-async def run_level(base_url: str, body: dict[str, Any], prompts: list[str], concurrency: int,
-                    requests_per_client: int, level_timeout_s: float, read_timeout_s: float) -> LevelResult:
+async def run_level(
+    base_url: str,
+    body: dict[str, Any],
+    prompts: list[str],
+    concurrency: int,
+    requests_per_client: int,
+    level_timeout_s: float,
+    read_timeout_s: float,
+) -> LevelResult:
     """`concurrency` clients x `requests_per_client` streaming requests; client c's k-th request uses
     prompts[k * concurrency + c]."""
     level = LevelResult(concurrency, requests_per_client)
@@ -149,19 +168,21 @@ async def run_level(base_url: str, body: dict[str, Any], prompts: list[str], con
     started = time.perf_counter()
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         tasks = [asyncio.create_task(client_loop(i, client)) for i in range(concurrency)]
-        _done, pending = await asyncio.wait(tasks, timeout=level_timeout_s)
-        level.wall_s = time.perf_counter() - started
-        if pending:
-            level.timed_out = True
-            for task in pending:
+        try:
+            _done, pending = await asyncio.wait(tasks, timeout=level_timeout_s)
+            level.wall_s = time.perf_counter() - started
+            level.timed_out = bool(pending)
+        finally:  # on timeout or interrupt: no client task outlives the shared client
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
     unanswered = concurrency * requests_per_client - len(level.results)
     level.results.extend(RequestResult(outcome="failed", reason="level_timeout") for _ in range(unanswered))
     return level
 
 
 # --- the /health prober (its own process) ---------------------------------------------------------
+
 
 def probe_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench_load.py probe")
@@ -170,6 +191,7 @@ def probe_main(argv: list[str]) -> int:
     parser.add_argument("--max-seconds", type=float, default=900.0)
     parser.add_argument("--timeout-s", type=float, default=5.0)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--ready-file", type=Path, help="touched once the first probe has been answered")
     args = parser.parse_args(argv)
 
     stopping = False
@@ -197,6 +219,8 @@ def probe_main(argv: list[str]) -> int:
                 elapsed = time.perf_counter() - sent
                 errors[type(exc).__name__] += 1
                 latencies.append(elapsed)  # a timeout is a latency too, at least this long
+            if args.ready_file and not args.ready_file.exists():
+                args.ready_file.touch()
             time.sleep(max(0.0, args.interval_ms / 1000 - elapsed))
     args.out.write_text(json.dumps({"latencies_s": latencies, "errors": dict(errors)}))
     return 0
@@ -208,8 +232,13 @@ def summarize_probe(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {"count": 0, "errors": {"no_probe_output": 1}}
     lat = data["latencies_s"]
-    return {"count": len(lat), "errors": data["errors"], "p50_s": percentile(lat, 50),
-            "p99_s": percentile(lat, 99), "max_s": max(lat, default=None)}
+    return {
+        "count": len(lat),
+        "errors": data["errors"],
+        "p50_s": percentile(lat, 50),
+        "p99_s": percentile(lat, 99),
+        "max_s": max(lat, default=None),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,11 +253,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--level-timeout", type=float, default=300.0)
     args = parser.parse_args(argv)
-    body = {"model": args.model, "stream": True, "stream_options": {"include_usage": True},
-            "max_tokens": args.max_tokens, "temperature": 0}
+    body = {
+        "model": args.model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+    }
     prompts = [f"w{i} hello there" for i in range(args.concurrency * args.requests_per_client)]
-    level = asyncio.run(run_level(args.base_url, body, prompts, args.concurrency, args.requests_per_client,
-                                  args.level_timeout, 120.0))
+    level = asyncio.run(
+        run_level(
+            args.base_url,
+            body,
+            prompts,
+            args.concurrency,
+            args.requests_per_client,
+            args.level_timeout,
+            120.0,
+        )
+    )
     print(json.dumps(level.summary(), indent=1))
     return 0
 

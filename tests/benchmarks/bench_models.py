@@ -25,14 +25,38 @@ MARKER = ".bench-shape.json"
 # Keyword arguments for tests.support.tiny_models.make_tiny_model.
 SHAPES: dict[str, dict[str, Any]] = {
     # The factory's own default: milliseconds a token, measures serving overhead more than compute.
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                 vocab_size=512, context_length=512, dtype="float16"),
+    "tiny": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+        context_length=512,
+        dtype="float16",
+    ),
     # Tens of tok/s on a 2-core CPU (bf16 batches better than fp16 or fp32 on MLX's CPU backend).
-    "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536,
-                  vocab_size=8192, context_length=2048, dtype="bfloat16"),
+    "small": dict(
+        hidden_size=512,
+        num_layers=8,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1536,
+        vocab_size=8192,
+        context_length=2048,
+        dtype="bfloat16",
+    ),
     # Llama-3.2-1B's shape (about 1.2e9 parameters, 2.5 GB in bf16); the shape of issue 5's GPU figures.
-    "llama-3.2-1b": dict(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
-                         intermediate_size=8192, vocab_size=128256, context_length=8192, dtype="bfloat16"),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        context_length=8192,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -58,8 +82,10 @@ def ensure_model(shape: str, model_dir: Path, seed: int = 0) -> Path:
     try:
         from tests.support.tiny_models import make_tiny_model
     except ImportError as exc:
-        raise SystemExit(f"the tiny-model factory tests/support/tiny_models.py is missing ({exc}); "
-                         "pass --model PATH to benchmark an existing model folder") from exc
+        raise SystemExit(
+            f"the tiny-model factory tests/support/tiny_models.py is missing ({exc}); "
+            "pass --model PATH to benchmark an existing model folder"
+        ) from exc
 
     model_dir.mkdir(parents=True, exist_ok=True)
     partial = model_dir / f".partial-bench-{shape}"

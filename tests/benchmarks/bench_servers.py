@@ -37,21 +37,59 @@ class ServerSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
-def server_spec(name: str, model: Path, port: int, *, max_running: int = 64, max_queue: int = 256,
-                extra_args: list[str] | None = None) -> ServerSpec:
+def server_spec(
+    name: str,
+    model: Path,
+    port: int,
+    *,
+    max_running: int = 64,
+    max_queue: int = 256,
+    extra_args: list[str] | None = None,
+) -> ServerSpec:
     """The one place that knows each server's command line."""
     extra = list(extra_args or [])
     if name == "mlx_lm":
         # Defaults otherwise (decode concurrency 32, prompt concurrency 8): what users of it get.
-        return ServerSpec(name, [sys.executable, "-m", "mlx_lm.server", "--model", str(model),
-                                 "--host", "127.0.0.1", "--port", str(port), *extra], model_id=str(model))
+        return ServerSpec(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "mlx_lm.server",
+                "--model",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *extra,
+            ],
+            model_id=str(model),
+        )
     if name == "gateway":
         # The model id is the folder name under --models-dir.
-        return ServerSpec(name, [sys.executable, "-m", "gateway.cli", "serve",
-                                 "--models-dir", str(model.parent), "--no-hf-cache",
-                                 "--host", "127.0.0.1", "--port", str(port),
-                                 "--max-running", str(max_running), "--max-queue", str(max_queue), *extra],
-                          model_id=model.name)
+        return ServerSpec(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--models-dir",
+                str(model.parent),
+                "--no-hf-cache",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--max-running",
+                str(max_running),
+                "--max-queue",
+                str(max_queue),
+                *extra,
+            ],
+            model_id=model.name,
+        )
     raise ValueError(f"unknown server {name!r}; known: {', '.join(SERVERS)}")
 
 
@@ -62,10 +100,21 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) ->
     """Start `argv` in a new process group (so its children die with it), output to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=REPO_ROOT, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1",
-                                     "TRANSFORMERS_OFFLINE": "1", **(env or {})})
+        proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            env={
+                **os.environ,
+                "PYTHONUNBUFFERED": "1",
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                **(env or {}),
+            },
+        )
     _STARTED.append(proc)
     return proc
 
@@ -75,10 +124,8 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> int | None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     # The leader may be gone while its children live on: always sweep the group.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -115,8 +162,10 @@ class Server:
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() - started < timeout_s:
                 if not self.alive():
-                    raise RuntimeError(f"{self.spec.name} exited with {self.proc and self.proc.returncode}:\n"
-                                       f"{self.log_tail()}")
+                    raise RuntimeError(
+                        f"{self.spec.name} exited with {self.proc and self.proc.returncode}:\n"
+                        f"{self.log_tail()}"
+                    )
                 try:
                     response = client.get(self.base_url + self.spec.health_path)
                     if response.status_code == 200:
@@ -125,7 +174,9 @@ class Server:
                 except httpx.HTTPError as exc:
                     last = repr(exc)
                 time.sleep(0.25)
-        raise RuntimeError(f"{self.spec.name} not ready in {timeout_s:.0f}s (last: {last}):\n{self.log_tail()}")
+        raise RuntimeError(
+            f"{self.spec.name} not ready in {timeout_s:.0f}s (last: {last}):\n{self.log_tail()}"
+        )
 
     def stop(self) -> int | None:
         return stop(self.proc) if self.proc is not None else None

@@ -37,6 +37,7 @@ from bench_models import DEFAULT_MODEL_DIR, SHAPES, ensure_model
 from bench_servers import REPO_ROOT, SERVERS, Server, free_port, server_spec, spawn, stop, stop_all
 
 HERE = Path(__file__).resolve().parent
+partial_reports: list[dict[str, Any]] = []  # a server's report, kept when an interrupt cuts its run short
 LEVEL_STRIDE = 10_000  # prompt indexes per level: no request repeats a prompt from an earlier level
 
 
@@ -49,37 +50,56 @@ def int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     model = parser.add_argument_group("model")
     model.add_argument("--shape", choices=sorted(SHAPES), default="small")
     model.add_argument("--model", type=Path, help="benchmark this existing model folder instead of --shape")
-    model.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
-                       help="where shape models are made and reused (the gateway's --models-dir)")
+    model.add_argument(
+        "--model-dir",
+        type=Path,
+        default=DEFAULT_MODEL_DIR,
+        help="where shape models are made and reused (the gateway's --models-dir)",
+    )
     model.add_argument("--seed", type=int, default=0)
     load = parser.add_argument_group("load")
-    load.add_argument("--servers", default="mlx_lm,gateway", help=f"comma-separated, of: {', '.join(SERVERS)}")
+    load.add_argument(
+        "--servers", default="mlx_lm,gateway", help=f"comma-separated, of: {', '.join(SERVERS)}"
+    )
     load.add_argument("--concurrency", type=int_list, default=int_list("1,8,32,64,256"))
     load.add_argument("--requests-per-client", type=int, default=2)
     load.add_argument("--max-tokens", type=int, default=128)
     load.add_argument("--prompt-tokens", type=int, default=64, help="words of user text (one token each)")
-    load.add_argument("--eos", choices=["auto", "bias", "none"], default="bias",
-                      help="bias: logit_bias keeps EOS away so every request generates --max-tokens (a "
-                           "random model's greedy path in a batch differs from a lone one's and can hit "
-                           "EOS); auto: only if a lone stream stops early; none: never")
-    load.add_argument("--level-timeout", type=float, default=300.0, help="seconds for one level, all requests")
+    load.add_argument(
+        "--eos",
+        choices=["auto", "bias", "none"],
+        default="auto",
+        help="bias: send logit_bias against EOS so every request generates --max-tokens "
+        "(costly: mlx-lm applies it row by row); auto: only if a lone stream stops early "
+        "(the --shape models never emit EOS, see bench_models.silence_eos); none: never",
+    )
+    load.add_argument(
+        "--level-timeout", type=float, default=300.0, help="seconds for one level, all requests"
+    )
     load.add_argument("--read-timeout", type=float, default=120.0, help="seconds without a byte on a stream")
     load.add_argument("--health-interval-ms", type=float, default=75.0)
     load.add_argument("--pause", type=float, default=2.0, help="seconds of quiet between levels")
     srv = parser.add_argument_group("servers")
-    srv.add_argument("--max-running", type=int, default=64, help="gateway --max-running (also caps batch sizes)")
+    srv.add_argument(
+        "--max-running", type=int, default=64, help="gateway --max-running (also caps batch sizes)"
+    )
     srv.add_argument("--max-queue", type=int, default=256, help="gateway --max-queue")
     srv.add_argument("--startup-timeout", type=float, default=600.0)
     srv.add_argument("--mlx-lm-args", default="", help="extra arguments for mlx_lm.server (one string)")
     srv.add_argument("--gateway-args", default="", help="extra arguments for mlx-gateway serve (one string)")
     ceil = parser.add_argument_group("ceiling")
-    ceil.add_argument("--batch-sizes", type=int_list, default=None,
-                      help="batch_generate sizes (default: each concurrency level > 1, capped at --max-running)")
+    ceil.add_argument(
+        "--batch-sizes",
+        type=int_list,
+        default=None,
+        help="batch_generate sizes (default: each concurrency level > 1, capped at --max-running)",
+    )
     ceil.add_argument("--ceiling-repeats", type=int, default=3)
     ceil.add_argument("--ceiling-timeout", type=float, default=1800.0)
     ceil.add_argument("--skip-ceiling", action="store_true")
@@ -100,12 +120,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 # --- steps -------------------------------------------------------------------------------------
 
+
 def run_ceiling(args: argparse.Namespace, model: Path) -> dict[str, Any]:
     out = args.work_dir / "ceiling.json"
-    argv = [sys.executable, str(HERE / "bench_ceiling.py"), "--model", str(model),
-            "--prompt-tokens", str(args.prompt_tokens), "--max-tokens", str(args.max_tokens),
-            "--batch-sizes", ",".join(map(str, args.batch_sizes)), "--repeats", str(args.ceiling_repeats),
-            "--eos", args.eos, "--out", str(out)]
+    argv = [
+        sys.executable,
+        str(HERE / "bench_ceiling.py"),
+        "--model",
+        str(model),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
+        "--max-tokens",
+        str(args.max_tokens),
+        "--batch-sizes",
+        ",".join(map(str, args.batch_sizes)),
+        "--repeats",
+        str(args.ceiling_repeats),
+        "--eos",
+        args.eos,
+        "--out",
+        str(out),
+    ]
     if args.skip_ceiling:
         argv.append("--prompt-only")
     log(f"ceiling: {shlex.join(argv[1:])}")
@@ -114,7 +149,9 @@ def run_ceiling(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         proc.wait(args.ceiling_timeout)
     except subprocess.TimeoutExpired:
         stop(proc)
-        raise RuntimeError(f"the ceiling run took over {args.ceiling_timeout:.0f}s; see {args.work_dir}/ceiling.log")
+        raise RuntimeError(
+            f"the ceiling run took over {args.ceiling_timeout:.0f}s; see {args.work_dir}/ceiling.log"
+        ) from None
     stop(proc)
     if proc.returncode != 0 or not out.is_file():
         tail = (args.work_dir / "ceiling.log").read_text(errors="replace")[-3000:]
@@ -124,18 +161,26 @@ def run_ceiling(args: argparse.Namespace, model: Path) -> dict[str, Any]:
 
 
 def request_body(model_id: str, args: argparse.Namespace, eos_ids: list[int] | None) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model_id, "stream": True, "stream_options": {"include_usage": True},
-                            "max_tokens": args.max_tokens, "temperature": 0}
+    body: dict[str, Any] = {
+        "model": model_id,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": args.max_tokens,
+        "temperature": 0,
+    }
     if eos_ids:
         body["logit_bias"] = {str(t): EOS_BIAS for t in eos_ids}
     return body
 
 
-def run_server(name: str, index: int, args: argparse.Namespace, model: Path, ceiling: dict[str, Any]) -> dict[str, Any]:
+def run_server(
+    name: str, index: int, args: argparse.Namespace, model: Path, ceiling: dict[str, Any]
+) -> dict[str, Any]:
     port = free_port()
     extra = shlex.split(args.mlx_lm_args if name == "mlx_lm" else args.gateway_args)
-    spec = server_spec(name, model, port, max_running=args.max_running, max_queue=args.max_queue,
-                       extra_args=extra)
+    spec = server_spec(
+        name, model, port, max_running=args.max_running, max_queue=args.max_queue, extra_args=extra
+    )
     server = Server(spec, port, args.work_dir / f"{name}.log")
     report: dict[str, Any] = {"server": name, "argv": spec.argv, "levels": [], "notes": []}
     log(f"{name}: starting: {shlex.join(spec.argv)}")
@@ -159,23 +204,37 @@ def run_server(name: str, index: int, args: argparse.Namespace, model: Path, cei
         started = time.perf_counter()
         warm_result = asyncio.run(warm(body))
         if warm_result.outcome != "ok" and eos_ids and "logit_bias" in warm_result.reason:
-            report["notes"].append(f"{name} refused logit_bias ({warm_result.reason[:120]}); sent without it, "
-                                   "so its requests may stop at EOS before max_tokens")
+            report["notes"].append(
+                f"{name} refused logit_bias ({warm_result.reason[:120]}); sent without it, "
+                "so its requests may stop at EOS before max_tokens"
+            )
             body = request_body(spec.model_id, args, None)
             warm_result = asyncio.run(warm(body))
-        report["warmup"] = {"outcome": warm_result.outcome, "reason": warm_result.reason,
-                            "tokens": warm_result.tokens, "s": time.perf_counter() - started}
+        report["warmup"] = {
+            "outcome": warm_result.outcome,
+            "reason": warm_result.reason,
+            "tokens": warm_result.tokens,
+            "s": time.perf_counter() - started,
+        }
         if warm_result.outcome != "ok":
             raise RuntimeError(f"warm-up request failed: {warm_result.reason}\n{server.log_tail()}")
         log(f"{name}: warmed up ({warm_result.tokens} tokens in {report['warmup']['s']:.1f}s)")
 
         for level_index, concurrency in enumerate(args.concurrency):
             if not server.alive():
-                report["notes"].append(f"{name} exited (code {server.proc and server.proc.returncode}) "
-                                       f"before concurrency {concurrency}")
+                report["notes"].append(
+                    f"{name} exited (code {server.proc and server.proc.returncode}) "
+                    f"before concurrency {concurrency}"
+                )
                 break
-            report["levels"].append(run_one_level(server, args, body, ceiling, index, level_index, concurrency))
+            report["levels"].append(
+                run_one_level(server, args, body, ceiling, index, level_index, concurrency)
+            )
             time.sleep(args.pause)
+    except KeyboardInterrupt:
+        report["notes"].append(f"{name}: interrupted")
+        partial_reports.append(report)
+        raise
     except RuntimeError as exc:
         report["error"] = str(exc)
         log(f"{name}: {exc}")
@@ -185,24 +244,59 @@ def run_server(name: str, index: int, args: argparse.Namespace, model: Path, cei
     return report
 
 
-def run_one_level(server: Server, args: argparse.Namespace, body: dict[str, Any], ceiling: dict[str, Any],
-                  server_index: int, level_index: int, concurrency: int) -> dict[str, Any]:
+def run_one_level(
+    server: Server,
+    args: argparse.Namespace,
+    body: dict[str, Any],
+    ceiling: dict[str, Any],
+    server_index: int,
+    level_index: int,
+    concurrency: int,
+) -> dict[str, Any]:
     name = server.spec.name
     total = concurrency * args.requests_per_client
     first = (server_index * 100 + level_index + 1) * LEVEL_STRIDE
     prompts = [make_prompt(ceiling["words"], args.prompt_tokens, first + i) for i in range(total)]
     probe_out = args.work_dir / f"health-{name}-c{concurrency}.json"
-    probe = spawn([sys.executable, str(HERE / "bench_load.py"), "probe",
-                   "--url", server.base_url + server.spec.health_path,
-                   "--interval-ms", str(args.health_interval_ms),
-                   "--max-seconds", str(args.level_timeout + 60), "--out", str(probe_out)],
-                  args.work_dir / "probe.log")
+    probe_ready = probe_out.with_suffix(".ready")
+    probe = spawn(
+        [
+            sys.executable,
+            str(HERE / "bench_load.py"),
+            "probe",
+            "--url",
+            server.base_url + server.spec.health_path,
+            "--interval-ms",
+            str(args.health_interval_ms),
+            "--max-seconds",
+            str(args.level_timeout + 60),
+            "--out",
+            str(probe_out),
+            "--ready-file",
+            str(probe_ready),
+        ],
+        args.work_dir / "probe.log",
+    )
+    deadline = time.monotonic() + 15
+    while not probe_ready.exists() and time.monotonic() < deadline and probe.poll() is None:
+        time.sleep(0.05)  # load starts once the prober is measuring
     load_before = os.getloadavg()[0]
-    log(f"{name}: concurrency {concurrency} x {args.requests_per_client} requests "
-        f"(load average {load_before:.2f}) ...")
+    log(
+        f"{name}: concurrency {concurrency} x {args.requests_per_client} requests "
+        f"(load average {load_before:.2f}) ..."
+    )
     try:
-        level = asyncio.run(run_level(server.base_url, body, prompts, concurrency, args.requests_per_client,
-                                      args.level_timeout, args.read_timeout))
+        level = asyncio.run(
+            run_level(
+                server.base_url,
+                body,
+                prompts,
+                concurrency,
+                args.requests_per_client,
+                args.level_timeout,
+                args.read_timeout,
+            )
+        )
     finally:
         stop(probe)
     summary = level.summary()
@@ -211,15 +305,20 @@ def run_one_level(server: Server, args: argparse.Namespace, body: dict[str, Any]
     summary["loadavg_1m_before"] = load_before
     with contextlib.suppress(OSError):
         (args.work_dir / f"requests-{name}-c{concurrency}.json").write_text(
-            json.dumps([r.__dict__ for r in level.results]))
+            json.dumps([r.__dict__ for r in level.results])
+        )
     health_p99 = summary["health"].get("p99_s")
-    log(f"{name}: c={concurrency}: ok {summary['ok']}, failed {summary['failed']}, 429 {summary['rate_limited']}, "
+    log(
+        f"{name}: c={concurrency}: ok {summary['ok']}, failed {summary['failed']}, "
+        f"429 {summary['rate_limited']}, "
         f"{summary['tok_s']:.1f} tok/s, TTFT p50 {fmt_ms(summary['ttft_p50_s'])} ms, "
-        f"/health p99 {fmt_ms(health_p99)} ms" + (" (LEVEL TIMED OUT)" if summary["timed_out"] else ""))
+        f"/health p99 {fmt_ms(health_p99)} ms" + (" (LEVEL TIMED OUT)" if summary["timed_out"] else "")
+    )
     return summary
 
 
 # --- report ------------------------------------------------------------------------------------
+
 
 def fmt_ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}" if seconds >= 0.01 else f"{seconds * 1000:.1f}"
@@ -237,8 +336,20 @@ def ceiling_for(ceiling: dict[str, Any], concurrency: int, max_running: int) -> 
     return batch["tok_s"] if batch else None
 
 
-HEADER = ["server", "conc.", "ok", "failed", "429", "tok/s", "tok/req", "TTFT p50 ms", "TTFT p95 ms",
-          "/health p99 ms", "ceiling tok/s", "ratio"]
+HEADER = [
+    "server",
+    "conc.",
+    "ok",
+    "failed",
+    "429",
+    "tok/s",
+    "tok/req",
+    "TTFT p50 ms",
+    "TTFT p95 ms",
+    "/health p99 ms",
+    "ceiling tok/s",
+    "ratio",
+]
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -247,30 +358,88 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     single = ceiling.get("single")
     if single:
-        rows.append(["engine stream_generate", "1", "1", "0", "0", fmt_num(single["tok_s"]),
-                     str(single["tokens"]), fmt_ms(single["ttft_s"]), "-", "-", fmt_num(single["tok_s"]), "1.00"])
+        rows.append(
+            [
+                "engine stream_generate",
+                "1",
+                "1",
+                "0",
+                "0",
+                fmt_num(single["tok_s"]),
+                str(single["tokens"]),
+                fmt_ms(single["ttft_s"]),
+                "-",
+                "-",
+                fmt_num(single["tok_s"]),
+                "1.00",
+            ]
+        )
     for size, batch in sorted(ceiling.get("batch", {}).items(), key=lambda kv: int(kv[0])):
-        rows.append([f"engine batch_generate", size, size, "0", "0", fmt_num(batch["tok_s"]),
-                     fmt_num(batch["tokens"] / int(size), 0), "-", "-", "-", fmt_num(batch["tok_s"]), "1.00"])
+        rows.append(
+            [
+                "engine batch_generate",
+                size,
+                size,
+                "0",
+                "0",
+                fmt_num(batch["tok_s"]),
+                fmt_num(batch["tokens"] / int(size), 0),
+                "-",
+                "-",
+                "-",
+                fmt_num(batch["tok_s"]),
+                "1.00",
+            ]
+        )
     for server in result["servers"]:
         for level in server["levels"]:
             ceil = ceiling_for(ceiling, level["concurrency"], max_running)
             ratio = f"{level['tok_s'] / ceil:.2f}" if ceil else "-"
             flag = " (timed out)" if level["timed_out"] else ""
-            rows.append([server["server"] + flag, str(level["concurrency"]), str(level["ok"]), str(level["failed"]),
-                         str(level["rate_limited"]), fmt_num(level["tok_s"]),
-                         fmt_num(level["tokens_per_ok_request"], 0), fmt_ms(level["ttft_p50_s"]),
-                         fmt_ms(level["ttft_p95_s"]), fmt_ms(level["health"].get("p99_s")),
-                         fmt_num(ceil), ratio])
+            rows.append(
+                [
+                    server["server"] + flag,
+                    str(level["concurrency"]),
+                    str(level["ok"]),
+                    str(level["failed"]),
+                    str(level["rate_limited"]),
+                    fmt_num(level["tok_s"]),
+                    fmt_num(level["tokens_per_ok_request"], 0),
+                    fmt_ms(level["ttft_p50_s"]),
+                    fmt_ms(level["ttft_p95_s"]),
+                    fmt_ms(level["health"].get("p99_s")),
+                    fmt_num(ceil),
+                    ratio,
+                ]
+            )
         if not server["levels"]:
-            rows.append([server["server"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
-                         "no result: " + (server.get("error", "").splitlines() or ["?"])[0][:80]])
+            rows.append(
+                [
+                    server["server"],
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "no result: "
+                    + ((server.get("error") or "").splitlines() or server["notes"][-1:] or ["?"])[0][:80],
+                ]
+            )
     return rows
 
 
 def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def line(row: list[str]) -> str:
+        cells = zip(row, widths, strict=True)
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells))
+
     return "\n".join([line(HEADER), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
@@ -282,7 +451,17 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 def environment() -> dict[str, Any]:
     versions = {}
-    for dist in ("mlx", "mlx-lm", "mlx-cuda", "mlx-metal", "httpx", "granian", "litestar", "msgspec", "transformers"):
+    for dist in (
+        "mlx",
+        "mlx-lm",
+        "mlx-cuda",
+        "mlx-metal",
+        "httpx",
+        "granian",
+        "litestar",
+        "msgspec",
+        "transformers",
+    ):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[dist] = importlib.metadata.version(dist)
     cpu = platform.processor()
@@ -293,14 +472,36 @@ def environment() -> dict[str, Any]:
                 break
     gpu = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+        gpu = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    return {"loadavg_at_start": os.getloadavg(), "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "gpu": gpu, "versions": versions, "commit": commit}
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    return {
+        "loadavg_at_start": os.getloadavg(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "gpu": gpu,
+        "versions": versions,
+        "commit": commit,
+    }
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -310,16 +511,18 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"### {a['model'] or a['shape']}: {result['started']}",
         "",
         f"- Command: `{result['command']}`",
-        f"- Machine: {env['cpu']}, {env['cpu_count']} cores" + (f", GPU {env['gpu']}" if env["gpu"] else "")
+        f"- Machine: {env['cpu']}, {env['cpu_count']} cores"
+        + (f", GPU {env['gpu']}" if env["gpu"] else "")
         + f"; MLX device {ceiling.get('device', '?')}; {env['platform']}",
-        f"- Versions: Python {env['python']}, " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        f"- Versions: Python {env['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
         + f"; repo {env['commit']}",
         f"- Model: {shape}; prompt {ceiling.get('prompt_tokens')} tokens with the chat template; "
         f"{a['max_tokens']} new tokens; EOS bias {'on' if ceiling.get('eos_bias') else 'off'}",
         f"- Load: {a['requests_per_client']} requests per client; level timeout {a['level_timeout']:.0f}s; "
         f"/health polled every {a['health_interval_ms']:.0f} ms; ceiling best of {a['ceiling_repeats']}",
-        f"- Took {result['duration_s']:.0f}s in all; 1-minute load average {env['loadavg_at_start'][0]:.2f} at the "
-        "start (anything well above 0 means other processes shared the CPU)",
+        f"- Took {result['duration_s']:.0f}s in all; 1-minute load average "
+        f"{env['loadavg_at_start'][0]:.2f} at the start (well above 0: other processes shared the CPU)",
         "",
         markdown_table(table_rows(result)),
     ]
@@ -330,12 +533,18 @@ def render_markdown(result: dict[str, Any]) -> str:
             notes.append(f"{server['server']}: {server['error'].splitlines()[0][:300]}")
         for level in server["levels"]:
             if level["failure_reasons"]:
-                notes.append(f"{server['server']} c={level['concurrency']} failures: {level['failure_reasons']}")
+                notes.append(
+                    f"{server['server']} c={level['concurrency']} failures: {level['failure_reasons']}"
+                )
             if level["health"].get("errors"):
-                notes.append(f"{server['server']} c={level['concurrency']} /health errors: {level['health']['errors']}")
+                notes.append(
+                    f"{server['server']} c={level['concurrency']} /health errors: {level['health']['errors']}"
+                )
             if level["ok"] and level["min_tokens"] != a["max_tokens"]:
-                notes.append(f"{server['server']} c={level['concurrency']}: generated {level['min_tokens']}.."
-                             f"{level['max_tokens']} tokens per request, not {a['max_tokens']}")
+                notes.append(
+                    f"{server['server']} c={level['concurrency']}: generated {level['min_tokens']}.."
+                    f"{level['max_tokens']} tokens per request, not {a['max_tokens']}"
+                )
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
@@ -346,16 +555,21 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     def on_sigterm(_signum: int, _frame: Any) -> None:
-        raise SystemExit(143)
+        raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Explicitly: a shell's background job inherits SIGINT ignored, and Python then never raises.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     result: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "command": "python " + shlex.join([os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python "
+        + shlex.join([os.path.relpath(__file__, REPO_ROOT), *(sys.argv[1:] if argv is None else argv)]),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "environment": environment(), "servers": [],
+        "environment": environment(),
+        "servers": [],
     }
+    interrupted = False
     try:
         model = args.model.resolve() if args.model else ensure_model(args.shape, args.model_dir, args.seed)
         log(f"model: {model}; work dir: {args.work_dir}")
@@ -363,12 +577,14 @@ def main(argv: list[str] | None = None) -> int:
         for index, name in enumerate(args.servers):
             result["servers"].append(run_server(name, index, args, model, result["ceiling"]))
     except KeyboardInterrupt:
-        log("interrupted: stopping every process this run started")
-        stop_all()
-        return 130
+        interrupted = True
+        result["servers"] += partial_reports
+        log("interrupted: stopping every process this run started; the table holds what finished")
     finally:
         stop_all()
     result["duration_s"] = time.monotonic() - started
+    result["interrupted"] = interrupted
+    result.setdefault("ceiling", {})
 
     if "ceiling" in result:  # the prompt vocabulary is an input, not a result
         result["ceiling"]["words"] = len(result["ceiling"].get("words", []))
@@ -382,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(markdown)
         args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
     log(f"done in {result['duration_s']:.0f}s; raw results and logs in {args.work_dir}")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":
