@@ -153,7 +153,7 @@ class Batcher:
 
     def _admit(self) -> None:
         while self._waiting and len(self._where) < self.config.max_running:
-            command = self._waiting.popleft()
+            command = self._waiting[0]  # stays counted as waiting while its model loads
             try:
                 self._start(command)
             except EngineError as exc:
@@ -161,6 +161,8 @@ class Batcher:
             except Exception as exc:
                 log.exception("request %s failed while joining the batch", command.request_id)
                 self._emit(Failed(command.request_id, EngineErrorCode.INTERNAL.value, _internal(exc)))
+            finally:
+                self._waiting.popleft()
             self._publish()
 
     def _start(self, command: Generate) -> None:

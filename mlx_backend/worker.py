@@ -1,0 +1,169 @@
+"""The engine process: `python -m mlx_backend.worker --fd N --config JSON`.
+
+Three threads. The main thread is the MLX thread: it owns every `mx` call and runs the batcher. A reader
+thread turns socket frames into commands in the MLX thread's inbox. A heartbeat thread reports progress
+every `heartbeat_interval_s` and never touches MLX, so it keeps going while the MLX thread is stuck inside
+native code; the gateway sees the heartbeats continue while `progress` stops, and knows.
+
+The process never outlives the gateway: socket EOF or a failed send ends it at once (os._exit, since the
+MLX thread may be stuck and could never join).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Offline before anything imports huggingface_hub or transformers (mlx_lm does): never download.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pools in a long-lived process
+
+import argparse
+import contextlib
+import logging
+import queue
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import msgspec
+
+from mlx_backend.batcher import Batcher
+from mlx_backend.cache import ModelCache
+from mlx_backend.ipc import ConnectionClosed, EngineSide
+from mlx_backend.registry import ModelRegistry
+from mlx_backend.types import Abort, Command, EngineConfig, Event, Generate, Ready, Shutdown
+
+log = logging.getLogger("mlx_gateway.engine")
+
+PROCESS_NAME = "mlx-gateway-engine"
+
+
+def _setup_logging() -> None:
+    # stderr is the gateway's: the prefix tells engine lines apart in one log stream.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"engine: %(asctime)s %(levelname)s {PROCESS_NAME}[%(process)d] %(name)s: %(message)s"
+    ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(os.environ.get("MLX_GATEWAY_ENGINE_LOG_LEVEL", "INFO").upper())
+
+
+def _set_process_name() -> None:
+    """Linux: name the process in ps/top (comm), so it is told apart from the gateway."""
+    if sys.platform == "linux":
+        with contextlib.suppress(Exception):
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").prctl(15, PROCESS_NAME.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+
+
+class Channel:
+    """The socket, with one rule: if the gateway is gone, so are we."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._side = EngineSide(sock)
+
+    def send(self, event: Event) -> None:
+        try:
+            self._side.send(event)
+        except OSError as exc:
+            log.error("cannot write to the gateway (%s); exiting", exc)
+            _exit(1)
+
+    def read_forever(self, inbox: queue.Queue[Command]) -> None:
+        try:
+            while True:
+                inbox.put(self._side.receive())
+        except (ConnectionClosed, OSError):
+            log.info("the gateway closed the connection; exiting")
+            _exit(0)
+        except Exception:  # a frame we cannot decode: the stream is broken
+            log.exception("unreadable command from the gateway; exiting")
+            _exit(1)
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()
+    os._exit(code)
+
+
+def _heartbeats(channel: Channel, interval_s: float, batcher: Batcher) -> None:
+    while True:
+        time.sleep(interval_s)
+        try:
+            heartbeat = batcher.heartbeat()
+        except Exception:  # a race with the MLX thread must not silence the heartbeat for good
+            log.debug("heartbeat snapshot failed; trying again", exc_info=True)
+            continue
+        channel.send(heartbeat)
+
+
+def serve(channel: Channel, config: EngineConfig) -> int:
+    """Run the MLX loop until Shutdown; returns the exit code."""
+    registry = ModelRegistry(
+        [Path(d) for d in config.models_dirs],
+        Path(config.hf_cache_dir) if config.hf_cache_dir else None,
+        config.include_demo_model,
+    )
+    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s)
+    batcher = Batcher(config, cache, channel.send)
+    inbox: queue.Queue[Command] = queue.Queue()
+    threading.Thread(target=channel.read_forever, args=(inbox,), name="ipc-reader", daemon=True).start()
+    device = mx.default_device().type.name
+    versions = str(getattr(mx, "__version__", "?")), str(getattr(mlx_lm, "__version__", "?"))
+    channel.send(Ready(pid=os.getpid(), device=device, mlx_version=versions[0], mlx_lm_version=versions[1]))
+    channel.send(batcher.heartbeat())
+    threading.Thread(target=_heartbeats, args=(channel, config.heartbeat_interval_s, batcher),
+                     name="heartbeat", daemon=True).start()
+    log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
+             device, *versions, cache.budget / 1e9, config.max_running)
+
+    while True:
+        try:
+            # Block only when there is nothing to decode; otherwise take what came in and step.
+            commands = [inbox.get()] if not batcher.has_work() else []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    commands.append(inbox.get_nowait())
+            for command in commands:
+                if isinstance(command, Shutdown):
+                    log.info("shutdown requested: ending %d requests and freeing the models",
+                             batcher.running + batcher.waiting)
+                    batcher.shutdown()
+                    return 0
+                if isinstance(command, Generate):
+                    batcher.submit(command)
+                elif isinstance(command, Abort):
+                    batcher.abort(command.request_id)
+            batcher.step()
+        except Exception as exc:  # a bug outside any one request: end what is running, keep serving
+            log.exception("unexpected error in the MLX loop")
+            with contextlib.suppress(Exception):
+                batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mlx_backend.worker")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket file descriptor")
+    parser.add_argument("--config", required=True, help="EngineConfig as JSON")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    _set_process_name()
+    config = msgspec.json.decode(args.config, type=EngineConfig)
+    channel = Channel(socket.socket(fileno=args.fd))
+    log.info("starting (python %s)", sys.version.split()[0])
+    code = serve(channel, config)
+    _exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
