@@ -1,6 +1,7 @@
 """Model ids -> model folders, offline. No MLX here: the gateway imports this to list and resolve models.
 
-A model is a folder holding config.json (and normally *.safetensors). Three places are searched, in order:
+A model is a folder holding config.json or *.safetensors (a folder with weights but no config.json is
+listed, so that using it says what is missing instead of "not found"). Three places are searched, in order:
   - each models dir: `<dir>/<name>` (id `name`) or one level of nesting `<dir>/<org>/<name>` (id `org/name`)
   - the Hugging Face cache: `models--org--name/snapshots/<rev>/` (id `org/name`), the revision `refs/main`
     points to, else the newest snapshot
@@ -106,7 +107,11 @@ def _inside(path: Path, root: Path) -> bool:
 
 def _is_model_folder(path: Path) -> bool:
     try:
-        return path.is_dir() and (path / "config.json").is_file()
+        if not path.is_dir():
+            return False
+        if (path / "config.json").is_file():
+            return True
+        return any(name.endswith(".safetensors") for name in os.listdir(path))
     except OSError:
         return False
 

@@ -70,6 +70,19 @@ def test_flat_and_nested_models(tmp_path: Path) -> None:
     not_found(registry, "missing")
 
 
+def test_weights_without_config_are_still_a_model(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    (root / "weights-only").mkdir(parents=True)
+    (root / "weights-only" / "model.safetensors").write_bytes(b"\0" * 5)
+    (root / "org" / "name").mkdir(parents=True)
+    (root / "org" / "name" / "notes.txt").write_text("not a model")
+    registry = ModelRegistry([root], None, False, list_ttl_s=0)
+    assert ids(registry) == ["weights-only"]
+    entry = registry.resolve("weights-only")
+    assert (entry.context_length, entry.size_bytes) == (None, 5)
+    not_found(registry, "org/name")
+
+
 def test_no_deeper_nesting_and_no_nesting_inside_a_model(tmp_path: Path) -> None:
     root = tmp_path / "models"
     make_model(root / "a" / "b" / "c")
@@ -236,6 +249,7 @@ def test_listing_is_cached_but_sees_new_folders(tmp_path: Path) -> None:
     make_model(root / "b")  # changes the root's mtime: seen at once
     assert ids(registry) == ["a", "b"]
     (root / "b" / "config.json").unlink()  # deep change: cached until the ttl passes
+    (root / "b" / "model.safetensors").unlink()
     assert ids(registry) == ["a", "b"]
     not_found(registry, "b")  # resolve is always fresh
 
