@@ -22,14 +22,14 @@ def require(tool: str) -> str:
 
 
 class PrometheusServer:
-    def __init__(self, workdir: Path, target: str, scrape_interval_s: float = 1.0) -> None:
+    def __init__(self, workdir: Path, target: str, scrape_interval_ms: int = 500) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._workdir = workdir
         config = workdir / "prometheus.yml"
         config.write_text(
             "global:\n"
-            f"  scrape_interval: {scrape_interval_s}s\n"
+            f"  scrape_interval: {scrape_interval_ms}ms\n"
             "scrape_configs:\n"
             "  - job_name: mlx-gateway\n"
             f"    static_configs: [{{targets: ['{target}']}}]\n"
