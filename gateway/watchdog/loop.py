@@ -35,6 +35,9 @@ class Watchdog:
         log.info("watchdog started (pid %d): probing %s every %gs, hung after %d misses, at most %d starts "
                  "per %gs, state in %s", os.getpid(), c.url, c.interval_s, c.misses,
                  c.max_restarts, c.window_s, c.state_dir, extra=_fields("watchdog_started"))
+        if c.launchd_job:
+            # launchd starts the server at load (RunAtLoad): give it one interval before judging it.
+            self.stopping.wait(c.interval_s)
         while not self.stopping.is_set():
             began = time.monotonic()
             self.check_once()
