@@ -70,6 +70,7 @@ class Batcher:
         self.active_memory_bytes = 0
         self.prompt_cache_bytes = 0
         self._running_by_model: dict[str, int] = {}
+        self._reported_changes = 0
         cache.on_evict = self._drop_model
 
     # -- commands (MLX thread) ---------------------------------------------------------------------------
@@ -144,6 +145,14 @@ class Batcher:
             active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
         )
 
+    def _heartbeat_if_changed(self) -> None:
+        """An extra heartbeat when models were loaded, evicted or failed, so the gateway's view is fresh
+        by the time the request that caused it gets its answer."""
+        if self.cache.changes != self._reported_changes:
+            self._reported_changes = self.cache.changes
+            self._publish()
+            self._emit(self.heartbeat())
+
     def _publish(self) -> None:
         self._running_by_model = {m: len(s.requests) for m, s in self._states.items() if s.requests}
         self.prompt_cache_bytes = sum(s.prefix.nbytes for s in self._states.values())
@@ -157,6 +166,7 @@ class Batcher:
             try:
                 self._start(command)
             except EngineError as exc:
+                self._heartbeat_if_changed()  # the gateway's model list shows the failure with the error
                 self._emit(Failed(command.request_id, exc.code.value, exc.message, exc.param))
             except Exception as exc:
                 log.exception("request %s failed while joining the batch", command.request_id)
@@ -173,6 +183,7 @@ class Batcher:
         cached = self.cache.get(command.model, busy)
         if self.cache.loads != loads_before:
             self.progress += 1
+        self._heartbeat_if_changed()
         state = self._state_for(cached)
         tokenizer: Any = cached.artifacts.tokenizer
         param = "messages" if command.messages is not None else "prompt"

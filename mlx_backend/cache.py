@@ -91,6 +91,7 @@ class ModelCache:
         self._lock = threading.Lock()
         self.loading: str | None = None  # read by the heartbeat thread
         self.loads = 0  # successful loads so far
+        self.changes = 0  # bumped whenever the loaded or failed models change: worth a fresh heartbeat
         self.on_evict: Callable[[str], None] = lambda model_id: None  # the batcher drops its state first
 
     # -- the one entry point -----------------------------------------------------------------------------
@@ -101,8 +102,7 @@ class ModelCache:
         try:
             entry = self.registry.resolve(model_id)
         except EngineError:
-            with self._lock:
-                self._failures.pop(model_id, None)
+            self._forget_failure(model_id)
             if model_id in self._models and model_id not in busy:
                 log.info("model %s vanished from disk; unloading it", model_id)
                 self._evict(model_id)
@@ -121,6 +121,7 @@ class ModelCache:
             if exc.code in _REMEMBERED:
                 with self._lock:
                     self._failures[model_id] = _Failure(exc, time.time(), time.monotonic(), entry.fingerprint)
+                self.changes += 1
             raise
 
     def _raise_remembered(self, entry: ModelEntry) -> None:
@@ -130,8 +131,12 @@ class ModelCache:
         fresh = time.monotonic() - failure.failed_mono < self.retry_backoff_s
         if fresh and failure.fingerprint == entry.fingerprint:
             raise failure.error
+        self._forget_failure(entry.id)
+
+    def _forget_failure(self, model_id: str) -> None:
         with self._lock:
-            del self._failures[entry.id]
+            if self._failures.pop(model_id, None) is not None:
+                self.changes += 1
 
     def _load_within_budget(self, entry: ModelEntry, busy: Collection[str]) -> CachedModel:
         size = self._validate(entry)  # headers only: a model too large is refused before any weight is read
@@ -149,6 +154,7 @@ class ModelCache:
             self.loading = None
         cached = CachedModel(entry, artifacts, artifacts.size_bytes or size, time.time(), time.monotonic())
         self.loads += 1
+        self.changes += 1
         with self._lock:
             self._models[entry.id] = cached
         return cached
@@ -171,6 +177,7 @@ class ModelCache:
         self.on_evict(model_id)  # the batcher lets go of its generator and prefix cache first
         with self._lock:
             self._models.pop(model_id, None)
+        self.changes += 1
         gc.collect()  # the model's arrays go now, not at some later collection
         mx.clear_cache()
 
@@ -179,6 +186,7 @@ class ModelCache:
             self._evict(model_id)
         with self._lock:
             self._failures.clear()
+        self.changes += 1
 
     # -- what the heartbeat reports ---------------------------------------------------------------------
 

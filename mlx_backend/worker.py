@@ -27,18 +27,16 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import mlx.core as mx
-import mlx_lm
 import msgspec
 
-from mlx_backend.batcher import Batcher
-from mlx_backend.cache import ModelCache
 from mlx_backend.ipc import ConnectionClosed, EngineSide
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import Abort, Command, EngineConfig, Event, Generate, Ready, Shutdown
+from mlx_backend.types import Abort, Command, EngineConfig, Event, Generate, Heartbeat, Ready, Shutdown
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -95,19 +93,44 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def _heartbeats(channel: Channel, interval_s: float, batcher: Batcher) -> None:
+def _heartbeats(channel: Channel, interval_s: float, source: list[Callable[[], Heartbeat]]) -> None:
+    """Send source[0]() every interval; the MLX thread swaps in the batcher's once it exists."""
     while True:
-        time.sleep(interval_s)
         try:
-            heartbeat = batcher.heartbeat()
+            heartbeat = source[0]()
         except Exception:  # a race with the MLX thread must not silence the heartbeat for good
             log.debug("heartbeat snapshot failed; trying again", exc_info=True)
-            continue
-        channel.send(heartbeat)
+        else:
+            channel.send(heartbeat)
+        time.sleep(interval_s)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
 
 
 def serve(channel: Channel, config: EngineConfig) -> int:
     """Run the MLX loop until Shutdown; returns the exit code."""
+    inbox: queue.Queue[Command] = queue.Queue()
+    threading.Thread(target=channel.read_forever, args=(inbox,), name="ipc-reader", daemon=True).start()
+    # Ready as soon as MLX is up; mlx-lm and transformers take a second or two more to import, during
+    # which heartbeats already flow and commands wait in the inbox.
+    device = mx.default_device().type.name
+    versions = _version("mlx"), _version("mlx-lm")
+    channel.send(Ready(pid=os.getpid(), device=device, mlx_version=versions[0], mlx_lm_version=versions[1]))
+    source: list[Callable[[], Heartbeat]] = [lambda: Heartbeat(
+        progress=0, running=0, waiting=inbox.qsize(), loading=None, loaded=(), failed=(),
+        memory_budget_bytes=0, active_memory_bytes=0, prompt_cache_bytes=0,
+    )]
+    threading.Thread(target=_heartbeats, args=(channel, config.heartbeat_interval_s, source),
+                     name="heartbeat", daemon=True).start()
+
+    from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
+    from mlx_backend.cache import ModelCache
+
     registry = ModelRegistry(
         [Path(d) for d in config.models_dirs],
         Path(config.hf_cache_dir) if config.hf_cache_dir else None,
@@ -115,14 +138,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     )
     cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s)
     batcher = Batcher(config, cache, channel.send)
-    inbox: queue.Queue[Command] = queue.Queue()
-    threading.Thread(target=channel.read_forever, args=(inbox,), name="ipc-reader", daemon=True).start()
-    device = mx.default_device().type.name
-    versions = str(getattr(mx, "__version__", "?")), str(getattr(mlx_lm, "__version__", "?"))
-    channel.send(Ready(pid=os.getpid(), device=device, mlx_version=versions[0], mlx_lm_version=versions[1]))
-    channel.send(batcher.heartbeat())
-    threading.Thread(target=_heartbeats, args=(channel, config.heartbeat_interval_s, batcher),
-                     name="heartbeat", daemon=True).start()
+    source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)
 

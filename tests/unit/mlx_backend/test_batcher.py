@@ -20,6 +20,7 @@ from mlx_backend.types import (
     Failed,
     Finished,
     Generate,
+    Heartbeat,
     SamplingParams,
     Started,
 )
@@ -61,7 +62,8 @@ class Harness:
         raise AssertionError("the batcher did not finish")
 
     def of(self, rid: str) -> list[Event]:
-        return [e for e in self.events if e.request_id == rid]  # type: ignore[union-attr]
+        kinds = Started | Delta | Finished | Failed
+        return [e for e in self.events if isinstance(e, kinds) and e.request_id == rid]
 
     def text(self, rid: str) -> str:
         return "".join(e.text for e in self.of(rid) if isinstance(e, Delta))
@@ -303,6 +305,19 @@ def test_model_failures_are_per_request(h: Harness) -> None:
     check_well_formed(h, "fine")
     failed = h.batcher.heartbeat().failed
     assert [f.id for f in failed] == ["broken"]
+
+
+def test_a_load_or_a_load_failure_sends_a_heartbeat_before_the_answer(h: Harness) -> None:
+    h.submit("a", max_tokens=2)
+    h.submit("b", model="broken")
+    h.run()
+    kinds = [type(e).__name__ for e in h.events]
+    assert kinds[:2] == ["Heartbeat", "Started"]
+    beat = h.events[0]
+    assert isinstance(beat, Heartbeat) and [m.id for m in beat.loaded] == ["tiny"]
+    failure = h.of("b")[0]
+    before = h.events[h.events.index(failure) - 1]
+    assert isinstance(before, Heartbeat) and [f.id for f in before.failed] == ["broken"]
 
 
 def test_raise_fault_ends_only_its_request(models_dir: Path) -> None:
