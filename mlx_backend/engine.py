@@ -99,7 +99,7 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class SupervisionPolicy:
-    stall_timeout_s: float = 30.0  # work pending, no progress this long: stalled
+    stall_timeout_s: float = 30.0  # work pending, no progress this long: stalled (killed at 1.5x)
     load_timeout_s: float = 600.0  # a single model load may take this long
     heartbeat_timeout_s: float = 3.0  # no heartbeat this long: the process is frozen (SIGSTOP, swap death)
     ready_timeout_s: float = 120.0  # a fresh process must say Ready within this
@@ -374,7 +374,9 @@ class EngineClient:
         limit = self._policy.load_timeout_s if heartbeat and heartbeat.loading else self._policy.stall_timeout_s
         idle_for = now - self._last_progress[1]
         self._stalled = busy and idle_for > limit
-        if self._stalled:
+        # Report "stalled" first (health 503), kill a little later: a stall can still resolve itself
+        # (one huge prefill chunk on a slow machine), and the operator sees the state either way.
+        if self._stalled and idle_for > limit + max(1.0, limit / 2):
             return f"made no progress for {idle_for:.1f}s with work pending (stalled)"
         return None
 
