@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ log = logging.getLogger("mlx_gateway.engine.batcher")
 
 _PREFIX_KEY = "model"  # one LRUPromptCache per loaded model, so one key is enough
 _PREFILL_BATCH = 8  # prompts prefilled together in one step
+_SLOW_STEP_S = 0.05  # test-only fault "slow": one step per 50 ms
 
 
 # mlx-lm has no type hints: its objects are held as Any.
@@ -101,11 +103,15 @@ class Batcher:
 
     def step(self) -> None:
         """Admit waiting requests while there is room, then one step (decode + a prefill chunk) per model."""
+        started = time.monotonic()
         self._admit()
         for state in list(self._states.values()):
             if state.requests:
                 self._step_model(state)
         self._publish()
+        if self.config.allow_fault_injection and self._has_slow_request():
+            # Test-only "slow": pace the whole batch at ~20 steps/s so tests can act mid-stream.
+            time.sleep(max(0.0, _SLOW_STEP_S - (time.monotonic() - started)))
 
     def shutdown(self) -> None:
         """End everything with finish_reason "abort" and free every model."""
@@ -144,6 +150,9 @@ class Batcher:
             loaded=loaded, failed=failed, memory_budget_bytes=self.cache.budget,
             active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
         )
+
+    def _has_slow_request(self) -> bool:
+        return any(r.command.fault == "slow" for s in self._states.values() for r in s.requests.values())
 
     def _heartbeat_if_changed(self) -> None:
         """An extra heartbeat when models were loaded, evicted or failed, so the gateway's view is fresh
@@ -382,7 +391,7 @@ def _inject_early_fault(fault: str) -> None:
     if fault == "stall":
         log.error("fault injection: the MLX thread stalls for good")
         threading.Event().wait()
-    # "raise" happens later, inside the decode step (see _on_token)
+    # "raise" happens later, inside the decode step (see _on_token); "slow" paces the steps (see step)
 
 
 def _short(exc: BaseException) -> str:

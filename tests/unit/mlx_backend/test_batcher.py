@@ -4,6 +4,7 @@ limits, seeds, penalties, joining a running batch, prefix-cache reuse, and failu
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -331,6 +332,18 @@ def test_raise_fault_ends_only_its_request(models_dir: Path) -> None:
     h.submit("after", max_tokens=3)
     h.run()
     check_well_formed(h, "after")
+    h.batcher.shutdown()
+
+
+def test_slow_fault_paces_the_steps(models_dir: Path) -> None:
+    h = Harness(models_dir, allow_fault_injection=True)
+    h.submit("warm", max_tokens=2)
+    h.run()
+    h.submit("slow", max_tokens=6, fault="slow")
+    started = time.monotonic()
+    h.run()
+    assert time.monotonic() - started >= 0.25  # ~20 tokens/s
+    check_well_formed(h, "slow")
     h.batcher.shutdown()
 
 
