@@ -177,7 +177,7 @@ def run_server(
     name: str, index: int, args: argparse.Namespace, model: Path, ceiling: dict[str, Any]
 ) -> dict[str, Any]:
     port = free_port()
-    extra = shlex.split(args.mlx_lm_args if name == "mlx_lm" else args.gateway_args)
+    extra = shlex.split(args.gateway_args if name == "gateway" else args.mlx_lm_args)
     spec = server_spec(
         name, model, port, max_running=args.max_running, max_queue=args.max_queue, extra_args=extra
     )
