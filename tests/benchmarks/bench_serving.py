@@ -203,6 +203,15 @@ def run_server(
 
         started = time.perf_counter()
         warm_result = asyncio.run(warm(body))
+        # A server may answer /health before its model is loaded: retry "not yet" answers until the deadline.
+        while (
+            warm_result.outcome != "ok"
+            and warm_result.reason.startswith(("http_503", "http_429", "connect_error"))
+            and time.perf_counter() - started < args.startup_timeout
+            and server.alive()
+        ):
+            time.sleep(1.0)
+            warm_result = asyncio.run(warm(body))
         if warm_result.outcome != "ok" and eos_ids and "logit_bias" in warm_result.reason:
             report["notes"].append(
                 f"{name} refused logit_bias ({warm_result.reason[:120]}); sent without it, "
@@ -535,6 +544,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             if level["failure_reasons"]:
                 notes.append(
                     f"{server['server']} c={level['concurrency']} failures: {level['failure_reasons']}"
+                )
+            if level["rate_limited"]:
+                notes.append(
+                    f"{server['server']} c={level['concurrency']}: {level['rate_limited']} answered 429, "
+                    f"{level['rate_limited_with_retry_after']} of them with Retry-After"
                 )
             if level["health"].get("errors"):
                 notes.append(
