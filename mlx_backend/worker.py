@@ -18,11 +18,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pools in a long-lived process
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # its warnings would lack our log prefix
 
 import argparse
 import contextlib
 import logging
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -173,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
     _set_process_name()
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group; the gateway
+    # handles them (drain, then Shutdown). The engine ends on Shutdown, on EOF, or by SIGKILL.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = msgspec.json.decode(args.config, type=EngineConfig)
     channel = Channel(socket.socket(fileno=args.fd))
     log.info("starting (python %s)", sys.version.split()[0])

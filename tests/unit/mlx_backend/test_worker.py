@@ -223,6 +223,14 @@ def test_gateway_gone_means_engine_gone(models_dir: Path) -> None:
         engine.close()
 
 
+def test_signals_to_the_process_group_are_left_to_the_gateway(engine: Engine) -> None:
+    engine.proc.send_signal(signal.SIGINT)
+    engine.proc.send_signal(signal.SIGTERM)
+    engine.send(generate("after-signals", max_tokens=2))
+    assert isinstance(engine.until_end("after-signals")[-1], Finished)
+    assert engine.proc.poll() is None
+
+
 def test_abort_fault_kills_the_process_with_sigabrt(models_dir: Path) -> None:
     engine = Engine(config(models_dir))
     try:
