@@ -13,8 +13,8 @@ An id never reaches the filesystem unchecked: `..`, absolute paths, backslashes,
 from __future__ import annotations
 
 import builtins
-import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +25,8 @@ from typing import Any, Literal
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 DEMO_MODEL_ID = "mlx-gateway-demo"  # same value as mlx_backend.demo.DEMO_MODEL_ID
+
+log = logging.getLogger("mlx_gateway.registry")
 
 Source = Literal["models_dir", "hf_cache", "demo"]
 
@@ -161,7 +163,7 @@ def read_context_length(folder: Path) -> int | None:
     try:
         with open(folder / "config.json", encoding="utf-8") as f:
             config = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, absurdly nested
         return None
     return context_length_of(config) if isinstance(config, dict) else None
 
@@ -297,8 +299,10 @@ class ModelRegistry:
         def add(model_id: str, folder: Path, source: Source) -> None:
             if model_id in found:
                 return
-            with contextlib.suppress(OSError):  # vanished while we looked
+            try:
                 found[model_id] = make_entry(model_id, folder, source)
+            except Exception:  # vanished while we looked, or stranger: one odd folder never breaks a listing
+                log.warning("skipping model folder %s", folder, exc_info=True)
 
         for root in self.models_dirs:
             for model_id, folder in self._scan_models_dir(root):
