@@ -86,8 +86,8 @@ def _read_json(entry: ModelEntry, name: str) -> object:
             return json.load(f)
     except FileNotFoundError:
         raise _fail(entry, f"{name} is missing.") from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _fail(entry, f"{name} is not valid JSON ({exc}).") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or absurdly nested
+        raise _fail(entry, f"{name} is not valid JSON ({_describe(exc)}).") from None
     except OSError as exc:
         raise _fail(entry, f"{name} cannot be read ({exc.strerror or exc}).") from None
 
@@ -164,7 +164,7 @@ def _tensor_bytes(entry: ModelEntry, path: Path) -> int:
         raise _fail(entry, f"{name} cannot be read ({exc.strerror or exc}).") from None
     try:
         header = json.loads(raw.decode("utf-8").rstrip(" \0"))
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):
         raise _fail(entry, f"{name} has a corrupt header (not JSON).") from None
     if not isinstance(header, dict):
         raise _fail(entry, f"{name} has a corrupt header (not a JSON object).")
