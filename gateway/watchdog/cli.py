@@ -14,12 +14,12 @@ from gateway.logs import JsonFormatter, TextFormatter
 from gateway.watchdog import probe
 from gateway.watchdog.config import WatchdogConfig, build_parser, load_config
 from gateway.watchdog.loop import Watchdog
-from gateway.watchdog.process import LaunchdServer, ServerControl, SpawnServer
+from gateway.watchdog.process import LaunchdServer, ServerControl, SpawnServer, systemd_unit_in_charge
 from gateway.watchdog.state import StateDir, read_status
 
 log = logging.getLogger("mlx_gateway.watchdog")
 
-EXIT_OK, EXIT_TROUBLE, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_TROUBLE, EXIT_USAGE, EXIT_LOCKED, EXIT_NOT_OURS = 0, 1, 2, 3, 4
 
 
 class _JsonWithFields(JsonFormatter):
@@ -102,6 +102,10 @@ def main(argv: list[str]) -> int:
     if args.reset:
         return reset(config)
     _configure_logging(config.log_json)
+    if not config.launchd_job and (owner := systemd_unit_in_charge()):
+        log.error("%s: systemd is the restart authority for this server; a watchdog too would fight it. "
+                  "Exiting (see docs/operations.md)", owner)
+        return EXIT_NOT_OURS
     folder = StateDir(config.state_dir)
     if not folder.acquire_lock():
         log.error("another watchdog holds %s; exiting (one restart authority at a time)",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,17 @@ def managed_by_systemd(pid: int) -> str | None:
         return unit_from_cgroup(Path(f"/proc/{pid}/cgroup").read_text())
     except OSError:
         return None
+
+
+def systemd_unit_in_charge(unit: str = "mlx-gateway.service") -> str | None:
+    """'systemd user unit X is enabled/active' when systemd already restarts the server, else None."""
+    if shutil.which("systemctl") is None:
+        return None
+    for verb, good in (("is-active", ("active", "activating", "reloading")), ("is-enabled", ("enabled",))):
+        state = (_run(["systemctl", "--user", verb, unit], timeout_s=5) or "").strip()
+        if state in good:
+            return f"systemd user unit {unit} is {state}"
+    return None
 
 
 def unit_from_cgroup(text: str) -> str | None:

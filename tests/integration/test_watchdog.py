@@ -310,7 +310,8 @@ def test_a_restarted_watchdog_keeps_counting_and_only_one_runs(stand_in: Harness
 
     restarts_before = len(h.events("restart"))
     second = h.start_watchdog()
-    extra = h.start_watchdog()  # a second watchdog at the same time must refuse
+    wait_for("the second watchdog to take the lock", lambda: len(h.events("watchdog_started")) == 2, 10)
+    extra = h.start_watchdog()  # another one at the same time must refuse
     assert extra.wait(10) == 3
     wait_for("the give-up marker", (h.state_dir / "gave-up.json").exists, 15 * h.timing.interval, 0.1)
     time.sleep(2 * h.timing.interval)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from gateway.watchdog import main
-from gateway.watchdog.cli import EXIT_LOCKED, _JsonWithFields
+from gateway.watchdog.cli import EXIT_LOCKED, EXIT_NOT_OURS, _JsonWithFields
+from gateway.watchdog.process import systemd_unit_in_charge
 from gateway.watchdog.state import StateDir
 
 NOWHERE = "http://127.0.0.1:9"  # discard port: nothing answers
@@ -73,3 +75,31 @@ def test_json_lines_carry_the_event_fields() -> None:
     entry = json.loads(_JsonWithFields().format(record))
     assert entry["message"] == "restarting now" and entry["event"] == "restart" and entry["pid"] == 42
     assert entry["level"] == "warning"
+
+
+def fake_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answers: dict[str, str]) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cases = "\n".join(f'  {verb}) echo {state} ;;' for verb, state in answers.items())
+    (bin_dir / "systemctl").write_text(f'#!/bin/sh\ncase "$2" in\n{cases}\n  *) exit 1 ;;\nesac\n')
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("answers", [{"is-active": "active"},
+                                     {"is-active": "inactive", "is-enabled": "enabled"}])
+def test_refuses_to_run_where_systemd_restarts_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          answers: dict[str, str]) -> None:
+    fake_systemctl(tmp_path, monkeypatch, answers)
+    try:
+        assert main(["--state-dir", str(tmp_path / "state"), "--url", NOWHERE]) == EXIT_NOT_OURS
+    finally:
+        logging.getLogger().handlers.clear()
+    assert "systemd is the restart authority" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()  # no lock, no ledger: it never started
+
+
+def test_an_inactive_disabled_unit_does_not_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_systemctl(tmp_path, monkeypatch, {"is-active": "inactive", "is-enabled": "disabled"})
+    assert systemd_unit_in_charge() is None
