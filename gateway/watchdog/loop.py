@@ -82,7 +82,7 @@ class Watchdog:
     def restart(self, pid: int | None, reason: str, restarts_before: int) -> bool:
         c = self.config
         n = restarts_before + 1
-        log.warning("restarting the server (start %d of %d allowed per %gs): %s", n, c.max_restarts,
+        log.warning("starting the server (start %d of %d allowed per %gs): %s", n, c.max_restarts,
                     c.window_s, reason, extra=_fields("restart", pid=pid, start=n, reason=reason))
         self.state.ledger.record(reason)  # before acting: a watchdog that dies mid-restart still counted it
         if pid is not None:
