@@ -71,6 +71,11 @@ def _on_validation_error(_: Request[Any, Any, Any], exc: ValidationException) ->
     return _error_response(GatewayError(ErrorKind.INVALID_REQUEST, f"Invalid value{where}: {message}", param))
 
 
+def _on_undecodable_body(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Any]:
+    return _error_response(GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid UTF-8 JSON: {exc.reason} "
+                                                                f"at byte {exc.start}."))
+
+
 def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     kind = _STATUS_KINDS.get(exc.status_code, ErrorKind.INVALID_REQUEST if exc.status_code < 500 else None)
     if kind is None:
@@ -164,6 +169,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
         exception_handlers={
             GatewayError: _on_gateway_error,
             ValidationException: _on_validation_error,
+            UnicodeDecodeError: _on_undecodable_body,  # Litestar's JSON decoding raises it raw
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },

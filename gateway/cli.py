@@ -16,7 +16,7 @@ def _serve(argv: Sequence[str]) -> int:
     from gateway.serve import run
     from gateway.settings import build_parser, load_settings
 
-    parser = build_parser(argparse.ArgumentParser(prog="mlx-gateway serve",
+    parser = build_parser(argparse.ArgumentParser(prog="mlx-gateway serve", allow_abbrev=False,
                                                   description="Serve local MLX models over an OpenAI API."))
     try:
         settings = load_settings(parser.parse_args(list(argv)))

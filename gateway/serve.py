@@ -82,6 +82,9 @@ async def _serve(settings: Settings) -> int:
         address=settings.host,
         port=settings.port,
         interface=Interfaces.ASGI,
+        # Granian admits backlog/workers connections at once by default (128): slow or idle clients
+        # beyond that would queue /health behind them. Admission of generation work is ours (429).
+        backlog=4096,
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout_s * 1000)),
         log_access=False,
         log_dictconfig=_GRANIAN_LOGS_THROUGH_OURS,
@@ -123,11 +126,12 @@ async def _serve(settings: Settings) -> int:
 
 
 async def _ready_then_ping(runtime: GatewayRuntime) -> None:
-    """systemd: READY once the engine is up; WATCHDOG pings only while the engine is healthy or idle."""
-    interval = sdnotify.watchdog_interval_s()
-    while runtime.engine.status().state.value != "up":
-        await asyncio.sleep(0.2)
+    """systemd: READY once HTTP listens (liveness; readiness is /health's job, and an engine that cannot
+    start is the gateway's to restart, not systemd's); WATCHDOG pings while the engine is not stalled,
+    so a wedged engine the gateway cannot recover ends in a systemd restart."""
+    await asyncio.sleep(0.5)  # Granian binds right after serve() starts
     sdnotify.ready()
+    interval = sdnotify.watchdog_interval_s()
     while interval:
         if not runtime.engine.status().stalled:
             sdnotify.watchdog_ping()

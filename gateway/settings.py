@@ -159,5 +159,5 @@ def load_settings(args: argparse.Namespace | None = None, env: Mapping[str, str]
 
 
 def parse_settings(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Settings:
-    parser = build_parser(argparse.ArgumentParser(prog="mlx-gateway serve"))
+    parser = build_parser(argparse.ArgumentParser(prog="mlx-gateway serve", allow_abbrev=False))
     return load_settings(parser.parse_args(list(argv)), env)

@@ -44,7 +44,7 @@ class ServiceSpec:
 
     def serve_argv(self) -> list[str]:
         return [self.python, "-m", "gateway.cli", "serve", "--host", self.host, "--port", str(self.port),
-                "--drain-timeout", f"{self.drain_timeout_s:g}", "--log-json", *self.serve_args]
+                "--drain-timeout-s", f"{self.drain_timeout_s:g}", "--log-json", *self.serve_args]
 
 
 # Placeholders for the reference files committed in docker-less-mac/; `install` writes real ones.

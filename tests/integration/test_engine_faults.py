@@ -56,7 +56,7 @@ async def _stream_until_end(client: httpx.AsyncClient, started: asyncio.Event) -
 
 @pytest.fixture
 def server(start_server: StartServer, models_dir: Path) -> ServerProcess:
-    server = start_server("--models-dir", str(models_dir), "--test-faults", "--stall-timeout", "2")
+    server = start_server("--models-dir", str(models_dir), "--test-faults", "--stall-timeout-s", "2")
     server.wait_ready()
     return server
 

@@ -42,7 +42,7 @@ def _finish_reason(lines: list[str]) -> str | None:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_sigterm_with_8_streams_in_flight(start_server: StartServer, models_dir: Path, signum: int) -> None:
-    server = start_server("--models-dir", str(models_dir), "--test-faults", "--drain-timeout", str(DEADLINE_S))
+    server = start_server("--models-dir", str(models_dir), "--test-faults", "--drain-timeout-s", str(DEADLINE_S))
     server.wait_ready()
     processes = [psutil.Process(server.proc.pid), *server.descendants()]  # type: ignore[union-attr]
 
@@ -86,7 +86,7 @@ async def _refusal_latency(server: ServerProcess) -> float:
 
 
 def test_sigint_drains_too_and_a_second_signal_exits_at_once(start_server: StartServer, models_dir: Path) -> None:
-    server = start_server("--models-dir", str(models_dir), "--test-faults", "--drain-timeout", "30")
+    server = start_server("--models-dir", str(models_dir), "--test-faults", "--drain-timeout-s", "30")
     server.wait_ready()
     engine = psutil.Process(server.engine_pid())
 

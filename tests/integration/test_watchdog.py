@@ -194,7 +194,7 @@ def any_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harne
             pytest.skip("gateway.cli / gateway.serve cannot be imported yet")
         models_dir: Path = request.getfixturevalue("models_dir")
         command = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--no-hf-cache",
-                   "--models-dir", str(models_dir), "--drain-timeout", "2"]
+                   "--models-dir", str(models_dir), "--drain-timeout-s", "2"]
         harness = Harness(tmp_path, command, "gateway.cli", REAL_TIMING, port)
     yield harness
     harness.cleanup()

@@ -16,7 +16,7 @@ def test_print_linux(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["print", "--platform", "linux", "--port", "9000", "--", "--models-dir", "/m"]) == 0
     out = capsys.readouterr().out
     assert "/.config/systemd/user/mlx-gateway.service" in out
-    assert "--port 9000 --drain-timeout 30 --log-json --models-dir /m" in out
+    assert "--port 9000 --drain-timeout-s 30 --log-json --models-dir /m" in out
 
 
 def test_print_macos(capsys: pytest.CaptureFixture[str]) -> None:
