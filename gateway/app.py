@@ -8,14 +8,13 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, cast
 
 from litestar import Litestar, Request, Response, get
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import metrics, openapi
 from gateway.errors import ErrorKind, GatewayError, internal
@@ -91,6 +90,14 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
     request_id = request_id_var.get() or "unknown"
     log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
     return _error_response(internal(request_id))
+
+
+# Plain ASGI types: this middleware sits outside Litestar and handles raw scopes and messages.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RequestContextMiddleware:
@@ -189,4 +196,4 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
 
 def create_asgi_app(runtime: GatewayRuntime) -> ASGIApp:
     """What Granian serves: the Litestar app inside the request-context middleware."""
-    return RequestContextMiddleware(create_app(runtime), runtime.settings.api_key)
+    return RequestContextMiddleware(cast(ASGIApp, create_app(runtime)), runtime.settings.api_key)

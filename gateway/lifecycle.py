@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gateway import metrics
@@ -18,7 +17,7 @@ from gateway.errors import ErrorKind, GatewayError
 from gateway.protocol import EngineHealth, Health, Model, ModelError, ModelList
 from gateway.settings import Settings
 from mlx_backend import __version__
-from mlx_backend.engine import Engine, EngineState, GenerationEvent, unavailable
+from mlx_backend.engine import Engine, EngineState, GenerationStream, unavailable
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelEntry, ModelRegistry
 from mlx_backend.types import Delta, Finished, Generate, Heartbeat, Started
@@ -93,7 +92,7 @@ class GatewayRuntime:
                 f"{self.settings.max_queue} queued); retry after a moment.",
             )
 
-    async def run(self, command: Generate, arrived_at: float) -> AsyncIterator[GenerationEvent]:
+    async def run(self, command: Generate, arrived_at: float) -> GenerationStream:
         """Admit, generate, and account for one request. Raises GatewayError; closing it aborts."""
         self._admit()
         model = command.model

@@ -52,7 +52,7 @@ class UserMessage(Struct, tag="user", tag_field="role", forbid_unknown_fields=Tr
 class AssistantMessage(Struct, tag="assistant", tag_field="role", forbid_unknown_fields=True):
     content: str | list[TextPart] | None = None
     name: str | UnsetType = UNSET
-    refusal: str | None | UnsetType = UNSET
+    refusal: str | UnsetType | None = UNSET
     tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # unsupported: rejected by name
 
 
@@ -73,9 +73,9 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     messages: Annotated[list[Message], Meta(min_length=1)]
     model: str
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, float] | None | UnsetType = UNSET
+    logit_bias: dict[str, float] | UnsetType | None = UNSET
     logprobs: bool | None = None
-    top_logprobs: int | None | UnsetType = UNSET
+    top_logprobs: int | UnsetType | None = UNSET
     max_completion_tokens: MaxTokens | None = None
     max_tokens: MaxTokens | None = None
     n: int | None = None
@@ -92,10 +92,10 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     parallel_tool_calls: bool | UnsetType = UNSET
     user: str | UnsetType = UNSET
     # Fields OpenAI defines that change behaviour we do not offer: named in a 400 when set.
-    audio: dict[str, Any] | None | UnsetType = UNSET
-    modalities: list[str] | None | UnsetType = UNSET
-    prediction: dict[str, Any] | None | UnsetType = UNSET
-    reasoning_effort: str | None | UnsetType = UNSET
+    audio: dict[str, Any] | UnsetType | None = UNSET
+    modalities: list[str] | UnsetType | None = UNSET
+    prediction: dict[str, Any] | UnsetType | None = UNSET
+    reasoning_effort: str | UnsetType | None = UNSET
     functions: list[dict[str, Any]] | UnsetType = UNSET
     function_call: str | dict[str, Any] | UnsetType = UNSET
     web_search_options: dict[str, Any] | UnsetType = UNSET
@@ -108,7 +108,7 @@ class CompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     best_of: int | None = None
     echo: bool | None = None
     frequency_penalty: Penalty = 0.0
-    logit_bias: dict[str, float] | None | UnsetType = UNSET
+    logit_bias: dict[str, float] | UnsetType | None = UNSET
     logprobs: int | None = None
     max_tokens: MaxTokens | None = 16  # OpenAI's default for legacy completions
     n: int | None = None

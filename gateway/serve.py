@@ -108,7 +108,7 @@ async def _serve(settings: Settings) -> int:
         sdnotify.stopping()
         await runtime.drain(settings.drain_timeout_s)
         log.info("shutdown: stopping the HTTP server")
-        server.stop()
+        server.stop()  # type: ignore[no-untyped-call]
 
     async def keep_systemd_informed() -> None:
         await _ready_then_ping(runtime)

@@ -14,7 +14,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +37,7 @@ from mlx_backend.types import (
 log = logging.getLogger("mlx_gateway.engine")
 
 GenerationEvent = Started | Delta | Finished
+GenerationStream = AsyncGenerator[GenerationEvent, None]  # closing it early aborts the request
 
 
 class _Pending:
@@ -58,7 +59,7 @@ class _Pending:
         return Finished(rid, finish_reason, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
-class EngineState(str, enum.Enum):
+class EngineState(enum.StrEnum):
     STARTING = "starting"
     UP = "up"
     RESTARTING = "restarting"
@@ -89,7 +90,7 @@ class EngineObserver(Protocol):
 class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    def generate(self, command: Generate, timeout_s: float | None = None) -> AsyncIterator[GenerationEvent]: ...
+    def generate(self, command: Generate, timeout_s: float | None = None) -> GenerationStream: ...
     def end_all(self, finish_reason: str) -> int: ...
     def status(self) -> EngineStatus: ...
 
@@ -181,7 +182,7 @@ class EngineClient:
 
     # -- requests -------------------------------------------------------------------------------------
 
-    async def generate(self, command: Generate, timeout_s: float | None = None) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, command: Generate, timeout_s: float | None = None) -> GenerationStream:
         """Events of one request; raises EngineError on failure. Leaving early aborts the request."""
         process = self._process
         if self._state != EngineState.UP or process is None or process.channel is None:
@@ -370,7 +371,7 @@ class EngineClient:
         if now - self._last_heartbeat_at > self._policy.heartbeat_timeout_s:
             return f"sent no heartbeat for {now - self._last_heartbeat_at:.1f}s (frozen)"
         heartbeat = self._heartbeat
-        busy = bool(self._requests) or (heartbeat is not None and (heartbeat.running or heartbeat.waiting))
+        busy = bool(self._requests) or (heartbeat is not None and bool(heartbeat.running or heartbeat.waiting))
         limit = self._policy.load_timeout_s if heartbeat and heartbeat.loading else self._policy.stall_timeout_s
         idle_for = now - self._last_progress[1]
         self._stalled = busy and idle_for > limit

@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 
 
-class EngineErrorCode(str, enum.Enum):
+class EngineErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     MODEL_LOAD_FAILED = "model_load_failed"  # files missing, corrupt, shapes wrong, tokenizer broken
     MODEL_UNSUPPORTED = "model_unsupported"  # model_type mlx-lm has no implementation for

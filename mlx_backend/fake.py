@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from mlx_backend.engine import EngineState, EngineStatus, GenerationEvent, unavailable
+from mlx_backend.engine import EngineState, EngineStatus, GenerationStream, unavailable
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.types import Delta, FailedModel, Finished, Generate, Heartbeat, LoadedModel, Started
 
@@ -54,7 +54,7 @@ class FakeEngine:
             self._in_flight[rid] = Finished(rid, finish_reason, 0, 0, 0)
         return len(self._in_flight)
 
-    async def generate(self, command: Generate, timeout_s: float | None = None) -> AsyncIterator[GenerationEvent]:
+    async def generate(self, command: Generate, timeout_s: float | None = None) -> GenerationStream:
         if self.state != EngineState.UP:
             raise unavailable(self.state)
         self.received.append(command)

@@ -9,6 +9,7 @@ import asyncio
 import socket
 import struct
 import threading
+from typing import cast
 
 import msgspec
 
@@ -47,7 +48,7 @@ class EngineSide:
         (size,) = _HEADER.unpack(self._read_exactly(_HEADER.size))
         if size > MAX_FRAME_BYTES:
             raise ConnectionClosed(f"frame of {size} bytes")
-        return _command_decoder.decode(self._read_exactly(size))
+        return cast(Command, _command_decoder.decode(self._read_exactly(size)))
 
     def _read_exactly(self, size: int) -> bytes:
         chunks = bytearray()
@@ -83,7 +84,7 @@ class GatewaySide:
             (size,) = _HEADER.unpack(header)
             if size > MAX_FRAME_BYTES:
                 raise ConnectionClosed(f"frame of {size} bytes")
-            return _event_decoder.decode(await self._reader.readexactly(size))
+            return cast(Event, _event_decoder.decode(await self._reader.readexactly(size)))
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ConnectionClosed("engine closed the socket") from exc
 

@@ -78,7 +78,7 @@ class EngineProcess:
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - tiny, async-signal-safe enough (one syscall)
+                preexec_fn=_die_with_parent,
             )
         finally:
             child_sock.close()

@@ -22,7 +22,7 @@ from gateway.convert import ResponseMeta, public_finish_reason
 from gateway.errors import ErrorKind, GatewayError, internal
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import ChatCompletion, Completion
-from mlx_backend.engine import GenerationEvent
+from mlx_backend.engine import GenerationStream
 from mlx_backend.types import Delta, Finished, Generate
 
 log = logging.getLogger("mlx_gateway")
@@ -62,7 +62,7 @@ async def respond(
 
 
 async def _stream(
-    events: AsyncIterator[GenerationEvent], meta: ResponseMeta, renderer: Renderer, include_usage: bool
+    events: GenerationStream, meta: ResponseMeta, renderer: Renderer, include_usage: bool
 ) -> AsyncIterator[bytes]:
     try:
         opening = renderer.opening(meta)
@@ -88,7 +88,7 @@ async def _stream(
         await events.aclose()  # a client that left aborts its request here
 
 
-async def _fold(events: AsyncIterator[GenerationEvent], meta: ResponseMeta, renderer: Renderer) -> Any:
+async def _fold(events: GenerationStream, meta: ResponseMeta, renderer: Renderer) -> Any:
     parts: list[str] = []
     try:
         async for event in events:
@@ -107,7 +107,7 @@ async def _client_gone(request: Request[Any, Any, Any]) -> None:
 
 
 async def _fold_unless_client_leaves(
-    events: AsyncIterator[GenerationEvent], meta: ResponseMeta, renderer: Renderer, request: Request[Any, Any, Any]
+    events: GenerationStream, meta: ResponseMeta, renderer: Renderer, request: Request[Any, Any, Any]
 ) -> Any:
     """Non-streaming clients that hang up must free their batch slot too, not generate to max_tokens."""
     fold = asyncio.create_task(_fold(events, meta, renderer))

@@ -114,5 +114,5 @@ def test_idle_server_stops_within_a_second_and_leaves_no_process(start_server: S
     server.signal(signal.SIGTERM)
     assert server.wait_exit(timeout_s=10) == 0
     assert time.monotonic() - started < 5
-    gone, alive = psutil.wait_procs(children, timeout=2)
+    _gone, alive = psutil.wait_procs(children, timeout=2)
     assert not alive

@@ -90,7 +90,7 @@ async def test_leaving_early_aborts_and_counts_the_cancelled_tokens(client: tupl
 
 
 async def test_a_dead_engine_fails_every_request_at_once_and_comes_back(client: tuple[EngineClient, Recorder]) -> None:
-    engine, recorder = client
+    engine, _recorder = client
     pid = engine.status().pid
     assert pid
     waiting = [asyncio.create_task(collect(engine, command("x " * 200))) for _ in range(4)]

@@ -1,0 +1,1 @@
+"""The HTTP side of mlx-gateway: OpenAI-compatible routes, errors, metrics, lifecycle, CLI. Never imports MLX."""
