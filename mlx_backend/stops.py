@@ -1,7 +1,8 @@
 """Stop strings matched on decoded text, for one request. Pure Python.
 
 A stop string can span tokens, so text that could be the start of a stop string is held back until the
-next segment shows whether it is. The stop string itself is never emitted, nor anything after it.
+next segment shows whether it is. The stop string itself is never emitted, nor anything after it. When stop
+strings overlap, the one that completes first wins, wherever the token boundaries fall.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ class StopMatcher:
         if not self._stops:
             return text, False
         buffer = self._held + text
-        # Earliest stop wins. Any match starting in text already emitted is impossible: we held back
-        # every suffix that could begin one.
-        cut = min((i for i in (buffer.find(s) for s in self._stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # The first stop string to complete wins (as if the text arrived one character at a time), so the
+        # result does not depend on how the text was split into tokens. No match can start in text
+        # already emitted: every suffix that could begin one was held back.
+        ends = [(i + len(s), i) for s in self._stops if (i := buffer.find(s)) >= 0]
+        if ends:
+            cut = min(ends)[1]
             self.stopped = True
             self._held = ""
             return buffer[:cut], True

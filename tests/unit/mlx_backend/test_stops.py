@@ -11,8 +11,12 @@ ALPHABET = "ab\n😀"  # few letters make overlaps and partial matches common
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    """Read one character at a time; stop at the first stop string that completes (longest on a tie)."""
+    for end in range(1, len(text) + 1):
+        done = [s for s in stops if s and text[:end].endswith(s)]
+        if done:
+            return text[: end - max(len(s) for s in done)], True
+    return text, False
 
 
 def run(segments: list[str], stops: list[str]) -> tuple[str, bool, list[str]]:
@@ -77,8 +81,16 @@ def test_false_start_is_released() -> None:
     assert matcher.flush() == "EN"
 
 
-def test_earliest_stop_wins_and_no_stops_passes_through() -> None:
+def test_first_completed_stop_wins_whatever_the_token_boundaries() -> None:
     assert StopMatcher(["bc", "a"]).feed("xabc") == ("x", True)
+    assert StopMatcher(["\nba", "b"]).feed("a\nba") == ("a\n", True)  # "b" completes before "\nba"
+    matcher = StopMatcher(["\nba", "b"])
+    assert matcher.feed("a\n") == ("a", False)
+    assert matcher.feed("ba") == ("\n", True)
+    assert StopMatcher(["abc", "bc"]).feed("abc") == ("", True)  # both complete at once: the longer one
+
+
+def test_no_stops_passes_through() -> None:
     assert StopMatcher(["", ""]).feed("abc") == ("abc", False)
     assert StopMatcher([]).feed("") == ("", False)
 
