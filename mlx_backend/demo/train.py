@@ -168,9 +168,7 @@ def build_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
-def encode_documents(
-    tokenizer: PreTrainedTokenizerFast, texts: dict[str, str], rng: random.Random
-) -> np.ndarray:
+def encode_documents(tokenizer: PreTrainedTokenizerFast, texts: dict[str, str], rng: random.Random) -> np.ndarray:
     """Every topic as plain text and as chats, shuffled, each followed by END_OF_TEXT, in one stream."""
     documents: list[list[int]] = []
     for name, text in texts.items():
@@ -242,8 +240,7 @@ def train(
             window = []
             elapsed = time.monotonic() - started
             print(
-                f"step {number:5d}/{steps}  train loss {train_loss:.3f}  "
-                f"val loss {val_loss:.3f}  {elapsed:5.0f} s",
+                f"step {number:5d}/{steps}  train loss {train_loss:.3f}  val loss {val_loss:.3f}  {elapsed:5.0f} s",
                 flush=True,
             )
     return train_loss, val_loss
@@ -320,9 +317,7 @@ def save(model: Module, tokenizer: PreTrainedTokenizerFast, out: Path, *, eos_id
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--out", type=Path, default=demo_model_path())
     parser.add_argument("--log-every", type=int, default=25)

@@ -99,9 +99,7 @@ CHAT_TEMPLATE = (
 def _write_tokenizer(path: Path, vocab_size: int, context_length: int) -> dict[str, int]:
     vocab = {word: index for index, word in enumerate(_vocabulary(vocab_size))}
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tokenizer.normalizer = (
-        normalizers.Lowercase()
-    )  # the vocabulary is lowercase; "Hello" should not be unknown
+    tokenizer.normalizer = normalizers.Lowercase()  # the vocabulary is lowercase; "Hello" should not be unknown
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.WhitespaceSplit(),

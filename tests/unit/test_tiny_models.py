@@ -80,9 +80,7 @@ def test_tokenizer_round_trips_known_words(tiny_model: Path) -> None:
 
 @pytest.mark.parametrize("vocab_size", [300, 128256])
 def test_vocabulary_has_exactly_vocab_size_entries(tmp_path: Path, vocab_size: int) -> None:
-    tiny_models.make_tiny_model(
-        tmp_path, hidden_size=16, num_layers=1, intermediate_size=32, vocab_size=vocab_size
-    )
+    tiny_models.make_tiny_model(tmp_path, hidden_size=16, num_layers=1, intermediate_size=32, vocab_size=vocab_size)
     tokenizer = load_tokenizer(tmp_path)
     assert len(tokenizer.get_vocab()) == vocab_size
 
