@@ -45,6 +45,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
+        self.held: GenerationEvent | EngineError | None = None  # taken from the queue, not handed out yet
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.completion_tokens = 0
@@ -54,6 +55,20 @@ class _Pending:
             self.prompt_tokens, self.cached_tokens = event.prompt_tokens, event.cached_tokens
         elif isinstance(event, Delta):
             self.completion_tokens += event.tokens
+
+    async def take(self) -> GenerationEvent | EngineError:
+        """The next event. Deltas already waiting are merged into one: a consumer that falls behind (a slow
+        client, a busy event loop) catches up in one chunk instead of one per token, and a fast one is
+        never delayed."""
+        item = self.held if self.held is not None else await self.queue.get()
+        self.held = None
+        while isinstance(item, Delta) and not self.queue.empty():
+            following = self.queue.get_nowait()
+            if not isinstance(following, Delta):
+                self.held = following
+                break
+            item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens)
+        return item
 
     def finished(self, rid: str, finish_reason: str) -> Finished:
         return Finished(rid, finish_reason, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
@@ -218,9 +233,9 @@ class EngineClient:
         pending: _Pending, deadline: float | None, timeout_s: float | None
     ) -> GenerationEvent | EngineError:
         if deadline is None:
-            return await pending.queue.get()
+            return await pending.take()
         try:
-            return await asyncio.wait_for(pending.queue.get(), max(0.0, deadline - time.monotonic()))
+            return await asyncio.wait_for(pending.take(), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             return EngineError(
                 EngineErrorCode.REQUEST_TIMEOUT, f"The request ran longer than the {timeout_s:g}s request timeout."

@@ -7,6 +7,7 @@ a logits processor takes (tokens so far, logits (1, vocab)) and returns logits.
 
 from __future__ import annotations
 
+import functools
 import secrets
 
 import mlx.core as mx
@@ -33,10 +34,26 @@ class SeededSampler:
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
+    # BatchGenerator samples the whole batch in one call only when every row has the same sampler object;
+    # otherwise it samples row by row. So requests share a sampler unless a seed gives them their own key.
     if params.temperature <= 0.0:
-        # The one shared greedy sampler lets BatchGenerator sample a batch of greedy requests in one call.
         return greedy_sampler
+    if params.seed is None:
+        return _shared_sampler(params.temperature, params.top_p)
     return SeededSampler(params.temperature, params.top_p, params.seed)
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_sampler(temperature: float, top_p: float) -> Sampler:
+    """Unseeded sampling for every request with these settings, from MLX's global key (MLX thread only)."""
+    inv_temp = 1.0 / temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if 0.0 < top_p < 1.0:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * inv_temp)
+
+    return sample
 
 
 class PenaltyProcessor:

@@ -66,7 +66,8 @@ def model_folder(shape: str, model_dir: Path) -> Path:
 
 def ensure_model(shape: str, model_dir: Path, seed: int = 0) -> Path:
     """The folder of a `shape` model under `model_dir`, made with the factory unless already there."""
-    wanted = {"shape": shape, "seed": seed, "model_type": "llama", "eos_rows": "zero", **SHAPES[shape]}
+    wanted = {"shape": shape, "seed": seed, "model_type": "llama", "eos_rows": "zero", "decoder": "ByteLevel",
+              **SHAPES[shape]}
     folder = model_folder(shape, model_dir)
     marker = folder / MARKER
     if marker.is_file() and (folder / "config.json").is_file():
@@ -94,11 +95,23 @@ def ensure_model(shape: str, model_dir: Path, seed: int = 0) -> Path:
     print(f"making a random {shape} model in {folder} ...", file=sys.stderr, flush=True)
     make_tiny_model(partial, model_type="llama", seed=seed, **SHAPES[shape])
     silence_eos(partial)
+    use_byte_level_decoder(partial)
     (partial / MARKER).write_text(json.dumps(wanted, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # atomic: a server never sees a half-written folder
     print(f"made {folder} in {time.monotonic() - started:.1f}s", file=sys.stderr, flush=True)
     return folder
+
+
+def use_byte_level_decoder(folder: Path) -> None:
+    """Give the tokenizer a ByteLevel decoder, as Llama 3's has, so mlx-lm streams text with the same
+    incremental detokenizer it uses for the real checkpoint. The factory's word-level decoder would get
+    mlx-lm's naive one, which re-decodes the whole line at every token and bills every server for a cost
+    real models do not have. Encoding is unchanged; decoded text just loses its spaces."""
+    path = folder / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(tokenizer))
 
 
 def silence_eos(folder: Path) -> list[int]:

@@ -163,3 +163,15 @@ async def test_stop_asks_the_engine_to_exit_and_leaves_no_process(client: tuple[
     assert engine.status().state == EngineState.STOPPED
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+async def test_deltas_waiting_together_are_handed_out_as_one() -> None:
+    from mlx_backend.engine import _Pending
+    from mlx_backend.types import Delta, Started
+
+    pending = _Pending()
+    for event in (Started("r", 3, 0), Delta("r", "a", 1), Delta("r", "b", 2), Finished("r", "stop", 3, 3, 0)):
+        pending.queue.put_nowait(event)
+    assert await pending.take() == Started("r", 3, 0)
+    assert await pending.take() == Delta("r", "ab", 3)
+    assert await pending.take() == Finished("r", "stop", 3, 3, 0)

@@ -73,3 +73,16 @@ def test_penalty_keeps_logits_dtype() -> None:
 def test_no_penalties_no_processors() -> None:
     assert make_logits_processors(SamplingParams(max_tokens=1), 10) == []
     assert len(make_logits_processors(SamplingParams(max_tokens=1, frequency_penalty=0.1), 10)) == 1
+
+
+def test_unseeded_requests_with_the_same_settings_share_one_sampler() -> None:
+    # BatchGenerator batches sampling only when every row holds the very same sampler object.
+    from mlx_backend.sampling import make_sampler
+    from mlx_backend.types import SamplingParams
+
+    a = make_sampler(SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9))
+    b = make_sampler(SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9))
+    seeded = make_sampler(SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9, seed=1))
+    assert a is b and seeded is not a
+    assert make_sampler(SamplingParams(max_tokens=1, temperature=0.0)) is make_sampler(
+        SamplingParams(max_tokens=1, temperature=0.0, seed=5))

@@ -1,0 +1,98 @@
+"""Where the time goes inside the engine, one layer at a time, in one process and with no HTTP.
+
+    python tests/benchmarks/bench_engine_layers.py --model DIR [--batch-sizes 1,8,32,64] [--max-tokens 128]
+
+Rows: mlx-lm's `stream_generate` (lone request), mlx-lm's `BatchGenerator` driven directly (the batching
+ceiling of the library we build on), and our `Batcher` (BatchGenerator plus per-request detokenizing,
+stop matching and event building) with events collected in memory. The gap between the last two is our
+own per-token cost; the gap to the serving benchmark is IPC + HTTP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywhere, like the other benches
+
+import mlx.core as mx
+from mlx_lm import load, stream_generate
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import make_sampler
+
+from mlx_backend.batcher import Batcher
+from mlx_backend.cache import ModelCache
+from mlx_backend.registry import ModelRegistry
+from mlx_backend.types import Delta, EngineConfig, Event, Finished, Generate, SamplingParams
+
+PROMPT = " ".join(["the"] * 64)
+
+
+def timed_stream_generate(model: Any, tokenizer: Any, max_tokens: int) -> float:
+    sampler = make_sampler(temp=0.0)
+    start = time.perf_counter()
+    n = 0
+    for n, _ in enumerate(stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens, sampler=sampler), 1):
+        pass
+    return n / (time.perf_counter() - start)
+
+
+def timed_batch_generator(model: Any, tokenizer: Any, batch: int, max_tokens: int) -> float:
+    prompt = tokenizer.encode(PROMPT)
+    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=max(batch, 1),
+                               prefill_batch_size=min(8, batch))
+    generator.insert([prompt] * batch, max_tokens=[max_tokens] * batch)
+    start = time.perf_counter()
+    produced = finished = 0
+    while finished < batch:
+        _, responses = generator.next()
+        produced += len(responses)
+        finished += sum(1 for r in responses if r.finish_reason is not None)
+    generator.close()
+    return produced / (time.perf_counter() - start)
+
+
+def timed_batcher(model_dir: Path, batch: int, max_tokens: int) -> float:
+    events: list[Event] = []
+    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(batch, 1), prompt_cache_bytes=0)
+    cache = ModelCache(ModelRegistry([model_dir.parent], None, False), 0, 30.0)
+    batcher = Batcher(config, cache, events.append)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    batcher.submit(Generate("warm", model_dir.name, params, prompt=PROMPT))
+    while batcher.has_work():
+        batcher.step()
+    events.clear()
+    for i in range(batch):
+        batcher.submit(Generate(f"r{i}", model_dir.name, params, prompt=PROMPT))
+    start = time.perf_counter()
+    while batcher.has_work():
+        batcher.step()
+    elapsed = time.perf_counter() - start
+    assert sum(isinstance(e, Finished) for e in events) == batch
+    batcher.shutdown()
+    return sum(e.tokens for e in events if isinstance(e, Delta)) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    args = parser.parse_args()
+    model, tokenizer = load(str(args.model))
+    print(f"device {mx.default_device()}; {args.max_tokens} new tokens; greedy")
+    timed_stream_generate(model, tokenizer, 16)  # warm-up: kernels, allocator
+    print(f"{'layer':<28}{'batch':>6}{'tok/s':>10}")
+    print(f"{'mlx_lm.stream_generate':<28}{1:>6}{timed_stream_generate(model, tokenizer, args.max_tokens):>10.1f}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        raw = timed_batch_generator(model, tokenizer, batch, args.max_tokens)
+        ours = timed_batcher(args.model, batch, args.max_tokens)
+        print(f"{'mlx_lm BatchGenerator':<28}{batch:>6}{raw:>10.1f}")
+        print(f"{'our Batcher (no IPC)':<28}{batch:>6}{ours:>10.1f}  ({ours / raw:.2f} of BatchGenerator)")
+
+
+if __name__ == "__main__":
+    main()
