@@ -34,10 +34,8 @@ PROMPT = " ".join(["the"] * 64)
 def timed_stream_generate(model: Any, tokenizer: Any, max_tokens: int) -> float:
     sampler = make_sampler(temp=0.0)
     start = time.perf_counter()
-    n = 0
-    for n, _ in enumerate(stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens, sampler=sampler), 1):
-        pass
-    return n / (time.perf_counter() - start)
+    tokens = sum(1 for _ in stream_generate(model, tokenizer, PROMPT, max_tokens=max_tokens, sampler=sampler))
+    return tokens / (time.perf_counter() - start)
 
 
 def timed_batch_generator(model: Any, tokenizer: Any, batch: int, max_tokens: int) -> float:
