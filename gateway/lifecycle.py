@@ -104,6 +104,7 @@ class GatewayRuntime:
         ended = False  # Finished or failed; otherwise the client went away
         first_text_seen = False
         admitted_at = time.monotonic()
+        generated = metrics.GENERATION_TOKENS.labels(model)  # looked up once: it is bumped for every delta
         try:
             async for event in self.engine.generate(command, self.settings.request_timeout_s):
                 if isinstance(event, Started) and state == "waiting":
@@ -115,7 +116,7 @@ class GatewayRuntime:
                     metrics.PROMPT_TOKENS.labels(model).inc(event.prompt_tokens)
                     metrics.PROMPT_CACHED_TOKENS.labels(model).inc(event.cached_tokens)
                 elif isinstance(event, Delta):
-                    metrics.GENERATION_TOKENS.labels(model).inc(event.tokens)
+                    generated.inc(event.tokens)
                     if event.text and not first_text_seen:
                         first_text_seen = True
                         metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - arrived_at)
