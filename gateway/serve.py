@@ -46,6 +46,7 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         include_demo_model=settings.offers_demo_model,
         memory_budget_bytes=settings.memory_budget_bytes,
         max_running=settings.max_running,
+        prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
     )
     policy = SupervisionPolicy(

@@ -36,6 +36,9 @@ class Settings:
     memory_budget_gb: float = field(
         default=0.0, metadata={"help": "memory for loaded models, GB (0: derive from the machine)"}
     )
+    prompt_cache_gb: float = field(
+        default=1.0, metadata={"help": "memory for reusable prompt prefixes (KV cache), GB; 0 turns it off"}
+    )
     max_running: int = field(default=32, metadata={"help": "requests generating at once (one batch)"})
     max_queue: int = field(default=128, metadata={"help": "requests waiting for a batch slot; beyond: 429"})
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})

@@ -53,9 +53,10 @@ def timed_batch_generator(model: Any, tokenizer: Any, batch: int, max_tokens: in
     return produced / (time.perf_counter() - start)
 
 
-def timed_batcher(model_dir: Path, batch: int, max_tokens: int) -> float:
+def timed_batcher(model_dir: Path, batch: int, max_tokens: int, prompt_cache_bytes: int = 0) -> float:
     events: list[Event] = []
-    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(batch, 1), prompt_cache_bytes=0)
+    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(batch, 1),
+                          prompt_cache_bytes=prompt_cache_bytes)
     cache = ModelCache(ModelRegistry([model_dir.parent], None, False), 0, 30.0)
     batcher = Batcher(config, cache, events.append)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -83,6 +84,7 @@ def main() -> None:
     model, tokenizer = load(str(args.model))
     print(f"device {mx.default_device()}; {args.max_tokens} new tokens; greedy")
     timed_stream_generate(model, tokenizer, 16)  # warm-up: kernels, allocator
+    timed_batch_generator(model, tokenizer, 8, 16)
     print(f"{'layer':<28}{'batch':>6}{'tok/s':>10}")
     print(f"{'mlx_lm.stream_generate':<28}{1:>6}{timed_stream_generate(model, tokenizer, args.max_tokens):>10.1f}")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -90,6 +92,8 @@ def main() -> None:
         ours = timed_batcher(args.model, batch, args.max_tokens)
         print(f"{'mlx_lm BatchGenerator':<28}{batch:>6}{raw:>10.1f}")
         print(f"{'our Batcher (no IPC)':<28}{batch:>6}{ours:>10.1f}  ({ours / raw:.2f} of BatchGenerator)")
+        cached = timed_batcher(args.model, batch, args.max_tokens, prompt_cache_bytes=1 << 30)
+        print(f"{'  + prefix cache (1 GiB)':<28}{batch:>6}{cached:>10.1f}  ({cached / raw:.2f} of BatchGenerator)")
 
 
 if __name__ == "__main__":
