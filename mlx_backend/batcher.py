@@ -2,8 +2,10 @@
 
 Every `mx` call of the engine happens on the one thread that calls `submit`, `abort` and `step`. Requests
 join and leave the batch at any step; each has its own sampler, penalties, token budget, stop strings and
-streaming detokenizer. A prefix (KV) cache per model lets a multi-turn chat skip the prefill of the turns
-it shares with an earlier request. The heartbeat thread only reads plain values published after each step.
+streaming detokenizer. A request that finds its model idle runs solo (see mlx_backend.solo) and joins the
+batch when a second one arrives. A prefix (KV) cache per model lets a multi-turn chat skip the prefill of
+the turns it shares with an earlier request. The heartbeat thread only reads plain values published after
+each step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prom
 from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.sampling import make_logits_processors, make_sampler
+from mlx_backend.solo import SoloGeneration
 from mlx_backend.stops import StopMatcher
 from mlx_backend.types import Delta, EngineConfig, Event, Failed, Finished, Generate, Heartbeat, Started
 
@@ -32,6 +35,7 @@ log = logging.getLogger("mlx_gateway.engine.batcher")
 _PREFIX_KEY = "model"  # one LRUPromptCache per loaded model, so one key is enough
 _PREFILL_BATCH = 8  # prompts prefilled together in one step
 _SLOW_STEP_S = 0.05  # test-only fault "slow": one step per 50 ms
+_SOLO_UID = -1  # BatchGenerator's uids start at 0: a request running solo is keyed by this until it joins
 
 
 # mlx-lm has no type hints: its objects are held as Any.
@@ -43,6 +47,8 @@ class _Request:
     cached_tokens: int
     detokenizer: Any  # StreamingDetokenizer, one per request
     stops: StopMatcher
+    max_tokens: int
+    solo: SoloGeneration | None = None  # set while the request runs alone, outside the batch
     completion_tokens: int = 0
     unsent_tokens: int = 0  # generated but not yet reported in a Delta
 
@@ -52,11 +58,25 @@ class _Request:
 
 
 @dataclass
+class _Token:
+    """One generated token, shaped like BatchGenerator's Response where `_on_token` reads it."""
+
+    token: int
+    finish_reason: str | None
+    prompt_cache: list[Any] | None = None  # set when finished: the KV cache to keep for the next turn
+    all_tokens: list[int] | None = None  # the tokens that cache holds
+
+
+@dataclass
 class _ModelState:
     cached: CachedModel
     generator: Any  # BatchGenerator
     prefix: LRUPromptCache
-    requests: dict[int, _Request] = field(default_factory=dict)  # BatchGenerator uid -> request
+    requests: dict[int, _Request] = field(default_factory=dict)  # BatchGenerator uid (or _SOLO_UID) -> request
+
+    @property
+    def solo_request(self) -> _Request | None:
+        return self.requests.get(_SOLO_UID)
 
 
 class Batcher:
@@ -94,7 +114,8 @@ class Batcher:
         where = self._where.get(request_id)
         if where is not None:
             state, uid = where
-            state.generator.remove([uid])
+            if uid != _SOLO_UID:
+                state.generator.remove([uid])
             self._finish(state, state.requests[uid], "abort")
             self._publish()
 
@@ -219,19 +240,59 @@ class Batcher:
             else:
                 prompt_cache, rest = None, tokens
         cached_tokens = len(tokens) - len(rest)
-        (uid,) = state.generator.insert(
-            [rest],
-            max_tokens=[max_tokens],
-            caches=[prompt_cache],  # None: a fresh cache
-            all_tokens=[tokens[:cached_tokens]],
-            samplers=[make_sampler(command.params)],
-            logits_processors=[make_logits_processors(command.params, len(tokens))],
-        )
-        request = _Request(command, uid, len(tokens), cached_tokens, tokenizer.detokenizer,
-                           StopMatcher(command.params.stop))
-        state.requests[uid] = request
-        self._where[command.request_id] = (state, uid)
+        sampler = make_sampler(command.params)
+        processors = make_logits_processors(command.params, len(tokens))
+        request = _Request(command, _SOLO_UID, len(tokens), cached_tokens, tokenizer.detokenizer,
+                           StopMatcher(command.params.stop), max_tokens)
+        solo = state.solo_request
+        if solo is not None:
+            self._join_batch(state, solo)
+        if not state.requests and not self._more_waiting_for(command.model):
+            request.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, sampler,
+                                          processors, self.config.prefill_step_size)
+        else:
+            (request.uid,) = state.generator.insert(
+                [rest],
+                max_tokens=[max_tokens],
+                caches=[prompt_cache],  # None: a fresh cache
+                all_tokens=[tokens[:cached_tokens]],
+                samplers=[sampler],
+                logits_processors=[processors],
+            )
+        state.requests[request.uid] = request
+        self._where[command.request_id] = (state, request.uid)
         self._emit(Started(command.request_id, len(tokens), cached_tokens))
+
+    def _more_waiting_for(self, model: str) -> bool:
+        """Whether a request after the one being started (the first waiting) wants the same model."""
+        return any(c.model == model for i, c in enumerate(self._waiting) if i > 0)
+
+    def _join_batch(self, state: _ModelState, request: _Request) -> None:
+        """Move the solo request into the batch: hand out the token it has in flight, then insert it with its
+        KV cache and that token as its one-token "prompt", so nothing is recomputed or lost."""
+        solo = request.solo
+        assert solo is not None
+        try:
+            last = self._solo_token(state, request, more=False)
+            self._on_token(state, request, last)
+            if request.rid not in self._where:
+                return  # that token ended it
+            (uid,) = state.generator.insert(
+                [[last.token]],
+                max_tokens=[request.max_tokens - request.completion_tokens],
+                caches=[solo.prompt_cache],
+                all_tokens=[solo.tokens_in_cache],
+                samplers=[solo.sampler],
+                logits_processors=[solo.logits_processors],
+            )
+        except Exception as exc:  # its failure is its own, not the arriving request's
+            log.exception("request %s failed while joining the batch from solo", request.rid)
+            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+            return
+        del state.requests[_SOLO_UID]
+        request.uid, request.solo = uid, None
+        state.requests[uid] = request
+        self._where[request.rid] = (state, uid)
 
     def _state_for(self, cached: CachedModel) -> _ModelState:
         state = self._states.get(cached.id)
@@ -264,6 +325,10 @@ class Batcher:
     # -- decoding ----------------------------------------------------------------------------------------
 
     def _step_model(self, state: _ModelState) -> None:
+        solo = state.solo_request
+        if solo is not None:
+            self._step_solo(state, solo)
+            return
         try:
             _, responses = state.generator.next()
         except Exception as exc:
@@ -287,7 +352,30 @@ class Batcher:
                 state.generator.remove([active.uid])
                 self._fail(state, active, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
 
-    def _on_token(self, state: _ModelState, request: _Request, response: Any) -> None:
+    def _step_solo(self, state: _ModelState, request: _Request) -> None:
+        try:
+            token = self._solo_token(state, request, more=request.completion_tokens + 1 < request.max_tokens)
+            self._on_token(state, request, token)
+        except Exception as exc:
+            log.exception("request %s failed while decoding alone", request.rid)
+            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+        finally:
+            self.progress += 1
+
+    def _solo_token(self, state: _ModelState, request: _Request, more: bool) -> _Token:
+        """The solo request's next token, with the finish reason BatchGenerator would give it."""
+        solo = request.solo
+        assert solo is not None
+        token = solo.next_token(more)
+        if token in state.cached.artifacts.tokenizer.eos_token_ids:
+            reason: str | None = "stop"
+        elif request.completion_tokens + 1 >= request.max_tokens:
+            reason = "length"
+        else:
+            return _Token(token, None)
+        return _Token(token, reason, solo.prompt_cache, solo.tokens_in_cache)
+
+    def _on_token(self, state: _ModelState, request: _Request, response: _Token | Any) -> None:
         """One generated token (a GenerationBatch.Response) of one request."""
         if request.command.fault == "raise" and self.config.allow_fault_injection:
             raise RuntimeError("injected fault (raise)")
@@ -302,7 +390,9 @@ class Batcher:
                 detokenizer.finalize()
         text, hit_stop = request.stops.feed(detokenizer.last_segment)
         if hit_stop:
-            if response.finish_reason is None:  # the generator would go on: take it out now
+            if response.finish_reason is None and request.solo is not None:
+                self._save_prefix(state, request.solo.prompt_cache, request.solo.tokens_in_cache)
+            elif response.finish_reason is None:  # the generator would go on: take it out now
                 saved = state.generator.remove([request.uid], return_prompt_caches=True)
                 if request.uid in saved:
                     self._save_prefix(state, *saved[request.uid])

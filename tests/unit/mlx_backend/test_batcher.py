@@ -211,6 +211,68 @@ def test_batched_greedy_matches_alone(h: Harness) -> None:
     assert h.text("together") == h.text("alone")
 
 
+def test_a_lone_request_runs_solo_outside_the_batch(h: Harness) -> None:
+    h.submit("a", max_tokens=10)
+    h.batcher.step()
+    state = h.batcher._states["tiny"]
+    assert state.solo_request is not None and state.solo_request.rid == "a"
+    assert h.batcher.running == 1 and h.batcher.heartbeat().loaded[0].running == 1
+    h.run()
+    assert check_well_formed(h, "a").finish_reason == "length"
+    assert state.solo_request is None and not state.requests
+
+
+def test_requests_arriving_together_go_straight_to_the_batch(h: Harness) -> None:
+    h.submit("a", max_tokens=10)
+    h.submit("b", max_tokens=10)
+    h.batcher.step()
+    state = h.batcher._states["tiny"]
+    assert state.solo_request is None and len(state.requests) == 2
+
+
+@pytest.mark.parametrize("steps_alone", [1, 2, 7])
+@pytest.mark.parametrize("params", [{}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}], ids=["greedy", "penalties"])
+def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
+    h: Harness, steps_alone: int, params: dict[str, float]
+) -> None:
+    h.submit("alone", max_tokens=30, prompt="the quick brown fox", **params)
+    h.run()
+    h.submit("joined", max_tokens=30, prompt="the quick brown fox", **params)
+    for _ in range(steps_alone):
+        h.batcher.step()
+    state = h.batcher._states["tiny"]
+    assert state.solo_request is not None
+    h.submit("newcomer", max_tokens=30, prompt="hello model code")
+    h.batcher.step()
+    assert state.solo_request is None and h.batcher.running == 2  # both decode in the batch now
+    h.run()
+    joined = check_well_formed(h, "joined")
+    assert joined.completion_tokens == 30 and joined.finish_reason == "length"
+    assert h.text("joined") == h.text("alone")
+    check_well_formed(h, "newcomer")
+
+
+def test_a_solo_request_ended_by_its_last_token_at_the_join_does_not_enter_the_batch(h: Harness) -> None:
+    h.submit("short", max_tokens=2, prompt="the quick brown fox")
+    h.batcher.step()  # the first token; the second (its last) is in flight
+    h.submit("next", max_tokens=3)
+    h.batcher.step()
+    assert check_well_formed(h, "short").completion_tokens == 2
+    h.run()
+    check_well_formed(h, "next")
+
+
+def test_a_request_that_joined_from_solo_leaves_its_cache_for_the_next_turn(h: Harness) -> None:
+    h.submit("t1", max_tokens=8)
+    h.batcher.step()
+    h.submit("other", max_tokens=3, prompt="unrelated words")
+    h.run()
+    turn2 = (*HELLO, ChatMessage("assistant", h.text("t1")), ChatMessage("user", "tell me more"))
+    h.submit("t2", messages=turn2, max_tokens=4)
+    h.run()
+    assert h.started("t2").cached_tokens >= h.started("t1").prompt_tokens
+
+
 def test_context_length_exceeded(h: Harness) -> None:
     h.submit("p", prompt="hello " * 600)
     h.submit("m", messages=(ChatMessage("user", "world " * 600),))
@@ -357,6 +419,7 @@ def test_a_failing_generator_step_ends_its_requests_and_recovers(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h.submit("a", max_tokens=50)
+    h.submit("a2", max_tokens=50)  # two at once: the batch, not solo
     h.batcher.step()
     state = h.batcher._states["tiny"]
 
@@ -365,8 +428,28 @@ def test_a_failing_generator_step_ends_its_requests_and_recovers(
 
     monkeypatch.setattr(state.generator, "next", boom)
     h.batcher.step()
+    for rid in ("a", "a2"):
+        end = h.end(rid)
+        assert isinstance(end, Failed) and end.code == "internal_error" and "native failure" in end.message
+    h.submit("b", max_tokens=3)
+    h.run()
+    check_well_formed(h, "b")
+
+
+def test_a_failing_solo_step_ends_its_request_and_recovers(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    h.submit("a", max_tokens=50)
+    h.batcher.step()
+    solo = h.batcher._states["tiny"].solo_request
+    assert solo is not None and solo.solo is not None
+
+    def boom(more: bool) -> int:
+        raise RuntimeError("native failure")
+
+    monkeypatch.setattr(solo.solo, "next_token", boom)
+    h.batcher.step()
     end = h.end("a")
     assert isinstance(end, Failed) and end.code == "internal_error" and "native failure" in end.message
+    assert h.batcher.running == 0
     h.submit("b", max_tokens=3)
     h.run()
     check_well_formed(h, "b")

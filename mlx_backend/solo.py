@@ -1,0 +1,84 @@
+"""A request alone with its model, decoded the way `mlx_lm.stream_generate` decodes: a plain KV cache and one
+token in flight while the previous one is handed out.
+
+Through BatchGenerator a batch of one pays for the batch: a padded batch cache, masked attention and per-row
+bookkeeping. On a GPU, where a small model's step is a few milliseconds of kernel launches, that cost a lone
+stream a third or more of its speed. So a request that finds its model idle runs here, and moves into the
+batch (its KV cache with it, nothing recomputed) as soon as a second request for the model arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
+from mlx_lm.sample_utils import LogitsProcessor, Sampler
+
+
+class SoloGeneration:
+    """Tokens of one request, one per `next_token` call; the first call also runs the prefill."""
+
+    def __init__(
+        self,
+        model: Any,
+        prompt: list[int],
+        prompt_cache: list[Any] | None,
+        cached_tokens: int,
+        sampler: Sampler,
+        logits_processors: list[LogitsProcessor] | None,
+        prefill_step_size: int,
+    ) -> None:
+        self.model = model
+        self.sampler = sampler
+        self.logits_processors = logits_processors or []
+        self.prompt_cache: list[Any] = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+        self.tokens_in_cache: list[int] = prompt[:cached_tokens]  # exactly what the KV cache holds
+        self._rest = prompt[cached_tokens:]
+        self._prefill_step_size = prefill_step_size
+        self._context = TokenBuffer(self.tokens_in_cache) if self.logits_processors else None
+        self._pending: mx.array | None = None  # the next token, being computed
+
+    def next_token(self, more: bool) -> int:
+        """The next token. With `more`, the one after it starts computing before this one is waited for
+        (the GPU never idles on Python); without, nothing more is fed and the cache ends before this token."""
+        if self._pending is None:
+            self._pending = self._prefill()
+        token = self._pending
+        self._pending = None
+        if more:
+            self._pending = self._feed(token)
+            mx.async_eval(self._pending)
+        value = int(token.item())
+        if more:
+            self.tokens_in_cache.append(value)
+        return value
+
+    def _prefill(self) -> mx.array:
+        rest = self._rest
+        self._rest = []
+        if not rest:
+            raise ValueError("a solo generation needs at least one prompt token to feed")
+        head = rest[:-1]
+        for start in range(0, len(head), self._prefill_step_size):
+            chunk = mx.array(head[start:start + self._prefill_step_size])
+            self.model(chunk[None], cache=self.prompt_cache)
+            if self._context is not None:
+                self._context.update_and_fetch(chunk)
+            mx.eval([c.state for c in self.prompt_cache])
+        self.tokens_in_cache.extend(head)
+        first = self._feed(mx.array(rest[-1:]))
+        self.tokens_in_cache.append(rest[-1])
+        mx.async_eval(first)
+        return first
+
+    def _feed(self, tokens: mx.array) -> mx.array:
+        """Run `tokens` (1-D) after the cache; the next token, lazily. Logits processors see every token so
+        far, prompt included, as BatchGenerator shows them."""
+        logits = self.model(tokens[None], cache=self.prompt_cache)[:, -1, :]
+        if self._context is not None:
+            context = self._context.update_and_fetch(tokens)
+            for processor in self.logits_processors:
+                logits = processor(context, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.sampler(logprobs)
