@@ -7,7 +7,8 @@ same streaming load, one table. See docs/benchmarks.md for the commands and reco
 Steps: (1) make or reuse a random-weight model of `--shape` outside the repo; (2) in a child process,
 time `stream_generate` (one stream) and `batch_generate` (each batch size); (3) for each server in
 turn (never two at once), start it on loopback, wait for /health, warm it with one request, then for
-each concurrency level run the streaming load while a separate process polls /health; stop it.
+each concurrency level run one unmeasured round at that concurrency (as the ceiling warms up at each
+batch size) and the streaming load while a separate process polls /health; stop it.
 Every child is in its own process group and is killed on exit, error, Ctrl-C or SIGTERM.
 """
 
@@ -85,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--read-timeout", type=float, default=120.0, help="seconds without a byte on a stream")
     load.add_argument("--health-interval-ms", type=float, default=75.0)
     load.add_argument("--pause", type=float, default=2.0, help="seconds of quiet between levels")
+    load.add_argument(
+        "--no-level-warmup", dest="level_warmup", action="store_false",
+        help="skip the unmeasured round of min(c, --max-running) requests before each level (the ceiling "
+        "warms up at each batch size; on CUDA, MLX compiles kernels for new batch shapes on first use)",
+    )
     srv = parser.add_argument_group("servers")
     srv.add_argument(
         "--max-running", type=int, default=64, help="gateway --max-running (also caps batch sizes)"
@@ -266,6 +272,16 @@ def run_one_level(
     total = concurrency * args.requests_per_client
     first = (server_index * 100 + level_index + 1) * LEVEL_STRIDE
     prompts = [make_prompt(ceiling["words"], args.prompt_tokens, first + i) for i in range(total)]
+    warmup_s = None
+    if args.level_warmup:
+        # As the ceiling does at each batch size: one unmeasured round, with prompts of its own.
+        size = min(concurrency, args.max_running)
+        warm_prompts = [make_prompt(ceiling["words"], args.prompt_tokens, first + LEVEL_STRIDE // 2 + i)
+                        for i in range(size)]
+        started = time.perf_counter()
+        asyncio.run(run_level(server.base_url, body, warm_prompts, size, 1, args.level_timeout, args.read_timeout))
+        warmup_s = time.perf_counter() - started
+        log(f"{name}: level warm-up, {size} requests at once, took {warmup_s:.1f}s")
     probe_out = args.work_dir / f"health-{name}-c{concurrency}.json"
     probe_ready = probe_out.with_suffix(".ready")
     probe = spawn(
@@ -312,6 +328,7 @@ def run_one_level(
     summary["health"] = summarize_probe(probe_out)
     summary["server_alive_after"] = server.alive()
     summary["loadavg_1m_before"] = load_before
+    summary["level_warmup_s"] = warmup_s
     with contextlib.suppress(OSError):
         (args.work_dir / f"requests-{name}-c{concurrency}.json").write_text(
             json.dumps([r.__dict__ for r in level.results])
@@ -528,7 +545,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         + f"; repo {env['commit']}",
         f"- Model: {shape}; prompt {ceiling.get('prompt_tokens')} tokens with the chat template; "
         f"{a['max_tokens']} new tokens; EOS bias {'on' if ceiling.get('eos_bias') else 'off'}",
-        f"- Load: {a['requests_per_client']} requests per client; level timeout {a['level_timeout']:.0f}s; "
+        f"- Load: {a['requests_per_client']} requests per client"
+        f"{' after an unmeasured round at each level' if a.get('level_warmup', True) else ''}; "
+        f"level timeout {a['level_timeout']:.0f}s; "
         f"/health polled every {a['health_interval_ms']:.0f} ms; ceiling best of {a['ceiling_repeats']}",
         f"- Took {result['duration_s']:.0f}s in all; 1-minute load average "
         f"{env['loadavg_at_start'][0]:.2f} at the start (well above 0: other processes shared the CPU)",
