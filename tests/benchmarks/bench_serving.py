@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import EOS_BIAS, make_prompt
-from bench_load import one_request, run_level, summarize_probe
+from bench_load import client_processes_for, one_request, run_level_in_processes, summarize_probe
 from bench_models import DEFAULT_MODEL_DIR, SHAPES, ensure_model
 from bench_servers import REPO_ROOT, SERVERS, Server, free_port, server_spec, spawn, stop, stop_all
 
@@ -86,6 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     load.add_argument("--read-timeout", type=float, default=120.0, help="seconds without a byte on a stream")
     load.add_argument("--health-interval-ms", type=float, default=75.0)
     load.add_argument("--pause", type=float, default=2.0, help="seconds of quiet between levels")
+    load.add_argument(
+        "--clients-per-process", type=int, default=16,
+        help="load clients per load-generator process: one Python process reads ~3000 SSE events/s",
+    )
+    load.add_argument("--max-client-processes", type=int, default=4, help="cap on load-generator processes")
     load.add_argument(
         "--no-level-warmup", dest="level_warmup", action="store_false",
         help="skip the unmeasured round of min(c, --max-running) requests before each level (the ceiling "
@@ -279,7 +284,8 @@ def run_one_level(
         warm_prompts = [make_prompt(ceiling["words"], args.prompt_tokens, first + LEVEL_STRIDE // 2 + i)
                         for i in range(size)]
         started = time.perf_counter()
-        asyncio.run(run_level(server.base_url, body, warm_prompts, size, 1, args.level_timeout, args.read_timeout))
+        run_level_in_processes(server.base_url, body, warm_prompts, size, 1, args.level_timeout, args.read_timeout,
+                               client_processes_for(size, args.clients_per_process, args.max_client_processes))
         warmup_s = time.perf_counter() - started
         log(f"{name}: level warm-up, {size} requests at once, took {warmup_s:.1f}s")
     probe_out = args.work_dir / f"health-{name}-c{concurrency}.json"
@@ -306,21 +312,21 @@ def run_one_level(
     while not probe_ready.exists() and time.monotonic() < deadline and probe.poll() is None:
         time.sleep(0.05)  # load starts once the prober is measuring
     load_before = os.getloadavg()[0]
+    processes = client_processes_for(concurrency, args.clients_per_process, args.max_client_processes)
     log(
-        f"{name}: concurrency {concurrency} x {args.requests_per_client} requests "
-        f"(load average {load_before:.2f}) ..."
+        f"{name}: concurrency {concurrency} x {args.requests_per_client} requests from {processes} "
+        f"load process(es) (load average {load_before:.2f}) ..."
     )
     try:
-        level = asyncio.run(
-            run_level(
-                server.base_url,
-                body,
-                prompts,
-                concurrency,
-                args.requests_per_client,
-                args.level_timeout,
-                args.read_timeout,
-            )
+        level = run_level_in_processes(
+            server.base_url,
+            body,
+            prompts,
+            concurrency,
+            args.requests_per_client,
+            args.level_timeout,
+            args.read_timeout,
+            processes,
         )
     finally:
         stop(probe)
@@ -329,6 +335,7 @@ def run_one_level(
     summary["server_alive_after"] = server.alive()
     summary["loadavg_1m_before"] = load_before
     summary["level_warmup_s"] = warmup_s
+    summary["client_processes"] = processes
     with contextlib.suppress(OSError):
         (args.work_dir / f"requests-{name}-c{concurrency}.json").write_text(
             json.dumps([r.__dict__ for r in level.results])
@@ -547,6 +554,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{a['max_tokens']} new tokens; EOS bias {'on' if ceiling.get('eos_bias') else 'off'}",
         f"- Load: {a['requests_per_client']} requests per client"
         f"{' after an unmeasured round at each level' if a.get('level_warmup', True) else ''}; "
+        f"up to {a.get('clients_per_process', '?')} clients per load process, at most "
+        f"{a.get('max_client_processes', '?')} processes; "
         f"level timeout {a['level_timeout']:.0f}s; "
         f"/health polled every {a['health_interval_ms']:.0f} ms; ceiling best of {a['ceiling_repeats']}",
         f"- Took {result['duration_s']:.0f}s in all; 1-minute load average "
