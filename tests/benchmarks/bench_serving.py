@@ -559,7 +559,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"level timeout {a['level_timeout']:.0f}s; "
         f"/health polled every {a['health_interval_ms']:.0f} ms; ceiling best of {a['ceiling_repeats']}",
         f"- Took {result['duration_s']:.0f}s in all; 1-minute load average "
-        f"{env['loadavg_at_start'][0]:.2f} at the start (well above 0: other processes shared the CPU)",
+        f"{env['loadavg_at_start'][0]:.2f} at the start"
+        + (" (well above 0: other processes shared the CPU)" if env["loadavg_at_start"][0] > 0.5 else ""),
         "",
         markdown_table(table_rows(result)),
     ]

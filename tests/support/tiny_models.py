@@ -303,13 +303,6 @@ def remove_chat_template(path: Path) -> Path:
     return path
 
 
-def make_unreadable(path: Path) -> Path:
-    """chmod 000 the weights. Root still reads them: use the two helpers below where tests run as root."""
-    for weights in weight_files(path):
-        weights.chmod(0)
-    return path
-
-
 def replace_weights_with_directory(path: Path) -> Path:
     """The weights path becomes a directory: unreadable as a file, for root too."""
     for weights in weight_files(path):

@@ -231,7 +231,9 @@ def test_requests_arriving_together_go_straight_to_the_batch(h: Harness) -> None
 
 
 @pytest.mark.parametrize("steps_alone", [1, 2, 7])
-@pytest.mark.parametrize("params", [{}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}], ids=["greedy", "penalties"])
+@pytest.mark.parametrize(
+    "params", [{}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}], ids=["greedy", "penalties"]
+)
 def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
     h: Harness, steps_alone: int, params: dict[str, float]
 ) -> None:

@@ -3,10 +3,12 @@ cause, is quick, and loads nothing."""
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
@@ -92,6 +94,21 @@ def test_corruption_is_caught_before_loading(
     assert info.value.code == code
     assert "The model 'org/my-model' cannot be loaded" in info.value.message
     assert cause in info.value.message
+
+
+@pytest.mark.usefixtures("no_heavy_loading")
+def test_weights_the_server_may_not_read_are_a_load_failure(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # chmod 000 does not stop root (the CI user), so the refusal the kernel would give is injected here.
+    def refuse(file: Path, *args: Any, **kwargs: Any) -> IO[Any]:
+        if Path(file).suffix == ".safetensors":
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "open", refuse, raising=False)
+    with pytest.raises(EngineError) as info:
+        loader.load(entry_for(model))
+    assert info.value.code == LOAD_FAILED
+    assert "model.safetensors cannot be read (Permission denied)" in info.value.message
 
 
 def test_mismatched_shapes_fail_at_load_with_the_cause(model: Path) -> None:
