@@ -376,7 +376,7 @@ class Batcher:
         return _Token(token, reason, solo.prompt_cache, solo.tokens_in_cache)
 
     def _on_token(self, state: _ModelState, request: _Request, response: _Token | Any) -> None:
-        """One generated token (a GenerationBatch.Response) of one request."""
+        """One generated token of one request: a GenerationBatch.Response, or a _Token from the solo path."""
         if request.command.fault == "raise" and self.config.allow_fault_injection:
             raise RuntimeError("injected fault (raise)")
         request.completion_tokens += 1

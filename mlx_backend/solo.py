@@ -9,11 +9,16 @@ batch (its KV cache with it, nothing recomputed) as soon as a second request for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
+
+# The library's untyped calls, given types once here.
+_async_eval: Callable[..., None] = mx.async_eval
+_token_buffer: Callable[[list[int]], Any] = TokenBuffer
 
 
 class SoloGeneration:
@@ -36,7 +41,7 @@ class SoloGeneration:
         self.tokens_in_cache: list[int] = prompt[:cached_tokens]  # exactly what the KV cache holds
         self._rest = prompt[cached_tokens:]
         self._prefill_step_size = prefill_step_size
-        self._context = TokenBuffer(self.tokens_in_cache) if self.logits_processors else None
+        self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
         self._pending: mx.array | None = None  # the next token, being computed
 
     def next_token(self, more: bool) -> int:
@@ -48,8 +53,9 @@ class SoloGeneration:
         self._pending = None
         if more:
             self._pending = self._feed(token)
-            mx.async_eval(self._pending)
-        value = int(token.item())
+            _async_eval(self._pending)
+        value = token.item()
+        assert isinstance(value, int)
         if more:
             self.tokens_in_cache.append(value)
         return value
@@ -69,7 +75,7 @@ class SoloGeneration:
         self.tokens_in_cache.extend(head)
         first = self._feed(mx.array(rest[-1:]))
         self.tokens_in_cache.append(rest[-1])
-        mx.async_eval(first)
+        _async_eval(first)
         return first
 
     def _feed(self, tokens: mx.array) -> mx.array:
