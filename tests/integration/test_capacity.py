@@ -50,8 +50,12 @@ def test_a_non_streaming_client_that_leaves_frees_its_slot(start_server: StartSe
     server.wait_ready()
     with contextlib.suppress(httpx.ReadTimeout):  # the client gives up and closes the connection
         httpx.post(server.base_url + "/v1/chat/completions", json={**SLOW, "max_tokens": 200}, timeout=1.0)
+    # The slot frees when the handler ends; the cancellation is counted when the engine confirms the abort
+    # (its next step, 50 ms apart under the "slow" fault), so both are waited for.
     deadline = time.monotonic() + 3
-    while server.health().json()["requests_running"] and time.monotonic() < deadline:
+    while time.monotonic() < deadline and (
+        server.health().json()["requests_running"] or not metric(server, "mlx_gateway_requests_cancelled_total")
+    ):
         time.sleep(0.05)
     assert server.health().json()["requests_running"] == 0
     assert metric(server, "mlx_gateway_requests_cancelled_total") == 1
