@@ -56,6 +56,11 @@ class _Request:
     def rid(self) -> str:
         return self.command.request_id
 
+    @property
+    def next_is_last(self) -> bool:
+        """Whether the next token uses up the token budget."""
+        return self.completion_tokens + 1 >= self.max_tokens
+
 
 @dataclass
 class _Token:
@@ -354,7 +359,7 @@ class Batcher:
 
     def _step_solo(self, state: _ModelState, request: _Request) -> None:
         try:
-            token = self._solo_token(state, request, more=request.completion_tokens + 1 < request.max_tokens)
+            token = self._solo_token(state, request, more=not request.next_is_last)
             self._on_token(state, request, token)
         except Exception as exc:
             log.exception("request %s failed while decoding alone", request.rid)
@@ -369,7 +374,7 @@ class Batcher:
         token = solo.next_token(more)
         if token in state.cached.artifacts.tokenizer.eos_token_ids:
             reason: str | None = "stop"
-        elif request.completion_tokens + 1 >= request.max_tokens:
+        elif request.next_is_last:
             reason = "length"
         else:
             return _Token(token, None)
