@@ -1,7 +1,7 @@
 """The gateway's state in one place: readiness, admission (bounded running + queue), drain, health.
 
-Handlers never talk to the engine directly; they go through `GatewayRuntime.run`, which admits the
-request, records its metrics, applies the request timeout, and on the way out frees its slot.
+Handlers never talk to the engine directly: `GatewayRuntime.admit` checks capacity and hands the request
+to the engine inside an `Exchange` (gateway/exchange.py), which owns the rest of the request's life.
 """
 
 from __future__ import annotations
@@ -10,36 +10,35 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+import uuid
 
 from gateway import metrics
 from gateway.errors import ErrorKind, GatewayError
+from gateway.exchange import Ending, Exchange, Phase
 from gateway.protocol import EngineHealth, Health, Model, ModelError, ModelList
 from gateway.settings import Settings
 from mlx_backend import __version__
-from mlx_backend.engine import Engine, EngineState, GenerationStream, unavailable
+from mlx_backend.engine import Engine, EngineState, unavailable
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelEntry, ModelRegistry
-from mlx_backend.types import Delta, Finished, Generate, Heartbeat, Started
+from mlx_backend.types import Finished, Generate, Heartbeat
 
 log = logging.getLogger("mlx_gateway")
 
 
-@dataclass
-class _Counts:
-    running: int = 0
-    waiting: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.running + self.waiting
+def new_request_id() -> str:
+    """Server-made and unique: a client's X-Request-Id is kept for logs, never used as a key."""
+    return uuid.uuid4().hex
 
 
 class MetricsObserver:
-    """Engine-side figures arrive with heartbeats; this turns them into gauges and counters."""
+    """What the engine client reports: heartbeats become gauges and counters; giving up is remembered so
+    the server can exit and let its service manager restart it."""
 
     def __init__(self) -> None:
         self._failed_seen: set[tuple[str, float]] = set()
+        self.gave_up = asyncio.Event()
+        self.gave_up_reason: str | None = None
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         metrics.MODELS_LOADED.set(len(heartbeat.loaded))
@@ -61,21 +60,30 @@ class MetricsObserver:
     def on_cancelled(self, finished: Finished) -> None:
         metrics.CANCELLED_TOKENS.inc(finished.completion_tokens)
 
+    def on_down(self, reason: str) -> None:
+        self.gave_up_reason = reason
+        self.gave_up.set()
+
 
 class GatewayRuntime:
-    def __init__(self, settings: Settings, engine: Engine, registry: ModelRegistry) -> None:
+    def __init__(
+        self, settings: Settings, engine: Engine, registry: ModelRegistry, observer: MetricsObserver | None = None
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.registry = registry
+        self.observer = observer or MetricsObserver()
         self.started_at = time.monotonic()
         self.draining = False
-        self._counts = _Counts()
+        self._active: dict[str, Exchange] = {}  # exchanges holding an admission slot
         self._idle = asyncio.Event()
         self._idle.set()
 
-    # -- admission and generation -------------------------------------------------------------------
+    # -- admission ------------------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def admit(self, command: Generate, arrived_at: float | None = None) -> Exchange:
+        """Take a slot and hand the request to the engine; the returned Exchange owns it from here.
+        Raises GatewayError (503 draining or engine unavailable, 429 at capacity)."""
         if self.draining:
             metrics.REQUESTS_REJECTED.labels("draining").inc()
             raise GatewayError(ErrorKind.DRAINING, "The server is shutting down; retry on another instance or later.")
@@ -83,93 +91,60 @@ class GatewayRuntime:
         if state != EngineState.UP:
             metrics.REQUESTS_REJECTED.labels("engine_unavailable").inc()
             raise GatewayError.from_engine(unavailable(state))
-        limit = self.settings.max_running + self.settings.max_queue
-        if self._counts.total >= limit:
+        if len(self._active) >= self.settings.max_running + self.settings.max_queue:
             metrics.REQUESTS_REJECTED.labels("overloaded").inc()
             raise GatewayError(
                 ErrorKind.OVERLOADED,
                 f"The server is at capacity ({self.settings.max_running} running, "
                 f"{self.settings.max_queue} queued); retry after a moment.",
             )
-
-    async def run(self, command: Generate, arrived_at: float) -> GenerationStream:
-        """Admit, generate, and account for one request. Raises GatewayError; closing it aborts."""
-        self._admit()
-        model = command.model
-        counts = self._counts
-        counts.waiting += 1
-        self._idle.clear()
-        self._publish_counts()
-        state = "waiting"  # then "running" once the engine has it in the batch
-        ended = False  # Finished or failed; otherwise the client went away
-        first_text_seen = False
-        admitted_at = time.monotonic()
-        generated = metrics.GENERATION_TOKENS.labels(model)  # looked up once: it is bumped for every delta
         try:
-            async for event in self.engine.generate(command, self.settings.request_timeout_s):
-                if isinstance(event, Started) and state == "waiting":
-                    counts.waiting -= 1
-                    counts.running += 1
-                    state = "running"
-                    self._publish_counts()
-                    metrics.QUEUE_TIME.observe(time.monotonic() - admitted_at)
-                    metrics.PROMPT_TOKENS.labels(model).inc(event.prompt_tokens)
-                    metrics.PROMPT_CACHED_TOKENS.labels(model).inc(event.cached_tokens)
-                elif isinstance(event, Delta):
-                    generated.inc(event.tokens)
-                    if event.text and not first_text_seen:
-                        first_text_seen = True
-                        metrics.TIME_TO_FIRST_TOKEN.labels(model).observe(time.monotonic() - arrived_at)
-                elif isinstance(event, Finished):
-                    metrics.E2E_LATENCY.labels(model).observe(time.monotonic() - arrived_at)
-                    metrics.REQUESTS_FINISHED.labels(model, event.finish_reason).inc()
-                    ended = self._release(state)  # before the last yield: the consumer may stop there
-                yield event
+            engine_request = self.engine.submit(command)
         except EngineError as exc:
-            ended = self._release(state)
+            metrics.REQUESTS_REJECTED.labels("engine_unavailable").inc()
             raise GatewayError.from_engine(exc) from exc
-        finally:
-            if not ended:  # the consumer left early: the client went away
-                self._release(state)
-                metrics.REQUESTS_CANCELLED.inc()
+        exchange = Exchange(command, engine_request, timeout_s=self.settings.request_timeout_s or None,
+                            on_end=self._release, arrived_at=arrived_at)
+        self._active[exchange.id] = exchange
+        self._idle.clear()
+        return exchange
 
-    def _release(self, state: str) -> bool:
-        if state == "waiting":
-            self._counts.waiting -= 1
-        else:
-            self._counts.running -= 1
-        self._publish_counts()
-        if self._counts.total == 0:
+    def _release(self, exchange: Exchange) -> None:
+        self._active.pop(exchange.id, None)
+        if not self._active:
             self._idle.set()
-        return True
 
-    def _publish_counts(self) -> None:
-        metrics.REQUESTS_RUNNING.set(self._counts.running)
-        metrics.REQUESTS_WAITING.set(self._counts.waiting)
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting) among the admitted requests."""
+        running = sum(1 for e in self._active.values() if e.phase == Phase.RUNNING)
+        return running, len(self._active) - running
 
     # -- drain ----------------------------------------------------------------------------------------
 
     async def drain(self, timeout_s: float) -> None:
-        """Refuse new work, let running requests finish until the deadline, then end the rest cleanly."""
+        """Refuse new work, let admitted requests finish until the deadline, then end the rest cleanly:
+        running ones with a final chunk, queued ones with 503 (they never started)."""
         self.draining = True
         metrics.DRAINING.set(1)
         metrics.READY.set(0)
-        pending = self._counts.total
-        log.info("drain: refusing new requests; %d in flight, deadline %.1fs", pending, timeout_s)
-        if pending:
+        running, waiting = self.counts()
+        log.info("drain: refusing new requests; %d running, %d queued, deadline %.1fs", running, waiting, timeout_s)
+        if self._active:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout_s)
-        if self._counts.total:
-            ended = self.engine.end_all("length")
-            log.warning("drain: deadline reached; ended %d request(s) with a final chunk", ended)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), 1.0)
-        log.info("drain: done (%d still in flight)", self._counts.total)
+        if self._active:
+            running, waiting = self.counts()
+            for exchange in list(self._active.values()):
+                exchange.end(Ending.DRAINED)
+            log.warning("drain: deadline reached; ended %d running request(s) with a final chunk and %d queued "
+                        "one(s) with 503", running, waiting)
+        log.info("drain: done")
 
     # -- health and models ----------------------------------------------------------------------------
 
     def health(self) -> Health:
         status = self.engine.status()
+        running, waiting = self.counts()
         heartbeat = status.heartbeat
         entries = self._safe_list()
         failed = {f.id for f in heartbeat.failed} if heartbeat else set()
@@ -194,6 +169,8 @@ class GatewayRuntime:
             state = "ok"
         ready = state in ("ok", "degraded") and bool(loadable)
         metrics.READY.set(1 if ready else 0)
+        metrics.REQUESTS_RUNNING.set(running)
+        metrics.REQUESTS_WAITING.set(waiting)
         metrics.ENGINE_UP.set(1 if status.state == EngineState.UP else 0)
         metrics.ENGINE_STALLED.set(1 if status.stalled else 0)
         metrics.MODELS_AVAILABLE.set(len(entries))
@@ -203,15 +180,22 @@ class GatewayRuntime:
             reason=reason,
             models_loaded=len(heartbeat.loaded) if heartbeat else 0,
             models_available=len(entries),
-            requests_running=self._counts.running,
-            requests_waiting=self._counts.waiting,
+            requests_running=running,
+            requests_waiting=waiting,
             engine=EngineHealth(
                 state=status.state.value, pid=status.pid, restarts=status.restarts, device=status.device,
                 last_exit=status.last_exit, seconds_since_progress=status.seconds_since_progress,
+                requests_running=heartbeat.running if heartbeat else 0,
+                requests_waiting=heartbeat.waiting if heartbeat else 0,
             ),
             uptime_s=round(time.monotonic() - self.started_at, 3),
             version=__version__,
         )
+
+    def alive(self) -> bool:
+        """Liveness: false once the engine is given up on, so a service manager restarts the server (the
+        server also exits then; this covers the seconds in between and a wedged exit)."""
+        return self.engine.status().state != EngineState.DOWN
 
     def refresh_gauges(self) -> None:
         """Scrape-time gauges: health state, and the external watchdog's ledger when configured."""

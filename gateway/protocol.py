@@ -246,7 +246,9 @@ class EngineHealth(Struct):
     restarts: int
     device: str | None
     last_exit: str | None
-    seconds_since_progress: float | None
+    seconds_since_progress: float | None  # while it has work; null when idle
+    requests_running: int = 0  # as the engine itself counts them (last heartbeat)
+    requests_waiting: int = 0
 
 
 class Health(Struct):
@@ -263,7 +265,7 @@ class Health(Struct):
 
 
 class Liveness(Struct):
-    status: Literal["alive"] = "alive"
+    status: Literal["alive", "engine_down"] = "alive"
 
 
 JSON_ENCODER = msgspec.json.Encoder()

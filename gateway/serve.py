@@ -28,6 +28,8 @@ from mlx_backend.types import EngineConfig
 
 log = logging.getLogger("mlx_gateway")
 
+EXIT_ENGINE_GAVE_UP = 3  # the engine failed past its restart budget (docs/operations.md)
+
 
 # Granian configures its own handlers; make its loggers propagate to ours so JSON mode covers every line.
 _GRANIAN_LOGS_THROUGH_OURS = {
@@ -54,8 +56,9 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         load_timeout_s=settings.load_timeout_s,
         restart_budget=settings.engine_restart_budget,
     )
-    engine = EngineClient(config, MetricsObserver(), policy)
-    return GatewayRuntime(settings, engine, registry)
+    observer = MetricsObserver()
+    engine = EngineClient(config, observer, policy)
+    return GatewayRuntime(settings, engine, registry, observer)
 
 
 class _PidFile:
@@ -104,8 +107,23 @@ async def _serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
+    exit_code = 0
+
     async def stop_when_asked() -> None:
-        await stopping.wait()
+        nonlocal exit_code
+        signalled = asyncio.create_task(stopping.wait())
+        gave_up = asyncio.create_task(runtime.observer.gave_up.wait())
+        await asyncio.wait({signalled, gave_up}, return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.is_set():
+            # A server whose engine cannot stay up is no use: exit non-zero so launchd, systemd or the
+            # watchdog restarts the whole server (each with its own budget, then a human).
+            exit_code = EXIT_ENGINE_GAVE_UP
+            log.error("the engine failed more often than its restart budget allows (last: %s); exiting with "
+                      "code %d so the service manager restarts the server", runtime.observer.gave_up_reason,
+                      exit_code)
+            stopping.set()
+        signalled.cancel()
+        gave_up.cancel()
         sdnotify.stopping()
         await runtime.drain(settings.drain_timeout_s)
         log.info("shutdown: stopping the HTTP server")
@@ -123,7 +141,7 @@ async def _serve(settings: Settings) -> int:
         for task in tasks:
             task.cancel()
     log.info("shutdown: complete")
-    return 0
+    return exit_code
 
 
 async def _ready_then_ping(runtime: GatewayRuntime) -> None:
@@ -134,7 +152,7 @@ async def _ready_then_ping(runtime: GatewayRuntime) -> None:
     sdnotify.ready()
     interval = sdnotify.watchdog_interval_s()
     while interval:
-        if not runtime.engine.status().stalled:
+        if not runtime.engine.status().stalled and runtime.alive():
             sdnotify.watchdog_ping()
         await asyncio.sleep(interval / 3)
 

@@ -28,7 +28,17 @@ from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.sampling import make_logits_processors, make_sampler
 from mlx_backend.solo import SoloGeneration
 from mlx_backend.stops import StopMatcher
-from mlx_backend.types import Delta, EngineConfig, Event, Failed, Finished, Generate, Heartbeat, Started
+from mlx_backend.types import (
+    Delta,
+    EngineConfig,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    Heartbeat,
+    Loading,
+    Started,
+)
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
 
@@ -215,7 +225,8 @@ class Batcher:
             _inject_early_fault(command.fault)
         busy = {m for m, s in self._states.items() if s.requests}
         loads_before = self.cache.loads
-        cached = self.cache.get(command.model, busy)
+        cached = self.cache.get(command.model, busy,
+                                on_load=lambda: self._emit(Loading(command.request_id, command.model)))
         if self.cache.loads != loads_before:
             self.progress += 1
         self._heartbeat_if_changed()
@@ -254,7 +265,7 @@ class Batcher:
             self._join_batch(state, solo)
         if not state.requests and not self._more_waiting_for(command.model):
             request.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, sampler,
-                                          processors, self.config.prefill_step_size)
+                                          processors, self.config.prefill_step_size, self._made_progress)
         else:
             (request.uid,) = state.generator.insert(
                 [rest],
@@ -267,6 +278,9 @@ class Batcher:
         state.requests[request.uid] = request
         self._where[command.request_id] = (state, request.uid)
         self._emit(Started(command.request_id, len(tokens), cached_tokens))
+
+    def _made_progress(self) -> None:
+        self.progress += 1
 
     def _more_waiting_for(self, model: str) -> bool:
         """Whether a request after the one being started (the first waiting) wants the same model."""

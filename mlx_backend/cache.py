@@ -96,9 +96,12 @@ class ModelCache:
 
     # -- the one entry point -----------------------------------------------------------------------------
 
-    def get(self, model_id: str, busy: Collection[str] = ()) -> CachedModel:
-        """The loaded model for an id, loading it if needed. `busy` names models with requests in flight:
-        they are never evicted or reloaded under those requests. Raises EngineError."""
+    def get(
+        self, model_id: str, busy: Collection[str] = (), on_load: Callable[[], None] = lambda: None
+    ) -> CachedModel:
+        """The loaded model for an id, loading it if needed (`on_load` is called just before a load).
+        `busy` names models with requests in flight: they are never evicted or reloaded under those
+        requests. Raises EngineError."""
         try:
             entry = self.registry.resolve(model_id)
         except EngineError:
@@ -116,7 +119,7 @@ class ModelCache:
             self._evict(model_id)
         self._raise_remembered(entry)
         try:
-            return self._load_within_budget(entry, busy)
+            return self._load_within_budget(entry, busy, on_load)
         except EngineError as exc:
             if exc.code in _REMEMBERED:
                 with self._lock:
@@ -138,7 +141,9 @@ class ModelCache:
             if self._failures.pop(model_id, None) is not None:
                 self.changes += 1
 
-    def _load_within_budget(self, entry: ModelEntry, busy: Collection[str]) -> CachedModel:
+    def _load_within_budget(
+        self, entry: ModelEntry, busy: Collection[str], on_load: Callable[[], None]
+    ) -> CachedModel:
         size = self._validate(entry)  # headers only: a model too large is refused before any weight is read
         if size > self.budget:
             raise EngineError(
@@ -147,6 +152,7 @@ class ModelCache:
                 f"budget is {_gb(self.budget)}.",
             )
         self._make_room(entry.id, size, busy)
+        on_load()
         self.loading = entry.id
         try:
             artifacts = self._load(entry)

@@ -1,9 +1,10 @@
-"""The small async interface the gateway sees: generate, abort, status, start, stop.
+"""The small interface the gateway sees: submit, status, start, stop.
 
-`EngineClient` supervises one engine process at a time. It routes events to per-request queues, watches
+`EngineClient` supervises one engine process at a time. It routes events to per-request handles, watches
 heartbeats and progress, and when the process dies or stalls it ends every affected request at once with
-ENGINE_UNAVAILABLE, kills what is left, and starts a new process with backoff and a restart budget.
-No MLX here.
+ENGINE_UNAVAILABLE, kills what is left, and starts a new process with backoff and a restart budget. Once
+the budget is spent it stays DOWN and tells its observer, so the gateway can exit and let the service
+manager (launchd, systemd, the watchdog) restart the whole server. No MLX here.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +30,7 @@ from mlx_backend.types import (
     Finished,
     Generate,
     Heartbeat,
+    Loading,
     Ready,
     Shutdown,
     Started,
@@ -36,49 +38,64 @@ from mlx_backend.types import (
 
 log = logging.getLogger("mlx_gateway.engine")
 
-GenerationEvent = Started | Delta | Finished
-GenerationStream = AsyncGenerator[GenerationEvent, None]  # closing it early aborts the request
+GenerationEvent = Loading | Started | Delta | Finished
 
 
-class _Pending:
-    """One request's event queue and the counts needed to end it on our own (drain deadline)."""
+class Interrupted(Exception):
+    """Raised by `EngineRequest.next` once its owner interrupted it (timeout, client gone, drain)."""
 
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[GenerationEvent | EngineError] = asyncio.Queue()
-        self.held: GenerationEvent | EngineError | None = None  # taken from the queue, not handed out yet
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.completion_tokens = 0
 
-    def track(self, event: GenerationEvent) -> None:
-        if isinstance(event, Started):
-            self.prompt_tokens, self.cached_tokens = event.prompt_tokens, event.cached_tokens
-        elif isinstance(event, Delta):
-            self.completion_tokens += event.tokens
+class EngineRequest:
+    """One request's channel from the engine: its events in order, and the one way to stop it early.
 
-    async def take(self) -> GenerationEvent | EngineError:
-        """The next event. Deltas already waiting are merged into one: a consumer that falls behind (a slow
-        client, a busy event loop) catches up in one chunk instead of one per token, and a fast one is
-        never delayed."""
-        item = self.held if self.held is not None else await self.queue.get()
-        self.held = None
-        while isinstance(item, Delta) and not self.queue.empty():
-            following = self.queue.get_nowait()
+    The engine ends a request with Finished or Failed; until then `interrupt` is how its owner ends it:
+    the engine is told to abort (once) and a consumer waiting in `next` wakes with Interrupted.
+    """
+
+    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+        self.request_id = request_id
+        self._abort = abort
+        self._queue: asyncio.Queue[GenerationEvent | EngineError | Interrupted] = asyncio.Queue()
+        self._held: GenerationEvent | EngineError | Interrupted | None = None  # taken, not handed out yet
+        self.ended = False  # the engine is done with it: Finished, Failed, or aborted by its owner
+
+    def deliver(self, item: GenerationEvent | EngineError) -> None:
+        """The engine client's side: the next event, or the error that ends the request."""
+        if isinstance(item, Finished | EngineError):
+            self.ended = True
+        self._queue.put_nowait(item)
+
+    async def next(self) -> GenerationEvent:
+        """The next event; raises EngineError when the engine failed it, Interrupted once interrupted.
+
+        Deltas already waiting are merged into one: a consumer that falls behind (a slow client, a busy
+        event loop) catches up in one chunk instead of one per token, and a fast one is never delayed."""
+        item = self._held if self._held is not None else await self._queue.get()
+        self._held = None
+        while isinstance(item, Delta) and not self._queue.empty():
+            following = self._queue.get_nowait()
             if not isinstance(following, Delta):
-                self.held = following
+                self._held = following
                 break
             item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens)
+        if isinstance(item, EngineError | Interrupted):
+            self._held = item  # the request is over: every later call raises the same
+            raise item
         return item
 
-    def finished(self, rid: str, finish_reason: str) -> Finished:
-        return Finished(rid, finish_reason, self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+    def interrupt(self) -> None:
+        """End it early: abort it in the engine unless the engine already ended it; wake the consumer."""
+        if not self.ended:
+            self.ended = True
+            self._abort(self.request_id)
+        self._queue.put_nowait(Interrupted())
 
 
 class EngineState(enum.StrEnum):
     STARTING = "starting"
     UP = "up"
     RESTARTING = "restarting"
-    DOWN = "down"  # restart budget spent: a human must look
+    DOWN = "down"  # restart budget spent: the gateway exits so the service manager restarts everything
     STOPPED = "stopped"
 
 
@@ -90,23 +107,23 @@ class EngineStatus:
     device: str | None
     last_exit: str | None
     stalled: bool
-    seconds_since_progress: float | None
+    seconds_since_progress: float | None  # while busy only: idle time is not a lack of progress
     heartbeat: Heartbeat | None
 
 
 class EngineObserver(Protocol):
-    """What the gateway wants to hear about (metrics, logs); every method must be cheap."""
+    """What the gateway wants to hear about (metrics, logs, giving up); every method must be cheap."""
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None: ...
     def on_restart(self, reason: str) -> None: ...
     def on_cancelled(self, finished: Finished) -> None: ...
+    def on_down(self, reason: str) -> None: ...
 
 
 class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    def generate(self, command: Generate, timeout_s: float | None = None) -> GenerationStream: ...
-    def end_all(self, finish_reason: str) -> int: ...
+    def submit(self, command: Generate) -> EngineRequest: ...
     def status(self) -> EngineStatus: ...
 
     @property
@@ -115,12 +132,17 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class SupervisionPolicy:
-    stall_timeout_s: float = 30.0  # work pending, no progress this long: stalled (killed at 1.5x)
+    stall_timeout_s: float = 30.0  # busy with no progress this long: stalled (killed at 1.5x)
     load_timeout_s: float = 600.0  # a single model load may take this long
     heartbeat_timeout_s: float = 3.0  # no heartbeat this long: the process is frozen (SIGSTOP, swap death)
     ready_timeout_s: float = 120.0  # a fresh process must say Ready within this
     restart_budget: int = 10  # restarts per rolling hour, then DOWN
+    healthy_after_s: float = 60.0  # a process up this long was healthy: the restart backoff starts over
     shutdown_timeout_s: float = 10.0
+
+
+_FIRST_BACKOFF_S = 0.5
+_MAX_BACKOFF_S = 30.0
 
 
 def unavailable(state: EngineState) -> EngineError:
@@ -128,7 +150,7 @@ def unavailable(state: EngineState) -> EngineError:
     detail = {
         EngineState.STARTING: "the engine is starting",
         EngineState.RESTARTING: "the engine is restarting after a failure",
-        EngineState.DOWN: "the engine failed too often and stays down until an operator restarts the server",
+        EngineState.DOWN: "the engine failed too often; the server is restarting",
         EngineState.STOPPED: "the server is shutting down",
         EngineState.UP: "the engine connection was lost",
     }[state]
@@ -154,14 +176,14 @@ class EngineClient:
         self._ready: Ready | None = None
         self._heartbeat: Heartbeat | None = None
         self._last_heartbeat_at = 0.0
-        self._last_progress: tuple[int, float] = (0, 0.0)  # (counter, monotonic time it last changed)
-        self._requests: dict[str, _Pending] = {}
+        # The stall clock: (progress counter, when it last moved or when work began after a quiet spell).
+        self._last_progress: tuple[int, float] = (0, 0.0)
+        self._requests: dict[str, EngineRequest] = {}
         self._aborted: set[str] = set()
         self._restart_times: deque[float] = deque()
         self._restarts = 0
         self._last_exit: str | None = None
         self._stalled = False
-        self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
 
@@ -197,63 +219,29 @@ class EngineClient:
 
     # -- requests -------------------------------------------------------------------------------------
 
-    async def generate(self, command: Generate, timeout_s: float | None = None) -> GenerationStream:
-        """Events of one request; raises EngineError on failure. Leaving early aborts the request."""
+    def submit(self, command: Generate) -> EngineRequest:
+        """Send a request to the engine; its events arrive on the returned handle. Raises EngineError when
+        the engine cannot take it. The caller owns the handle: it reads it to its end or interrupts it."""
         process = self._process
         if self._state != EngineState.UP or process is None or process.channel is None:
             raise self._unavailable()
         rid = command.request_id
-        pending = _Pending()
-        self._requests[rid] = pending
-        deadline = time.monotonic() + timeout_s if timeout_s else None
-        finished = False
+        if rid in self._requests:
+            raise ValueError(f"request id {rid} is already in flight")  # ids are the gateway's to keep unique
         try:
             process.channel.send(command)
-            while True:
-                item = await self._next(pending, deadline, timeout_s)
-                if isinstance(item, EngineError | Finished):
-                    # Settle before handing out the last event: a consumer may stop iterating right there.
-                    finished = True
-                    self._requests.pop(rid, None)
-                    if isinstance(item, EngineError):
-                        raise item
-                    yield item
-                    return
-                yield item
-        except ConnectionClosed:
-            finished = True
+        except (ConnectionClosed, OSError):
             raise self._unavailable() from None
-        finally:
-            self._requests.pop(rid, None)
-            if not finished:
-                self._abort(rid, process)
+        request = EngineRequest(rid, lambda r: self._abort(r, process))
+        self._requests[rid] = request
+        return request
 
-    @staticmethod
-    async def _next(
-        pending: _Pending, deadline: float | None, timeout_s: float | None
-    ) -> GenerationEvent | EngineError:
-        if deadline is None:
-            return await pending.take()
-        try:
-            return await asyncio.wait_for(pending.take(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            return EngineError(
-                EngineErrorCode.REQUEST_TIMEOUT, f"The request ran longer than the {timeout_s:g}s request timeout."
-            )
-
-    def end_all(self, finish_reason: str) -> int:
-        """End every request now with a final Finished (drain deadline); the engine drops their work."""
-        process = self._process
-        for rid, pending in list(self._requests.items()):
-            pending.queue.put_nowait(pending.finished(rid, finish_reason))
-            if process is not None:
-                self._abort(rid, process, count_as_cancelled=False)
-        return len(self._requests)
-
-    def _abort(self, rid: str, process: EngineProcess, *, count_as_cancelled: bool = True) -> None:
+    def _abort(self, rid: str, process: EngineProcess) -> None:
+        """Its owner ended a request the engine still runs: tell the engine, and count what it wasted."""
+        if self._requests.pop(rid, None) is None:
+            return
         if process is self._process and process.channel and self._state == EngineState.UP:
-            if count_as_cancelled:
-                self._aborted.add(rid)
+            self._aborted.add(rid)
             with contextlib.suppress(ConnectionClosed, OSError):
                 process.channel.send(Abort(rid))
 
@@ -263,7 +251,7 @@ class EngineClient:
 
     def status(self) -> EngineStatus:
         since = None
-        if self._state == EngineState.UP and self._last_progress[1]:
+        if self._state == EngineState.UP and self._busy():
             since = round(time.monotonic() - self._last_progress[1], 3)
         return EngineStatus(
             state=self._state,
@@ -283,16 +271,17 @@ class EngineClient:
         error = EngineError(
             EngineErrorCode.ENGINE_UNAVAILABLE, f"Model engine unavailable: {reason}; the request was ended."
         )
-        for pending in self._requests.values():
-            pending.queue.put_nowait(error)
+        for request in self._requests.values():
+            request.deliver(error)
         self._requests.clear()
         self._aborted.clear()
 
     # -- supervision ----------------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        backoff = 0.5
+        backoff = _FIRST_BACKOFF_S
         while True:
+            began = time.monotonic()
             reason = await self._run_one_process()
             if self._state == EngineState.STOPPED:
                 return
@@ -301,19 +290,19 @@ class EngineClient:
             self._state = EngineState.RESTARTING
             self._fail_all(f"the engine process {reason}")
             self._observer.on_restart(reason)
+            if time.monotonic() - began >= self._policy.healthy_after_s:
+                backoff = _FIRST_BACKOFF_S  # it ran well for a while: this failure starts a new series
             if not self._within_budget():
                 self._state = EngineState.DOWN
                 log.error(
-                    "engine restart budget spent (%d in the last hour); the engine stays down. "
-                    "Last failure: %s. Restart the server once the cause is fixed.",
-                    self._policy.restart_budget, reason,
+                    "engine restart budget spent (%d in the last hour); giving up on the engine. "
+                    "Last failure: %s.", self._policy.restart_budget, reason,
                 )
+                self._observer.on_down(reason)
                 return
             log.warning("engine process %s; restarting in %.1fs", reason, backoff)
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30.0)
-            if self._state == EngineState.UP:
-                backoff = 0.5
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def _within_budget(self) -> bool:
         now = time.monotonic()
@@ -377,6 +366,10 @@ class EngineClient:
             self._state = EngineState.RESTARTING
         self._up.clear()
 
+    def _busy(self) -> bool:
+        heartbeat = self._heartbeat
+        return bool(self._requests) or (heartbeat is not None and bool(heartbeat.running or heartbeat.waiting))
+
     def _check_health(self) -> str | None:
         now = time.monotonic()
         if self._ready is None:
@@ -385,11 +378,16 @@ class EngineClient:
             return None
         if now - self._last_heartbeat_at > self._policy.heartbeat_timeout_s:
             return f"sent no heartbeat for {now - self._last_heartbeat_at:.1f}s (frozen)"
+        if not self._busy():
+            # Only busy time is judged: while idle the clock keeps up, so work that starts after a long
+            # quiet spell gets the whole stall timeout, like work that starts a second after the last.
+            self._last_progress = (self._last_progress[0], now)
+            self._stalled = False
+            return None
         heartbeat = self._heartbeat
-        busy = bool(self._requests) or (heartbeat is not None and bool(heartbeat.running or heartbeat.waiting))
         limit = self._policy.load_timeout_s if heartbeat and heartbeat.loading else self._policy.stall_timeout_s
         idle_for = now - self._last_progress[1]
-        self._stalled = busy and idle_for > limit
+        self._stalled = idle_for > limit
         # Report "stalled" first (health 503), kill a little later: a stall can still resolve itself
         # (one huge prefill chunk on a slow machine), and the operator sees the state either way.
         if self._stalled and idle_for > limit + max(1.0, limit / 2):
@@ -421,17 +419,18 @@ class EngineClient:
         self._heartbeat = heartbeat
         self._observer.on_heartbeat(heartbeat)
 
-    def _route(self, event: Started | Delta | Finished | Failed) -> None:
-        pending = self._requests.get(event.request_id)
-        if pending is None:
-            if isinstance(event, Finished) and event.request_id in self._aborted:
+    def _route(self, event: Loading | Started | Delta | Finished | Failed) -> None:
+        request = self._requests.get(event.request_id)
+        if request is None:  # its owner ended it: the engine's last word on it only feeds the counts
+            if isinstance(event, Finished | Failed) and event.request_id in self._aborted:
                 self._aborted.discard(event.request_id)
-                self._observer.on_cancelled(event)
-            elif isinstance(event, Failed):
-                self._aborted.discard(event.request_id)
+                if isinstance(event, Finished):
+                    self._observer.on_cancelled(event)
             return
         if isinstance(event, Failed):
-            pending.queue.put_nowait(EngineError.from_wire(event.code, event.message, event.param))
+            del self._requests[event.request_id]
+            request.deliver(EngineError.from_wire(event.code, event.message, event.param))
             return
-        pending.track(event)
-        pending.queue.put_nowait(event)
+        if isinstance(event, Finished):
+            del self._requests[event.request_id]
+        request.deliver(event)

@@ -11,9 +11,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from mlx_backend.engine import EngineState, EngineStatus, GenerationStream, unavailable
+from mlx_backend.engine import EngineRequest, EngineState, EngineStatus, unavailable
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import Delta, FailedModel, Finished, Generate, Heartbeat, LoadedModel, Started
+from mlx_backend.types import Delta, FailedModel, Finished, Generate, Heartbeat, LoadedModel, Loading, Started
 
 
 def default_reply(command: Generate) -> str:
@@ -27,6 +27,7 @@ class FakeEngine:
         token_delay_s: float = 0.0,
         context_length: int = 512,
         failures: dict[str, EngineError] | None = None,
+        load_delay_s: float = 0.0,
     ) -> None:
         self.reply = reply
         self.token_delay_s = token_delay_s
@@ -36,7 +37,8 @@ class FakeEngine:
         self.loaded: dict[str, float] = {}
         self.received: list[Generate] = []
         self.aborted: list[str] = []
-        self._in_flight: dict[str, Finished | None] = {}
+        self.load_delay_s = load_delay_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         self.state = EngineState.UP
@@ -47,60 +49,62 @@ class FakeEngine:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self._tasks)
 
-    def end_all(self, finish_reason: str) -> int:
-        for rid in self._in_flight:
-            self._in_flight[rid] = Finished(rid, finish_reason, 0, 0, 0)
-        return len(self._in_flight)
-
-    async def generate(self, command: Generate, timeout_s: float | None = None) -> GenerationStream:
+    def submit(self, command: Generate) -> EngineRequest:
         if self.state != EngineState.UP:
             raise unavailable(self.state)
         self.received.append(command)
-        if command.model in self.failures:
-            raise self.failures[command.model]
-        prompt = command.prompt if command.prompt is not None else " ".join(m.content for m in command.messages or ())
-        prompt_tokens = len(prompt.split())
-        if prompt_tokens >= self.context_length:
-            raise EngineError(
-                EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"The prompt has {prompt_tokens} tokens; the model's context is {self.context_length}.",
-                "messages" if command.messages is not None else "prompt",
-            )
-        self.loaded[command.model] = time.time()
+        request = EngineRequest(command.request_id, self._abort)
+        self._tasks[command.request_id] = asyncio.get_running_loop().create_task(self._run(command, request))
+        return request
+
+    def _abort(self, request_id: str) -> None:
+        task = self._tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+            self.aborted.append(request_id)
+
+    async def _run(self, command: Generate, request: EngineRequest) -> None:
         rid = command.request_id
-        self._in_flight[rid] = None
-        finished = False
         try:
-            yield Started(rid, prompt_tokens, 0)
+            if command.model in self.failures:
+                request.deliver(self.failures[command.model])
+                return
+            prompt = command.prompt if command.prompt is not None else " ".join(
+                m.content for m in command.messages or ())
+            prompt_tokens = len(prompt.split())
+            if prompt_tokens >= self.context_length:
+                request.deliver(EngineError(
+                    EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                    f"The prompt has {prompt_tokens} tokens; the model's context is {self.context_length}.",
+                    "messages" if command.messages is not None else "prompt",
+                ))
+                return
+            if command.model not in self.loaded:
+                request.deliver(Loading(rid, command.model))
+                await asyncio.sleep(self.load_delay_s)
+            self.loaded[command.model] = time.time()
+            request.deliver(Started(rid, prompt_tokens, 0))
             text = self.reply(command)
             cut = min((text.find(s) for s in command.params.stop if s in text), default=-1)
             words = (text[:cut] if cut >= 0 else text).split(" ")
             budget = command.params.max_tokens
-            emitted = 0
             for i, word in enumerate(words[:budget]):
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
-                ended = self._in_flight.get(rid)
-                if ended is not None:
-                    finished = True
-                    yield Finished(rid, ended.finish_reason, prompt_tokens, emitted, 0)
-                    return
-                emitted += 1
-                yield Delta(rid, word if i == 0 else " " + word, 1)
+                request.deliver(Delta(rid, word if i == 0 else " " + word, 1))
             reason = "length" if len(words) > budget else "stop"
-            finished = True
-            yield Finished(rid, reason, prompt_tokens, emitted, 0)
+            request.deliver(Finished(rid, reason, prompt_tokens, min(len(words), budget), 0))
+        except Exception as exc:  # as the real engine does: the request fails, the engine goes on
+            request.deliver(EngineError(EngineErrorCode.INTERNAL, f"The engine failed while generating: {exc}"))
         finally:
-            self._in_flight.pop(rid, None)
-            if not finished:
-                self.aborted.append(rid)
+            self._tasks.pop(rid, None)
 
     def status(self) -> EngineStatus:
         now = time.time()
         heartbeat = Heartbeat(
-            progress=0, running=len(self._in_flight), waiting=0, loading=None,
+            progress=0, running=len(self._tasks), waiting=0, loading=None,
             loaded=tuple(LoadedModel(m, 1000, t, 0) for m, t in self.loaded.items()),
             failed=tuple(FailedModel(m, e.code.value, e.message, now, 30.0) for m, e in self.failures.items()),
             memory_budget_bytes=1 << 30, active_memory_bytes=0, prompt_cache_bytes=0,

@@ -23,7 +23,7 @@ class SeededSampler:
     def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
         self._inv_temp = 1.0 / temperature
         self._top_p = top_p
-        self._key = mx.random.key(seed if seed is not None else secrets.randbits(63))
+        self._key = mx.random.key(_as_key_seed(seed) if seed is not None else secrets.randbits(64))
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         keys = mx.random.split(self._key)
@@ -33,10 +33,20 @@ class SeededSampler:
         return mx.random.categorical(logprobs * self._inv_temp, key=draw)
 
 
+# Temperatures this small are greedy decoding in effect, and 1/t would overflow float32 below ~3e-39 (every
+# logit -inf, a garbage draw): treat them as greedy, as vLLM does below 1e-5.
+_GREEDY_BELOW = 1e-5
+
+
+def _as_key_seed(seed: int) -> int:
+    """OpenAI's seeds span signed int64; MLX keys take unsigned 64-bit seeds: map two's complement, one to one."""
+    return seed & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     # BatchGenerator samples the whole batch in one call only when every row has the same sampler object;
     # otherwise it samples row by row. So requests share a sampler unless a seed gives them their own key.
-    if params.temperature <= 0.0:
+    if params.temperature < _GREEDY_BELOW:
         return greedy_sampler
     if params.seed is None:
         return _shared_sampler(params.temperature, params.top_p)

@@ -33,6 +33,7 @@ class SoloGeneration:
         sampler: Sampler,
         logits_processors: list[LogitsProcessor] | None,
         prefill_step_size: int,
+        on_prefill_chunk: Callable[[], None] = lambda: None,
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -41,6 +42,7 @@ class SoloGeneration:
         self.tokens_in_cache: list[int] = prompt[:cached_tokens]  # exactly what the KV cache holds
         self._rest = prompt[cached_tokens:]
         self._prefill_step_size = prefill_step_size
+        self._on_prefill_chunk = on_prefill_chunk  # progress for the stall clock: a long prompt is not a hang
         self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
         self._pending: mx.array | None = None  # the next token, being computed
 
@@ -72,6 +74,7 @@ class SoloGeneration:
             if self._context is not None:
                 self._context.update_and_fetch(chunk)
             mx.eval([c.state for c in self.prompt_cache])
+            self._on_prefill_chunk()
         self.tokens_in_cache.extend(head)
         first = self._feed(mx.array(rest[-1:]))
         self.tokens_in_cache.append(rest[-1])

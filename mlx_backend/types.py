@@ -96,6 +96,13 @@ class Ready(msgspec.Struct, frozen=True, tag="ready"):
     mlx_lm_version: str
 
 
+class Loading(msgspec.Struct, frozen=True, tag="loading"):
+    """The request's model is being loaded for it (sent only when a load is needed)."""
+
+    request_id: str
+    model: str
+
+
 class Started(msgspec.Struct, frozen=True, tag="started"):
     """The prompt is tokenized, fits the context, and the request has joined the batch."""
 
@@ -139,4 +146,4 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     prompt_cache_bytes: int
 
 
-Event = Ready | Started | Delta | Finished | Failed | Heartbeat
+Event = Ready | Loading | Started | Delta | Finished | Failed | Heartbeat

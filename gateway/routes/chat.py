@@ -12,7 +12,7 @@ from gateway.convert import ResponseMeta
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta
 from gateway.routes import responses
-from gateway.routes.generation import respond
+from gateway.routes.generation import exchange_id, respond
 from mlx_backend.types import Finished
 
 
@@ -46,7 +46,7 @@ async def create_chat_completion(
     request: Request[Any, Any, Any], data: ChatCompletionRequest
 ) -> Response[ChatCompletion] | Stream:
     runtime: GatewayRuntime = request.app.state.runtime
-    request_id: str = request.state.request_id
+    request_id = exchange_id(request)
     runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
     command = convert.chat_to_generate(
         data, request_id, runtime.settings.max_tokens_default, runtime.settings.test_faults

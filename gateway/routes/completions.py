@@ -12,7 +12,7 @@ from gateway.convert import ResponseMeta
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Completion, CompletionRequest
 from gateway.routes import responses
-from gateway.routes.generation import respond
+from gateway.routes.generation import exchange_id, respond
 from mlx_backend.types import Finished
 
 
@@ -44,7 +44,7 @@ class CompletionRenderer:
 )
 async def create_completion(request: Request[Any, Any, Any], data: CompletionRequest) -> Response[Completion] | Stream:
     runtime: GatewayRuntime = request.app.state.runtime
-    request_id: str = request.state.request_id
+    request_id = exchange_id(request)
     runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
     command = convert.completion_to_generate(data, request_id, runtime.settings.test_faults)
     meta = ResponseMeta(f"cmpl-{request_id}", data.model)

@@ -1,29 +1,28 @@
 """What chat and legacy completions share: run the request, then stream it or fold it into one body.
 
-Stream and non-stream use one event iterator (the non-stream path folds it). The first engine event is
-awaited before any byte is sent, so admission, model-load and context-length failures are real HTTP
+Stream and non-stream read one Exchange the same way (the non-stream path folds it). The request's start
+is awaited before any byte is sent, so admission, model-load and context-length failures are real HTTP
 errors; once SSE headers are out, a failure is one `data: {"error": ...}` event, then `data: [DONE]`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway import sse
 from gateway.convert import ResponseMeta, public_finish_reason
-from gateway.errors import ErrorKind, GatewayError, internal
-from gateway.lifecycle import GatewayRuntime
+from gateway.errors import GatewayError, internal
+from gateway.exchange import Exchange
+from gateway.lifecycle import GatewayRuntime, new_request_id
 from gateway.protocol import ChatCompletion, Completion
-from mlx_backend.engine import GenerationStream
-from mlx_backend.types import Delta, Finished, Generate
+from mlx_backend.types import Finished, Generate
 
 log = logging.getLogger("mlx_gateway")
 
@@ -38,6 +37,15 @@ class Renderer(Protocol):
     def whole(self, meta: ResponseMeta, text: str, finished: Finished) -> ChatCompletion | Completion: ...
 
 
+def exchange_id(request: Request[Any, Any, Any]) -> str:
+    """The id a request is known by inside the server, always unique: the X-Request-Id the server made for
+    it when the client sent none (so that header names the response), otherwise a fresh one, since ids
+    that clients choose can repeat."""
+    if "x-request-id" in request.headers:
+        return new_request_id()
+    return str(request.state.request_id)
+
+
 async def respond(
     runtime: GatewayRuntime,
     request: Request[Any, Any, Any],
@@ -48,33 +56,40 @@ async def respond(
     stream: bool,
     include_usage: bool,
 ) -> Response[Any] | Stream:
-    arrived_at = time.monotonic()
-    events = runtime.run(command, arrived_at)
+    exchange = runtime.admit(command, time.monotonic())
+    exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
     try:
-        await anext(events)  # Started: admitted, model loaded, prompt fits
+        await exchange.started()  # admitted, model loaded, prompt fits
     except BaseException:
-        await events.aclose()
+        exchange.close()
         raise
     if stream:
-        body = _stream(events, meta, renderer, include_usage)
-        return Stream(body, media_type="text/event-stream", headers=sse.HEADERS)
-    return Response(await _fold_unless_client_leaves(events, meta, renderer, request))
+        exchange.stop_watching()  # the streaming response watches the connection from here
+        body = _stream(exchange, meta, renderer, include_usage)
+        return Stream(body, media_type="text/event-stream", headers=sse.HEADERS,
+                      background=BackgroundTask(exchange.close))
+    try:
+        return Response(await _fold(exchange, meta, renderer))
+    finally:
+        exchange.close()
 
 
 async def _stream(
-    events: GenerationStream, meta: ResponseMeta, renderer: Renderer, include_usage: bool
+    exchange: Exchange, meta: ResponseMeta, renderer: Renderer, include_usage: bool
 ) -> AsyncIterator[bytes]:
     try:
         opening = renderer.opening(meta)
         if opening is not None:
             yield sse.event(opening)
-        async for event in events:
-            if isinstance(event, Delta) and event.text:
-                yield sse.event(renderer.text(meta, event.text))
-            elif isinstance(event, Finished):
+        while True:
+            event = await exchange.next()
+            if isinstance(event, Finished):
                 yield sse.event(renderer.closing(meta, public_finish_reason(event.finish_reason)))
                 if include_usage:
                     yield sse.event(renderer.usage(meta, event))
+                break
+            if event.text:
+                yield sse.event(renderer.text(meta, event.text))
         yield sse.DONE
     except GatewayError as exc:
         log.warning("stream ended by error: %s", exc.message)
@@ -85,42 +100,13 @@ async def _stream(
         yield sse.event(internal(meta.id).body())
         yield sse.DONE
     finally:
-        await events.aclose()  # a client that left aborts its request here
+        exchange.close()  # a client that left ends its request here (or in the response's background task)
 
 
-async def _fold(events: GenerationStream, meta: ResponseMeta, renderer: Renderer) -> Any:
+async def _fold(exchange: Exchange, meta: ResponseMeta, renderer: Renderer) -> Any:
     parts: list[str] = []
-    try:
-        async for event in events:
-            if isinstance(event, Delta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                return renderer.whole(meta, "".join(parts), event)
-    finally:
-        await events.aclose()
-    raise RuntimeError("the engine ended a request without Finished")
-
-
-async def _client_gone(request: Request[Any, Any, Any]) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _fold_unless_client_leaves(
-    events: GenerationStream, meta: ResponseMeta, renderer: Renderer, request: Request[Any, Any, Any]
-) -> Any:
-    """Non-streaming clients that hang up must free their batch slot too, not generate to max_tokens."""
-    fold = asyncio.create_task(_fold(events, meta, renderer))
-    gone = asyncio.create_task(_client_gone(request))
-    try:
-        await asyncio.wait({fold, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not fold.done():
-            fold.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await fold
-        gone.cancel()
-    if fold.cancelled():
-        log.info("client disconnected; request aborted")
-        raise GatewayError(ErrorKind.CLIENT_CLOSED, "The client closed the connection; the request was aborted.")
-    return fold.result()
+    while True:
+        event = await exchange.next()
+        if isinstance(event, Finished):
+            return renderer.whole(meta, "".join(parts), event)
+        parts.append(event.text)

@@ -21,10 +21,14 @@ async def health(request: Request[Any, Any, Any]) -> Response[Health]:
     return Response(report, status_code=200 if report.ready else 503, headers=headers)
 
 
-@get("/health/live", operation_id="liveness", summary="The process and its event loop answer",
-     tags=["Operations"])
-async def liveness() -> Liveness:
-    return Liveness()
+@get("/health/live", operation_id="liveness", tags=["Operations"],
+     summary="The process answers and its engine has not been given up on",
+     responses={503: ResponseSpec(Liveness, description="The engine failed past its restart budget")})
+async def liveness(request: Request[Any, Any, Any]) -> Response[Liveness]:
+    runtime: GatewayRuntime = request.app.state.runtime
+    if runtime.alive():
+        return Response(Liveness())
+    return Response(Liveness(status="engine_down"), status_code=503)
 
 
 @get("/health/ready", operation_id="readiness", summary="200 when generation requests are accepted",

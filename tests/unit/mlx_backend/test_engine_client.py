@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mlx_backend.engine import EngineClient, EngineState, SupervisionPolicy
+from mlx_backend.engine import EngineClient, EngineRequest, EngineState, Interrupted, SupervisionPolicy
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import EngineConfig, Finished, Generate, Heartbeat, SamplingParams
+from mlx_backend.types import Delta, EngineConfig, Finished, Generate, Heartbeat, SamplingParams, Started
 
 pytestmark = pytest.mark.anyio
 _ids = itertools.count()
@@ -23,7 +23,11 @@ class Recorder:
     def __init__(self) -> None:
         self.restarts: list[str] = []
         self.cancelled: list[Finished] = []
+        self.down: list[str] = []
         self.heartbeats = 0
+
+    def on_down(self, reason: str) -> None:
+        self.down.append(reason)
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         self.heartbeats += 1
@@ -41,12 +45,13 @@ def command(prompt: str, max_tokens: int = 100) -> Generate:
 
 
 async def collect(client: EngineClient, cmd: Generate) -> tuple[str, Finished]:
+    request = client.submit(cmd)
     text = ""
-    async for event in client.generate(cmd):
+    while True:
+        event = await request.next()
         if isinstance(event, Finished):
             return text, event
         text += getattr(event, "text", "")
-    raise AssertionError("no Finished")
 
 
 @pytest.fixture
@@ -75,13 +80,17 @@ async def test_requests_stream_their_events_and_finish(client: tuple[EngineClien
     assert recorder.heartbeats > 0 and engine.in_flight == 0
 
 
-async def test_leaving_early_aborts_and_counts_the_cancelled_tokens(client: tuple[EngineClient, Recorder]) -> None:
+async def test_interrupting_aborts_in_the_engine_and_counts_the_cancelled_tokens(
+    client: tuple[EngineClient, Recorder],
+) -> None:
     engine, recorder = client
-    events = engine.generate(command("a " * 50))
-    async for event in events:
-        if getattr(event, "text", ""):
-            break
-    await events.aclose()  # type: ignore[attr-defined]
+    request = engine.submit(command("a " * 50))
+    while not getattr(await request.next(), "text", ""):
+        pass
+    request.interrupt()
+    with pytest.raises(Interrupted):
+        await request.next()
+    assert engine.in_flight == 0
     deadline = time.monotonic() + 5
     while not recorder.cancelled and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
@@ -135,24 +144,49 @@ async def test_the_restart_budget_ends_in_down_not_a_crash_loop(client: tuple[En
         await asyncio.sleep(0.05)
     with pytest.raises(EngineError) as down:
         await collect(engine, command("hello"))
-    assert "operator" in down.value.message and len(recorder.restarts) == 4
+    assert "restarting" in down.value.message and len(recorder.restarts) == 4
+    assert len(recorder.down) == 1  # told once, so the gateway can exit and its service manager restart it
 
 
-async def test_end_all_finishes_requests_with_their_counts(client: tuple[EngineClient, Recorder]) -> None:
-    engine, _ = client
-    task = asyncio.create_task(collect(engine, command("w " * 100)))
-    await asyncio.sleep(0.3)
-    assert engine.end_all("length") == 1
-    text, finished = await task
-    assert finished.finish_reason == "length" and finished.completion_tokens == len(text.split()) > 0
+async def test_an_idle_spell_longer_than_the_stall_timeout_is_not_a_stall(
+    client: tuple[EngineClient, Recorder],
+) -> None:
+    """The first request after a quiet spell gets the whole stall timeout (issue 15: a coffee break
+    killed a healthy engine)."""
+    engine, recorder = client
+    await collect(engine, command("warm up"))
+    await asyncio.sleep(1.5 * 2.5 + 0.5)  # idle well past the kill point (stall 1.5 s, killed at 1.5x)
+    assert engine.status().stalled is False and engine.status().seconds_since_progress is None
+    words = "after the break " * 10  # long enough (0.6 s) for the supervisor to judge it while it runs
+    text, finished = await collect(engine, command(words))
+    assert text == words and finished.finish_reason == "stop"
+    assert recorder.restarts == [] and engine.status().restarts == 0
 
 
-async def test_request_timeout_is_an_error_and_frees_the_request(client: tuple[EngineClient, Recorder]) -> None:
-    engine, _ = client
-    with pytest.raises(EngineError) as timed_out:
-        async for _ in engine.generate(command("w " * 100), timeout_s=0.3):
-            pass
-    assert timed_out.value.code == EngineErrorCode.REQUEST_TIMEOUT and engine.in_flight == 0
+async def test_backoff_starts_over_after_a_healthy_spell_and_grows_in_a_crash_loop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = SupervisionPolicy(heartbeat_timeout_s=0.6, restart_budget=10, healthy_after_s=1.0)
+    engine = EngineClient(EngineConfig(heartbeat_interval_s=0.1), Recorder(), policy,
+                          worker_module="tests.support.scripted_worker")
+    await engine.start()
+    caplog.set_level("WARNING", logger="mlx_gateway.engine")
+    try:
+        for _ in range(2):  # crash loop: each process dies at once
+            await wait_up(engine)
+            with pytest.raises(EngineError):
+                await collect(engine, command("die"))
+        for _ in range(2):  # healthy spells between failures
+            await wait_up(engine)
+            await asyncio.sleep(1.2)
+            with pytest.raises(EngineError):
+                await collect(engine, command("die"))
+        await wait_up(engine)
+    finally:
+        await engine.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    delays = [m.rsplit("restarting in ", 1)[1] for m in messages if "restarting in" in m]
+    assert delays == ["0.5s", "1.0s", "0.5s", "0.5s"]
 
 
 async def test_stop_asks_the_engine_to_exit_and_leaves_no_process(client: tuple[EngineClient, Recorder]) -> None:
@@ -166,12 +200,26 @@ async def test_stop_asks_the_engine_to_exit_and_leaves_no_process(client: tuple[
 
 
 async def test_deltas_waiting_together_are_handed_out_as_one() -> None:
-    from mlx_backend.engine import _Pending
-    from mlx_backend.types import Delta, Started
-
-    pending = _Pending()
+    request = EngineRequest("r", lambda rid: None)
     for event in (Started("r", 3, 0), Delta("r", "a", 1), Delta("r", "b", 2), Finished("r", "stop", 3, 3, 0)):
-        pending.queue.put_nowait(event)
-    assert await pending.take() == Started("r", 3, 0)
-    assert await pending.take() == Delta("r", "ab", 3)
-    assert await pending.take() == Finished("r", "stop", 3, 3, 0)
+        request.deliver(event)
+    assert await request.next() == Started("r", 3, 0)
+    assert await request.next() == Delta("r", "ab", 3)
+    assert await request.next() == Finished("r", "stop", 3, 3, 0)
+    assert request.ended
+
+
+async def test_interrupt_aborts_once_only_while_the_engine_still_runs_it() -> None:
+    aborted: list[str] = []
+    running = EngineRequest("r1", aborted.append)
+    running.deliver(Started("r1", 3, 0))
+    running.interrupt()
+    running.interrupt()
+    assert aborted == ["r1"]
+    assert await running.next() == Started("r1", 3, 0)  # what came before is still handed out, then the end
+    with pytest.raises(Interrupted):
+        await running.next()
+    finished = EngineRequest("r2", aborted.append)
+    finished.deliver(Finished("r2", "stop", 1, 1, 0))
+    finished.interrupt()
+    assert aborted == ["r1"]  # the engine had ended it: nothing to abort

@@ -28,6 +28,7 @@ from mlx_backend.types import (
     Finished,
     Generate,
     Heartbeat,
+    Loading,
     Ready,
     SamplingParams,
     Shutdown,
@@ -161,7 +162,8 @@ def test_ready_and_heartbeats(engine: Engine) -> None:
 def test_generate_through_the_socket(engine: Engine) -> None:
     engine.send(generate("g1", max_tokens=6))
     events = engine.until_end("g1")
-    assert isinstance(events[0], Started)
+    assert events[0] == Loading("g1", "tiny")  # the first request of a model hears that it loads
+    assert isinstance(events[1], Started)
     end = events[-1]
     assert isinstance(end, Finished)
     assert end.completion_tokens == sum(e.tokens for e in events if isinstance(e, Delta))
@@ -202,6 +204,7 @@ def test_shutdown_aborts_running_requests_and_exits_zero(models_dir: Path) -> No
     engine = Engine(config(models_dir))
     try:
         engine.send(generate("r", max_tokens=400))
+        assert isinstance(engine.next(), Loading)
         assert isinstance(engine.next(), Started)
         engine.send(Shutdown())
         end = engine.until_end("r")[-1]
