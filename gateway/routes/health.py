@@ -7,13 +7,13 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.openapi import ResponseSpec
 
-from gateway import metrics
+from gateway import metrics, security
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Health, Liveness
 
 
 @get("/health", operation_id="health", summary="Status, readiness and model counts", tags=["Operations"],
-     responses={503: ResponseSpec(Health, description="Not ready: the body says why")})
+     responses={503: ResponseSpec(Health, description="Not ready: the body says why")}, opt=security.PUBLIC)
 async def health(request: Request[Any, Any, Any]) -> Response[Health]:
     runtime: GatewayRuntime = request.app.state.runtime
     report = runtime.health()
@@ -22,19 +22,20 @@ async def health(request: Request[Any, Any, Any]) -> Response[Health]:
 
 
 @get("/health/live", operation_id="liveness", summary="The process and its event loop answer",
-     tags=["Operations"])
+     tags=["Operations"], opt=security.PUBLIC)
 async def liveness() -> Liveness:
     return Liveness()
 
 
 @get("/health/ready", operation_id="readiness", summary="200 when generation requests are accepted",
-     tags=["Operations"], responses={503: ResponseSpec(Health, description="Not ready: the body says why")})
+     tags=["Operations"], responses={503: ResponseSpec(Health, description="Not ready: the body says why")},
+     opt=security.PUBLIC)
 async def readiness(request: Request[Any, Any, Any]) -> Response[Health]:
     return await health.fn(request)  # type: ignore[no-any-return]
 
 
 @get("/metrics", operation_id="metrics", summary="Prometheus text exposition", tags=["Operations"],
-     media_type="text/plain")
+     media_type="text/plain", opt=security.METRICS)
 async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime: GatewayRuntime = request.app.state.runtime
     runtime.refresh_gauges()

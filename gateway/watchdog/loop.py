@@ -33,7 +33,7 @@ class Watchdog:
 
     def run(self) -> None:
         c = self.config
-        log.info("watchdog started (pid %d): probing %s every %gs, hung after %d misses, at most %d starts "
+        log.info("watchdog started (pid %d): probing %s every %gs, hung after %d misses, at most %d restarts "
                  "per %gs, state in %s", os.getpid(), c.url, c.interval_s, c.misses,
                  c.max_restarts, c.window_s, c.state_dir, extra=_fields("watchdog_started"))
         if c.launchd_job:
