@@ -7,6 +7,7 @@ Raw sockets where a client library would tidy the request up (`//v1`, non-ASCII 
 
 from __future__ import annotations
 
+import json
 import random
 import socket
 import string
@@ -65,8 +66,6 @@ class Answer:
         self.body = body
 
     def error(self) -> dict[str, object]:
-        import json
-
         error = json.loads(self.body)["error"]
         assert set(error) == {"message", "type", "param", "code"}, error
         return error  # type: ignore[no-any-return]
