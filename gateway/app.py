@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
 import re
 import time
@@ -11,16 +10,15 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any, cast
 
-from litestar import Litestar, Request, Response, get
+from litestar import Litestar, Request, Response, Router, get
 from litestar.config.cors import CORSConfig
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 
-from gateway import metrics, openapi
+from gateway import metrics, openapi, security
 from gateway.errors import ErrorKind, GatewayError, internal
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
-from gateway.protocol import JSON_ENCODER
 from gateway.routes.chat import create_chat_completion
 from gateway.routes.completions import create_completion
 from gateway.routes.health import health, liveness, prometheus_metrics, readiness
@@ -37,7 +35,7 @@ _STATUS_KINDS = {
 }
 
 
-@get("/openapi.json", include_in_schema=False, media_type="application/json")
+@get("/openapi.json", include_in_schema=False, media_type="application/json", opt=security.DOCS)
 async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(openapi.render(request.app), media_type="application/json")
 
@@ -101,14 +99,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class RequestContextMiddleware:
-    """Request id (header, logs, error bodies), API-key check on /v1, and HTTP metrics, for every request.
+    """Request id (header, logs, error bodies) and HTTP metrics, for every request.
 
     It wraps the whole Litestar app (not Litestar's per-route middleware) so unmatched routes get it too.
+    Authentication is not here: it is a guard on the routed request (gateway/security.py).
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -129,31 +127,14 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            if self.api_key and scope["path"].startswith("/v1") and not self._authorized(scope):
-                await self._reject_unauthorized(send_with_id)
-                return
             await self.app(scope, receive, send_with_id)
         finally:
             route = scope.get("path_template") or "unmatched"
-            metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
+            metrics.HTTP_REQUESTS.labels(route, security.method_label(scope["method"]), str(status)).inc()
             if status >= 500 and not scope["path"].startswith("/health"):
                 log.warning("%s %s -> %d in %.3fs", scope["method"], scope["path"], status,
                             time.monotonic() - started)
             request_id_var.reset(token)
-
-    def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, key = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(key.strip(), self.api_key or "")
-
-    @staticmethod
-    async def _reject_unauthorized(send: Send) -> None:
-        error = GatewayError(ErrorKind.UNAUTHORIZED, "Missing or invalid API key: send 'Authorization: Bearer <key>'.")
-        body = JSON_ENCODER.encode(error.body())
-        await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer")]})
-        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(runtime: GatewayRuntime) -> Litestar:
@@ -180,12 +161,15 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
             HTTPException: _on_http_exception,
             Exception: _on_unexpected,
         },
+        guards=security.guards(settings),
+        # Litestar's CORS middleware sits outside the router and its exception handling: it answers
+        # preflights before any guard, and adds its headers to every error (401 too).
         cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="mlx-gateway", version=__version__,
             description="An OpenAI-compatible API for local MLX models.",
-            path="/docs",
+            openapi_router=Router("/docs", route_handlers=[], include_in_schema=False, opt=security.DOCS),
         ),
         logging_config=None,
         debug=False,
@@ -196,4 +180,4 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
 
 def create_asgi_app(runtime: GatewayRuntime) -> ASGIApp:
     """What Granian serves: the Litestar app inside the request-context middleware."""
-    return RequestContextMiddleware(cast(ASGIApp, create_app(runtime)), runtime.settings.api_key)
+    return RequestContextMiddleware(cast(ASGIApp, create_app(runtime)))

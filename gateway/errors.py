@@ -26,6 +26,7 @@ class ErrorKind(enum.Enum):
     INVALID_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json")
     UNSUPPORTED_PARAMETER = ErrorSpec(400, "invalid_request_error", "unsupported_parameter")
     CONTEXT_LENGTH_EXCEEDED = ErrorSpec(400, "invalid_request_error", "context_length_exceeded")
+    HOST_NOT_ALLOWED = ErrorSpec(400, "invalid_request_error", "host_not_allowed")  # DNS rebinding guard
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "invalid_api_key")
     ROUTE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
     MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found")
@@ -81,6 +82,8 @@ class GatewayError(Exception):
         return ErrorResponse(ErrorDetail(message=self.message, type=spec.type, param=self.param, code=spec.code))
 
     def headers(self) -> dict[str, str]:
+        if self.kind is ErrorKind.UNAUTHORIZED:
+            return {"WWW-Authenticate": "Bearer"}  # a 401 names its scheme (RFC 9110 11.6.1)
         retry = self.kind.value.retry_after_s
         return {"Retry-After": str(retry)} if retry is not None else {}
 

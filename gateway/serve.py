@@ -18,7 +18,7 @@ from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
-from gateway import logs, sdnotify
+from gateway import logs, sdnotify, security
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime, MetricsObserver
 from gateway.settings import Settings
@@ -133,6 +133,7 @@ async def _serve(settings: Settings) -> int:
         await _ready_then_ping(runtime)
 
     tasks = [asyncio.create_task(stop_when_asked()), asyncio.create_task(keep_systemd_informed())]
+    security.warn_if_open(settings)
     log.info("serving on http://%s:%d (models dirs: %s; demo model: %s)", settings.host, settings.port,
              ", ".join(map(str, settings.models_dirs)) or "none", settings.offers_demo_model)
     try:

@@ -28,11 +28,23 @@ class Settings:
     demo_model: bool | None = field(
         default=None, metadata={"help": "offer the bundled demo model (default: only when no models dir)"}
     )
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1"})
+    api_key: str | None = field(
+        default=None, metadata={"help": "require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every "
+                                        "route but /health, /metrics and the docs"}
+    )
     allow_public: bool = field(
         default=False, metadata={"help": "allow binding a non-loopback address without an API key"}
     )
     cors_origins: tuple[str, ...] = field(default=(), metadata={"help": "origins allowed by CORS (repeatable)"})
+    allowed_hosts: tuple[str, ...] = field(
+        default=(), metadata={"help": "Host header values answered, besides loopback names (repeatable; "
+                                      "'name', 'name:port', '*.domain', '*' for any; default: the bound "
+                                      "address, any host when bound to 0.0.0.0 or ::)"}
+    )
+    protect_metrics: bool = field(default=False, metadata={"help": "require the API key on /metrics too"})
+    protect_docs: bool = field(
+        default=False, metadata={"help": "require the API key on /docs and /openapi.json too"}
+    )
     memory_budget_gb: float = field(
         default=0.0, metadata={"help": "memory for loaded models, GB (0: derive from the machine)"}
     )
@@ -75,12 +87,7 @@ class Settings:
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def check(self) -> None:
         """Refuse unsafe or impossible combinations before anything starts."""
@@ -96,6 +103,19 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        for entry in self.allowed_hosts:
+            if not entry or "/" in entry or any(c.isspace() for c in entry):
+                raise ValueError(f"allowed_hosts entry {entry!r} is not a host name (give 'name', 'name:port', "
+                                 "'*.domain' or '*', without scheme or path)")
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _flag(name: str) -> str:

@@ -7,13 +7,13 @@ from typing import Any
 from litestar import Request, Response, get
 from litestar.openapi import ResponseSpec
 
-from gateway import metrics
+from gateway import metrics, security
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Health, Liveness
 
 
 @get("/health", operation_id="health", summary="Status, readiness and model counts", tags=["Operations"],
-     responses={503: ResponseSpec(Health, description="Not ready: the body says why")})
+     responses={503: ResponseSpec(Health, description="Not ready: the body says why")}, opt=security.PUBLIC)
 async def health(request: Request[Any, Any, Any]) -> Response[Health]:
     runtime: GatewayRuntime = request.app.state.runtime
     report = runtime.health()
@@ -21,7 +21,7 @@ async def health(request: Request[Any, Any, Any]) -> Response[Health]:
     return Response(report, status_code=200 if report.ready else 503, headers=headers)
 
 
-@get("/health/live", operation_id="liveness", tags=["Operations"],
+@get("/health/live", operation_id="liveness", tags=["Operations"], opt=security.PUBLIC,
      summary="The process answers and its engine has not been given up on",
      responses={503: ResponseSpec(Liveness, description="The engine failed past its restart budget")})
 async def liveness(request: Request[Any, Any, Any]) -> Response[Liveness]:
@@ -32,13 +32,14 @@ async def liveness(request: Request[Any, Any, Any]) -> Response[Liveness]:
 
 
 @get("/health/ready", operation_id="readiness", summary="200 when generation requests are accepted",
-     tags=["Operations"], responses={503: ResponseSpec(Health, description="Not ready: the body says why")})
+     tags=["Operations"], responses={503: ResponseSpec(Health, description="Not ready: the body says why")},
+     opt=security.PUBLIC)
 async def readiness(request: Request[Any, Any, Any]) -> Response[Health]:
     return await health.fn(request)  # type: ignore[no-any-return]
 
 
 @get("/metrics", operation_id="metrics", summary="Prometheus text exposition", tags=["Operations"],
-     media_type="text/plain")
+     media_type="text/plain", opt=security.METRICS)
 async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime: GatewayRuntime = request.app.state.runtime
     runtime.refresh_gauges()

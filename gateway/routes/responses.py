@@ -22,6 +22,7 @@ GENERATION = {
     **MODEL_LOOKUP,
     400: _error("Invalid or unsupported parameter, or a prompt longer than the context"),
     413: _error("Request body too large"),
+    415: _error("The body is not sent as Content-Type: application/json"),
     429: _error("At capacity: retry after Retry-After seconds"),
     503: _error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
     504: _error("The request ran past the request timeout"),

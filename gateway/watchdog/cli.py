@@ -67,7 +67,7 @@ def status(config: WatchdogConfig, as_json: bool) -> int:
     print(f"watchdog: {'running' if st.running else 'NOT RUNNING'} (last pid {st.watchdog_pid}), "
           f"state in {config.state_dir}")
     print(f"          last check {_ago(st.last_check_at)}: {st.last_check_result}")
-    print(f"          server starts in the last hour: {st.restarts_last_hour} "
+    print(f"          server restarts in the last hour: {st.restarts_last_hour} "
           f"(budget {config.max_restarts} per {config.window_s:g}s)")
     if st.gave_up:
         print(f"GAVE UP:  {st.gave_up_reason}")

@@ -78,7 +78,8 @@ _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("interval_s", "--interval", float, "seconds between checks"),
     ("timeout_s", "--timeout", float, "seconds a probe may take"),
     ("misses", "--misses", int, "consecutive failed liveness probes of a live process that mean 'hung'"),
-    ("max_restarts", "--max-restarts", int, "server starts allowed in the window; then give up"),
+    ("max_restarts", "--max-restarts", int, "restarts after a failure allowed in the window (the first start "
+     "is free); then give up"),
     ("window_s", "--window", float, "the rolling window of the restart budget, seconds"),
     ("stop_timeout_s", "--stop-timeout", float, "seconds from SIGTERM to SIGKILL (keep above the drain)"),
     ("start_timeout_s", "--start-timeout", float, "seconds a new server has to answer /health/live"),

@@ -49,5 +49,5 @@ def decide(
                         f"{reason}; restarts are off until 'mlx-gateway watchdog --reset'")
     if restarts_in_window >= max_restarts:
         return Decision(Action.GIVE_UP, misses,
-                        f"{reason}; {restarts_in_window} starts in the window (budget {max_restarts})")
+                        f"{reason}; {restarts_in_window} restarts in the window (budget {max_restarts})")
     return Decision(Action.RESTART, misses, reason)

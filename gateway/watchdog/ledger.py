@@ -1,5 +1,9 @@
 """The restart ledger: every server start the watchdog makes, in a JSON file that outlives the watchdog.
 
+The budget counts restarts after a failure. A first start into a quiet window (nothing on the ledger
+within it) is written with `counted: false` and costs nothing; any later start in the window counts,
+so a watchdog or a machine restarting in a loop still spends the budget.
+
 Wall-clock times, because the ledger must mean the same thing to the next watchdog process. A start dated
 in the future (the clock went back) still counts: the budget errs on the side of restarting less.
 """
@@ -52,6 +56,10 @@ def read_json(path: Path) -> Any | None:
 class Start:
     at: float  # wall-clock seconds
     reason: str
+    counted: bool = True  # False: a first start, not a restart after a failure
+
+    def to_json(self) -> dict[str, Any]:
+        return {"at": self.at, "reason": self.reason, **({} if self.counted else {"counted": False})}
 
 
 class Ledger:
@@ -64,8 +72,9 @@ class Ledger:
             data = read_json(self.path)
             if data is None:
                 return []
-            return [Start(float(s["at"]), str(s["reason"])) for s in data["starts"]]
-        except (ValueError, KeyError, TypeError, OSError):
+            return [Start(float(s["at"]), str(s["reason"]), s.get("counted", True) is not False)
+                    for s in data["starts"]]
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             log.error("restart ledger %s is unreadable; counting it as empty", self.path)
             return None
 
@@ -73,18 +82,24 @@ class Ledger:
         return self._load() or []
 
     def count(self, window_s: float, now: float | None = None) -> int:
+        """Restarts in the window: the budget's measure (first starts are not counted)."""
         now = time.time() if now is None else now
-        return sum(1 for s in self.starts() if now - s.at < window_s)
+        return sum(1 for s in self.starts() if s.counted and now - s.at < window_s)
 
-    def record(self, reason: str, now: float | None = None) -> None:
+    def quiet(self, window_s: float, now: float | None = None) -> bool:
+        """No start at all, counted or not, in the window: a first start now would be free."""
+        now = time.time() if now is None else now
+        return not any(now - s.at < window_s for s in self.starts())
+
+    def record(self, reason: str, now: float | None = None, *, counted: bool = True) -> None:
         now = time.time() if now is None else now
         loaded = self._load()
         if loaded is None:  # keep the evidence; a watchdog that never restarts again would be worse
             with contextlib.suppress(OSError):
                 self.path.replace(self.path.with_name(self.path.name + ".corrupt"))
         kept = [s for s in loaded or [] if now - s.at < KEEP_S]
-        kept.append(Start(now, reason))
-        write_json_atomic(self.path, {"version": 1, "starts": [vars(s) for s in kept]})
+        kept.append(Start(now, reason, counted))
+        write_json_atomic(self.path, {"version": 1, "starts": [s.to_json() for s in kept]})
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):

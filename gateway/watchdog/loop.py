@@ -27,12 +27,13 @@ class Watchdog:
         self.state = state
         self.stopping = threading.Event()
         self.misses = 0
+        self._first_check = True
         self._health: str | None = None
         self._last_note: str | None = None  # repeated warnings are logged once, until they change
 
     def run(self) -> None:
         c = self.config
-        log.info("watchdog started (pid %d): probing %s every %gs, hung after %d misses, at most %d starts "
+        log.info("watchdog started (pid %d): probing %s every %gs, hung after %d misses, at most %d restarts "
                  "per %gs, state in %s", os.getpid(), c.url, c.interval_s, c.misses,
                  c.max_restarts, c.window_s, c.state_dir, extra=_fields("watchdog_started"))
         if c.launchd_job:
@@ -53,6 +54,12 @@ class Watchdog:
                           managed_by=managed_by_systemd(pid) if pid else None)
         decision = decide(obs, self.misses, misses_allowed=c.misses, restarts_in_window=restarts,
                           max_restarts=c.max_restarts, gave_up=marker is not None)
+        # The first start is free only when this watchdog finds no server at its first check, launchd did
+        # not start one (its RunAtLoad is the first start there), and the window holds no start at all: a
+        # watchdog restarted soon after a start is recovering from a failure, so a boot loop stays bounded.
+        first_start = (self._first_check and pid is None and not c.launchd_job
+                       and self.state.ledger.quiet(c.window_s))
+        self._first_check = False
         self.misses = decision.misses
         result = decision.action.value
         if decision.action is Action.OK:
@@ -73,18 +80,24 @@ class Watchdog:
                          self.state.path / "gave-up.json", extra=_fields("gave_up", restarts=restarts))
             self._last_note = decision.reason
         else:
-            result = "restarted" if self.restart(pid, decision.reason, restarts) else "restart_failed"
+            started = self.restart(pid, decision.reason, restarts, counted=not first_start)
+            result = "restarted" if started else "restart_failed"
         self.state.write_state(last_check_at=time.time(), last_check_result=result,
                                server_pid=self.server.pid(), server_health=self._health,
                                consecutive_misses=self.misses, url=c.url)
         return decision
 
-    def restart(self, pid: int | None, reason: str, restarts_before: int) -> bool:
+    def restart(self, pid: int | None, reason: str, restarts_before: int, *, counted: bool = True) -> bool:
         c = self.config
         n = restarts_before + 1
-        log.warning("starting the server (start %d of %d allowed per %gs): %s", n, c.max_restarts,
-                    c.window_s, reason, extra=_fields("restart", pid=pid, start=n, reason=reason))
-        self.state.ledger.record(reason)  # before acting: a watchdog that dies mid-restart still counted it
+        if counted:
+            log.warning("starting the server (restart %d of %d allowed per %gs): %s", n, c.max_restarts,
+                        c.window_s, reason, extra=_fields("restart", pid=pid, start=n, reason=reason))
+        else:
+            log.info("starting the server (first start, not counted against the budget of %d restarts per "
+                     "%gs): %s", c.max_restarts, c.window_s, reason, extra=_fields("first_start", reason=reason))
+        # Before acting: a watchdog that dies mid-restart still counted it.
+        self.state.ledger.record(reason, counted=counted)
         if pid is not None:
             how = stop(pid, c.stop_timeout_s, self.server.reap)
             log.info("stopped pid %d: %s", pid, how, extra=_fields("stopped", pid=pid, how=how))

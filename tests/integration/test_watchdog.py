@@ -63,6 +63,7 @@ class Harness:
     match: str
     timing: Timing
     port: int
+    max_restarts: int = 5
     watchdogs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -85,7 +86,7 @@ class Harness:
         t = self.timing
         return [sys.executable, "-m", "gateway.watchdog", "--url", self.url, "--interval", str(t.interval),
                 "--timeout", str(t.timeout), "--misses", str(t.misses), "--stop-timeout", str(t.stop_timeout),
-                "--start-timeout", str(t.start_timeout), "--max-restarts", "5", "--window", "3600",
+                "--start-timeout", str(t.start_timeout), "--max-restarts", str(self.max_restarts), "--window", "3600",
                 "--state-dir", str(self.state_dir), "--server-log", str(self.root / "server.log"),
                 "--process-match", self.match, "--log-json", *extra]
 
@@ -265,7 +266,7 @@ def test_sigstop_is_detected_after_the_misses_then_killed_and_restarted(any_serv
 
 
 @pytest.mark.slow
-def test_crash_at_every_start_gives_up_after_five_then_reset_allows_one(stand_in: Harness) -> None:
+def test_crash_at_every_start_gives_up_after_five_restarts_then_reset_allows_one(stand_in: Harness) -> None:
     h = stand_in
     h.crash_file.touch()
     h.start_watchdog()
@@ -275,12 +276,13 @@ def test_crash_at_every_start_gives_up_after_five_then_reset_allows_one(stand_in
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{h.explain()}") from None
     time.sleep(3 * h.timing.interval)  # no more starts after giving up
-    assert h.starts() == 5, h.explain()
+    assert h.starts() == 6, h.explain()  # the first start, then the budget of 5 restarts
+    assert len(h.events("first_start")) == 1 and len(h.events("restart")) == 5
     gave_up = h.events("gave_up")
     assert len(gave_up) == 1
-    assert "the server process is not running; 5 starts in the window (budget 5)" in gave_up[0]["message"]
+    assert "the server process is not running; 5 restarts in the window (budget 5)" in gave_up[0]["message"]
     assert "--reset" in gave_up[0]["message"] and gave_up[0]["level"] == "critical"
-    assert len(h.events("restart_failed")) == 5
+    assert len(h.events("restart_failed")) == 6
     assert "exited with code 1" in h.events("restart_failed")[0]["reason"]
     status = h.cli("--status")
     assert status.returncode == 1 and "GAVE UP" in status.stdout
@@ -290,7 +292,7 @@ def test_crash_at_every_start_gives_up_after_five_then_reset_allows_one(stand_in
     assert reset.returncode == 0 and "cleared the give-up marker" in reset.stdout
     wait_for("the server after --reset", lambda: health_ok(h.url), 3 * h.timing.interval + 5, 0.1)
     time.sleep(3 * h.timing.interval)
-    assert h.starts() == 6, h.explain()
+    assert h.starts() == 7, h.explain()
     assert not marker.exists()
     assert h.cli("--status").returncode == 0
 
@@ -304,8 +306,8 @@ def test_a_restarted_watchdog_keeps_counting_and_only_one_runs(stand_in: Harness
     first.kill()
     first.wait(5)
     status = json.loads(h.cli("--status", "--json").stdout)
-    counted = status["watchdog"]["restarts_last_hour"]
-    assert counted in (2, 3)  # a third may be on the ledger, recorded just before its spawn
+    counted = status["watchdog"]["restarts_last_hour"]  # the first start is not among them
+    assert counted in (1, 2)  # a second may be on the ledger, recorded just before its spawn
     assert status["watchdog"]["running"] is False
 
     restarts_before = len(h.events("restart"))
@@ -316,9 +318,38 @@ def test_a_restarted_watchdog_keeps_counting_and_only_one_runs(stand_in: Harness
     wait_for("the give-up marker", (h.state_dir / "gave-up.json").exists, 15 * h.timing.interval, 0.1)
     time.sleep(2 * h.timing.interval)
     assert second.poll() is None  # gave up, but keeps running to report and to resume after --reset
-    assert h.starts() <= 5, h.explain()
+    assert h.starts() <= 6, h.explain()
     ledger = json.loads((h.state_dir / "restarts.json").read_text())
-    assert len(ledger["starts"]) == 5
+    assert [s.get("counted", True) for s in ledger["starts"]] == [False] + [True] * 5
     # The new watchdog continued the count; it did not start again from zero.
     second_starts = [e["start"] for e in h.events("restart")[restarts_before:]]
     assert second_starts == list(range(counted + 1, 6))
+
+
+@pytest.mark.slow
+def test_a_budget_of_three_restarts_three_kill_9s_and_gives_up_at_the_fourth(stand_in: Harness) -> None:
+    """The budget counts restarts after failures; the first start of the server is not one of them."""
+    h = stand_in
+    h.max_restarts = 3
+    pid, _ = start_and_wait_healthy(h)
+    for n in (1, 2, 3):
+        os.kill(pid, signal.SIGKILL)
+        try:
+            pid = wait_for(f"restart {n}", lambda old=pid: (new := h.server_pid()) not in (None, old)
+                           and health_ok(h.url) and new, 3 * h.timing.interval + 10, 0.05)
+            # The watchdog saw it come back: the next kill is of a server it knows is up.
+            wait_for(f"recovery {n} logged", lambda n=n: len(h.events("recovered")) == n + 1, 10)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{h.explain()}") from None
+    os.kill(pid, signal.SIGKILL)
+    marker = h.state_dir / "gave-up.json"
+    try:
+        wait_for("the give-up marker", marker.exists, 3 * h.timing.interval + 5, 0.1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{h.explain()}") from None
+    time.sleep(2 * h.timing.interval)
+    assert h.starts() == 4 and not health_ok(h.url), h.explain()
+    assert [e["start"] for e in h.events("restart")] == [1, 2, 3]
+    assert h.events("restart_failed") == []
+    assert "3 restarts in the window (budget 3)" in h.events("gave_up")[0]["message"]
+    assert json.loads(h.cli("--status", "--json").stdout)["watchdog"]["restarts_last_hour"] == 3

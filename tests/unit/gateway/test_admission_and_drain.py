@@ -28,7 +28,7 @@ async def test_requests_beyond_running_plus_queue_get_429_with_retry_after(model
     runtime = runtime_for(models_dir, engine, max_running=1, max_queue=1)
     await engine.start()
     transport = httpx.ASGITransport(app=create_asgi_app(runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         results = await asyncio.gather(*[client.post("/v1/chat/completions", json=chat_body()) for _ in range(4)])
     statuses = sorted(r.status_code for r in results)
     assert statuses == [200, 200, 429, 429]
@@ -42,7 +42,7 @@ async def test_draining_refuses_new_work_with_503_and_health_says_so(models_dir:
     await engine.start()
     await runtime.drain(timeout_s=1)
     transport = httpx.ASGITransport(app=create_asgi_app(runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         response = await client.post("/v1/chat/completions", json=chat_body())
         health = await client.get("/health")
     assert response.status_code == 503 and response.headers["retry-after"]
@@ -55,7 +55,7 @@ async def test_drain_deadline_ends_streams_with_a_final_chunk_and_done(models_di
     runtime = runtime_for(models_dir, engine)
     await engine.start()
     transport = httpx.ASGITransport(app=create_asgi_app(runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         stream = asyncio.create_task(client.post("/v1/chat/completions", json=chat_body(stream=True)))
         await asyncio.sleep(0.5)
         await runtime.drain(timeout_s=0.3)

@@ -21,11 +21,11 @@ def test_status_of_a_watchdog_that_gave_up(tmp_path: Path, capsys: pytest.Captur
     folder = StateDir(tmp_path)
     folder.ledger.record("exited")
     folder.write_state(last_check_at=1.0, last_check_result="gave_up")
-    folder.give_up("the server process is not running; 5 starts in the window (budget 5)", 5)
+    folder.give_up("the server process is not running; 5 restarts in the window (budget 5)", 5)
     assert main(["--status", "--state-dir", str(tmp_path), "--url", NOWHERE, "--timeout", "0.5"]) == 1
     out = capsys.readouterr().out
     assert "NOT ANSWERING" in out and "NOT RUNNING" in out
-    assert "server starts in the last hour: 1" in out
+    assert "server restarts in the last hour: 1" in out
     assert "GAVE UP:  the server process is not running" in out and "--reset" in out
 
 

@@ -37,7 +37,7 @@ def test_budget_spent_gives_up() -> None:
     assert run(Observation(pid=None, live=False), restarts=4).action is Action.RESTART
     decision = run(Observation(pid=None, live=False), restarts=5)
     assert decision.action is Action.GIVE_UP
-    assert "5 starts in the window" in decision.reason
+    assert "5 restarts in the window" in decision.reason
 
 
 def test_after_giving_up_only_observe() -> None:

@@ -37,6 +37,19 @@ def test_survives_a_new_process(tmp_path: Path) -> None:
     assert data == {"version": 1, "starts": [{"at": NOW, "reason": "hung"}]}
 
 
+def test_a_first_start_is_on_file_but_not_counted(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "restarts.json")
+    assert ledger.quiet(3600, now=NOW)
+    ledger.record("first", now=NOW, counted=False)
+    ledger.record("exited", now=NOW + 1)
+    assert ledger.count(3600, now=NOW + 2) == 1  # the budget counts restarts only
+    assert not ledger.quiet(3600, now=NOW + 2)  # but the window is no longer quiet
+    assert ledger.quiet(3600, now=NOW + 3602)
+    data = json.loads((tmp_path / "restarts.json").read_text())
+    # Old entries (no `counted`) keep their meaning: a counted restart.
+    assert data["starts"] == [{"at": NOW, "reason": "first", "counted": False}, {"at": NOW + 1, "reason": "exited"}]
+
+
 def test_old_history_is_pruned(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "restarts.json")
     ledger.record("old", now=NOW - KEEP_S - 1)

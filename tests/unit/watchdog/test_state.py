@@ -16,9 +16,9 @@ def test_marker_and_reset(tmp_path: Path) -> None:
     folder = StateDir(tmp_path)
     assert folder.gave_up() is None
     folder.ledger.record("exited")
-    folder.give_up("the server process is not running; 5 starts in the window", 5)
+    folder.give_up("the server process is not running; 5 restarts in the window", 5)
     marker = folder.gave_up()
-    assert marker is not None and "5 starts" in marker["reason"]
+    assert marker is not None and "5 restarts" in marker["reason"]
     assert marker["clear_with"] == "mlx-gateway watchdog --reset"
     folder.reset()
     assert folder.gave_up() is None
