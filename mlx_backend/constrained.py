@@ -110,7 +110,9 @@ class ConstraintProcessor:
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._started:
             # The token sampled in the previous step; waiting for it waits for nothing else yet.
-            self._consume(int(tokens[-1].item()))
+            token = tokens[-1].item()
+            assert isinstance(token, int)
+            self._consume(token)
         self._started = True
         # Start the forward pass now (the mask does not depend on it) and compute the mask meanwhile.
         _async_eval(logits)

@@ -55,13 +55,15 @@ def _options(strict: bool) -> dict[str, Any]:
 @functools.lru_cache(maxsize=256)  # agents send the same schema with every request
 def grammar_for(constraint: Constraint) -> str:
     """The llguidance grammar (a JSON text) for `constraint`, not yet checked: `validate` checks it.
-    Raises ConstraintError when the source cannot even be read (a schema that is not a JSON object)."""
+    Raises ConstraintError when the source cannot even be read (not JSON, not a schema)."""
     if constraint.kind == "json_object":
         return LLMatcher.grammar_from_json_schema(_ANY_OBJECT, overrides=_options(strict=True))  # type: ignore[arg-type]
     if constraint.kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(
-            _read_schema(constraint.source), overrides=_options(constraint.strict)  # type: ignore[arg-type]
-        )
+        source = _read_schema(constraint.source)
+        try:
+            return LLMatcher.grammar_from_json_schema(source, overrides=_options(constraint.strict))  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConstraintError(f"The JSON schema cannot be read: {exc}.") from None
     if constraint.kind == "lark":
         if not constraint.source.strip():
             raise ConstraintError("The grammar is empty.")
@@ -98,8 +100,10 @@ def describe_error(constraint: Constraint, detail: str) -> str:
 def json_value_for_lark(schema: Mapping[str, Any] | bool, *, strict: bool = True) -> str:
     """`%json {...}` for a Lark grammar (e.g. a forced tool call's arguments), with the same whitespace
     bound and strictness as a json_schema constraint."""
-    if isinstance(schema, bool):
-        schema = {} if schema else {"not": {}}
+    if schema is False:
+        raise ConstraintError("The JSON schema is `false`: no output satisfies it.")
+    if schema is True:
+        schema = {}
     options = {**schema.get("x-guidance", {}), **_options(strict)}
     return "%json " + json.dumps({**schema, "x-guidance": options})
 
@@ -109,7 +113,11 @@ def _read_schema(source: str) -> str:
         schema = json.loads(source)
     except ValueError as exc:
         raise ConstraintError(f"The JSON schema is not valid JSON: {exc}.") from None
-    if not isinstance(schema, dict | bool):
+    if schema is True:
+        return "{}"  # the same schema, in the form llguidance applies options to
+    if schema is False:
+        raise ConstraintError("The JSON schema is `false`: no output satisfies it.")
+    if not isinstance(schema, dict):
         raise ConstraintError(f"The JSON schema must be an object or a boolean, not {type(schema).__name__}.")
     return source
 
