@@ -118,6 +118,9 @@ class ConstraintProcessor:
         _async_eval(logits)
         return mx.where(self._allowed(logits.shape[-1]), logits, -mx.inf)
 
+    # Both describe the tokens fed back so far: a token is consumed when it is fed to the model, one step
+    # after it was handed out; the EOS that follows a complete output is what ends the request.
+
     def is_accepting(self) -> bool:
         """Whether the output so far is complete: EOS would end it validly."""
         return self._error is None and bool(self._matcher.is_accepting())
