@@ -11,6 +11,11 @@ is the token just sampled, still lazy) and the logits (1, width) of the next. Th
 and consumes nothing; each later call consumes the last token. The processor object must move with its
 request (solo -> batch hand-off keeps the same list), which is what makes counting calls correct.
 
+Speed: a call reads the sampled token, starts the forward pass (`mx.async_eval(logits)`: it does not depend
+on the mask) and computes the mask on the CPU meanwhile. That overlaps fully for a solo request and for the
+first constrained row of a batch; a later row's token context is queued behind that forward pass, so its
+mask is computed after it (docs/benchmarks.md, "Constrained decoding", has the figures).
+
 Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_backend/grammar.py`.
 """
 
