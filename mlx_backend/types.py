@@ -6,6 +6,8 @@ decoder per direction handles every kind.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 
 # ---------------------------------------------------------------------------------------------------
@@ -20,6 +22,21 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     stop: tuple[str, ...] = ()  # matched on decoded text, never emitted
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+
+class Constraint(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a completion must match, enforced token by token (`mlx_backend/grammar.py` says how).
+
+    kind "json_object": any JSON object (source unused); "json_schema": source is the schema as JSON text;
+    "lark": source is a grammar in llguidance's Lark syntax (`%json {...}`, special tokens as `<|name|>`).
+    strict (json_schema only): True enforces every keyword and refuses a schema with one we cannot
+    enforce; False enforces what can be enforced and ignores unsupported keywords (OpenAI's non-strict
+    mode promises no more). The output is valid JSON either way.
+    """
+
+    kind: Literal["json_object", "json_schema", "lark"]
+    source: str = ""
+    strict: bool = False  # OpenAI's default for response_format.json_schema.strict
 
 
 class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -69,6 +86,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     params: SamplingParams
     messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the model's chat template
     prompt: str | None = None  # legacy completions: used as is
+    constraint: Constraint | None = None  # response_format / forced tool call, enforced while decoding
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 
 

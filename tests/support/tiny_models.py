@@ -1,14 +1,17 @@
 """Tiny model folders that `mlx_lm.load` loads like any checkpoint, made offline in seconds, and helpers
 that damage such a folder in the ways real model folders go bad (each one a real file mutation).
 
-The tokenizer is word-level: special role tokens, single characters, common English words, then
-synthetic words (`w123`) up to `vocab_size`, so any vocabulary size from ~100 to 128256 is cheap.
+The tokenizer is word-level by default: special role tokens, single characters, common English words, then
+synthetic words (`w123`) up to `vocab_size`, so any vocabulary size from ~100 to 128256 is cheap. With
+`tokenizer="bpe"` it is a byte-level BPE (GPT-2 style, as real checkpoints have) trained on English words and
+JSON text, so JSON tokenizes the way it does for a real model (`{"`, `":`, ` "`, digits...); see `_write_bpe_tokenizer`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import string
 from pathlib import Path
@@ -17,7 +20,7 @@ from typing import Literal
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS = "<|bos|>"
@@ -138,6 +141,78 @@ def _write_tokenizer(path: Path, vocab_size: int, context_length: int) -> dict[s
     return vocab
 
 
+def _save_tokenizer(path: Path, tokenizer: Tokenizer, context_length: int) -> None:
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=EOS,
+        additional_special_tokens=[*ROLE_TOKENS.values(), END],
+        model_max_length=context_length,
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.save_pretrained(str(path), save_jinja_files=False)
+    special_tokens_map = {
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": UNK,
+        "pad_token": EOS,
+        "additional_special_tokens": [*ROLE_TOKENS.values(), END],
+    }
+    (path / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n")
+
+
+def json_corpus(count: int = 400, seed: int = 0) -> list[str]:
+    """JSON documents made of the common words (objects, arrays, numbers, booleans, null), compact and
+    pretty-printed, plus the words as sentences: what a BPE learns JSON's usual tokens from."""
+    rng = random.Random(seed)
+    words = COMMON_WORDS.split()
+
+    def value(depth: int) -> object:
+        kind = rng.randrange(7 if depth < 3 else 5)
+        if kind == 0:
+            return rng.randint(-1000, 100000)
+        if kind == 1:
+            return round(rng.uniform(-100, 100), rng.randint(1, 4))
+        if kind == 2:
+            return " ".join(rng.choices(words, k=rng.randint(1, 4)))
+        if kind == 3:
+            return rng.choice([True, False, None])
+        if kind == 4:
+            return rng.choice(words)
+        if kind == 5:
+            return [value(depth + 1) for _ in range(rng.randint(0, 4))]
+        return {rng.choice(words): value(depth + 1) for _ in range(rng.randint(1, 4))}
+
+    texts = [" ".join(rng.choices(words, k=12)) + "." for _ in range(count)]
+    for index in range(count):
+        document = {rng.choice(words): value(0) for _ in range(rng.randint(1, 5))}
+        texts.append(json.dumps(document, indent=[None, 2, 4][index % 3]))
+    return texts
+
+
+def _write_bpe_tokenizer(path: Path, vocab_size: int, context_length: int) -> dict[str, int]:
+    """Byte-level BPE trained on `json_corpus`: at most vocab_size tokens (fewer if the corpus runs out of
+    merges, which leaves the embedding padded past the tokenizer, as in many real checkpoints)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(json_corpus(), trainer=trainer)
+    vocab = tokenizer.get_vocab()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    _save_tokenizer(path, tokenizer, context_length)
+    return vocab
+
+
 # Prime, so a matrix tiled from the block never repeats row for row (rows are powers of two wide).
 _RANDOM_BLOCK = 1_000_003
 
@@ -178,15 +253,25 @@ def make_tiny_model(
     context_length: int = 512,
     dtype: str = "float16",
     seed: int = 0,
+    tokenizer: Literal["word", "bpe"] = "word",
+    tokenizer_vocab_size: int | None = None,
 ) -> Path:
     """Write a randomly initialised llama-shaped model folder at `path` (created if missing).
 
     `model_type` is written to config.json as given; the weights are always llama-shaped, so any type
-    mlx-lm maps onto llama's layout (e.g. "llama", "mistral") loads.
+    mlx-lm maps onto llama's layout (e.g. "llama", "mistral") loads. `tokenizer` picks the word-level
+    tokenizer or a byte-level BPE (see the module's docstring); the model has `vocab_size` rows either way.
+    `tokenizer_vocab_size` (BPE only) trains a smaller vocabulary, so the embedding is padded past it (the
+    logits are wider than the vocabulary, as for Qwen's checkpoints).
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    vocab = _write_tokenizer(path, vocab_size, context_length)
+    if tokenizer == "bpe":
+        if tokenizer_vocab_size is not None and tokenizer_vocab_size > vocab_size:
+            raise ValueError("tokenizer_vocab_size must not exceed vocab_size")
+        vocab = _write_bpe_tokenizer(path, tokenizer_vocab_size or vocab_size, context_length)
+    else:
+        vocab = _write_tokenizer(path, vocab_size, context_length)
 
     config: dict[str, object] = {
         "architectures": ["LlamaForCausalLM"],

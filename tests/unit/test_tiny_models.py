@@ -84,6 +84,28 @@ def test_vocabulary_has_exactly_vocab_size_entries(tmp_path: Path, vocab_size: i
     assert len(tokenizer.get_vocab()) == vocab_size
 
 
+def test_bpe_tokenizer_round_trips_json_in_json_sized_pieces(tmp_path: Path) -> None:
+    tiny_models.make_tiny_model(tmp_path, tokenizer="bpe", vocab_size=512)
+    tokenizer = load_tokenizer(tmp_path)
+    text = '{"name": "Hello world", "values": [1, 2.5, true, null]}'
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text  # byte-level: exact, case kept
+    pieces = set(tokenizer._tokenizer.convert_ids_to_tokens(ids))
+    assert {'{"', '":'} <= pieces  # learnt from the JSON corpus, as a real BPE has them
+    assert len(tokenizer.get_vocab()) == 512
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)[-2:] == (
+        tokenizer.encode("<|assistant|>\n", add_special_tokens=False)
+    )
+
+
+def test_bpe_tokenizer_smaller_than_the_embedding(tmp_path: Path) -> None:
+    tiny_models.make_tiny_model(tmp_path, tokenizer="bpe", vocab_size=576, tokenizer_vocab_size=500)
+    model, tokenizer = load(tmp_path)
+    assert len(tokenizer.get_vocab()) == 500
+    assert model.model.embed_tokens.weight.shape[0] == 576
+    assert model(mx.array([[1, 2, 3]])).shape[-1] == 576
+
+
 def test_bfloat16(tmp_path: Path) -> None:
     tiny_models.make_tiny_model(tmp_path, dtype="bfloat16")
     model, _ = load(tmp_path)

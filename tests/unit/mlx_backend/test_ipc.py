@@ -12,6 +12,7 @@ from mlx_backend.ipc import MAX_FRAME_BYTES, ConnectionClosed, EngineSide, Gatew
 from mlx_backend.types import (
     Abort,
     ChatMessage,
+    Constraint,
     Delta,
     Failed,
     Finished,
@@ -34,6 +35,8 @@ async def test_commands_and_events_round_trip() -> None:
     commands = [
         Generate("r1", "m", SamplingParams(max_tokens=5, stop=("x", "y"), seed=3),
                  messages=(ChatMessage("user", "héllo"),)),
+        Generate("r2", "m", SamplingParams(max_tokens=5), prompt="p",
+                 constraint=Constraint("json_schema", '{"type": "object"}', strict=True)),
         Abort("r1"),
         Shutdown(),
     ]

@@ -1,0 +1,171 @@
+"""Constrained decoding: a logits processor that lets a request sample only tokens its grammar allows.
+
+    compiler = compiler_for(tokenizer)          # once per loaded model (cached), MLX thread
+    processor = compiler.processor(constraint)  # per request; ConstraintError if it cannot be compiled
+    # pass it LAST in the request's logits_processors (after penalties), to BatchGenerator.insert or
+    # SoloGeneration; after each token of the request: processor.raise_if_failed()
+
+The processor follows mlx-lm's calling convention (`BatchGenerator`'s `GenerationBatch._step`, and
+`SoloGeneration._feed`): once per generated token, with every token so far (prompt included; the last one
+is the token just sampled, still lazy) and the logits (1, width) of the next. The first call sees the prompt
+and consumes nothing; each later call consumes the last token. The processor object must move with its
+request (solo -> batch hand-off keeps the same list), which is what makes counting calls correct.
+
+Speed: a call reads the sampled token, starts the forward pass (`mx.async_eval(logits)`: it does not depend
+on the mask) and computes the mask on the CPU meanwhile. That overlaps fully for a solo request and for the
+first constrained row of a batch; a later row's token context is queued behind that forward pass, so its
+mask is computed after it (docs/benchmarks.md, "Constrained decoding", has the figures).
+
+Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_backend/grammar.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import mlx.core as mx
+import numpy as np
+from llguidance import LLMatcher, LLTokenizer
+
+from mlx_backend.grammar import ConstraintError, describe_error, grammar_for
+from mlx_backend.types import Constraint
+
+__all__ = ["ConstraintError", "ConstraintFailed", "ConstraintProcessor", "GrammarCompiler", "compiler_for"]
+
+_async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
+
+
+class ConstraintFailed(RuntimeError):
+    """The matcher failed mid-generation (a token it rejected, a grammar too complex to continue, no token
+    allowed). Should not happen; the request fails, the engine goes on."""
+
+
+class GrammarCompiler:
+    """Compiles constraints against one model's tokenizer. Building the llguidance tokenizer reads the whole
+    vocabulary (tens of milliseconds for 128k tokens, see docs/benchmarks.md), so there is one per tokenizer:
+    get it with `compiler_for`."""
+
+    def __init__(self, hf_tokenizer: Any, eos_token_ids: Iterable[int]) -> None:
+        self.eos_token_ids = tuple(sorted(set(eos_token_ids)))
+        if not self.eos_token_ids:
+            raise ConstraintError("This model has no EOS token, so a constrained completion could not end.")
+        try:
+            # Every EOS id of the model, so whichever the model prefers ends a complete output.
+            self.tokenizer: LLTokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, eos_token=list(self.eos_token_ids))
+        except ValueError as exc:  # e.g. a slow (non-Rust) tokenizer
+            raise ConstraintError(f"Structured output is not available for this model's tokenizer: {exc}") from None
+        self.words = (self.tokenizer.vocab_size + 31) // 32  # the bitmask's 32-bit words
+        self._lock = threading.Lock()  # compiling is cheap; the lock only guards the cache below
+        self._eos_only: dict[int, mx.array] = {}  # logits width -> the mask that allows only EOS
+
+    def processor(self, constraint: Constraint) -> ConstraintProcessor:
+        """A fresh processor for one request. Raises ConstraintError (message for a 400) if the constraint
+        cannot be compiled against this tokenizer (e.g. a special token the vocabulary lacks)."""
+        matcher = LLMatcher(self.tokenizer, grammar_for(constraint), log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(describe_error(constraint, _first_line(matcher.get_error())))
+        return ConstraintProcessor(matcher, self)
+
+    def eos_only(self, width: int) -> mx.array:
+        with self._lock:
+            mask = self._eos_only.get(width)
+            if mask is None:
+                allowed = np.zeros(width, dtype=np.bool_)
+                allowed[[t for t in self.eos_token_ids if t < width]] = True
+                mask = self._eos_only[width] = mx.array(allowed)
+            return mask
+
+
+_compilers: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()
+_compilers_lock = threading.Lock()
+
+
+def compiler_for(tokenizer: Any) -> GrammarCompiler:
+    """The compiler of an mlx-lm TokenizerWrapper, built on first use and dropped with the tokenizer (when
+    the model cache lets the model go)."""
+    with _compilers_lock:
+        compiler = _compilers.get(tokenizer)
+        if compiler is None:
+            compiler = _compilers[tokenizer] = GrammarCompiler(tokenizer._tokenizer, tokenizer.eos_token_ids)
+        return compiler
+
+
+class ConstraintProcessor:
+    """A logits processor for one request: -inf for every token the grammar does not allow next (and for the
+    embedding's padding past the vocabulary). EOS is allowed only where the grammar is complete; once nothing
+    else can follow, EOS is the only token, so the request ends with finish_reason "stop".
+
+    It never raises inside a step, where an exception would fail every row of the batch: a matcher failure
+    is kept, only EOS is allowed from then on, and `raise_if_failed` raises ConstraintFailed for the batcher
+    to fail this request alone."""
+
+    def __init__(self, matcher: LLMatcher, compiler: GrammarCompiler) -> None:
+        self._matcher = matcher
+        self._compiler = compiler
+        self._bitmask = np.zeros((compiler.words,), dtype=np.int32)
+        self._started = False
+        self._error: str | None = None
+        self.tokens = 0  # tokens consumed (the generated ones)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._started:
+            # The token sampled in the previous step; waiting for it waits for nothing else yet.
+            token = tokens[-1].item()
+            assert isinstance(token, int)
+            self._consume(token)
+        self._started = True
+        # Start the forward pass now (the mask does not depend on it) and compute the mask meanwhile.
+        _async_eval(logits)
+        return mx.where(self._allowed(logits.shape[-1]), logits, -mx.inf)
+
+    # Both describe the tokens fed back so far: a token is consumed when it is fed to the model, one step
+    # after it was handed out; the EOS that follows a complete output is what ends the request.
+
+    def is_accepting(self) -> bool:
+        """Whether the output so far is complete: EOS would end it validly."""
+        return self._error is None and bool(self._matcher.is_accepting())
+
+    def is_stopped(self) -> bool:
+        """Whether nothing but EOS can follow (complete, or failed: see `error`)."""
+        return self._error is not None or bool(self._matcher.is_stopped())
+
+    @property
+    def error(self) -> str | None:
+        return self._error
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise ConstraintFailed(f"Constrained decoding failed: {self._error}")
+
+    def _consume(self, token: int) -> None:
+        if self._error is not None:
+            return
+        self.tokens += 1
+        if not self._matcher.consume_token(token):
+            self._fail(_first_line(self._matcher.get_error()) or f"token {token} was not allowed")
+
+    def _allowed(self, width: int) -> mx.array:
+        """The tokens allowed next, as a bool array of the logits' width."""
+        if self._error is None:
+            self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
+            if self._matcher.is_error():
+                self._fail(_first_line(self._matcher.get_error()))
+            elif not self._bitmask.any():
+                self._fail("no token can continue the output")
+        if self._error is not None:
+            return self._compiler.eos_only(width)
+        # Bit i of the little-endian words is token i; `count` pads with zeros (disallowed) or cuts to width.
+        return mx.array(np.unpackbits(self._bitmask.view(np.uint8), count=width, bitorder="little").view(np.bool_))
+
+    def _fail(self, message: str) -> None:
+        self._error = message
+
+
+def _first_line(message: str) -> str:
+    """llguidance's errors carry a parser dump after the first line: keep it out of client messages."""
+    return message.strip().splitlines()[0] if message.strip() else ""

@@ -1,0 +1,162 @@
+"""The gateway's check of a constraint, with no tokenizer and no MLX: None for what can be enforced, a readable
+reason for what cannot; and the llguidance grammar each kind becomes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from enum import StrEnum
+from typing import Any, Literal
+
+import pytest
+from llguidance import LLMatcher
+from openai.lib._pydantic import to_strict_json_schema
+from pydantic import BaseModel
+
+from mlx_backend.grammar import WHITESPACE_LIMIT, grammar_for, json_value_for_lark, validate
+from mlx_backend.types import Constraint
+
+
+def schema(value: Any, *, strict: bool = False) -> Constraint:
+    return Constraint("json_schema", json.dumps(value), strict=strict)
+
+
+class Colour(StrEnum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Address(BaseModel):
+    street: str
+    postcode: str | None = None
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+    colour: Colour
+    kind: Literal["employee", "contractor"]
+    addresses: list[Address]
+    manager: Person | None = None  # recursive, through $defs/$ref
+
+
+class Order(BaseModel):
+    id: int
+    items: list[str]
+    buyer: Person
+    total: float | None = None
+
+
+# -- what the SDKs send ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [Address, Person, Order])
+def test_pydantic_schemas_are_accepted_strict_as_the_openai_sdk_sends_them(model: type[BaseModel]) -> None:
+    # client.beta.chat.completions.parse / LangChain's with_structured_output(method="json_schema")
+    sent = to_strict_json_schema(model)
+    assert "$defs" in sent or model is Address
+    assert validate(schema(sent, strict=True)) is None
+
+
+@pytest.mark.parametrize("model", [Address, Person, Order])
+def test_pydantic_schemas_are_accepted_as_pydantic_writes_them(model: type[BaseModel]) -> None:
+    assert validate(schema(model.model_json_schema())) is None
+
+
+def test_json_object_needs_no_source() -> None:
+    assert validate(Constraint("json_object")) is None
+
+
+# -- what is refused, and how it is said -------------------------------------------------------------------
+
+
+def test_a_misspelt_type_is_named() -> None:
+    message = validate(schema({"type": "objekt"}))
+    assert message is not None
+    assert "objekt" in message and "JSON schema" in message
+
+
+def test_a_broken_schema_is_refused_strict_or_not() -> None:
+    for strict in (True, False):
+        message = validate(schema({"type": "array", "minItems": 5, "maxItems": 3}, strict=strict))
+        assert message is not None and "minItems" in message
+
+
+def test_an_unsupported_keyword_is_named_in_strict_mode_with_the_way_out() -> None:
+    message = validate(schema({"type": "object", "unevaluatedProperties": False}, strict=True))
+    assert message is not None
+    assert "unevaluatedProperties" in message
+    assert "strict: false" in message
+
+
+def test_non_strict_mode_ignores_unsupported_keywords_and_formats() -> None:
+    assert validate(schema({"type": "object", "unevaluatedProperties": False})) is None
+    assert validate(schema({"type": "string", "format": "no-such-format"})) is None
+    assert validate(schema({"type": "string", "format": "no-such-format"}, strict=True)) is not None
+
+
+def test_a_lookaround_pattern_is_named() -> None:
+    message = validate(schema({"type": "string", "pattern": "(?=a)b"}, strict=True))
+    assert message is not None and "look-around" in message
+
+
+def test_a_remote_ref_is_refused() -> None:
+    message = validate(schema({"$ref": "https://example.com/schema.json"}))
+    assert message is not None and "example.com" in message
+
+
+def test_source_that_is_not_json_or_not_a_schema() -> None:
+    assert validate(Constraint("json_schema", "{not json")) == (
+        "The JSON schema is not valid JSON: Expecting property name enclosed in double quotes: "
+        "line 1 column 2 (char 1)."
+    )
+    assert validate(Constraint("json_schema", "[1, 2]")) == "The JSON schema must be an object or a boolean, not list."
+    assert validate(Constraint("json_schema", "false")) == "The JSON schema is `false`: no output satisfies it."
+    assert validate(Constraint("json_schema", "true")) is None  # any JSON value
+
+
+def test_a_bad_lark_grammar_is_named() -> None:
+    message = validate(Constraint("lark", "start: missing_rule"))
+    assert message is not None
+    assert message.startswith("The grammar is invalid") and "missing_rule" in message
+    assert validate(Constraint("lark", "  ")) == "The grammar is empty."
+
+
+def test_special_tokens_in_a_lark_grammar_wait_for_the_tokenizer() -> None:
+    # Which special tokens exist depends on the model: the engine checks them when it compiles.
+    assert validate(Constraint("lark", 'start: <|tool|> "x"')) is None
+
+
+# -- the grammars -------------------------------------------------------------------------------------------
+
+
+def test_the_whitespace_bound_cannot_be_undone_from_the_schema() -> None:
+    grammar = json.loads(grammar_for(schema({"type": "object", "x-guidance": {"whitespace_flexible": True}})))
+    (entry,) = grammar["grammars"]
+    # llguidance applies overrides after the schema's own x-guidance
+    assert f"{{1,{WHITESPACE_LIMIT}}}" in json.dumps(entry)
+
+
+def test_json_for_lark_embeds_the_same_options() -> None:
+    text = json_value_for_lark({"type": "object", "properties": {"city": {"type": "string"}}}, strict=True)
+    assert text.startswith("%json {")
+    assert json.loads(text.removeprefix("%json "))["x-guidance"]["lenient"] is False
+    grammar = f'start: "<tool_call>" {text} "</tool_call>"'
+    assert validate(Constraint("lark", grammar)) is None
+    assert LLMatcher.validate_grammar_with_warnings(LLMatcher.grammar_from_lark(grammar)) == (False, [])
+
+
+def test_json_for_lark_accepts_boolean_schemas() -> None:
+    assert validate(Constraint("lark", f"start: {json_value_for_lark(True)}")) is None
+
+
+def test_validate_imports_no_mlx() -> None:
+    # The gateway imports this module; MLX must never load in the gateway process.
+    code = (
+        "import sys, mlx_backend.grammar as g, mlx_backend.types as t;"
+        "assert g.validate(t.Constraint('json_object')) is None;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'numpy', 'transformers')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
