@@ -54,6 +54,7 @@ class JsonScanner:
         self._number = ""  # the number read so far (validated on every character)
         self._literal = ""
         self.finished = False
+        self.failed = False
 
     @property
     def depth(self) -> int:
@@ -64,6 +65,15 @@ class JsonScanner:
         return self._state in (_S.STRING, _S.ESCAPE, _S.UNICODE)
 
     def feed(self, ch: str) -> Step:
+        """One character; after an ERROR every later character is an ERROR too."""
+        if self.failed:
+            return Step.ERROR
+        step = self._feed(ch)
+        if step is Step.ERROR:
+            self.failed = True
+        return step
+
+    def _feed(self, ch: str) -> Step:
         state = self._state
         if state is _S.FINISHED:
             return Step.ENDED
@@ -78,7 +88,7 @@ class JsonScanner:
             self._state = _S.AFTER_VALUE
             if not self._stack:
                 return self._finish(ended=True)
-            return self.feed(ch)  # the character after a number is the container's
+            return self._feed(ch)  # the character after a number is the container's
         if state is _S.LITERAL:
             self._literal += ch
             if not any(word.startswith(self._literal) for word in _LITERALS):

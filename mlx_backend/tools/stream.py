@@ -31,7 +31,7 @@ import re
 import secrets
 import string
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mlx_backend.tools.families import Family
@@ -61,8 +61,15 @@ class ParsedCall:
     index: int
     id: str
     name: str
-    arguments: str
-    complete: bool  # False: cut short (out of tokens, or the arguments went wrong after they began)
+    parts: list[str]  # the argument text as it was sent
+    complete: bool = False  # False: cut short (out of tokens, or the arguments went wrong after they began)
+
+    @property
+    def arguments(self) -> str:
+        """The JSON text of the arguments (all of it once complete)."""
+        if len(self.parts) > 1:
+            self.parts[:] = ["".join(self.parts)]
+        return self.parts[0] if self.parts else ""
 
 
 class ToolCallParser:
@@ -99,6 +106,7 @@ class ToolCallParser:
         # The markup being read.
         self._call: _CallReader | None = None
         self._body_calls = 0  # calls completed in this markup block
+        self._body_items = 0  # JSON objects read in it, calls or not
         self._in_list = False  # inside the JSON array of a Mistral v3 block
         self._bare = False  # reading Llama's bare JSON: until its call is sent, its text may be content
         self._raw = ""  # that text
@@ -129,7 +137,7 @@ class ToolCallParser:
             _Mode.DELIMITED: self._delimited,
             _Mode.SKIP: self._skip,
         }
-        # Each handler returns whether it changed mode (then the next one goes on with the rest).
+        # A handler returns True when the next one (its mode may have changed) should go on with the rest.
         while self._buf and not self.done and handlers[self._mode](final):
             pass
 
@@ -189,7 +197,7 @@ class ToolCallParser:
 
     def _open_body(self) -> None:
         self._call = None
-        self._body_calls = 0
+        self._body_calls = self._body_items = 0
         self._in_list = False
         self._block = ""
         self._mode = {"json": _Mode.JSON, "args": _Mode.ARGS, "delimited": _Mode.DELIMITED}[self.family.body]
@@ -212,10 +220,18 @@ class ToolCallParser:
     # -- JSON call objects: Hermes, Llama, Mistral v3 --------------------------------------------------------
 
     def _json_body(self, final: bool) -> bool:
-        buf, end, i = self._buf, self.family.end, 0
+        buf, start, end, i = self._buf, self.family.start, self.family.end, 0
         while i < len(buf) and not self.done:
             ch = buf[i]
             call = self._call
+            if self._bare and not self.calls and start:
+                # Llama's marker cannot be inside its bare JSON: the JSON was content, the marker opens a call.
+                if buf.startswith(start, i):
+                    self._consume(i)
+                    self._fallback_to_content()
+                    return True
+                if len(buf) - i < len(start) and start.startswith(buf[i:]) and not final:
+                    break
             if call is not None:
                 status = call.feed(ch)
                 if status is _Status.FAIL:  # this character is not the call's: decided below
@@ -232,11 +248,11 @@ class ToolCallParser:
                 self._consume(i + len(end))
                 self._close_markup()
                 return True
-            if end and end.startswith(buf[i:]) and not final:
+            if end and len(buf) - i < len(end) and end.startswith(buf[i:]) and not final:
                 break  # maybe the end marker: wait for more
-            if ch in WHITESPACE or (ch in ",;" and self._body_calls):
+            if ch in WHITESPACE or (ch in ",;" and self._body_items):
                 i += 1
-            elif ch == "[" and not self._in_list and not self._body_calls:
+            elif ch == "[" and not self._in_list and not self._body_items:
                 self._in_list = True
                 i += 1
             elif ch == "]" and self._in_list:
@@ -254,7 +270,10 @@ class ToolCallParser:
                 return True
             else:
                 self._consume(i)
-                self._junk()
+                if self._body_calls:
+                    self._junk()  # text after the calls
+                else:
+                    self._not_a_call(skip_rest=True)
                 return True
         self._consume(i)
         return False
@@ -266,8 +285,9 @@ class ToolCallParser:
 
     def _call_complete(self, call: _CallReader) -> None:
         self._call = None
-        if not call.sent and not self._start_call(call):
-            self._not_a_call()
+        self._body_items += 1
+        if not call.sent and (call.ignored or not self._start_call(call)):
+            self._not_a_call(skip_rest=False)
             return
         self._body_calls += 1
         self._finish_call(call, complete=True)
@@ -283,15 +303,18 @@ class ToolCallParser:
             self._finish_call(call, complete=False)
             self._junk()
         else:
-            self._not_a_call()
+            self._not_a_call(skip_rest=True)
 
-    def _not_a_call(self) -> None:
+    def _not_a_call(self, skip_rest: bool) -> None:
+        """Markup that is no call of the request's tools: dropped (Llama's bare JSON: content). With
+        skip_rest, the rest of the markup goes too (it stopped being JSON); without, reading goes on."""
         if self._bare and not self.calls:
             self._fallback_to_content()
             return
         self.dropped += 1
         log.info("dropped tool-call markup that is not a call of one of the request's tools")
-        self._junk()
+        if skip_rest:
+            self._junk()
 
     def _junk(self) -> None:
         """What follows is not calls. A marker without an end ends at the last call (text after it is
@@ -345,12 +368,12 @@ class ToolCallParser:
                 self._buf = stripped
                 self._mode = _Mode.JSON
                 return True
-            self._not_a_call()
+            self._not_a_call(skip_rest=True)
             return True
         self._buf = self._buf[match.end():]
         call = _CallReader(self, ())
         if not self._name_ok(match.group(1)):
-            self._not_a_call()
+            self._not_a_call(skip_rest=True)
             return True
         call.name = match.group(1)
         call.expect_arguments()
@@ -412,7 +435,7 @@ class ToolCallParser:
         return True
 
     def _send_call(self, name: str, arguments: str) -> ParsedCall:
-        parsed = ParsedCall(len(self.calls), "", name, arguments, complete=False)
+        parsed = ParsedCall(len(self.calls), "", name, [arguments])
         if not self._suppress:
             parsed.id = self._new_id()
             self.calls.append(parsed)
@@ -422,9 +445,9 @@ class ToolCallParser:
     def _send_arguments(self, call: _CallReader, text: str) -> None:
         parsed = call.parsed
         assert parsed is not None
-        parsed.arguments += text
+        parsed.parts.append(text)
         if not self._suppress:
-            self._out.add(ToolCallDelta(parsed.index, arguments=text))
+            self._out.add_arguments(parsed.index, text)
 
     def _finish_call(self, call: _CallReader, complete: bool) -> None:
         if call.parsed is not None:
@@ -484,6 +507,7 @@ class _CallReader:
         self._parser = parser
         self._argument_keys = argument_keys
         self._at = _At.OPEN
+        self._whole = JsonScanner(top_level="{")
         self._scanner = JsonScanner()
         self._text = ""  # the key or value being read
         self._key = ""
@@ -494,9 +518,20 @@ class _CallReader:
         self.streaming = False
         self.args_complete = False
         self.sent = False
+        self.ignored = False  # JSON, but not a call of one of the tools (or not a call at all)
         self.parsed: ParsedCall | None = None
 
     def feed(self, ch: str) -> _Status:
+        """FAIL only when the text stops being JSON; an object that is JSON but not a call is read to its
+        end and comes back COMPLETE with `ignored` set, so the markup after it is still read."""
+        step = self._whole.feed(ch)
+        if step is Step.ERROR:
+            return _Status.FAIL
+        if not self.ignored and self._member(ch) is _Status.FAIL:
+            self.ignored = True
+        return _Status.COMPLETE if step is Step.DONE else _Status.MORE
+
+    def _member(self, ch: str) -> _Status:
         at = self._at
         if at is _At.VALUE:
             return self._value(ch)
@@ -565,7 +600,7 @@ class _CallReader:
             return _Status.FAIL
         if step is Step.ENDED:  # a number ended just before this character, which is the object's
             status = self._value_done()
-            return status if status is _Status.FAIL else self.feed(ch)
+            return status if status is _Status.FAIL else self._member(ch)
         if not started and self._role == "args" and ch == '"':
             self._role = "args-string"
         self._text += ch
@@ -610,21 +645,29 @@ class _CallReader:
         return _Status.MORE
 
 
-@dataclass
 class _Out:
-    content: list[str] = field(default_factory=list)
-    deltas: list[ToolCallDelta] = field(default_factory=list)
+    """What one feed sends: content pieces, and tool-call pieces with one call's argument text joined."""
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self._calls: list[tuple[int, str | None, str | None, list[str]]] = []
 
     def add(self, delta: ToolCallDelta) -> None:
-        last = self.deltas[-1] if self.deltas else None
-        if last is not None and last.index == delta.index and delta.id is None:
-            self.deltas[-1] = ToolCallDelta(last.index, last.id, last.name, last.arguments + delta.arguments)
+        if self._calls and self._calls[-1][0] == delta.index and delta.id is None:
+            self._calls[-1][3].append(delta.arguments)
         else:
-            self.deltas.append(delta)
+            self._calls.append((delta.index, delta.id, delta.name, [delta.arguments]))
+
+    def add_arguments(self, index: int, text: str) -> None:
+        if self._calls and self._calls[-1][0] == index:
+            self._calls[-1][3].append(text)
+        else:
+            self._calls.append((index, None, None, [text]))
 
     def take(self, done: bool) -> StreamOutput:
-        output = StreamOutput("".join(self.content), tuple(self.deltas), done)
-        self.content, self.deltas = [], []
+        deltas = tuple(ToolCallDelta(i, call_id, name, "".join(parts)) for i, call_id, name, parts in self._calls)
+        output = StreamOutput("".join(self.content), deltas, done)
+        self.content, self._calls = [], []
         return output
 
 
