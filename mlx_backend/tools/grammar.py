@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from mlx_backend.tools.request import ToolRequest
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-_EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+# A tool that declares no parameters takes none: "{}" (OpenAI's reading of an absent `parameters`).
+_EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:

@@ -3,6 +3,7 @@ parser sends back."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ def stream(make: Callable[[], ToolCallParser], pieces: Iterable[str]) -> Reply:
 
 def split(text: str, cuts: Iterable[int]) -> list[str]:
     points = sorted({0, len(text), *(c % (len(text) + 1) for c in cuts)})
-    return [text[a:b] for a, b in zip(points, points[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(points)]
 
 
 def arguments_text(arguments: dict[str, Any], compact: bool, ascii_only: bool) -> str:
