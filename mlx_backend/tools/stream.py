@@ -146,6 +146,8 @@ class ToolCallParser:
             self._call_failed(self._call)
         elif self._mode is _Mode.JSON and self._bare:
             self._fallback_to_content()
+        elif self._mode in (_Mode.JSON, _Mode.ARGS) and not self._body_items:
+            self.dropped += 1  # a marker and nothing after it
         elif self._mode is _Mode.DELIMITED:
             body, self._block = self._block + self._buf, ""
             self._buf = ""
@@ -385,7 +387,8 @@ class ToolCallParser:
     def _delimited(self, final: bool) -> bool:
         buf = self._block + self._buf
         end = self.family.end
-        at = buf.find(end) if end else -1
+        # The end marker cannot lie wholly inside the part already searched.
+        at = buf.find(end, max(0, len(self._block) - len(end) + 1)) if end else -1
         if at < 0:
             self._block, self._buf = buf, ""
             return False
