@@ -72,6 +72,10 @@ def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:
         start = "start: calls" if forced else "start: PLAIN? | WS? calls"
     else:
         return None  # mlx-lm's other formats: not forceable (ToolRequest refuses required/named for them)
+    think = _thinking(tokenizer, token)
+    if think:  # a reasoning model may think first (Qwen3 opens its reply with <think>), then call
+        start = f"start: think? ({start.removeprefix('start: ')})"
+        rules.append(think)
     lines = [start, calls, call, any_tool, *rules]
     lines += [terminal for name, terminal in _TERMINALS.items() if name in start]
     return "\n".join(lines) + "\n"
@@ -82,6 +86,15 @@ _TERMINALS = {
     "PLAIN": r"PLAIN: /\s*[^\s{](?s:.*)/",  # text that does not open with "{"
     "WS": r"WS: /\s+/",
 }
+
+
+def _thinking(tokenizer: Any, token: Any) -> str | None:
+    """A rule for a reasoning block, when the model has single-token think markers (mlx-lm finds them)."""
+    start, end = getattr(tokenizer, "think_start", None), getattr(tokenizer, "think_end", None)
+    vocab = tokenizer.get_vocab()
+    if not (isinstance(start, str) and isinstance(end, str) and start in vocab and end in vocab):
+        return None
+    return f"think: {token(start)} /(?s:.*)/ {token(end)} /\\s*/"
 
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:

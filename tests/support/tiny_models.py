@@ -149,7 +149,7 @@ def _write_tokenizer(path: Path, vocab_size: int, context_length: int) -> dict[s
 # ---- byte-level BPE and real chat formats ----------------------------------------------------------
 
 TokenizerKind = Literal["words", "bytes"]
-ChatFormat = Literal["tiny", "qwen2.5", "llama3.1", "mistral"]
+ChatFormat = Literal["tiny", "qwen2.5", "qwen3", "llama3.1", "mistral"]
 
 CHAT_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
 
@@ -175,6 +175,12 @@ _FORMATS: dict[str, _Format] = {
     "qwen2.5": _Format(
         "qwen2.5-instruct.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
         ("<|im_end|>", "<|endoftext|>"), False, pad="<|endoftext|>", added=("<tool_call>", "</tool_call>"),
+    ),
+    # Qwen3: the same ChatML and calls, plus <think> reasoning and <tool_response> as added tokens.
+    "qwen3": _Format(
+        "qwen3.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
+        ("<|im_end|>", "<|endoftext|>"), False, pad="<|endoftext|>",
+        added=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
     ),
     # Llama-3.1-Instruct: header tokens, <|eot_id|> ends a turn, <|eom_id|> a builtin-tool call, ipython role.
     "llama3.1": _Format(

@@ -129,6 +129,9 @@ FORMATS = {
     # format: (special tokens that must be single special tokens, added non-special tokens, stop tokens)
     "qwen2.5": (("<|im_start|>", "<|im_end|>", "<|endoftext|>"), ("<tool_call>", "</tool_call>"),
                 {"<|im_end|>", "<|endoftext|>"}),
+    "qwen3": (("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+              ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+              {"<|im_end|>", "<|endoftext|>"}),
     "llama3.1": (("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
                   "<|python_tag|>"), (), {"<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"}),
     "mistral": (("<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",

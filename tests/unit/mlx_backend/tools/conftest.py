@@ -12,7 +12,7 @@ from mlx_lm.utils import load_tokenizer
 
 from tests.support import tiny_models
 
-FORMATS = ("qwen2.5", "llama3.1", "mistral")
+FORMATS = ("qwen2.5", "qwen3", "llama3.1", "mistral")
 
 
 def load(path: Path) -> Any:

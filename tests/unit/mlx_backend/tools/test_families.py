@@ -14,8 +14,8 @@ from tests.support import tiny_models
 from tests.unit.mlx_backend.tools.conftest import load
 
 
-@pytest.mark.parametrize(("fmt", "family"), [("qwen2.5", families.HERMES), ("llama3.1", families.LLAMA3_JSON),
-                                             ("mistral", families.MISTRAL_JSON)])
+@pytest.mark.parametrize(("fmt", "family"), [("qwen2.5", families.HERMES), ("qwen3", families.HERMES),
+                                             ("llama3.1", families.LLAMA3_JSON), ("mistral", families.MISTRAL_JSON)])
 def test_the_real_templates_are_recognised(tokenizers: dict[str, Any], fmt: str, family: families.Family) -> None:
     assert detect_family(tokenizers[fmt]) == families.Detection(family, "")
 

@@ -37,8 +37,9 @@ def render(tokenizer: Any, cmd: Generate) -> str:
     return str(tokenizer.decode(tokens))
 
 
-def test_qwen_shows_the_tools_the_call_and_its_result(tokenizers: dict[str, Any]) -> None:
-    prompt = render(tokenizers["qwen2.5"], command())
+@pytest.mark.parametrize("fmt", ["qwen2.5", "qwen3"])
+def test_qwen_shows_the_tools_the_call_and_its_result(tokenizers: dict[str, Any], fmt: str) -> None:
+    prompt = render(tokenizers[fmt], command())
     assert "<tools>\n" + json.dumps(TOOLS[0]) in prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
     assert "<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>" in prompt
@@ -66,16 +67,16 @@ def test_mistral_shows_the_tools_and_matches_call_and_result_with_nine_character
     assert render(tokenizers["mistral"], command()) == prompt  # the same id every turn: the cached prefix holds
 
 
-@pytest.mark.parametrize("fmt", ["qwen2.5", "llama3.1", "mistral"])
+@pytest.mark.parametrize("fmt", ["qwen2.5", "qwen3", "llama3.1", "mistral"])
 def test_markers_are_single_special_tokens_in_the_prompt(tokenizers: dict[str, Any], fmt: str) -> None:
     tokenizer = tokenizers[fmt]
-    marker = {"qwen2.5": "<tool_call>", "llama3.1": "<|eot_id|>", "mistral": "[TOOL_CALLS]"}[fmt]
+    marker = {"llama3.1": "<|eot_id|>", "mistral": "[TOOL_CALLS]"}.get(fmt, "<tool_call>")
     cmd = command()
     tokens = encode_prompt(cmd, tokenizer, ToolRequest.from_command(cmd, tokenizer))
     assert tokenizer.convert_tokens_to_ids(marker) in tokens
 
 
-@pytest.mark.parametrize("fmt", ["qwen2.5", "llama3.1", "mistral"])
+@pytest.mark.parametrize("fmt", ["qwen2.5", "qwen3", "llama3.1", "mistral"])
 def test_tool_choice_none_hides_the_tools_but_keeps_the_history(tokenizers: dict[str, Any], fmt: str) -> None:
     prompt = render(tokenizers[fmt], command(tool_choice="none"))
     assert "Current weather in a city" not in prompt
@@ -100,7 +101,7 @@ def test_arguments_that_are_not_a_json_object_are_refused_by_name(tokenizers: di
     assert raised.value.param == "messages[1].tool_calls[0].function.arguments"
 
 
-@pytest.mark.parametrize("fmt", ["qwen2.5", "llama3.1", "mistral"])
+@pytest.mark.parametrize("fmt", ["qwen2.5", "qwen3", "llama3.1", "mistral"])
 def test_without_tools_the_prompt_is_what_the_batcher_renders_today(tokenizers: dict[str, Any], fmt: str) -> None:
     """The integrator swaps batcher._encode for encode_prompt: nothing changes for requests without tools."""
     tokenizer = tokenizers[fmt]
