@@ -16,9 +16,14 @@ Malformed output (a model may write anything when tool_choice is "auto"):
 - Markup whose call cannot be read before anything was sent (not JSON, no name, a name that is not one of
   the tools, arguments that are not an object) is dropped: neither content nor a call. For Llama's bare
   JSON, which has no marker, such text is the model's content instead (a JSON answer is not a call).
+- A JSON object in the markup that is not such a call is skipped and reading goes on (a Mistral list may
+  hold a bad call and a good one); text that stops being JSON drops the rest of that markup block.
 - A call whose arguments go wrong after they began streaming keeps what was sent (a prefix of valid JSON,
   as when the generation runs out of tokens mid-call); the rest of its markup is dropped. It counts as a
   call: the client has already seen it.
+
+The formats read by mlx-lm's own parsers (family body "delimited") are buffered up to their end marker and
+each call is sent whole then, in one piece.
 """
 
 from __future__ import annotations
