@@ -39,11 +39,20 @@ class Constraint(msgspec.Struct, frozen=True, omit_defaults=True):
     strict: bool = False  # OpenAI's default for response_format.json_schema.strict
 
 
+class ToolCall(msgspec.Struct, frozen=True):
+    """A call an assistant message made in an earlier turn (OpenAI's message.tool_calls[i])."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it ("" is taken as {})
+
+
 class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     role: str  # system | user | assistant | tool
-    content: str
+    content: str  # "" for an assistant message that only calls tools (OpenAI's content: null)
     name: str | None = None
-    tool_call_id: str | None = None
+    tool_call_id: str | None = None  # role "tool": the call this message answers
+    tool_calls: tuple[ToolCall, ...] = ()  # role "assistant": the calls it made
 
 
 class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -87,6 +96,11 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the model's chat template
     prompt: str | None = None  # legacy completions: used as is
     constraint: Constraint | None = None  # response_format / forced tool call, enforced while decoding
+    # Tool calling (chat only). tools: JSON text of OpenAI's `tools` list, None or "[]" for none.
+    tools: str | None = None
+    tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool = True  # False: at most one call
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 
 
@@ -129,15 +143,29 @@ class Started(msgspec.Struct, frozen=True, tag="started"):
     cached_tokens: int
 
 
+class ToolCallDelta(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A piece of a streamed tool call, shaped as OpenAI's delta.tool_calls[i].
+
+    A call's first piece has its id and name and a non-empty start of its arguments; later pieces carry
+    only more argument text. The argument pieces of one index join into the call's JSON arguments.
+    """
+
+    index: int  # the call's position among this reply's calls, from 0
+    id: str | None = None  # "call_" + 24 alphanumerics; first piece only
+    name: str | None = None  # first piece only
+    arguments: str = ""
+
+
 class Delta(msgspec.Struct, frozen=True, tag="delta"):
     request_id: str
-    text: str
+    text: str  # content: never holds tool-call markup
     tokens: int  # tokens generated since the previous Delta
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class Finished(msgspec.Struct, frozen=True, tag="finished"):
     request_id: str
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "tool_calls"
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int

@@ -1,10 +1,18 @@
 """Tiny model folders that `mlx_lm.load` loads like any checkpoint, made offline in seconds, and helpers
 that damage such a folder in the ways real model folders go bad (each one a real file mutation).
 
-The tokenizer is word-level by default: special role tokens, single characters, common English words, then
-synthetic words (`w123`) up to `vocab_size`, so any vocabulary size from ~100 to 128256 is cheap. With
-`tokenizer="bpe"` it is a byte-level BPE (GPT-2 style, as real checkpoints have) trained on English words and
-JSON text, so JSON tokenizes the way it does for a real model (`{"`, `":`, ` "`, digits...); see `_write_bpe_tokenizer`.
+The default tokenizer is word-level: special role tokens, single characters, common English words, then
+synthetic words (`w123`) up to `vocab_size`, so any vocabulary size from ~100 to 128256 is cheap. It
+lowercases and cannot spell everything, so text does not round-trip. Two byte-level BPEs (GPT-2 style, as
+real checkpoints have) exist beside it: `tokenizer="bytes"` round-trips any text, as JSON for tool calls
+must; `tokenizer="bpe"` is trained on English and JSON text, so JSON tokenizes the way it does for a real
+model (`{"`, `":`, ` "`, digits...), and can leave the embedding padded past the vocabulary (see
+`_write_bpe_tokenizer`).
+
+`chat_format` dresses the model as a real instruct family: that family's published chat template (from
+tests/support/chat_templates, see SOURCES.md), its special tokens under their real names, its BOS/EOS
+layout, on a byte-level BPE. The weights stay random and llama-shaped; only the tokenizer side is the
+family's.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ import os
 import random
 import shutil
 import string
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS = "<|bos|>"
@@ -213,6 +222,141 @@ def _write_bpe_tokenizer(path: Path, vocab_size: int, context_length: int) -> di
     return vocab
 
 
+# ---- byte-level BPE and real chat formats ----------------------------------------------------------
+
+TokenizerKind = Literal["words", "bytes"]
+ChatFormat = Literal["tiny", "qwen2.5", "qwen3", "llama3.1", "mistral"]
+
+CHAT_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
+
+
+@dataclass(frozen=True)
+class _Format:
+    """What a family's tokenizer looks like: its template, its special tokens, its BOS/EOS layout."""
+
+    template_file: str | None
+    special: tuple[str, ...]  # never split by the pre-tokenizer; first one is token id 0
+    bos: str | None
+    eos: str  # tokenizer_config's eos_token
+    stop: tuple[str, ...]  # config.json's eos_token_id: every token that ends generation
+    add_bos: bool  # the post-processor prepends bos (Llama, Mistral); Qwen has no BOS at all
+    unk: str | None = None
+    pad: str | None = None
+    added: tuple[str, ...] = ()  # added tokens that are not special (Qwen2.5's <tool_call> pair)
+
+
+_FORMATS: dict[str, _Format] = {
+    "tiny": _Format(None, tuple(SPECIAL_TOKENS), BOS, EOS, (EOS, END), True, unk=UNK, pad=EOS),
+    # Qwen2.5-Instruct: ChatML; <tool_call> and </tool_call> are added tokens with "special": false.
+    "qwen2.5": _Format(
+        "qwen2.5-instruct.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
+        ("<|im_end|>", "<|endoftext|>"), False, pad="<|endoftext|>", added=("<tool_call>", "</tool_call>"),
+    ),
+    # Qwen3: the same ChatML and calls, plus <think> reasoning and <tool_response> as added tokens.
+    "qwen3": _Format(
+        "qwen3.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
+        ("<|im_end|>", "<|endoftext|>"), False, pad="<|endoftext|>",
+        added=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+    ),
+    # Llama-3.1-Instruct: header tokens, <|eot_id|> ends a turn, <|eom_id|> a builtin-tool call, ipython role.
+    "llama3.1": _Format(
+        "llama3.1-instruct.jinja",
+        ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+         "<|eot_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"),
+        "<|begin_of_text|>", "<|eot_id|>", ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), True,
+    ),
+    # Mistral-Nemo-Instruct-2407: [INST] turns, tools in [AVAILABLE_TOOLS], calls after [TOOL_CALLS].
+    "mistral": _Format(
+        "mistral-nemo-instruct-2407.jinja",
+        ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]",
+         "[/TOOL_RESULTS]", "[TOOL_CALLS]"),
+        "<s>", "</s>", ("</s>",), True, unk="<unk>",
+    ),
+}
+
+# Text the byte-level BPE learns its merges from: English and the JSON of tool calls, so common words and
+# JSON punctuation become single tokens and a tool call spans tokens of many sizes.
+_BPE_CORPUS = [
+    *COMMON_WORDS.split(),
+    COMMON_WORDS,
+    '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+    '{"name": "search", "parameters": {"query": "tiny models", "limit": 10, "exact": true, "tags": null}}',
+    '[{"name": "add", "arguments": {"a": 1.5, "b": -2}}, {"name": "lookup", "arguments": {}}]',
+    '{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", '
+    '"parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}',
+]
+
+
+def chat_template(chat_format: ChatFormat) -> str:
+    """The chat template a format's tokenizer carries, as its model publishes it."""
+    spec = _FORMATS[chat_format]
+    if spec.template_file is None:
+        return CHAT_TEMPLATE
+    return (CHAT_TEMPLATES_DIR / spec.template_file).read_text()
+
+
+def _byte_level_bpe(spec: _Format, vocab_size: int) -> Tokenizer:
+    """Byte-level BPE of exactly vocab_size tokens: special tokens, the 256 byte symbols, learned merges,
+    then reserved special tokens if the corpus runs out of merges, then the family's non-special added
+    tokens last."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    learned = vocab_size - len(spec.added)
+    minimum = len(spec.special) + 256 + len(spec.added)
+    if vocab_size < minimum:
+        raise ValueError(f"vocab_size must be at least {minimum} for a byte-level tokenizer, got {vocab_size}")
+    trainer = trainers.BpeTrainer(  # type: ignore[call-arg]
+        vocab_size=learned,
+        special_tokens=list(spec.special),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_BPE_CORPUS * 4, trainer=trainer)
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(learned - tokenizer.get_vocab_size())]
+    tokenizer.add_special_tokens(reserved)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
+    vocab = tokenizer.get_vocab()
+    if spec.add_bos and spec.bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, vocab[spec.bos])]
+        )
+    else:
+        tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    assert tokenizer.get_vocab_size() == vocab_size, (tokenizer.get_vocab_size(), vocab_size)
+    return tokenizer
+
+
+def _write_byte_level_tokenizer(
+    path: Path, chat_format: ChatFormat, vocab_size: int, context_length: int
+) -> dict[str, int]:
+    spec = _FORMATS[chat_format]
+    tokenizer = _byte_level_bpe(spec, vocab_size)
+    named = {spec.bos, spec.eos, spec.unk, spec.pad}
+    additional = [t for t in spec.special if t not in named]
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer,
+        bos_token=spec.bos,
+        eos_token=spec.eos,
+        unk_token=spec.unk,
+        pad_token=spec.pad,
+        additional_special_tokens=additional,
+        model_max_length=context_length,
+        chat_template=chat_template(chat_format),
+        add_bos_token=spec.add_bos,
+    )
+    fast.save_pretrained(str(path), save_jinja_files=False)
+    special_tokens_map: dict[str, object] = {
+        name: token
+        for name, token in (("bos_token", spec.bos), ("eos_token", spec.eos), ("unk_token", spec.unk),
+                            ("pad_token", spec.pad))
+        if token is not None
+    }
+    special_tokens_map["additional_special_tokens"] = additional
+    (path / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n")
+    return dict(tokenizer.get_vocab())
+
+
 # Prime, so a matrix tiled from the block never repeats row for row (rows are powers of two wide).
 _RANDOM_BLOCK = 1_000_003
 
@@ -253,25 +397,30 @@ def make_tiny_model(
     context_length: int = 512,
     dtype: str = "float16",
     seed: int = 0,
-    tokenizer: Literal["word", "bpe"] = "word",
+    tokenizer: Literal["words", "bpe", "bytes"] = "words",
     tokenizer_vocab_size: int | None = None,
+    chat_format: ChatFormat = "tiny",
 ) -> Path:
     """Write a randomly initialised llama-shaped model folder at `path` (created if missing).
 
     `model_type` is written to config.json as given; the weights are always llama-shaped, so any type
     mlx-lm maps onto llama's layout (e.g. "llama", "mistral") loads. `tokenizer` picks the word-level
     tokenizer or a byte-level BPE (see the module's docstring); the model has `vocab_size` rows either way.
-    `tokenizer_vocab_size` (BPE only) trains a smaller vocabulary, so the embedding is padded past it (the
-    logits are wider than the vocabulary, as for Qwen's checkpoints).
+    `tokenizer_vocab_size` ("bpe" only) trains a smaller vocabulary, so the embedding is padded past it (the
+    logits are wider than the vocabulary, as for Qwen's checkpoints). A `chat_format` other than "tiny"
+    implies the "bytes" tokenizer.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    spec = _FORMATS[chat_format]
     if tokenizer == "bpe":
         if tokenizer_vocab_size is not None and tokenizer_vocab_size > vocab_size:
             raise ValueError("tokenizer_vocab_size must not exceed vocab_size")
         vocab = _write_bpe_tokenizer(path, tokenizer_vocab_size or vocab_size, context_length)
-    else:
+    elif chat_format == "tiny" and tokenizer == "words":
         vocab = _write_tokenizer(path, vocab_size, context_length)
+    else:
+        vocab = _write_byte_level_tokenizer(path, chat_format, vocab_size, context_length)
 
     config: dict[str, object] = {
         "architectures": ["LlamaForCausalLM"],
@@ -286,9 +435,9 @@ def make_tiny_model(
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
-        "bos_token_id": vocab[BOS],
+        "bos_token_id": vocab[spec.bos] if spec.bos is not None else None,
         # A list, as Llama 3 checkpoints have: the end of a chat turn also stops generation.
-        "eos_token_id": [vocab[EOS], vocab[END]],
+        "eos_token_id": [vocab[t] for t in spec.stop],
         "torch_dtype": dtype,
     }
     # The model is built only for its parameter names and shapes; its own (lazy) init is never run.

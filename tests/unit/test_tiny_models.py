@@ -10,6 +10,8 @@ from typing import Any
 import mlx.core as mx
 import mlx_lm
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.utils import load_tokenizer as _load_tokenizer
 
 from tests.support import tiny_models
@@ -141,3 +143,68 @@ def test_remove_chat_template_leaves_a_base_model(model_copy: Path) -> None:
     tiny_models.remove_chat_template(model_copy)
     _, tokenizer = load(model_copy)
     assert not tokenizer.has_chat_template
+
+
+# ---- byte-level BPE and real chat formats ----------------------------------------------------------------
+
+FORMATS = {
+    # format: (special tokens that must be single special tokens, added non-special tokens, stop tokens)
+    "qwen2.5": (("<|im_start|>", "<|im_end|>", "<|endoftext|>"), ("<tool_call>", "</tool_call>"),
+                {"<|im_end|>", "<|endoftext|>"}),
+    "qwen3": (("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
+              ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+              {"<|im_end|>", "<|endoftext|>"}),
+    "llama3.1": (("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>",
+                  "<|python_tag|>"), (), {"<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"}),
+    "mistral": (("<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_CALLS]",
+                 "[TOOL_RESULTS]", "[/TOOL_RESULTS]"), (), {"</s>"}),
+}
+
+
+@pytest.fixture(scope="module")
+def format_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("formats")
+    return {fmt: tiny_models.make_tiny_model(root / fmt, chat_format=fmt) for fmt in FORMATS}  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return load_tokenizer(tiny_models.make_tiny_model(tmp_path_factory.mktemp("bytes") / "m", tokenizer="bytes"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text())
+def test_the_byte_level_tokenizer_round_trips_any_text(byte_tokenizer: Any, text: str) -> None:
+    ids = byte_tokenizer.encode(text, add_special_tokens=False)
+    assert byte_tokenizer.decode(ids) == text
+
+
+def test_json_round_trips_through_encode_and_the_streaming_detokenizer(byte_tokenizer: Any) -> None:
+    text = json.dumps({"city": 'Zürich "HB" {}[]', "n": [1, -2.5e3, None, True], "emoji": "😀"}, ensure_ascii=False)
+    detokenizer = byte_tokenizer.detokenizer
+    for token in byte_tokenizer.encode(text, add_special_tokens=False):
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    assert detokenizer.text == text
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_format_carries_its_published_template_and_its_tokens(format_models: dict[str, Path], fmt: str) -> None:
+    special, added, stops = FORMATS[fmt]
+    model, tokenizer = load(format_models[fmt])
+    assert tokenizer.chat_template == tiny_models.chat_template(fmt)  # type: ignore[arg-type]
+    for token in (*special, *added):
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        assert len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == token, token
+    for token in added:  # Qwen2.5's <tool_call> pair: added, but not special (it survives skip_special_tokens)
+        assert tokenizer.decode(tokenizer.encode(token, add_special_tokens=False), skip_special_tokens=True) == token
+    assert tokenizer.eos_token_ids == {tokenizer.convert_tokens_to_ids(t) for t in stops}
+    assert len(tokenizer.get_vocab()) == 512
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    pieces = [r.text for r in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=4)]
+    assert len(pieces) >= 1
+
+
+def test_a_byte_level_vocabulary_too_small_for_its_bytes_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least"):
+        tiny_models.make_tiny_model(tmp_path, chat_format="llama3.1", vocab_size=200)
