@@ -93,9 +93,11 @@ class FakeEngine:
             for i, word in enumerate(words[:budget]):
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
-                request.deliver(Delta(rid, word if i == 0 else " " + word, 1))
+                for index in range(command.n):  # every choice says the same
+                    request.deliver(Delta(rid, word if i == 0 else " " + word, 1, index=index))
             reason = "length" if len(words) > budget else "stop"
-            request.deliver(Finished(rid, reason, prompt_tokens, min(len(words), budget), 0))
+            for index in range(command.n):
+                request.deliver(Finished(rid, reason, prompt_tokens, min(len(words), budget), 0, index))
         except Exception as exc:  # as the real engine does: the request fails, the engine goes on
             request.deliver(EngineError(EngineErrorCode.INTERNAL, f"The engine failed while generating: {exc}"))
         finally:

@@ -17,12 +17,12 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway import sse
-from gateway.convert import ResponseMeta, public_finish_reason
 from gateway.errors import GatewayError, internal
 from gateway.exchange import Exchange
 from gateway.lifecycle import GatewayRuntime, new_request_id
-from gateway.protocol import ChatCompletion, Completion
-from mlx_backend.types import Finished, Generate
+from gateway.protocol import Usage
+from gateway.render import FoldedChoice, Folder, ResponseMeta
+from mlx_backend.types import Delta, Finished, Generate
 
 log = logging.getLogger("mlx_gateway")
 
@@ -30,11 +30,11 @@ log = logging.getLogger("mlx_gateway")
 class Renderer(Protocol):
     """Chat and legacy completions differ only in the shape of what they send."""
 
-    def opening(self, meta: ResponseMeta) -> Any | None: ...
-    def text(self, meta: ResponseMeta, text: str) -> Any: ...
-    def closing(self, meta: ResponseMeta, finish_reason: str) -> Any: ...
-    def usage(self, meta: ResponseMeta, finished: Finished) -> Any: ...
-    def whole(self, meta: ResponseMeta, text: str, finished: Finished) -> ChatCompletion | Completion: ...
+    def opening(self, meta: ResponseMeta, index: int) -> Any | None: ...
+    def delta(self, meta: ResponseMeta, delta: Delta) -> Any | None: ...
+    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Any: ...
+    def usage(self, meta: ResponseMeta, usage: Usage) -> Any: ...
+    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> Any: ...
 
 
 def exchange_id(request: Request[Any, Any, Any]) -> str:
@@ -78,18 +78,18 @@ async def _stream(
     exchange: Exchange, meta: ResponseMeta, renderer: Renderer, include_usage: bool
 ) -> AsyncIterator[bytes]:
     try:
-        opening = renderer.opening(meta)
-        if opening is not None:
-            yield sse.event(opening)
-        while True:
+        for index in range(exchange.command.n):
+            opening = renderer.opening(meta, index)
+            if opening is not None:
+                yield sse.event(opening)
+        while not exchange.complete:
             event = await exchange.next()
             if isinstance(event, Finished):
-                yield sse.event(renderer.closing(meta, public_finish_reason(event.finish_reason)))
-                if include_usage:
-                    yield sse.event(renderer.usage(meta, event))
-                break
-            if event.text:
-                yield sse.event(renderer.text(meta, event.text))
+                yield sse.event(renderer.closing(meta, event.index, event.finish_reason))
+            elif (chunk := renderer.delta(meta, event)) is not None:
+                yield sse.event(chunk)
+        if include_usage:
+            yield sse.event(renderer.usage(meta, exchange.usage()))
         yield sse.DONE
     except GatewayError as exc:
         log.warning("stream ended by error: %s", exc.message)
@@ -104,9 +104,13 @@ async def _stream(
 
 
 async def _fold(exchange: Exchange, meta: ResponseMeta, renderer: Renderer) -> Any:
-    parts: list[str] = []
-    while True:
+    folder = Folder()
+    for index in range(exchange.command.n):
+        folder.choice(index)
+    while not exchange.complete:
         event = await exchange.next()
         if isinstance(event, Finished):
-            return renderer.whole(meta, "".join(parts), event)
-        parts.append(event.text)
+            folder.choice(event.index).finish_reason = event.finish_reason
+        else:
+            folder.add(event)
+    return renderer.whole(meta, folder.ordered(), exchange.usage())
