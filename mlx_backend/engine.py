@@ -399,7 +399,9 @@ class EngineClient:
 
     def _busy(self) -> bool:
         heartbeat = self._heartbeat
-        return bool(self._requests) or bool(self._counts) or (heartbeat is not None and bool(heartbeat.running or heartbeat.waiting))
+        if self._requests or self._counts:
+            return True
+        return heartbeat is not None and bool(heartbeat.running or heartbeat.waiting)
 
     def _check_health(self) -> str | None:
         now = time.monotonic()
