@@ -108,7 +108,9 @@ class GatewayError(Exception):
         return ANTHROPIC_TYPES[self.status]
 
     def anthropic_body(self, request_id: str | None = None) -> AnthropicErrorResponse:
-        return AnthropicErrorResponse(AnthropicErrorDetail(self.anthropic_type, self.message), request_id)
+        """Anthropic's error has no `param`: the message names it instead."""
+        message = self.message if not self.param or self.param in self.message else f"{self.param}: {self.message}"
+        return AnthropicErrorResponse(AnthropicErrorDetail(self.anthropic_type, message), request_id)
 
     def headers(self) -> dict[str, str]:
         if self.kind is ErrorKind.UNAUTHORIZED:

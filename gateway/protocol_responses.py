@@ -103,7 +103,8 @@ class FormatJsonObject(Struct, tag="json_object", tag_field="type", forbid_unkno
     pass
 
 
-class FormatJsonSchema(Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+class FormatJsonSchema(Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True, kw_only=True,
+                       omit_defaults=True):
     name: str
     schema: dict[str, Any]
     description: str | None = None
