@@ -54,16 +54,19 @@ class EngineRequest:
     the engine is told to abort (once) and a consumer waiting in `next` wakes with Interrupted.
     """
 
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str], None], choices: int = 1) -> None:
         self.request_id = request_id
         self._abort = abort
+        self._choices_left = choices  # a Finished ends one choice; the request ends with the last
         self._queue: asyncio.Queue[GenerationEvent | EngineError | Interrupted] = asyncio.Queue()
         self._held: GenerationEvent | EngineError | Interrupted | None = None  # taken, not handed out yet
         self.ended = False  # the engine is done with it: Finished, Failed, or aborted by its owner
 
     def deliver(self, item: GenerationEvent | EngineError) -> None:
         """The engine client's side: the next event, or the error that ends the request."""
-        if isinstance(item, Finished | EngineError):
+        if isinstance(item, Finished):
+            self._choices_left -= 1
+        if isinstance(item, EngineError) or self._choices_left <= 0:
             self.ended = True
         self._queue.put_nowait(item)
 
@@ -76,12 +79,15 @@ class EngineRequest:
         self._held = None
         while isinstance(item, Delta) and not self._queue.empty():
             following = self._queue.get_nowait()
-            # Text after a tool-call piece stays a Delta of its own: merged, it would read as coming first.
-            if not isinstance(following, Delta) or (item.tool_calls and following.text):
+            # Another choice's Delta, and text after a tool-call piece (merged, it would read as coming
+            # first), stay Deltas of their own.
+            if not isinstance(following, Delta) or following.index != item.index or (
+                item.tool_calls and following.text
+            ):
                 self._held = following
                 break
             item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens,
-                         item.tool_calls + following.tool_calls)
+                         item.tool_calls + following.tool_calls, item.logprobs + following.logprobs, item.index)
         if isinstance(item, EngineError | Interrupted):
             self._held = item  # the request is over: every later call raises the same
             raise item
@@ -238,7 +244,7 @@ class EngineClient:
             process.channel.send(command)
         except (ConnectionClosed, OSError):
             raise self._unavailable() from None
-        request = EngineRequest(rid, lambda r: self._abort(r, process))
+        request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
         self._requests[rid] = request
         return request
 
@@ -473,6 +479,6 @@ class EngineClient:
             del self._requests[event.request_id]
             request.deliver(EngineError.from_wire(event.code, event.message, event.param))
             return
-        if isinstance(event, Finished):
-            del self._requests[event.request_id]
         request.deliver(event)
+        if request.ended:
+            del self._requests[event.request_id]

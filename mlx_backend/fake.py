@@ -126,7 +126,8 @@ class FakeEngine:
                     request.deliver(Delta(rid, "", 1, (ToolCallDelta(index, arguments=piece),)))
             used = min(len(words), budget) + 3 * len(calls)
             reason = "tool_calls" if calls else "length" if len(words) > budget else "stop"
-            request.deliver(Finished(rid, reason, prompt_tokens, used, 0, stop if reason == "stop" else None))
+            request.deliver(Finished(rid, reason, prompt_tokens, used, 0,
+                                     stop_sequence=stop if reason == "stop" else None))
         except Exception as exc:  # as the real engine does: the request fails, the engine goes on
             request.deliver(EngineError(EngineErrorCode.INTERNAL, f"The engine failed while generating: {exc}"))
         finally:

@@ -30,11 +30,12 @@ class SeededSampler:
     def __call__(self, logprobs: mx.array) -> mx.array:
         keys = mx.random.split(self._key)
         self._key, draw = keys[0], keys[1]
-        logprobs = _filter(logprobs, self._top_k, self._top_p)
+        logprobs = filter_logprobs(logprobs, self._top_k, self._top_p)
         return mx.random.categorical(logprobs * self._inv_temp, key=draw)
 
 
-def _filter(logprobs: mx.array, top_k: int, top_p: float) -> mx.array:
+def filter_logprobs(logprobs: mx.array, top_k: int, top_p: float) -> mx.array:
+    """Top-k, then top-p, on (rows, vocab) log-probabilities: what the samplers draw from (before temperature)."""
     # A k as large as the vocabulary keeps every token (mlx-lm's apply_top_k refuses it): no filter then.
     if 0 < top_k < logprobs.shape[-1]:
         logprobs = apply_top_k(logprobs, top_k)
@@ -45,7 +46,7 @@ def _filter(logprobs: mx.array, top_k: int, top_p: float) -> mx.array:
 
 # Temperatures this small are greedy decoding in effect, and 1/t would overflow float32 below ~3e-39 (every
 # logit -inf, a garbage draw): treat them as greedy, as vLLM does below 1e-5.
-_GREEDY_BELOW = 1e-5
+GREEDY_BELOW = 1e-5
 
 
 def _as_key_seed(seed: int) -> int:
@@ -56,7 +57,7 @@ def _as_key_seed(seed: int) -> int:
 def make_sampler(params: SamplingParams) -> Sampler:
     # BatchGenerator samples the whole batch in one call only when every row has the same sampler object;
     # otherwise it samples row by row. So requests share a sampler unless a seed gives them their own key.
-    if params.temperature < _GREEDY_BELOW:
+    if params.temperature < GREEDY_BELOW:
         return greedy_sampler
     if params.seed is None:
         return _shared_sampler(params.temperature, params.top_p, params.top_k)
@@ -69,7 +70,7 @@ def _shared_sampler(temperature: float, top_p: float, top_k: int = 0) -> Sampler
     inv_temp = 1.0 / temperature
 
     def sample(logprobs: mx.array) -> mx.array:
-        return mx.random.categorical(_filter(logprobs, top_k, top_p) * inv_temp)
+        return mx.random.categorical(filter_logprobs(logprobs, top_k, top_p) * inv_temp)
 
     return sample
 
