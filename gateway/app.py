@@ -22,7 +22,12 @@ from gateway.routes.completions import create_completion
 from gateway.routes.health import health, liveness, prometheus_metrics, readiness
 from gateway.routes.messages import count_message_tokens, create_message
 from gateway.routes.models import list_models, retrieve_model
-from gateway.routes.responses_api import create_response, delete_response, retrieve_response
+from gateway.routes.responses_api import (
+    create_response,
+    delete_response,
+    retrieve_response,
+    stored_response_options,
+)
 from mlx_backend import __version__
 
 log = logging.getLogger("mlx_gateway")
@@ -96,9 +101,9 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
             await runtime.engine.stop()
 
     app = Litestar(
-        route_handlers=[create_chat_completion, create_completion, create_response, retrieve_response,
-                        delete_response, create_message, count_message_tokens, list_models, retrieve_model,
-                        health, liveness, readiness, prometheus_metrics, openapi_json],
+        route_handlers=[create_chat_completion, create_completion, create_response, stored_response_options,
+                        retrieve_response, delete_response, create_message, count_message_tokens, list_models,
+                        retrieve_model, health, liveness, readiness, prometheus_metrics, openapi_json],
         lifespan=[lifespan],
         exception_handlers=error_handlers.exception_handlers(error_handlers.openai_response),
         guards=security.guards(settings),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import Request, Response, delete, get, post
+from litestar import HttpMethod, Request, Response, delete, get, post, route
 from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
@@ -83,8 +83,18 @@ async def create_response(
     return Response(response)
 
 
+_STORED = "/v1/responses/{response_id:str}"
+
+
+@route(_STORED, http_method=[HttpMethod.OPTIONS], include_in_schema=False)
+async def stored_response_options() -> Response[None]:
+    """Registered before GET and DELETE. Litestar makes a path's OPTIONS answer when its first handler is
+    registered and never updates its Allow header, which would then name GET alone."""
+    return Response(None, status_code=204, headers={"Allow": "DELETE, GET, OPTIONS"})
+
+
 @get(
-    "/v1/responses/{response_id:str}",
+    _STORED,
     operation_id="getResponse",
     summary="Retrieve a stored response",
     tags=["OpenAI"],
@@ -99,7 +109,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -
 
 
 @delete(
-    "/v1/responses/{response_id:str}",
+    _STORED,
     status_code=200,
     operation_id="deleteResponse",
     summary="Delete a stored response",

@@ -312,3 +312,8 @@ def test_with_the_store_off_responses_say_store_false(make_client: ClientFactory
     created = client.post("/v1/responses", json=body()).json()
     assert created["store"] is False
     assert error_of(client.get(f"/v1/responses/{created['id']}"), 404)
+
+
+def test_options_on_a_stored_response_allows_get_and_delete(client: TestClient[Any]) -> None:
+    response = client.options("/v1/responses/resp_x")
+    assert response.status_code == 204 and response.headers["allow"] == "DELETE, GET, OPTIONS"
