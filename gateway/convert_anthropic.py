@@ -17,6 +17,7 @@ from gateway import sse
 from gateway.convert_shared import (
     FunctionTool,
     ToolChoice,
+    check_constraint_with_tools,
     decode,
     fault_of,
     json_constraint,
@@ -202,9 +203,12 @@ def to_generate(
     check_supported(req)
     messages = chat_messages(req.system, req.messages)
     choice, parallel = tool_choice(req.tool_choice)
-    tools = tool_fields(client_tools(req.tools), choice, parallel)
+    functions = client_tools(req.tools)
+    tools = tool_fields(functions, choice, parallel)
     schema = req.output_config.format.schema if req.output_config and req.output_config.format else None
     constraint = json_constraint(schema, strict=True, param="output_config.format.schema") if schema else None
+    if constraint is not None and functions:
+        check_constraint_with_tools(functions, choice, "output_config.format")
     if isinstance(req, MessageCreateRequest):
         params = sampling_params(req.max_tokens, req.temperature, req.top_p, top_k=req.top_k,
                                  stop=req.stop_sequences)

@@ -21,6 +21,7 @@ from gateway import sse
 from gateway.convert_shared import (
     FunctionTool,
     ToolChoice,
+    check_constraint_with_tools,
     decode,
     fault_of,
     json_constraint,
@@ -225,12 +226,15 @@ def to_generate(
     messages = instructions + history + new_input
     if not messages:
         raise invalid("input", "The input is empty.")
-    tools = tool_fields(function_tools(req.tools), tool_choice(req.tool_choice),
-                        req.parallel_tool_calls is not False)
+    functions, choice = function_tools(req.tools), tool_choice(req.tool_choice)
+    tools = tool_fields(functions, choice, req.parallel_tool_calls is not False)
+    constraint = output_constraint(req)
+    if constraint is not None and functions:
+        check_constraint_with_tools(functions, choice, "text.format")
     return Generate(
         request_id=request_id, model=req.model, messages=messages,
         params=sampling_params(req.max_output_tokens or default_max_tokens, req.temperature, req.top_p),
-        constraint=output_constraint(req), fault=fault_of(req.user, allow_faults), **tools,
+        constraint=constraint, fault=fault_of(req.user, allow_faults), **tools,
     )
 
 

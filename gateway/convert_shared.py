@@ -21,7 +21,7 @@ from typing import Any, Literal, TypedDict, TypeVar
 import msgspec
 
 from gateway.convert import _fault, _stops, _temperature
-from gateway.errors import ErrorKind, GatewayError, invalid
+from gateway.errors import ErrorKind, GatewayError, invalid, unsupported
 from mlx_backend import grammar
 from mlx_backend.types import Constraint, SamplingParams
 
@@ -74,6 +74,15 @@ def tool_fields(tools: Sequence[FunctionTool], choice: ToolChoice, parallel: boo
         tool_choice_name=choice.name if choice.mode == "function" else None,
         parallel_tool_calls=parallel,
     )
+
+
+def check_constraint_with_tools(tools: Sequence[FunctionTool], choice: ToolChoice, param: str) -> None:
+    """Structured output holds the whole reply to a JSON grammar, which leaves no room for a tool call (and
+    the engine refuses it next to a forced or strict call's grammar): tools that could be called and an
+    output format are refused together, in the client's API (`param` names its output format)."""
+    if tools and choice.mode != "none":
+        raise unsupported(param, "structured output cannot be combined with tools the model may call; send "
+                                 "one of the two (or tool choice none)")
 
 
 def _chat_tool(tool: FunctionTool) -> dict[str, Any]:

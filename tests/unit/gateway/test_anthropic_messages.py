@@ -206,6 +206,8 @@ def test_harmless_parameters_are_accepted(client: TestClient[Any]) -> None:
     ({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
     ({"container": "c1"}, "container"),
     ({"output_config": {"effort": "high"}}, "output_config.effort"),
+    ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}, "tools": [WEATHER],
+      "tool_choice": {"type": "any"}}, "output_config.format"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"tools": [{**WEATHER, "input_examples": [{}]}]}, "tools[0].input_examples"),
 ])

@@ -177,6 +177,8 @@ def test_text_format_becomes_the_constraint(make_client: ClientFactory) -> None:
     assert engine.received[-1].constraint == Constraint("json_object")
     client.post("/v1/responses", json=body(text={"format": {"type": "text"}}))
     assert engine.received[-1].constraint is None
+    none = body(tools=[WEATHER], tool_choice="none", text={"format": {"type": "json_object"}})
+    assert client.post("/v1/responses", json=none).status_code == 200  # tools that cannot be called
 
 
 @pytest.mark.parametrize(("overrides", "param"), [
@@ -198,6 +200,9 @@ def test_text_format_becomes_the_constraint(make_client: ClientFactory) -> None:
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
     ({"max_tool_calls": 3}, "max_tool_calls"),
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"text": {"format": {"type": "json_object"}}, "tools": [WEATHER]}, "text.format"),
+    ({"text": {"format": {"type": "json_object"}}, "tools": [{**WEATHER, "strict": False}],
+      "tool_choice": "required"}, "text.format"),
 ])
 def test_what_would_change_the_output_is_a_400_naming_it(client: TestClient[Any], overrides: dict[str, Any],
                                                          param: str) -> None:
