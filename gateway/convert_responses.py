@@ -63,7 +63,7 @@ from gateway.protocol_responses import (
     ResponseUsage,
     StreamEvent,
 )
-from gateway.reply import Block, CallBlock, Closed, Grew, Opened, Reply, Step, TextBlock
+from gateway.reply import Block, CallBlock, Grew, Opened, Reply, Step, TextBlock
 from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ToolCall
 
 _NOT_INPUT = {
@@ -284,13 +284,18 @@ def usage_of(finished: Finished) -> ResponseUsage:
     )
 
 
+def _output(response_id: str, reply: Reply, last: ItemStatus) -> list[OutputItem]:
+    """The reply's items: every one complete but the last, which is `last`."""
+    final = len(reply.blocks) - 1
+    return [output_item(response_id, block, i, last if i == final else "completed")
+            for i, block in enumerate(reply.blocks)]
+
+
 def finished_response(base: ResponseObject, reply: Reply, finished: Finished) -> ResponseObject:
     complete = _complete(finished.finish_reason)
-    last = len(reply.blocks) - 1
-    output = [output_item(base.id, block, i, "completed" if complete or i < last else "incomplete")
-              for i, block in enumerate(reply.blocks)]
     return msgspec.structs.replace(
-        base, status="completed" if complete else "incomplete", output=output, usage=usage_of(finished),
+        base, status="completed" if complete else "incomplete", usage=usage_of(finished),
+        output=_output(base.id, reply, "completed" if complete else "incomplete"),
         incomplete_details=None if complete else IncompleteDetails("max_output_tokens"),
     )
 
@@ -317,47 +322,52 @@ class ResponseStream:
         return ResponseStateEvent(type=kind, sequence_number=next(self._numbers), response=response)
 
     def opening(self) -> list[bytes]:
-        return self._frames(self._state("response.created", self.base), self._state("response.in_progress", self.base))
+        return self._frames(self._state("response.created", self.base),
+                            self._state("response.in_progress", self.base))
 
     def step(self, step: Step) -> list[bytes]:
-        rid, at, block = self.base.id, step.position, step.block
-        number = self._numbers
         if isinstance(step, Opened):
-            empty = OutputMessage(id=item_id(rid, block, at), status="in_progress", content=[]) if isinstance(
-                block, TextBlock) else FunctionCall(id=item_id(rid, block, at), call_id=block.id, name=block.name,
-                                                    arguments="", status="in_progress")
-            events: list[StreamEvent] = [OutputItemEvent(type="response.output_item.added",
-                                                         sequence_number=next(number), output_index=at, item=empty)]
-            if isinstance(block, TextBlock):
-                events.append(ContentPartEvent(type="response.content_part.added", sequence_number=next(number),
-                                               item_id=empty.id, output_index=at, content_index=0,
-                                               part=OutputText("")))
-            return self._frames(*events)
+            return self._frames(*self._opened(step.position, step.block))
         if isinstance(step, Grew):
-            if isinstance(block, TextBlock):
-                return self._frames(OutputTextDeltaEvent(sequence_number=next(number), item_id=item_id(rid, block, at),
-                                                         output_index=at, content_index=0, delta=step.text))
-            return self._frames(FunctionCallArgumentsDeltaEvent(sequence_number=next(number),
-                                                                item_id=item_id(rid, block, at), output_index=at,
-                                                                delta=step.text))
-        assert isinstance(step, Closed)
-        item = output_item(rid, block, at, self._last_status)
-        if isinstance(block, TextBlock):
-            return self._frames(
-                OutputTextDoneEvent(sequence_number=next(number), item_id=item.id, output_index=at, content_index=0,
-                                    text=block.text),
-                ContentPartEvent(type="response.content_part.done", sequence_number=next(number), item_id=item.id,
-                                 output_index=at, content_index=0, part=OutputText(block.text)),
-                OutputItemEvent(type="response.output_item.done", sequence_number=next(number), output_index=at,
-                                item=item),
-            )
-        assert isinstance(block, CallBlock)
-        return self._frames(
-            FunctionCallArgumentsDoneEvent(sequence_number=next(number), item_id=item.id, output_index=at,
-                                           name=block.name, arguments=block.arguments),
-            OutputItemEvent(type="response.output_item.done", sequence_number=next(number), output_index=at,
-                            item=item),
-        )
+            return self._frames(self._grew(step.position, step.block, step.text))
+        return self._frames(*self._closed(step.position, step.block))
+
+    def _opened(self, at: int, block: Block) -> list[StreamEvent]:
+        item_at = item_id(self.base.id, block, at)
+        if isinstance(block, CallBlock):
+            call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress")
+            return [self._item("response.output_item.added", at, call)]
+        message = OutputMessage(id=item_at, status="in_progress", content=[])
+        return [self._item("response.output_item.added", at, message), self._part("response.content_part.added",
+                                                                                   at, item_at, "")]
+
+    def _grew(self, at: int, block: Block, text: str) -> StreamEvent:
+        item_at = item_id(self.base.id, block, at)
+        number = next(self._numbers)
+        if isinstance(block, CallBlock):
+            return FunctionCallArgumentsDeltaEvent(sequence_number=number, item_id=item_at, output_index=at,
+                                                   delta=text)
+        return OutputTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
+                                    delta=text)
+
+    def _closed(self, at: int, block: Block) -> list[StreamEvent]:
+        item = output_item(self.base.id, block, at, self._last_status)
+        if isinstance(block, CallBlock):
+            done: list[StreamEvent] = [FunctionCallArgumentsDoneEvent(
+                sequence_number=next(self._numbers), item_id=item.id, output_index=at, name=block.name,
+                arguments=block.arguments)]
+        else:
+            done = [OutputTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
+                                        content_index=0, text=block.text),
+                    self._part("response.content_part.done", at, item.id, block.text)]
+        return [*done, self._item("response.output_item.done", at, item)]
+
+    def _item(self, kind: Any, at: int, item: OutputItem) -> OutputItemEvent:
+        return OutputItemEvent(type=kind, sequence_number=next(self._numbers), output_index=at, item=item)
+
+    def _part(self, kind: Any, at: int, item_at: str, text: str) -> ContentPartEvent:
+        return ContentPartEvent(type=kind, sequence_number=next(self._numbers), item_id=item_at, output_index=at,
+                                content_index=0, part=OutputText(text))
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:
         self._last_status = "completed" if _complete(finished.finish_reason) else "incomplete"
@@ -368,7 +378,9 @@ class ResponseStream:
         return frames + self._frames(self._state(kind, response))
 
     def failure(self, reply: Reply, error: GatewayError) -> list[bytes]:
-        output = [output_item(self.base.id, b, i, "incomplete") for i, b in enumerate(reply.blocks)]
-        failed = msgspec.structs.replace(self.base, status="failed", output=output,
-                                         error=ResponseError(error.kind.value.code or "server_error", error.message))
+        """The block being written stays open (no done events): the failed response lists it incomplete."""
+        failed = msgspec.structs.replace(
+            self.base, status="failed", output=_output(self.base.id, reply, "incomplete"),
+            error=ResponseError(error.kind.value.code or "server_error", error.message),
+        )
         return self._frames(self._state("response.failed", failed))
