@@ -143,3 +143,11 @@ def test_the_api_key_travels_as_x_api_key(start_server: StartServer, agent_model
     with anthropic.Anthropic(base_url=server.base_url, api_key="s3cret", max_retries=0) as good:
         assert good.messages.create(model="tiny", max_tokens=3, messages=ASK).usage.output_tokens > 0  # type: ignore[arg-type]
         assert good.messages.count_tokens(model="tiny", messages=ASK).input_tokens > 0  # type: ignore[arg-type]
+
+
+def test_metrics_count_these_routes_by_name(client: anthropic.Anthropic, agent_server: ServerProcess) -> None:
+    client.messages.count_tokens(model=DEMO, messages=ASK)  # type: ignore[arg-type]
+    client.messages.create(model=DEMO, max_tokens=3, messages=ASK)  # type: ignore[arg-type]
+    text = httpx.get(agent_server.base_url + "/metrics", timeout=10).text
+    for route in ("/v1/messages", "/v1/messages/count_tokens"):
+        assert f'mlx_gateway_http_requests_total{{method="POST",route="{route}",status="200"}}' in text, route

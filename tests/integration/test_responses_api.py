@@ -209,3 +209,9 @@ def test_an_agent_sends_the_tool_result_back_to_the_model(agent_server: ServerPr
         assert "response.incomplete" in str(result) and "max_output_tokens" in str(result)
     else:
         assert isinstance(result.final_output, str)
+
+
+def test_metrics_count_the_route_by_name(client: openai.OpenAI, agent_server: ServerProcess) -> None:
+    client.responses.create(model=DEMO, input="hi", max_output_tokens=3)
+    text = httpx.get(agent_server.base_url + "/metrics", timeout=10).text
+    assert 'mlx_gateway_http_requests_total{method="POST",route="/v1/responses",status="200"}' in text
