@@ -6,9 +6,18 @@ The pieces other APIs reuse (tools, tool_choice, structured output) are small fu
 
 from __future__ import annotations
 
-import msgspec
 from msgspec import UNSET
 
+from gateway.convert_shared import (
+    FunctionTool,
+    ToolChoice,
+    check_constraint_with_tools,
+    fault_of,
+    json_constraint,
+    sampling_temperature,
+    stops_of,
+    tool_fields,
+)
 from gateway.errors import invalid, unsupported
 from gateway.protocol import (
     AssistantMessage,
@@ -16,19 +25,16 @@ from gateway.protocol import (
     CompletionRequest,
     DeveloperMessage,
     ImageUrlPart,
-    JsonObjectFormat,
-    JsonSchemaFormat,
     Message,
     NamedToolChoice,
     ResponseFormat,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
     TextPart,
     Tool,
     ToolMessage,
 )
-from mlx_backend import grammar
 from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
-
-FAULT_PREFIX = "fault:"  # test-only: `user: "fault:abort"` injects an engine fault (settings.test_faults)
 
 
 def check_chat_supported(req: ChatCompletionRequest) -> None:
@@ -69,50 +75,43 @@ def check_completion_supported(req: CompletionRequest) -> None:
             raise unsupported("prompt", "only one prompt per request")
 
 
-# -- the pieces other APIs share ------------------------------------------------------------------------
+# -- chat's shapes of the shared pieces ------------------------------------------------------------------
 
 
-def tools_json(tools: list[Tool] | None, param: str = "tools") -> str | None:
-    """OpenAI function tools as the JSON text the engine renders into the prompt; other kinds are a 400."""
-    if not tools:
-        return None
+def function_tools(tools: list[Tool] | None) -> list[FunctionTool]:
+    """Chat's function tools; other kinds are a 400."""
     functions = []
-    for i, tool in enumerate(tools):
+    for i, tool in enumerate(tools or ()):
         if tool.type != "function" or tool.function is UNSET:
-            raise unsupported(f"{param}[{i}].type", f"only function tools are available, not {tool.type!r}")
-        functions.append({"type": "function", "function": tool.function})
-    return msgspec.json.encode(functions).decode()
+            raise unsupported(f"tools[{i}].type", f"only function tools are available, not {tool.type!r}")
+        f = tool.function
+        functions.append(FunctionTool(
+            f.name, f.description if f.description is not UNSET else None,
+            f.parameters if f.parameters is not UNSET else None, f.strict, f"tools[{i}].function",
+        ))
+    return functions
 
 
-def tool_choice_of(choice: str | NamedToolChoice | None, param: str = "tool_choice") -> tuple[str, str | None]:
-    """OpenAI's tool_choice as the engine's (choice, function name)."""
+def tool_choice_of(choice: str | NamedToolChoice | None) -> ToolChoice:
     if choice is None:
-        return "auto", None
+        return ToolChoice("auto")
     if isinstance(choice, str):
-        return choice, None
+        return ToolChoice(choice)  # type: ignore[arg-type]  # the protocol allows only the engine's words
     if choice.type != "function" or choice.function is UNSET:
-        raise unsupported(param, f"tool_choice of type {choice.type!r} is not available; send 'auto', 'none', "
-                                 "'required' or a function")
-    return "function", choice.function.name
+        raise unsupported("tool_choice", f"tool_choice of type {choice.type!r} is not available; send 'auto', "
+                                         "'none', 'required' or a function")
+    return ToolChoice("function", choice.function.name, "tool_choice.function.name")
 
 
-def constraint_of(response_format: ResponseFormat | None, param: str = "response_format") -> Constraint | None:
-    """Structured output as the engine's Constraint, checked now: a schema that cannot be enforced is a 400
-    naming the problem, before any compute."""
-    if isinstance(response_format, JsonObjectFormat):
-        constraint = Constraint("json_object")
-    elif isinstance(response_format, JsonSchemaFormat):
+def constraint_of(response_format: ResponseFormat | None) -> Constraint | None:
+    """Structured output, checked now: a schema that cannot be enforced is a 400 before any compute."""
+    if isinstance(response_format, ResponseFormatJsonObject):
+        return json_constraint(None, strict=False, param="response_format")
+    if isinstance(response_format, ResponseFormatJsonSchema):
         spec = response_format.json_schema
-        if spec.schema is UNSET:
-            constraint = Constraint("json_object")
-        else:
-            constraint = Constraint("json_schema", msgspec.json.encode(spec.schema).decode(), bool(spec.strict))
-    else:
-        return None
-    problem = grammar.validate(constraint)
-    if problem is not None:
-        raise invalid(param, problem)
-    return constraint
+        schema = spec.schema if spec.schema is not UNSET else None
+        return json_constraint(schema, strict=bool(spec.strict), param="response_format.json_schema.schema")
+    return None
 
 
 def text_of(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None, param: str) -> str:
@@ -126,27 +125,6 @@ def text_of(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None
             raise unsupported(f"{param}[{j}]", "image input is not available; send text parts")
         parts.append(part.text)
     return "".join(parts)
-
-
-def sampling_temperature(temperature: float | None, top_p: float | None) -> float:
-    if top_p == 0:
-        return 0.0  # only the most likely token survives a top_p of 0: that is greedy decoding
-    return 1.0 if temperature is None else temperature
-
-
-def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if any(s == "" for s in stops):
-        raise invalid("stop", "stop strings must not be empty")
-    return stops
-
-
-def fault_of(user: object, allow_faults: bool) -> str | None:
-    if allow_faults and isinstance(user, str) and user.startswith(FAULT_PREFIX):
-        return user[len(FAULT_PREFIX):]
-    return None
 
 
 # -- chat completions -----------------------------------------------------------------------------------
@@ -192,11 +170,13 @@ def chat_to_generate(
         logprobs=_logprobs(req.logprobs, req.top_logprobs),
     )
     messages = tuple(_to_engine_message(m, i) for i, m in enumerate(req.messages))
-    choice, function = tool_choice_of(req.tool_choice)
+    tools, choice = function_tools(req.tools), tool_choice_of(req.tool_choice)
+    constraint = constraint_of(req.response_format)
+    if constraint is not None:
+        check_constraint_with_tools(tools, choice, "response_format")
     return Generate(
-        request_id=request_id, model=req.model, params=params, messages=messages,
-        constraint=constraint_of(req.response_format), tools=tools_json(req.tools), tool_choice=choice,
-        tool_choice_name=function, parallel_tool_calls=req.parallel_tool_calls is not False, n=req.n or 1,
+        request_id=request_id, model=req.model, params=params, messages=messages, constraint=constraint,
+        **tool_fields(tools, choice, req.parallel_tool_calls is not False), n=req.n or 1,
         fault=fault_of(req.user, allow_faults),
     )
 

@@ -137,7 +137,8 @@ class Exchange:
             if self.ending is Ending.DRAINED and self.ended_in is Phase.RUNNING and self.unfinished:
                 index = min(self.unfinished)
                 self.unfinished.discard(index)
-                return Finished(self.id, "length", self.prompt_tokens, 0, self.cached_tokens, index)
+                return Finished(self.id, "length", self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+                                index)
             raise self._interruption() from None
 
     def _interruption(self) -> GatewayError:

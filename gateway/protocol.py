@@ -102,11 +102,11 @@ class NamedToolChoice(Struct, forbid_unknown_fields=True):
     custom: dict[str, Any] | UnsetType = UNSET
 
 
-class TextFormat(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+class ResponseFormatText(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
     pass
 
 
-class JsonObjectFormat(Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
+class ResponseFormatJsonObject(Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
     pass
 
 
@@ -117,11 +117,11 @@ class JsonSchemaSpec(Struct, forbid_unknown_fields=True):
     strict: bool | None = None
 
 
-class JsonSchemaFormat(Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+class ResponseFormatJsonSchema(Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
     json_schema: JsonSchemaSpec
 
 
-ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaFormat
+ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema
 
 
 class StreamOptions(Struct, forbid_unknown_fields=True):

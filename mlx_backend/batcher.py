@@ -446,7 +446,7 @@ class Batcher:
         state.rows.pop(row.uid, None)
         request = row.request
         self._emit(Finished(request.rid, reason, request.prompt_tokens, row.plan.output.completion_tokens,
-                            request.cached_tokens, row.plan.index))
+                            request.cached_tokens, row.plan.index, row.plan.output.stop_sequence))
         if not request.open_rows:
             self._where.pop(request.rid, None)
 

@@ -59,7 +59,7 @@ def test_unknown_field_is_400_naming_it(client: TestClient[Any]) -> None:
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"n": 0}, "n"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
-     "response_format"),
+     "response_format.json_schema.schema"),
     ({"max_tokens": "ten"}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": 9}, "temperature"),
