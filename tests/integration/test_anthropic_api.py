@@ -126,7 +126,7 @@ def test_errors_are_the_sdks_exception_classes(client: anthropic.Anthropic) -> N
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
     assert image.value.type == "invalid_request_error" and "messages[0].content[0]" in str(image.value)
     with pytest.raises(anthropic.BadRequestError) as no_tools:
-        client.messages.create(model=DEMO, max_tokens=5, messages=ASK, tools=[WEATHER],  # type: ignore[list-item]
+        client.messages.create(model="tiny", max_tokens=5, messages=ASK, tools=[WEATHER],  # type: ignore[list-item]
                                tool_choice={"type": "any"})
     assert "does not support tool calling" in str(no_tools.value)
 

@@ -130,7 +130,7 @@ def test_refusals_are_bad_requests_naming_the_parameter(client: openai.OpenAI) -
         client.responses.create(model=DEMO, input="hi", previous_response_id="resp_nope")
     assert unknown.value.code == "previous_response_not_found"
     with pytest.raises(openai.BadRequestError) as tool_less_model:
-        client.responses.create(model=DEMO, input="hi", tools=[WEATHER], tool_choice="required")  # type: ignore[list-item]
+        client.responses.create(model="tiny", input="hi", tools=[WEATHER], tool_choice="required")  # type: ignore[list-item]
     assert "does not support tool calling" in str(tool_less_model.value)
     with pytest.raises(openai.NotFoundError):
         client.responses.create(model="no-such-model", input="hi")
