@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from mlx_backend.grammar import closed_objects
 from mlx_backend.tools.families import HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON
 
 if TYPE_CHECKING:
@@ -99,23 +100,7 @@ def _thinking(tokenizer: Any, token: Any) -> str | None:
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     parameters = tool.get("parameters")
-    return _closed(parameters) if isinstance(parameters, dict) and parameters else _EMPTY_PARAMETERS
-
-
-def _closed(schema: Any) -> Any:
-    """A call's arguments are the parameters the function declares: an object schema that lists its
-    `properties` and says nothing of others gets `additionalProperties: false` (XGrammar's strict mode does
-    the same). JSON Schema would allow extra keys there, but no function takes them, and a model that
-    invents keys (LangChain's function-calling schemas leave the door open) runs out of tokens inventing."""
-    if isinstance(schema, list):
-        return [_closed(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    closed = {key: value if key in ("const", "enum", "default", "examples") else _closed(value)
-              for key, value in schema.items()}
-    if "properties" in closed and "additionalProperties" not in closed and "patternProperties" not in closed:
-        closed["additionalProperties"] = False
-    return closed
+    return closed_objects(parameters) if isinstance(parameters, dict) and parameters else _EMPTY_PARAMETERS
 
 
 def _call_schema(name: str, key: str, arguments: dict[str, Any]) -> dict[str, Any]:
