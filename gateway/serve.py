@@ -23,12 +23,15 @@ from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime, MetricsObserver
 from gateway.settings import Settings
 from mlx_backend.engine import EngineClient, SupervisionPolicy
+from mlx_backend.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
-from mlx_backend.types import EngineConfig
+from mlx_backend.types import EngineConfig, GroupConfig
 
 log = logging.getLogger("mlx_gateway")
 
 EXIT_ENGINE_GAVE_UP = 3  # the engine failed past its restart budget (docs/operations.md)
+GROUP_TICK_S = 1.0  # an idle group steps this often...
+GROUP_IDLE_PROGRESS_TIMEOUT_S = 15.0  # ...and is restarted when its steps stop this long
 
 
 # Granian configures its own handlers; make its loggers propagate to ours so JSON mode covers every line.
@@ -39,7 +42,24 @@ _GRANIAN_LOGS_THROUGH_OURS = {
 }
 
 
+def group_spec(settings: Settings) -> GroupSpec | None:
+    """The engine group the settings describe, checked; None for one engine process. Raises ValueError."""
+    if not settings.has_group:
+        return None
+    backend, envs = settings.group_backend, settings.group_envs
+    if settings.group_hostfile is not None:
+        hosts, file_backend, file_envs = read_hostfile(settings.group_hostfile)
+        backend, envs = backend or file_backend, file_envs + envs
+    else:
+        hosts = hosts_from_list(settings.group_hosts)
+    spec = GroupSpec(hosts, backend or "ring", settings.group_parallelism, envs, settings.group_port,
+                     settings.group_listen_host, settings.group_python)
+    spec.check()
+    return spec
+
+
 def build_runtime(settings: Settings) -> GatewayRuntime:
+    group = group_spec(settings)
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
     registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model)
     config = EngineConfig(
@@ -50,14 +70,17 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         max_running=settings.max_running,
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
+        group=GroupConfig(group.size, group.backend, group.parallelism, new_group_seed(), GROUP_TICK_S)
+        if group else None,
     )
     policy = SupervisionPolicy(
         stall_timeout_s=settings.stall_timeout_s,
         load_timeout_s=settings.load_timeout_s,
         restart_budget=settings.engine_restart_budget,
+        idle_progress_timeout_s=GROUP_IDLE_PROGRESS_TIMEOUT_S if group else None,
     )
     observer = MetricsObserver()
-    engine = EngineClient(config, observer, policy)
+    engine = EngineClient(config, observer, policy, group=group)
     return GatewayRuntime(settings, engine, registry, observer)
 
 
@@ -170,6 +193,7 @@ def run(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_json)
     try:
         settings.check()
+        group_spec(settings)
     except ValueError as exc:
         log.error("%s", exc)
         return 2

@@ -81,6 +81,38 @@ class Settings:
     test_faults: bool = field(
         default=False, metadata={"help": "TEST ONLY: honour fault injection through the 'user' field"}
     )
+    # The engine as an MLX distributed group (docs/operations.md): set hosts or a hostfile to turn it on.
+    group_hosts: tuple[str, ...] = field(
+        default=(), metadata={"help": "run the engine as one MLX distributed group, rank i on the i-th host "
+                                      "(repeatable; mlx.launch's --hosts: IPs for ring; a loopback address runs "
+                                      "a rank here, any other host is reached with ssh)"}
+    )
+    group_hostfile: Path | None = field(
+        default=None, metadata={"help": "the group's hosts as an mlx.launch hostfile (JSON: hosts with ssh, ips, "
+                                        "rdma; backend; envs)"}
+    )
+    group_backend: str = field(
+        default="", metadata={"help": "ring, jaccl, jaccl-ring, nccl or mpi (default: the hostfile's, else ring)"}
+    )
+    group_parallelism: str = field(
+        default="tensor", metadata={"help": "tensor (each layer split across the ranks) or pipeline (each rank "
+                                            "runs a range of layers)"}
+    )
+    group_envs: tuple[str, ...] = field(
+        default=(), metadata={"help": "NAME=value set for every rank (repeatable)"}
+    )
+    group_port: int = field(
+        default=32323, metadata={"help": "first port of the ring backend's ranks (one per rank and IP), "
+                                         "jaccl's coordinator port, nccl's rendezvous port"}
+    )
+    group_listen_host: str = field(
+        default="127.0.0.1", metadata={"help": "address the gateway listens on for its ranks (an ephemeral port, "
+                                               "a per-start token); must be reachable from every host"}
+    )
+    group_python: str | None = field(
+        default=None, metadata={"help": "the Python with mlx-gateway installed on the other hosts (default: "
+                                        "this one's path)"}
+    )
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -93,6 +125,10 @@ class Settings:
     @property
     def is_loopback(self) -> bool:
         return is_loopback_host(self.host)
+
+    @property
+    def has_group(self) -> bool:
+        return bool(self.group_hosts) or self.group_hostfile is not None
 
     def check(self) -> None:
         """Refuse unsafe or impossible combinations before anything starts."""
@@ -108,6 +144,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        if self.group_hosts and self.group_hostfile is not None:
+            raise ValueError("give the group's hosts either as --group-host or as --group-hostfile, not both")
         for entry in self.allowed_hosts:
             if not entry or "/" in entry or any(c.isspace() for c in entry):
                 raise ValueError(f"allowed_hosts entry {entry!r} is not a host name (give 'name', 'name:port', "

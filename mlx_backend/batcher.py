@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,6 +203,16 @@ class Batcher:
             loaded=loaded, failed=failed, memory_budget_bytes=self.cache.budget,
             active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
         )
+
+    def digest(self) -> int:
+        """What a group's ranks must agree on before each step (mlx_backend/rank.py): the requests waiting and
+        running, their prefix-cache hits and tokens so far, the models held. 31 bits, the same on every host."""
+        parts = [c.request_id for c in self._waiting]
+        for rid, (state, request) in sorted(self._where.items()):
+            counts = ",".join(str(r.plan.output.completion_tokens) for r in request.rows if not r.ended)
+            parts.append(f"{rid}@{state.cached.id}:{request.cached_tokens}:{counts}")
+        parts.append(str(self.cache.used_bytes))
+        return zlib.crc32("|".join(parts).encode()) & 0x7FFF_FFFF
 
     def _has_fault(self, fault: str) -> bool:
         return any(request.command.fault == fault for _, request in self._where.values())

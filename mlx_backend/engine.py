@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.group import GroupProcess, GroupSpec, GroupStatus
 from mlx_backend.ipc import ConnectionClosed
 from mlx_backend.process import EngineProcess, describe_exit
 from mlx_backend.types import (
@@ -31,11 +32,14 @@ from mlx_backend.types import (
     Finished,
     Generate,
     Heartbeat,
+    Hello,
     Loading,
     PromptCount,
+    RankHeartbeat,
     Ready,
     Shutdown,
     Started,
+    Wake,
 )
 
 log = logging.getLogger("mlx_gateway.engine")
@@ -119,6 +123,7 @@ class EngineStatus:
     stalled: bool
     seconds_since_progress: float | None  # while busy only: idle time is not a lack of progress
     heartbeat: Heartbeat | None
+    group: GroupStatus | None = None  # the engine as a distributed group: each rank
 
 
 class EngineObserver(Protocol):
@@ -150,6 +155,9 @@ class SupervisionPolicy:
     restart_budget: int = 10  # restarts per rolling hour, then DOWN
     healthy_after_s: float = 60.0  # a process up this long was healthy: the restart backoff starts over
     shutdown_timeout_s: float = 10.0
+    # Groups: an idle rank 0 steps every GroupConfig.tick_s, so progress stopping while idle means a rank
+    # is stuck or a link between ranks is lost. None (one process): idle time is never judged.
+    idle_progress_timeout_s: float | None = None
 
 
 _FIRST_BACKOFF_S = 0.5
@@ -176,14 +184,16 @@ class EngineClient:
         policy: SupervisionPolicy | None = None,
         extra_env: dict[str, str] | None = None,
         worker_module: str = "mlx_backend.worker",
+        group: GroupSpec | None = None,
     ) -> None:
         self._config = config
+        self._group = group  # set: every process is a GroupProcess of config.group.size ranks
         self._worker_module = worker_module
         self._observer = observer
         self._policy = policy or SupervisionPolicy()
         self._extra_env = extra_env
         self._state = EngineState.STARTING
-        self._process: EngineProcess | None = None
+        self._process: EngineProcess | GroupProcess | None = None
         self._ready: Ready | None = None
         self._heartbeat: Heartbeat | None = None
         self._last_heartbeat_at = 0.0
@@ -269,7 +279,7 @@ class EngineClient:
         finally:
             self._counts.pop(rid, None)
 
-    def _abort(self, rid: str, process: EngineProcess) -> None:
+    def _abort(self, rid: str, process: EngineProcess | GroupProcess) -> None:
         """Its owner ended a request the engine still runs: tell the engine, and count what it wasted."""
         if self._requests.pop(rid, None) is None:
             return
@@ -286,15 +296,17 @@ class EngineClient:
         since = None
         if self._state == EngineState.UP and self._busy():
             since = round(time.monotonic() - self._last_progress[1], 3)
+        process = self._process
         return EngineStatus(
             state=self._state,
-            pid=self._process.pid if self._process else None,
+            pid=process.pid if process else None,
             restarts=self._restarts,
             device=self._ready.device if self._ready else None,
             last_exit=self._last_exit,
             stalled=self._stalled,
             seconds_since_progress=since,
             heartbeat=self._heartbeat if self._state == EngineState.UP else None,
+            group=process.status(self._policy.heartbeat_timeout_s) if isinstance(process, GroupProcess) else None,
         )
 
     def _unavailable(self) -> EngineError:
@@ -353,7 +365,11 @@ class EngineClient:
 
     async def _run_one_process(self) -> str:
         """Run a process until it dies or must be killed; returns why it ended."""
-        process = EngineProcess(self._config, self._extra_env, self._worker_module)
+        process: EngineProcess | GroupProcess
+        if self._group is not None:
+            process = GroupProcess(self._config, self._group, self._extra_env, self._worker_module)
+        else:
+            process = EngineProcess(self._config, self._extra_env, self._worker_module)
         self._process = process
         self._ready = None
         self._heartbeat = None
@@ -371,7 +387,8 @@ class EngineClient:
                 done, _ = await asyncio.wait({reader, waiter}, timeout=0.1)
                 if done:
                     break
-                problem = self._check_health()
+                problem = self._check_health() or process.problem(
+                    self._policy.heartbeat_timeout_s, self._policy.ready_timeout_s)
                 if problem:
                     log.error("engine %s; killing it (pid %s)", problem, process.pid)
                     self._mark_not_up()
@@ -381,7 +398,7 @@ class EngineClient:
                     return problem
             self._mark_not_up()
             if waiter in done:
-                return f"{describe_exit(process.returncode)}"
+                return process.describe()
             # The socket closed first: the process is dying or broke the protocol; make sure it is gone.
             self._fail_all("the engine connection was lost")
             with contextlib.suppress(TimeoutError):
@@ -389,7 +406,7 @@ class EngineClient:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-            return f"closed its connection and {describe_exit(process.returncode)}"
+            return f"closed its connection and {process.describe()}"
         except asyncio.CancelledError:
             raise
         finally:
@@ -418,6 +435,14 @@ class EngineClient:
         if now - self._last_heartbeat_at > self._policy.heartbeat_timeout_s:
             return f"sent no heartbeat for {now - self._last_heartbeat_at:.1f}s (frozen)"
         if not self._busy():
+            idle_limit = self._policy.idle_progress_timeout_s
+            if idle_limit is not None:  # a group steps while idle too
+                idle_for = now - self._last_progress[1]
+                self._stalled = False
+                if idle_for > idle_limit:
+                    return f"made no progress for {idle_for:.1f}s while idle (a rank is stuck or a link between " \
+                           "ranks is lost)"
+                return None
             # Only busy time is judged: while idle the clock keeps up, so work that starts after a long
             # quiet spell gets the whole stall timeout, like work that starts a second after the last.
             self._last_progress = (self._last_progress[0], now)
@@ -433,7 +458,7 @@ class EngineClient:
             return f"made no progress for {idle_for:.1f}s with work pending (stalled)"
         return None
 
-    async def _read_events(self, process: EngineProcess) -> None:
+    async def _read_events(self, process: EngineProcess | GroupProcess) -> None:
         assert process.channel is not None
         with contextlib.suppress(ConnectionClosed):
             while True:
@@ -444,9 +469,12 @@ class EngineClient:
                     self._ready = event
                     self._state = EngineState.UP
                     self._last_heartbeat_at = time.monotonic()
+                    self._last_progress = (self._last_progress[0], self._last_heartbeat_at)  # starting is not stalling
                     self._up.set()
                     log.info("engine ready (pid %d, device %s, mlx %s, mlx-lm %s)",
                              event.pid, event.device, event.mlx_version, event.mlx_lm_version)
+                elif isinstance(event, Hello | RankHeartbeat | Wake):
+                    continue  # a group's own traffic (GroupChannel keeps it; never a request's)
                 else:
                     self._route(event)
 

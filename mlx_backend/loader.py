@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,10 @@ def _check_tokenizer(entry: ModelEntry) -> None:
 # -- loading -----------------------------------------------------------------------------------------
 
 
-def load(entry: ModelEntry) -> LoadedArtifacts:
-    """Validate, then load the tokenizer and the weights; any failure is an EngineError naming the cause."""
+def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | None = None) -> LoadedArtifacts:
+    """Validate, then load the tokenizer and the weights; any failure is an EngineError naming the cause.
+    `shard` (a group's rank: mlx_backend/rank.py) cuts the lazily built model to this rank's part before any
+    weight is read, so a rank reads and holds only its shard."""
     size = validate(entry)
     path = entry.path
     try:
@@ -231,7 +234,9 @@ def load(entry: ModelEntry) -> LoadedArtifacts:
             )
         except Exception as exc:
             raise _fail(entry, f"its tokenizer is broken ({_describe(exc)}).") from exc
-        model, config = load_model(path, lazy=False, trust_remote_code=False)
+        model, config = load_model(path, lazy=shard is not None, trust_remote_code=False)
+        if shard is not None:
+            shard(model, config)
         mx.eval(model.parameters())  # lazy loads must fail here, not in the middle of a request
     except EngineError:
         raise

@@ -23,7 +23,7 @@ from mlx_backend.types import EngineConfig
 log = logging.getLogger("mlx_gateway.engine")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: have the kernel SIGKILL the engine if the gateway dies first, so no orphan is left."""
     if sys.platform != "linux":
         return
@@ -78,7 +78,7 @@ class EngineProcess:
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         finally:
             child_sock.close()
@@ -88,6 +88,13 @@ class EngineProcess:
     async def wait(self) -> int:
         assert self._proc is not None
         return await self._proc.wait()
+
+    def describe(self) -> str:
+        return describe_exit(self.returncode)
+
+    def problem(self, heartbeat_timeout_s: float, ready_timeout_s: float) -> str | None:
+        """A group's ranks can fail in ways no exit shows (mlx_backend/group.py); one process cannot."""
+        return None
 
     def kill(self) -> None:
         """SIGKILL: works on a stopped (SIGSTOP) or wedged process too."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import secrets
+from collections.abc import Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_top_k, apply_top_p, greedy_sampler
@@ -54,14 +55,35 @@ def _as_key_seed(seed: int) -> int:
     return seed & 0xFFFF_FFFF_FFFF_FFFF
 
 
+_draws: Callable[[Sampler], Sampler] | None = None  # a group's rank: every sampler's tokens pass through it
+
+
+def share_draws(through: Callable[[Sampler], Sampler]) -> None:
+    """A group's rank (mlx_backend/rank.py): every sampler made from now on returns `through(sampler)`, which
+    gives every rank rank 0's tokens. Once per process, before any request."""
+    global _draws
+    _draws = through
+    _greedy.cache_clear()
+    _shared_sampler.cache_clear()
+
+
+def _drawn(sampler: Sampler) -> Sampler:
+    return sampler if _draws is None else _draws(sampler)
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     # BatchGenerator samples the whole batch in one call only when every row has the same sampler object;
     # otherwise it samples row by row. So requests share a sampler unless a seed gives them their own key.
     if params.temperature < GREEDY_BELOW:
-        return greedy_sampler
+        return _greedy()
     if params.seed is None:
         return _shared_sampler(params.temperature, params.top_p, params.top_k)
-    return SeededSampler(params.temperature, params.top_p, params.seed, params.top_k)
+    return _drawn(SeededSampler(params.temperature, params.top_p, params.seed, params.top_k))
+
+
+@functools.lru_cache(maxsize=1)
+def _greedy() -> Sampler:
+    return _drawn(greedy_sampler)
 
 
 @functools.lru_cache(maxsize=64)
@@ -72,7 +94,7 @@ def _shared_sampler(temperature: float, top_p: float, top_k: int = 0) -> Sampler
     def sample(logprobs: mx.array) -> mx.array:
         return mx.random.categorical(filter_logprobs(logprobs, top_k, top_p) * inv_temp)
 
-    return sample
+    return _drawn(sample)
 
 
 class PenaltyProcessor:

@@ -57,6 +57,17 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     tool_calls: tuple[ToolCall, ...] = ()  # role "assistant": the calls it made
 
 
+class GroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
+    """The engine as an MLX distributed group (mlx_backend/group.py starts it, mlx_backend/rank.py runs each
+    rank). Absent: one engine process, as always."""
+
+    size: int  # ranks
+    backend: str  # ring | jaccl | jaccl-ring | nccl | mpi
+    parallelism: str = "tensor"  # tensor | pipeline
+    seed: int = 0  # MLX's global key on every rank (the gateway draws one when it starts)
+    tick_s: float = 1.0  # an idle rank 0 exchanges an empty step this often: the links are shown alive
+
+
 class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     """What the engine process is started with (JSON on its command line)."""
 
@@ -70,6 +81,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change
     allow_fault_injection: bool = False  # test-only: honours Generate.fault
+    group: GroupConfig | None = None
 
 
 class LoadedModel(msgspec.Struct, frozen=True):
@@ -125,7 +137,13 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     """Clear the model cache and exit 0."""
 
 
-Command = Generate | CountPrompt | Abort | Shutdown
+class Wake(msgspec.Struct, frozen=True, tag="wake"):
+    """Groups only. Rank 0, idle, is about to start a step: sent by rank 0 to the gateway, which hands it to
+    every other rank. An idle rank waits for it on its socket, where waiting costs nothing, rather than inside
+    the collective, where MLX's ring backend spins a core."""
+
+
+Command = Generate | CountPrompt | Abort | Shutdown | Wake
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,4 +250,26 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     prompt_cache_bytes: int
 
 
-Event = Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat
+class Hello(msgspec.Struct, frozen=True, tag="hello"):
+    """Groups only: the first frame of every rank on its connection to the gateway (the token proves it was
+    started by this gateway)."""
+
+    rank: int
+    token: str
+    pid: int
+    host: str  # the rank's machine, as it names itself
+    mlx_version: str
+    mlx_lm_version: str
+    gateway_version: str
+
+
+class RankHeartbeat(msgspec.Struct, frozen=True, tag="rank_heartbeat"):
+    """Groups only: what a rank other than 0 sends every heartbeat_interval_s (rank 0 sends Heartbeat)."""
+
+    rank: int
+    progress: int  # the rank's own batcher steps: it moves with rank 0's
+    loading: str | None
+    active_memory_bytes: int
+
+
+Event = Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat | Hello | RankHeartbeat | Wake

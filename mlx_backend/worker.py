@@ -112,7 +112,7 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def _heartbeats(channel: Channel, interval_s: float, source: list[Callable[[], Heartbeat]]) -> None:
+def _heartbeats(channel: Channel, interval_s: float, source: list[Callable[[], Event]]) -> None:
     """Send source[0]() every interval; the MLX thread swaps in the batcher's once it exists."""
     while True:
         try:
@@ -140,7 +140,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     device = mx.default_device().type.name
     versions = _version("mlx"), _version("mlx-lm")
     channel.send(Ready(pid=os.getpid(), device=device, mlx_version=versions[0], mlx_lm_version=versions[1]))
-    source: list[Callable[[], Heartbeat]] = [lambda: Heartbeat(
+    source: list[Callable[[], Event]] = [lambda: Heartbeat(
         progress=0, running=0, waiting=inbox.qsize(), loading=None, loaded=(), failed=(),
         memory_budget_bytes=0, active_memory_bytes=0, prompt_cache_bytes=0,
     )]
@@ -169,22 +169,28 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                 while True:
                     commands.append(inbox.get_nowait())
             for command in commands:
-                if isinstance(command, Shutdown):
-                    log.info("shutdown requested: ending %d requests and freeing the models",
-                             batcher.running + batcher.waiting)
-                    batcher.shutdown()
+                if not apply_command(batcher, command, channel.send):
                     return 0
-                if isinstance(command, Generate):
-                    batcher.submit(command)
-                elif isinstance(command, Abort):
-                    batcher.abort(command.request_id)
-                elif isinstance(command, CountPrompt):
-                    channel.send(count_prompt(batcher, command.request))
             batcher.step()
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
             with contextlib.suppress(Exception):
                 batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
+
+
+def apply_command(batcher: Batcher, command: Command, send: Callable[[Event], None]) -> bool:
+    """Hand one command to the batcher (MLX thread); False once it was Shutdown (the batcher is then empty)."""
+    if isinstance(command, Shutdown):
+        log.info("shutdown requested: ending %d requests and freeing the models", batcher.running + batcher.waiting)
+        batcher.shutdown()
+        return False
+    if isinstance(command, Generate):
+        batcher.submit(command)
+    elif isinstance(command, Abort):
+        batcher.abort(command.request_id)
+    elif isinstance(command, CountPrompt):
+        send(count_prompt(batcher, command.request))
+    return True
 
 
 def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed:
@@ -205,9 +211,16 @@ def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mlx_backend.worker")
-    parser.add_argument("--fd", type=int, required=True, help="inherited socket file descriptor")
+    parser.add_argument("--fd", type=int, help="inherited socket file descriptor")
+    parser.add_argument("--connect", help="a group's rank: the gateway's HOST:PORT (mlx_backend/rank.py)")
     parser.add_argument("--config", required=True, help="EngineConfig as JSON")
     args = parser.parse_args(argv)
+    if args.connect:
+        from mlx_backend import rank
+
+        return rank.main(args.connect, args.config)
+    if args.fd is None:
+        parser.error("--fd or --connect is required")
     _setup_logging()
     _set_process_name()
     # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group; the gateway
