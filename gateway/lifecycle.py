@@ -15,6 +15,7 @@ import uuid
 from gateway import metrics
 from gateway.errors import ErrorKind, GatewayError
 from gateway.exchange import Ending, Exchange, Phase
+from gateway.group_health import group_health
 from gateway.protocol import EngineHealth, Health, Model, ModelError, ModelList
 from gateway.response_store import ResponseStore
 from gateway.settings import Settings
@@ -205,6 +206,7 @@ class GatewayRuntime:
                 last_exit=status.last_exit, seconds_since_progress=status.seconds_since_progress,
                 requests_running=heartbeat.running if heartbeat else 0,
                 requests_waiting=heartbeat.waiting if heartbeat else 0,
+                group=group_health(status.group),
             ),
             uptime_s=round(time.monotonic() - self.started_at, 3),
             version=__version__,

@@ -82,6 +82,18 @@ ENGINE_STALLED = Gauge(
 ENGINE_RESTARTS = Counter(
     _P + "engine_restarts_total", "Engine process restarts, by reason.", ["reason"], registry=REGISTRY
 )
+ENGINE_GROUP_UP = Gauge(
+    _P + "engine_group_up", "The engine as a distributed group: 1 while every rank is connected and heartbeating.",
+    registry=REGISTRY,
+)
+ENGINE_RANK_UP = Gauge(
+    _P + "engine_rank_up", "1 while this rank of the engine group is connected and heartbeating.", ["rank", "host"],
+    registry=REGISTRY,
+)
+ENGINE_RANK_HEARTBEAT_AGE = Gauge(
+    _P + "engine_rank_heartbeat_age_seconds", "Seconds since this rank of the engine group last sent a heartbeat.",
+    ["rank", "host"], registry=REGISTRY,
+)
 READY = Gauge(_P + "ready", "1 while the gateway accepts generation requests.", registry=REGISTRY)
 DRAINING = Gauge(_P + "draining", "1 while the gateway drains for shutdown.", registry=REGISTRY)
 MEMORY_ACTIVE = Gauge(

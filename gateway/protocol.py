@@ -349,15 +349,35 @@ class ErrorResponse(Struct):
 # Health
 
 
+class RankHealth(Struct):
+    rank: int
+    host: str  # as the group's settings name it
+    pid: int | None  # on its host, once it connected
+    state: Literal["starting", "up", "late", "exited"]  # late: its heartbeat is overdue
+    seconds_since_heartbeat: float | None
+    exit: str | None = None
+
+
+class GroupHealth(Struct):
+    """The engine as an MLX distributed group (docs/operations.md)."""
+
+    size: int
+    backend: str
+    parallelism: str
+    state: Literal["forming", "up", "broken"]
+    ranks: list[RankHealth]
+
+
 class EngineHealth(Struct):
     state: str  # starting | up | restarting | down | stopped
-    pid: int | None
+    pid: int | None  # rank 0's, for a group
     restarts: int
     device: str | None
     last_exit: str | None
     seconds_since_progress: float | None  # while it has work; null when idle
     requests_running: int = 0  # as the engine itself counts them (last heartbeat)
     requests_waiting: int = 0
+    group: GroupHealth | UnsetType = UNSET  # only when the engine is a distributed group
 
 
 class Health(Struct):

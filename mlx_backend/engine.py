@@ -440,8 +440,8 @@ class EngineClient:
                 idle_for = now - self._last_progress[1]
                 self._stalled = False
                 if idle_for > idle_limit:
-                    return f"made no progress for {idle_for:.1f}s while idle (a rank is stuck or a link between " \
-                           "ranks is lost)"
+                    return f"stalled while idle: no progress for {idle_for:.1f}s (a rank is stuck or a link " \
+                           "between ranks is lost)"
                 return None
             # Only busy time is judged: while idle the clock keeps up, so work that starts after a long
             # quiet spell gets the whole stall timeout, like work that starts a second after the last.
