@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 
 from tests.integration.conftest import StartServer
 from tests.integration.test_engine_faults import health_status, wait_for
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, free_port_pair
 from tests.support.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -31,25 +30,9 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["Tell me a long story", "hello there, how are you", "write code for the sea"]
 
 
-def _ring_ports() -> int:
-    """A first port with the next one free too: the ring backend's two ranks listen on port and port + 1."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        with socket.socket() as a, socket.socket() as b:
-            try:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def group_args(models_dir: Path, *extra: str) -> list[str]:
     return ["--models-dir", str(models_dir), "--group-host", "127.0.0.1", "--group-host", "127.0.0.1",
-            "--group-port", str(_ring_ports()), "--test-faults", *extra]
+            "--group-port", str(free_port_pair()), "--test-faults", *extra]
 
 
 def _tokens(server: ServerProcess, prompt: str, **params: Any) -> list[str]:

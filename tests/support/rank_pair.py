@@ -1,0 +1,46 @@
+"""Run by tests/unit/mlx_backend/test_rank.py as both ranks of a real two-rank ring group on loopback
+(`MLX_RANK`, `MLX_HOSTFILE` set as mlx_backend/group.py sets them): each control-plane round of
+mlx_backend/rank.py, then one JSON line of what this rank saw."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+
+from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.rank import BUDGET, LOAD, STEP, Diverged, Exchange, rank_zero_draws
+from mlx_backend.types import Abort, Command, Generate, SamplingParams
+
+
+def main() -> None:
+    group = mx.distributed.init(strict=True, backend="ring")
+    exchange = Exchange(group)
+    rank = exchange.rank
+    seen: dict[str, object] = {}
+    small: list[Command] = [Generate("a", "tiny", SamplingParams(max_tokens=3), prompt="hi"), Abort("b")]
+    big: list[Command] = [Generate("c", "tiny", SamplingParams(max_tokens=3), prompt="word " * 5000)]  # > 4 KiB
+    none: list[Command] = []
+    for name, commands in (("small", small), ("big", big), ("none", none)):
+        got = exchange.step(commands if rank == 0 else [], digest=7)
+        seen[name] = got == commands
+    seen["budgets"] = exchange.round(BUDGET, value=(rank + 1) * 3 * 2**40)[0]
+    error = EngineError(EngineErrorCode.MODEL_NOT_FOUND, "not on this host") if rank == 1 else None
+    try:
+        exchange.agree(LOAD, "tiny", error)
+    except EngineError as exc:
+        seen["agree"] = [exc.code.value, exc.message]
+    draw = rank_zero_draws(group)(lambda logprobs: mx.array([rank + 10, rank + 20], dtype=mx.uint32))
+    seen["draws"] = draw(mx.zeros((2, 4))).tolist()
+    for name, digest, kind in (("digests", rank, STEP), ("kinds", 0, STEP if rank == 0 else LOAD)):
+        try:
+            exchange.round(kind, digest)
+            seen[name] = "agreed"
+        except Diverged as exc:
+            seen[name] = str(exc)
+    seen["after"] = exchange.step(small if rank == 0 else [], digest=1) == small  # still in step
+    print(json.dumps({"rank": rank, **seen}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
