@@ -30,8 +30,7 @@ from mlx_backend.types import EngineConfig, GroupConfig
 log = logging.getLogger("mlx_gateway")
 
 EXIT_ENGINE_GAVE_UP = 3  # the engine failed past its restart budget (docs/operations.md)
-GROUP_TICK_S = 1.0  # an idle group steps this often...
-GROUP_IDLE_PROGRESS_TIMEOUT_S = 15.0  # ...and is restarted when its steps stop this long
+GROUP_TICK_S = 1.0  # an idle group steps this often, so the stall timeout applies to it idle too
 
 
 # Granian configures its own handlers; make its loggers propagate to ours so JSON mode covers every line.
@@ -77,7 +76,7 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         stall_timeout_s=settings.stall_timeout_s,
         load_timeout_s=settings.load_timeout_s,
         restart_budget=settings.engine_restart_budget,
-        idle_progress_timeout_s=GROUP_IDLE_PROGRESS_TIMEOUT_S if group else None,
+        idle_progress_timeout_s=max(settings.stall_timeout_s, 5 * GROUP_TICK_S) if group else None,
     )
     observer = MetricsObserver()
     engine = EngineClient(config, observer, policy, group=group)

@@ -56,7 +56,8 @@ class Settings:
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "a request running longer is ended"})
     stall_timeout_s: float = field(
-        default=30.0, metadata={"help": "engine with work but no progress this long is restarted"}
+        default=30.0, metadata={"help": "engine with work but no progress this long is restarted (an engine "
+                                        "group also when idle: it steps every second)"}
     )
     load_timeout_s: float = field(default=600.0, metadata={"help": "a model load taking longer is a stall"})
     drain_timeout_s: float = field(

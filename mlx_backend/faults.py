@@ -4,7 +4,8 @@
 - "abort": the engine process aborts (SIGABRT), as a Metal/CUDA allocation failure does;
 - "stall": the MLX thread blocks for good, as a native deadlock inside mx.eval does;
 - "raise": an exception while decoding the request (it alone fails);
-- "slow": the whole batch is paced at ~20 steps/s, so tests can act mid-stream.
+- "slow": the whole batch is paced at ~20 steps/s, so tests can act mid-stream;
+- "stall-rank-1": as "stall", on rank 1 of an engine group only (rank 0 then waits for it in a collective).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def before_start(fault: str | None) -> None:
     if fault == "abort":
         log.error("fault injection: aborting the engine process")
         os.abort()
-    if fault == "stall":
+    if fault == "stall" or (fault == "stall-rank-1" and os.environ.get("MLX_RANK") == "1"):
         log.error("fault injection: the MLX thread stalls for good")
         threading.Event().wait()
 

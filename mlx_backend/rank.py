@@ -38,6 +38,7 @@ import mlx.core as mx
 import msgspec
 import numpy as np
 from mlx.nn.layers.base import Module
+from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import Sampler
 
 from mlx_backend import __version__, loader, sampling, worker
@@ -284,6 +285,14 @@ class RankLoop:
         self.events = events
 
     def run(self) -> int:
+        # One stream for every op of this thread, the control rounds included. The ranks issue their collectives
+        # in the same order, but ops on two streams (BatchGenerator's generation_stream, the default one) run in
+        # an order that timing decides, differently on each rank: the ring then pairs one rank's control round
+        # with another's step (seen here with four requests in a batch, before this).
+        with mx.stream(generation_stream):
+            return self._run()
+
+    def _run(self) -> int:
         send: Callable[[Event], None] = self.events.emit if self.events else _drop
         while True:
             idle = not self.batcher.has_work()  # the same on every rank: their batchers are alike
@@ -415,7 +424,8 @@ def serve(channel: worker.Channel, config: EngineConfig, exchange: Exchange, inb
     rank = exchange.rank
     # The group's budget: its smallest member's, once per rank (the shards are equal), the same on every rank.
     local_budget = config.memory_budget_bytes or default_memory_budget()
-    budgets = [value for _, value in exchange.round(BUDGET, value=local_budget)[0]]
+    with mx.stream(generation_stream):
+        budgets = [value for _, value in exchange.round(BUDGET, value=local_budget)[0]]
     budget = min(budgets) * exchange.size
     mx.random.seed(group_config.seed)
     sampling.share_draws(rank_zero_draws(exchange.group))

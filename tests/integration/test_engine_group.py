@@ -100,6 +100,19 @@ def test_greedy_output_of_the_group_equals_one_engine_token_for_token(
     assert _tokens(group_server, PROMPTS[0], **seeded) == _tokens(single, PROMPTS[0], **seeded)
 
 
+def test_concurrent_requests_batched_across_the_group_give_the_same_tokens(
+    start_server: StartServer, models_dir: Path, group_server: ServerProcess
+) -> None:
+    single = start_server("--models-dir", str(models_dir))
+    single.wait_ready()
+    alone = [_tokens(single, prompt) for prompt in PROMPTS]
+
+    async def together() -> list[list[str]]:
+        return await asyncio.gather(*(asyncio.to_thread(_tokens, group_server, p) for p in PROMPTS))
+
+    assert asyncio.run(together()) == alone
+
+
 def test_health_and_metrics_show_every_rank(group_server: ServerProcess) -> None:
     group = _group(group_server)
     assert (group["size"], group["backend"], group["parallelism"], group["state"]) == (2, "ring", "tensor", "up")
@@ -159,6 +172,19 @@ def test_a_frozen_rank_is_an_engine_failure(group_server: ServerProcess) -> None
     last_exit = group_server.health().json()["engine"]["last_exit"]
     assert "rank 1 (127.0.0.1) sent no heartbeat" in last_exit
     assert len(_tokens(group_server, PROMPTS[1])) == 40
+
+
+def test_a_rank_stuck_inside_the_step_is_a_stalled_engine(group_server: ServerProcess) -> None:
+    """Rank 1 blocks for good (as in a native deadlock) while its heartbeat thread goes on: rank 0 waits for
+    it in the next collective, so the group's progress stops, and the stall clock ends it."""
+    old = _rank_pids(group_server)
+    response = httpx.post(group_server.base_url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+        "user": "fault:stall-rank-1"})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+    wait_for(lambda: all(_gone(pid) for pid in old), 10)
+    wait_for(lambda: _group_up(group_server), 30)
+    assert "stalled" in group_server.health().json()["engine"]["last_exit"]
 
 
 def test_a_model_too_large_for_the_group_is_refused_before_loading(

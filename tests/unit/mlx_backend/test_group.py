@@ -184,9 +184,10 @@ def _config() -> EngineConfig:
     return EngineConfig(heartbeat_interval_s=0.05, group=GroupConfig(2, "ring"))
 
 
-def _client(env: dict[str, str] | None = None) -> tuple[EngineClient, Recorder]:
+def _client(env: dict[str, str] | None = None, idle_timeout_s: float | None = None) -> tuple[EngineClient, Recorder]:
     recorder = Recorder()
-    policy = SupervisionPolicy(heartbeat_timeout_s=1.0, ready_timeout_s=10.0, shutdown_timeout_s=2.0)
+    policy = SupervisionPolicy(heartbeat_timeout_s=1.0, ready_timeout_s=10.0, shutdown_timeout_s=2.0,
+                               idle_progress_timeout_s=idle_timeout_s)
     spec = GroupSpec(hosts_from_list(["127.0.0.1", "127.0.0.1"]))
     client = EngineClient(_config(), recorder, policy, extra_env=env, worker_module="tests.support.scripted_rank",
                           group=spec)
@@ -265,6 +266,19 @@ async def test_a_rank_whose_heartbeats_stop_is_a_frozen_engine() -> None:
     try:
         await _until(lambda: recorder.restarts, 10)
         assert recorder.restarts[0].startswith("rank 1 (127.0.0.1) sent no heartbeat for")
+    finally:
+        await client.stop()
+
+
+@pytest.mark.anyio
+async def test_an_idle_group_whose_steps_stop_is_stalled() -> None:
+    """A group's rank 0 steps every tick while idle; the scripted one never does, like a group whose ranks
+    can no longer reach each other."""
+    client, recorder = _client(idle_timeout_s=1.0)
+    await client.start()
+    try:
+        await _until(lambda: recorder.restarts, 10)
+        assert recorder.restarts[0].startswith("stalled while idle: no progress for")
     finally:
         await client.stop()
 
