@@ -23,7 +23,7 @@ import pytest
 from tests.integration.conftest import StartServer
 from tests.integration.test_engine_faults import health_status, wait_for
 from tests.support.server import ServerProcess, free_port_pair
-from tests.support.tiny_models import make_tiny_model
+from tests.support.tiny_models import make_tiny_model, make_tiny_pipeline_model
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +35,8 @@ def group_args(models_dir: Path, *extra: str) -> list[str]:
             "--group-port", str(free_port_pair()), "--test-faults", *extra]
 
 
-def _tokens(server: ServerProcess, prompt: str, **params: Any) -> list[str]:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 40,
+def _tokens(server: ServerProcess, prompt: str, model: str = "tiny", **params: Any) -> list[str]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 40,
             "temperature": 0, "logprobs": True, **params}
     response = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
@@ -74,6 +74,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     other way: that is the arithmetic, not ranks disagreeing (they always take rank 0's token)."""
     root = tmp_path_factory.mktemp("group-models")
     make_tiny_model(root / "tiny", context_length=256, dtype="float32")
+    make_tiny_pipeline_model(root / "pipe")
     return root
 
 
@@ -113,13 +114,33 @@ def test_concurrent_requests_batched_across_the_group_give_the_same_tokens(
     assert asyncio.run(together()) == alone
 
 
+def test_pipeline_parallel_stages_give_one_engines_tokens(start_server: StartServer, models_dir: Path) -> None:
+    """Each rank runs two of the model's four layers; the hidden state goes from stage to stage."""
+    single = start_server("--models-dir", str(models_dir))
+    group = start_server(*group_args(models_dir, "--group-parallelism", "pipeline"))
+    single.wait_ready()
+    group.wait_ready()
+    alone = [_tokens(single, prompt, "pipe") for prompt in PROMPTS]
+    assert [_tokens(group, prompt, "pipe") for prompt in PROMPTS] == alone
+
+    async def together() -> list[list[str]]:
+        return await asyncio.gather(*(asyncio.to_thread(_tokens, group, p, "pipe") for p in PROMPTS))
+
+    assert asyncio.run(together()) == alone
+    assert _group(group)["parallelism"] == "pipeline"
+    refused = httpx.post(group.base_url + "/v1/chat/completions", timeout=30, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+    assert refused.json()["error"]["code"] == "model_unsupported"
+    assert "cannot split model type 'llama' into pipeline stages" in refused.json()["error"]["message"]
+
+
 def test_health_and_metrics_show_every_rank(group_server: ServerProcess) -> None:
     group = _group(group_server)
     assert (group["size"], group["backend"], group["parallelism"], group["state"]) == (2, "ring", "tensor", "up")
     assert [r["rank"] for r in group["ranks"]] == [0, 1]
     for rank in group["ranks"]:
         assert rank["host"] == "127.0.0.1" and rank["state"] == "up"
-        assert rank["seconds_since_heartbeat"] < 1.0
+        assert rank["seconds_since_heartbeat"] < 3.0  # the heartbeat timeout: not late
         assert psutil.Process(rank["pid"]).is_running()
     assert group_server.health().json()["engine"]["pid"] == group["ranks"][0]["pid"]
     metrics = httpx.get(group_server.base_url + "/metrics", timeout=5).text

@@ -448,6 +448,24 @@ def make_tiny_model(
     return path
 
 
+def make_tiny_pipeline_model(path: Path, *, num_layers: int = 4, dtype: str = "float32", seed: int = 3) -> Path:
+    """A tiny model that mlx-lm can split into pipeline stages (llama cannot): Ministral 3's text model
+    (`ministral3`, llama-like, with `pipeline()` and `shard()`), the tiny tokenizer, random weights."""
+    from mlx_lm.models import ministral3
+
+    path = make_tiny_model(path, num_layers=num_layers, dtype=dtype, context_length=256, seed=seed)
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_theta")
+    config.update(model_type="ministral3", architectures=["Ministral3ForCausalLM"], rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "llama_4_scaling_beta": 0.1,
+        "original_max_position_embeddings": 256})
+    model = ministral3.Model(ministral3.ModelArgs.from_dict(config))  # type: ignore[no-untyped-call]
+    weights = _random_weights(dict(tree_flatten(model.parameters())), getattr(mx, dtype), seed)
+    mx.save_safetensors(str(path / WEIGHTS_FILE), weights, {"format": "mlx"})
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
 # ---- ways a model folder goes bad -------------------------------------------------------------------
 
 
