@@ -97,6 +97,9 @@ class GroupSpec:
             name = entry.split("=", 1)[0]
             if "=" not in entry or not name or not all(c.isalnum() or c == "_" for c in name):
                 raise ValueError(f"group environment entry {entry!r} is not NAME=value")
+        if self.listen_host in ("0.0.0.0", "::", ""):
+            raise ValueError("--group-listen-host must be the address the ranks reach this machine on, not a "
+                             "wildcard (the ranks connect to it)")
         if not self.all_local and self.listen_host in LOCAL_HOSTS:
             raise ValueError("the group has ranks on other hosts, which cannot reach a gateway listening on "
                              f"{self.listen_host}: set --group-listen-host to this machine's address on their network")

@@ -156,6 +156,7 @@ def test_a_broken_hostfile_is_a_clear_error(tmp_path: Path) -> None:
     (GroupSpec(hosts_from_list(["127.0.0.1"] * 2), backend="gloo"), "is not one of"),
     (GroupSpec(hosts_from_list(["127.0.0.1"] * 2), parallelism="expert"), "is not one of"),
     (GroupSpec(hosts_from_list(["127.0.0.1", "10.0.0.2"])), "set --group-listen-host"),
+    (GroupSpec(hosts_from_list(["127.0.0.1", "10.0.0.2"]), listen_host="0.0.0.0"), "not a wildcard"),
     (GroupSpec(hosts_from_list(["127.0.0.1", "mac2"]), listen_host="10.0.0.1"), "needs an IP address"),
     (GroupSpec(hosts_from_list(["127.0.0.1"] * 2), envs=("NOVALUE",)), "not NAME=value"),
     (GroupSpec(hosts_from_list(["127.0.0.1"] * 2), backend="jaccl"), "one .rdma. entry per host"),
