@@ -49,9 +49,14 @@ ROUNDS = int(os.environ.get("MLX_GATEWAY_SOAK_ROUNDS", "3"))
 STALL_S, REQUEST_S, HEADER_S, DRAIN_S = 2.0, 4.0, 2.0, 2.0
 IDLE_GAP_S = max(STALL_S * 1.5 + 1, REQUEST_S, HEADER_S, DRAIN_S) + 1.5  # past the stall *kill* point too
 MAX_RUNNING, MAX_QUEUE = 2, 2
-# RSS may grow this much per process from the end of round 1 to the end of any later round: see
-# rss_problems for why this bound.
-RSS_GROWTH_MB = {"gateway": 8.0, "engine": 24.0}
+# How far RSS may grow from the end of round 1 (models loaded, prefix cache and allocator pools warm) to the
+# end of any later round. Measured here over 8 rounds: the gateway drifted up 0.6 MB in all (0.3 MB by round
+# 3), the engine stayed within 0.5 MB. The engine's bound leaves room for a round whose allocation peak
+# differs from round 1's by a whole request's KV cache (the long model's 3000-token ceiling is 6 MB) and
+# still catches, by round 3 at the latest, a model kept after its eviction (6.8 MB, twice a round) or the KV
+# caches of the ten long requests a round cuts short (~1 MB each). The gateway's is 10x its drift by round
+# 3 (Python grows in 1 MB arenas); it catches only gross leaks (~1.5 MB a round, ~20 KB per request).
+RSS_GROWTH_MB = {"gateway": 3.0, "engine": 12.0}
 
 TINY = "tiny"  # fast (~500 tokens/s here), 512-token context
 LONG = "long"  # 4096-token context, ~100 tokens/s greedy on 2 cores: 3000 tokens take far past the timeout
@@ -124,12 +129,14 @@ class Day:
 
     async def stream(self, body: dict[str, Any], *, chat: bool = True, leave_after_s: float | None = None,
                      leave_after_texts: int | None = None, **options: Any) -> SseResult:
-        """A stream read line by line through the SDK's raw streaming response, judged on the wire."""
+        """A stream read line by line through the SDK's raw streaming response, judged on the wire; it may
+        leave some seconds after it was sent, or after some chunks with text."""
         resource = self.client.chat.completions if chat else self.client.completions
         leaving = leave_after_s is not None or leave_after_texts is not None
+        leave_at = time.monotonic() + leave_after_s if leave_after_s is not None else None
         try:
             async with resource.with_streaming_response.create(**body, stream=True, **options) as response:
-                events = [e async for e in sse_events(response, leave_after_s=leave_after_s,
+                events = [e async for e in sse_events(response, leave_at=leave_at,
                                                       leave_after_texts=leave_after_texts)]
         except openai.APIError as exc:
             return SseResult(judge_error(exc))
@@ -206,7 +213,7 @@ class Day:
         """The first requests pay for imports and loads; keep those out of the short timeouts' way."""
         self.server.wait_ready()
         outcomes = []
-        for model in (LONG, TINY):
+        for model in (TINY, LONG):  # LONG last: the first request after the gap needs no load
             deadline = time.monotonic() + 60
             while True:
                 outcome, _ = await self.chat({**QUICK, "model": model})
@@ -217,8 +224,9 @@ class Day:
         return outcomes
 
     async def after_idle(self, problems: list[str]) -> list[Outcome]:
-        """The first requests after the gap, on the pooled connection of the day's client; long enough (~1 s)
-        that the supervisor judges them while they run."""
+        """The first requests after the gap, on the day's client's pooled connection; each long enough (~1 s)
+        that the supervisor judges it while it runs, on the model already loaded (a load sends an extra
+        heartbeat, which would hide a stall clock that ran through the quiet spell)."""
         body = {**ENDLESS, "max_tokens": 100}
         whole, _ = await self.chat(body)
         streamed, _ = await self.sdk_stream(body)
@@ -335,10 +343,10 @@ class Day:
         return [r[0] if isinstance(r, tuple) else r.outcome for r in results]
 
     async def disconnects(self, problems: list[str]) -> list[Outcome]:
-        """Two streams that leave after 2 s of reading (late), two clients that give up while queued behind
-        them (their requests must leave the queue at once), one whole request abandoned while it runs, one
-        stream left after its first token (early)."""
-        running = [asyncio.create_task(self.stream(ENDLESS, leave_after_s=2.0)) for _ in range(2)]
+        """Two streams that leave 3 s after they were sent (late: just short of the timeout), two clients that
+        give up while queued behind them (their requests must leave the queue at once), one whole request
+        abandoned while it runs, one stream left after its first token (early)."""
+        running = [asyncio.create_task(self.stream(ENDLESS, leave_after_s=REQUEST_S - 1)) for _ in range(2)]
         if left := await self.watch.wait_for(lambda c: c.gateway_running == 2, 10):
             problems.append(f"the two streams never ran: {left}")
         queued = await asyncio.gather(self.chat(ENDLESS, timeout=0.5), self.stream(ENDLESS, timeout=0.5))
@@ -381,12 +389,11 @@ class Day:
     async def timeouts(self, problems: list[str]) -> list[Outcome]:
         """Past the request timeout: a whole request gets 504, a stream an error event and [DONE], and a request
         queued behind them its 504 too (its clock runs from admission)."""
-        first = [asyncio.create_task(self.chat(ENDLESS)), asyncio.create_task(self.stream(ENDLESS))]
+        whole, streamed = asyncio.create_task(self.chat(ENDLESS)), asyncio.create_task(self.stream(ENDLESS))
         if left := await self.watch.wait_for(lambda c: c.gateway_running == 2, 5):
             problems.append(f"the two requests never ran: {left}")
         queued = asyncio.create_task(self.chat(ENDLESS))
-        whole, streamed = await first[0], await first[1]
-        return [whole[0], streamed.outcome, (await queued)[0]]
+        return [(await whole)[0], (await streamed).outcome, (await queued)[0]]
 
     async def healthy(self, problems: list[str]) -> list[Outcome]:
         status, health = await self.watch.health()
@@ -402,7 +409,7 @@ class Day:
         running = [asyncio.create_task(self.stream(usage)) for _ in range(2)]
         if left := await self.watch.wait_for(lambda c: c.gateway_running == 2, 10):
             problems.append(f"the two streams never ran: {left}")
-        queued = [asyncio.create_task(self.chat(ENDLESS)), asyncio.create_task(self.stream(ENDLESS))]
+        whole, streamed = asyncio.create_task(self.chat(ENDLESS)), asyncio.create_task(self.stream(ENDLESS))
         if left := await self.watch.wait_for(lambda c: c.gateway_waiting == 2, 5):
             problems.append(f"the two requests never queued: {left}")
         self.server.signal(signal.SIGTERM)
@@ -415,7 +422,7 @@ class Day:
             result = await task
             cut = result.outcome.kind == "stream length + [DONE]" and (result.completion_tokens or 0) < 3000
             outcomes.append(Outcome(DRAINED, f"{result.completion_tokens} tokens") if cut else result.outcome)
-        outcomes += [(await queued[0])[0], (await queued[1]).outcome]
+        outcomes += [(await whole)[0], (await streamed).outcome]
         seconds = time.monotonic() - started
         self.exit_code = await asyncio.to_thread(self.server.wait_exit, 20)
         if self.exit_code != 0:
@@ -425,9 +432,7 @@ class Day:
 
 
 def rss_problems(ledger: Ledger) -> list[str]:
-    """RSS must be flat after the first round: round 1 has loaded both models, filled the prefix cache and the
-    allocators' pools; whatever grows further round after round is a leak.
-    """
+    """RSS must be flat after the first round (bounds and why: RSS_GROWTH_MB)."""
     samples = {s.round: s for s in ledger.rss}
     base = samples.get("1")
     if base is None:

@@ -78,12 +78,13 @@ class Ledger:
     def table(self) -> str:
         rows = [("round", "step", "sent", "outcomes", "unexpected", "seconds")]
         for s in self.steps:
-            outcomes = ", ".join(f"{n}x {kind}" for kind, n in sorted(s.outcomes.items()))
-            rows.append((s.round, s.name, str(s.sent), outcomes or "-", str(len(s.unexpected)), f"{s.seconds:.1f}"))
+            kinds = [f"{n:>2} x {kind}" for kind, n in sorted(s.outcomes.items())] or ["-"]
+            rows.append((s.round, s.name, str(s.sent), kinds[0], str(len(s.unexpected)), f"{s.seconds:.1f}"))
+            rows += [("", "", "", kind, "", "") for kind in kinds[1:]]
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-        lines.insert(1, "-" * len(lines[0]))
-        lines += ["", "RSS after each round (MB; all requests ended, before the next idle gap)",
+        lines.insert(1, "-" * max(len(line) for line in lines))
+        lines += ["", "RSS after each round (MB; every request ended, before the next idle gap)",
                   f"{'round':<10}{'gateway':>10}{'engine':>10}"]
         lines += [f"{r.round:<10}{r.gateway_mb:>10.1f}{r.engine_mb:>10.1f}" for r in self.rss]
         details = self.unexpected
@@ -120,7 +121,8 @@ def _error_code(body: object) -> str | None:
     if isinstance(body, dict):
         error = body.get("error", body)
         if isinstance(error, dict):
-            return error.get("code")  # type: ignore[no-any-return]
+            code = error.get("code")
+            return code if isinstance(code, str) else None
     return None
 
 
@@ -196,24 +198,22 @@ def judge_sse(events: list[str], *, chat: bool = True, include_usage: bool = Fal
                      len(payloads))
 
 
-async def sse_events(response: Any, *, leave_after_s: float | None = None,
+async def sse_events(response: Any, *, leave_at: float | None = None,
                      leave_after_texts: int | None = None) -> AsyncIterator[str]:
     """The `data:` payloads of an SDK streaming response (`with_streaming_response`); optionally stops early,
-    some seconds after the first payload or after some chunks with text (the caller then closes the response)."""
-    started: float | None = None
+    at a monotonic time or after some chunks with text (the caller then closes the response)."""
     texts = 0
     async for line in response.iter_lines():
         if not line.startswith("data: "):
             continue
         payload = line[len("data: "):]
-        started = time.monotonic() if started is None else started
         yield payload
         with contextlib.suppress(ValueError, AttributeError):
             choices = json.loads(payload).get("choices") or []
             texts += any((c.get("delta") or {}).get("content") or c.get("text") for c in choices)
         if leave_after_texts is not None and texts >= leave_after_texts:
             return
-        if leave_after_s is not None and time.monotonic() - started >= leave_after_s:
+        if leave_at is not None and time.monotonic() >= leave_at:
             return
 
 
