@@ -31,6 +31,7 @@ class ErrorKind(enum.Enum):
     ROUTE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
     MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found")
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_allowed")
+    BODY_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_body_timeout")
     BODY_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type")
     CLIENT_CLOSED = ErrorSpec(499, "invalid_request_error", "client_closed_request")  # nginx's convention
@@ -84,6 +85,8 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         if self.kind is ErrorKind.UNAUTHORIZED:
             return {"WWW-Authenticate": "Bearer"}  # a 401 names its scheme (RFC 9110 11.6.1)
+        if self.kind is ErrorKind.BODY_TIMEOUT:
+            return {"Connection": "close"}  # the rest of the body may still come: the connection is done
         retry = self.kind.value.retry_after_s
         return {"Retry-After": str(retry)} if retry is not None else {}
 

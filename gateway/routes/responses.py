@@ -21,6 +21,7 @@ MODEL_LOOKUP = {**COMMON, 404: _error("No such model (code model_not_found)")}
 GENERATION = {
     **MODEL_LOOKUP,
     400: _error("Invalid or unsupported parameter, or a prompt longer than the context"),
+    408: _error("The body stopped arriving for longer than the body timeout; the connection is closed"),
     413: _error("Request body too large"),
     415: _error("The body is not sent as Content-Type: application/json"),
     429: _error("At capacity: retry after Retry-After seconds"),
