@@ -1,10 +1,10 @@
 """A day in the life of one server (issue 15), in a few minutes: rounds of ordinary and odd use, each round
 opening with a quiet spell longer than every timeout, then a SIGTERM with requests running and queued.
 
-One real `mlx-gateway serve` process with short timeouts (stall 2 s, request 4 s, header 2 s, drain 2 s), a
-batch of 2 and a queue of 2, a bounded prefix cache, and a memory budget that holds one of its two models at
-a time, so every change of model is an eviction and a load. One OpenAI SDK client (max_retries=0: a reset
-connection shows) lives the whole day, as in an application, across the quiet spells.
+One real `mlx-gateway serve` process with short timeouts (stall 2 s, request 4 s, header and body 2 s, drain
+2 s), a batch of 2 and a queue of 2, a bounded prefix cache, and a memory budget that holds one of its two
+models at a time, so every change of model is an eviction and a load. One OpenAI SDK client (max_retries=0:
+a reset connection shows) lives the whole day, as in an application, across the quiet spells.
 
 Each step allows the documented answers for its situation (tests/support/soak.py names them) and requires the
 ones it exists to provoke; after each step neither the gateway nor the engine may count a request running or
@@ -36,6 +36,7 @@ from tests.support.soak import (
     judge_completion,
     judge_error,
     judge_sse,
+    partial_body,
     partial_headers,
     rss_mb,
     sse_events,
@@ -46,8 +47,8 @@ from tests.support.tiny_models import make_tiny_model
 pytestmark = pytest.mark.slow
 
 ROUNDS = int(os.environ.get("MLX_GATEWAY_SOAK_ROUNDS", "3"))
-STALL_S, REQUEST_S, HEADER_S, DRAIN_S = 2.0, 4.0, 2.0, 2.0
-IDLE_GAP_S = max(STALL_S * 1.5 + 1, REQUEST_S, HEADER_S, DRAIN_S) + 1.5  # past the stall *kill* point too
+STALL_S, REQUEST_S, HEADER_S, BODY_S, DRAIN_S = 2.0, 4.0, 2.0, 2.0, 2.0
+IDLE_GAP_S = max(STALL_S * 1.5 + 1, REQUEST_S, HEADER_S, BODY_S, DRAIN_S) + 1.5  # past the stall *kill* point too
 MAX_RUNNING, MAX_QUEUE = 2, 2
 # How far RSS may grow from the end of round 1 (models loaded, prefix cache and allocator pools warm) to the
 # end of any later round. Measured here over 8 rounds: the gateway drifted up 0.6 MB in all (0.3 MB by round
@@ -75,6 +76,7 @@ CLIENT_GAVE_UP = "client timeout"
 CLIENT_LEFT = "client left mid-stream"
 UNREAD_FREED = "unread stream freed at its timeout; then " + TIMED_OUT_STREAM
 HEADERS_CUT = "partial headers cut by the header timeout"
+BODY_CUT = "partial body: 408 request_body_timeout, closed"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def soak_server(soak_models: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     server = ServerProcess([
         "--models-dir", str(soak_models), "--memory-budget-gb", repr(budget / 1024**3),
         "--stall-timeout-s", str(STALL_S), "--request-timeout-s", str(REQUEST_S),
-        "--header-timeout-s", str(HEADER_S), "--drain-timeout-s", str(DRAIN_S),
+        "--header-timeout-s", str(HEADER_S), "--body-timeout-s", str(BODY_S), "--drain-timeout-s", str(DRAIN_S),
         "--max-running", str(MAX_RUNNING), "--max-queue", str(MAX_QUEUE), "--prompt-cache-gb", "0.05",
     ], tmp_path / "server.log").start()
     yield server
@@ -195,8 +197,9 @@ class Day:
             await self.step(r, "burst past the queue", self.burst, allowed=OK | {OVERLOADED}, required={OVERLOADED})
             await self.step(r, "clients leave early/late", self.disconnects, allowed={CLIENT_GAVE_UP, CLIENT_LEFT},
                             required={CLIENT_GAVE_UP, CLIENT_LEFT})
-            await self.step(r, "clients stop reading", self.stop_reading, allowed={UNREAD_FREED, HEADERS_CUT},
-                            required={UNREAD_FREED, HEADERS_CUT})
+            quiet_clients = {UNREAD_FREED, HEADERS_CUT, BODY_CUT}
+            await self.step(r, "clients stop reading/sending", self.stop_reading, allowed=quiet_clients,
+                            required=quiet_clients)
             await self.step(r, "request timeouts", self.timeouts, allowed={TIMED_OUT, TIMED_OUT_STREAM},
                             required={TIMED_OUT, TIMED_OUT_STREAM})
             await self.step(r, "health", self.healthy, allowed={"ok"}, required={"ok"}, settle_s=0)
@@ -363,10 +366,12 @@ class Day:
 
     async def stop_reading(self, problems: list[str]) -> list[Outcome]:
         """A stream whose client reads its headers and then nothing: it must not hold its slot or its engine
-        request past the request timeout. Beside it, a client that never finishes its headers."""
+        request past the request timeout. Beside it, a client that never finishes its headers, and one that
+        stops halfway through its body."""
         started = time.monotonic()
         unread = await asyncio.to_thread(UnreadStream, self.server.port, {**ENDLESS, "stream": True})
         headers = asyncio.create_task(asyncio.to_thread(partial_headers, self.server.port, HEADER_S + 5))
+        body = asyncio.create_task(asyncio.to_thread(partial_body, self.server.port, QUICK, BODY_S + 5))
         outcomes = []
         if unread.status != 200:
             outcomes.append(Outcome(f"unread stream got HTTP {unread.status}", unread.head[:200].decode()))
@@ -384,6 +389,11 @@ class Day:
             outcomes.append(Outcome(HEADERS_CUT, f"after {cut_after:.1f}s, said {said[:12]!r}"))
         else:
             outcomes.append(Outcome("partial headers held", f"for {cut_after:.1f}s"))
+        cut_after, said = await body
+        if cut_after <= BODY_S + 1.5 and said.startswith(b"HTTP/1.1 408") and b"request_body_timeout" in said:
+            outcomes.append(Outcome(BODY_CUT, f"after {cut_after:.1f}s"))
+        else:
+            outcomes.append(Outcome("partial body held or misanswered", f"for {cut_after:.1f}s, said {said[:40]!r}"))
         return outcomes
 
     async def timeouts(self, problems: list[str]) -> list[Outcome]:

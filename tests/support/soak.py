@@ -331,8 +331,18 @@ class UnreadStream:
 def partial_headers(port: int, wait_s: float) -> tuple[float, bytes]:
     """Send half a request's headers and nothing more; return how long until the server cut the connection
     and what it said (an HTTP 408 or nothing)."""
+    return _go_quiet(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl", wait_s)
+
+
+def partial_body(port: int, body: dict[str, Any], wait_s: float) -> tuple[float, bytes]:
+    """Send a request's headers and half its body, then nothing more (as partial_headers)."""
+    request = _request_bytes("/v1/chat/completions", body)
+    return _go_quiet(port, request[: len(request) - len(json.dumps(body)) // 2], wait_s)
+
+
+def _go_quiet(port: int, data: bytes, wait_s: float) -> tuple[float, bytes]:
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appl")
+        sock.sendall(data)
         started, said = time.monotonic(), b""
         sock.settimeout(wait_s)
         with contextlib.suppress(TimeoutError, ConnectionError):
