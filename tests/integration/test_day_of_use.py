@@ -39,6 +39,7 @@ from tests.support.soak import (
     partial_body,
     partial_headers,
     rss_mb,
+    send_and_vanish,
     sse_events,
     tensor_bytes,
 )
@@ -74,6 +75,7 @@ SHUTTING_DOWN = "503 server_shutting_down + Retry-After"
 DRAINED = "stream length + [DONE], cut by the drain"
 CLIENT_GAVE_UP = "client timeout"
 CLIENT_LEFT = "client left mid-stream"
+VANISHED = "client sent and vanished at once"  # what counts is that nothing is left running after the step
 UNREAD_FREED = "unread stream freed at its timeout; then " + TIMED_OUT_STREAM
 HEADERS_CUT = "partial headers cut by the header timeout"
 BODY_CUT = "partial body: 408 request_body_timeout, closed"
@@ -195,8 +197,8 @@ class Day:
             await self.step(r, "odd but legal values", self.odd_values, allowed=OK)
             await self.step(r, "duplicate X-Request-Id", self.duplicate_ids, allowed=OK)
             await self.step(r, "burst past the queue", self.burst, allowed=OK | {OVERLOADED}, required={OVERLOADED})
-            await self.step(r, "clients leave early/late", self.disconnects, allowed={CLIENT_GAVE_UP, CLIENT_LEFT},
-                            required={CLIENT_GAVE_UP, CLIENT_LEFT})
+            leaving = {CLIENT_GAVE_UP, CLIENT_LEFT, VANISHED}
+            await self.step(r, "clients leave early/late", self.disconnects, allowed=leaving, required=leaving)
             quiet_clients = {UNREAD_FREED, HEADERS_CUT, BODY_CUT}
             await self.step(r, "clients stop reading/sending", self.stop_reading, allowed=quiet_clients,
                             required=quiet_clients)
@@ -276,6 +278,15 @@ class Day:
                               ("top_p 0", {"temperature": 1.0, "top_p": 0})):
             if (got := await text({**ask, **variant})) != greedy:
                 problems.append(f"{name} is not greedy decoding: {got!r} != {greedy!r}")
+        for edge in ({"temperature": 2.0}, {"top_p": 1e-9}, {"presence_penalty": 2.0, "frequency_penalty": -2.0},
+                     {"presence_penalty": -2.0, "frequency_penalty": 2.0}):
+            await text({**ask, **edge})  # the ends of each legal range
+        long_ask = {**ask, "max_tokens": 100_000, "temperature": 0}  # past the 512-token context: clamped to it
+        outcome, reply = await self.chat(long_ask)
+        outcomes.append(outcome)
+        if reply and not (reply.usage.total_tokens == 512 or (reply.choices[0].finish_reason == "stop"
+                          and reply.usage.total_tokens < 512)):
+            problems.append(f"max_tokens past the context: {reply.choices[0].finish_reason}, {reply.usage}")
         for seed in (-(2**63), -1, 0, 2**63 - 1):
             first, second = await text({**ask, "seed": seed}), await text({**ask, "seed": seed})
             if first is None or first != second:
@@ -348,7 +359,8 @@ class Day:
     async def disconnects(self, problems: list[str]) -> list[Outcome]:
         """Two streams that leave 3 s after they were sent (late: just short of the timeout), two clients that
         give up while queued behind them (their requests must leave the queue at once), one whole request
-        abandoned while it runs, one stream left after its first token (early)."""
+        abandoned while it runs, one stream left after its first token (early), and two clients that send a
+        whole request and vanish at once (FIN, RST) before any answer."""
         running = [asyncio.create_task(self.stream(ENDLESS, leave_after_s=REQUEST_S - 1)) for _ in range(2)]
         if left := await self.watch.wait_for(lambda c: c.gateway_running == 2, 10):
             problems.append(f"the two streams never ran: {left}")
@@ -362,6 +374,9 @@ class Day:
             problems.append(f"streams whose clients left are still counted: {left}")
         outcomes.append((await self.chat(ENDLESS, timeout=1.0))[0])
         outcomes.append((await self.stream(ENDLESS, leave_after_texts=1)).outcome)
+        for reset in (False, True):
+            await asyncio.to_thread(send_and_vanish, self.server.port, {**ENDLESS, "stream": reset}, reset)
+            outcomes.append(Outcome(VANISHED))
         return outcomes
 
     async def stop_reading(self, problems: list[str]) -> list[Outcome]:
@@ -412,11 +427,13 @@ class Day:
         return [Outcome("ok" if fine else "not healthy", f"{status} {health}")]
 
     async def sigterm(self) -> None:
-        """The end of the day: SIGTERM with two streams running and two requests queued, then a latecomer."""
+        """The end of the day: SIGTERM with two streams running (one of them not read by its client) and two
+        requests queued, then a latecomer."""
         problems: list[str] = []
         started = time.monotonic()
         usage = {**ENDLESS, "stream_options": {"include_usage": True}}
-        running = [asyncio.create_task(self.stream(usage)) for _ in range(2)]
+        read = asyncio.create_task(self.stream(usage))
+        unread = await asyncio.to_thread(UnreadStream, self.server.port, {**usage, "stream": True})
         if left := await self.watch.wait_for(lambda c: c.gateway_running == 2, 10):
             problems.append(f"the two streams never ran: {left}")
         whole, streamed = asyncio.create_task(self.chat(ENDLESS)), asyncio.create_task(self.stream(ENDLESS))
@@ -428,8 +445,7 @@ class Day:
             await asyncio.sleep(0.02)
         late, _ = await self.chat(QUICK)
         outcomes = [late]
-        for task in running:
-            result = await task
+        for result in (await read, judge_sse(await asyncio.to_thread(unread.read_rest), include_usage=True)):
             cut = result.outcome.kind == "stream length + [DONE]" and (result.completion_tokens or 0) < 3000
             outcomes.append(Outcome(DRAINED, f"{result.completion_tokens} tokens") if cut else result.outcome)
         outcomes += [(await whole)[0], (await streamed).outcome]

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -326,6 +327,15 @@ class UnreadStream:
         self.sock.close()
         text = dechunk(data).decode(errors="replace")
         return [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
+
+
+def send_and_vanish(port: int, body: dict[str, Any], reset: bool) -> None:
+    """Send a whole request and close the connection at once, before any answer: with FIN, or with RST
+    (SO_LINGER 0, as a client killed mid-request leaves it)."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        if reset:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(_request_bytes("/v1/chat/completions", body))
 
 
 def partial_headers(port: int, wait_s: float) -> tuple[float, bytes]:
