@@ -52,12 +52,13 @@ STALL_S, REQUEST_S, HEADER_S, BODY_S, DRAIN_S = 2.0, 4.0, 2.0, 2.0, 2.0
 IDLE_GAP_S = max(STALL_S * 1.5 + 1, REQUEST_S, HEADER_S, BODY_S, DRAIN_S) + 1.5  # past the stall *kill* point too
 MAX_RUNNING, MAX_QUEUE = 2, 2
 # How far RSS may grow from the end of round 1 (models loaded, prefix cache and allocator pools warm) to the
-# end of any later round. Measured here over 8 rounds: the gateway drifted up 0.6 MB in all (0.3 MB by round
-# 3), the engine stayed within 0.5 MB. The engine's bound leaves room for a round whose allocation peak
-# differs from round 1's by a whole request's KV cache (the long model's 3000-token ceiling is 6 MB) and
-# still catches, by round 3 at the latest, a model kept after its eviction (6.8 MB, twice a round) or the KV
-# caches of the ten long requests a round cuts short (~1 MB each). The gateway's is 10x its drift by round
-# 3 (Python grows in 1 MB arenas); it catches only gross leaks (~1.5 MB a round, ~20 KB per request).
+# end of any later round. Measured here (three 3-round runs, one of 8 rounds): the gateway drifted up 0.4 MB
+# by round 3 and 0.6 MB by round 8; the engine wandered within 3 MB of round 1, with no trend over 8 rounds.
+# The engine's bound is 4x that wander, room for a round whose allocation peak differs from round 1's by a
+# whole request's KV cache (the long model's 3000-token ceiling is 6 MB), and still catches by round 3 a
+# model kept after its eviction (6.8 MB, twice a round) or the KV caches of the ten long requests a round
+# cuts short (~1 MB each). The gateway's is 7x its drift by round 3 (Python grows in 1 MB arenas); it
+# catches only gross leaks (~1.5 MB a round, ~15 KB for each of the ~100 requests of a round).
 RSS_GROWTH_MB = {"gateway": 3.0, "engine": 12.0}
 
 TINY = "tiny"  # fast (~500 tokens/s here), 512-token context
