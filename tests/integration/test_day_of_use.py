@@ -58,7 +58,7 @@ MAX_RUNNING, MAX_QUEUE = 2, 2
 # whole request's KV cache (the long model's 3000-token ceiling is 6 MB), and still catches by round 3 a
 # model kept after its eviction (6.8 MB, twice a round) or the KV caches of the ten long requests a round
 # cuts short (~1 MB each). The gateway's is 7x its drift by round 3 (Python grows in 1 MB arenas); it
-# catches only gross leaks (~1.5 MB a round, ~15 KB for each of the ~100 requests of a round).
+# catches only gross leaks (~1.5 MB a round, ~20 KB for each of the ~70 requests of a round).
 RSS_GROWTH_MB = {"gateway": 3.0, "engine": 12.0}
 
 TINY = "tiny"  # fast (~500 tokens/s here), 512-token context
