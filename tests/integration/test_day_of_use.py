@@ -170,10 +170,15 @@ class Day:
 
     async def step(self, round_name: str, name: str, body: Callable[[list[str]], Awaitable[list[Outcome]]], *,
                    allowed: set[str], required: Iterable[str] = (), settle_s: float = 1.5) -> None:
-        """Run one step: its outcomes, its own problems, and whatever it left running."""
+        """Run one step: its outcomes, its own problems, and whatever it left running. A step that raises is
+        recorded as a problem, so the day goes on and the table stays whole."""
         problems: list[str] = []
         started = time.monotonic()
-        outcomes = await body(problems)
+        try:
+            outcomes = await body(problems)
+        except Exception as exc:
+            outcomes = []
+            problems.append(f"the step raised {exc!r}")
         seconds = time.monotonic() - started
         problems += await self.watch.leftovers(settle_s)
         self.ledger.record(round_name, name, outcomes, seconds, allowed=allowed, required=required,
@@ -446,7 +451,10 @@ class Day:
             await asyncio.sleep(0.02)
         late, _ = await self.chat(QUICK)
         outcomes = [late]
-        for result in (await read, judge_sse(await asyncio.to_thread(unread.read_rest), include_usage=True)):
+        unread_result = judge_sse(await asyncio.to_thread(unread.read_rest), include_usage=True)
+        if unread.status != 200:
+            unread_result = SseResult(Outcome(f"unread stream got HTTP {unread.status}"))
+        for result in (await read, unread_result):
             cut = result.outcome.kind == "stream length + [DONE]" and (result.completion_tokens or 0) < 3000
             outcomes.append(Outcome(DRAINED, f"{result.completion_tokens} tokens") if cut else result.outcome)
         outcomes += [(await whole)[0], (await streamed).outcome]

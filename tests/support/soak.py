@@ -325,7 +325,8 @@ class UnreadStream:
             while chunk := self.sock.recv(65536):
                 data += chunk
         self.sock.close()
-        text = dechunk(data).decode(errors="replace")
+        chunked = b"transfer-encoding: chunked" in self.head.lower()
+        text = (dechunk(data) if chunked else data).decode(errors="replace")
         return [block[len("data: "):] for block in text.split("\n\n") if block.startswith("data: ")]
 
 
