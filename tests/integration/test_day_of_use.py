@@ -212,7 +212,10 @@ class Day:
                             required={TIMED_OUT, TIMED_OUT_STREAM})
             await self.step(r, "health", self.healthy, allowed={"ok"}, required={"ok"}, settle_s=0)
             self.sample_rss(r)
-        await self.sigterm()
+        try:
+            await self.sigterm()
+        except Exception as exc:
+            self.ledger.record("end", "SIGTERM", [], 0, allowed=(), problems=[f"the step raised {exc!r}"])
 
     def sample_rss(self, round_name: str) -> None:
         assert self.server.proc is not None
