@@ -235,6 +235,15 @@ class Day:
                     break
                 await asyncio.sleep(0.5)
             outcomes.append(outcome)
+        # The timeout, unread and drain steps need ENDLESS to outlast the request timeout by far: say so
+        # plainly on a machine where the long model decodes too fast for that (a GPU), instead of failing there.
+        started = time.monotonic()
+        outcome, reply = await self.chat({**ENDLESS, "max_tokens": 200})
+        outcomes.append(outcome)
+        rate = reply.usage.completion_tokens / (time.monotonic() - started) if reply else 0.0
+        if rate * REQUEST_S * 2 > ENDLESS["max_tokens"]:  # type: ignore[operator]
+            problems.append(f"the long model decodes {rate:.0f} tokens/s here: {ENDLESS['max_tokens']} tokens take "
+                            f"less than twice the {REQUEST_S:g}s timeout; make it larger")
         return outcomes
 
     async def after_idle(self, problems: list[str]) -> list[Outcome]:
