@@ -69,6 +69,9 @@ class Settings:
     )
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
     header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
+    body_timeout_s: float = field(
+        default=10.0, metadata={"help": "a client may pause this long while sending its body, else 408 (0: no limit)"}
+    )
     engine_restart_budget: int = field(
         default=10, metadata={"help": "engine restarts allowed per hour before the gateway gives up"}
     )
