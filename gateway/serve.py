@@ -22,6 +22,7 @@ from gateway import logs, sdnotify, security
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime, MetricsObserver
 from gateway.settings import Settings
+from mlx_backend import timeline
 from mlx_backend.engine import EngineClient, SupervisionPolicy
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
 from mlx_backend.types import EngineConfig
@@ -50,6 +51,7 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         max_running=settings.max_running,
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
+        trace_tokens=str(settings.trace_tokens) if settings.trace_tokens else None,
     )
     policy = SupervisionPolicy(
         stall_timeout_s=settings.stall_timeout_s,
@@ -173,5 +175,10 @@ def run(settings: Settings) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    with _PidFile(settings.pid_file):
-        return asyncio.run(_serve(settings))
+    if settings.trace_tokens:
+        log.warning("per-token timeline on (benchmarks only): %s", timeline.start(settings.trace_tokens, "gateway"))
+    try:
+        with _PidFile(settings.pid_file):
+            return asyncio.run(_serve(settings))
+    finally:
+        timeline.stop()

@@ -76,6 +76,10 @@ class Settings:
     test_faults: bool = field(
         default=False, metadata={"help": "TEST ONLY: honour fault injection through the 'user' field"}
     )
+    trace_tokens: Path | None = field(
+        default=None, metadata={"help": "BENCHMARKS ONLY: write a per-token timeline (engine and gateway) into "
+                                        "this folder (docs/benchmarks.md)"}
+    )
 
     @property
     def memory_budget_bytes(self) -> int:

@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
+from mlx_backend import timeline
 from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.sampling import make_logits_processors, make_sampler
@@ -350,6 +351,7 @@ class Batcher:
             return
         try:
             _, responses = state.generator.next()
+            timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         except Exception as exc:
             # The generator's state is unknown after a failed step: end its requests and start it over.
             log.exception("a batch step of model %s failed", state.cached.id)
@@ -386,6 +388,7 @@ class Batcher:
         solo = request.solo
         assert solo is not None
         token = solo.next_token(more)
+        timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         if token in state.cached.artifacts.tokenizer.eos_token_ids:
             reason: str | None = "stop"
         elif request.next_is_last:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from mlx_backend import timeline
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.ipc import ConnectionClosed
 from mlx_backend.process import EngineProcess, describe_exit
@@ -409,6 +410,8 @@ class EngineClient:
                     log.info("engine ready (pid %d, device %s, mlx %s, mlx-lm %s)",
                              event.pid, event.device, event.mlx_version, event.mlx_lm_version)
                 else:
+                    if timeline.ACTIVE:
+                        _stamp_received(event)
                     self._route(event)
 
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
@@ -434,3 +437,12 @@ class EngineClient:
         if isinstance(event, Finished):
             del self._requests[event.request_id]
         request.deliver(event)
+
+
+def _stamp_received(event: Loading | Started | Delta | Finished | Failed) -> None:
+    """Timeline: when a request's frame was read and decoded here (records R, keyed as the engine's E)."""
+    if isinstance(event, Delta):
+        timeline.record("R", event.request_id, timeline.count(event.request_id, event.tokens), event.tokens,
+                        timeline.now())
+    elif isinstance(event, Finished | Failed):
+        timeline.forget(event.request_id)

@@ -22,6 +22,7 @@ from gateway.errors import GatewayError, internal
 from gateway.exchange import Exchange
 from gateway.lifecycle import GatewayRuntime, new_request_id
 from gateway.protocol import ChatCompletion, Completion
+from mlx_backend import timeline
 from mlx_backend.types import Finished, Generate
 
 log = logging.getLogger("mlx_gateway")
@@ -57,6 +58,8 @@ async def respond(
     include_usage: bool,
 ) -> Response[Any] | Stream:
     exchange = runtime.admit(command, time.monotonic())
+    if timeline.ACTIVE:
+        timeline.record("Q", exchange.id, int(stream), timeline.now())
     exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
     try:
         await exchange.started()  # admitted, model loaded, prompt fits
@@ -81,6 +84,7 @@ async def _stream(
         opening = renderer.opening(meta)
         if opening is not None:
             yield sse.event(opening)
+        texts = 0
         while True:
             event = await exchange.next()
             if isinstance(event, Finished):
@@ -89,7 +93,14 @@ async def _stream(
                     yield sse.event(renderer.usage(meta, event))
                 break
             if event.text:
-                yield sse.event(renderer.text(meta, event.text))
+                chunk = sse.event(renderer.text(meta, event.text))
+                if not timeline.ACTIVE:
+                    yield chunk
+                    continue
+                handed = timeline.now()
+                yield chunk  # Litestar sends it; we resume once its `send` has returned
+                timeline.record("H", exchange.id, texts, exchange.completion_tokens, handed, timeline.now())
+                texts += 1
         yield sse.DONE
     except GatewayError as exc:
         log.warning("stream ended by error: %s", exc.message)
@@ -108,5 +119,7 @@ async def _fold(exchange: Exchange, meta: ResponseMeta, renderer: Renderer) -> A
     while True:
         event = await exchange.next()
         if isinstance(event, Finished):
+            if timeline.ACTIVE:
+                timeline.record("D", exchange.id, timeline.now())
             return renderer.whole(meta, "".join(parts), event)
         parts.append(event.text)
