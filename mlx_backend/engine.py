@@ -56,7 +56,10 @@ class EngineRequest:
     def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
         self.request_id = request_id
         self._abort = abort
-        self._queue: asyncio.Queue[GenerationEvent | EngineError | Interrupted] = asyncio.Queue()
+        # A deque and one waiter rather than an asyncio.Queue: one producer, one consumer, and this is
+        # the per-token path (a Queue's get/put cost several times more).
+        self._items: deque[GenerationEvent | EngineError | Interrupted] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._held: GenerationEvent | EngineError | Interrupted | None = None  # taken, not handed out yet
         self.ended = False  # the engine is done with it: Finished, Failed, or aborted by its owner
 
@@ -64,21 +67,37 @@ class EngineRequest:
         """The engine client's side: the next event, or the error that ends the request."""
         if isinstance(item, Finished | EngineError):
             self.ended = True
-        self._queue.put_nowait(item)
+        self._put(item)
+
+    def _put(self, item: GenerationEvent | EngineError | Interrupted) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next(self) -> GenerationEvent:
         """The next event; raises EngineError when the engine failed it, Interrupted once interrupted.
 
         Deltas already waiting are merged into one: a consumer that falls behind (a slow client, a busy
         event loop) catches up in one chunk instead of one per token, and a fast one is never delayed."""
-        item = self._held if self._held is not None else await self._queue.get()
+        item = self._held
         self._held = None
-        while isinstance(item, Delta) and not self._queue.empty():
-            following = self._queue.get_nowait()
+        if item is None:
+            while not self._items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            item = self._items.popleft()
+        items = self._items
+        while isinstance(item, Delta) and items:
+            following = items.popleft()
             if not isinstance(following, Delta):
                 self._held = following
                 break
-            item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens)
+            item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens,
+                         item.tool_calls + following.tool_calls)
         if isinstance(item, EngineError | Interrupted):
             self._held = item  # the request is over: every later call raises the same
             raise item
@@ -89,7 +108,7 @@ class EngineRequest:
         if not self.ended:
             self.ended = True
             self._abort(self.request_id)
-        self._queue.put_nowait(Interrupted())
+        self._put(Interrupted())
 
 
 class EngineState(enum.StrEnum):
@@ -399,20 +418,20 @@ class EngineClient:
         assert process.channel is not None
         with contextlib.suppress(ConnectionClosed):
             while True:
-                event = await process.channel.receive()
-                if isinstance(event, Heartbeat):
-                    self._on_heartbeat(event)
-                elif isinstance(event, Ready):
-                    self._ready = event
-                    self._state = EngineState.UP
-                    self._last_heartbeat_at = time.monotonic()
-                    self._up.set()
-                    log.info("engine ready (pid %d, device %s, mlx %s, mlx-lm %s)",
-                             event.pid, event.device, event.mlx_version, event.mlx_lm_version)
-                else:
-                    if timeline.ACTIVE:
-                        _stamp_received(event)
-                    self._route(event)
+                for event in await process.channel.receive_many():  # a whole step's frames at once
+                    if isinstance(event, Heartbeat):
+                        self._on_heartbeat(event)
+                    elif isinstance(event, Ready):
+                        self._ready = event
+                        self._state = EngineState.UP
+                        self._last_heartbeat_at = time.monotonic()
+                        self._up.set()
+                        log.info("engine ready (pid %d, device %s, mlx %s, mlx-lm %s)",
+                                 event.pid, event.device, event.mlx_version, event.mlx_lm_version)
+                    else:
+                        if timeline.ACTIVE:
+                            _stamp_received(event)
+                        self._route(event)
 
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
         now = time.monotonic()

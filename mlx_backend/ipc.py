@@ -11,6 +11,7 @@ import asyncio
 import socket
 import struct
 import threading
+from collections import deque
 from typing import cast
 
 import msgspec
@@ -96,11 +97,18 @@ class EngineSide:
 
 
 class GatewaySide:
-    """Asyncio endpoint used by the gateway; one reader task, writes from the event loop only."""
+    """Asyncio endpoint used by the gateway; one reader task, writes from the event loop only.
+
+    `receive_many` decodes every complete frame that has arrived in one go: the engine writes a step's
+    frames together, and the reader task then wakes once per step, not once per frame."""
+
+    _READ_SIZE = 1 << 18
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        self._buffer = bytearray()  # bytes read but not yet a whole frame
+        self._decoded: deque[Event] = deque()  # for `receive`: decoded, not yet handed out
 
     @classmethod
     async def open(cls, sock: socket.socket) -> GatewaySide:
@@ -114,14 +122,42 @@ class GatewaySide:
         self._writer.write(frame(command))
 
     async def receive(self) -> Event:
-        try:
-            header = await self._reader.readexactly(_HEADER.size)
-            (size,) = _HEADER.unpack(header)
-            if size > MAX_FRAME_BYTES:
-                raise ConnectionClosed(f"frame of {size} bytes")
-            return cast(Event, _event_decoder.decode(await self._reader.readexactly(size)))
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise ConnectionClosed("engine closed the socket") from exc
+        """The next event."""
+        if not self._decoded:
+            self._decoded.extend(await self.receive_many())
+        return self._decoded.popleft()
+
+    async def receive_many(self) -> list[Event]:
+        """Every whole frame that has arrived, at least one, in order (after any `receive` left over)."""
+        events: list[Event] = list(self._decoded)
+        self._decoded.clear()
+        while not events:
+            try:
+                data = await self._reader.read(self._READ_SIZE)
+            except ConnectionError as exc:
+                raise ConnectionClosed("engine closed the socket") from exc
+            if not data:
+                raise ConnectionClosed("engine closed the socket")
+            self._buffer += data
+            events = self._whole_frames()
+        return events
+
+    def _whole_frames(self) -> list[Event]:
+        buffer = self._buffer
+        events: list[Event] = []
+        position, end = 0, len(buffer)
+        with memoryview(buffer) as view:
+            while end - position >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buffer, position)
+                if size > MAX_FRAME_BYTES:
+                    raise ConnectionClosed(f"frame of {size} bytes")
+                stop = position + _HEADER.size + size
+                if stop > end:
+                    break
+                events.append(cast(Event, _event_decoder.decode(view[position + _HEADER.size:stop])))
+                position = stop
+        del buffer[:position]
+        return events
 
     def close(self) -> None:
         self._writer.close()
