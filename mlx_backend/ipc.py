@@ -44,7 +44,7 @@ class EngineSide:
         self._sock = sock
         self._send_lock = threading.Lock()
         self._held: list[bytes] = []
-        self._traced: list[tuple[str, int, int, int, int]] = []  # timeline: the held Deltas' stamps
+        self._traced: list[tuple[str, int, int, int, int, int]] = []  # timeline: the held Deltas' stamps
 
     def send(self, event: Event) -> None:
         """Write one event now (the heartbeat thread's way, and for anything that must not wait)."""
@@ -69,14 +69,15 @@ class EngineSide:
             self._sock.sendall(data)
         if self._traced:
             end = timeline.now()
-            for rid, cum, n, sampled, emitted in self._traced:
-                timeline.record("E", rid, cum, n, sampled, emitted, begin, end)
+            for rid, cum, n, launched, sampled, emitted in self._traced:
+                timeline.record("E", rid, cum, n, launched, sampled, emitted, begin, end)
             self._traced.clear()
 
     def _stamp(self, event: Event) -> None:
         if isinstance(event, Delta):
             cum = timeline.count(event.request_id, event.tokens)
-            self._traced.append((event.request_id, cum, event.tokens, timeline.sampled_ns, timeline.now()))
+            self._traced.append((event.request_id, cum, event.tokens, timeline.launched_ns, timeline.sampled_ns,
+                                 timeline.now()))
         elif isinstance(event, Finished | Failed):
             timeline.forget(event.request_id)
 

@@ -8,7 +8,10 @@ records in memory as tuples and writes them as JSON lines to its own file in the
 files and prints the table; docs/benchmarks.md describes the records.
 
 Records (first field the kind; times in ns):
-  E rid cum n sampled emitted sent_begin sent_end   engine: a Delta frame of n tokens, cum tokens so far
+  E rid cum n launched sampled emitted sent_begin sent_end
+                                                    engine: a Delta frame of n tokens, cum tokens so far;
+                                                    launched: the next step queued, the wait for this
+                                                    one's token begins (solo path only; else 0)
   R rid cum n received                              gateway: that frame read and decoded
   Q rid stream admitted                             gateway: a request admitted (stream 1 or 0)
   H rid k cum handed returned                       gateway: text event k (covering tokens up to cum)
@@ -30,6 +33,7 @@ import msgspec
 
 ACTIVE = False  # read by the hooks: `if timeline.ACTIVE: ...`
 sampled_ns = 0  # engine: when the MLX thread last had a step's tokens (set by `mark_sampled`)
+launched_ns = 0  # engine, solo path: when it last began waiting for a token (set by `mark_launched`)
 now = time.monotonic_ns
 
 _FLUSH_EVERY = 4096
@@ -67,6 +71,13 @@ def count(request_id: str, tokens: int) -> int:
 
 def forget(request_id: str) -> None:
     _tokens.pop(request_id, None)
+
+
+def mark_launched() -> None:
+    """The MLX thread queued the next step and now waits for this one's token (the solo path)."""
+    global launched_ns
+    if ACTIVE:
+        launched_ns = time.monotonic_ns()
 
 
 def record(*fields: Any) -> None:

@@ -22,6 +22,8 @@ from typing import Any
 STAGES: list[tuple[str, str]] = [
     ("engine ITL", "engine: one token's sampled time to the next's, per request"),
     ("engine: sent -> next sampled", "end of one frame write to the next token (device wait + loop)"),
+    ("engine: sent -> launched", "solo: loop, next step's graph built and queued"),
+    ("engine: launched -> sampled", "solo: waiting for the device (token.item())"),
     ("engine: sampled -> emitted", "detokenize, stops, the event built"),
     ("engine: emitted -> sent", "held until the step's end, then sendall"),
     ("engine: sendall", "the write itself"),
@@ -65,8 +67,8 @@ def analyze(folder: Path | dict[str, list[list[Any]]], only: set[str] | None = N
             if only is None or rid in only}
     out: dict[str, dict[str, list[float]]] = {"stream": defaultdict(list), "whole": defaultdict(list)}
     frames: dict[str, list[list[Any]]] = defaultdict(list)
-    for rid, cum, n, sampled, emitted, begin, end in r.get("E", []):
-        frames[rid].append([cum, n, sampled, emitted, begin, end])
+    for rid, cum, n, launched, sampled, emitted, begin, end in r.get("E", []):
+        frames[rid].append([cum, n, sampled, emitted, begin, end, launched])
     received = {(rid, cum): t for rid, cum, _n, t in r.get("R", [])}
     handed: dict[str, list[list[Any]]] = defaultdict(list)
     for rid, k, cum, t_hand, t_back in r.get("H", []):
@@ -88,11 +90,14 @@ def analyze(folder: Path | dict[str, list[list[Any]]], only: set[str] | None = N
         cums = [e[0] for e in events]
         frame_cums = [f[0] for f in rows]
         last_read = None
-        for i, (cum, n, sampled, emitted, begin, end) in enumerate(rows):
+        for i, (cum, n, sampled, emitted, begin, end, launched) in enumerate(rows):
             if i:
                 prev = rows[i - 1]
                 stage["engine ITL"].append((sampled - prev[2]) * us / max(1, n))
                 stage["engine: sent -> next sampled"].append((sampled - prev[5]) * us)
+                if launched > prev[5]:  # solo: this token's wait began after the previous frame went out
+                    stage["engine: sent -> launched"].append((launched - prev[5]) * us)
+                    stage["engine: launched -> sampled"].append((sampled - launched) * us)
             stage["engine: sampled -> emitted"].append((emitted - sampled) * us)
             stage["engine: emitted -> sent"].append((end - emitted) * us)
             stage["engine: sendall"].append((end - begin) * us)

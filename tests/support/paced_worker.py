@@ -111,6 +111,7 @@ def main() -> None:
                 emit(Finished(command.request_id, "abort", 8, made, 0))
         state["running"] = len(running)
         if running:
+            timeline.mark_launched()
             if spin:
                 _busy(step_s)
             else:
