@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.placement import plan
+
 ENV_PREFIX = "MLX_GATEWAY_"
 
 
@@ -64,6 +66,10 @@ class Settings:
     )
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
     header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
+    engine_cpus: str = field(
+        default="", metadata={"help": "Linux: run the engine process on these CPUs ('0-3,8') and the gateway on "
+                                      "the others; empty: no pinning (gateway/placement.py says when it helps)"}
+    )
     engine_restart_budget: int = field(
         default=10, metadata={"help": "engine restarts allowed per hour before the gateway gives up"}
     )
@@ -107,6 +113,10 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        try:
+            plan(self.engine_cpus)
+        except ValueError as exc:
+            raise ValueError(f"engine_cpus {self.engine_cpus!r}: {exc}") from None
         for entry in self.allowed_hosts:
             if not entry or "/" in entry or any(c.isspace() for c in entry):
                 raise ValueError(f"allowed_hosts entry {entry!r} is not a host name (give 'name', 'name:port', "

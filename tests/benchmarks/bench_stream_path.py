@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trace", type=words, default=words("off"), nargs="?", const=words("on"),
                    help="timeline: on, off, or both ('on,off')")
     p.add_argument("--affinity", type=words, default=words("none"),
-                   help="none, and/or split (engine, gateway and client on disjoint cores)")
+                   help="none, and/or split (the gateway's --engine-cpus: the engine on a quarter of the cores)")
     p.add_argument("--client-processes", type=int, default=1)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for one level")
     p.add_argument("--startup-timeout", type=float, default=180.0)
@@ -101,24 +101,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def split_cpus() -> dict[str, set[int]]:
-    """Disjoint physical cores for the engine, the gateway and the client (the client shares the
-    gateway's when there are too few)."""
+    """The engine on the first quarter of the physical cores (at least one), passed to the gateway as
+    --engine-cpus (which puts the gateway on the rest); the client on the last quarter when there are
+    four cores or more, else with the gateway."""
     cores = procstat.physical_cores()
     n = len(cores)
-    engine_n = max(1, n // 4)
-    gateway_n = max(1, min(n - engine_n, n // 4)) if n > 1 else 1
-    engine = cores[:engine_n]
-    gateway = cores[engine_n:engine_n + gateway_n] or cores[-1:]
-    client = cores[engine_n + gateway_n:] or gateway
+    quarter = max(1, n // 4)
     flat = lambda groups: {c for g in groups for c in g}  # noqa: E731
-    return {"engine": flat(engine), "gateway": flat(gateway), "client": flat(client)}
+    engine = flat(cores[:quarter])
+    client = flat(cores[-quarter:]) if n >= 4 else flat(cores[quarter:])
+    return {"engine": engine, "gateway": flat(cores) - engine, "client": client}
 
 
 # --- one server ------------------------------------------------------------------------------------
 
 
 class Gateway:
-    def __init__(self, args: argparse.Namespace, label: str, env: dict[str, str], trace_dir: Path | None) -> None:
+    def __init__(self, args: argparse.Namespace, label: str, env: dict[str, str], trace_dir: Path | None,
+                 engine_cpus: set[int] | None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.label = label
@@ -128,6 +128,8 @@ class Gateway:
                       "--max-tokens-default", str(args.tokens)]
         if trace_dir is not None:
             serve_args += ["--trace-tokens", str(trace_dir)]
+        if engine_cpus:
+            serve_args += ["--engine-cpus", ",".join(map(str, sorted(engine_cpus)))]
         if args.engine == "mlx":
             serve_args += ["--models-dir", str(args.model.resolve().parent)]
             argv = [sys.executable, "-m", "gateway.cli", "serve", *serve_args]
@@ -226,14 +228,13 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
                "PACED_WAIT": args.wait, "PACED_FRAMES": config["frames"]}
     trace_dir = args.work_dir / f"trace-{label}" if config["trace"] == "on" else None
     report: dict[str, Any] = {"config": config, "label": label, "levels": [], "notes": []}
-    log(f"[{label}] starting the gateway")
-    gw = Gateway(args, label, env, trace_dir)
+    pinned = split_cpus() if config["affinity"] == "split" else {}
+    log(f"[{label}] starting the gateway" + (f"; CPUs {({k: sorted(v) for k, v in pinned.items()})}" if pinned else ""))
+    gw = Gateway(args, label, env, trace_dir, pinned.get("engine"))
     report["argv"] = gw.argv
-    pinned: dict[str, set[int]] = {}
     try:
         gw.wait_ready(args.startup_timeout)
-        if config["affinity"] == "split":
-            pinned = split_cpus()
+        if pinned:
             os.sched_setaffinity(0, pinned["client"])
         for mode in args.modes:  # warm-up: model load, first kernels, both paths (not measured)
             raw_client.run("127.0.0.1", gw.port, [gw.body(mode == "stream", min(args.tokens, 64), -1)], 1, 1,
@@ -245,9 +246,6 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
                                args.timeout, args.client_processes)
             for repeat in range(args.repeats):
                 for mode in args.modes:
-                    if pinned:  # threads started since (MLX, CUDA) inherit a mask; pin again to be sure
-                        procstat.pin(gw.engine_pid, pinned["engine"])
-                        procstat.pin(gw.proc.pid, pinned["gateway"])
                     level = run_level(gw, args, mode == "stream", concurrency, first)
                     first += concurrency * args.per_client
                     level["repeat"] = repeat

@@ -1,4 +1,4 @@
-"""Per-thread scheduler figures of a process from /proc (Linux), and CPU pinning of a whole process.
+"""Per-thread scheduler figures of a process from /proc (Linux), and the machine's physical cores.
 
 `snapshot(pid)` reads each thread's schedstat (nanoseconds on a CPU, nanoseconds runnable but waiting for
 one, timeslices) and its voluntary/involuntary switches and migrations; `delta` subtracts two snapshots
@@ -73,17 +73,6 @@ def delta(before: dict[int, tuple[str, ThreadStat]], after: dict[int, tuple[str,
         total = total + change
     groups["all"] = total
     return groups
-
-
-def pin(pid: int, cpus: set[int]) -> int:
-    """Pin every thread of `pid` (threads made later inherit their creator's mask); returns threads pinned."""
-    pinned = 0
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(task.name), cpus)
-                pinned += 1
-    return pinned
 
 
 def physical_cores() -> list[list[int]]:
