@@ -76,7 +76,7 @@ class EngineSide:
     def _stamp(self, event: Event) -> None:
         if isinstance(event, Delta):
             cum = timeline.count(event.request_id, event.tokens)
-            self._traced.append((event.request_id, cum, event.tokens, timeline.launched_ns, timeline.sampled_ns,
+            self._traced.append((event.request_id, cum, event.tokens, timeline.step_launched_ns, timeline.sampled_ns,
                                  timeline.now()))
         elif isinstance(event, Finished | Failed):
             timeline.forget(event.request_id)

@@ -34,6 +34,7 @@ import msgspec
 ACTIVE = False  # read by the hooks: `if timeline.ACTIVE: ...`
 sampled_ns = 0  # engine: when the MLX thread last had a step's tokens (set by `mark_sampled`)
 launched_ns = 0  # engine, solo path: when it last began waiting for a token (set by `mark_launched`)
+step_launched_ns = 0  # launched_ns if this step set it, else 0 (the batch path does not)
 now = time.monotonic_ns
 
 _FLUSH_EVERY = 4096
@@ -57,8 +58,9 @@ def start(folder: str | os.PathLike[str], role: str) -> Path:
 
 def mark_sampled() -> None:
     """The MLX thread has this step's tokens (called right after they are read back from the device)."""
-    global sampled_ns
+    global sampled_ns, step_launched_ns
     if ACTIVE:
+        step_launched_ns = launched_ns if launched_ns > sampled_ns else 0  # 0: this step did not stamp it
         sampled_ns = time.monotonic_ns()
 
 

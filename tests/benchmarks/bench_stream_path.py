@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait", choices=["sleep", "spin"], default="sleep", help="paced: how a step waits")
     p.add_argument("--frames", type=words, default=words("step"),
                    help="paced: 'step' (one sendall per step) and/or 'event' (one per frame, as before)")
-    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--tokens", type=ints, default=ints("512"),
+                   help="new tokens per request: one value, or one per --concurrency level")
     p.add_argument("--concurrency", type=ints, default=ints("1"))
     p.add_argument("--per-client", type=int, default=1, help="requests each client sends in turn, per level")
     p.add_argument("--repeats", type=int, default=3)
@@ -90,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.engine == "mlx" and not args.model:
         p.error("--engine mlx needs --model")
+    if len(args.tokens) not in (1, len(args.concurrency)):
+        p.error("--tokens takes one value or one per --concurrency level")
+    args.tokens_at = dict(zip(args.concurrency, args.tokens * len(args.concurrency), strict=False))
     if args.engine == "mlx":
         args.step_ms, args.frames = [0.0], ["step"]
     if args.work_dir is None:
@@ -125,7 +129,7 @@ class Gateway:
         self.log_path = args.work_dir / f"gateway-{label}.log"
         serve_args = ["--host", "127.0.0.1", "--port", str(self.port), "--no-hf-cache", "--prompt-cache-gb", "0",
                       "--max-running", str(max(max(args.concurrency), 1)), "--max-queue", "256",
-                      "--max-tokens-default", str(args.tokens)]
+                      "--max-tokens-default", str(max(args.tokens))]
         if trace_dir is not None:
             serve_args += ["--trace-tokens", str(trace_dir)]
         if engine_cpus:
@@ -174,7 +178,7 @@ class Gateway:
 
 def run_level(gw: Gateway, args: argparse.Namespace, stream: bool, concurrency: int, first: int) -> dict[str, Any]:
     total = concurrency * args.per_client
-    bodies = [gw.body(stream, args.tokens, first + i) for i in range(total)]
+    bodies = [gw.body(stream, args.tokens_at[concurrency], first + i) for i in range(total)]
     pids = {"gateway": gw.proc.pid, "engine": gw.engine_pid}
     before = {k: procstat.snapshot(pid) for k, pid in pids.items()}
     started = time.monotonic_ns()
@@ -209,6 +213,9 @@ def run_level(gw: Gateway, args: argparse.Namespace, stream: bool, concurrency: 
             level[f"{role}_main_runqueue_us_per_token"] = main.runqueue_ns / 1e3 / tokens
             level[f"{role}_main_involuntary_per_100"] = 100 * main.involuntary / tokens
             level[f"{role}_main_migrations_per_100"] = 100 * main.migrations / tokens
+            # The rest of the wall time the main thread spent blocked (the device, a socket, a sleep).
+            level[f"{role}_main_blocked_us_per_token"] = (
+                wall_s * 1e9 - main.cpu_ns - main.runqueue_ns) / 1e3 / tokens
     return level
 
 
@@ -237,7 +244,7 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
         if pinned:
             os.sched_setaffinity(0, pinned["client"])
         for mode in args.modes:  # warm-up: model load, first kernels, both paths (not measured)
-            raw_client.run("127.0.0.1", gw.port, [gw.body(mode == "stream", min(args.tokens, 64), -1)], 1, 1,
+            raw_client.run("127.0.0.1", gw.port, [gw.body(mode == "stream", min(max(args.tokens), 64), -1)], 1, 1,
                            args.startup_timeout)
         first = 1000 * (index + 1)
         for concurrency in args.concurrency:
@@ -288,6 +295,8 @@ COLUMNS = [
     ("events/token", "events_per_token"), ("gateway CPU µs/token", "gateway_cpu_us_per_token"),
     ("gw main µs/token", "gateway_main_cpu_us_per_token"), ("engine CPU µs/token", "engine_cpu_us_per_token"),
     ("engine main run-queue µs/token", "engine_main_runqueue_us_per_token"),
+    ("engine main CPU µs/token", "engine_main_cpu_us_per_token"),
+    ("engine main blocked µs/token", "engine_main_blocked_us_per_token"),
     ("engine main preempted /100 tok", "engine_main_involuntary_per_100"),
     ("engine main migrations /100 tok", "engine_main_migrations_per_100"),
 ]
@@ -322,6 +331,21 @@ def markdown(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def write(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    """result.json and result.md in the work dir (and --out); returns the markdown table."""
+    table = markdown(median_rows(result["configs"]))
+    slim = {**result, "configs": [{**r, "levels": [{k: v for k, v in lv.items() if k not in ("client", "rids")}
+                                                    for lv in r["levels"]]} for r in result["configs"]]}
+    document = json.dumps(slim, indent=1, default=str)
+    (args.work_dir / "result.json").write_text(document)
+    (args.work_dir / "result.md").write_text(table + "\n")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(document)
+        args.out.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
 def environment() -> dict[str, Any]:
     cpu = platform.processor()
     with contextlib.suppress(OSError):
@@ -350,25 +374,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for index, config in enumerate(configs):
             result["configs"].append(run_config(args, config, index))
+            write(args, result)  # so far: a run cut short keeps what finished
     except KeyboardInterrupt:
         result["interrupted"] = True
         log("interrupted; reporting what finished")
     finally:
         stop_all()
     result["duration_s"] = time.monotonic() - started
-    rows = median_rows(result["configs"])
-    table = markdown(rows)
-    print(table, flush=True)
-    for report in result["configs"]:
-        for level in report["levels"]:
-            level.pop("client", None)
-            level.pop("rids", None)
-    (args.work_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.work_dir / "result.md").write_text(table + "\n")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str))
-        args.out.with_suffix(".md").write_text(table + "\n")
+    print(write(args, result), flush=True)
     log(f"done in {result['duration_s']:.0f}s; {args.work_dir}")
     return 1 if any(r.get("error") for r in result["configs"]) else 0
 

@@ -95,7 +95,7 @@ def analyze(folder: Path | dict[str, list[list[Any]]], only: set[str] | None = N
                 prev = rows[i - 1]
                 stage["engine ITL"].append((sampled - prev[2]) * us / max(1, n))
                 stage["engine: sent -> next sampled"].append((sampled - prev[5]) * us)
-                if launched > prev[5]:  # solo: this token's wait began after the previous frame went out
+                if launched:  # the solo path: this token's wait began after the previous frame went out
                     stage["engine: sent -> launched"].append((launched - prev[5]) * us)
                     stage["engine: launched -> sampled"].append((sampled - launched) * us)
             stage["engine: sampled -> emitted"].append((emitted - sampled) * us)

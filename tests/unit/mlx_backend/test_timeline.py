@@ -65,3 +65,19 @@ def test_engine_frames_carry_the_step_stamps_and_the_running_token_count(on: Pat
         assert 0 < launched <= sampled <= emitted <= begin <= end  # type: ignore[operator]
     a.close()
     b.close()
+
+
+def test_a_step_that_did_not_stamp_its_launch_says_so(on: Path) -> None:
+    a, b = socket.socketpair()
+    side = EngineSide(a)
+    timeline.mark_launched()
+    timeline.mark_sampled()  # a solo step: launched, then sampled
+    side.hold(Delta("r", "x", 1))
+    timeline.mark_sampled()  # a batch step: BatchGenerator launches inside, unseen
+    side.hold(Delta("r", "y", 1))
+    side.flush()
+    timeline.stop()
+    launched = [row[4] for row in rows(on)]
+    assert launched[0] > 0 and launched[1] == 0
+    a.close()
+    b.close()
