@@ -14,7 +14,8 @@
 # timelines, server logs, GPU clocks, /proc and cgroup snapshots), serving-median.md (serving only).
 # Every step has a deadline inside the call's budget; a failing step is logged and the next one runs;
 # the EXIT trap packs whatever exists. Environment: BUDGET_S (default 560), GATEWAY_ARGS (extra
-# `mlx-gateway serve` arguments for the serving runs), SERVING_RUNS (default 3).
+# `mlx-gateway serve` arguments for the serving runs), SERVING_RUNS (default 3); for a dry run on a CPU:
+# SHAPE=tiny TOKENS=400,64 ALLOW_CPU=1 (and LEVELS=1,8 SERVING_ESTIMATE_S=60 for serving).
 set -u
 MODE=${1:-stream}
 START=$(date +%s)
@@ -23,7 +24,7 @@ BUDGET_S=${BUDGET_S:-560}
 OUT=${OUT:-/tmp/gpu-session-out}
 WORK=/tmp/mlx-gateway-gpu  # survives between calls while the machine stays warm
 RUN=$WORK/$MODE-$(date +%Y%m%d-%H%M%S)
-SHAPE=${SHAPE:-llama-3.2-1b}  # a dry run on a CPU: SHAPE=tiny TOKENS=400,64 ALLOW_CPU=1
+SHAPE=${SHAPE:-llama-3.2-1b}
 MODEL=/tmp/mlx-gateway-bench/models/bench-$SHAPE
 TOKENS=${TOKENS:-512,128}
 mkdir -p "$OUT" "$RUN"
@@ -181,7 +182,7 @@ PY
 }
 
 session_serving() {
-  local dir=$WORK/serving want=${SERVING_RUNS:-3} estimate=330 began took
+  local dir=$WORK/serving-$SHAPE want=${SERVING_RUNS:-3} estimate=${SERVING_ESTIMATE_S:-330} began took
   mkdir -p "$dir"
   note "# GPU session (serving): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
   snapshot before
@@ -194,7 +195,7 @@ session_serving() {
     name=run-$(date +%Y%m%d-%H%M%S)
     began=$(date +%s)
     step "serving-$name" $(( $(left) - 20 )) "$PY" tests/benchmarks/bench_serving.py --shape "$SHAPE" \
-      --servers mlx_lm,gateway --concurrency 1,8,32,64,256 --requests-per-client 2 \
+      --servers mlx_lm,gateway --concurrency "${LEVELS:-1,8,32,64,256}" --requests-per-client 2 \
       --level-timeout 120 --startup-timeout 240 --ceiling-timeout 240 --gateway-args "${GATEWAY_ARGS:-}" \
       --work-dir "$RUN/$name" --out "$dir/$name.md"
     took=$(( $(date +%s) - began ))
