@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--engine", choices=["paced", "mlx"], default="paced")
     p.add_argument("--model", type=Path, help="--engine mlx: the model folder (served under its folder name)")
     p.add_argument("--step-ms", type=floats, default=floats("2"), help="paced: milliseconds per step (list)")
-    p.add_argument("--cpu-us", type=float, default=0.0, help="paced: busy CPU microseconds per step")
+    p.add_argument("--cpu-us", type=floats, default=floats("0"),
+                   help="paced: busy CPU microseconds per step, hidden behind the step in flight (list)")
     p.add_argument("--wait", choices=["sleep", "spin"], default="sleep", help="paced: how a step waits")
     p.add_argument("--frames", type=words, default=words("step"),
                    help="paced: 'step' (one sendall per step) and/or 'event' (one per frame, as before)")
@@ -95,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--tokens takes one value or one per --concurrency level")
     args.tokens_at = dict(zip(args.concurrency, args.tokens * len(args.concurrency), strict=False))
     if args.engine == "mlx":
-        args.step_ms, args.frames = [0.0], ["step"]
+        args.step_ms, args.frames, args.cpu_us = [0.0], ["step"], [0.0]
     if args.work_dir is None:
         args.work_dir = Path("/tmp/mlx-gateway-bench") / f"stream-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
@@ -231,7 +232,7 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
     label = "-".join(f"{k}{v}" for k, v in config.items() if k != "engine")
     env: dict[str, str] = {}
     if args.engine == "paced":
-        env = {"PACED_STEP_MS": str(config["step_ms"]), "PACED_CPU_US": str(args.cpu_us),
+        env = {"PACED_STEP_MS": str(config["step_ms"]), "PACED_CPU_US": str(config["cpu_us"]),
                "PACED_WAIT": args.wait, "PACED_FRAMES": config["frames"]}
     trace_dir = args.work_dir / f"trace-{label}" if config["trace"] == "on" else None
     report: dict[str, Any] = {"config": config, "label": label, "levels": [], "notes": []}
@@ -369,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result: dict[str, Any] = {"command": shlex.join(sys.argv), "environment": environment(), "configs": []}
     log(f"work dir {args.work_dir}; {result['environment']}")
-    configs = [dict(engine=args.engine, step_ms=s, frames=f, trace=t, affinity=a)
-               for s in args.step_ms for f in args.frames for t in args.trace for a in args.affinity]
+    configs = [dict(engine=args.engine, step_ms=s, cpu_us=u, frames=f, trace=t, affinity=a)
+               for s in args.step_ms for u in args.cpu_us for f in args.frames for t in args.trace
+               for a in args.affinity]
     try:
         for index, config in enumerate(configs):
             result["configs"].append(run_config(args, config, index))

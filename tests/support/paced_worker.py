@@ -1,12 +1,15 @@
 """A stand-in engine process for benchmarking the gateway's streaming path without MLX: one token per
 running request every step, a step every PACED_STEP_MS milliseconds, over the real IPC protocol.
 
-It stands for a GPU engine: the step's wait is off the CPU (`sleep`, as MLX's CUDA eval blocks in
-cudaEventSynchronize) or on it (`spin`), followed by PACED_CPU_US microseconds of busy CPU work (the
-detokenizing and graph building a real step does). Every running request gets one Delta per step, as the
-batcher's rows do; PACED_FRAMES=step writes a step's frames in one sendall (what mlx_backend.worker does),
-=event one sendall per frame (what it did before). The timeline (`EngineConfig.trace_tokens`) is recorded
-as the real engine records it.
+It stands for a GPU engine as the solo path drives one: each step does PACED_CPU_US microseconds of busy
+CPU work (detokenizing the last token, building the next step's graph), queues the next step on a
+"device" that runs steps of PACED_STEP_MS back to back, then waits for the step in flight, off the CPU
+(`sleep`, as MLX's CUDA eval blocks in cudaEventSynchronize) or on it (`spin`). CPU work shorter than a
+step is hidden, as on a GPU; a CPU phase that is delayed past the step shows as a slower token.
+
+Every running request gets one Delta per step, as the batcher's rows do; PACED_FRAMES=step writes a
+step's frames in one sendall (what mlx_backend.worker does), =event one sendall per frame (what it did
+before). The timeline (`EngineConfig.trace_tokens`) is recorded as the real engine records it.
 
     python -m tests.support.paced_worker --fd N --config JSON    (started by EngineClient)
 """
@@ -20,6 +23,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 
 import msgspec
 
@@ -91,6 +95,7 @@ def main() -> None:
             side.flush()
 
     running: dict[str, list[int]] = {}  # request id -> [tokens left, tokens made]
+    in_flight: deque[float] = deque()  # when each step queued on the "device" is done (perf_counter)
     while True:
         commands = [inbox.get()] if not running else []
         try:
@@ -110,13 +115,19 @@ def main() -> None:
                 made = running.pop(command.request_id)[1]
                 emit(Finished(command.request_id, "abort", 8, made, 0))
         state["running"] = len(running)
-        if running:
-            timeline.mark_launched()
-            if spin:
-                _busy(step_s)
-            else:
-                time.sleep(step_s)
+        if not running:
+            in_flight.clear()
+        else:
+            # As the solo path does: CPU work (the last token's detokenizing, the next step's graph), then the
+            # next step is queued on the device behind the one in flight, then we wait for the one in flight.
             _busy(cpu_s)
+            while len(in_flight) < 2:  # one step in flight while we work (two at the very start)
+                now = time.perf_counter()
+                in_flight.append(max(now, in_flight[-1] if in_flight else now) + step_s)
+            timeline.mark_launched()
+            wait = in_flight.popleft() - time.perf_counter()
+            if wait > 0:
+                _busy(wait) if spin else time.sleep(wait)
             timeline.mark_sampled()
             for rid in list(running):
                 counts = running[rid]
