@@ -228,7 +228,8 @@ def write_client_timeline(trace_dir: Path, level: dict[str, Any]) -> None:
                 out.write(json.dumps(["C", rid, k, t]) + "\n")
 
 
-def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> dict[str, Any]:
+def run_config(args: argparse.Namespace, config: dict[str, Any], index: int, reports: list[dict[str, Any]]) -> None:
+    """One gateway configuration, its report added to `reports` at once (a run cut short keeps it)."""
     label = "-".join(f"{k}{v}" for k, v in config.items() if k != "engine")
     env: dict[str, str] = {}
     if args.engine == "paced":
@@ -236,6 +237,7 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
                "PACED_WAIT": args.wait, "PACED_FRAMES": config["frames"]}
     trace_dir = args.work_dir / f"trace-{label}" if config["trace"] == "on" else None
     report: dict[str, Any] = {"config": config, "label": label, "levels": [], "notes": []}
+    reports.append(report)
     pinned = split_cpus() if config["affinity"] == "split" else {}
     log(f"[{label}] starting the gateway" + (f"; CPUs {({k: sorted(v) for k, v in pinned.items()})}" if pinned else ""))
     gw = Gateway(args, label, env, trace_dir, pinned.get("engine"))
@@ -268,6 +270,8 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
     except (RuntimeError, OSError) as exc:
         report["error"] = str(exc)
         log(f"[{label}] {exc}")
+    except KeyboardInterrupt:  # cut short: keep the levels done and their timeline, then stop everything
+        report["interrupted"] = True
     finally:
         os.sched_setaffinity(0, ALLOWED)
         report["exit_code"] = gw.stop()
@@ -280,7 +284,8 @@ def run_config(args: argparse.Namespace, config: dict[str, Any], index: int) -> 
             result = tl.analyze(records, rids)
             report["timeline"][str(concurrency)] = tl.summary(result)
             print(f"\n### timeline {label}, c={concurrency}\n{tl.table(result)}\n", flush=True)
-    return report
+    if report.get("interrupted"):
+        raise KeyboardInterrupt
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                for a in args.affinity]
     try:
         for index, config in enumerate(configs):
-            result["configs"].append(run_config(args, config, index))
+            run_config(args, config, index, result["configs"])
             write(args, result)  # so far: a run cut short keeps what finished
     except KeyboardInterrupt:
         result["interrupted"] = True

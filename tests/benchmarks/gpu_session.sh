@@ -30,6 +30,7 @@ TOKENS=${TOKENS:-512,128}
 mkdir -p "$OUT" "$RUN"
 PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PY MODEL SHAPE ALLOW_CPU
+export BENCH_PIDS_FILE=$RUN/started-pids  # every server the benches start (own process groups)
 
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/session.log" >&2; }
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -39,17 +40,29 @@ note() { printf '%s\n' "$@" >> "$OUT/summary.md"; }
 step() {
   local name=$1 want=$2 rc
   shift 2
-  local limit=$(( want < $(left) - 20 ? want : $(left) - 20 ))
+  local limit=$(( want < $(left) - 50 ? want : $(left) - 50 ))  # room for the benches' own cleanup
   if (( limit < 15 )); then log "SKIP $name: no time left"; return 1; fi
   log "BEGIN $name (limit ${limit}s): $*"
-  timeout -k 15 "$limit" "$@" > "$RUN/$name.out" 2> "$RUN/$name.err"
+  timeout -k 45 "$limit" "$@" > "$RUN/$name.out" 2> "$RUN/$name.err"
   rc=$?
   log "END $name: exit $rc$( (( rc == 124 || rc == 137 )) && echo ' (TIMED OUT)')"
   tail -n 4 "$RUN/$name.err" | sed 's/^/      /' | tee -a "$OUT/session.log" >&2
   return $rc
 }
 
+# A bench killed mid-cleanup would leave its servers (each in its own process group) holding the GPU.
+reap() {
+  local pid
+  for pid in $(cat "$BENCH_PIDS_FILE" 2>/dev/null); do
+    if kill -0 -- "-$pid" 2>/dev/null; then  # the group still has a member (the leader may be gone)
+      log "stopping leftover server group $pid"
+      kill -TERM -- "-$pid" 2>/dev/null; sleep 2; kill -KILL -- "-$pid" 2>/dev/null
+    fi
+  done
+}
+
 pack() {
+  reap
   tar -czf "$OUT/session.tar.gz" -C "$WORK" "$(basename "$RUN")" 2>/dev/null
   log "packed $(du -h "$OUT/session.tar.gz" 2>/dev/null | cut -f1) into session.tar.gz; $(left)s of the budget left"
 }
