@@ -25,6 +25,7 @@ from mlx_backend.ipc import ConnectionClosed
 from mlx_backend.process import EngineProcess, describe_exit
 from mlx_backend.types import (
     Abort,
+    CountPrompt,
     Delta,
     EngineConfig,
     Failed,
@@ -32,6 +33,7 @@ from mlx_backend.types import (
     Generate,
     Heartbeat,
     Loading,
+    PromptCount,
     Ready,
     Shutdown,
     Started,
@@ -53,9 +55,10 @@ class EngineRequest:
     the engine is told to abort (once) and a consumer waiting in `next` wakes with Interrupted.
     """
 
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str], None], choices: int = 1) -> None:
         self.request_id = request_id
         self._abort = abort
+        self._choices_left = choices  # a Finished ends one choice; the request ends with the last
         # A deque and one waiter rather than an asyncio.Queue: one producer, one consumer, and this is
         # the per-token path (a Queue's get/put cost several times more).
         self._items: deque[GenerationEvent | EngineError | Interrupted] = deque()
@@ -65,7 +68,9 @@ class EngineRequest:
 
     def deliver(self, item: GenerationEvent | EngineError) -> None:
         """The engine client's side: the next event, or the error that ends the request."""
-        if isinstance(item, Finished | EngineError):
+        if isinstance(item, Finished):
+            self._choices_left -= 1
+        if isinstance(item, EngineError) or self._choices_left <= 0:
             self.ended = True
         self._put(item)
 
@@ -92,12 +97,16 @@ class EngineRequest:
             item = self._items.popleft()
         items = self._items
         while isinstance(item, Delta) and items:
-            following = items.popleft()
-            if not isinstance(following, Delta):
-                self._held = following
+            following = items[0]
+            # Another choice's Delta, and text after a tool-call piece (merged, it would read as coming
+            # first), stay Deltas of their own.
+            if not isinstance(following, Delta) or following.index != item.index or (
+                item.tool_calls and following.text
+            ):
                 break
+            items.popleft()
             item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens,
-                         item.tool_calls + following.tool_calls)
+                         item.tool_calls + following.tool_calls, item.logprobs + following.logprobs, item.index)
         if isinstance(item, EngineError | Interrupted):
             self._held = item  # the request is over: every later call raises the same
             raise item
@@ -144,6 +153,7 @@ class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def submit(self, command: Generate) -> EngineRequest: ...
+    async def count_prompt(self, command: Generate) -> int: ...
     def status(self) -> EngineStatus: ...
 
     @property
@@ -199,6 +209,7 @@ class EngineClient:
         # The stall clock: (progress counter, when it last moved or when work began after a quiet spell).
         self._last_progress: tuple[int, float] = (0, 0.0)
         self._requests: dict[str, EngineRequest] = {}
+        self._counts: dict[str, asyncio.Future[int]] = {}  # CountPrompt requests waiting for their answer
         self._aborted: set[str] = set()
         self._restart_times: deque[float] = deque()
         self._restarts = 0
@@ -252,9 +263,30 @@ class EngineClient:
             process.channel.send(command)
         except (ConnectionClosed, OSError):
             raise self._unavailable() from None
-        request = EngineRequest(rid, lambda r: self._abort(r, process))
+        request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
         self._requests[rid] = request
         return request
+
+    async def count_prompt(self, command: Generate) -> int:
+        """The prompt tokens `command` would run with, counted by the engine without running it (loading its
+        model if needed). Raises EngineError. Cancelling the wait abandons the answer."""
+        process = self._process
+        if self._state != EngineState.UP or process is None or process.channel is None:
+            raise self._unavailable()
+        rid = command.request_id
+        if rid in self._requests or rid in self._counts:
+            raise ValueError(f"request id {rid} is already in flight")
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._counts[rid] = answer
+        try:
+            process.channel.send(CountPrompt(command))
+        except (ConnectionClosed, OSError):
+            self._counts.pop(rid, None)
+            raise self._unavailable() from None
+        try:
+            return await answer
+        finally:
+            self._counts.pop(rid, None)
 
     def _abort(self, rid: str, process: EngineProcess) -> None:
         """Its owner ended a request the engine still runs: tell the engine, and count what it wasted."""
@@ -294,6 +326,10 @@ class EngineClient:
         for request in self._requests.values():
             request.deliver(error)
         self._requests.clear()
+        for answer in self._counts.values():
+            if not answer.done():
+                answer.set_exception(error)
+        self._counts.clear()
         self._aborted.clear()
 
     # -- supervision ----------------------------------------------------------------------------------
@@ -388,7 +424,9 @@ class EngineClient:
 
     def _busy(self) -> bool:
         heartbeat = self._heartbeat
-        return bool(self._requests) or (heartbeat is not None and bool(heartbeat.running or heartbeat.waiting))
+        if self._requests or self._counts:
+            return True
+        return heartbeat is not None and bool(heartbeat.running or heartbeat.waiting)
 
     def _check_health(self) -> str | None:
         now = time.monotonic()
@@ -441,7 +479,16 @@ class EngineClient:
         self._heartbeat = heartbeat
         self._observer.on_heartbeat(heartbeat)
 
-    def _route(self, event: Loading | Started | Delta | Finished | Failed) -> None:
+    def _route(self, event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
+        answer = self._counts.get(event.request_id)
+        if answer is not None:
+            if not answer.done() and isinstance(event, PromptCount):
+                answer.set_result(event.prompt_tokens)
+            elif not answer.done() and isinstance(event, Failed):
+                answer.set_exception(EngineError.from_wire(event.code, event.message, event.param))
+            return
+        if isinstance(event, PromptCount):
+            return  # its waiter gave up
         request = self._requests.get(event.request_id)
         if request is None:  # its owner ended it: the engine's last word on it only feeds the counts
             if isinstance(event, Finished | Failed) and event.request_id in self._aborted:
@@ -453,12 +500,12 @@ class EngineClient:
             del self._requests[event.request_id]
             request.deliver(EngineError.from_wire(event.code, event.message, event.param))
             return
-        if isinstance(event, Finished):
-            del self._requests[event.request_id]
         request.deliver(event)
+        if request.ended:
+            del self._requests[event.request_id]
 
 
-def _stamp_received(event: Loading | Started | Delta | Finished | Failed) -> None:
+def _stamp_received(event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
     """Timeline: when a request's frame was read and decoded here (records R, keyed as the engine's E)."""
     if isinstance(event, Delta):
         timeline.record("R", event.request_id, timeline.count(event.request_id, event.tokens), event.tokens,

@@ -18,10 +18,12 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens; 0: no limit (Anthropic's top_k)
     seed: int | None = None
     stop: tuple[str, ...] = ()  # matched on decoded text, never emitted
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k most likely rivals
 
 
 class Constraint(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -103,7 +105,16 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call
+    n: int = 1  # choices, sharing the prompt's prefill
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
+
+
+class CountPrompt(msgspec.Struct, frozen=True, tag="count_prompt"):
+    """Render and count `request`'s prompt exactly as running it would, without running it (Anthropic's
+    count_tokens). Loads the model if needed (its tokenizer and template decide). Answered with
+    PromptCount, or Failed under the same request id."""
+
+    request: Generate
 
 
 class Abort(msgspec.Struct, frozen=True, tag="abort"):
@@ -116,7 +127,7 @@ class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
     """Clear the model cache and exit 0."""
 
 
-Command = Generate | Abort | Shutdown
+Command = Generate | CountPrompt | Abort | Shutdown
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -158,19 +169,48 @@ class ToolCallDelta(msgspec.Struct, frozen=True, omit_defaults=True):
     arguments: str = ""
 
 
-class Delta(msgspec.Struct, frozen=True, tag="delta"):
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: str  # the token's text (may be part of a UTF-8 character: then `token_bytes` is the truth)
+    token_bytes: bytes
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's log probability under the distribution it was sampled from, and the most
+    likely alternatives there (SamplingParams.logprobs of them, the sampled token among them if it is)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     request_id: str
     text: str  # content: never holds tool-call markup
     tokens: int  # tokens generated since the previous Delta
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `tokens`, when asked for
+    index: int = 0  # the choice (n > 1)
 
 
-class Finished(msgspec.Struct, frozen=True, tag="finished"):
+class Finished(msgspec.Struct, frozen=True, tag="finished", omit_defaults=True):
+    """One choice ended; a request with n choices ends with its n-th Finished."""
+
     request_id: str
     finish_reason: str  # "stop" | "length" | "abort" | "tool_calls"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # this choice's
     cached_tokens: int
+    index: int = 0
+    stop_sequence: str | None = None  # finish_reason "stop" because this stop string matched (not EOS)
+
+
+class PromptCount(msgspec.Struct, frozen=True, tag="prompt_count"):
+    """The answer to CountPrompt."""
+
+    request_id: str
+    prompt_tokens: int
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed", omit_defaults=True):
@@ -194,4 +234,4 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     prompt_cache_bytes: int
 
 
-Event = Ready | Loading | Started | Delta | Finished | Failed | Heartbeat
+Event = Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat

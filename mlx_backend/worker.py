@@ -32,25 +32,33 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import msgspec
 
 from mlx_backend import timeline
+from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.ipc import ConnectionClosed, EngineSide
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import (
     Abort,
     Command,
+    CountPrompt,
     EngineConfig,
     Event,
+    Failed,
     Generate,
     Heartbeat,
     Loading,
+    PromptCount,
     Ready,
     Shutdown,
     Started,
 )
+
+if TYPE_CHECKING:
+    from mlx_backend.batcher import Batcher
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -196,6 +204,8 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                     batcher.submit(command)
                 elif isinstance(command, Abort):
                     batcher.abort(command.request_id)
+                elif isinstance(command, CountPrompt):
+                    channel.send(count_prompt(batcher, command.request))
             batcher.step()
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
@@ -203,6 +213,22 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                 batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
         finally:
             channel.flush()  # this pass's events, in one write
+
+
+def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed:
+    """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache)."""
+    from mlx_backend.tools import prompt_tokens
+
+    rid = command.request_id
+    try:
+        busy = {m.id for m in batcher.heartbeat().loaded if m.running}  # never evicted for a count
+        cached = batcher.cache.get(command.model, busy)
+        return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))
+    except EngineError as exc:
+        return Failed(rid, exc.code.value, exc.message, exc.param)
+    except Exception as exc:
+        log.exception("counting the prompt of %s failed", rid)
+        return Failed(rid, EngineErrorCode.INTERNAL.value, f"Counting the prompt failed: {type(exc).__name__}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

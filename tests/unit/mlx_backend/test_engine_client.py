@@ -218,6 +218,32 @@ async def test_deltas_waiting_together_are_handed_out_as_one() -> None:
     assert request.ended
 
 
+async def test_merged_deltas_keep_every_tool_call_piece_in_order() -> None:
+    request = EngineRequest("r", lambda rid: None)
+    first, more = ToolCallDelta(0, "call_1", "f", '{"a"'), ToolCallDelta(0, arguments=": 1}")
+    for event in (Delta("r", "Let me check.", 1), Delta("r", "", 1, (first,)), Delta("r", "", 1, (more,)),
+                  Delta("r", "Done", 1), Finished("r", "tool_calls", 3, 4, 0)):
+        request.deliver(event)
+    assert await request.next() == Delta("r", "Let me check.", 3, (first, more))
+    assert await request.next() == Delta("r", "Done", 1)  # text after a call is never merged ahead of it
+    assert isinstance(await request.next(), Finished)
+
+
+async def test_count_prompt_is_answered_without_a_request(client: tuple[EngineClient, Recorder]) -> None:
+    engine, _ = client
+    assert await engine.count_prompt(command("one two three four")) == 4
+    assert engine.in_flight == 0
+
+
+async def test_a_dead_engine_fails_a_pending_count(client: tuple[EngineClient, Recorder]) -> None:
+    engine, _ = client
+    with pytest.raises(EngineError) as failure:
+        await engine.count_prompt(command("die now"))
+    assert failure.value.code == EngineErrorCode.ENGINE_UNAVAILABLE
+    await wait_up(engine)
+    assert await engine.count_prompt(command("back again")) == 2
+
+
 async def test_interrupt_aborts_once_only_while_the_engine_still_runs_it() -> None:
     aborted: list[str] = []
     running = EngineRequest("r1", aborted.append)
@@ -232,15 +258,6 @@ async def test_interrupt_aborts_once_only_while_the_engine_still_runs_it() -> No
     finished.deliver(Finished("r2", "stop", 1, 1, 0))
     finished.interrupt()
     assert aborted == ["r1"]  # the engine had ended it: nothing to abort
-
-
-async def test_merged_deltas_keep_every_tool_call_piece_in_order() -> None:
-    request = EngineRequest("r", lambda rid: None)
-    first = ToolCallDelta(0, id="call_1", name="f", arguments='{"a"')
-    rest = ToolCallDelta(0, arguments=": 1}")
-    request.deliver(Delta("r", "", 1, (first,)))
-    request.deliver(Delta("r", "", 1, (rest,)))
-    assert await request.next() == Delta("r", "", 2, (first, rest))
 
 
 async def test_a_waiting_consumer_wakes_for_the_next_event_and_for_an_interrupt() -> None:
