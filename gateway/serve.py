@@ -21,7 +21,9 @@ from granian.server.embed import Server
 from gateway import logs, sdnotify, security
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime, MetricsObserver
+from gateway.placement import pin_this_process, plan
 from gateway.settings import Settings
+from mlx_backend import timeline
 from mlx_backend.engine import EngineClient, SupervisionPolicy
 from mlx_backend.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
@@ -57,7 +59,7 @@ def group_spec(settings: Settings) -> GroupSpec | None:
     return spec
 
 
-def build_runtime(settings: Settings) -> GatewayRuntime:
+def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset()) -> GatewayRuntime:
     group = group_spec(settings)
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
     registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model)
@@ -69,6 +71,8 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         max_running=settings.max_running,
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
+        trace_tokens=str(settings.trace_tokens) if settings.trace_tokens else None,
+        cpu_affinity=tuple(sorted(engine_cpus)),
         group=GroupConfig(group.size, group.backend, group.parallelism, new_group_seed(), GROUP_TICK_S)
         if group else None,
     )
@@ -81,6 +85,10 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
     observer = MetricsObserver()
     engine = EngineClient(config, observer, policy, group=group)
     return GatewayRuntime(settings, engine, registry, observer)
+
+
+def _cpus(cpus: frozenset[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
 
 
 class _PidFile:
@@ -102,7 +110,11 @@ class _PidFile:
 
 
 async def _serve(settings: Settings) -> int:
-    runtime = build_runtime(settings)
+    placement = plan(settings.engine_cpus)
+    if placement:  # before Granian starts its threads: they inherit the mask
+        pin_this_process(placement[1])
+        log.info("CPU placement: engine on %s, gateway on %s", _cpus(placement[0]), _cpus(placement[1]))
+    runtime = build_runtime(settings, placement[0] if placement else frozenset())
     server = Server(
         create_asgi_app(runtime),
         address=settings.host,
@@ -196,5 +208,10 @@ def run(settings: Settings) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    with _PidFile(settings.pid_file):
-        return asyncio.run(_serve(settings))
+    if settings.trace_tokens:
+        log.warning("per-token timeline on (benchmarks only): %s", timeline.start(settings.trace_tokens, "gateway"))
+    try:
+        with _PidFile(settings.pid_file):
+            return asyncio.run(_serve(settings))
+    finally:
+        timeline.stop()

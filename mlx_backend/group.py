@@ -38,7 +38,7 @@ import msgspec
 
 from mlx_backend import __version__
 from mlx_backend.ipc import ConnectionClosed, GatewaySide
-from mlx_backend.process import describe_exit, die_with_parent
+from mlx_backend.process import child_setup, describe_exit
 from mlx_backend.types import Command, EngineConfig, Event, Heartbeat, Hello, RankHeartbeat, Ready, Wake
 
 log = logging.getLogger("mlx_gateway.engine")
@@ -321,6 +321,17 @@ class GroupChannel:
             raise item
         return item
 
+    async def receive_many(self) -> list[Event]:
+        """Every event waiting, at least one (GatewaySide's way: one wake-up of the reader per step)."""
+        events = [await self.receive()]
+        while not self._events.empty():
+            item = self._events.get_nowait()
+            if isinstance(item, ConnectionClosed):
+                self._events.put_nowait(item)  # raised by the next call, after these are handled
+                break
+            events.append(item)
+        return events
+
     def put(self, item: Event | ConnectionClosed) -> None:
         if not self._closed:
             self._events.put_nowait(item)
@@ -401,7 +412,8 @@ class GroupProcess:
             env[TOKEN_ENV] = self._token
         proc = await asyncio.create_subprocess_exec(
             *launch.argv, stdin=asyncio.subprocess.PIPE, env=env,
-            preexec_fn=None if launch.new_session else die_with_parent, start_new_session=launch.new_session,
+            preexec_fn=None if launch.new_session else child_setup(self.config.cpu_affinity),
+            start_new_session=launch.new_session,
         )
         assert proc.stdin is not None
         if launch.token_on_stdin:
@@ -521,7 +533,8 @@ class GroupProcess:
         rank.pending_wakes = 0
         try:
             while True:
-                self._on_event(rank, await side.receive())
+                for event in await side.receive_many():
+                    self._on_event(rank, event)
         except (ConnectionClosed, msgspec.DecodeError, msgspec.ValidationError):
             pass
         if self.channel is not None:

@@ -264,12 +264,15 @@ class _RankZeroEvents:
         if isinstance(event, Failed) and event.code == EngineErrorCode.INTERNAL.value:
             self._held.append(event)
         else:
-            self._channel.send(event)
+            self._channel.emit(event)  # out with the rest of this pass's events (flush)
 
     def release(self) -> None:
         held, self._held = self._held, []
         for event in held:
-            self._channel.send(event)
+            self._channel.emit(event)
+
+    def flush(self) -> None:
+        self._channel.flush()
 
 
 class RankLoop:
@@ -318,6 +321,9 @@ class RankLoop:
                 log.exception("unexpected error in the MLX loop")
                 with contextlib.suppress(Exception):
                     self.batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
+            finally:
+                if self.events:
+                    self.events.flush()  # this pass's events, in one write
 
     def _take(self, idle: bool) -> list[Command]:
         """Rank 0: what came in (waiting for it up to a tick when idle; then it wakes the others). The

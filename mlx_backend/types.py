@@ -81,6 +81,8 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change
     allow_fault_injection: bool = False  # test-only: honours Generate.fault
+    cpu_affinity: tuple[int, ...] = ()  # Linux: the CPUs the engine process runs on (empty: any)
+    trace_tokens: str | None = None  # benchmarks only: a folder for the per-token timeline (mlx_backend/timeline.py)
     group: GroupConfig | None = None
 
 
