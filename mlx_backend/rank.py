@@ -23,6 +23,8 @@ same order, or the collectives inside the model pair up wrongly (garbage, or a h
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import logging
 import os
 import queue
@@ -45,7 +47,7 @@ from mlx_backend import __version__, loader, sampling, worker
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.group import TOKEN_ENV
 from mlx_backend.loader import LoadedArtifacts
-from mlx_backend.registry import ModelEntry, ModelRegistry
+from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
 from mlx_backend.types import (
     Command,
     EngineConfig,
@@ -166,15 +168,25 @@ class GroupRegistry(ModelRegistry):
         self._exchange = exchange
 
     def resolve(self, model_id: str) -> ModelEntry:
+        """The entry, with rank 0's fingerprint on every rank: the cache reloads a model when its files change,
+        and every rank must decide that alike (rank 0's files are the reference; each host's have their own
+        mtimes, and its listing is refreshed on its own clock)."""
         entry: ModelEntry | None = None
         error: EngineError | None = None
         try:
             entry = super().resolve(model_id)
         except EngineError as exc:
             error = exc
-        self._exchange.agree(RESOLVE, model_id, error)
+        mark = _fingerprint_mark(entry.fingerprint) if entry is not None else 0
+        agreed = self._exchange.agree(RESOLVE, model_id, error, mark)
         assert entry is not None
-        return entry
+        return dataclasses.replace(entry, fingerprint=(("rank 0", agreed, 0),))
+
+
+def _fingerprint_mark(fingerprint: Fingerprint) -> int:
+    """A fingerprint as 62 bits (every rank then uses rank 0's)."""
+    digest = hashlib.blake2b(repr(fingerprint).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 2
 
 
 class GroupModels:

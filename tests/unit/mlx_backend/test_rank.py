@@ -7,13 +7,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.rank import shard
+from mlx_backend.rank import GroupRegistry, _RankZeroEvents, shard
+from mlx_backend.types import Delta, Failed
 from tests.support.server import free_port_pair
+from tests.support.tiny_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,50 @@ def test_a_model_without_the_split_asked_for_is_unsupported() -> None:
         shard(_Model(), {"model_type": "llama"}, _Group(2), "pipeline")  # type: ignore[arg-type]
     with pytest.raises(EngineError, match="no tensor-parallel sharding for model type 'x'"):
         shard(object(), {"model_type": "x"}, _Group(2), "tensor")  # type: ignore[arg-type]
+
+
+class _Sent:
+    def __init__(self) -> None:
+        self.events: list[object] = []
+
+    def emit(self, event: object) -> None:
+        self.events.append(event)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_internal_failure_waits_for_the_next_round_to_show_the_group_whole() -> None:
+    """A rank that dies mid-step makes rank 0's collectives fail first: those requests must end as the
+    engine failing, so rank 0 reports an internal error only once the next round went through."""
+    sent = _Sent()
+    events = _RankZeroEvents(sent)  # type: ignore[arg-type]
+    failed = Failed("r1", EngineErrorCode.INTERNAL.value, "[ring] connection to a peer was lost")
+    events.emit(Delta("r2", "x", 1))
+    events.emit(failed)
+    events.emit(Failed("r3", EngineErrorCode.CONTEXT_LENGTH_EXCEEDED.value, "too long"))
+    assert [e.request_id for e in sent.events] == ["r2", "r3"]  # type: ignore[attr-defined]
+    events.release()
+    assert sent.events[-1] is failed
+
+
+class _Agreeing:
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self.offered: list[int] = []
+
+    def agree(self, kind: int, model_id: str, error: EngineError | None, value: int = 0) -> int:
+        self.offered.append(value)
+        return self.value
+
+
+def test_every_rank_resolves_a_model_with_rank_0s_fingerprint(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "tiny")
+    exchange = _Agreeing(12345)
+    registry = GroupRegistry(exchange, [tmp_path], None, False)  # type: ignore[arg-type]
+    entry = registry.resolve("tiny")
+    assert entry.fingerprint == (("rank 0", 12345, 0),)
+    assert exchange.offered[0] > 0  # this rank's own mark went into the round
+    (tmp_path / "tiny" / "config.json").touch()  # this host's files changed; rank 0's did not
+    exchange.value = 12345
+    assert registry.resolve("tiny").fingerprint == entry.fingerprint
