@@ -133,15 +133,15 @@ class Exchange:
         _, data = self.round(STEP, digest, payload=payload)
         return _command_list.decode(data) if data else []
 
-    def agree(self, kind: int, model_id: str, error: EngineError | None, value: int = 0) -> int:
-        """Whether every rank succeeded at a step of loading `entry`; rank 0's value if so. Otherwise every rank
-        raises an EngineError with the code of the first rank that failed (the model cache remembers failures
-        by code: the ranks' caches must stay alike)."""
+    def agree(self, kind: int, model_id: str, error: EngineError | None, value: int = 0) -> list[int]:
+        """Whether every rank succeeded at a step of loading a model; every rank's value if so. Otherwise every
+        rank raises an EngineError with the code of the first rank that failed (the model cache remembers
+        failures by code: the ranks' caches must stay alike)."""
         status = 0 if error is None else 1 + _ERROR_CODES.index(error.code)
         results = self.round(kind, status=status, value=value)[0]
         failed = [(r, s) for r, (s, _) in enumerate(results) if s]
         if not failed:
-            return results[0][1]
+            return [v for _, v in results]
         first, code = failed[0][0], _ERROR_CODES[failed[0][1] - 1]
         if error is not None:
             log.warning("model %s, %s: %s", model_id, _KINDS[kind], error.message)
@@ -178,7 +178,7 @@ class GroupRegistry(ModelRegistry):
         except EngineError as exc:
             error = exc
         mark = _fingerprint_mark(entry.fingerprint) if entry is not None else 0
-        agreed = self._exchange.agree(RESOLVE, model_id, error, mark)
+        agreed = self._exchange.agree(RESOLVE, model_id, error, mark)[0]
         assert entry is not None
         return dataclasses.replace(entry, fingerprint=(("rank 0", agreed, 0),))
 
@@ -202,7 +202,13 @@ class GroupModels:
             size, error = loader.validate(entry), None
         except EngineError as exc:
             size, error = 0, exc
-        return self._exchange.agree(VALIDATE, entry.id, error, size)  # rank 0's size: the same budget decision
+        sizes = self._exchange.agree(VALIDATE, entry.id, error, size)
+        if len(set(sizes)) > 1:  # every rank sees every size: they all refuse alike
+            raise EngineError(EngineErrorCode.MODEL_LOAD_FAILED, f"The model '{entry.id}' differs between the "
+                              "hosts of the engine group: its weights are " + ", ".join(
+                                  f"{size} bytes on rank {r}" for r, size in enumerate(sizes)) +
+                              "; every host needs the same files.")
+        return sizes[0]
 
     def load(self, entry: ModelEntry) -> LoadedArtifacts:
         artifacts: LoadedArtifacts | None = None

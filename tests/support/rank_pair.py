@@ -30,6 +30,7 @@ def main() -> None:
         exchange.agree(LOAD, "tiny", error)
     except EngineError as exc:
         seen["agree"] = [exc.code.value, exc.message]
+    seen["sizes"] = exchange.agree(LOAD, "tiny", None, 1000 + rank)
     draw = rank_zero_draws(group)(lambda logprobs: mx.array([rank + 10, rank + 20], dtype=mx.uint32))
     seen["draws"] = draw(mx.zeros((2, 4))).tolist()
     for name, digest, kind in (("digests", rank, STEP), ("kinds", 0, STEP if rank == 0 else LOAD)):

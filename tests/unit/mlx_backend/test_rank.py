@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.rank import GroupRegistry, _RankZeroEvents, shard
+from mlx_backend.rank import GroupModels, GroupRegistry, _RankZeroEvents, shard
+from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import Delta, Failed
 from tests.support.server import free_port_pair
 from tests.support.tiny_models import make_tiny_model
@@ -47,6 +48,7 @@ def test_one_ranks_failure_fails_the_step_on_every_rank_with_its_code(ranks: lis
     assert zero[0] == one[0] == "model_not_found"
     assert one[1] == "not on this host"  # its own error
     assert "cannot be used on rank 1 of the engine group" in zero[1]
+    assert ranks[0]["sizes"] == ranks[1]["sizes"] == [1000, 1001]  # when all succeed, all values
 
 
 def test_every_rank_takes_rank_0s_tokens(ranks: list[dict[str, Any]]) -> None:
@@ -126,9 +128,9 @@ class _Agreeing:
         self.value = value
         self.offered: list[int] = []
 
-    def agree(self, kind: int, model_id: str, error: EngineError | None, value: int = 0) -> int:
+    def agree(self, kind: int, model_id: str, error: EngineError | None, value: int = 0) -> list[int]:
         self.offered.append(value)
-        return self.value
+        return [self.value, value]
 
 
 def test_every_rank_resolves_a_model_with_rank_0s_fingerprint(tmp_path: Path) -> None:
@@ -141,3 +143,12 @@ def test_every_rank_resolves_a_model_with_rank_0s_fingerprint(tmp_path: Path) ->
     (tmp_path / "tiny" / "config.json").touch()  # this host's files changed; rank 0's did not
     exchange.value = 12345
     assert registry.resolve("tiny").fingerprint == entry.fingerprint
+
+
+def test_a_model_whose_files_differ_between_hosts_is_refused_on_every_rank(tmp_path: Path) -> None:
+    make_tiny_model(tmp_path / "tiny")
+    exchange = _Agreeing(7)  # answers [7, this rank's size]: as if rank 0's copy weighed 7 bytes
+    entry = ModelRegistry([tmp_path], None, False).resolve("tiny")
+    with pytest.raises(EngineError, match=r"differs between the hosts.*7 bytes on rank 0") as refused:
+        GroupModels(exchange, "tensor").validate(entry)  # type: ignore[arg-type]
+    assert refused.value.code == EngineErrorCode.MODEL_LOAD_FAILED
