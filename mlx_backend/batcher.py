@@ -108,7 +108,10 @@ class Batcher:
         self.prompt_cache_bytes = 0
         self._running_by_model: dict[str, int] = {}
         self._reported_changes = 0
+        self._told_loading: set[str] = set()  # waiting requests already sent Loading
+        self._encoded: tuple[str, list[int]] | None = None  # the prompt of a request waiting for memory
         cache.on_evict = self._drop_model
+        cache.trim_prefix = self._trim_prefix
 
     # -- commands (MLX thread) ---------------------------------------------------------------------------
 
@@ -124,6 +127,7 @@ class Batcher:
         for command in self._waiting:
             if command.request_id == request_id:
                 self._waiting.remove(command)
+                self._left_waiting(request_id)
                 self._emit(Finished(request_id, "abort", 0, 0, 0))
                 return
         where = self._where.get(request_id)
@@ -135,7 +139,14 @@ class Batcher:
             self._publish()
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self._where)
+        return bool(self._waiting) or bool(self._where) or self.cache.has_load_work
+
+    def idle_timeout(self) -> float | None:
+        """How long the MLX thread may wait for a command: 0 while requests decode or a load has MLX work,
+        else until the next keep-alive runs out (None: forever)."""
+        if self._where:
+            return 0.0
+        return self.cache.seconds_until_due(self.busy_models())
 
     def step(self) -> None:
         """Admit waiting requests while there is room, then one step (decode + a prefill chunk) per model."""
@@ -181,10 +192,14 @@ class Batcher:
 
     def heartbeat(self) -> Heartbeat:
         loaded, failed = self.cache.snapshot(self._running_by_model)
+        load, queued = self.cache.load_progress()
+        ledger = self.cache.ledger
         return Heartbeat(
             progress=self.progress, running=self.running, waiting=self.waiting, loading=self.cache.loading,
             loaded=loaded, failed=failed, memory_budget_bytes=self.cache.budget,
             active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
+            load=load, queued_loads=queued, weights_bytes=ledger.weights_bytes + ledger.loading,
+            kv_bytes=ledger.kv_bytes(),
         )
 
     def _has_slow_request(self) -> bool:
@@ -200,40 +215,86 @@ class Batcher:
 
     def _publish(self) -> None:
         self._running_by_model = {m: len(s.requests) for m, s in self._states.items() if s.requests}
-        self.prompt_cache_bytes = sum(s.prefix.nbytes for s in self._states.values())
+        self._measure_prefix()
         self.active_memory_bytes = mx.get_active_memory()
 
     # -- admission ---------------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        while self._waiting and len(self._where) < self.config.max_running:
-            command = self._waiting[0]  # stays counted as waiting while its model loads
+        """Start waiting requests whose model is loaded while there is room, in order; a request whose model
+        is loading stays waiting and lets later ones pass; one that waits for memory holds the later ones
+        back (first come, first served). Between two passes, the model load in progress gets its piece, so a
+        request whose load ends in this step starts in this step."""
+        busy = self.busy_models()
+        changes = self.cache.changes
+        self._start_waiting(busy)
+        if self.cache.advance(busy, idle=not self._where):
+            self.progress += 1
+        if self.cache.changes != changes:
+            self._heartbeat_if_changed()
+            self._start_waiting(busy)
+
+    def _start_waiting(self, busy: set[str]) -> None:
+        for command in list(self._waiting):
+            if len(self._where) >= self.config.max_running:
+                break
             try:
-                self._start(command)
+                cached = self.cache.acquire(command.model, busy, waiter=command.request_id)
+                if cached is None:
+                    if command.request_id not in self._told_loading:
+                        self._told_loading.add(command.request_id)
+                        self._emit(Loading(command.request_id, command.model))
+                    continue
+                self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
+                if not self._start(command, cached):
+                    break
             except EngineError as exc:
                 self._heartbeat_if_changed()  # the gateway's model list shows the failure with the error
                 self._emit(Failed(command.request_id, exc.code.value, exc.message, exc.param))
             except Exception as exc:
-                log.exception("request %s failed while joining the batch", command.request_id)
+                log.exception("request %s failed to start", command.request_id)
                 self._emit(Failed(command.request_id, EngineErrorCode.INTERNAL.value, _internal(exc)))
-            finally:
-                self._waiting.popleft()
+            self._waiting.remove(command)
+            self._left_waiting(command.request_id)
+            busy.add(command.model)
             self._publish()
 
-    def _start(self, command: Generate) -> None:
+    def _left_waiting(self, request_id: str) -> None:
+        self._told_loading.discard(request_id)
+        self.cache.forget_waiter(request_id)
+        if self._encoded is not None and self._encoded[0] == request_id:
+            self._encoded = None
+
+    def busy_models(self) -> set[str]:
+        """Models with requests in flight: never evicted, unloaded or reloaded under them."""
+        return {m for m, s in self._states.items() if s.requests}
+
+    def _trim_prefix(self, n_bytes: int) -> None:
+        """Free about `n_bytes` of prefix cache (the memory budget needs them), the least recently used
+        model's first."""
+        for state in sorted(self._states.values(), key=lambda s: s.cached.last_used):
+            if n_bytes <= 0:
+                break
+            before = state.prefix.nbytes
+            state.prefix.trim_to(n_bytes=max(0, before - n_bytes))
+            n_bytes -= before - state.prefix.nbytes
+        self._measure_prefix()
+
+    def _measure_prefix(self) -> None:
+        self.prompt_cache_bytes = sum(s.prefix.nbytes for s in self._states.values())
+        self.cache.ledger.prefix_bytes = self.prompt_cache_bytes
+
+    def _start(self, command: Generate, cached: CachedModel) -> bool:
+        """Start a request on its loaded model; False when its KV cache does not fit yet (it stays waiting)."""
         if command.fault and self.config.allow_fault_injection:
             _inject_early_fault(command.fault)
-        busy = {m for m, s in self._states.items() if s.requests}
-        loads_before = self.cache.loads
-        cached = self.cache.get(command.model, busy,
-                                on_load=lambda: self._emit(Loading(command.request_id, command.model)))
-        if self.cache.loads != loads_before:
-            self.progress += 1
-        self._heartbeat_if_changed()
         state = self._state_for(cached)
         tokenizer: Any = cached.artifacts.tokenizer
         param = "messages" if command.messages is not None else "prompt"
-        tokens = _encode(command, tokenizer)
+        if self._encoded is not None and self._encoded[0] == command.request_id:
+            tokens = self._encoded[1]
+        else:
+            tokens = _encode(command, tokenizer)
         context = cached.artifacts.context_length
         if context is not None and len(tokens) >= context:
             raise EngineError(
@@ -247,6 +308,19 @@ class Batcher:
         max_tokens = max(1, command.params.max_tokens)
         if context is not None:
             max_tokens = min(max_tokens, context - len(tokens))
+        if not self.cache.reserve_kv(command.request_id, cached.id, len(tokens) + max_tokens, self.busy_models()):
+            self._encoded = (command.request_id, tokens)  # not tokenized again while it waits
+            return False
+        try:
+            self._begin(command, cached, state, tokens, max_tokens)
+        except BaseException:
+            self.cache.release_kv(command.request_id)
+            raise
+        return True
+
+    def _begin(self, command: Generate, cached: CachedModel, state: _ModelState, tokens: list[int],
+               max_tokens: int) -> None:
+        tokenizer: Any = cached.artifacts.tokenizer
         prompt_cache, rest = state.prefix.fetch_nearest_cache(_PREFIX_KEY, tokens)
         if prompt_cache is not None and not rest:
             # An exact hit still needs one token to feed the model: step the cache back by one.
@@ -263,7 +337,7 @@ class Batcher:
         solo = state.solo_request
         if solo is not None:
             self._join_batch(state, solo)
-        if not state.requests and not self._more_waiting_for(command.model):
+        if not state.requests and not self._more_waiting_for(command.model, command):
             request.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, sampler,
                                           processors, self.config.prefill_step_size, self._made_progress)
         else:
@@ -282,9 +356,9 @@ class Batcher:
     def _made_progress(self) -> None:
         self.progress += 1
 
-    def _more_waiting_for(self, model: str) -> bool:
-        """Whether a request after the one being started (the first waiting) wants the same model."""
-        return any(c.model == model for i, c in enumerate(self._waiting) if i > 0)
+    def _more_waiting_for(self, model: str, starting: Generate) -> bool:
+        """Whether another waiting request (not the one being started) wants the same model."""
+        return any(c.model == model and c is not starting for c in self._waiting)
 
     def _join_batch(self, state: _ModelState, request: _Request) -> None:
         """Move the solo request into the batch: hand out the token it has in flight, then insert it with its
@@ -340,6 +414,7 @@ class Batcher:
         for request in list(state.requests.values()):
             self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, "The model was unloaded."))
         state.generator.close()
+        self._measure_prefix()
 
     # -- decoding ----------------------------------------------------------------------------------------
 
@@ -458,6 +533,8 @@ class Batcher:
     def _forget(self, state: _ModelState, request: _Request) -> None:
         state.requests.pop(request.uid, None)
         self._where.pop(request.rid, None)
+        self.cache.release_kv(request.rid)
+        self.cache.touch(state.cached.id)
 
 
 def _encode(command: Generate, tokenizer: Any) -> list[int]:

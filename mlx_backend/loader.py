@@ -24,19 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import (
-    MODEL_ARCHITECTURE_REMAPPING,
-    MODEL_REMAPPING,
-    load_config,
-    load_model,
-    load_tokenizer,
-)
+from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
+
+# Re-exported: mlx_backend.loading calls them through this module, where tests replace them.
+from mlx_lm.utils import load_config as load_config
+from mlx_lm.utils import load_model as load_model
+from mlx_lm.utils import load_tokenizer as load_tokenizer
 
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.registry import ModelEntry, context_length_of
+from mlx_backend.registry import ModelEntry
 
 log = logging.getLogger("mlx_gateway.engine.loader")
 
@@ -218,29 +216,11 @@ def _check_tokenizer(entry: ModelEntry) -> None:
 
 
 def load(entry: ModelEntry) -> LoadedArtifacts:
-    """Validate, then load the tokenizer and the weights; any failure is an EngineError naming the cause."""
-    size = validate(entry)
-    path = entry.path
-    try:
-        # mlx_lm.load's steps, tokenizer first: it is cheap and often the broken part, so a bad tokenizer
-        # fails before gigabytes of weights are read. Custom code is never trusted.
-        config = load_config(path)
-        try:
-            tokenizer: TokenizerWrapper = load_tokenizer(  # type: ignore[no-untyped-call]
-                path, eos_token_ids=config.get("eos_token_id")
-            )
-        except Exception as exc:
-            raise _fail(entry, f"its tokenizer is broken ({_describe(exc)}).") from exc
-        model, config = load_model(path, lazy=False, trust_remote_code=False)
-        mx.eval(model.parameters())  # lazy loads must fail here, not in the middle of a request
-    except EngineError:
-        raise
-    except Exception as exc:  # shape mismatches, missing tensors, unsupported dtypes, I/O errors...
-        log.warning("loading %s from %s failed", entry.id, path, exc_info=True)
-        raise _fail(entry, f"{_describe(exc)}.") from exc
-    context = entry.context_length or context_length_of(config)
-    log.info("loaded %s (%.1f MB, context %s)", entry.id, size / 1e6, context)
-    return LoadedArtifacts(model, tokenizer, config, size, context)
+    """Validate, then load the tokenizer and the weights at once (no warm-up); any failure is an EngineError
+    naming the cause. The engine loads in pieces instead (mlx_backend/loading.py), through the same steps."""
+    from mlx_backend.loading import StagedLoad
+
+    return StagedLoad(entry, validate(entry), warmup=False).run()
 
 
 def _describe(exc: BaseException) -> str:

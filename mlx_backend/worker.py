@@ -38,7 +38,17 @@ import msgspec
 
 from mlx_backend.ipc import ConnectionClosed, EngineSide
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import Abort, Command, EngineConfig, Event, Generate, Heartbeat, Ready, Shutdown
+from mlx_backend.types import (
+    Abort,
+    Command,
+    EngineConfig,
+    Event,
+    Generate,
+    Heartbeat,
+    ModelControl,
+    Ready,
+    Shutdown,
+)
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -132,22 +142,35 @@ def serve(channel: Channel, config: EngineConfig) -> int:
 
     from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
     from mlx_backend.cache import ModelCache
+    from mlx_backend.control import Controls
+    from mlx_backend.residency import KeepAlive
 
     registry = ModelRegistry(
         [Path(d) for d in config.models_dirs],
         Path(config.hf_cache_dir) if config.hf_cache_dir else None,
         config.include_demo_model,
+        allowed=config.allowed_models,
     )
-    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s)
+    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s,
+                       keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
+                       warmup=config.warmup, prefill_step_size=config.prefill_step_size)
+    cache.on_event = channel.send
     batcher = Batcher(config, cache, channel.send)
+    controls = Controls(cache, channel.send, batcher.busy_models, batcher.heartbeat)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)
+    controls.preload(config.preload, config.pinned)
 
     while True:
         try:
-            # Block only when there is nothing to decode; otherwise take what came in and step.
-            commands = [inbox.get()] if not batcher.has_work() else []
+            # Wait for a command only while there is nothing to decode, and no longer than until the next
+            # keep-alive runs out (or a load reading on its thread is worth a look); then step.
+            commands: list[Command] = []
+            timeout = batcher.idle_timeout()
+            if timeout != 0:
+                with contextlib.suppress(queue.Empty):
+                    commands.append(inbox.get(timeout=timeout))
             with contextlib.suppress(queue.Empty):
                 while True:
                     commands.append(inbox.get_nowait())
@@ -161,6 +184,8 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                     batcher.submit(command)
                 elif isinstance(command, Abort):
                     batcher.abort(command.request_id)
+                elif isinstance(command, ModelControl):
+                    controls.handle(command)
             batcher.step()
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
