@@ -19,10 +19,12 @@ from gateway import metrics, openapi, security
 from gateway.errors import ErrorKind, GatewayError, internal
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
+from gateway.routes import admin
 from gateway.routes.chat import create_chat_completion
 from gateway.routes.completions import create_completion
 from gateway.routes.health import health, liveness, prometheus_metrics, readiness
 from gateway.routes.models import list_models, retrieve_model
+from gateway.routes.status import status
 from mlx_backend import __version__
 
 log = logging.getLogger("mlx_gateway")
@@ -152,7 +154,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
 
     app = Litestar(
         route_handlers=[create_chat_completion, create_completion, list_models, retrieve_model,
-                        health, liveness, readiness, prometheus_metrics, openapi_json],
+                        health, liveness, readiness, prometheus_metrics, openapi_json, status, *admin.ROUTES],
         lifespan=[lifespan],
         exception_handlers={
             GatewayError: _on_gateway_error,

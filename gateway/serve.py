@@ -24,6 +24,7 @@ from gateway.lifecycle import GatewayRuntime, MetricsObserver
 from gateway.settings import Settings
 from mlx_backend.engine import EngineClient, SupervisionPolicy
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
+from mlx_backend.residency import parse_override
 from mlx_backend.types import EngineConfig
 
 log = logging.getLogger("mlx_gateway")
@@ -41,7 +42,8 @@ _GRANIAN_LOGS_THROUGH_OURS = {
 
 def build_runtime(settings: Settings) -> GatewayRuntime:
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
-    registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model)
+    registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model,
+                             allowed=settings.allowed_models)
     config = EngineConfig(
         models_dirs=tuple(str(p) for p in settings.models_dirs),
         hf_cache_dir=str(hf_cache) if hf_cache else None,
@@ -50,6 +52,12 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         max_running=settings.max_running,
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
+        keep_alive_s=settings.keep_alive_s,
+        model_keep_alive=tuple(parse_override(o) for o in settings.model_keep_alive),
+        allowed_models=settings.allowed_models,
+        preload=settings.preload_models,
+        pinned=settings.pin_models,
+        warmup=settings.model_warmup,
     )
     policy = SupervisionPolicy(
         stall_timeout_s=settings.stall_timeout_s,

@@ -47,6 +47,7 @@ _REMEMBERED = {
 PIECE_S = 0.03  # a load's piece while other requests decode: about one decode step
 IDLE_PIECE_S = 0.25  # with nothing else to do, bigger pieces (the inbox is still read between them)
 READ_POLL_S = 0.05  # how long an otherwise idle engine waits on the loader thread before looking again
+PROGRESS_LOG_S = 5.0  # a long load says how far it got this often
 
 
 @dataclass
@@ -167,6 +168,7 @@ class ModelCache:
         self.pins: set[str] = set()
         self._lock = threading.Lock()
         self.loading: str | None = None  # read by the heartbeat thread
+        self._progress_logged = 0.0
         self.loads = 0  # successful loads so far
         self.changes = 0  # bumped whenever the loaded or failed models change: worth a fresh heartbeat
         # Set by the batcher and the worker; all run on the MLX thread.
@@ -199,6 +201,7 @@ class ModelCache:
                 cached.last_used = time.monotonic()
                 return cached
             log.info("the files of model %s changed; reloading it", model_id)
+            cached = None  # let go, so the unload frees its arrays
             self._unload(model_id, "changed")
         pending = self._enqueue(entry, "request")
         if waiter is not None:
@@ -279,6 +282,7 @@ class ModelCache:
             self.changes += 1
             return cached
         if cached is not None:
+            cached = None  # let go, so the unload frees its arrays
             self._unload(model_id, "changed")
         self._enqueue(entry, reason)
         self.changes += 1
@@ -318,6 +322,7 @@ class ModelCache:
         if pending.loader is None and not self._start(pending, busy):
             return worked
         assert pending.loader is not None
+        self._log_progress(pending)
         try:
             artifacts = pending.loader.advance(budget_s if budget_s is not None else IDLE_PIECE_S if idle else PIECE_S)
         except EngineError as exc:
@@ -483,6 +488,15 @@ class ModelCache:
         self.changes += 1
         self.on_load_done(pending.id, error)
 
+    def _log_progress(self, pending: PendingLoad) -> None:
+        now = time.monotonic()
+        if now - max(pending.started, self._progress_logged) < PROGRESS_LOG_S or pending.loader is None:
+            return
+        self._progress_logged = now
+        p = pending.loader.progress
+        log.info("loading model %s: %s, %s of %s read, %s in memory, %.0fs so far", pending.id, p.stage,
+                 _gb(p.bytes_read), _gb(p.bytes_total), _gb(p.bytes_loaded), now - pending.started)
+
     def _make_room(self, need: int, for_model: str, busy: Collection[str]) -> bool:
         """Free memory until `need` more bytes fit: the prefix cache first, then idle unpinned models, least
         recently used first. False when it will fit once running requests let go of what they hold; raises
@@ -493,13 +507,14 @@ class ModelCache:
         if ledger.prefix_bytes:
             self.trim_prefix(need - ledger.free)
         while ledger.free < need:
-            idle = [m for m in self._models.values()
-                    if m.id not in busy and m.id not in self.pins and m.id != for_model]
+            # Ids only: a reference held here would keep the victim's arrays alive through its unload.
+            idle = sorted((m.last_used, m.id) for m in self._models.values()
+                          if m.id not in busy and m.id not in self.pins and m.id != for_model)
             if not idle:
                 break
-            victim = min(idle, key=lambda m: m.last_used)
-            log.info("evicting model %s (least recently used) to make room for %s", victim.id, for_model)
-            self._unload(victim.id, "evicted")
+            victim = idle[0][1]
+            log.info("evicting model %s (least recently used) to make room for %s", victim, for_model)
+            self._unload(victim, "evicted")
         if ledger.free >= need:
             return True
         # What running requests hold comes back when they end: their KV cache, and their models' weights
@@ -526,11 +541,12 @@ class ModelCache:
 
     def _expire_idle(self, busy: Collection[str]) -> bool:
         now = time.monotonic()
-        due = [m for m in self._models.values() if (t := self._expires(m, busy)) is not None and t <= now]
-        for cached in due:
-            log.info("unloading model %s: unused for %.0fs (keep-alive %gs)", cached.id, now - cached.last_used,
-                     self.keep_alive.for_model(cached.id))
-            self._unload(cached.id, "idle")
+        due = [(m.id, now - m.last_used) for m in self._models.values()
+               if (t := self._expires(m, busy)) is not None and t <= now]
+        for model_id, unused_s in due:
+            log.info("unloading model %s: unused for %.0fs (keep-alive %gs)", model_id, unused_s,
+                     self.keep_alive.for_model(model_id))
+            self._unload(model_id, "idle")
         return bool(due)
 
     def _unload(self, model_id: str, reason: str) -> None:

@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from mlx_backend.engine import EngineRequest, EngineState, EngineStatus, unavailable
+from mlx_backend.engine import ControlAction, EngineRequest, EngineState, EngineStatus, unavailable
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.types import Delta, FailedModel, Finished, Generate, Heartbeat, LoadedModel, Loading, Started
 
@@ -38,6 +38,8 @@ class FakeEngine:
         self.received: list[Generate] = []
         self.aborted: list[str] = []
         self.load_delay_s = load_delay_s
+        self.pinned: set[str] = set()
+        self.controls: list[tuple[str, str]] = []  # (action, model) as received
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -101,11 +103,31 @@ class FakeEngine:
         finally:
             self._tasks.pop(rid, None)
 
+    async def control(self, action: ControlAction, model: str) -> None:
+        if self.state != EngineState.UP:
+            raise unavailable(self.state)
+        self.controls.append((action, model))
+        if action in ("load", "pin"):
+            if model in self.failures:
+                raise self.failures[model]
+            await asyncio.sleep(self.load_delay_s)
+            self.loaded.setdefault(model, time.time())
+            if action == "pin":
+                self.pinned.add(model)
+        elif action == "unload":
+            if any(c.model == model for c in self.received if c.request_id in self._tasks):
+                raise EngineError(EngineErrorCode.MODEL_BUSY, f"The model '{model}' is serving requests.")
+            self.loaded.pop(model, None)
+            self.pinned.discard(model)
+        else:
+            self.pinned.discard(model)
+
     def status(self) -> EngineStatus:
         now = time.time()
         heartbeat = Heartbeat(
             progress=0, running=len(self._tasks), waiting=0, loading=None,
-            loaded=tuple(LoadedModel(m, 1000, t, 0) for m, t in self.loaded.items()),
+            loaded=tuple(LoadedModel(m, 1000, t, 0, last_used_at=t, pinned=m in self.pinned)
+                         for m, t in self.loaded.items()),
             failed=tuple(FailedModel(m, e.code.value, e.message, now, 30.0) for m, e in self.failures.items()),
             memory_budget_bytes=1 << 30, active_memory_bytes=0, prompt_cache_bytes=0,
         )

@@ -14,8 +14,10 @@ thread, and only work that touches no MLX runs beside it:
   loading   (MLX thread)     the parameters evaluated a few at a time between decode steps: each piece is a
                              copy from the page cache. One tensor is the smallest piece (an embedding table
                              may be hundreds of MB; at Apple-silicon bandwidth that is milliseconds).
-  warming   (MLX thread)     one short generation (prefill + two tokens), so kernel compilation (seconds on
-                             CUDA) is paid here rather than by the first request.
+  warming   (MLX thread)     one short generation (a 4-token prefill, then two tokens, one per piece), so
+                             kernel compilation (seconds on CUDA) is paid here, not by the first request.
+                             A kernel compiles inside one evaluation, so on a GPU a piece can take that long;
+                             the first request would have paused the same streams for it anyway.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ Stage = Literal["reading", "building", "loading", "warming", "done"]
 
 _READ_BLOCK = 8 << 20
 _WARMUP_TEXT = "Hello! This short prompt warms the model up before its first request."
-_WARMUP_PROMPT_TOKENS = 16
+_WARMUP_PROMPT_TOKENS = 4
 _WARMUP_NEW_TOKENS = 2
 
 
@@ -73,6 +75,8 @@ class StagedLoad:
         self._tokenizer: Any = None
         self._model: Any = None
         self._pending: list[tuple[str, Any]] = []  # parameters not yet evaluated
+        self._warm: Any = None  # the warm-up generation (a SoloGeneration), while it runs
+        self._warm_tokens = 0
         self._reader = threading.Thread(target=self._read, name=f"load-{entry.id}"[:32], daemon=True)
         self._reader.start()
 
@@ -146,7 +150,8 @@ class StagedLoad:
                 self.stage = "warming" if self.warmup else "done"
                 return None
             if self.stage == "warming":
-                self._warm_up()
+                if not self._warm_up_piece():
+                    return None
                 self.stage = "done"
         except EngineError:
             self._drop()
@@ -172,21 +177,28 @@ class StagedLoad:
         params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
         self._pending = list(reversed(params))
 
-    def _warm_up(self) -> None:
+    def _warm_up_piece(self) -> bool:
+        """One token of the warm-up generation (the first also runs the prefill); True once it is over. A
+        prompt of a few tokens and two new ones: the prefill and the decode kernels each run once."""
         from mlx_backend.solo import SoloGeneration  # imports mlx_lm's generation code
 
         started = time.monotonic()
-        tokens = list(self._tokenizer.encode(_WARMUP_TEXT))[:_WARMUP_PROMPT_TOKENS] or [0]
-        tokens = (tokens * _WARMUP_PROMPT_TOKENS)[:_WARMUP_PROMPT_TOKENS]
-        solo = SoloGeneration(self._model, tokens, None, 0, _greedy, None, self.prefill_step_size)
         try:
-            for i in range(_WARMUP_NEW_TOKENS):
-                solo.next_token(more=i + 1 < _WARMUP_NEW_TOKENS)
+            if self._warm is None:
+                tokens = list(self._tokenizer.encode(_WARMUP_TEXT))[:_WARMUP_PROMPT_TOKENS] or [0]
+                tokens = (tokens * _WARMUP_PROMPT_TOKENS)[:_WARMUP_PROMPT_TOKENS]
+                self._warm = SoloGeneration(self._model, tokens, None, 0, _greedy, None, self.prefill_step_size)
+            self._warm_tokens += 1
+            self._warm.next_token(more=self._warm_tokens < _WARMUP_NEW_TOKENS)
         except Exception as exc:
             raise loader._fail(self.entry, f"its warm-up generation failed ({loader._describe(exc)}).") from exc
-        del solo
+        finally:
+            self.warmup_s = (self.warmup_s or 0.0) + time.monotonic() - started
+        if self._warm_tokens < _WARMUP_NEW_TOKENS:
+            return False
+        self._warm = None
         mx.clear_cache()
-        self.warmup_s = time.monotonic() - started
+        return True
 
     def _artifacts(self) -> LoadedArtifacts:
         assert self._config is not None
@@ -200,6 +212,7 @@ class StagedLoad:
         self.cancel()
         self._model = None
         self._pending = []
+        self._warm = None
 
 
 def _greedy(logprobs: mx.array) -> mx.array:

@@ -75,7 +75,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     allowed_models: tuple[str, ...] = ()  # ids or globs; empty: any model found
     preload: tuple[str, ...] = ()  # loaded at start, in the background
     pinned: tuple[str, ...] = ()  # loaded at start and never idle-unloaded or evicted
-    warmup: bool = True  # one short generation after each load, before the model serves requests
+    warmup: bool | None = None  # a short generation after each load, before it serves; None: on a GPU only
 
 
 class LoadedModel(msgspec.Struct, frozen=True):

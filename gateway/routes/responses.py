@@ -27,6 +27,15 @@ GENERATION = {
     503: _error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
     504: _error("The request ran past the request timeout"),
 }
+ADMIN = {
+    **MODEL_LOOKUP,
+    400: _error("Invalid body"),
+    409: _error("Unload of a model that is serving requests or loading (code model_busy)"),
+    415: _error("The body is not sent as Content-Type: application/json"),
+    429: _error("Its weights do not fit while the memory stays held (pinned models): retry after Retry-After"),
+    503: _error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
+    504: _error("The load took longer than load_timeout_s (it may still finish)"),
+}
 
 
 def ok(body: type[Any], chunk: type[Any]) -> ResponseSpec:
