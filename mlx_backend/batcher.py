@@ -1,18 +1,20 @@
 """The MLX thread's work: continuous batching with mlx-lm's BatchGenerator, one generator per loaded model.
 
 Every `mx` call of the engine happens on the one thread that calls `submit`, `abort` and `step`. Requests
-join and leave the batch at any step; each has its own sampler, penalties, token budget, stop strings and
-streaming detokenizer. A request that finds its model idle runs solo (see mlx_backend.solo) and joins the
-batch when a second one arrives. A prefix (KV) cache per model lets a multi-turn chat skip the prefill of
-the turns it shares with an earlier request. The heartbeat thread only reads plain values published after
-each step.
+join and leave the batch at any step. A request is one row per choice (n), each with its own sampler,
+logits processors and output bookkeeping (mlx_backend/plan.py decides them, mlx_backend/choice.py turns
+tokens into events). A lone request runs solo (mlx_backend/solo.py) and joins the batch when a second one
+arrives; the n choices of one request share one prefill. Finished requests leave their KV cache for the
+next turn (mlx_backend/prefix.py). The heartbeat thread only reads plain values published after each step.
+
+Models load in pieces between steps (mlx_backend/cache.py, loading.py): a request whose model is loading
+stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-import os
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,15 +23,17 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
+from mlx_backend import faults
 from mlx_backend.cache import CachedModel, ModelCache
+from mlx_backend.constrained import ConstraintFailed
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.sampling import make_logits_processors, make_sampler
-from mlx_backend.solo import SoloGeneration
-from mlx_backend.stops import StopMatcher
+from mlx_backend.logprobs import TokenText
+from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
+from mlx_backend.prefix import PrefixCaches
+from mlx_backend.solo import SoloGeneration, prefill
 from mlx_backend.types import (
-    Delta,
     EngineConfig,
     Event,
     Failed,
@@ -42,34 +46,42 @@ from mlx_backend.types import (
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
 
-_PREFIX_KEY = "model"  # one LRUPromptCache per loaded model, so one key is enough
 _PREFILL_BATCH = 8  # prompts prefilled together in one step
-_SLOW_STEP_S = 0.05  # test-only fault "slow": one step per 50 ms
 _SOLO_UID = -1  # BatchGenerator's uids start at 0: a request running solo is keyed by this until it joins
 
 
-# mlx-lm has no type hints: its objects are held as Any.
 @dataclass
 class _Request:
     command: Generate
-    uid: int
     prompt_tokens: int
     cached_tokens: int
-    detokenizer: Any  # StreamingDetokenizer, one per request
-    stops: StopMatcher
-    max_tokens: int
-    solo: SoloGeneration | None = None  # set while the request runs alone, outside the batch
-    completion_tokens: int = 0
-    unsent_tokens: int = 0  # generated but not yet reported in a Delta
+    rows: list[_Row] = field(default_factory=list)
 
     @property
     def rid(self) -> str:
         return self.command.request_id
 
     @property
+    def open_rows(self) -> list[_Row]:
+        return [r for r in self.rows if not r.ended]
+
+
+# mlx-lm has no type hints: its objects are held as Any.
+@dataclass
+class _Row:
+    """One choice of a request as it is generated: a row of its model's batch, or the solo generation."""
+
+    request: _Request
+    plan: ChoicePlan
+    max_tokens: int
+    uid: int = _SOLO_UID
+    solo: SoloGeneration | None = None  # set while the request runs alone, outside the batch
+    ended: bool = False
+
+    @property
     def next_is_last(self) -> bool:
         """Whether the next token uses up the token budget."""
-        return self.completion_tokens + 1 >= self.max_tokens
+        return self.plan.output.completion_tokens + 1 >= self.max_tokens
 
 
 @dataclass
@@ -78,6 +90,7 @@ class _Token:
 
     token: int
     finish_reason: str | None
+    logprobs: Any = None
     prompt_cache: list[Any] | None = None  # set when finished: the KV cache to keep for the next turn
     all_tokens: list[int] | None = None  # the tokens that cache holds
 
@@ -86,12 +99,16 @@ class _Token:
 class _ModelState:
     cached: CachedModel
     generator: Any  # BatchGenerator
-    prefix: LRUPromptCache
-    requests: dict[int, _Request] = field(default_factory=dict)  # BatchGenerator uid (or _SOLO_UID) -> request
+    token_text: TokenText
+    rows: dict[int, _Row] = field(default_factory=dict)  # BatchGenerator uid (or _SOLO_UID) -> row
 
     @property
-    def solo_request(self) -> _Request | None:
-        return self.requests.get(_SOLO_UID)
+    def solo_row(self) -> _Row | None:
+        return self.rows.get(_SOLO_UID)
+
+    @property
+    def requests(self) -> int:
+        return len({id(r.request) for r in self.rows.values()})
 
 
 class Batcher:
@@ -101,7 +118,8 @@ class Batcher:
         self._emit = emit
         self._waiting: deque[Generate] = deque()
         self._states: dict[str, _ModelState] = {}
-        self._where: dict[str, tuple[_ModelState, int]] = {}  # request id -> (model state, uid)
+        self._where: dict[str, tuple[_ModelState, _Request]] = {}  # request id -> where it runs
+        self._prefix = PrefixCaches(config.prompt_cache_bytes)
         # Published for the heartbeat thread: plain values, replaced (never mutated) by the MLX thread.
         self.progress = 0
         self.active_memory_bytes = 0
@@ -109,7 +127,7 @@ class Batcher:
         self._running_by_model: dict[str, int] = {}
         self._reported_changes = 0
         self._told_loading: set[str] = set()  # waiting requests already sent Loading
-        self._encoded: tuple[str, list[int]] | None = None  # the prompt of a request waiting for memory
+        self._planned: tuple[str, RequestPlan] | None = None  # the plan of a request waiting for memory
         cache.on_evict = self._drop_model
         cache.trim_prefix = self._trim_prefix
 
@@ -120,6 +138,10 @@ class Batcher:
         if rid in self._where or any(c.request_id == rid for c in self._waiting):
             log.warning("request id %s is already in flight; refusing the duplicate", rid)
             self._emit(Failed(rid, EngineErrorCode.INTERNAL.value, "Duplicate request id."))
+            return
+        if not 1 <= command.n <= self.config.max_running:
+            self._emit(Failed(rid, EngineErrorCode.INVALID_REQUEST.value, f"n must be between 1 and "
+                              f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
         self._waiting.append(command)
 
@@ -132,10 +154,11 @@ class Batcher:
                 return
         where = self._where.get(request_id)
         if where is not None:
-            state, uid = where
-            if uid != _SOLO_UID:
-                state.generator.remove([uid])
-            self._finish(state, state.requests[uid], "abort")
+            state, request = where
+            generated = sum(r.plan.output.completion_tokens for r in request.rows)
+            self._take_out(state, request)
+            # One Finished for the whole request: the gateway has let go of it and only counts its tokens.
+            self._emit(Finished(request_id, "abort", request.prompt_tokens, generated, request.cached_tokens))
             self._publish()
 
     def has_work(self) -> bool:
@@ -148,25 +171,27 @@ class Batcher:
             return 0.0
         return self.cache.seconds_until_due(self.busy_models())
 
+    def busy_models(self) -> set[str]:
+        """Models with requests in flight: never evicted, unloaded or reloaded under them."""
+        return {m for m, s in self._states.items() if s.rows}
+
     def step(self) -> None:
         """Admit waiting requests while there is room, then one step (decode + a prefill chunk) per model."""
         started = time.monotonic()
         self._admit()
         for state in list(self._states.values()):
-            if state.requests:
+            if state.rows:
                 self._step_model(state)
         self._publish()
-        if self.config.allow_fault_injection and self._has_slow_request():
-            # Test-only "slow": pace the whole batch at ~20 steps/s so tests can act mid-stream.
-            time.sleep(max(0.0, _SLOW_STEP_S - (time.monotonic() - started)))
+        if self.config.allow_fault_injection and self._has_fault("slow"):
+            faults.pace(started)
 
     def shutdown(self) -> None:
         """End everything with finish_reason "abort" and free every model."""
         while self._waiting:
             self._emit(Finished(self._waiting.popleft().request_id, "abort", 0, 0, 0))
-        for state in list(self._states.values()):
-            for request in list(state.requests.values()):
-                self._finish(state, request, "abort")
+        for rid in list(self._where):
+            self.abort(rid)
         self.cache.clear()  # calls _drop_model for each model
         self._states.clear()
         mx.clear_cache()
@@ -175,9 +200,7 @@ class Batcher:
     def fail_all(self, message: str) -> None:
         """Last resort after an unexpected error outside any one request: end every running request."""
         for state in list(self._states.values()):
-            for request in list(state.requests.values()):
-                self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, message))
-            self._drop_model(state.cached.id)
+            self._drop_model(state.cached.id, message)
         self._publish()
 
     # -- heartbeat (any thread) --------------------------------------------------------------------------
@@ -202,8 +225,8 @@ class Batcher:
             kv_bytes=ledger.kv_bytes(),
         )
 
-    def _has_slow_request(self) -> bool:
-        return any(r.command.fault == "slow" for s in self._states.values() for r in s.requests.values())
+    def _has_fault(self, fault: str) -> bool:
+        return any(request.command.fault == fault for _, request in self._where.values())
 
     def _heartbeat_if_changed(self) -> None:
         """An extra heartbeat when models were loaded, evicted or failed, so the gateway's view is fresh
@@ -214,11 +237,21 @@ class Batcher:
             self._emit(self.heartbeat())
 
     def _publish(self) -> None:
-        self._running_by_model = {m: len(s.requests) for m, s in self._states.items() if s.requests}
+        self._running_by_model = {m: s.requests for m, s in self._states.items() if s.rows}
         self._measure_prefix()
         self.active_memory_bytes = mx.get_active_memory()
 
+    def _measure_prefix(self) -> None:
+        self.prompt_cache_bytes = self._prefix.nbytes
+        self.cache.ledger.prefix_bytes = self.prompt_cache_bytes
+
+    def _made_progress(self) -> None:
+        self.progress += 1
+
     # -- admission ---------------------------------------------------------------------------------------
+
+    def _rows_running(self) -> int:
+        return sum(len(s.rows) for s in self._states.values())
 
     def _admit(self) -> None:
         """Start waiting requests whose model is loaded while there is room, in order; a request whose model
@@ -236,11 +269,11 @@ class Batcher:
 
     def _start_waiting(self, busy: set[str]) -> None:
         for command in list(self._waiting):
-            if len(self._where) >= self.config.max_running:
+            if self._rows_running() + command.n > self.config.max_running:
                 break
             try:
                 cached = self.cache.acquire(command.model, busy, waiter=command.request_id)
-                if cached is None:
+                if cached is None:  # its model is loading (stays counted as waiting)
                     if command.request_id not in self._told_loading:
                         self._told_loading.add(command.request_id)
                         self._emit(Loading(command.request_id, command.model))
@@ -252,7 +285,7 @@ class Batcher:
                 self._heartbeat_if_changed()  # the gateway's model list shows the failure with the error
                 self._emit(Failed(command.request_id, exc.code.value, exc.message, exc.param))
             except Exception as exc:
-                log.exception("request %s failed to start", command.request_id)
+                log.exception("request %s failed while joining the batch", command.request_id)
                 self._emit(Failed(command.request_id, EngineErrorCode.INTERNAL.value, _internal(exc)))
             self._waiting.remove(command)
             self._left_waiting(command.request_id)
@@ -262,130 +295,106 @@ class Batcher:
     def _left_waiting(self, request_id: str) -> None:
         self._told_loading.discard(request_id)
         self.cache.forget_waiter(request_id)
-        if self._encoded is not None and self._encoded[0] == request_id:
-            self._encoded = None
-
-    def busy_models(self) -> set[str]:
-        """Models with requests in flight: never evicted, unloaded or reloaded under them."""
-        return {m for m, s in self._states.items() if s.requests}
+        if self._planned is not None and self._planned[0] == request_id:
+            self._planned = None
 
     def _trim_prefix(self, n_bytes: int) -> None:
-        """Free about `n_bytes` of prefix cache (the memory budget needs them), the least recently used
-        model's first."""
-        for state in sorted(self._states.values(), key=lambda s: s.cached.last_used):
-            if n_bytes <= 0:
-                break
-            before = state.prefix.nbytes
-            state.prefix.trim_to(n_bytes=max(0, before - n_bytes))
-            n_bytes -= before - state.prefix.nbytes
+        """Free about `n_bytes` of prefix cache: the memory budget needs them for weights or a KV cache."""
+        self._prefix.trim(n_bytes)
         self._measure_prefix()
 
-    def _measure_prefix(self) -> None:
-        self.prompt_cache_bytes = sum(s.prefix.nbytes for s in self._states.values())
-        self.cache.ledger.prefix_bytes = self.prompt_cache_bytes
-
     def _start(self, command: Generate, cached: CachedModel) -> bool:
-        """Start a request on its loaded model; False when its KV cache does not fit yet (it stays waiting)."""
-        if command.fault and self.config.allow_fault_injection:
-            _inject_early_fault(command.fault)
+        """Start a request on its loaded model; False while its KV cache does not fit (it stays waiting)."""
+        if self.config.allow_fault_injection:
+            faults.before_start(command.fault)
         state = self._state_for(cached)
-        tokenizer: Any = cached.artifacts.tokenizer
-        param = "messages" if command.messages is not None else "prompt"
-        if self._encoded is not None and self._encoded[0] == command.request_id:
-            tokens = self._encoded[1]
+        if self._planned is not None and self._planned[0] == command.request_id:
+            plan = self._planned[1]
         else:
-            tokens = _encode(command, tokenizer)
-        context = cached.artifacts.context_length
-        if context is not None and len(tokens) >= context:
-            raise EngineError(
-                EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                f"This model's maximum context length is {context} tokens, but the {param} has {len(tokens)} "
-                "tokens, leaving no room for a completion. Shorten the input.",
-                param,
-            )
-        # A request may not run past the context: max_tokens is clamped to what is left after the prompt
-        # (the request then ends with "length" there) rather than refused, as OpenAI-compatible servers do.
-        max_tokens = max(1, command.params.max_tokens)
-        if context is not None:
-            max_tokens = min(max_tokens, context - len(tokens))
-        if not self.cache.reserve_kv(command.request_id, cached.id, len(tokens) + max_tokens, self.busy_models()):
-            self._encoded = (command.request_id, tokens)  # not tokenized again while it waits
+            plan = plan_request(command, cached, state.token_text)
+        rows = len(plan.choices)
+        if not self.cache.reserve_kv(command.request_id, cached.id, len(plan.tokens) + plan.max_tokens,
+                                     self.busy_models(), rows):
+            self._planned = (command.request_id, plan)  # not planned (tokenized, compiled) again while it waits
             return False
         try:
-            self._begin(command, cached, state, tokens, max_tokens)
+            self._begin(command, cached, state, plan)
         except BaseException:
             self.cache.release_kv(command.request_id)
             raise
         return True
 
-    def _begin(self, command: Generate, cached: CachedModel, state: _ModelState, tokens: list[int],
-               max_tokens: int) -> None:
-        tokenizer: Any = cached.artifacts.tokenizer
-        prompt_cache, rest = state.prefix.fetch_nearest_cache(_PREFIX_KEY, tokens)
-        if prompt_cache is not None and not rest:
-            # An exact hit still needs one token to feed the model: step the cache back by one.
-            if can_trim_prompt_cache(prompt_cache):
-                trim_prompt_cache(prompt_cache, 1)
-                rest = tokens[-1:]
-            else:
-                prompt_cache, rest = None, tokens
+    def _begin(self, command: Generate, cached: CachedModel, state: _ModelState, plan: RequestPlan) -> None:
+        tokens = plan.tokens
+        prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
-        sampler = make_sampler(command.params)
-        processors = make_logits_processors(command.params, len(tokens))
-        request = _Request(command, _SOLO_UID, len(tokens), cached_tokens, tokenizer.detokenizer,
-                           StopMatcher(command.params.stop), max_tokens)
-        solo = state.solo_request
+        request = _Request(command, len(tokens), cached_tokens)
+        solo = state.solo_row
         if solo is not None:
             self._join_batch(state, solo)
-        if not state.requests and not self._more_waiting_for(command.model, command):
-            request.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, sampler,
-                                          processors, self.config.prefill_step_size, self._made_progress)
+        if len(plan.choices) == 1 and not state.rows and not self._more_waiting_for(command.model, command):
+            choice = plan.choices[0]
+            row = _Row(request, choice, plan.max_tokens)
+            row.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, choice.sampler,
+                                      choice.processors, self.config.prefill_step_size, self._made_progress)
+            rows = [row]
+        elif len(plan.choices) == 1:
+            rows = [self._insert(state, request, plan.choices[0], plan.max_tokens, [rest], prompt_cache,
+                                 tokens[:cached_tokens])]
         else:
-            (request.uid,) = state.generator.insert(
-                [rest],
-                max_tokens=[max_tokens],
-                caches=[prompt_cache],  # None: a fresh cache
-                all_tokens=[tokens[:cached_tokens]],
-                samplers=[sampler],
-                logits_processors=[processors],
-            )
-        state.requests[request.uid] = request
-        self._where[command.request_id] = (state, request.uid)
+            # n choices share one prefill: the prompt but its last token goes into one cache, then each
+            # choice starts from a copy of it with that last token as its one-token prompt.
+            shared = prompt_cache if prompt_cache is not None else make_prompt_cache(cached.artifacts.model)
+            prefill(cached.artifacts.model, rest[:-1], shared, self.config.prefill_step_size, self._made_progress)
+            rows = [self._insert(state, request, choice, plan.max_tokens, [rest[-1:]], copy.deepcopy(shared),
+                                 tokens[:-1]) for choice in plan.choices]
+        request.rows = rows
+        for row in rows:
+            state.rows[row.uid] = row
+        self._where[command.request_id] = (state, request)
         self._emit(Started(command.request_id, len(tokens), cached_tokens))
 
-    def _made_progress(self) -> None:
-        self.progress += 1
+    def _insert(self, state: _ModelState, request: _Request, choice: ChoicePlan, max_tokens: int,
+                prompt: list[list[int]], prompt_cache: list[Any] | None, in_cache: list[int]) -> _Row:
+        (uid,) = state.generator.insert(
+            prompt,
+            max_tokens=[max_tokens],
+            caches=[prompt_cache],  # None: a fresh cache
+            all_tokens=[in_cache],
+            samplers=[choice.sampler],
+            logits_processors=[choice.processors],
+        )
+        return _Row(request, choice, max_tokens, uid)
 
     def _more_waiting_for(self, model: str, starting: Generate) -> bool:
         """Whether another waiting request (not the one being started) wants the same model."""
         return any(c.model == model and c is not starting for c in self._waiting)
 
-    def _join_batch(self, state: _ModelState, request: _Request) -> None:
-        """Move the solo request into the batch: hand out the token it has in flight, then insert it with its
+    def _join_batch(self, state: _ModelState, row: _Row) -> None:
+        """Move the solo row into the batch: hand out the token it has in flight, then insert it with its
         KV cache and that token as its one-token "prompt", so nothing is recomputed or lost."""
-        solo = request.solo
+        solo = row.solo
         assert solo is not None
         try:
-            last = self._solo_token(state, request, more=False)
-            self._on_token(state, request, last)
-            if request.rid not in self._where:
+            last = self._solo_token(state, row, more=False)
+            self._on_token(state, row, last)
+            if row.ended:
                 return  # that token ended it
             (uid,) = state.generator.insert(
                 [[last.token]],
-                max_tokens=[request.max_tokens - request.completion_tokens],
+                max_tokens=[row.max_tokens - row.plan.output.completion_tokens],
                 caches=[solo.prompt_cache],
                 all_tokens=[solo.tokens_in_cache],
-                samplers=[solo.sampler],
-                logits_processors=[solo.logits_processors],
+                samplers=[row.plan.sampler],
+                logits_processors=[row.plan.processors],
             )
         except Exception as exc:  # its failure is its own, not the arriving request's
-            log.exception("request %s failed while joining the batch from solo", request.rid)
-            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+            log.exception("request %s failed while joining the batch from solo", row.request.rid)
+            self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
             return
-        del state.requests[_SOLO_UID]
-        request.uid, request.solo = uid, None
-        state.requests[uid] = request
-        self._where[request.rid] = (state, uid)
+        del state.rows[_SOLO_UID]
+        row.uid, row.solo = uid, None
+        state.rows[uid] = row
 
     def _state_for(self, cached: CachedModel) -> _ModelState:
         state = self._states.get(cached.id)
@@ -401,25 +410,25 @@ class Batcher:
             prefill_batch_size=min(_PREFILL_BATCH, self.config.max_running),
             prefill_step_size=self.config.prefill_step_size,
         )
-        prefix = LRUPromptCache(max_size=256, max_bytes=self.config.prompt_cache_bytes)
-        state = _ModelState(cached, generator, prefix)
+        state = _ModelState(cached, generator, TokenText(tokenizer))
         self._states[cached.id] = state
         return state
 
-    def _drop_model(self, model_id: str) -> None:
+    def _drop_model(self, model_id: str, reason: str = "The model was unloaded.") -> None:
         """Let go of a model's generator and prefix cache (the cache is evicting or reloading it)."""
         state = self._states.pop(model_id, None)
+        self._prefix.drop(model_id)
+        self._measure_prefix()
         if state is None:
             return
-        for request in list(state.requests.values()):
-            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, "The model was unloaded."))
+        for request in {id(r.request): r.request for r in state.rows.values()}.values():
+            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, reason))
         state.generator.close()
-        self._measure_prefix()
 
     # -- decoding ----------------------------------------------------------------------------------------
 
     def _step_model(self, state: _ModelState) -> None:
-        solo = state.solo_request
+        solo = state.solo_row
         if solo is not None:
             self._step_solo(state, solo)
             return
@@ -428,156 +437,115 @@ class Batcher:
         except Exception as exc:
             # The generator's state is unknown after a failed step: end its requests and start it over.
             log.exception("a batch step of model %s failed", state.cached.id)
-            for request in list(state.requests.values()):
-                self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
             self._states.pop(state.cached.id, None)
+            for request in {id(r.request): r.request for r in state.rows.values()}.values():
+                self._forget(state, request)
+                self._emit(Failed(request.rid, EngineErrorCode.INTERNAL.value, _internal(exc)))
             state.generator.close()
             return
         finally:
             self.progress += 1
         for response in responses:
-            active = state.requests.get(response.uid)
-            if active is None:
+            row = state.rows.get(response.uid)
+            if row is None or row.ended:
                 continue
             try:
-                self._on_token(state, active, response)
+                self._on_token(state, row, response)
             except Exception as exc:
-                log.exception("request %s failed during decoding", active.rid)
-                state.generator.remove([active.uid])
-                self._fail(state, active, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+                self._fail_decoding(state, row, exc)
 
-    def _step_solo(self, state: _ModelState, request: _Request) -> None:
+    def _step_solo(self, state: _ModelState, row: _Row) -> None:
         try:
-            token = self._solo_token(state, request, more=not request.next_is_last)
-            self._on_token(state, request, token)
+            token = self._solo_token(state, row, more=not row.next_is_last)
+            self._on_token(state, row, token)
         except Exception as exc:
-            log.exception("request %s failed while decoding alone", request.rid)
-            self._fail(state, request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+            self._fail_decoding(state, row, exc)
         finally:
             self.progress += 1
 
-    def _solo_token(self, state: _ModelState, request: _Request, more: bool) -> _Token:
-        """The solo request's next token, with the finish reason BatchGenerator would give it."""
-        solo = request.solo
+    def _fail_decoding(self, state: _ModelState, row: _Row, exc: Exception) -> None:
+        if isinstance(exc, ConstraintFailed):
+            log.error("request %s: %s", row.request.rid, exc)
+            self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, str(exc)))
+            return
+        log.exception("request %s failed during decoding", row.request.rid)
+        self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
+
+    def _solo_token(self, state: _ModelState, row: _Row, more: bool) -> _Token:
+        """The solo row's next token, with the finish reason BatchGenerator would give it."""
+        solo = row.solo
         assert solo is not None
         token = solo.next_token(more)
         if token in state.cached.artifacts.tokenizer.eos_token_ids:
             reason: str | None = "stop"
-        elif request.next_is_last:
+        elif row.next_is_last:
             reason = "length"
         else:
-            return _Token(token, None)
-        return _Token(token, reason, solo.prompt_cache, solo.tokens_in_cache)
+            return _Token(token, None, solo.logprobs)
+        return _Token(token, reason, solo.logprobs, solo.prompt_cache, solo.tokens_in_cache)
 
-    def _on_token(self, state: _ModelState, request: _Request, response: _Token | Any) -> None:
-        """One generated token of one request: a GenerationBatch.Response, or a _Token from the solo path."""
-        if request.command.fault == "raise" and self.config.allow_fault_injection:
-            raise RuntimeError("injected fault (raise)")
-        request.completion_tokens += 1
-        request.unsent_tokens += 1
-        detokenizer = request.detokenizer
-        if response.finish_reason == "stop":  # an EOS token: ends the text, is not part of it
-            detokenizer.finalize()
-        else:
-            detokenizer.add_token(response.token)
-            if response.finish_reason is not None:
-                detokenizer.finalize()
-        text, hit_stop = request.stops.feed(detokenizer.last_segment)
-        if hit_stop:
-            if response.finish_reason is None and request.solo is not None:
-                self._save_prefix(state, request.solo.prompt_cache, request.solo.tokens_in_cache)
-            elif response.finish_reason is None:  # the generator would go on: take it out now
-                saved = state.generator.remove([request.uid], return_prompt_caches=True)
-                if request.uid in saved:
-                    self._save_prefix(state, *saved[request.uid])
-            else:
-                self._save_prefix(state, response.prompt_cache, response.all_tokens)
-            self._finish(state, request, "stop", text)
-        elif response.finish_reason is not None:
-            self._save_prefix(state, response.prompt_cache, response.all_tokens)
-            self._finish(state, request, response.finish_reason, text + request.stops.flush())
-        elif text:
-            self._emit(Delta(request.rid, text, request.unsent_tokens))
-            request.unsent_tokens = 0
-
-    def _save_prefix(
-        self, state: _ModelState, prompt_cache: list[Any] | None, tokens: list[int] | None
-    ) -> None:
-        """Keep a finished request's KV cache, keyed by every token in it, for the next turn to reuse."""
-        if not prompt_cache or not tokens or self.config.prompt_cache_bytes <= 0:
+    def _on_token(self, state: _ModelState, row: _Row, response: _Token | Any) -> None:
+        """One generated token of one row: a GenerationBatch.Response, or a _Token from the solo path."""
+        if self.config.allow_fault_injection:
+            faults.while_decoding(row.request.command.fault)
+        if row.plan.constraint is not None:
+            row.plan.constraint.raise_if_failed()
+        delta, ended = row.plan.output.on_token(response.token, response.finish_reason, response.logprobs)
+        if delta is not None:
+            self._emit(delta)
+        if ended is None:
             return
-        mx.eval([c.state for c in prompt_cache])  # detach it from the batch's arrays now
-        state.prefix.insert_cache(_PREFIX_KEY, list(tokens), prompt_cache)
-        # One budget for all models: trim the other models' caches first, then this one's.
-        over = sum(s.prefix.nbytes for s in self._states.values()) - self.config.prompt_cache_bytes
-        for other in sorted(self._states.values(), key=lambda s: s is state):
-            if over <= 0:
-                break
-            before = other.prefix.nbytes
-            other.prefix.trim_to(n_bytes=max(0, before - over))
-            over -= before - other.prefix.nbytes
+        if row.plan.index == 0:
+            self._keep_prefix(state, row, response)
+        self._end_row(state, row, ended, still_generating=response.finish_reason is None)
+
+    def _keep_prefix(self, state: _ModelState, row: _Row, response: _Token | Any) -> None:
+        if response.finish_reason is not None:  # the generator handed over its cache
+            self._prefix.save(state.cached.id, response.prompt_cache, response.all_tokens)
+        elif row.solo is not None:
+            self._prefix.save(state.cached.id, row.solo.prompt_cache, row.solo.tokens_in_cache)
+        else:  # ended by us (a stop string, a complete call) while the generator would go on
+            saved = state.generator.extract_cache([row.uid])
+            if row.uid in saved:
+                self._prefix.save(state.cached.id, *saved[row.uid])
 
     # -- endings -----------------------------------------------------------------------------------------
 
-    def _finish(self, state: _ModelState, request: _Request, reason: str, text: str = "") -> None:
+    def _end_row(self, state: _ModelState, row: _Row, reason: str, still_generating: bool) -> None:
+        row.ended = True
+        if still_generating and row.solo is None:
+            state.generator.remove([row.uid])
+        state.rows.pop(row.uid, None)
+        request = row.request
+        self._emit(Finished(request.rid, reason, request.prompt_tokens, row.plan.output.completion_tokens,
+                            request.cached_tokens, row.plan.index))
+        if not request.open_rows:
+            self._where.pop(request.rid, None)
+            self._done(state, request)
+
+    def _take_out(self, state: _ModelState, request: _Request) -> None:
+        """Remove every row of a request from its model's batch."""
+        uids = [r.uid for r in request.open_rows if r.uid != _SOLO_UID]
+        if uids:
+            state.generator.remove(uids)
         self._forget(state, request)
-        if reason != "abort" and (text or request.unsent_tokens):
-            self._emit(Delta(request.rid, text, request.unsent_tokens))
-        self._emit(Finished(request.rid, reason, request.prompt_tokens, request.completion_tokens,
-                            request.cached_tokens))
 
     def _fail(self, state: _ModelState, request: _Request, error: EngineError) -> None:
-        self._forget(state, request)
+        self._take_out(state, request)
         self._emit(Failed(request.rid, error.code.value, error.message, error.param))
 
     def _forget(self, state: _ModelState, request: _Request) -> None:
-        state.requests.pop(request.uid, None)
+        for row in request.rows:
+            row.ended = True
+            if state.rows.get(row.uid) is row:
+                del state.rows[row.uid]
         self._where.pop(request.rid, None)
+        self._done(state, request)
+
+    def _done(self, state: _ModelState, request: _Request) -> None:
+        """A request is over: its KV reservation goes back, and its model's keep-alive counts from now."""
         self.cache.release_kv(request.rid)
         self.cache.touch(state.cached.id)
-
-
-def _encode(command: Generate, tokenizer: Any) -> list[int]:
-    """Prompt token ids: chat messages through the model's template, a legacy prompt as is."""
-    param = "messages" if command.messages is not None else "prompt"
-    if command.messages is not None:
-        messages = [
-            {"role": m.role, "content": m.content}
-            | ({"name": m.name} if m.name is not None else {})
-            | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
-            for m in command.messages
-        ]
-        if tokenizer.has_chat_template:
-            try:
-                tokens = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-            except Exception as exc:
-                raise EngineError(
-                    EngineErrorCode.INVALID_REQUEST,
-                    f"The model's chat template rejected the messages: {_short(exc)}", "messages",
-                ) from exc
-        else:
-            # No template: a plain transcript the model can at least continue.
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-            tokens = list(tokenizer.encode(text))
-    elif command.prompt is not None:
-        tokens = list(tokenizer.encode(command.prompt))
-    else:
-        raise EngineError(EngineErrorCode.INVALID_REQUEST, "The request has neither messages nor a prompt.",
-                          param)
-    if not tokens:
-        raise EngineError(EngineErrorCode.INVALID_REQUEST, f"The {param} is empty.", param)
-    return tokens
-
-
-def _inject_early_fault(fault: str) -> None:
-    """Test-only faults that stand for native failures; honoured only with allow_fault_injection."""
-    if fault == "abort":
-        log.error("fault injection: aborting the engine process")
-        os.abort()
-    if fault == "stall":
-        log.error("fault injection: the MLX thread stalls for good")
-        threading.Event().wait()
-    # "raise" happens later, inside the decode step (see _on_token); "slow" paces the steps (see step)
 
 
 def _short(exc: BaseException) -> str:
@@ -587,4 +555,3 @@ def _short(exc: BaseException) -> str:
 
 def _internal(exc: BaseException) -> str:
     return f"The engine failed while generating: {type(exc).__name__}: {_short(exc)}"
-

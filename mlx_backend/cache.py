@@ -243,25 +243,27 @@ class ModelCache:
 
     # -- the KV cache of requests --------------------------------------------------------------------------
 
-    def reserve_kv(self, request_id: str, model_id: str, tokens: int, busy: Collection[str]) -> bool:
-        """Reserve the KV cache a request may reach (`tokens` = prompt + max_tokens) in its model's batch.
-        False: it fits once running requests end (ask again). Raises MEMORY_BUDGET_EXCEEDED when it could
-        never fit beside its model, ENGINE_OVERLOADED when what holds the memory will not let go of it."""
+    def reserve_kv(self, request_id: str, model_id: str, tokens: int, busy: Collection[str], rows: int = 1) -> bool:
+        """Reserve the KV cache a request may reach (`tokens` = prompt + max_tokens, in each of its `rows`
+        choices) in its model's batch. False: it fits once running requests end (ask again). Raises
+        MEMORY_BUDGET_EXCEEDED when it could never fit beside its model, ENGINE_OVERLOADED when what holds
+        the memory will not let go of it."""
         ledger = self.ledger
         per_token = ledger.per_token(model_id)
-        if ledger.alone_bytes(model_id, tokens) > ledger.budget:
+        if ledger.alone_bytes(model_id, tokens, rows) > ledger.budget:
             room = ledger.budget - ledger.weights.get(model_id, 0)
+            choices = f" in each of {rows} choices" if rows > 1 else ""
             raise EngineError(
                 EngineErrorCode.MEMORY_BUDGET_EXCEEDED,
-                f"This request may need {_gb(batch_kv_bytes([tokens], per_token))} of KV cache ({tokens} tokens of "
-                f"prompt and max_tokens, {per_token} bytes each); the memory budget leaves {_gb(max(0, room))} "
-                f"beside the model '{model_id}'. Lower max_tokens or shorten the prompt.",
+                f"This request may need {_gb(batch_kv_bytes([tokens] * rows, per_token))} of KV cache ({tokens} "
+                f"tokens of prompt and max_tokens{choices}, {per_token} bytes each); the memory budget leaves "
+                f"{_gb(max(0, room))} beside the model '{model_id}'. Lower max_tokens or shorten the prompt.",
                 "max_tokens",
             )
-        need = ledger.kv_increase(model_id, tokens)
+        need = ledger.kv_increase(model_id, tokens, rows)
         if not self._make_room(need, model_id, {*busy, model_id}):
             return False
-        ledger.reserve(request_id, model_id, tokens)
+        ledger.reserve(request_id, model_id, tokens, rows)
         return True
 
     def release_kv(self, request_id: str) -> None:

@@ -58,16 +58,19 @@ class EngineRequest:
     the engine is told to abort (once) and a consumer waiting in `next` wakes with Interrupted.
     """
 
-    def __init__(self, request_id: str, abort: Callable[[str], None]) -> None:
+    def __init__(self, request_id: str, abort: Callable[[str], None], choices: int = 1) -> None:
         self.request_id = request_id
         self._abort = abort
+        self._choices_left = choices  # a Finished ends one choice; the request ends with the last
         self._queue: asyncio.Queue[GenerationEvent | EngineError | Interrupted] = asyncio.Queue()
         self._held: GenerationEvent | EngineError | Interrupted | None = None  # taken, not handed out yet
         self.ended = False  # the engine is done with it: Finished, Failed, or aborted by its owner
 
     def deliver(self, item: GenerationEvent | EngineError) -> None:
         """The engine client's side: the next event, or the error that ends the request."""
-        if isinstance(item, Finished | EngineError):
+        if isinstance(item, Finished):
+            self._choices_left -= 1
+        if isinstance(item, EngineError) or self._choices_left <= 0:
             self.ended = True
         self._queue.put_nowait(item)
 
@@ -246,7 +249,7 @@ class EngineClient:
             process.channel.send(command)
         except (ConnectionClosed, OSError):
             raise self._unavailable() from None
-        request = EngineRequest(rid, lambda r: self._abort(r, process))
+        request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
         self._requests[rid] = request
         return request
 
@@ -496,6 +499,6 @@ class EngineClient:
             del self._requests[event.request_id]
             request.deliver(EngineError.from_wire(event.code, event.message, event.param))
             return
-        if isinstance(event, Finished):
-            del self._requests[event.request_id]
         request.deliver(event)
+        if request.ended:
+            del self._requests[event.request_id]

@@ -61,6 +61,10 @@ def batch_kv_bytes(row_tokens: list[int] | tuple[int, ...], per_token: int) -> i
     return len(row_tokens) * rounded_tokens(max(row_tokens)) * per_token
 
 
+def _rows_of(reserved: dict[str, tuple[int, int]]) -> list[int]:
+    return [tokens for tokens, rows in reserved.values() for _ in range(rows)]
+
+
 class MemoryLedger:
     """Who holds the budget. Used by the MLX thread; the heartbeat thread reads the totals (plain ints)."""
 
@@ -70,7 +74,7 @@ class MemoryLedger:
         self.loading = 0  # bytes reserved for the load in progress
         self.prefix_bytes = 0  # the prefix cache, as the batcher last measured it
         self._per_token: dict[str, int] = {}  # model id -> KV bytes per token and row
-        self._rows: dict[str, dict[str, int]] = {}  # model id -> request id -> tokens reserved
+        self._rows: dict[str, dict[str, tuple[int, int]]] = {}  # model id -> request id -> (tokens, rows)
         self._model_of: dict[str, str] = {}  # request id -> model id
 
     # -- weights ---------------------------------------------------------------------------------------
@@ -91,20 +95,20 @@ class MemoryLedger:
     def kv_bytes(self, model_id: str | None = None) -> int:
         """Reserved KV bytes of one model's batch, or of every model's."""
         models = [model_id] if model_id is not None else list(self._rows)
-        return sum(batch_kv_bytes(tuple(self._rows.get(m, {}).values()), self.per_token(m)) for m in models)
+        return sum(batch_kv_bytes(_rows_of(self._rows.get(m, {})), self.per_token(m)) for m in models)
 
-    def kv_increase(self, model_id: str, tokens: int) -> int:
-        """How many more bytes the model's batch holds once a row of `tokens` joins it."""
-        rows = list(self._rows.get(model_id, {}).values())
+    def kv_increase(self, model_id: str, tokens: int, rows: int = 1) -> int:
+        """How many more bytes the model's batch holds once `rows` rows of `tokens` join it."""
+        current = _rows_of(self._rows.get(model_id, {}))
         per_token = self.per_token(model_id)
-        return batch_kv_bytes([*rows, tokens], per_token) - batch_kv_bytes(rows, per_token)
+        return batch_kv_bytes([*current, *[tokens] * rows], per_token) - batch_kv_bytes(current, per_token)
 
-    def alone_bytes(self, model_id: str, tokens: int) -> int:
-        """What the request needs with its model and nothing else: the weights and its own row."""
-        return self.weights.get(model_id, 0) + batch_kv_bytes([tokens], self.per_token(model_id))
+    def alone_bytes(self, model_id: str, tokens: int, rows: int = 1) -> int:
+        """What the request needs with its model and nothing else: the weights and its own rows."""
+        return self.weights.get(model_id, 0) + batch_kv_bytes([tokens] * rows, self.per_token(model_id))
 
-    def reserve(self, request_id: str, model_id: str, tokens: int) -> None:
-        self._rows.setdefault(model_id, {})[request_id] = tokens
+    def reserve(self, request_id: str, model_id: str, tokens: int, rows: int = 1) -> None:
+        self._rows.setdefault(model_id, {})[request_id] = (tokens, rows)
         self._model_of[request_id] = model_id
 
     def release(self, request_id: str) -> None:
@@ -117,7 +121,7 @@ class MemoryLedger:
             self._rows.pop(model_id, None)
 
     def rows(self, model_id: str) -> int:
-        return len(self._rows.get(model_id, {}))
+        return len(_rows_of(self._rows.get(model_id, {})))
 
     # -- totals ----------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ class SeededSampler:
 
 # Temperatures this small are greedy decoding in effect, and 1/t would overflow float32 below ~3e-39 (every
 # logit -inf, a garbage draw): treat them as greedy, as vLLM does below 1e-5.
-_GREEDY_BELOW = 1e-5
+GREEDY_BELOW = 1e-5
 
 
 def _as_key_seed(seed: int) -> int:
@@ -46,7 +46,7 @@ def _as_key_seed(seed: int) -> int:
 def make_sampler(params: SamplingParams) -> Sampler:
     # BatchGenerator samples the whole batch in one call only when every row has the same sampler object;
     # otherwise it samples row by row. So requests share a sampler unless a seed gives them their own key.
-    if params.temperature < _GREEDY_BELOW:
+    if params.temperature < GREEDY_BELOW:
         return greedy_sampler
     if params.seed is None:
         return _shared_sampler(params.temperature, params.top_p)

@@ -21,6 +21,17 @@ _async_eval: Callable[..., None] = mx.async_eval
 _token_buffer: Callable[[list[int]], Any] = TokenBuffer
 
 
+def prefill(
+    model: Any, tokens: list[int], prompt_cache: list[Any], step_size: int, on_chunk: Callable[[], None]
+) -> None:
+    """Run `tokens` into `prompt_cache`, `step_size` at a time; `on_chunk` after each (progress for the stall
+    clock: a long prompt is not a hang)."""
+    for start in range(0, len(tokens), step_size):
+        model(mx.array(tokens[start:start + step_size])[None], cache=prompt_cache)
+        mx.eval([c.state for c in prompt_cache])
+        on_chunk()
+
+
 class SoloGeneration:
     """Tokens of one request, one per `next_token` call; the first call also runs the prefill."""
 
@@ -42,52 +53,49 @@ class SoloGeneration:
         self.tokens_in_cache: list[int] = prompt[:cached_tokens]  # exactly what the KV cache holds
         self._rest = prompt[cached_tokens:]
         self._prefill_step_size = prefill_step_size
-        self._on_prefill_chunk = on_prefill_chunk  # progress for the stall clock: a long prompt is not a hang
+        self._on_prefill_chunk = on_prefill_chunk
         self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
-        self._pending: mx.array | None = None  # the next token, being computed
+        self._pending: tuple[mx.array, mx.array] | None = None  # the next token and its logprobs, computing
+        self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
 
     def next_token(self, more: bool) -> int:
         """The next token. With `more`, the one after it starts computing before this one is waited for
         (the GPU never idles on Python); without, nothing more is fed and the cache ends before this token."""
         if self._pending is None:
             self._pending = self._prefill()
-        token = self._pending
+        token, self.logprobs = self._pending
         self._pending = None
         if more:
             self._pending = self._feed(token)
-            _async_eval(self._pending)
+            _async_eval(*self._pending)
         value = token.item()
         assert isinstance(value, int)
         if more:
             self.tokens_in_cache.append(value)
         return value
 
-    def _prefill(self) -> mx.array:
+    def _prefill(self) -> tuple[mx.array, mx.array]:
         rest = self._rest
         self._rest = []
         if not rest:
             raise ValueError("a solo generation needs at least one prompt token to feed")
         head = rest[:-1]
-        for start in range(0, len(head), self._prefill_step_size):
-            chunk = mx.array(head[start:start + self._prefill_step_size])
-            self.model(chunk[None], cache=self.prompt_cache)
-            if self._context is not None:
-                self._context.update_and_fetch(chunk)
-            mx.eval([c.state for c in self.prompt_cache])
-            self._on_prefill_chunk()
+        prefill(self.model, head, self.prompt_cache, self._prefill_step_size, self._on_prefill_chunk)
+        if self._context is not None and head:
+            self._context.update_and_fetch(mx.array(head))
         self.tokens_in_cache.extend(head)
         first = self._feed(mx.array(rest[-1:]))
         self.tokens_in_cache.append(rest[-1])
-        _async_eval(first)
+        _async_eval(*first)
         return first
 
-    def _feed(self, tokens: mx.array) -> mx.array:
-        """Run `tokens` (1-D) after the cache; the next token, lazily. Logits processors see every token so
-        far, prompt included, as BatchGenerator shows them."""
+    def _feed(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Run `tokens` (1-D) after the cache; the next token and its logprobs, lazily. Logits processors
+        see every token so far, prompt included, as BatchGenerator shows them."""
         logits = self.model(tokens[None], cache=self.prompt_cache)[:, -1, :]
         if self._context is not None:
             context = self._context.update_and_fetch(tokens)
             for processor in self.logits_processors:
                 logits = processor(context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return self.sampler(logprobs)
+        return self.sampler(logprobs), logprobs[0]

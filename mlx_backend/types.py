@@ -22,6 +22,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     stop: tuple[str, ...] = ()  # matched on decoded text, never emitted
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k most likely rivals
 
 
 class Constraint(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -127,6 +128,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call
+    n: int = 1  # choices, sharing the prompt's prefill
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 
 
@@ -190,19 +192,40 @@ class ToolCallDelta(msgspec.Struct, frozen=True, omit_defaults=True):
     arguments: str = ""
 
 
-class Delta(msgspec.Struct, frozen=True, tag="delta"):
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token: str  # the token's text (may be part of a UTF-8 character: then `token_bytes` is the truth)
+    token_bytes: bytes
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """One generated token's log probability under the distribution it was sampled from, and the most
+    likely alternatives there (SamplingParams.logprobs of them, the sampled token among them if it is)."""
+
+    token: str
+    token_bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     request_id: str
     text: str  # content: never holds tool-call markup
     tokens: int  # tokens generated since the previous Delta
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `tokens`, when asked for
+    index: int = 0  # the choice (n > 1)
 
 
-class Finished(msgspec.Struct, frozen=True, tag="finished"):
+class Finished(msgspec.Struct, frozen=True, tag="finished", omit_defaults=True):
+    """One choice ended; a request with n choices ends with its n-th Finished."""
+
     request_id: str
     finish_reason: str  # "stop" | "length" | "abort" | "tool_calls"
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # this choice's
     cached_tokens: int
+    index: int = 0
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed", omit_defaults=True):

@@ -217,11 +217,11 @@ def test_a_lone_request_runs_solo_outside_the_batch(h: Harness) -> None:
     h.submit("a", max_tokens=10)
     h.batcher.step()
     state = h.batcher._states["tiny"]
-    assert state.solo_request is not None and state.solo_request.rid == "a"
+    assert state.solo_row is not None and state.solo_row.request.rid == "a"
     assert h.batcher.running == 1 and h.batcher.heartbeat().loaded[0].running == 1
     h.run()
     assert check_well_formed(h, "a").finish_reason == "length"
-    assert state.solo_request is None and not state.requests
+    assert state.solo_row is None and not state.rows
 
 
 def test_requests_arriving_together_go_straight_to_the_batch(h: Harness) -> None:
@@ -229,7 +229,7 @@ def test_requests_arriving_together_go_straight_to_the_batch(h: Harness) -> None
     h.submit("b", max_tokens=10)
     h.batcher.step()
     state = h.batcher._states["tiny"]
-    assert state.solo_request is None and len(state.requests) == 2
+    assert state.solo_row is None and len(state.rows) == 2
 
 
 @pytest.mark.parametrize("steps_alone", [1, 2, 7])
@@ -245,10 +245,10 @@ def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
     for _ in range(steps_alone):
         h.batcher.step()
     state = h.batcher._states["tiny"]
-    assert state.solo_request is not None
+    assert state.solo_row is not None
     h.submit("newcomer", max_tokens=30, prompt="hello model code")
     h.batcher.step()
-    assert state.solo_request is None and h.batcher.running == 2  # both decode in the batch now
+    assert state.solo_row is None and h.batcher.running == 2  # both decode in the batch now
     h.run()
     joined = check_well_formed(h, "joined")
     assert joined.completion_tokens == 30 and joined.finish_reason == "length"
@@ -443,7 +443,7 @@ def test_a_failing_generator_step_ends_its_requests_and_recovers(
 def test_a_failing_solo_step_ends_its_request_and_recovers(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     h.submit("a", max_tokens=50)
     h.batcher.step()
-    solo = h.batcher._states["tiny"].solo_request
+    solo = h.batcher._states["tiny"].solo_row
     assert solo is not None and solo.solo is not None
 
     def boom(more: bool) -> int:
@@ -469,3 +469,143 @@ def test_shutdown_aborts_everything_and_frees_models(models_dir: Path) -> None:
     assert h.of("b") == [Finished("b", "abort", 0, 0, 0)]
     beat = h.batcher.heartbeat()
     assert (beat.running, beat.waiting, beat.loaded) == (0, 0, ())
+
+
+# -- tool calls, structured output, logprobs, n: through the batch and the solo path -------------------------
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    # Bounded values: a random model decoding greedily can loop inside an unbounded string or number.
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 14}},
+                   "required": ["city", "days"], "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def family_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny models dressed as Qwen2.5 and Llama 3.1 (their real chat templates and special tokens)."""
+    root = tmp_path_factory.mktemp("families")
+    tm.make_tiny_model(root / "qwen", chat_format="qwen2.5", context_length=4096)
+    tm.make_tiny_model(root / "llama", chat_format="llama3.1", context_length=4096)
+    tm.make_tiny_model(root / "json", tokenizer="bpe", context_length=4096)
+    return root
+
+
+def submit_command(h: Harness, rid: str, model: str, **fields: object) -> None:
+    params = SamplingParams(**fields.pop("params", {"max_tokens": 200, "temperature": 0.0}))  # type: ignore[arg-type]
+    messages = fields.pop("messages", (ChatMessage("user", "What is the weather in Paris?"),))
+    h.batcher.submit(Generate(rid, model, params, messages=messages, **fields))  # type: ignore[arg-type]
+
+
+def calls_of(h: Harness, rid: str) -> dict[int, dict[str, str]]:
+    calls: dict[int, dict[str, str]] = {}
+    for event in h.of(rid):
+        if isinstance(event, Delta):
+            for piece in event.tool_calls:
+                call = calls.setdefault(piece.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] = piece.id or call["id"]
+                call["name"] = piece.name or call["name"]
+                call["arguments"] += piece.arguments
+    return calls
+
+
+@pytest.mark.parametrize("model", ["qwen", "llama"])
+@pytest.mark.parametrize("alone", [True, False], ids=["solo", "batch"])
+def test_a_required_tool_call_is_forced_and_comes_back_as_a_call_with_valid_arguments(
+    family_dir: Path, model: str, alone: bool
+) -> None:
+    h = Harness(family_dir)
+    if not alone:
+        submit_command(h, "other", model, params={"max_tokens": 40, "temperature": 0.0})
+    submit_command(h, "call", model, tools=json.dumps(WEATHER), tool_choice="required")
+    h.run()
+    end = h.end("call")
+    assert isinstance(end, Finished) and end.finish_reason == "tool_calls"
+    assert h.text("call") == ""  # markup never reaches the content
+    (call,) = calls_of(h, "call").values()
+    assert call["name"] == "get_weather" and call["id"].startswith("call_")
+    arguments = json.loads(call["arguments"])
+    assert isinstance(arguments["city"], str) and isinstance(arguments["days"], int)
+    assert set(arguments) == {"city", "days"}
+
+
+def test_a_json_schema_constraint_gives_output_that_validates(family_dir: Path) -> None:
+    from mlx_backend.types import Constraint
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+              "required": ["name", "tags"], "additionalProperties": False}
+    h = Harness(family_dir)
+    for i, seed in enumerate([1, 2, 3]):
+        submit_command(h, f"json{i}", "json", params={"max_tokens": 300, "temperature": 1.0, "seed": seed},
+                       constraint=Constraint("json_schema", json.dumps(schema), strict=True))
+    h.run()
+    for i in range(3):
+        end = h.end(f"json{i}")
+        assert isinstance(end, Finished) and end.finish_reason == "stop", h.text(f"json{i}")
+        value = json.loads(h.text(f"json{i}"))
+        assert set(value) == {"name", "tags"} and set(value["tags"]) <= {"a", "b"}
+
+
+def test_a_grammar_that_does_not_compile_is_an_invalid_request_naming_the_parameter(family_dir: Path) -> None:
+    from mlx_backend.types import Constraint
+
+    h = Harness(family_dir)
+    submit_command(h, "bad", "json", constraint=Constraint("lark", "start: <|no_such_special_token|>"))
+    h.run()
+    failed = h.end("bad")
+    assert isinstance(failed, Failed) and failed.code == "invalid_request" and failed.param == "response_format"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_come_one_per_generated_token_with_the_asked_number_of_rivals(
+    h: Harness, temperature: float
+) -> None:
+    h.submit("lp", max_tokens=10, temperature=temperature, seed=3, logprobs=4)
+    h.run()
+    deltas = [e for e in h.of("lp") if isinstance(e, Delta)]
+    entries = [entry for d in deltas for entry in d.logprobs]
+    end = h.end("lp")
+    assert isinstance(end, Finished)
+    assert len(entries) == end.completion_tokens - (end.finish_reason == "stop")  # EOS is not listed
+    for entry in entries:
+        assert len(entry.top) == 4 and entry.logprob <= 0
+        assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
+        if temperature == 0.0:  # greedy picks the most likely token
+            assert entry.token_bytes == entry.top[0].token_bytes and entry.logprob == entry.top[0].logprob
+    assert "".join(e.token_bytes.decode(errors="replace") for e in entries).strip() != ""
+
+
+def test_n_choices_share_one_prefill_and_each_finish_with_its_index(h: Harness) -> None:
+    h.batcher.submit(Generate("n3", "tiny", SamplingParams(max_tokens=8, temperature=1.0, seed=7),
+                              messages=HELLO, n=3))
+    h.run()
+    events = h.of("n3")
+    assert [type(e).__name__ for e in events].count("Started") == 1
+    ends = [e for e in events if isinstance(e, Finished)]
+    assert sorted(e.index for e in ends) == [0, 1, 2]
+    texts = ["".join(e.text for e in events if isinstance(e, Delta) and e.index == i) for i in range(3)]
+    assert len(set(texts)) > 1  # seed, seed + 1, seed + 2: different draws
+    # Choice 0 of a seeded request is the request with that seed alone.
+    h.submit("alone", max_tokens=8, temperature=1.0, seed=7)
+    h.run()
+    assert h.text("alone") == texts[0]
+
+
+def test_greedy_choices_are_identical_and_abort_ends_all_of_them(h: Harness) -> None:
+    h.batcher.submit(Generate("g", "tiny", SamplingParams(max_tokens=6, temperature=0.0), messages=HELLO, n=2))
+    h.run()
+    texts = {"".join(e.text for e in h.of("g") if isinstance(e, Delta) and e.index == i) for i in range(2)}
+    assert len(texts) == 1
+    h.batcher.submit(Generate("long", "tiny", SamplingParams(max_tokens=200, temperature=0.0), messages=HELLO, n=3))
+    h.batcher.step()
+    h.batcher.step()
+    h.batcher.abort("long")
+    assert h.batcher.running == 0 and not h.batcher.has_work()
+    assert isinstance(h.end("long"), Finished) and h.end("long").finish_reason == "abort"  # type: ignore[union-attr]
+
+
+def test_n_beyond_the_batch_is_refused_by_name(h: Harness) -> None:
+    h.batcher.submit(Generate("big", "tiny", SamplingParams(max_tokens=2), messages=HELLO, n=10_000))
+    failed = h.end("big")
+    assert isinstance(failed, Failed) and failed.param == "n"

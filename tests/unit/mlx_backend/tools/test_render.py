@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 
-from mlx_backend.batcher import _encode
 from mlx_backend.errors import EngineError
 from mlx_backend.tools import ToolRequest, encode_prompt
 from mlx_backend.types import ChatMessage, Generate, SamplingParams, ToolCall
@@ -102,13 +101,15 @@ def test_arguments_that_are_not_a_json_object_are_refused_by_name(tokenizers: di
 
 
 @pytest.mark.parametrize("fmt", ["qwen2.5", "qwen3", "llama3.1", "mistral"])
-def test_without_tools_the_prompt_is_what_the_batcher_renders_today(tokenizers: dict[str, Any], fmt: str) -> None:
-    """The integrator swaps batcher._encode for encode_prompt: nothing changes for requests without tools."""
+def test_without_tools_the_prompt_is_the_plain_chat_template_or_the_text(tokenizers: dict[str, Any],
+                                                                         fmt: str) -> None:
     tokenizer = tokenizers[fmt]
-    for cmd in (Generate("r", "m", SamplingParams(8), messages=(ChatMessage("user", "Hello"),)),
-                Generate("r", "m", SamplingParams(8), prompt="Once upon a time")):
-        assert ToolRequest.from_command(cmd, tokenizer) is None
-        assert encode_prompt(cmd, tokenizer, None) == _encode(cmd, tokenizer)
+    chat = Generate("r", "m", SamplingParams(8), messages=(ChatMessage("user", "Hello"),))
+    text = Generate("r", "m", SamplingParams(8), prompt="Once upon a time")
+    assert ToolRequest.from_command(chat, tokenizer) is None and ToolRequest.from_command(text, tokenizer) is None
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    assert encode_prompt(chat, tokenizer, None) == list(expected)
+    assert encode_prompt(text, tokenizer, None) == list(tokenizer.encode("Once upon a time"))
 
 
 def test_without_a_template_messages_become_a_plain_transcript_as_before(model_dirs: dict[str, Any],
@@ -118,4 +119,4 @@ def test_without_a_template_messages_become_a_plain_transcript_as_before(model_d
 
     tokenizer = load(tiny_models.remove_chat_template(tiny_models.copy_model(model_dirs["qwen2.5"], tmp_path / "m")))
     cmd = Generate("r", "m", SamplingParams(8), messages=(ChatMessage("user", "Hello"),))
-    assert encode_prompt(cmd, tokenizer, None) == _encode(cmd, tokenizer)
+    assert encode_prompt(cmd, tokenizer, None) == list(tokenizer.encode("user: Hello\nassistant:"))
