@@ -165,9 +165,9 @@ class Batcher:
         return bool(self._waiting) or bool(self._where) or self.cache.has_load_work
 
     def idle_timeout(self) -> float | None:
-        """How long the MLX thread may wait for a command: 0 while requests decode or a load has MLX work,
-        else until the next keep-alive runs out (None: forever)."""
-        if self._where:
+        """How long the MLX thread may wait for a command: 0 while requests decode or wait for anything but a
+        load, else until the load or the next keep-alive needs it (None: forever)."""
+        if self._where or any(not self.cache.is_loading(c.model) for c in self._waiting):
             return 0.0
         return self.cache.seconds_until_due(self.busy_models())
 

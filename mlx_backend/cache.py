@@ -348,6 +348,10 @@ class ModelCache:
     def has_load_work(self) -> bool:
         return bool(self._queue)
 
+    def is_loading(self, model_id: str) -> bool:
+        """Queued or loading."""
+        return any(p.id == model_id for p in self._queue)
+
     # -- the heartbeat ---------------------------------------------------------------------------------
 
     @property
@@ -501,29 +505,29 @@ class ModelCache:
 
     def _make_room(self, need: int, for_model: str, busy: Collection[str]) -> bool:
         """Free memory until `need` more bytes fit: the prefix cache first, then idle unpinned models, least
-        recently used first. False when it will fit once running requests let go of what they hold; raises
-        ENGINE_OVERLOADED when it cannot fit while the pinned models stay."""
+        recently used first. False when it will fit once running requests let go of what they hold (then
+        nothing is freed yet); raises ENGINE_OVERLOADED when it cannot fit while the pinned models stay."""
         ledger = self.ledger
         if ledger.free >= need:
             return True
-        if ledger.prefix_bytes:
-            self.trim_prefix(need - ledger.free)
-        while ledger.free < need:
-            # Ids only: a reference held here would keep the victim's arrays alive through its unload.
-            idle = sorted((m.last_used, m.id) for m in self._models.values()
-                          if m.id not in busy and m.id not in self.pins and m.id != for_model)
-            if not idle:
-                break
-            victim = idle[0][1]
-            log.info("evicting model %s (least recently used) to make room for %s", victim, for_model)
-            self._unload(victim, "evicted")
-        if ledger.free >= need:
-            return True
+        idle = sorted((m.last_used, m.id, m.size_bytes) for m in self._models.values()
+                      if m.id not in busy and m.id not in self.pins and m.id != for_model)
+        if ledger.free + ledger.prefix_bytes + sum(size for _, _, size in idle) >= need:
+            if ledger.prefix_bytes:
+                self.trim_prefix(need - ledger.free)
+            for _, victim, _ in idle:  # ids only: a reference held here would keep the victim's arrays alive
+                if ledger.free >= need:
+                    break
+                log.info("evicting model %s (least recently used) to make room for %s", victim, for_model)
+                self._unload(victim, "evicted")
+            if ledger.free >= need:
+                return True
         # What running requests hold comes back when they end: their KV cache, and their models' weights
         # once idle (unless pinned, or the very model this is for).
         held = ledger.kv_bytes() + sum(m.size_bytes for m in self._models.values()
                                        if m.id in busy and m.id not in self.pins and m.id != for_model)
-        if ledger.free + held >= need and (busy or ledger.kv_bytes()):
+        reclaimable = ledger.prefix_bytes + sum(size for _, _, size in idle)
+        if ledger.free + reclaimable + held >= need and held:
             return False
         raise self._overloaded(for_model, need)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -81,7 +82,8 @@ def server(repo: Path, models_dir: Path, args: list[str], log: Path) -> Iterator
 
 
 def prompt_of(words: int) -> str:
-    vocabulary = "the model reads this prompt and answers with a long story about water and light".split()
+    vocabulary = ["the", "model", "reads", "this", "prompt", "and", "answers", "with", "a", "long", "story",
+                  "about", "water", "and", "light"]
     return " ".join(vocabulary[i % len(vocabulary)] for i in range(words))
 
 
@@ -113,7 +115,7 @@ def admin(url: str, action: str, model: str) -> dict[str, Any]:
 
 
 def gaps_in(arrivals: list[float], start: float, end: float) -> list[float]:
-    return [b - a for a, b in zip(arrivals, arrivals[1:], strict=False) if start <= b and a <= end]
+    return [b - a for a, b in itertools.pairwise(arrivals) if start <= b and a <= end]
 
 
 def row(name: str, gaps: list[float]) -> str:
@@ -157,7 +159,7 @@ def cmd_pause(args: argparse.Namespace) -> None:
     print(row("before the load", gaps_in(arrivals, 0, load_started)))
     print(row("during the load", gaps_in(arrivals, load_started, load_ended)))
     print(row("after the load", gaps_in(arrivals, load_ended, float("inf"))))
-    during = sorted(((b - a, a - load_started) for a, b in zip(arrivals, arrivals[1:], strict=False)
+    during = sorted(((b - a, a - load_started) for a, b in itertools.pairwise(arrivals)
                      if load_started <= b and a <= load_ended), reverse=True)[:5]
     print("\nlongest gaps during the load: " + ", ".join(f"{g * 1000:.0f} ms at +{t:.1f}s" for g, t in during))
 
