@@ -58,6 +58,7 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         preload=settings.preload_models,
         pinned=settings.pin_models,
         warmup=settings.model_warmup,
+        test_read_delay_s=settings.test_read_delay_s,
     )
     policy = SupervisionPolicy(
         stall_timeout_s=settings.stall_timeout_s,

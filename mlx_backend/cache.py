@@ -150,6 +150,7 @@ class ModelCache:
         keep_alive: KeepAlive | None = None,
         warmup: bool = True,
         prefill_step_size: int = 2048,
+        read_delay_s: float = 0.0,
         validate: Callable[[ModelEntry], int] = loader.validate,
         load: Callable[[ModelEntry], LoadedArtifacts] | None = None,
     ) -> None:
@@ -159,6 +160,7 @@ class ModelCache:
         self.keep_alive = keep_alive or KeepAlive()
         self.warmup = warmup
         self.prefill_step_size = prefill_step_size
+        self.read_delay_s = read_delay_s  # test-only (fault injection): a slow disk
         self._validate = validate
         self._load = load  # None: staged loads (mlx_backend.loading)
         self._models: dict[str, CachedModel] = {}
@@ -453,7 +455,7 @@ class ModelCache:
             pending.loader = (
                 _OneShot(self._load, pending.entry, pending.size) if self._load is not None
                 else StagedLoad(pending.entry, pending.size, warmup=self.warmup,
-                                prefill_step_size=self.prefill_step_size)
+                                prefill_step_size=self.prefill_step_size, read_delay_s=self.read_delay_s)
             )
         except EngineError as exc:
             self._finish_load(pending, None, exc)

@@ -57,11 +57,13 @@ class Progress:
 class StagedLoad:
     """Load one model; `advance` does the next piece on the MLX thread and returns the artifacts once done."""
 
-    def __init__(self, entry: ModelEntry, size: int, *, warmup: bool = True, prefill_step_size: int = 2048) -> None:
+    def __init__(self, entry: ModelEntry, size: int, *, warmup: bool = True, prefill_step_size: int = 2048,
+                 read_delay_s: float = 0.0) -> None:
         self.entry = entry
         self.size = size  # tensor bytes, from the headers
         self.warmup = warmup
         self.prefill_step_size = prefill_step_size
+        self._read_delay_s = read_delay_s  # test-only: a slow disk, so a load can be watched while it reads
         self.stage: Stage = "reading"
         self.started = time.monotonic()
         self.warmup_s: float | None = None
@@ -104,7 +106,11 @@ class StagedLoad:
             buffer = bytearray(_READ_BLOCK)
             for path in self._files:
                 with open(path, "rb", buffering=0) as f:
-                    while not self._cancelled.is_set():
+                    while True:
+                        if self._read_delay_s:
+                            self._cancelled.wait(self._read_delay_s)
+                        if self._cancelled.is_set():
+                            break
                         n = f.readinto(buffer)
                         if not n:
                             break

@@ -77,6 +77,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     preload: tuple[str, ...] = ()  # loaded at start, in the background
     pinned: tuple[str, ...] = ()  # loaded at start and never idle-unloaded or evicted
     warmup: bool | None = None  # a short generation after each load, before it serves; None: on a GPU only
+    test_read_delay_s: float = 0.0  # test-only (needs allow_fault_injection): a pause per block a load reads
 
 
 class LoadedModel(msgspec.Struct, frozen=True):

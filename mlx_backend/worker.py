@@ -159,7 +159,8 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     )
     cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s,
                        keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
-                       warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size)
+                       warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
+                       read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0)
     cache.on_event = channel.send
     batcher = Batcher(config, cache, channel.send)
     controls = Controls(cache, channel.send, batcher.busy_models, batcher.heartbeat)
