@@ -110,7 +110,9 @@ def _memory(h: Health) -> str:
     budget = max(1, m.budget_bytes)
     parts = [("weights", m.weights_bytes, "w"), ("KV cache", m.kv_cache_bytes, "k"),
              ("prefix cache", m.prefix_cache_bytes, "p")]
-    bar = "".join(f'<i class="{c}" style="width:{min(100.0, b / budget * 100):.2f}%"></i>' for _, b, c in parts)
+    # A part that holds anything shows, however small next to the budget (min-width).
+    bar = "".join(f'<i class="{c}" style="width:{min(100.0, b / budget * 100):.2f}%;min-width:{3 if b else 0}px">'
+                  "</i>" for _, b, c in parts)
     legend = " &middot; ".join(f'<span class="key {c}"></span>{_e(n)} {_size(b)}' for n, b, c in parts)
     return (f'<section><h2>Memory</h2><div class="mem">{bar}</div><p>{legend} of a {_size(m.budget_bytes)} '
             f"budget &middot; MLX reports {_size(m.active_bytes)} active</p></section>")
