@@ -12,84 +12,34 @@ from typing import Any, cast
 
 from litestar import Litestar, Request, Response, Router, get
 from litestar.config.cors import CORSConfig
-from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 
-from gateway import metrics, openapi, security
-from gateway.errors import ErrorKind, GatewayError, internal
+from gateway import error_handlers, metrics, openapi, security
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
 from gateway.routes import admin
 from gateway.routes.chat import create_chat_completion
 from gateway.routes.completions import create_completion
 from gateway.routes.health import health, liveness, prometheus_metrics, readiness
+from gateway.routes.messages import count_message_tokens, create_message
 from gateway.routes.models import list_models, retrieve_model
+from gateway.routes.responses_api import (
+    create_response,
+    delete_response,
+    retrieve_response,
+    stored_response_options,
+)
 from gateway.routes.status import status
 from mlx_backend import __version__
 
 log = logging.getLogger("mlx_gateway")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_STATUS_KINDS = {
-    400: ErrorKind.INVALID_REQUEST, 401: ErrorKind.UNAUTHORIZED, 404: ErrorKind.ROUTE_NOT_FOUND,
-    405: ErrorKind.METHOD_NOT_ALLOWED, 413: ErrorKind.BODY_TOO_LARGE, 415: ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-    429: ErrorKind.OVERLOADED, 503: ErrorKind.NOT_READY,
-}
 
 
 @get("/openapi.json", include_in_schema=False, media_type="application/json", opt=security.DOCS)
 async def openapi_json(request: Request[Any, Any, Any]) -> Response[bytes]:
     return Response(openapi.render(request.app), media_type="application/json")
-
-
-def _error_response(error: GatewayError) -> Response[Any]:
-    return Response(error.body(), status_code=error.status, headers=error.headers())
-
-
-def _on_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[Any]:
-    return _error_response(exc)
-
-
-def _on_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
-    """Litestar's msgspec validation errors, reshaped into OpenAI's error naming the field."""
-    details = exc.extra if isinstance(exc.extra, list) else []
-    first = details[0] if details and isinstance(details[0], dict) else {}
-    message = str(first.get("message") or exc.detail)
-    param = str(first["key"]) if first.get("key") and first.get("key") != "data" else None  # data: the body
-    if "malformed" in message.lower():
-        return _error_response(GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid JSON: {message}"))
-    if "unknown field" in message:
-        field = re.search(r"`([^`]*)`", message)
-        name = field.group(1) if field else param
-        if name and param and name != param:  # nested: name the full path
-            name = f"{param}.{name}"
-        return _error_response(GatewayError(
-            ErrorKind.UNSUPPORTED_PARAMETER, f"Unrecognized request argument supplied: {name}", name
-        ))
-    where = f" for '{param}'" if param else ""
-    return _error_response(GatewayError(ErrorKind.INVALID_REQUEST, f"Invalid value{where}: {message}", param))
-
-
-def _on_undecodable_body(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Any]:
-    return _error_response(GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid UTF-8 JSON: {exc.reason} "
-                                                                f"at byte {exc.start}."))
-
-
-def _on_http_exception(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    kind = _STATUS_KINDS.get(exc.status_code, ErrorKind.INVALID_REQUEST if exc.status_code < 500 else None)
-    if kind is None:
-        return _on_unexpected(_, exc)
-    if exc.status_code == 400 and "malformed" in exc.detail.lower():
-        kind = ErrorKind.INVALID_JSON
-    response = _error_response(GatewayError(kind, exc.detail))
-    response.headers.update(exc.headers or {})  # e.g. Allow on 405
-    return response
-
-
-def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
-    request_id = request_id_var.get() or "unknown"
-    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return _error_response(internal(request_id))
 
 
 # Plain ASGI types: this middleware sits outside Litestar and handles raw scopes and messages.
@@ -153,16 +103,12 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
             await runtime.engine.stop()
 
     app = Litestar(
-        route_handlers=[create_chat_completion, create_completion, list_models, retrieve_model,
-                        health, liveness, readiness, prometheus_metrics, openapi_json, status, *admin.ROUTES],
+        route_handlers=[create_chat_completion, create_completion, create_response, stored_response_options,
+                        retrieve_response, delete_response, create_message, count_message_tokens, list_models,
+                        retrieve_model, health, liveness, readiness, prometheus_metrics, openapi_json, status,
+                        *admin.ROUTES],
         lifespan=[lifespan],
-        exception_handlers={
-            GatewayError: _on_gateway_error,
-            ValidationException: _on_validation_error,
-            UnicodeDecodeError: _on_undecodable_body,  # Litestar's JSON decoding raises it raw
-            HTTPException: _on_http_exception,
-            Exception: _on_unexpected,
-        },
+        exception_handlers=error_handlers.exception_handlers(error_handlers.openai_response),
         guards=security.guards(settings),
         # Litestar's CORS middleware sits outside the router and its exception handling: it answers
         # preflights before any guard, and adds its headers to every error (401 too).
@@ -170,7 +116,8 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="mlx-gateway", version=__version__,
-            description="An OpenAI-compatible API for local MLX models.",
+            description="OpenAI-compatible (chat completions, Responses) and Anthropic-compatible (Messages) "
+                        "APIs for local MLX models.",
             openapi_router=Router("/docs", route_handlers=[], include_in_schema=False, opt=security.DOCS),
         ),
         logging_config=None,

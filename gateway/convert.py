@@ -1,64 +1,50 @@
-"""Between the OpenAI wire and the engine: requests -> `Generate`, engine events -> responses and chunks.
+"""OpenAI requests -> the engine's `Generate`, for chat and legacy completions.
 
 Unsupported parameters are refused here, by name, before any work: a user never gets a silent surprise.
+The pieces other APIs reuse (tools, tool_choice, structured output) are small functions of their own.
 """
 
 from __future__ import annotations
 
-import time
-
 from msgspec import UNSET
 
+from gateway.convert_shared import (
+    FunctionTool,
+    ToolChoice,
+    check_constraint_with_tools,
+    fault_of,
+    json_constraint,
+    sampling_temperature,
+    stops_of,
+    tool_fields,
+)
 from gateway.errors import invalid, unsupported
 from gateway.protocol import (
     AssistantMessage,
-    AssistantReply,
-    ChatChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
-    ChunkChoice,
-    ChunkDelta,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
     DeveloperMessage,
     ImageUrlPart,
     Message,
-    PromptTokensDetails,
+    NamedToolChoice,
+    ResponseFormat,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
     TextPart,
+    Tool,
     ToolMessage,
-    Usage,
 )
-from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams
-
-FAULT_PREFIX = "fault:"  # test-only: `user: "fault:abort"` injects an engine fault (settings.test_faults)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Requests
+from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
 
 
 def check_chat_supported(req: ChatCompletionRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
-    if req.n not in (None, 1):
-        raise unsupported("n", "only one choice per request (n=1)")
-    if req.logprobs:
-        raise unsupported("logprobs", "log probabilities are not returned")
-    if req.top_logprobs not in (UNSET, None, 0):
-        raise unsupported("top_logprobs", "log probabilities are not returned")
     if req.logit_bias not in (UNSET, None) and req.logit_bias:
         raise unsupported("logit_bias", "logit bias is not applied")
-    if req.tools not in (UNSET, None) and req.tools:
-        raise unsupported("tools", "tool calling is not available yet")
-    if req.tool_choice not in (UNSET, None, "none", "auto"):
-        raise unsupported("tool_choice", "tool calling is not available yet")
     if req.functions is not UNSET and req.functions:
-        raise unsupported("functions", "function calling is not available")
+        raise unsupported("functions", "the deprecated functions API is not available; send tools")
     if req.function_call not in (UNSET, None, "none", "auto"):
-        raise unsupported("function_call", "function calling is not available")
-    if req.response_format is not UNSET and req.response_format.get("type", "text") != "text":
-        raise unsupported("response_format", "only {'type': 'text'} is available")
+        raise unsupported("function_call", "the deprecated functions API is not available; send tool_choice")
     if req.audio not in (UNSET, None):
         raise unsupported("audio", "audio output is not available")
     if req.modalities not in (UNSET, None) and list(req.modalities) != ["text"]:
@@ -71,20 +57,13 @@ def check_chat_supported(req: ChatCompletionRequest) -> None:
         raise unsupported("web_search_options", "this server never goes to the network")
     if req.store:
         raise unsupported("store", "completions are never stored")
-    for i, message in enumerate(req.messages):
-        if isinstance(message, AssistantMessage) and message.tool_calls is not UNSET and message.tool_calls:
-            raise unsupported(f"messages[{i}].tool_calls", "tool calling is not available yet")
 
 
 def check_completion_supported(req: CompletionRequest) -> None:
-    if req.n not in (None, 1):
-        raise unsupported("n", "only one choice per request (n=1)")
     if req.best_of not in (None, 1):
         raise unsupported("best_of", "only best_of=1")
     if req.echo:
         raise unsupported("echo", "the prompt is not echoed")
-    if req.logprobs not in (None, 0):
-        raise unsupported("logprobs", "log probabilities are not returned")
     if req.logit_bias not in (UNSET, None) and req.logit_bias:
         raise unsupported("logit_bias", "logit bias is not applied")
     if req.suffix:
@@ -96,7 +75,46 @@ def check_completion_supported(req: CompletionRequest) -> None:
             raise unsupported("prompt", "only one prompt per request")
 
 
-def _text(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None, param: str) -> str:
+# -- chat's shapes of the shared pieces ------------------------------------------------------------------
+
+
+def function_tools(tools: list[Tool] | None) -> list[FunctionTool]:
+    """Chat's function tools; other kinds are a 400."""
+    functions = []
+    for i, tool in enumerate(tools or ()):
+        if tool.type != "function" or tool.function is UNSET:
+            raise unsupported(f"tools[{i}].type", f"only function tools are available, not {tool.type!r}")
+        f = tool.function
+        functions.append(FunctionTool(
+            f.name, f.description if f.description is not UNSET else None,
+            f.parameters if f.parameters is not UNSET else None, f.strict, f"tools[{i}].function",
+        ))
+    return functions
+
+
+def tool_choice_of(choice: str | NamedToolChoice | None) -> ToolChoice:
+    if choice is None:
+        return ToolChoice("auto")
+    if isinstance(choice, str):
+        return ToolChoice(choice)  # type: ignore[arg-type]  # the protocol allows only the engine's words
+    if choice.type != "function" or choice.function is UNSET:
+        raise unsupported("tool_choice", f"tool_choice of type {choice.type!r} is not available; send 'auto', "
+                                         "'none', 'required' or a function")
+    return ToolChoice("function", choice.function.name, "tool_choice.function.name")
+
+
+def constraint_of(response_format: ResponseFormat | None) -> Constraint | None:
+    """Structured output, checked now: a schema that cannot be enforced is a 400 before any compute."""
+    if isinstance(response_format, ResponseFormatJsonObject):
+        return json_constraint(None, strict=False, param="response_format")
+    if isinstance(response_format, ResponseFormatJsonSchema):
+        spec = response_format.json_schema
+        schema = spec.schema if spec.schema is not UNSET else None
+        return json_constraint(schema, strict=bool(spec.strict), param="response_format.json_schema.schema")
+    return None
+
+
+def text_of(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None, param: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -109,36 +127,27 @@ def _text(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None, 
     return "".join(parts)
 
 
+# -- chat completions -----------------------------------------------------------------------------------
+
+
 def _to_engine_message(message: Message, index: int) -> ChatMessage:
     param = f"messages[{index}].content"
     if isinstance(message, DeveloperMessage):  # OpenAI's newer name for the system role
-        return ChatMessage(role="system", content=_text(message.content, param))
+        return ChatMessage(role="system", content=text_of(message.content, param))
     if isinstance(message, ToolMessage):
-        return ChatMessage(role="tool", content=_text(message.content, param), tool_call_id=message.tool_call_id)
+        return ChatMessage(role="tool", content=text_of(message.content, param), tool_call_id=message.tool_call_id)
     name = message.name if message.name is not UNSET else None
-    role = {"SystemMessage": "system", "UserMessage": "user", "AssistantMessage": "assistant"}
-    return ChatMessage(role=role[type(message).__name__], content=_text(message.content, param), name=name)
+    if isinstance(message, AssistantMessage):
+        calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
+        return ChatMessage(role="assistant", content=text_of(message.content, param), name=name, tool_calls=calls)
+    role = "system" if type(message).__name__ == "SystemMessage" else "user"
+    return ChatMessage(role=role, content=text_of(message.content, param), name=name)
 
 
-def _stops(stop: str | list[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    stops = (stop,) if isinstance(stop, str) else tuple(stop)
-    if any(s == "" for s in stops):
-        raise invalid("stop", "stop strings must not be empty")
-    return stops
-
-
-def _temperature(temperature: float | None, top_p: float | None) -> float:
-    if top_p == 0:
-        return 0.0  # only the most likely token survives a top_p of 0: that is greedy decoding
-    return 1.0 if temperature is None else temperature
-
-
-def _fault(user: object, allow_faults: bool) -> str | None:
-    if allow_faults and isinstance(user, str) and user.startswith(FAULT_PREFIX):
-        return user[len(FAULT_PREFIX):]
-    return None
+def _logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    if top_logprobs is not None and not logprobs:
+        raise invalid("top_logprobs", "top_logprobs needs logprobs: true")
+    return (top_logprobs or 0) if logprobs else None
 
 
 def chat_to_generate(
@@ -152,16 +161,27 @@ def chat_to_generate(
     max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_temperature(req.temperature, req.top_p),
+        temperature=sampling_temperature(req.temperature, req.top_p),
         top_p=1.0 if not req.top_p else req.top_p,
         seed=req.seed,
-        stop=_stops(req.stop),
+        stop=stops_of(req.stop),
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        logprobs=_logprobs(req.logprobs, req.top_logprobs),
     )
     messages = tuple(_to_engine_message(m, i) for i, m in enumerate(req.messages))
-    return Generate(request_id=request_id, model=req.model, params=params, messages=messages,
-                    fault=_fault(req.user, allow_faults))
+    tools, choice = function_tools(req.tools), tool_choice_of(req.tool_choice)
+    constraint = constraint_of(req.response_format)
+    if constraint is not None:
+        check_constraint_with_tools(tools, choice, "response_format")
+    return Generate(
+        request_id=request_id, model=req.model, params=params, messages=messages, constraint=constraint,
+        **tool_fields(tools, choice, req.parallel_tool_calls is not False), n=req.n or 1,
+        fault=fault_of(req.user, allow_faults),
+    )
+
+
+# -- legacy completions ---------------------------------------------------------------------------------
 
 
 def completion_to_generate(req: CompletionRequest, request_id: str, allow_faults: bool = False) -> Generate:
@@ -169,76 +189,13 @@ def completion_to_generate(req: CompletionRequest, request_id: str, allow_faults
     prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
     params = SamplingParams(
         max_tokens=req.max_tokens or 16,
-        temperature=_temperature(req.temperature, req.top_p),
+        temperature=sampling_temperature(req.temperature, req.top_p),
         top_p=1.0 if not req.top_p else req.top_p,
         seed=req.seed,
-        stop=_stops(req.stop),
+        stop=stops_of(req.stop),
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        logprobs=req.logprobs,
     )
-    return Generate(request_id=request_id, model=req.model, params=params, prompt=prompt,
-                    fault=_fault(req.user, allow_faults))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Responses
-
-
-def usage_of(finished: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=finished.prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=finished.prompt_tokens + finished.completion_tokens,
-        prompt_tokens_details=PromptTokensDetails(cached_tokens=finished.cached_tokens),
-    )
-
-
-def public_finish_reason(reason: str) -> str:
-    """OpenAI clients know stop/length; an engine-side abort (drain deadline) reads as truncation."""
-    return reason if reason in ("stop", "length") else "length"
-
-
-class ResponseMeta:
-    """What every chunk and response of one request shares."""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self.id = request_id
-        self.model = model
-        self.created = int(time.time())
-
-
-def chat_completion(meta: ResponseMeta, text: str, finished: Finished) -> ChatCompletion:
-    return ChatCompletion(
-        id=meta.id, created=meta.created, model=meta.model, usage=usage_of(finished),
-        choices=[ChatChoice(index=0, message=AssistantReply(role="assistant", content=text), logprobs=None,
-                            finish_reason=public_finish_reason(finished.finish_reason))],
-    )
-
-
-def chat_chunk(meta: ResponseMeta, delta: ChunkDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
-    return ChatCompletionChunk(
-        id=meta.id, created=meta.created, model=meta.model,
-        choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
-    )
-
-
-def chat_usage_chunk(meta: ResponseMeta, finished: Finished) -> ChatCompletionChunk:
-    return ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[],
-                               usage=usage_of(finished))
-
-
-def completion(meta: ResponseMeta, text: str, finished: Finished) -> Completion:
-    return Completion(
-        id=meta.id, created=meta.created, model=meta.model, usage=usage_of(finished),
-        choices=[CompletionChoice(index=0, text=text, logprobs=None,
-                                  finish_reason=public_finish_reason(finished.finish_reason))],
-    )
-
-
-def completion_chunk(meta: ResponseMeta, text: str, finish_reason: str | None = None) -> Completion:
-    return Completion(id=meta.id, created=meta.created, model=meta.model,
-                      choices=[CompletionChoice(index=0, text=text, logprobs=None, finish_reason=finish_reason)])
-
-
-def completion_usage_chunk(meta: ResponseMeta, finished: Finished) -> Completion:
-    return Completion(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage_of(finished))
+    return Generate(request_id=request_id, model=req.model, params=params, prompt=prompt, n=req.n or 1,
+                    fault=fault_of(req.user, allow_faults))

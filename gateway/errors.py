@@ -1,8 +1,11 @@
 """One error tree and one table from each kind of failure to (HTTP status, OpenAI type, code).
 
-Every non-2xx body is `{"error": {"message", "type", "param", "code"}}`. The OpenAI SDK maps the status
-to its exception classes (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError, 429
-RateLimitError, 5xx InternalServerError), so the status is the contract and the code is the detail.
+Every non-2xx body of the OpenAI routes is `{"error": {"message", "type", "param", "code"}}`. The OpenAI SDK
+maps the status to its exception classes (400 BadRequestError, 401 AuthenticationError, 404 NotFoundError,
+429 RateLimitError, 5xx InternalServerError), so the status is the contract and the code is the detail.
+The Anthropic routes render the same table in Anthropic's shape, `{"type": "error", "error": {"type",
+"message"}}`, with the same status and an Anthropic type read from it (`anthropic_type`), which is what the
+Anthropic SDK maps to its exception classes too.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import enum
 from typing import NamedTuple
 
 from gateway.protocol import ErrorDetail, ErrorResponse
+from gateway.protocol_anthropic import AnthropicErrorDetail, AnthropicErrorResponse
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 
@@ -32,6 +36,8 @@ class ErrorKind(enum.Enum):
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "invalid_api_key")
     ROUTE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
     MODEL_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "model_not_found")
+    RESPONSE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "response_not_found")  # GET /v1/responses/{id}
+    PREVIOUS_RESPONSE_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "previous_response_not_found")
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_allowed")
     MODEL_BUSY = ErrorSpec(409, "invalid_request_error", "model_busy")  # admin unload of a model in use
     BODY_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large")
@@ -48,6 +54,23 @@ class ErrorKind(enum.Enum):
     DRAINING = ErrorSpec(503, "server_error", "server_shutting_down", retry_after_s=5)
     TIMEOUT = ErrorSpec(504, "server_error", "request_timeout")
 
+
+# Anthropic's error types by status (docs.anthropic.com, "Errors"; the anthropic SDK's error classes).
+# A drained or not-ready server is "overloaded": retry later, as after Anthropic's 529.
+ANTHROPIC_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "invalid_request_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 _FROM_ENGINE: dict[EngineErrorCode, ErrorKind] = {
     EngineErrorCode.MODEL_NOT_FOUND: ErrorKind.MODEL_NOT_FOUND,
@@ -86,6 +109,15 @@ class GatewayError(Exception):
     def body(self) -> ErrorResponse:
         spec = self.kind.value
         return ErrorResponse(ErrorDetail(message=self.message, type=spec.type, param=self.param, code=spec.code))
+
+    @property
+    def anthropic_type(self) -> str:
+        return ANTHROPIC_TYPES[self.status]
+
+    def anthropic_body(self, request_id: str | None = None) -> AnthropicErrorResponse:
+        """Anthropic's error has no `param`: the message names it instead."""
+        message = self.message if not self.param or self.param in self.message else f"{self.param}: {self.message}"
+        return AnthropicErrorResponse(AnthropicErrorDetail(self.anthropic_type, message), request_id)
 
     def headers(self) -> dict[str, str]:
         if self.kind is ErrorKind.UNAUTHORIZED:

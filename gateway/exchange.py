@@ -19,6 +19,8 @@ from typing import Any
 
 from gateway import metrics
 from gateway.errors import ErrorKind, GatewayError
+from gateway.protocol import Usage
+from gateway.render import usage_of
 from mlx_backend.engine import EngineRequest, Interrupted
 from mlx_backend.errors import EngineError
 from mlx_backend.types import Delta, Finished, Generate, Loading, Started
@@ -58,7 +60,8 @@ class Exchange:
         self.phase = Phase.QUEUED
         self.ending: Ending | None = None
         self.ended_in: Phase | None = None  # the phase it was in when it ended
-        self.finish_reason: str | None = None
+        self.unfinished = set(range(command.n))  # choices the engine has not finished yet
+        self.finish_reasons: dict[int, str] = {}
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.completion_tokens = 0
@@ -81,6 +84,11 @@ class Exchange:
     def holds_slot(self) -> bool:
         return self.phase < Phase.FINISHING
 
+    @property
+    def complete(self) -> bool:
+        """Every choice has finished: nothing more will come."""
+        return not self.unfinished
+
     # -- reading the engine's events ----------------------------------------------------------------------
 
     async def started(self) -> Started:
@@ -100,8 +108,8 @@ class Exchange:
                 raise RuntimeError(f"the engine sent {type(event).__name__} before Started")
 
     async def next(self) -> Delta | Finished:
-        """The next text or the end, after `started`. Raises GatewayError; a drained request gets a
-        Finished("length") so its client sees a clean, truncated end."""
+        """The next text, or a choice's end, after `started` (until `complete`). Raises GatewayError; the
+        choices of a drained request get a Finished("length") each, so its client sees a clean, cut end."""
         event = await self._next_event()
         if isinstance(event, Delta):
             self.completion_tokens += event.tokens
@@ -111,8 +119,10 @@ class Exchange:
                 metrics.TIME_TO_FIRST_TOKEN.labels(self.command.model).observe(time.monotonic() - self.arrived_at)
             return event
         if isinstance(event, Finished):
-            self.finish_reason = event.finish_reason
-            self.end(Ending.FINISHED)
+            self.unfinished.discard(event.index)
+            self.finish_reasons[event.index] = event.finish_reason
+            if not self.unfinished:
+                self.end(Ending.FINISHED)
             return event
         raise RuntimeError(f"the engine sent {type(event).__name__} after Started")
 
@@ -124,8 +134,11 @@ class Exchange:
             self.end(Ending.FAILED, error)
             raise error from exc
         except Interrupted:
-            if self.ending is Ending.DRAINED and self.ended_in is Phase.RUNNING:
-                return Finished(self.id, "length", self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+            if self.ending is Ending.DRAINED and self.ended_in is Phase.RUNNING and self.unfinished:
+                index = min(self.unfinished)
+                self.unfinished.discard(index)
+                return Finished(self.id, "length", self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+                                index)
             raise self._interruption() from None
 
     def _interruption(self) -> GatewayError:
@@ -136,6 +149,10 @@ class Exchange:
             return GatewayError(ErrorKind.DRAINING, "The server is shutting down and the request had not started; "
                                                     "retry on another instance or later.")
         return GatewayError(ErrorKind.CLIENT_CLOSED, "The client closed the connection; the request was stopped.")
+
+    def usage(self) -> Usage:
+        """Tokens so far: the prompt once, every choice's completion tokens."""
+        return usage_of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
     # -- the client's connection --------------------------------------------------------------------------
 
@@ -182,7 +199,7 @@ class Exchange:
         elapsed = time.monotonic() - self.arrived_at
         ending = self.ending
         if ending is Ending.FINISHED:
-            outcome = self.finish_reason or "stop"
+            outcome = self.finish_reasons.get(0, "stop")
         elif ending is Ending.FAILED:
             outcome = "error"
         else:

@@ -27,6 +27,7 @@ from gateway.protocol import (
     ModelList,
     ResidentModel,
 )
+from gateway.response_store import ResponseStore
 from gateway.settings import Settings
 from mlx_backend import __version__
 from mlx_backend.engine import ControlAction, Engine, EngineState, unavailable
@@ -116,6 +117,7 @@ class GatewayRuntime:
         self._active: dict[str, Exchange] = {}  # exchanges holding an admission slot
         self._idle = asyncio.Event()
         self._idle.set()
+        self.responses = ResponseStore(int(settings.responses_store_mb * 1024 * 1024))  # Responses API
 
     # -- admission ------------------------------------------------------------------------------------
 
@@ -146,6 +148,22 @@ class GatewayRuntime:
         self._active[exchange.id] = exchange
         self._idle.clear()
         return exchange
+
+    async def count_prompt(self, command: Generate) -> int:
+        """The prompt tokens `command` would run with, counted by the engine without running it (no slot:
+        nothing is generated). Refused while draining, like new work. Raises GatewayError."""
+        if self.draining:
+            raise GatewayError(ErrorKind.DRAINING, "The server is shutting down; retry on another instance or later.")
+        state = self.engine.status().state
+        if state != EngineState.UP:
+            raise GatewayError.from_engine(unavailable(state))
+        try:
+            return await asyncio.wait_for(self.engine.count_prompt(command), self.settings.request_timeout_s or None)
+        except EngineError as exc:
+            raise GatewayError.from_engine(exc) from exc
+        except TimeoutError:
+            raise GatewayError(ErrorKind.TIMEOUT, f"Counting the prompt took longer than the "
+                                                  f"{self.settings.request_timeout_s:g}s request timeout.") from None
 
     def _release(self, exchange: Exchange) -> None:
         self._active.pop(exchange.id, None)

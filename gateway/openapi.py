@@ -15,26 +15,37 @@ from typing import Any
 import msgspec
 from litestar import Litestar
 
-from gateway import protocol
+from gateway import protocol, protocol_anthropic, protocol_responses
 
 _REF = "#/components/schemas/{name}"
-_STREAMING_PATHS = ("/v1/chat/completions", "/v1/completions")
+_STREAMS = {
+    "/v1/chat/completions": "`data: <chunk JSON>` events, then `data: [DONE]`",
+    "/v1/completions": "`data: <chunk JSON>` events, then `data: [DONE]`",
+    "/v1/responses": "`event: <type>` + `data: <event JSON>` pairs (ResponseStateEvent, OutputItemEvent, "
+                     "ContentPartEvent, OutputTextDeltaEvent, ...), each with its sequence_number",
+    "/v1/messages": "`event: <type>` + `data: <event JSON>` pairs (MessageStartEvent, PingEvent, "
+                    "ContentBlockStartEvent, ContentBlockDeltaEvent, ContentBlockStopEvent, MessageDeltaEvent, "
+                    "MessageStopEvent; AnthropicErrorResponse as `event: error`)",
+}
+_MODULES = (protocol, protocol_responses, protocol_anthropic)
 
 
 def _wire_types() -> list[type[msgspec.Struct]]:
-    return [t for _, t in inspect.getmembers(protocol, inspect.isclass)
-            if issubclass(t, msgspec.Struct) and t.__module__ == protocol.__name__]
+    found = [t for module in _MODULES for _, t in inspect.getmembers(module, inspect.isclass)
+             if issubclass(t, msgspec.Struct) and t.__module__ == module.__name__]
+    names = [t.__name__ for t in found]
+    duplicates = {n for n in names if names.count(n) > 1}
+    assert not duplicates, f"wire types share a name (one OpenAPI component each): {duplicates}"
+    return found
 
 
 def build(app: Litestar) -> dict[str, Any]:
     document: dict[str, Any] = app.openapi_schema.to_schema()
     _, components = msgspec.json.schema_components(_wire_types(), ref_template=_REF)
     document.setdefault("components", {})["schemas"] = dict(sorted(components.items()))
-    for path in _STREAMING_PATHS:
+    for path, description in _STREAMS.items():
         ok = document["paths"][path]["post"]["responses"]["200"]
-        ok["content"]["text/event-stream"] = {
-            "schema": {"type": "string", "description": "`data: <chunk JSON>` events, then `data: [DONE]`"}
-        }
+        ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": description}}
     return document
 
 

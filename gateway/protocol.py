@@ -22,6 +22,9 @@ TopP = Annotated[float, Meta(ge=0.0, le=1.0)]  # 0 keeps only the most likely to
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 StopList = Annotated[list[str], Meta(max_length=4)]
+Choices = Annotated[int, Meta(ge=1, le=128)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+CompletionLogprobs = Annotated[int, Meta(ge=0, le=5)]  # the legacy API's limit
 
 
 class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
@@ -49,11 +52,22 @@ class UserMessage(Struct, tag="user", tag_field="role", forbid_unknown_fields=Tr
     name: str | UnsetType = UNSET
 
 
+class ToolCallFunction(Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # JSON text
+
+
+class MessageToolCall(Struct, forbid_unknown_fields=True, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(Struct, tag="assistant", tag_field="role", forbid_unknown_fields=True):
     content: str | list[TextPart] | None = None
     name: str | UnsetType = UNSET
     refusal: str | UnsetType | None = UNSET
-    tool_calls: list[dict[str, Any]] | UnsetType = UNSET  # unsupported: rejected by name
+    tool_calls: list[MessageToolCall] | UnsetType | None = UNSET
 
 
 class ToolMessage(Struct, tag="tool", tag_field="role", forbid_unknown_fields=True):
@@ -62,6 +76,52 @@ class ToolMessage(Struct, tag="tool", tag_field="role", forbid_unknown_fields=Tr
 
 
 Message = SystemMessage | DeveloperMessage | UserMessage | AssistantMessage | ToolMessage
+
+
+class FunctionDefinition(Struct, forbid_unknown_fields=True):
+    name: str
+    description: str | UnsetType = UNSET
+    parameters: dict[str, Any] | UnsetType = UNSET  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(Struct, forbid_unknown_fields=True):
+    type: str  # "function"; OpenAI's other kinds ("custom") are named in a 400
+    function: FunctionDefinition | UnsetType = UNSET
+    custom: dict[str, Any] | UnsetType = UNSET
+
+
+class NamedFunction(Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True):
+    type: str  # "function"; "allowed_tools" and "custom" are named in a 400
+    function: NamedFunction | UnsetType = UNSET
+    allowed_tools: dict[str, Any] | UnsetType = UNSET
+    custom: dict[str, Any] | UnsetType = UNSET
+
+
+class ResponseFormatText(Struct, tag="text", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class ResponseFormatJsonObject(Struct, tag="json_object", tag_field="type", forbid_unknown_fields=True):
+    pass
+
+
+class JsonSchemaSpec(Struct, forbid_unknown_fields=True):
+    name: str
+    description: str | UnsetType = UNSET
+    schema: dict[str, Any] | UnsetType = UNSET
+    strict: bool | None = None
+
+
+class ResponseFormatJsonSchema(Struct, tag="json_schema", tag_field="type", forbid_unknown_fields=True):
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema
 
 
 class StreamOptions(Struct, forbid_unknown_fields=True):
@@ -75,22 +135,28 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | UnsetType | None = UNSET
     logprobs: bool | None = None
-    top_logprobs: int | UnsetType | None = UNSET
+    top_logprobs: TopLogprobs | None = None
     max_completion_tokens: MaxTokens | None = None
     max_tokens: MaxTokens | None = None
-    n: int | None = None
+    n: Choices | None = None
     presence_penalty: Penalty = 0.0
-    response_format: dict[str, Any] | UnsetType = UNSET
+    response_format: ResponseFormat | None = None
     seed: Seed | None = None
     stop: str | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    tools: list[dict[str, Any]] | UnsetType = UNSET
-    tool_choice: str | dict[str, Any] | UnsetType = UNSET
-    parallel_tool_calls: bool | UnsetType = UNSET
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     user: str | UnsetType = UNSET
+    # Accepted and ignored: they change nothing a local server does (docs/api.md lists them).
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    verbosity: str | None = None
     # Fields OpenAI defines that change behaviour we do not offer: named in a 400 when set.
     audio: dict[str, Any] | UnsetType | None = UNSET
     modalities: list[str] | UnsetType | None = UNSET
@@ -109,9 +175,9 @@ class CompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     echo: bool | None = None
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | UnsetType | None = UNSET
-    logprobs: int | None = None
+    logprobs: CompletionLogprobs | None = None
     max_tokens: MaxTokens | None = 16  # OpenAI's default for legacy completions
-    n: int | None = None
+    n: Choices | None = None
     presence_penalty: Penalty = 0.0
     seed: Seed | None = None
     stop: str | StopList | None = None
@@ -138,16 +204,35 @@ class Usage(Struct):
     prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
 
 
+class TopLogprobEntry(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class LogprobEntry(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprobEntry]
+
+
+class ChoiceLogprobs(Struct):
+    content: list[LogprobEntry] | None
+    refusal: None = None
+
+
 class AssistantReply(Struct):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # null when the reply is only tool calls
     refusal: None = None
+    tool_calls: list[MessageToolCall] | UnsetType = UNSET  # absent when there are none
 
 
 class ChatChoice(Struct):
     index: int
     message: AssistantReply
-    logprobs: None
+    logprobs: ChoiceLogprobs | None
     finish_reason: str
 
 
@@ -161,15 +246,30 @@ class ChatCompletion(Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class ChunkFunction(Struct, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ChunkToolCall(Struct, omit_defaults=True, kw_only=True):
+    """A piece of a streamed call: the first of a call has id, type and name; later ones add arguments."""
+
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: ChunkFunction
+
+
 class ChunkDelta(Struct, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ChunkToolCall] | UnsetType = UNSET
 
 
 class ChunkChoice(Struct):
     index: int
     delta: ChunkDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -183,10 +283,19 @@ class ChatCompletionChunk(Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobsBody(Struct):
+    """The legacy API's shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(Struct):
     index: int
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobsBody | None
     finish_reason: str | None
 
 

@@ -86,6 +86,11 @@ class Settings:
     drain_timeout_s: float = field(
         default=30.0, metadata={"help": "on SIGTERM, streams may finish for this long"}
     )
+    responses_store_mb: float = field(
+        default=64.0, metadata={"help": "memory for stored Responses API responses (previous_response_id, "
+                                        "GET /v1/responses/{id}), MB, least recently used forgotten first; "
+                                        "lost on restart; 0 stores none"}
+    )
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
     header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
     engine_restart_budget: int = field(

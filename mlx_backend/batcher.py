@@ -27,7 +27,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_backend import faults
 from mlx_backend.cache import CachedModel, ModelCache
-from mlx_backend.constrained import ConstraintFailed
+from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText
 from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
@@ -433,6 +433,7 @@ class Batcher:
             self._step_solo(state, solo)
             return
         try:
+            _begin_constrained_step(state.generator)
             _, responses = state.generator.next()
         except Exception as exc:
             # The generator's state is unknown after a failed step: end its requests and start it over.
@@ -518,7 +519,7 @@ class Batcher:
         state.rows.pop(row.uid, None)
         request = row.request
         self._emit(Finished(request.rid, reason, request.prompt_tokens, row.plan.output.completion_tokens,
-                            request.cached_tokens, row.plan.index))
+                            request.cached_tokens, row.plan.index, row.plan.output.stop_sequence))
         if not request.open_rows:
             self._where.pop(request.rid, None)
             self._done(state, request)
@@ -546,6 +547,21 @@ class Batcher:
         """A request is over: its KV reservation goes back, and its model's keep-alive counts from now."""
         self.cache.release_kv(request.rid)
         self.cache.touch(state.cached.id)
+
+
+def _begin_constrained_step(generator: Any) -> None:
+    """Hand each constrained row the token this step feeds it, so their masks are computed together and
+    alongside the forward pass (ConstraintProcessor.begin_step). Reads two attributes of mlx-lm 0.32.2's
+    GenerationBatch (pinned; tests/unit/mlx_backend/test_batcher.py fails if they move): the rows'
+    processors, and the tokens sampled last step that this step feeds."""
+    batch = generator._generation_batch
+    rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
+            if isinstance(p, ConstraintProcessor) and p.started]
+    if not rows:
+        return
+    tokens = batch._next_tokens.tolist()
+    for row, processor in rows:
+        processor.begin_step(tokens[row])
 
 
 def _short(exc: BaseException) -> str:

@@ -71,6 +71,11 @@ class ChoiceOutput:
             return self._delta(text, calls), None
         return None, None
 
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended this choice, if one did (for Finished.stop_sequence)."""
+        return self._stops.matched
+
     def _final_reason(self, finish_reason: str | None) -> str:
         if self._parser is not None and self._parser.calls and finish_reason != "length":
             return "tool_calls"

@@ -21,9 +21,12 @@ Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_back
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
@@ -110,9 +113,29 @@ class ConstraintProcessor:
         self._bitmask = np.zeros((compiler.words,), dtype=np.int32)
         self._started = False
         self._error: str | None = None
+        self._next_mask: Future[None] | None = None  # begun by `begin_step`, computing on a worker thread
         self.tokens = 0  # tokens consumed (the generated ones)
 
+    @property
+    def started(self) -> bool:
+        """Whether it has been called once: from then on each step feeds it the token sampled before."""
+        return self._started
+
+    def begin_step(self, token: int) -> None:
+        """The batch path: the batcher knows the token this step feeds before the step runs. Consume it and
+        compute the next mask on a worker thread (llguidance drops the GIL), so the masks of every
+        constrained row are computed at once, and while the forward pass runs: the call below only waits."""
+        self._consume(token)
+        self._next_mask = _workers().submit(self._compute_mask)
+
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        width = logits.shape[-1]
+        begun = self._next_mask
+        if begun is not None:
+            self._next_mask = None
+            _async_eval(logits)  # the forward pass runs while the worker finishes the mask
+            begun.result()
+            return mx.where(self._mask_array(width), logits, -mx.inf)
         if self._started:
             # The token sampled in the previous step; waiting for it waits for nothing else yet.
             token = tokens[-1].item()
@@ -121,7 +144,8 @@ class ConstraintProcessor:
         self._started = True
         # Start the forward pass now (the mask does not depend on it) and compute the mask meanwhile.
         _async_eval(logits)
-        return mx.where(self._allowed(logits.shape[-1]), logits, -mx.inf)
+        self._compute_mask()
+        return mx.where(self._mask_array(width), logits, -mx.inf)
 
     # Both describe the tokens fed back so far: a token is consumed when it is fed to the model, one step
     # after it was handed out; the EOS that follows a complete output is what ends the request.
@@ -149,14 +173,17 @@ class ConstraintProcessor:
         if not self._matcher.consume_token(token):
             self._fail(_first_line(self._matcher.get_error()) or f"token {token} was not allowed")
 
-    def _allowed(self, width: int) -> mx.array:
-        """The tokens allowed next, as a bool array of the logits' width."""
+    def _compute_mask(self) -> None:
+        """The tokens allowed next, into the bitmask (any thread: it touches only this request's state)."""
         if self._error is None:
             self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
             if self._matcher.is_error():
                 self._fail(_first_line(self._matcher.get_error()))
             elif not self._bitmask.any():
                 self._fail("no token can continue the output")
+
+    def _mask_array(self, width: int) -> mx.array:
+        """The bitmask as a bool array of the logits' width (MLX thread)."""
         if self._error is not None:
             return self._compiler.eos_only(width)
         # Bit i of the little-endian words is token i; `count` pads with zeros (disallowed) or cuts to width.
@@ -164,6 +191,11 @@ class ConstraintProcessor:
 
     def _fail(self, message: str) -> None:
         self._error = message
+
+
+@functools.cache
+def _workers() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="grammar-mask")
 
 
 def _first_line(message: str) -> str:

@@ -27,6 +27,7 @@ from mlx_backend.ipc import ConnectionClosed
 from mlx_backend.process import EngineProcess, describe_exit
 from mlx_backend.types import (
     Abort,
+    CountPrompt,
     Delta,
     EngineConfig,
     Failed,
@@ -37,6 +38,7 @@ from mlx_backend.types import (
     ModelControl,
     ModelControlDone,
     ModelEvent,
+    PromptCount,
     Ready,
     Shutdown,
     Started,
@@ -83,10 +85,15 @@ class EngineRequest:
         self._held = None
         while isinstance(item, Delta) and not self._queue.empty():
             following = self._queue.get_nowait()
-            if not isinstance(following, Delta):
+            # Another choice's Delta, and text after a tool-call piece (merged, it would read as coming
+            # first), stay Deltas of their own.
+            if not isinstance(following, Delta) or following.index != item.index or (
+                item.tool_calls and following.text
+            ):
                 self._held = following
                 break
-            item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens)
+            item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens,
+                         item.tool_calls + following.tool_calls, item.logprobs + following.logprobs, item.index)
         if isinstance(item, EngineError | Interrupted):
             self._held = item  # the request is over: every later call raises the same
             raise item
@@ -137,6 +144,7 @@ class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     def submit(self, command: Generate) -> EngineRequest: ...
+    async def count_prompt(self, command: Generate) -> int: ...
     def status(self) -> EngineStatus: ...
     async def control(self, action: ControlAction, model: str) -> None: ...
 
@@ -193,6 +201,7 @@ class EngineClient:
         # The stall clock: (progress counter, when it last moved or when work began after a quiet spell).
         self._last_progress: tuple[int, float] = (0, 0.0)
         self._requests: dict[str, EngineRequest] = {}
+        self._counts: dict[str, asyncio.Future[int]] = {}  # CountPrompt requests waiting for their answer
         self._aborted: set[str] = set()
         self._restart_times: deque[float] = deque()
         self._restarts = 0
@@ -252,6 +261,27 @@ class EngineClient:
         request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
         self._requests[rid] = request
         return request
+
+    async def count_prompt(self, command: Generate) -> int:
+        """The prompt tokens `command` would run with, counted by the engine without running it (loading its
+        model if needed). Raises EngineError. Cancelling the wait abandons the answer."""
+        process = self._process
+        if self._state != EngineState.UP or process is None or process.channel is None:
+            raise self._unavailable()
+        rid = command.request_id
+        if rid in self._requests or rid in self._counts:
+            raise ValueError(f"request id {rid} is already in flight")
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._counts[rid] = answer
+        try:
+            process.channel.send(CountPrompt(command))
+        except (ConnectionClosed, OSError):
+            self._counts.pop(rid, None)
+            raise self._unavailable() from None
+        try:
+            return await answer
+        finally:
+            self._counts.pop(rid, None)
 
     def _abort(self, rid: str, process: EngineProcess) -> None:
         """Its owner ended a request the engine still runs: tell the engine, and count what it wasted."""
@@ -324,6 +354,10 @@ class EngineClient:
         for request in self._requests.values():
             request.deliver(error)
         self._requests.clear()
+        for answer in self._counts.values():
+            if not answer.done():
+                answer.set_exception(error)
+        self._counts.clear()
         self._aborted.clear()
         for future in self._controls.values():
             if not future.done():
@@ -421,9 +455,9 @@ class EngineClient:
 
     def _busy(self) -> bool:
         heartbeat = self._heartbeat
-        return bool(self._requests) or bool(self._controls) or (
-            heartbeat is not None and bool(heartbeat.running or heartbeat.waiting or heartbeat.loading)
-        )
+        if self._requests or self._counts or self._controls:
+            return True
+        return heartbeat is not None and bool(heartbeat.running or heartbeat.waiting or heartbeat.loading)
 
     def _check_health(self) -> str | None:
         now = time.monotonic()
@@ -487,7 +521,16 @@ class EngineClient:
         else:
             future.set_exception(EngineError.from_wire(done.code, done.message, "model"))
 
-    def _route(self, event: Loading | Started | Delta | Finished | Failed) -> None:
+    def _route(self, event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
+        answer = self._counts.get(event.request_id)
+        if answer is not None:
+            if not answer.done() and isinstance(event, PromptCount):
+                answer.set_result(event.prompt_tokens)
+            elif not answer.done() and isinstance(event, Failed):
+                answer.set_exception(EngineError.from_wire(event.code, event.message, event.param))
+            return
+        if isinstance(event, PromptCount):
+            return  # its waiter gave up
         request = self._requests.get(event.request_id)
         if request is None:  # its owner ended it: the engine's last word on it only feeds the counts
             if isinstance(event, Finished | Failed) and event.request_id in self._aborted:

@@ -3,21 +3,43 @@ integration tests run the real engine process.
 
 It answers every request with `reply` split into word "tokens", honours max_tokens and stop strings
 like the real engine (stop text never emitted), and can be told to fail in the ways the real one does.
+`calls` scripts tool calls after the text, streamed as the real engine streams them: a first piece with
+id, name and the first character of the arguments, then the rest in two pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from mlx_backend.engine import ControlAction, EngineRequest, EngineState, EngineStatus, unavailable
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import Delta, FailedModel, Finished, Generate, Heartbeat, LoadedModel, Loading, Started
+from mlx_backend.types import (
+    Delta,
+    FailedModel,
+    Finished,
+    Generate,
+    Heartbeat,
+    LoadedModel,
+    Loading,
+    Started,
+    ToolCallDelta,
+)
 
 
 def default_reply(command: Generate) -> str:
     return "Hello from the scripted engine. It has nothing to say."
+
+
+def no_calls(command: Generate) -> Sequence[tuple[str, str]]:
+    return ()
+
+
+def prompt_words(command: Generate) -> int:
+    """The fake's prompt "tokens": words of the prompt or of every message's content."""
+    prompt = command.prompt if command.prompt is not None else " ".join(m.content for m in command.messages or ())
+    return len(prompt.split())
 
 
 class FakeEngine:
@@ -28,14 +50,17 @@ class FakeEngine:
         context_length: int = 512,
         failures: dict[str, EngineError] | None = None,
         load_delay_s: float = 0.0,
+        calls: Callable[[Generate], Sequence[tuple[str, str]]] = no_calls,  # (name, arguments JSON) each
     ) -> None:
         self.reply = reply
+        self.calls = calls
         self.token_delay_s = token_delay_s
         self.context_length = context_length
         self.failures = failures or {}  # model id -> the error its load gives
         self.state = EngineState.STOPPED
         self.loaded: dict[str, float] = {}
         self.received: list[Generate] = []
+        self.counted: list[Generate] = []  # count_prompt's requests
         self.aborted: list[str] = []
         self.load_delay_s = load_delay_s
         self.pinned: set[str] = set()
@@ -73,9 +98,7 @@ class FakeEngine:
             if command.model in self.failures:
                 request.deliver(self.failures[command.model])
                 return
-            prompt = command.prompt if command.prompt is not None else " ".join(
-                m.content for m in command.messages or ())
-            prompt_tokens = len(prompt.split())
+            prompt_tokens = prompt_words(command)
             if prompt_tokens >= self.context_length:
                 request.deliver(EngineError(
                     EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
@@ -89,15 +112,26 @@ class FakeEngine:
             self.loaded[command.model] = time.time()
             request.deliver(Started(rid, prompt_tokens, 0))
             text = self.reply(command)
-            cut = min((text.find(s) for s in command.params.stop if s in text), default=-1)
-            words = (text[:cut] if cut >= 0 else text).split(" ")
+            cut, stop = min(((text.find(s), s) for s in command.params.stop if s in text), default=(-1, None))
+            words = (text[:cut] if cut >= 0 else text).split(" ") if text else []
             budget = command.params.max_tokens
             for i, word in enumerate(words[:budget]):
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
-                request.deliver(Delta(rid, word if i == 0 else " " + word, 1))
-            reason = "length" if len(words) > budget else "stop"
-            request.deliver(Finished(rid, reason, prompt_tokens, min(len(words), budget), 0))
+                for index in range(command.n):  # every choice says the same
+                    request.deliver(Delta(rid, word if i == 0 else " " + word, 1, index=index))
+            calls = self.calls(command) if len(words) < budget and stop is None else ()
+            for index, (name, arguments) in enumerate(calls):
+                pieces = (arguments[:1], arguments[1:len(arguments) // 2], arguments[len(arguments) // 2:])
+                request.deliver(Delta(rid, "", 1, (ToolCallDelta(index, f"call_fake{rid[-6:]}{index}", name,
+                                                                 pieces[0]),)))
+                for piece in filter(None, pieces[1:]):
+                    request.deliver(Delta(rid, "", 1, (ToolCallDelta(index, arguments=piece),)))
+            used = min(len(words), budget) + 3 * len(calls)
+            reason = "tool_calls" if calls else "length" if len(words) > budget else "stop"
+            for index in range(command.n):
+                request.deliver(Finished(rid, reason, prompt_tokens, used, 0, index,
+                                         stop_sequence=stop if reason == "stop" else None))
         except Exception as exc:  # as the real engine does: the request fails, the engine goes on
             request.deliver(EngineError(EngineErrorCode.INTERNAL, f"The engine failed while generating: {exc}"))
         finally:
@@ -121,6 +155,14 @@ class FakeEngine:
             self.pinned.discard(model)
         else:
             self.pinned.discard(model)
+
+    async def count_prompt(self, command: Generate) -> int:
+        if self.state != EngineState.UP:
+            raise unavailable(self.state)
+        self.counted.append(command)
+        if command.model in self.failures:
+            raise self.failures[command.model]
+        return prompt_words(command)
 
     def status(self) -> EngineStatus:
         now = time.time()

@@ -15,9 +15,9 @@ What is enforced, for every JSON kind (json_object, json_schema, `json_value_for
   except unsupported keywords and formats are ignored, so the output is valid JSON that follows the schema
   as far as it can be enforced. A schema that is broken (not JSON, `"type": "objekt"`, unsatisfiable) is
   refused either way;
-- the schema is taken as written: `additionalProperties` left out means extra keys are allowed (JSON Schema
-  semantics; OpenAI's strict mode requires clients to send `"additionalProperties": false`, and the
-  pydantic/OpenAI SDK helpers do). Object properties come in the schema's order.
+- objects are closed: an object schema that lists `properties` and leaves `additionalProperties` out gets
+  no keys beyond those (`closed_objects`; JSON Schema would allow them, but nobody declared them). Object
+  properties come in the schema's order.
 """
 
 from __future__ import annotations
@@ -119,7 +119,24 @@ def _read_schema(source: str) -> str:
         raise ConstraintError("The JSON schema is `false`: no output satisfies it.")
     if not isinstance(schema, dict):
         raise ConstraintError(f"The JSON schema must be an object or a boolean, not {type(schema).__name__}.")
-    return source
+    return json.dumps(closed_objects(schema))
+
+
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object schema that lists its `properties` and
+    says nothing of others (XGrammar's strict mode, vLLM's default, does the same). JSON Schema would allow
+    extra keys there, but an output that adds keys nobody declared serves no client, and a model inventing
+    them (schemas from pydantic and LangChain leave objects open) can run out of tokens doing it. The output
+    still validates against the schema as written."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: value if key in ("const", "enum", "default", "examples") else closed_objects(value)
+              for key, value in schema.items()}
+    if "properties" in closed and "additionalProperties" not in closed and "patternProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def _is_unsupported(detail: str) -> bool:

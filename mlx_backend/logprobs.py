@@ -1,7 +1,7 @@
 """Log probabilities of generated tokens, from the distribution each token was actually sampled from.
 
-The engine's logprobs (after penalties and any grammar mask) are scaled by the request's temperature and cut
-by its top_p, as the sampler sees them; greedy decoding reports the unscaled distribution (temperature 1),
+The engine's logprobs (after penalties and any grammar mask) are cut by the request's top_k and top_p and
+scaled by its temperature, as the sampler sees them; greedy decoding reports the unscaled distribution (temperature 1),
 whose most likely token is the one chosen. Token text and bytes come from the tokenizer's own byte view of
 each token, so a token that is part of a UTF-8 character still shows its exact bytes.
 """
@@ -12,10 +12,9 @@ import functools
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
-from mlx_backend.sampling import GREEDY_BELOW
+from mlx_backend.sampling import GREEDY_BELOW, filter_logprobs
 from mlx_backend.types import SamplingParams, TokenLogprob, TopLogprob
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
@@ -78,8 +77,8 @@ def sampled_distribution(logprobs: mx.array, params: SamplingParams) -> mx.array
     """Log probabilities (1-D) of the distribution the sampler draws from for these settings."""
     if params.temperature < GREEDY_BELOW:
         return logprobs
-    if 0.0 < params.top_p < 1.0:  # in the sampler's order: top_p on the model's logprobs, then temperature
-        logprobs = apply_top_p(logprobs[None], params.top_p)[0]
+    # In the sampler's order: top_k and top_p on the model's logprobs, then temperature.
+    logprobs = filter_logprobs(logprobs[None], params.top_k, params.top_p)[0]
     scaled = logprobs * (1.0 / params.temperature)
     return scaled - mx.logsumexp(scaled, keepdims=True)
 

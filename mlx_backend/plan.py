@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
 from mlx_backend.cache import CachedModel
 from mlx_backend.choice import ChoiceOutput
@@ -76,10 +77,28 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
             except ConstraintError as exc:
                 raise EngineError(EngineErrorCode.INVALID_REQUEST, exc.message, constraint_param) from exc
             processors.append(processor)  # last: it masks what the penalties left
-        output = ChoiceOutput(command.request_id, index, tokenizer.detokenizer, StopMatcher(params.stop),
+        detokenizer = _detokenizer(tokenizer, continues_prompt=command.messages is None)
+        output = ChoiceOutput(command.request_id, index, detokenizer, StopMatcher(params.stop),
                               tools.parser() if tools else None, logprob_of)
         choices.append(ChoicePlan(index, make_sampler(params), processors, processor, output))
     return RequestPlan(tokens, max_tokens, choices)
+
+
+class _KeepLeadingSpace(BPEStreamingDetokenizer):
+    def _maybe_trim_space(self, current_text: str) -> str:
+        return current_text
+
+
+def _detokenizer(tokenizer: Any, continues_prompt: bool) -> Any:
+    """A fresh streaming detokenizer. mlx-lm trims the space a reply's first token starts with, which suits a
+    chat reply; a legacy completion continues its prompt, and there that space is part of the text."""
+    detokenizer = tokenizer.detokenizer
+    if continues_prompt:
+        if isinstance(detokenizer, SPMStreamingDetokenizer):
+            detokenizer.trim_space = False
+        elif type(detokenizer) is BPEStreamingDetokenizer:
+            detokenizer.__class__ = _KeepLeadingSpace
+    return detokenizer
 
 
 def _constraint(command: Generate, tools: ToolRequest | None, tokenizer: Any) -> tuple[Constraint | None, str]:

@@ -1,5 +1,6 @@
 """Per-request sampling for mlx-lm's BatchGenerator: a sampler with its own PRNG key, and OpenAI's
-presence/frequency penalties as a logits processor.
+presence/frequency penalties as a logits processor. Filters apply top-k first, then top-p (the order of
+Hugging Face and vLLM), then the temperature.
 
 Shapes follow BatchGenerator: a sampler takes log-probabilities (rows, vocab) and returns token ids (rows,);
 a logits processor takes (tokens so far, logits (1, vocab)) and returns logits.
@@ -11,26 +12,36 @@ import functools
 import secrets
 
 import mlx.core as mx
-from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_top_p, greedy_sampler
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_top_k, apply_top_p, greedy_sampler
 
 from mlx_backend.types import SamplingParams
 
 
 class SeededSampler:
-    """Temperature + top-p sampling from a key of its own, so one request's draws do not depend on what
+    """Temperature, top-k and top-p sampling from a key of its own, so one request's draws do not depend on what
     else runs in the batch: the same seed and prompt give the same tokens."""
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None) -> None:
+    def __init__(self, temperature: float, top_p: float, seed: int | None, top_k: int = 0) -> None:
         self._inv_temp = 1.0 / temperature
         self._top_p = top_p
+        self._top_k = top_k
         self._key = mx.random.key(_as_key_seed(seed) if seed is not None else secrets.randbits(64))
 
     def __call__(self, logprobs: mx.array) -> mx.array:
         keys = mx.random.split(self._key)
         self._key, draw = keys[0], keys[1]
-        if 0.0 < self._top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self._top_p)
+        logprobs = filter_logprobs(logprobs, self._top_k, self._top_p)
         return mx.random.categorical(logprobs * self._inv_temp, key=draw)
+
+
+def filter_logprobs(logprobs: mx.array, top_k: int, top_p: float) -> mx.array:
+    """Top-k, then top-p, on (rows, vocab) log-probabilities: what the samplers draw from (before temperature)."""
+    # A k as large as the vocabulary keeps every token (mlx-lm's apply_top_k refuses it): no filter then.
+    if 0 < top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, top_k)
+    if 0.0 < top_p < 1.0:
+        logprobs = apply_top_p(logprobs, top_p)
+    return logprobs
 
 
 # Temperatures this small are greedy decoding in effect, and 1/t would overflow float32 below ~3e-39 (every
@@ -49,19 +60,17 @@ def make_sampler(params: SamplingParams) -> Sampler:
     if params.temperature < GREEDY_BELOW:
         return greedy_sampler
     if params.seed is None:
-        return _shared_sampler(params.temperature, params.top_p)
-    return SeededSampler(params.temperature, params.top_p, params.seed)
+        return _shared_sampler(params.temperature, params.top_p, params.top_k)
+    return SeededSampler(params.temperature, params.top_p, params.seed, params.top_k)
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_sampler(temperature: float, top_p: float) -> Sampler:
+def _shared_sampler(temperature: float, top_p: float, top_k: int = 0) -> Sampler:
     """Unseeded sampling for every request with these settings, from MLX's global key (MLX thread only)."""
     inv_temp = 1.0 / temperature
 
     def sample(logprobs: mx.array) -> mx.array:
-        if 0.0 < top_p < 1.0:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * inv_temp)
+        return mx.random.categorical(filter_logprobs(logprobs, top_k, top_p) * inv_temp)
 
     return sample
 

@@ -16,6 +16,7 @@ class StopMatcher:
         self._longest = max((len(s) for s in self._stops), default=0)
         self._held = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once one has
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Take the next decoded segment; return (text safe to emit now, whether a stop string was hit)."""
@@ -29,7 +30,8 @@ class StopMatcher:
         # already emitted: every suffix that could begin one was held back.
         ends = [(i + len(s), i) for s in self._stops if (i := buffer.find(s)) >= 0]
         if ends:
-            cut = min(ends)[1]
+            end, cut = min(ends)
+            self.matched = buffer[cut:end]
             self.stopped = True
             self._held = ""
             return buffer[:cut], True

@@ -18,6 +18,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens; 0: no limit (Anthropic's top_k)
     seed: int | None = None
     stop: tuple[str, ...] = ()  # matched on decoded text, never emitted
     presence_penalty: float = 0.0
@@ -133,6 +134,14 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 
 
+class CountPrompt(msgspec.Struct, frozen=True, tag="count_prompt"):
+    """Render and count `request`'s prompt exactly as running it would, without running it (Anthropic's
+    count_tokens). Loads the model if needed (its tokenizer and template decide). Answered with
+    PromptCount, or Failed under the same request id."""
+
+    request: Generate
+
+
 class Abort(msgspec.Struct, frozen=True, tag="abort"):
     """Stop a request; the engine answers with Finished(finish_reason="abort") if it was running."""
 
@@ -151,7 +160,7 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control"):
     model: str
 
 
-Command = Generate | Abort | Shutdown | ModelControl
+Command = Generate | CountPrompt | Abort | Shutdown | ModelControl
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,6 +236,14 @@ class Finished(msgspec.Struct, frozen=True, tag="finished", omit_defaults=True):
     completion_tokens: int  # this choice's
     cached_tokens: int
     index: int = 0
+    stop_sequence: str | None = None  # finish_reason "stop" because this stop string matched (not EOS)
+
+
+class PromptCount(msgspec.Struct, frozen=True, tag="prompt_count"):
+    """The answer to CountPrompt."""
+
+    request_id: str
+    prompt_tokens: int
 
 
 class Failed(msgspec.Struct, frozen=True, tag="failed", omit_defaults=True):
@@ -271,4 +288,6 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     kv_bytes: int = 0  # the KV cache reserved by running requests (the prefix cache is prompt_cache_bytes)
 
 
-Event = Ready | Loading | Started | Delta | Finished | Failed | Heartbeat | ModelControlDone | ModelEvent
+Event = (
+    Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat | ModelControlDone | ModelEvent
+)

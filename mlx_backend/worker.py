@@ -32,23 +32,31 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import msgspec
 
+from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.ipc import ConnectionClosed, EngineSide
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import (
     Abort,
     Command,
+    CountPrompt,
     EngineConfig,
     Event,
+    Failed,
     Generate,
     Heartbeat,
     ModelControl,
+    PromptCount,
     Ready,
     Shutdown,
 )
+
+if TYPE_CHECKING:
+    from mlx_backend.batcher import Batcher
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -168,6 +176,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)
     controls.preload(config.preload, config.pinned)
+    counts: list[Generate] = []  # prompts to count, waiting for their model's load
 
     while True:
         try:
@@ -193,11 +202,39 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                     batcher.abort(command.request_id)
                 elif isinstance(command, ModelControl):
                     controls.handle(command)
+                elif isinstance(command, CountPrompt):
+                    counts.append(command.request)
             batcher.step()
+            counts[:] = [c for c in counts if not _answered(channel, count_prompt(batcher, c))]
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
             with contextlib.suppress(Exception):
                 batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
+
+
+def _answered(channel: Channel, answer: PromptCount | Failed | None) -> bool:
+    if answer is None:
+        return False
+    channel.send(answer)
+    return True
+
+
+def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | None:
+    """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache); None
+    while its model loads (the load is asked for, as a request would, and happens between decode steps)."""
+    from mlx_backend.tools import prompt_tokens
+
+    rid = command.request_id
+    try:
+        cached = batcher.cache.acquire(command.model, batcher.busy_models(), waiter=rid)
+        if cached is None:
+            return None
+        return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))
+    except EngineError as exc:
+        return Failed(rid, exc.code.value, exc.message, exc.param)
+    except Exception as exc:
+        log.exception("counting the prompt of %s failed", rid)
+        return Failed(rid, EngineErrorCode.INTERNAL.value, f"Counting the prompt failed: {type(exc).__name__}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

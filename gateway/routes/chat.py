@@ -7,30 +7,33 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway import convert
-from gateway.convert import ResponseMeta
+from gateway import convert, render
 from gateway.lifecycle import GatewayRuntime
-from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkDelta
+from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Usage
+from gateway.render import FoldedChoice, ResponseMeta
 from gateway.routes import responses
 from gateway.routes.generation import exchange_id, respond
-from mlx_backend.types import Finished
+from mlx_backend.types import Delta
 
 
 class ChatRenderer:
-    def opening(self, meta: ResponseMeta) -> ChatCompletionChunk:
-        return convert.chat_chunk(meta, ChunkDelta(role="assistant", content=""))
+    def __init__(self, logprobs: bool) -> None:
+        self.logprobs = logprobs
 
-    def text(self, meta: ResponseMeta, text: str) -> ChatCompletionChunk:
-        return convert.chat_chunk(meta, ChunkDelta(content=text))
+    def opening(self, meta: ResponseMeta, index: int) -> ChatCompletionChunk:
+        return render.chat_opening_chunk(meta, index)
 
-    def closing(self, meta: ResponseMeta, finish_reason: str) -> ChatCompletionChunk:
-        return convert.chat_chunk(meta, ChunkDelta(), finish_reason)
+    def delta(self, meta: ResponseMeta, delta: Delta) -> ChatCompletionChunk | None:
+        return render.chat_delta_chunk(meta, delta, self.logprobs)
 
-    def usage(self, meta: ResponseMeta, finished: Finished) -> ChatCompletionChunk:
-        return convert.chat_usage_chunk(meta, finished)
+    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> ChatCompletionChunk:
+        return render.chat_closing_chunk(meta, index, finish_reason)
 
-    def whole(self, meta: ResponseMeta, text: str, finished: Finished) -> ChatCompletion:
-        return convert.chat_completion(meta, text, finished)
+    def usage(self, meta: ResponseMeta, usage: Usage) -> ChatCompletionChunk:
+        return render.chat_usage_chunk(meta, usage)
+
+    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> ChatCompletion:
+        return render.chat_completion(meta, choices, usage, self.logprobs)
 
 
 @post(
@@ -53,5 +56,6 @@ async def create_chat_completion(
     )
     meta = ResponseMeta(f"chatcmpl-{request_id}", data.model)
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    return await respond(runtime, request, command, meta, ChatRenderer(), stream=bool(data.stream),
+    renderer = ChatRenderer(logprobs=command.params.logprobs is not None)
+    return await respond(runtime, request, command, meta, renderer, stream=bool(data.stream),
                          include_usage=include_usage)

@@ -7,30 +7,39 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway import convert
-from gateway.convert import ResponseMeta
+from gateway import convert, render
 from gateway.lifecycle import GatewayRuntime
-from gateway.protocol import Completion, CompletionRequest
+from gateway.protocol import Completion, CompletionRequest, Usage
+from gateway.render import FoldedChoice, ResponseMeta
 from gateway.routes import responses
 from gateway.routes.generation import exchange_id, respond
-from mlx_backend.types import Finished
+from mlx_backend.types import Delta
 
 
 class CompletionRenderer:
-    def opening(self, meta: ResponseMeta) -> None:
+    def __init__(self, logprobs: bool) -> None:
+        self.logprobs = logprobs
+        self._offsets: dict[int, int] = {}  # per choice: where the next chunk's text starts
+
+    def opening(self, meta: ResponseMeta, index: int) -> None:
         return None
 
-    def text(self, meta: ResponseMeta, text: str) -> Completion:
-        return convert.completion_chunk(meta, text)
+    def delta(self, meta: ResponseMeta, delta: Delta) -> Completion | None:
+        if not delta.text and not delta.logprobs:
+            return None
+        offset = self._offsets.get(delta.index, 0)
+        self._offsets[delta.index] = offset + len(delta.text)
+        logprobs = render.completion_logprobs(delta.logprobs, self.logprobs, offset)
+        return render.completion_chunk(meta, delta.index, delta.text, logprobs)
 
-    def closing(self, meta: ResponseMeta, finish_reason: str) -> Completion:
-        return convert.completion_chunk(meta, "", finish_reason)
+    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Completion:
+        return render.completion_chunk(meta, index, "", finish_reason=render.public_finish_reason(finish_reason))
 
-    def usage(self, meta: ResponseMeta, finished: Finished) -> Completion:
-        return convert.completion_usage_chunk(meta, finished)
+    def usage(self, meta: ResponseMeta, usage: Usage) -> Completion:
+        return render.completion_usage_chunk(meta, usage)
 
-    def whole(self, meta: ResponseMeta, text: str, finished: Finished) -> Completion:
-        return convert.completion(meta, text, finished)
+    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> Completion:
+        return render.completion(meta, choices, usage, self.logprobs)
 
 
 @post(
@@ -49,5 +58,6 @@ async def create_completion(request: Request[Any, Any, Any], data: CompletionReq
     command = convert.completion_to_generate(data, request_id, runtime.settings.test_faults)
     meta = ResponseMeta(f"cmpl-{request_id}", data.model)
     include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    return await respond(runtime, request, command, meta, CompletionRenderer(), stream=bool(data.stream),
+    renderer = CompletionRenderer(logprobs=command.params.logprobs is not None)
+    return await respond(runtime, request, command, meta, renderer, stream=bool(data.stream),
                          include_usage=include_usage)

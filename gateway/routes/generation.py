@@ -1,28 +1,35 @@
-"""What chat and legacy completions share: run the request, then stream it or fold it into one body.
+"""What every generation route shares: run the request, then stream it or fold it into one body.
 
 Stream and non-stream read one Exchange the same way (the non-stream path folds it). The request's start
-is awaited before any byte is sent, so admission, model-load and context-length failures are real HTTP
-errors; once SSE headers are out, a failure is one `data: {"error": ...}` event, then `data: [DONE]`.
+is awaited before any byte is sent (`start`), so admission, model-load and context-length failures are
+real HTTP errors; once SSE headers are out, a failure is an event in the API's own shape (chat: one
+`data: {"error": ...}` event, then `data: [DONE]`).
+
+Chat and legacy completions stream text (`respond`, a `Renderer`); the Responses and Messages APIs stream a
+reply of blocks, text and tool calls (`stream_reply` with a `BlockRenderer`, `fold_reply`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Protocol, TypeVar
 
 from litestar import Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway import sse
-from gateway.convert import ResponseMeta, public_finish_reason
 from gateway.errors import GatewayError, internal
 from gateway.exchange import Exchange
 from gateway.lifecycle import GatewayRuntime, new_request_id
-from gateway.protocol import ChatCompletion, Completion
-from mlx_backend.types import Finished, Generate
+from gateway.protocol import Usage
+from gateway.render import FoldedChoice, Folder, ResponseMeta
+from gateway.reply import Reply, Step
+from mlx_backend.types import Delta, Finished, Generate
+
+T = TypeVar("T")
 
 log = logging.getLogger("mlx_gateway")
 
@@ -30,11 +37,11 @@ log = logging.getLogger("mlx_gateway")
 class Renderer(Protocol):
     """Chat and legacy completions differ only in the shape of what they send."""
 
-    def opening(self, meta: ResponseMeta) -> Any | None: ...
-    def text(self, meta: ResponseMeta, text: str) -> Any: ...
-    def closing(self, meta: ResponseMeta, finish_reason: str) -> Any: ...
-    def usage(self, meta: ResponseMeta, finished: Finished) -> Any: ...
-    def whole(self, meta: ResponseMeta, text: str, finished: Finished) -> ChatCompletion | Completion: ...
+    def opening(self, meta: ResponseMeta, index: int) -> Any | None: ...
+    def delta(self, meta: ResponseMeta, delta: Delta) -> Any | None: ...
+    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Any: ...
+    def usage(self, meta: ResponseMeta, usage: Usage) -> Any: ...
+    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> Any: ...
 
 
 def exchange_id(request: Request[Any, Any, Any]) -> str:
@@ -44,6 +51,31 @@ def exchange_id(request: Request[Any, Any, Any]) -> str:
     if "x-request-id" in request.headers:
         return new_request_id()
     return str(request.state.request_id)
+
+
+async def start(runtime: GatewayRuntime, request: Request[Any, Any, Any], command: Generate) -> Exchange:
+    """Admit the request and wait until it runs: every failure up to here is a plain HTTP error."""
+    exchange = runtime.admit(command, time.monotonic())
+    exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
+    try:
+        await exchange.started()  # admitted, model loaded, prompt fits
+    except BaseException:
+        exchange.close()
+        raise
+    return exchange
+
+
+def streaming(exchange: Exchange, body: AsyncIterator[bytes]) -> Stream:
+    exchange.stop_watching()  # the streaming response watches the connection from here
+    return Stream(body, media_type="text/event-stream", headers=sse.HEADERS,
+                  background=BackgroundTask(exchange.close))
+
+
+async def folded(exchange: Exchange, body: Awaitable[T]) -> T:
+    try:
+        return await body
+    finally:
+        exchange.close()
 
 
 async def respond(
@@ -56,40 +88,28 @@ async def respond(
     stream: bool,
     include_usage: bool,
 ) -> Response[Any] | Stream:
-    exchange = runtime.admit(command, time.monotonic())
-    exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
-    try:
-        await exchange.started()  # admitted, model loaded, prompt fits
-    except BaseException:
-        exchange.close()
-        raise
+    exchange = await start(runtime, request, command)
     if stream:
-        exchange.stop_watching()  # the streaming response watches the connection from here
-        body = _stream(exchange, meta, renderer, include_usage)
-        return Stream(body, media_type="text/event-stream", headers=sse.HEADERS,
-                      background=BackgroundTask(exchange.close))
-    try:
-        return Response(await _fold(exchange, meta, renderer))
-    finally:
-        exchange.close()
+        return streaming(exchange, _stream(exchange, meta, renderer, include_usage))
+    return Response(await folded(exchange, _fold(exchange, meta, renderer)))
 
 
 async def _stream(
     exchange: Exchange, meta: ResponseMeta, renderer: Renderer, include_usage: bool
 ) -> AsyncIterator[bytes]:
     try:
-        opening = renderer.opening(meta)
-        if opening is not None:
-            yield sse.event(opening)
-        while True:
+        for index in range(exchange.command.n):
+            opening = renderer.opening(meta, index)
+            if opening is not None:
+                yield sse.event(opening)
+        while not exchange.complete:
             event = await exchange.next()
             if isinstance(event, Finished):
-                yield sse.event(renderer.closing(meta, public_finish_reason(event.finish_reason)))
-                if include_usage:
-                    yield sse.event(renderer.usage(meta, event))
-                break
-            if event.text:
-                yield sse.event(renderer.text(meta, event.text))
+                yield sse.event(renderer.closing(meta, event.index, event.finish_reason))
+            elif (chunk := renderer.delta(meta, event)) is not None:
+                yield sse.event(chunk)
+        if include_usage:
+            yield sse.event(renderer.usage(meta, exchange.usage()))
         yield sse.DONE
     except GatewayError as exc:
         log.warning("stream ended by error: %s", exc.message)
@@ -104,9 +124,62 @@ async def _stream(
 
 
 async def _fold(exchange: Exchange, meta: ResponseMeta, renderer: Renderer) -> Any:
-    parts: list[str] = []
+    folder = Folder()
+    for index in range(exchange.command.n):
+        folder.choice(index)
+    while not exchange.complete:
+        event = await exchange.next()
+        if isinstance(event, Finished):
+            folder.choice(event.index).finish_reason = event.finish_reason
+        else:
+            folder.add(event)
+    return renderer.whole(meta, folder.ordered(), exchange.usage())
+
+
+# -- replies of blocks (Responses API, Messages API) -----------------------------------------------------
+
+
+class BlockRenderer(Protocol):
+    """What one API sends for a reply's life; each method returns SSE frames, ready to send. `closing` ends
+    the reply (`reply.finish()`, whose steps it renders knowing how the reply ended)."""
+
+    def opening(self) -> list[bytes]: ...
+    def step(self, step: Step) -> list[bytes]: ...
+    def closing(self, reply: Reply, finished: Finished) -> list[bytes]: ...
+    def failure(self, reply: Reply, error: GatewayError) -> list[bytes]: ...
+
+
+async def stream_reply(exchange: Exchange, renderer: BlockRenderer) -> AsyncIterator[bytes]:
+    reply = Reply()
+    try:
+        for frame in renderer.opening():
+            yield frame
+        while True:
+            event = await exchange.next()
+            if isinstance(event, Finished):
+                for frame in renderer.closing(reply, event):
+                    yield frame
+                return
+            for frame in [f for s in reply.add(event) for f in renderer.step(s)]:
+                yield frame
+    except GatewayError as exc:
+        log.warning("stream ended by error: %s", exc.message)
+        for frame in renderer.failure(reply, exc):
+            yield frame
+    except Exception:
+        log.exception("stream failed")
+        for frame in renderer.failure(reply, internal(exchange.id)):
+            yield frame
+    finally:
+        exchange.close()  # a client that left ends its request here (or in the response's background task)
+
+
+async def fold_reply(exchange: Exchange) -> tuple[Reply, Finished]:
+    """The whole reply, for a non-streaming answer."""
+    reply = Reply()
     while True:
         event = await exchange.next()
         if isinstance(event, Finished):
-            return renderer.whole(meta, "".join(parts), event)
-        parts.append(event.text)
+            reply.finish()
+            return reply, event
+        reply.add(event)

@@ -1,4 +1,4 @@
-"""The error responses each route documents in OpenAPI, all with OpenAI's error body."""
+"""The error responses each route documents in OpenAPI: OpenAI's error body, or Anthropic's on its routes."""
 
 from __future__ import annotations
 
@@ -7,34 +7,42 @@ from typing import Any
 from litestar.openapi import ResponseSpec
 
 from gateway.protocol import ErrorResponse
+from gateway.protocol_anthropic import AnthropicErrorResponse
 
 
-def _error(description: str) -> ResponseSpec:
-    return ResponseSpec(ErrorResponse, description=description, generate_examples=False)
+def error(description: str, body: type[Any] = ErrorResponse) -> ResponseSpec:
+    return ResponseSpec(body, description=description, generate_examples=False)
+
+
+def _generation(body: type[Any]) -> dict[int, ResponseSpec]:
+    return {
+        401: error("Missing or invalid API key (when one is configured)", body),
+        500: error("Internal error; the message carries the request id", body),
+        404: error("No such model (code model_not_found)", body),
+        400: error("Invalid or unsupported parameter, or a prompt longer than the context", body),
+        413: error("Request body too large", body),
+        415: error("The body is not sent as Content-Type: application/json", body),
+        429: error("At capacity: retry after Retry-After seconds", body),
+        503: error("Engine unavailable, or the server is draining: retry after Retry-After seconds", body),
+        504: error("The request ran past the request timeout", body),
+    }
 
 
 COMMON = {
-    401: _error("Missing or invalid API key (when one is configured)"),
-    500: _error("Internal error; the message carries the request id"),
+    401: error("Missing or invalid API key (when one is configured)"),
+    500: error("Internal error; the message carries the request id"),
 }
-MODEL_LOOKUP = {**COMMON, 404: _error("No such model (code model_not_found)")}
-GENERATION = {
-    **MODEL_LOOKUP,
-    400: _error("Invalid or unsupported parameter, or a prompt longer than the context"),
-    413: _error("Request body too large"),
-    415: _error("The body is not sent as Content-Type: application/json"),
-    429: _error("At capacity: retry after Retry-After seconds"),
-    503: _error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
-    504: _error("The request ran past the request timeout"),
-}
+MODEL_LOOKUP = {**COMMON, 404: error("No such model (code model_not_found)")}
+GENERATION = _generation(ErrorResponse)
+ANTHROPIC_GENERATION = _generation(AnthropicErrorResponse)  # the same statuses, in Anthropic's error shape
 ADMIN = {
     **MODEL_LOOKUP,
-    400: _error("Invalid body"),
-    409: _error("Unload of a model that is serving requests or loading (code model_busy)"),
-    415: _error("The body is not sent as Content-Type: application/json"),
-    429: _error("Its weights do not fit while the memory stays held (pinned models): retry after Retry-After"),
-    503: _error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
-    504: _error("The load took longer than load_timeout_s (it may still finish)"),
+    400: error("Invalid body"),
+    409: error("Unload of a model that is serving requests or loading (code model_busy)"),
+    415: error("The body is not sent as Content-Type: application/json"),
+    429: error("Its weights do not fit while the memory stays held (pinned models): retry after Retry-After"),
+    503: error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
+    504: error("The load took longer than load_timeout_s (it may still finish)"),
 }
 
 

@@ -54,7 +54,13 @@ END_OF_TURN = "<|end|>"
 ROLES = ("system", "user", "assistant", "tool")
 SPECIAL_TOKENS = [END_OF_TEXT, *(f"<|{role}|>" for role in ROLES), END_OF_TURN]
 
+# Chats render as role-token turns. With tools, the Hermes convention (Qwen2.5, Hermes 2/3) the engine reads
+# (mlx_backend/tools): the tools in a system turn, each call as <tool_call>{"name", "arguments"}</tool_call>.
+# A chat without tools renders exactly as the model was trained on it.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>\nYou may call these tools. To call one, reply with "
+    "<tool_call>\n{\"name\": <tool name>, \"arguments\": <arguments as JSON>}\n</tool_call>\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools><|end|>\n{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
     "{{ raise_exception('unknown role: ' + message['role']) }}"
@@ -65,6 +71,11 @@ CHAT_TEMPLATE = (
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}"
     "{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}"
+    "{% set tool_call = call['function'] if call['function'] is defined else call %}"
+    "<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n"
+    "</tool_call>"
+    "{% endfor %}"
     "<|end|>\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"

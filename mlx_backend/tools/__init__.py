@@ -4,13 +4,14 @@ The batcher's part, per request:
 
     tools = ToolRequest.from_command(command, tokenizer)   # None without tools; EngineError if unsupported
     tokens = encode_prompt(command, tokenizer, tools)      # replaces batcher._encode
+    # == prompt_tokens(command, tokenizer), which CountPrompt counts: keep the two the same
     grammar = tools.grammar(tokenizer) if tools else None  # Lark text for the constrained-decoding processor
     parser = tools.parser() if tools else None             # feed() each decoded segment; finish() at the end
 """
 
 from mlx_backend.tools.families import Detection, Family, detect_family
 from mlx_backend.tools.parse import ParsedReply, parse_reply
-from mlx_backend.tools.render import encode_prompt
+from mlx_backend.tools.render import encode_prompt, prompt_tokens
 from mlx_backend.tools.request import ToolRequest
 from mlx_backend.tools.stream import ParsedCall, StreamOutput, ToolCallParser, new_call_id
 
@@ -26,4 +27,5 @@ __all__ = [
     "encode_prompt",
     "new_call_id",
     "parse_reply",
+    "prompt_tokens",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from mlx_backend.grammar import closed_objects
 from mlx_backend.tools.families import HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def _thinking(tokenizer: Any, token: Any) -> str | None:
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     parameters = tool.get("parameters")
-    return parameters if isinstance(parameters, dict) and parameters else _EMPTY_PARAMETERS
+    return closed_objects(parameters) if isinstance(parameters, dict) and parameters else _EMPTY_PARAMETERS
 
 
 def _call_schema(name: str, key: str, arguments: dict[str, Any]) -> dict[str, Any]:

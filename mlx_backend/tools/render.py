@@ -21,6 +21,12 @@ from mlx_backend.types import ChatMessage, Generate
 _ALPHANUMERIC = string.ascii_letters + string.digits
 
 
+def prompt_tokens(command: Generate, tokenizer: Any) -> list[int]:
+    """A request's prompt, tools and all: what it runs with, and what CountPrompt counts (one function for
+    both, so a count is exact). Raises EngineError as running the request would."""
+    return encode_prompt(command, tokenizer, ToolRequest.from_command(command, tokenizer))
+
+
 def encode_prompt(command: Generate, tokenizer: Any, tools: ToolRequest | None = None) -> list[int]:
     """Prompt token ids: chat messages through the model's template, a legacy prompt as is.
 

@@ -36,6 +36,27 @@ def start_server(tmp_path: Path) -> Iterator[StartServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def agent_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """For the agent APIs (Responses, Messages): 'qwen' wears Qwen2.5's real chat template and tool-call
+    format (so tool calls work, forced), 'json' has a JSON-shaped BPE for structured output, 'tiny' is plain."""
+    root = tmp_path_factory.mktemp("agent-models")
+    make_tiny_model(root / "tiny", context_length=512)
+    make_tiny_model(root / "qwen", chat_format="qwen2.5", context_length=4096)
+    make_tiny_model(root / "json", tokenizer="bpe", context_length=4096)
+    return root
+
+
+@pytest.fixture(scope="module")
+def agent_server(agent_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server with the agent models and the bundled demo model (mlx-gateway-demo)."""
+    log = tmp_path_factory.mktemp("logs") / "agent-server.log"
+    server = ServerProcess(["--models-dir", str(agent_models_dir), "--demo-model", "--test-faults"], log).start()
+    server.wait_ready()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def shared_server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for the read-mostly tests of a module (starting one costs a few seconds)."""

@@ -1,8 +1,8 @@
 """A stand-in engine process that speaks the real IPC protocol without MLX, for supervision tests.
 
 Each Generate answers Started, one Delta per word of the prompt (at `delay` seconds each), then
-Finished. Prompts starting with a command misbehave on purpose: "die" exits hard, "stall" stops
-progress while heartbeats go on, "freeze" stops heartbeats too.
+Finished; each CountPrompt answers the prompt's word count. Prompts starting with a command misbehave on
+purpose: "die" exits hard, "stall" stops progress while heartbeats go on, "freeze" stops heartbeats too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,19 @@ import time
 import msgspec
 
 from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.types import Abort, Delta, EngineConfig, Finished, Generate, Heartbeat, Ready, Shutdown, Started
+from mlx_backend.types import (
+    Abort,
+    CountPrompt,
+    Delta,
+    EngineConfig,
+    Finished,
+    Generate,
+    Heartbeat,
+    PromptCount,
+    Ready,
+    Shutdown,
+    Started,
+)
 
 
 def main() -> None:
@@ -56,6 +68,12 @@ def main() -> None:
             os._exit(0)
         if isinstance(command, Abort):
             aborted.add(command.request_id)
+            continue
+        if isinstance(command, CountPrompt):
+            words = (command.request.prompt or "").split()
+            if words[:1] == ["die"]:
+                os._exit(3)
+            channel.send(PromptCount(command.request.request_id, len(words)))
             continue
         assert isinstance(command, Generate)
         words = (command.prompt or "").split()

@@ -64,3 +64,27 @@ async def test_drain_deadline_ends_streams_with_a_final_chunk_and_done(models_di
     assert payloads[-1] == "[DONE]"
     assert payloads[-2]["choices"][0]["finish_reason"] == "length"
     assert runtime.health().requests_running == 0
+
+
+async def test_drain_deadline_ends_responses_and_messages_streams_cleanly_and_refuses_counts(models_dir: Path) -> None:
+    from tests.support.event_order import check_anthropic_events, check_responses_events, named_events
+
+    engine = FakeEngine(token_delay_s=0.2, reply=lambda _: " ".join(["word"] * 100))
+    runtime = runtime_for(models_dir, engine)
+    await engine.start()
+    transport = httpx.ASGITransport(app=create_asgi_app(runtime))
+    ask = [{"role": "user", "content": "hi"}]
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        responses = asyncio.create_task(client.post("/v1/responses", json={"model": "tiny", "input": "hi",
+                                                                          "stream": True}))
+        messages = asyncio.create_task(client.post("/v1/messages", json={"model": "tiny", "max_tokens": 500,
+                                                                        "messages": ask, "stream": True}))
+        await asyncio.sleep(0.5)
+        await runtime.drain(timeout_s=0.3)
+        final = check_responses_events(named_events((await asyncio.wait_for(responses, 5)).text))
+        message = check_anthropic_events(named_events((await asyncio.wait_for(messages, 5)).text))
+        count = await client.post("/v1/messages/count_tokens", json={"model": "tiny", "messages": ask})
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert message["stop_reason"] == "max_tokens"
+    assert count.status_code == 503 and count.json()["error"]["type"] == "overloaded_error"
+    assert runtime.health().requests_running == 0

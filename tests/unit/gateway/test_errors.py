@@ -30,10 +30,8 @@ def test_unknown_model_is_404_model_not_found(client: TestClient[Any]) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "param"), [
-    ({"n": 2}, "n"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type"),
+    ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"audio": {"voice": "x"}}, "audio"),
     ({"store": True}, "store"),
@@ -57,6 +55,11 @@ def test_unknown_field_is_400_naming_it(client: TestClient[Any]) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "param"), [
+    ({"top_logprobs": 3}, "top_logprobs"),  # needs logprobs: true
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"n": 0}, "n"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+     "response_format.json_schema.schema"),
     ({"max_tokens": "ten"}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"temperature": 9}, "temperature"),
@@ -127,7 +130,7 @@ def test_internal_error_is_500_carrying_the_request_id(make_client: ClientFactor
     def explode(*_: Any) -> Any:  # a bug in the gateway itself
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("gateway.convert.chat_completion", explode)
+    monkeypatch.setattr("gateway.render.chat_completion", explode)
     client = make_client()
     response = client.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "req-abc"})
     error = error_of(response, 500)

@@ -609,3 +609,33 @@ def test_n_beyond_the_batch_is_refused_by_name(h: Harness) -> None:
     h.batcher.submit(Generate("big", "tiny", SamplingParams(max_tokens=2), messages=HELLO, n=10_000))
     failed = h.end("big")
     assert isinstance(failed, Failed) and failed.param == "n"
+
+
+def test_constrained_rows_in_a_batch_get_their_tokens_before_the_step(
+    family_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch step hands every constrained row its token first (their masks are then computed together,
+    beside the forward pass): several constrained rows and a plain one decode correctly side by side. This
+    reads mlx-lm's GenerationBatch internals; if they move, this fails."""
+    from mlx_backend.constrained import ConstraintProcessor
+
+    begun: list[int] = []
+    original = ConstraintProcessor.begin_step
+    monkeypatch.setattr(ConstraintProcessor, "begin_step",
+                        lambda self, token: (begun.append(token), original(self, token))[1])
+    h = Harness(family_dir)
+    submit_command(h, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
+    for i in range(3):
+        submit_command(h, f"call{i}", "qwen", tools=json.dumps(WEATHER), tool_choice="required",
+                       parallel_tool_calls=False, params={"max_tokens": 200, "temperature": 1.0, "seed": i})
+    h.run()
+    assert begun  # the batch path took the tokens before the steps
+    for i in range(3):
+        end = h.end(f"call{i}")
+        assert isinstance(end, Finished) and end.finish_reason == "tool_calls"
+        (call,) = calls_of(h, f"call{i}").values()
+        assert set(json.loads(call["arguments"])) == {"city", "days"}
+    alone = Harness(family_dir)
+    submit_command(alone, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
+    alone.run()
+    assert h.text("plain") == alone.text("plain")  # constrained neighbours change nothing for it

@@ -13,7 +13,16 @@ import pytest
 
 from mlx_backend.engine import EngineClient, EngineRequest, EngineState, Interrupted, SupervisionPolicy
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import Delta, EngineConfig, Finished, Generate, Heartbeat, SamplingParams, Started
+from mlx_backend.types import (
+    Delta,
+    EngineConfig,
+    Finished,
+    Generate,
+    Heartbeat,
+    SamplingParams,
+    Started,
+    ToolCallDelta,
+)
 
 pytestmark = pytest.mark.anyio
 _ids = itertools.count()
@@ -207,6 +216,32 @@ async def test_deltas_waiting_together_are_handed_out_as_one() -> None:
     assert await request.next() == Delta("r", "ab", 3)
     assert await request.next() == Finished("r", "stop", 3, 3, 0)
     assert request.ended
+
+
+async def test_merged_deltas_keep_every_tool_call_piece_in_order() -> None:
+    request = EngineRequest("r", lambda rid: None)
+    first, more = ToolCallDelta(0, "call_1", "f", '{"a"'), ToolCallDelta(0, arguments=": 1}")
+    for event in (Delta("r", "Let me check.", 1), Delta("r", "", 1, (first,)), Delta("r", "", 1, (more,)),
+                  Delta("r", "Done", 1), Finished("r", "tool_calls", 3, 4, 0)):
+        request.deliver(event)
+    assert await request.next() == Delta("r", "Let me check.", 3, (first, more))
+    assert await request.next() == Delta("r", "Done", 1)  # text after a call is never merged ahead of it
+    assert isinstance(await request.next(), Finished)
+
+
+async def test_count_prompt_is_answered_without_a_request(client: tuple[EngineClient, Recorder]) -> None:
+    engine, _ = client
+    assert await engine.count_prompt(command("one two three four")) == 4
+    assert engine.in_flight == 0
+
+
+async def test_a_dead_engine_fails_a_pending_count(client: tuple[EngineClient, Recorder]) -> None:
+    engine, _ = client
+    with pytest.raises(EngineError) as failure:
+        await engine.count_prompt(command("die now"))
+    assert failure.value.code == EngineErrorCode.ENGINE_UNAVAILABLE
+    await wait_up(engine)
+    assert await engine.count_prompt(command("back again")) == 2
 
 
 async def test_interrupt_aborts_once_only_while_the_engine_still_runs_it() -> None:

@@ -160,3 +160,19 @@ def test_validate_imports_no_mlx() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_objects_are_closed_unless_the_schema_says_otherwise() -> None:
+    from mlx_backend.grammar import closed_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}},
+                                               "c": {"type": "object", "additionalProperties": True,
+                                                     "properties": {}}},
+              "$defs": {"D": {"type": "object", "properties": {"e": {"type": "string"}}}},
+              "enum_holder": {"enum": [{"properties": {}}]}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["c"]["additionalProperties"] is True  # said otherwise: kept
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert closed["enum_holder"] == {"enum": [{"properties": {}}]}  # values are data, not schemas

@@ -40,6 +40,24 @@ def test_tiny_top_p_keeps_only_the_best_token() -> None:
     assert set(draws(SamplingParams(max_tokens=1, temperature=1.0, top_p=0.05, seed=7))) == {3}
 
 
+def test_top_k_samples_only_among_the_k_most_likely_tokens() -> None:
+    assert set(draws(SamplingParams(max_tokens=1, temperature=1.0, top_k=1, seed=5))) == {3}
+    two = draws(SamplingParams(max_tokens=1, temperature=1.0, top_k=2, seed=5), n=200)
+    assert set(two) == {2, 3}
+    unseeded = draws(SamplingParams(max_tokens=1, temperature=1.0, top_k=2), n=200)  # the shared sampler
+    assert set(unseeded) == {2, 3}
+
+
+def test_top_k_of_the_whole_vocabulary_or_zero_keeps_every_token() -> None:
+    for k in (0, 4, 100):
+        assert set(draws(SamplingParams(max_tokens=1, temperature=1.0, top_k=k, seed=9), n=300)) == {0, 1, 2, 3}
+
+
+def test_top_k_applies_before_top_p() -> None:
+    # Top-p first would keep 0.4 and 0.3 (0.7 > 0.5 only with both); after top-k 2, top-p 0.5 keeps 0.4 alone.
+    assert set(draws(SamplingParams(max_tokens=1, temperature=1.0, top_k=2, top_p=0.5, seed=2))) == {3}
+
+
 def test_low_temperature_concentrates_on_the_best_token() -> None:
     got = draws(SamplingParams(max_tokens=1, temperature=0.01, seed=3))
     assert set(got) == {3}

@@ -90,6 +90,18 @@ def test_first_completed_stop_wins_whatever_the_token_boundaries() -> None:
     assert StopMatcher(["abc", "bc"]).feed("abc") == ("", True)  # both complete at once: the longer one
 
 
+def test_the_stop_string_that_matched_is_named() -> None:
+    matcher = StopMatcher(["END", "\n\n"])
+    assert matcher.matched is None
+    matcher.feed("one EN")
+    assert matcher.matched is None
+    matcher.feed("D two")
+    assert matcher.matched == "END"
+    overlapping = StopMatcher(["\nba", "b"])
+    overlapping.feed("a\nba")
+    assert overlapping.matched == "b"  # the one that completed first
+
+
 def test_no_stops_passes_through() -> None:
     assert StopMatcher(["", ""]).feed("abc") == ("abc", False)
     assert StopMatcher([]).feed("") == ("", False)

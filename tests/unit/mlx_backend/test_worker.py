@@ -21,6 +21,7 @@ from mlx_backend.types import (
     Abort,
     ChatMessage,
     Command,
+    CountPrompt,
     Delta,
     EngineConfig,
     Event,
@@ -30,6 +31,7 @@ from mlx_backend.types import (
     Heartbeat,
     Loading,
     ModelEvent,
+    PromptCount,
     Ready,
     SamplingParams,
     Shutdown,
@@ -202,6 +204,23 @@ def test_raise_fault_fails_one_request_and_the_engine_keeps_serving(engine: Engi
     engine.send(generate("after", max_tokens=2))
     assert isinstance(engine.until_end("after")[-1], Finished)
     assert engine.proc.poll() is None
+
+
+def test_count_prompt_counts_what_running_the_request_prompts(engine: Engine) -> None:
+    messages = (ChatMessage("system", "be brief"), ChatMessage("user", "hello world, how are you"))
+    command = Generate("c1", "tiny", SamplingParams(max_tokens=1, temperature=0.0), messages=messages)
+    engine.send(CountPrompt(command))
+    counted = engine.next()
+    assert isinstance(counted, PromptCount) and counted.request_id == "c1"
+    engine.send(Generate("c2", "tiny", command.params, messages=messages))
+    started = next(e for e in engine.until_end("c2") if isinstance(e, Started))
+    assert counted.prompt_tokens == started.prompt_tokens > 5
+
+
+def test_count_prompt_of_an_unknown_model_fails_as_a_request_would(engine: Engine) -> None:
+    engine.send(CountPrompt(Generate("c3", "missing", SamplingParams(max_tokens=1), prompt="hi")))
+    failed = engine.next()
+    assert isinstance(failed, Failed) and failed.request_id == "c3" and failed.code == "model_not_found"
 
 
 def test_shutdown_aborts_running_requests_and_exits_zero(models_dir: Path) -> None:

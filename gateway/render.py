@@ -1,0 +1,220 @@
+"""Engine events -> OpenAI's chat and legacy-completion responses and stream chunks.
+
+A streamed request sends each Delta as it comes; a non-streamed one folds the same Deltas, per choice, into
+`FoldedChoice`s, so both answer with the same text, tool calls and logprobs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from msgspec import UNSET
+
+from gateway.protocol import (
+    AssistantReply,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChoiceLogprobs,
+    ChunkChoice,
+    ChunkDelta,
+    ChunkFunction,
+    ChunkToolCall,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobsBody,
+    LogprobEntry,
+    MessageToolCall,
+    PromptTokensDetails,
+    ToolCallFunction,
+    TopLogprobEntry,
+    Usage,
+)
+from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
+
+
+class ResponseMeta:
+    """What every chunk and response of one request shares."""
+
+    def __init__(self, response_id: str, model: str) -> None:
+        self.id = response_id
+        self.model = model
+        self.created = int(time.time())
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+    )
+
+
+def public_finish_reason(reason: str) -> str:
+    """OpenAI clients know stop/length/tool_calls; an engine-side abort (drain deadline) reads as truncation."""
+    return reason if reason in ("stop", "length", "tool_calls") else "length"
+
+
+@dataclass
+class _Call:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FoldedChoice:
+    """One choice's Deltas, gathered for a non-streamed answer."""
+
+    index: int
+    text: list[str] = field(default_factory=list)
+    calls: dict[int, _Call] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str = "stop"
+
+    def add(self, delta: Delta) -> None:
+        self.text.append(delta.text)
+        self.logprobs.extend(delta.logprobs)
+        for piece in delta.tool_calls:
+            call = self.calls.setdefault(piece.index, _Call())
+            call.id = piece.id or call.id
+            call.name = piece.name or call.name
+            call.arguments.append(piece.arguments)
+
+    def tool_calls(self) -> list[MessageToolCall]:
+        return [MessageToolCall(id=c.id, function=ToolCallFunction(c.name, "".join(c.arguments) or "{}"))
+                for _, c in sorted(self.calls.items())]
+
+
+class Folder:
+    """Every choice of one request, by index."""
+
+    def __init__(self) -> None:
+        self.choices: dict[int, FoldedChoice] = {}
+
+    def add(self, delta: Delta) -> None:
+        self.choice(delta.index).add(delta)
+
+    def choice(self, index: int) -> FoldedChoice:
+        return self.choices.setdefault(index, FoldedChoice(index))
+
+    def ordered(self) -> list[FoldedChoice]:
+        return [self.choices[i] for i in sorted(self.choices)]
+
+
+# -- logprobs -------------------------------------------------------------------------------------------
+
+
+def _entry(logprob: TokenLogprob) -> LogprobEntry:
+    return LogprobEntry(
+        token=logprob.token, logprob=logprob.logprob, bytes=list(logprob.token_bytes),
+        top_logprobs=[TopLogprobEntry(t.token, t.logprob, list(t.token_bytes)) for t in logprob.top],
+    )
+
+
+def chat_logprobs(logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], wanted: bool) -> ChoiceLogprobs | None:
+    return ChoiceLogprobs(content=[_entry(lp) for lp in logprobs]) if wanted else None
+
+
+def completion_logprobs(
+    logprobs: list[TokenLogprob] | tuple[TokenLogprob, ...], wanted: bool, offset: int = 0
+) -> CompletionLogprobsBody | None:
+    """The legacy shape; `offset` is where these tokens' text starts in the choice's text."""
+    if not wanted:
+        return None
+    offsets = []
+    for lp in logprobs:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobsBody(
+        tokens=[lp.token for lp in logprobs], token_logprobs=[lp.logprob for lp in logprobs],
+        top_logprobs=[{t.token: t.logprob for t in lp.top} for lp in logprobs], text_offset=offsets,
+    )
+
+
+# -- chat -----------------------------------------------------------------------------------------------
+
+
+def chat_completion(meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage, logprobs: bool) -> ChatCompletion:
+    return ChatCompletion(
+        id=meta.id, created=meta.created, model=meta.model, usage=usage,
+        choices=[ChatChoice(index=c.index, message=_reply(c), logprobs=chat_logprobs(c.logprobs, logprobs),
+                            finish_reason=public_finish_reason(c.finish_reason)) for c in choices],
+    )
+
+
+def _reply(choice: FoldedChoice) -> AssistantReply:
+    calls = choice.tool_calls()
+    text = "".join(choice.text)
+    if calls:
+        return AssistantReply(role="assistant", content=text or None, tool_calls=calls)
+    return AssistantReply(role="assistant", content=text)
+
+
+def chat_chunk(meta: ResponseMeta, choice: ChunkChoice) -> ChatCompletionChunk:
+    return ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[choice])
+
+
+def chat_opening_chunk(meta: ResponseMeta, index: int) -> ChatCompletionChunk:
+    return chat_chunk(meta, ChunkChoice(index=index, delta=ChunkDelta(role="assistant", content="")))
+
+
+def chat_delta_chunk(meta: ResponseMeta, delta: Delta, logprobs: bool) -> ChatCompletionChunk | None:
+    if not delta.text and not delta.tool_calls and not delta.logprobs:
+        return None
+    body = ChunkDelta(content=delta.text if delta.text or not delta.tool_calls else UNSET,
+                      tool_calls=_chunk_calls(delta.tool_calls) if delta.tool_calls else UNSET)
+    return chat_chunk(meta, ChunkChoice(index=delta.index, delta=body,
+                                        logprobs=chat_logprobs(delta.logprobs, logprobs)))
+
+
+def _chunk_calls(pieces: tuple[ToolCallDelta, ...]) -> list[ChunkToolCall]:
+    """One entry per call in this chunk: a call's first piece names it (id, type, name), later pieces only
+    add argument text; pieces of one call that came together are joined."""
+    calls: list[ChunkToolCall] = []
+    for piece in pieces:
+        if calls and calls[-1].index == piece.index and piece.id is None:
+            previous = calls[-1].function
+            joined = (previous.arguments if previous.arguments is not UNSET else "") + piece.arguments
+            calls[-1] = ChunkToolCall(index=piece.index, id=calls[-1].id, type=calls[-1].type,
+                                      function=ChunkFunction(previous.name, joined))
+        elif piece.id is not None:
+            calls.append(ChunkToolCall(index=piece.index, id=piece.id, type="function",
+                                       function=ChunkFunction(piece.name or "", piece.arguments)))
+        else:
+            calls.append(ChunkToolCall(index=piece.index, function=ChunkFunction(arguments=piece.arguments)))
+    return calls
+
+
+def chat_closing_chunk(meta: ResponseMeta, index: int, finish_reason: str) -> ChatCompletionChunk:
+    return chat_chunk(meta, ChunkChoice(index=index, delta=ChunkDelta(),
+                                        finish_reason=public_finish_reason(finish_reason)))
+
+
+def chat_usage_chunk(meta: ResponseMeta, usage: Usage) -> ChatCompletionChunk:
+    return ChatCompletionChunk(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage)
+
+
+# -- legacy completions -----------------------------------------------------------------------------------
+
+
+def completion(meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage, logprobs: bool) -> Completion:
+    return Completion(
+        id=meta.id, created=meta.created, model=meta.model, usage=usage,
+        choices=[CompletionChoice(index=c.index, text="".join(c.text),
+                                  logprobs=completion_logprobs(c.logprobs, logprobs),
+                                  finish_reason=public_finish_reason(c.finish_reason)) for c in choices],
+    )
+
+
+def completion_chunk(meta: ResponseMeta, index: int, text: str, logprobs: CompletionLogprobsBody | None = None,
+                     finish_reason: str | None = None) -> Completion:
+    return Completion(id=meta.id, created=meta.created, model=meta.model,
+                      choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
+                                                finish_reason=finish_reason)])
+
+
+def completion_usage_chunk(meta: ResponseMeta, usage: Usage) -> Completion:
+    return Completion(id=meta.id, created=meta.created, model=meta.model, choices=[], usage=usage)

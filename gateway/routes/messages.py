@@ -1,0 +1,70 @@
+"""POST /v1/messages and POST /v1/messages/count_tokens (Anthropic's Messages API)
+
+Every error of these routes, validation and authentication included, is in Anthropic's shape: the route
+handlers carry their own exception handlers (gateway/error_handlers.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, post
+from litestar.openapi import ResponseSpec
+from litestar.response import Stream
+
+from gateway import convert_anthropic, error_handlers
+from gateway.lifecycle import GatewayRuntime
+from gateway.protocol_anthropic import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
+from gateway.routes import responses
+from gateway.routes.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
+
+_ANTHROPIC_ERRORS = error_handlers.exception_handlers(error_handlers.anthropic_response)
+_OK = ResponseSpec(
+    Message, generate_examples=False,
+    description="The message; with `stream: true`, `text/event-stream` of `event: <type>` + `data: <event>` "
+                "pairs (message_start, ping, content_block_start/delta/stop, message_delta, message_stop)",
+)
+
+
+@post(
+    "/v1/messages",
+    status_code=200,
+    operation_id="createMessage",
+    summary="Create a message (Anthropic Messages API)",
+    description="Anthropic's Messages API: text, client tools (tool_use / tool_result), streaming events; "
+                "errors in Anthropic's shape. `x-api-key` is accepted as the API key.",
+    tags=["Anthropic"],
+    responses={**responses.ANTHROPIC_GENERATION, 200: _OK},
+    exception_handlers=_ANTHROPIC_ERRORS,
+)
+async def create_message(request: Request[Any, Any, Any], data: MessageCreateRequest) -> Response[Message] | Stream:
+    runtime: GatewayRuntime = request.app.state.runtime
+    request_id = exchange_id(request)
+    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
+    command = convert_anthropic.to_generate(data, request_id, runtime.settings.test_faults)
+    message_id = f"msg_{request_id}"
+    exchange = await start(runtime, request, command)
+    if data.stream:
+        renderer = convert_anthropic.MessageStream(message_id, data.model, exchange.prompt_tokens,
+                                                   exchange.cached_tokens)
+        return streaming(exchange, stream_reply(exchange, renderer))
+    reply, finished = await folded(exchange, fold_reply(exchange))
+    return Response(convert_anthropic.message(message_id, data.model, reply, finished))
+
+
+@post(
+    "/v1/messages/count_tokens",
+    status_code=200,
+    operation_id="countMessageTokens",
+    summary="Count the input tokens of a message request",
+    description="The prompt tokens the same request to /v1/messages would run with (its model's chat template, "
+                "tools included), counted by the engine without generating; loads the model if needed.",
+    tags=["Anthropic"],
+    responses={**responses.ANTHROPIC_GENERATION, 200: ResponseSpec(CountTokensResponse, generate_examples=False)},
+    exception_handlers=_ANTHROPIC_ERRORS,
+)
+async def count_message_tokens(request: Request[Any, Any, Any], data: CountTokensRequest) -> CountTokensResponse:
+    runtime: GatewayRuntime = request.app.state.runtime
+    runtime.resolve(data.model)
+    command = convert_anthropic.to_generate(data, exchange_id(request))
+    return CountTokensResponse(await runtime.count_prompt(command))
