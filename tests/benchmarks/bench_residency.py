@@ -6,8 +6,8 @@ what the first request after a load waits. Prints markdown tables.
           recorded; the table compares the gaps between chunks before, during and after the load. The
           longest gap during the load is the pause the load caused.
   ttft    For one model (`--shape` or `--model`): a fresh server loads it through the admin API (the call
-          returns when the model is ready), then two streaming requests are timed. With warm-up (the
-          default) the first request should wait no longer than the second; `--compare` runs once more with
+          returns when the model is ready), then two streaming requests are timed. With warm-up the first
+          request should wait no longer than the second; `--compare` runs once more with
           `--no-model-warmup`, to show what the first request pays without it (kernel compilation on CUDA).
 
 The server is `python -m gateway.cli serve` run from `--repo` (default: this checkout), so an export of
@@ -167,7 +167,10 @@ def cmd_pause(args: argparse.Namespace) -> None:
 def cmd_ttft(args: argparse.Namespace) -> None:
     folder = Path(args.model) if args.model else ensure_model(args.shape, args.model_dir)
     models_dir, model = folder.parent, folder.name
-    runs = [("with warm-up", [])] + ([("without warm-up", ["--no-model-warmup"])] if args.compare else [])
+    # Explicit both ways: the default warms up on a GPU only.
+    runs = [("with warm-up", ["--model-warmup"])]
+    if args.compare:
+        runs.append(("without warm-up", ["--no-model-warmup"]))
     print(f"\n### First request after a load: `{model}`\n")
     print("| run | load s | warm-up s | 1st TTFT s | 2nd TTFT s | 1st wall s |")
     print("| --- | --- | --- | --- | --- | --- |")

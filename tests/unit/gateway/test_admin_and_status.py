@@ -142,3 +142,20 @@ def _engine() -> Any:
     from gateway.protocol import EngineHealth
 
     return EngineHealth(state="up", pid=1, restarts=0, device="cpu", last_exit=None, seconds_since_progress=None)
+
+
+def test_tokens_per_second_is_the_token_counter_s_rate(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import lifecycle, metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: clock[0])
+    runtime = GatewayRuntime(Settings(), FakeEngine(), ModelRegistry((), None, False))
+    assert runtime.tokens_per_second() is None  # one sample: no rate yet
+    metrics.GENERATION_TOKENS.labels("rate-test").inc(50)
+    clock[0] += 2.0
+    assert runtime.tokens_per_second() == pytest.approx(25.0)
+    clock[0] += 20.0  # quiet since: the burst is out of the window
+    assert runtime.tokens_per_second() == 0.0
+    metrics.GENERATION_TOKENS.labels("rate-test").inc(30)
+    clock[0] += 3.0
+    assert runtime.tokens_per_second() == pytest.approx(30 / 23)  # since the last sample before the window
