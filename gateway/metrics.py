@@ -93,10 +93,10 @@ MODEL_WARMUP_SECONDS = Histogram(
 )
 MODELS_PINNED = Gauge(_P + "models_pinned", "Loaded models that are pinned.", registry=REGISTRY)
 MODEL_LOAD_BYTES_READ = Gauge(
-    _P + "model_load_bytes_read", "Weight bytes read so far by the load in progress (0: none).", registry=REGISTRY
+    _P + "model_load_read_bytes", "Weight bytes read so far by the load in progress (0: none).", registry=REGISTRY
 )
-MODEL_LOAD_BYTES_TOTAL = Gauge(
-    _P + "model_load_bytes_total", "Weight bytes of the load in progress (0: none).", registry=REGISTRY
+MODEL_LOAD_BYTES_TOTAL = Gauge(  # not "_total": promtool keeps that suffix for counters
+    _P + "model_load_size_bytes", "Weight bytes of the load in progress (0: none).", registry=REGISTRY
 )
 ENGINE_UP = Gauge(_P + "engine_up", "1 while the engine process is up and answering.", registry=REGISTRY)
 ENGINE_STALLED = Gauge(
