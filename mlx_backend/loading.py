@@ -67,6 +67,7 @@ class StagedLoad:
         self.stage: Stage = "reading"
         self.started = time.monotonic()
         self.warmup_s: float | None = None
+        self.longest_piece: tuple[float, str] = (0.0, "")  # the MLX thread's longest call here, and its stage
         self.bytes_loaded = 0
         self._files = loader._weight_files(entry)
         self.bytes_total = sum(_file_size(f) for f in self._files)
@@ -133,7 +134,15 @@ class StagedLoad:
     def advance(self, budget_s: float) -> LoadedArtifacts | None:
         """Work for about `budget_s` (at least one piece); the artifacts when the load is complete.
         Raises EngineError naming the cause."""
-        deadline = time.monotonic() + budget_s
+        started, stage = time.monotonic(), self.stage
+        try:
+            return self._advance(started + budget_s)
+        finally:
+            took = time.monotonic() - started
+            if took > self.longest_piece[0]:
+                self.longest_piece = (took, stage)
+
+    def _advance(self, deadline: float) -> LoadedArtifacts | None:
         try:
             if self.stage == "reading":
                 if self._reader.is_alive():
@@ -209,9 +218,10 @@ class StagedLoad:
     def _artifacts(self) -> LoadedArtifacts:
         assert self._config is not None
         context = self.entry.context_length or context_length_of(self._config)
-        log.info("loaded %s (%.1f MB, context %s) in %.1fs%s", self.entry.id, self.size / 1e6, context,
-                 time.monotonic() - self.started,
-                 f", warm-up {self.warmup_s:.2f}s" if self.warmup_s is not None else "")
+        log.info("loaded %s (%.1f MB, context %s) in %.1fs%s; longest piece on the MLX thread %.0f ms (%s)",
+                 self.entry.id, self.size / 1e6, context, time.monotonic() - self.started,
+                 f", warm-up {self.warmup_s:.2f}s" if self.warmup_s is not None else "",
+                 self.longest_piece[0] * 1000, self.longest_piece[1])
         return LoadedArtifacts(self._model, self._tokenizer, self._config, self.size, context)
 
     def _drop(self) -> None:

@@ -81,10 +81,11 @@ def server(repo: Path, models_dir: Path, args: list[str], log: Path) -> Iterator
                 proc.wait()
 
 
-def prompt_of(words: int) -> str:
+def prompt_of(words: int, start: int = 0) -> str:
+    """`words` words; a different `start` shares no prefix (no prefix-cache hit between the two)."""
     vocabulary = ["the", "model", "reads", "this", "prompt", "and", "answers", "with", "a", "long", "story",
                   "about", "water", "and", "light"]
-    return " ".join(vocabulary[i % len(vocabulary)] for i in range(words))
+    return " ".join(vocabulary[(start + i) % len(vocabulary)] for i in range(words))
 
 
 def stream(url: str, model: str, prompt: str, max_tokens: int, arrivals: list[float] | None = None,
@@ -181,7 +182,7 @@ def cmd_ttft(args: argparse.Namespace) -> None:
             described = admin(url, "load", model)
             load_s = time.monotonic() - started
             first = stream(url, model, prompt_of(args.prompt_words), args.max_tokens)
-            second = stream(url, model, prompt_of(args.prompt_words + 1), args.max_tokens)
+            second = stream(url, model, prompt_of(args.prompt_words, start=7), args.max_tokens)
         warm = described.get("warmup_s")
         print(f"| {name} | {load_s:.2f} | {warm if warm is not None else '-'} | {first['ttft_s']:.3f} | "
               f"{second['ttft_s']:.3f} | {first['wall_s']:.2f} |")
@@ -208,7 +209,7 @@ def main() -> None:
     ttft.add_argument("--shape", default="small")
     ttft.add_argument("--model", help="an existing model folder instead of a --shape")
     ttft.add_argument("--compare", action="store_true", help="also run without the warm-up")
-    ttft.add_argument("--prompt-words", type=int, default=64)
+    ttft.add_argument("--prompt-words", type=int, default=32)
     ttft.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
     args.work_dir.mkdir(parents=True, exist_ok=True)
