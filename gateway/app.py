@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -15,6 +16,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from gateway import error_handlers, metrics, openapi, security
+from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
 from gateway.routes import admin
@@ -71,12 +73,13 @@ class RequestContextMiddleware:
         status = 500
         started = time.monotonic()
 
-        async def send_with_id(message: Message) -> None:
+        def send_with_id(message: Message) -> Awaitable[None]:
+            # A plain function handing back the server's awaitable: no coroutine of ours per body chunk.
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
@@ -87,6 +90,42 @@ class RequestContextMiddleware:
                 log.warning("%s %s -> %d in %.3fs", scope["method"], scope["path"], status,
                             time.monotonic() - started)
             request_id_var.reset(token)
+
+
+class BodyTimeoutMiddleware:
+    """A client that pauses longer than `timeout_s` while sending its body gets 408 and loses the connection.
+
+    Granian times the headers only: a client gone quiet halfway through its body (a laptop closed on Wi-Fi,
+    a stalled proxy) would otherwise hold its connection and handler forever, since a server that only reads
+    never learns that its peer vanished. The pause between two body messages is timed, not the whole body
+    (as nginx's client_body_timeout), so a slow but steady upload passes. Once the body is in, `receive` only
+    waits for a disconnect, untimed.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.timeout_s <= 0:
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+
+        async def receive_in_time() -> Message:
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                # Raised where Litestar reads the body, so its exception handlers answer (408, our shape).
+                raise GatewayError(ErrorKind.BODY_TIMEOUT, f"The request body stopped arriving: nothing came for "
+                                   f"{self.timeout_s:g}s. Send the whole body without pausing.") from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, receive_in_time, send)
 
 
 def create_app(runtime: GatewayRuntime) -> Litestar:
@@ -128,5 +167,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
 
 
 def create_asgi_app(runtime: GatewayRuntime) -> ASGIApp:
-    """What Granian serves: the Litestar app inside the request-context middleware."""
-    return RequestContextMiddleware(cast(ASGIApp, create_app(runtime)))
+    """What Granian serves: the Litestar app inside the body timeout, inside the request-context middleware
+    (so a 408 carries a request id and is counted)."""
+    app = BodyTimeoutMiddleware(cast(ASGIApp, create_app(runtime)), runtime.settings.body_timeout_s)
+    return RequestContextMiddleware(app)

@@ -39,6 +39,7 @@ class ErrorKind(enum.Enum):
     RESPONSE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "response_not_found")  # GET /v1/responses/{id}
     PREVIOUS_RESPONSE_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "previous_response_not_found")
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_allowed")
+    BODY_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_body_timeout")
     MODEL_BUSY = ErrorSpec(409, "invalid_request_error", "model_busy")  # admin unload of a model in use
     BODY_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type")
@@ -62,6 +63,7 @@ ANTHROPIC_TYPES: dict[int, str] = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "invalid_request_error",
     413: "request_too_large",
     415: "invalid_request_error",
@@ -122,6 +124,8 @@ class GatewayError(Exception):
     def headers(self) -> dict[str, str]:
         if self.kind is ErrorKind.UNAUTHORIZED:
             return {"WWW-Authenticate": self.challenge}  # a 401 names its scheme (RFC 9110 11.6.1)
+        if self.kind is ErrorKind.BODY_TIMEOUT:
+            return {"Connection": "close"}  # the rest of the body may still come: the connection is done
         retry = self.kind.value.retry_after_s
         return {"Retry-After": str(retry)} if retry is not None else {}
 

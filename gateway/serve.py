@@ -21,7 +21,9 @@ from granian.server.embed import Server
 from gateway import logs, sdnotify, security
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime, MetricsObserver
+from gateway.placement import pin_this_process, plan
 from gateway.settings import Settings
+from mlx_backend import timeline
 from mlx_backend.engine import EngineClient, SupervisionPolicy
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
 from mlx_backend.residency import parse_override
@@ -40,7 +42,7 @@ _GRANIAN_LOGS_THROUGH_OURS = {
 }
 
 
-def build_runtime(settings: Settings) -> GatewayRuntime:
+def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset()) -> GatewayRuntime:
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
     registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model,
                              allowed=settings.allowed_models)
@@ -59,6 +61,8 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
         pinned=settings.pin_models,
         warmup=settings.model_warmup,
         test_read_delay_s=settings.test_read_delay_s,
+        trace_tokens=str(settings.trace_tokens) if settings.trace_tokens else None,
+        cpu_affinity=tuple(sorted(engine_cpus)),
     )
     policy = SupervisionPolicy(
         stall_timeout_s=settings.stall_timeout_s,
@@ -68,6 +72,10 @@ def build_runtime(settings: Settings) -> GatewayRuntime:
     observer = MetricsObserver()
     engine = EngineClient(config, observer, policy)
     return GatewayRuntime(settings, engine, registry, observer)
+
+
+def _cpus(cpus: frozenset[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
 
 
 class _PidFile:
@@ -89,7 +97,11 @@ class _PidFile:
 
 
 async def _serve(settings: Settings) -> int:
-    runtime = build_runtime(settings)
+    placement = plan(settings.engine_cpus)
+    if placement:  # before Granian starts its threads: they inherit the mask
+        pin_this_process(placement[1])
+        log.info("CPU placement: engine on %s, gateway on %s", _cpus(placement[0]), _cpus(placement[1]))
+    runtime = build_runtime(settings, placement[0] if placement else frozenset())
     server = Server(
         create_asgi_app(runtime),
         address=settings.host,
@@ -182,5 +194,10 @@ def run(settings: Settings) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
-    with _PidFile(settings.pid_file):
-        return asyncio.run(_serve(settings))
+    if settings.trace_tokens:
+        log.warning("per-token timeline on (benchmarks only): %s", timeline.start(settings.trace_tokens, "gateway"))
+    try:
+        with _PidFile(settings.pid_file):
+            return asyncio.run(_serve(settings))
+    finally:
+        timeline.stop()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.placement import plan
 from mlx_backend.residency import parse_override
 
 ENV_PREFIX = "MLX_GATEWAY_"
@@ -93,6 +94,13 @@ class Settings:
     )
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
     header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
+    body_timeout_s: float = field(
+        default=10.0, metadata={"help": "a client may pause this long while sending its body, else 408 (0: no limit)"}
+    )
+    engine_cpus: str = field(
+        default="", metadata={"help": "Linux: run the engine process on these CPUs ('0-3,8') and the gateway on "
+                                      "the others; empty: no pinning (gateway/placement.py says when it helps)"}
+    )
     engine_restart_budget: int = field(
         default=10, metadata={"help": "engine restarts allowed per hour before the gateway gives up"}
     )
@@ -108,6 +116,10 @@ class Settings:
     test_read_delay_s: float = field(
         default=0.0, metadata={"help": "TEST ONLY (with --test-faults): a model load waits this long per 8 MB "
                                        "it reads, as a slow disk would"}
+    )
+    trace_tokens: Path | None = field(
+        default=None, metadata={"help": "BENCHMARKS ONLY: write a per-token timeline (engine and gateway) into "
+                                        "this folder (docs/benchmarks.md)"}
     )
 
     @property
@@ -138,6 +150,10 @@ class Settings:
             raise ValueError("max_queue must be 0 or more")
         for item in self.model_keep_alive:
             parse_override(item)  # raises ValueError naming the bad entry
+        try:
+            plan(self.engine_cpus)
+        except ValueError as exc:
+            raise ValueError(f"engine_cpus {self.engine_cpus!r}: {exc}") from None
         for entry in self.allowed_hosts:
             if not entry or "/" in entry or any(c.isspace() for c in entry):
                 raise ValueError(f"allowed_hosts entry {entry!r} is not a host name (give 'name', 'name:port', "

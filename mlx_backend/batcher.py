@@ -25,7 +25,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_backend import faults
+from mlx_backend import faults, timeline
 from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.errors import EngineError, EngineErrorCode
@@ -435,6 +435,7 @@ class Batcher:
         try:
             _begin_constrained_step(state.generator)
             _, responses = state.generator.next()
+            timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         except Exception as exc:
             # The generator's state is unknown after a failed step: end its requests and start it over.
             log.exception("a batch step of model %s failed", state.cached.id)
@@ -477,6 +478,7 @@ class Batcher:
         solo = row.solo
         assert solo is not None
         token = solo.next_token(more)
+        timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         if token in state.cached.artifacts.tokenizer.eos_token_ids:
             reason: str | None = "stop"
         elif row.next_is_last:

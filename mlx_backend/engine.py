@@ -22,6 +22,7 @@ from typing import Literal, Protocol
 
 import msgspec
 
+from mlx_backend import timeline
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.ipc import ConnectionClosed
 from mlx_backend.process import EngineProcess, describe_exit
@@ -64,7 +65,10 @@ class EngineRequest:
         self.request_id = request_id
         self._abort = abort
         self._choices_left = choices  # a Finished ends one choice; the request ends with the last
-        self._queue: asyncio.Queue[GenerationEvent | EngineError | Interrupted] = asyncio.Queue()
+        # A deque and one waiter rather than an asyncio.Queue: one producer, one consumer, and this is
+        # the per-token path (a Queue's get/put cost several times more).
+        self._items: deque[GenerationEvent | EngineError | Interrupted] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._held: GenerationEvent | EngineError | Interrupted | None = None  # taken, not handed out yet
         self.ended = False  # the engine is done with it: Finished, Failed, or aborted by its owner
 
@@ -74,24 +78,39 @@ class EngineRequest:
             self._choices_left -= 1
         if isinstance(item, EngineError) or self._choices_left <= 0:
             self.ended = True
-        self._queue.put_nowait(item)
+        self._put(item)
+
+    def _put(self, item: GenerationEvent | EngineError | Interrupted) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next(self) -> GenerationEvent:
         """The next event; raises EngineError when the engine failed it, Interrupted once interrupted.
 
         Deltas already waiting are merged into one: a consumer that falls behind (a slow client, a busy
         event loop) catches up in one chunk instead of one per token, and a fast one is never delayed."""
-        item = self._held if self._held is not None else await self._queue.get()
+        item = self._held
         self._held = None
-        while isinstance(item, Delta) and not self._queue.empty():
-            following = self._queue.get_nowait()
+        if item is None:
+            while not self._items:
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+            item = self._items.popleft()
+        items = self._items
+        while isinstance(item, Delta) and items:
+            following = items[0]
             # Another choice's Delta, and text after a tool-call piece (merged, it would read as coming
             # first), stay Deltas of their own.
             if not isinstance(following, Delta) or following.index != item.index or (
                 item.tool_calls and following.text
             ):
-                self._held = following
                 break
+            items.popleft()
             item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens,
                          item.tool_calls + following.tool_calls, item.logprobs + following.logprobs, item.index)
         if isinstance(item, EngineError | Interrupted):
@@ -104,7 +123,7 @@ class EngineRequest:
         if not self.ended:
             self.ended = True
             self._abort(self.request_id)
-        self._queue.put_nowait(Interrupted())
+        self._put(Interrupted())
 
 
 class EngineState(enum.StrEnum):
@@ -487,22 +506,24 @@ class EngineClient:
         assert process.channel is not None
         with contextlib.suppress(ConnectionClosed):
             while True:
-                event = await process.channel.receive()
-                if isinstance(event, Heartbeat):
-                    self._on_heartbeat(event)
-                elif isinstance(event, ModelControlDone):
-                    self._answer_control(event)
-                elif isinstance(event, ModelEvent):
-                    self._observer.on_model_event(event)
-                elif isinstance(event, Ready):
-                    self._ready = event
-                    self._state = EngineState.UP
-                    self._last_heartbeat_at = time.monotonic()
-                    self._up.set()
-                    log.info("engine ready (pid %d, device %s, mlx %s, mlx-lm %s)",
-                             event.pid, event.device, event.mlx_version, event.mlx_lm_version)
-                else:
-                    self._route(event)
+                for event in await process.channel.receive_many():  # a whole step's frames at once
+                    if isinstance(event, Heartbeat):
+                        self._on_heartbeat(event)
+                    elif isinstance(event, ModelControlDone):
+                        self._answer_control(event)
+                    elif isinstance(event, ModelEvent):
+                        self._observer.on_model_event(event)
+                    elif isinstance(event, Ready):
+                        self._ready = event
+                        self._state = EngineState.UP
+                        self._last_heartbeat_at = time.monotonic()
+                        self._up.set()
+                        log.info("engine ready (pid %d, device %s, mlx %s, mlx-lm %s)",
+                                 event.pid, event.device, event.mlx_version, event.mlx_lm_version)
+                    else:
+                        if timeline.ACTIVE:
+                            _stamp_received(event)
+                        self._route(event)
 
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
         now = time.monotonic()
@@ -545,3 +566,12 @@ class EngineClient:
         request.deliver(event)
         if request.ended:
             del self._requests[event.request_id]
+
+
+def _stamp_received(event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
+    """Timeline: when a request's frame was read and decoded here (records R, keyed as the engine's E)."""
+    if isinstance(event, Delta):
+        timeline.record("R", event.request_id, timeline.count(event.request_id, event.tokens), event.tokens,
+                        timeline.now())
+    elif isinstance(event, Finished | Failed):
+        timeline.forget(event.request_id)

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 import msgspec
 
@@ -33,6 +34,18 @@ def _die_with_parent() -> None:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         pr_set_pdeathsig = 1
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def _child_setup(cpus: tuple[int, ...]) -> Callable[[], None]:
+    """What the child runs before exec: die with the parent, and run on `cpus` from its first instruction
+    (every thread it ever starts inherits the mask)."""
+
+    def setup() -> None:
+        _die_with_parent()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -78,7 +91,7 @@ class EngineProcess:
                 pass_fds=(child_sock.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
                 env=env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(self.config.cpu_affinity),
             )
         finally:
             child_sock.close()

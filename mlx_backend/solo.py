@@ -16,6 +16,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
+from mlx_backend import timeline
+
 # The library's untyped calls, given types once here.
 _async_eval: Callable[..., None] = mx.async_eval
 _token_buffer: Callable[[list[int]], Any] = TokenBuffer
@@ -68,6 +70,7 @@ class SoloGeneration:
         if more:
             self._pending = self._feed(token)
             _async_eval(*self._pending)
+        timeline.mark_launched()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         value = token.item()
         assert isinstance(value, int)
         if more:

@@ -79,6 +79,8 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     pinned: tuple[str, ...] = ()  # loaded at start and never idle-unloaded or evicted
     warmup: bool | None = None  # a short generation after each load, before it serves; None: on a GPU only
     test_read_delay_s: float = 0.0  # test-only (needs allow_fault_injection): a pause per block a load reads
+    cpu_affinity: tuple[int, ...] = ()  # Linux: the CPUs the engine process runs on (empty: any)
+    trace_tokens: str | None = None  # benchmarks only: a folder for the per-token timeline (mlx_backend/timeline.py)
 
 
 class LoadedModel(msgspec.Struct, frozen=True):

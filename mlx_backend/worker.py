@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import msgspec
 
+from mlx_backend import timeline
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.ipc import ConnectionClosed, EngineSide
 from mlx_backend.registry import ModelRegistry
@@ -49,10 +50,12 @@ from mlx_backend.types import (
     Failed,
     Generate,
     Heartbeat,
+    Loading,
     ModelControl,
     PromptCount,
     Ready,
     Shutdown,
+    Started,
 )
 
 if TYPE_CHECKING:
@@ -84,17 +87,37 @@ def _set_process_name() -> None:
 
 
 class Channel:
-    """The socket, with one rule: if the gateway is gone, so are we."""
+    """The socket, with one rule: if the gateway is gone, so are we.
+
+    The MLX thread's events (`emit`) go out together at the end of each loop pass (`flush`): one frame
+    write per step, not one per row. Loading and Started go at once: a model load or a prefill may follow.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self._side = EngineSide(sock)
 
     def send(self, event: Event) -> None:
+        """Now, from any thread (the heartbeat thread's way)."""
         try:
             self._side.send(event)
         except OSError as exc:
-            log.error("cannot write to the gateway (%s); exiting", exc)
-            _exit(1)
+            self._gone(exc)
+
+    def emit(self, event: Event) -> None:
+        """The MLX thread's events, in order, sent by the next `flush`."""
+        self._side.hold(event)
+        if isinstance(event, Loading | Started):
+            self.flush()
+
+    def flush(self) -> None:
+        try:
+            self._side.flush()
+        except OSError as exc:
+            self._gone(exc)
+
+    def _gone(self, exc: OSError) -> None:
+        log.error("cannot write to the gateway (%s); exiting", exc)
+        _exit(1)
 
     def read_forever(self, inbox: queue.Queue[Command]) -> None:
         try:
@@ -109,6 +132,7 @@ class Channel:
 
 
 def _exit(code: int) -> None:
+    timeline.stop()
     logging.shutdown()
     os._exit(code)
 
@@ -141,6 +165,8 @@ def _version(package: str) -> str:
 def serve(channel: Channel, config: EngineConfig) -> int:
     """Run the MLX loop until Shutdown; returns the exit code."""
     inbox: queue.Queue[Command] = queue.Queue()
+    if config.trace_tokens:
+        log.info("per-token timeline on: %s", timeline.start(config.trace_tokens, "engine"))
     threading.Thread(target=channel.read_forever, args=(inbox,), name="ipc-reader", daemon=True).start()
     # Ready as soon as MLX is up; mlx-lm and transformers take a second or two more to import, during
     # which heartbeats already flow and commands wait in the inbox.
@@ -169,9 +195,9 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                        keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
                        warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
                        read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0)
-    cache.on_event = channel.send
-    batcher = Batcher(config, cache, channel.send)
-    controls = Controls(cache, channel.send, batcher.busy_models, batcher.heartbeat)
+    cache.on_event = channel.emit
+    batcher = Batcher(config, cache, channel.emit)
+    controls = Controls(cache, channel.emit, batcher.busy_models, batcher.heartbeat)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)
@@ -210,12 +236,14 @@ def serve(channel: Channel, config: EngineConfig) -> int:
             log.exception("unexpected error in the MLX loop")
             with contextlib.suppress(Exception):
                 batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
+        finally:
+            channel.flush()  # this pass's events, in one write
 
 
 def _answered(channel: Channel, answer: PromptCount | Failed | None) -> bool:
     if answer is None:
         return False
-    channel.send(answer)
+    channel.emit(answer)
     return True
 
 

@@ -27,6 +27,7 @@ from gateway.lifecycle import GatewayRuntime, new_request_id
 from gateway.protocol import Usage
 from gateway.render import FoldedChoice, Folder, ResponseMeta
 from gateway.reply import Reply, Step
+from mlx_backend import timeline
 from mlx_backend.types import Delta, Finished, Generate
 
 T = TypeVar("T")
@@ -66,12 +67,16 @@ async def start(runtime: GatewayRuntime, request: Request[Any, Any, Any], comman
 
 
 def streaming(exchange: Exchange, body: AsyncIterator[bytes]) -> Stream:
+    if timeline.ACTIVE:
+        timeline.record("Q", exchange.id, 1, int(exchange.arrived_at * 1e9))  # monotonic, as the stamps
     exchange.stop_watching()  # the streaming response watches the connection from here
     return Stream(body, media_type="text/event-stream", headers=sse.HEADERS,
                   background=BackgroundTask(exchange.close))
 
 
 async def folded(exchange: Exchange, body: Awaitable[T]) -> T:
+    if timeline.ACTIVE:
+        timeline.record("Q", exchange.id, 0, int(exchange.arrived_at * 1e9))
     try:
         return await body
     finally:
@@ -102,12 +107,20 @@ async def _stream(
             opening = renderer.opening(meta, index)
             if opening is not None:
                 yield sse.event(opening)
+        texts = 0
         while not exchange.complete:
             event = await exchange.next()
             if isinstance(event, Finished):
                 yield sse.event(renderer.closing(meta, event.index, event.finish_reason))
             elif (chunk := renderer.delta(meta, event)) is not None:
-                yield sse.event(chunk)
+                data = sse.event(chunk)
+                if not timeline.ACTIVE:
+                    yield data
+                    continue
+                handed = timeline.now()
+                yield data  # Litestar sends it; we resume once its `send` has returned
+                timeline.record("H", exchange.id, texts, exchange.completion_tokens, handed, timeline.now())
+                texts += 1
         if include_usage:
             yield sse.event(renderer.usage(meta, exchange.usage()))
         yield sse.DONE
@@ -133,6 +146,8 @@ async def _fold(exchange: Exchange, meta: ResponseMeta, renderer: Renderer) -> A
             folder.choice(event.index).finish_reason = event.finish_reason
         else:
             folder.add(event)
+    if timeline.ACTIVE:
+        timeline.record("D", exchange.id, timeline.now())
     return renderer.whole(meta, folder.ordered(), exchange.usage())
 
 

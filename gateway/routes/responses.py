@@ -20,6 +20,7 @@ def _generation(body: type[Any]) -> dict[int, ResponseSpec]:
         500: error("Internal error; the message carries the request id", body),
         404: error("No such model (code model_not_found)", body),
         400: error("Invalid or unsupported parameter, or a prompt longer than the context", body),
+        408: error("The body stopped arriving for longer than the body timeout; the connection is closed", body),
         413: error("Request body too large", body),
         415: error("The body is not sent as Content-Type: application/json", body),
         429: error("At capacity: retry after Retry-After seconds", body),

@@ -89,6 +89,7 @@ class _Quiet:
     def on_heartbeat(self, heartbeat: Heartbeat) -> None: ...
     def on_restart(self, reason: str) -> None: ...
     def on_cancelled(self, finished: Finished) -> None: ...
+    def on_down(self, reason: str) -> None: ...
 
 
 async def timed_engine_process(model_dir: Path, batches: list[int], max_tokens: int) -> dict[int, float]:
@@ -102,7 +103,8 @@ async def timed_engine_process(model_dir: Path, batches: list[int], max_tokens: 
 
     async def one(rid: str) -> int:
         tokens = 0
-        async for event in client.generate(Generate(rid, model_dir.name, params, prompt=PROMPT)):
+        request = client.submit(Generate(rid, model_dir.name, params, prompt=PROMPT))
+        while not isinstance(event := await request.next(), Finished):
             if isinstance(event, Delta):
                 tokens += event.tokens
         return tokens

@@ -137,6 +137,10 @@ def spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) ->
             },
         )
     _STARTED.append(proc)
+    pids_file = os.environ.get("BENCH_PIDS_FILE")  # a caller that must be able to clean up after a SIGKILL
+    if pids_file:
+        with open(pids_file, "a") as out:
+            out.write(f"{proc.pid}\n")
     return proc
 
 

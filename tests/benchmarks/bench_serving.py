@@ -24,6 +24,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -117,6 +118,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     out = parser.add_argument_group("output")
     out.add_argument("--work-dir", type=Path, default=None, help="logs and raw results (default: under /tmp)")
     out.add_argument("--out", type=Path, default=None, help="markdown table here, JSON beside it (.json)")
+    out.add_argument("--repeat", type=int, default=1,
+                     help="run the whole comparison this many times in a row (each with its own ceiling) and "
+                     "print the median per level")
+    out.add_argument("--merge", type=Path, nargs="+", default=None,
+                     help="print the median table of results saved by earlier runs (their .json) and exit")
     args = parser.parse_args(argv)
     args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     for name in args.servers:
@@ -593,16 +599,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_once(args: argparse.Namespace, argv: list[str] | None) -> tuple[dict[str, Any], bool]:
+    """One full comparison (ceiling, then each server) into args.work_dir; (result, interrupted)."""
     args.work_dir.mkdir(parents=True, exist_ok=True)
-
-    def on_sigterm(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # Explicitly: a shell's background job inherits SIGINT ignored, and Python then never raises.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    partial_reports.clear()
     started = time.monotonic()
     result: dict[str, Any] = {
         "started": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -623,24 +623,124 @@ def main(argv: list[str] | None = None) -> int:
         interrupted = True
         result["servers"] += partial_reports
         log("interrupted: stopping every process this run started; the table holds what finished")
+    except RuntimeError as exc:  # the ceiling failed: this run has no table, a later one may
+        result["error"] = str(exc)
+        log(f"run failed: {exc}")
     finally:
         stop_all()
     result["duration_s"] = time.monotonic() - started
     result["interrupted"] = interrupted
     result.setdefault("ceiling", {})
-
-    if "ceiling" in result:  # the prompt vocabulary is an input, not a result
-        result["ceiling"]["words"] = len(result["ceiling"].get("words", []))
-    rows = table_rows(result)
-    print(text_table(rows))
-    markdown = render_markdown(result)
+    result["ceiling"]["words"] = len(result["ceiling"].get("words", []))  # an input, not a result
+    print(text_table(table_rows(result)), flush=True)
     (args.work_dir / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.work_dir / "result.md").write_text(markdown)
+    (args.work_dir / "result.md").write_text(render_markdown(result))
+    log(f"run done in {result['duration_s']:.0f}s; raw results and logs in {args.work_dir}")
+    return result, interrupted
+
+
+# --- several runs: the median ---------------------------------------------------------------------
+
+MEDIAN_HEADER = ["server", "conc.", "runs", "tok/s (median)", "ceiling tok/s (median)", "ratio (median)",
+                 "ratio (each run)", "TTFT p50 ms (median)", "failed (all runs)", "429 (all runs)"]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def median_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    """Per server and level, the median over runs of tok/s and of the ratio to that same run's ceiling."""
+    cells: dict[tuple[str, int], dict[str, list[float]]] = {}
+    order: list[tuple[str, int]] = []
+    for result in results:
+        ceiling = result.get("ceiling", {})
+        max_running = result["args"]["max_running"]
+        for server in result.get("servers", []):
+            for level in server["levels"]:
+                key = (server["server"], level["concurrency"])
+                if key not in cells:
+                    cells[key] = {"tok_s": [], "ceiling": [], "ratio": [], "ttft": [], "failed": [], "429": []}
+                    order.append(key)
+                cell = cells[key]
+                cell["tok_s"].append(level["tok_s"])
+                ceil = ceiling_for(ceiling, level["concurrency"], max_running)
+                if ceil:
+                    cell["ceiling"].append(ceil)
+                    cell["ratio"].append(level["tok_s"] / ceil)
+                if level["ttft_p50_s"] is not None:
+                    cell["ttft"].append(level["ttft_p50_s"])
+                cell["failed"].append(level["failed"])
+                cell["429"].append(level["rate_limited"])
+    rows = []
+    for key in order:
+        cell = cells[key]
+        ratio = _median(cell["ratio"])
+        rows.append([key[0], str(key[1]), str(len(cell["tok_s"])), fmt_num(_median(cell["tok_s"])),
+                     fmt_num(_median(cell["ceiling"])), "-" if ratio is None else f"{ratio:.2f}",
+                     " ".join(f"{r:.2f}" for r in cell["ratio"]) or "-", fmt_ms(_median(cell["ttft"])),
+                     str(int(sum(cell["failed"]))), str(int(sum(cell["429"])))])
+    return rows
+
+
+def median_markdown(results: list[dict[str, Any]]) -> str:
+    rows = median_rows(results)
+    lines = [f"### Median of {len(results)} runs", "",
+             *[f"- Run {i + 1}: {r.get('started', '?')}, {r.get('duration_s', 0):.0f}s, ceiling c=1 "
+               f"{fmt_num(ceiling_for(r.get('ceiling', {}), 1, r['args']['max_running']))} tok/s"
+               + (f"; error: {r['error'][:200]}" if r.get("error") else "") for i, r in enumerate(results)],
+             "", "| " + " | ".join(MEDIAN_HEADER) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(MEDIAN_HEADER) - 1)) + "|",
+             *["| " + " | ".join(r) + " |" for r in rows]]
+    return "\n".join(lines) + "\n"
+
+
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Results saved by earlier runs (a single run's JSON, or a --repeat file with "runs")."""
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        runs += data.get("runs", [data])
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def on_sigterm(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    # Explicitly: a shell's background job inherits SIGINT ignored, and Python then never raises.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if args.merge:
+        print(median_markdown(load_runs(args.merge)))
+        return 0
+    base = args.work_dir
+    runs: list[dict[str, Any]] = []
+    interrupted = False
+    for index in range(args.repeat):
+        if args.repeat > 1:
+            args.work_dir = base / f"run-{index + 1}"
+            log(f"run {index + 1} of {args.repeat}")
+        result, interrupted = run_once(args, argv)
+        runs.append(result)
+        if interrupted:
+            break
+    args.work_dir = base
+    if args.repeat == 1:
+        document: dict[str, Any] = runs[0]
+        markdown = render_markdown(runs[0])
+    else:
+        document = {"runs": runs}
+        markdown = "\n".join(render_markdown(r) for r in runs) + "\n" + median_markdown(runs)
+        print("\n" + median_markdown(runs))
+        (base / "result.json").write_text(json.dumps(document, indent=1, default=str))
+        (base / "result.md").write_text(markdown)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(markdown)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
-    log(f"done in {result['duration_s']:.0f}s; raw results and logs in {args.work_dir}")
+        args.out.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str))
     return 130 if interrupted else 0
 
 

@@ -1,9 +1,11 @@
-"""The worst clients: disconnects by the hundred, slow headers by the hundred, absurd input.
-Each gets its own consequence; other clients do not notice."""
+"""The worst clients: disconnects by the hundred, slow headers by the hundred, bodies that stop halfway,
+absurd input. Each gets its own consequence; other clients do not notice."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -110,6 +112,46 @@ def test_200_slow_header_connections_are_cut_while_health_stays_fast(start_serve
     assert max(cut_after) < 2 + 1.0, sorted(cut_after)[-5:]  # each closed by the 2 s header timeout
     p99 = statistics.quantiles(latencies, n=100)[98]
     assert p99 < 0.1, f"/health p99 {p99 * 1000:.1f} ms"
+
+
+def _send_in_pieces(port: int, pieces: list[bytes], pause_s: float) -> tuple[bytes, float]:
+    """Send a request piece by piece, pausing between pieces; read the answer until the server closes
+    (5 s at most: a server that never closes fails the read). Returns the answer and the seconds it took
+    after the last piece."""
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for index, piece in enumerate(pieces):
+            if index:
+                time.sleep(pause_s)
+            sock.sendall(piece)
+        sent, answer = time.monotonic(), b""
+        sock.settimeout(5)
+        while chunk := sock.recv(65536):
+            answer += chunk
+        return answer, time.monotonic() - sent
+
+
+def _chat_request(body: bytes) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def test_a_body_that_stops_halfway_gets_408_and_the_connection_closes_but_a_slow_steady_one_is_served(
+    start_server: StartServer, models_dir: Path
+) -> None:
+    server = start_server("--models-dir", str(models_dir), "--body-timeout-s", "1")
+    server.wait_ready()
+    request = _chat_request(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 2}).encode())
+    # Headers and a few bytes of the body, then silence: cut one body timeout later, with a 408.
+    answer, waited = _send_in_pieces(server.port, [request[:-20]], 0)
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_body_timeout" in answer, answer[:300]
+    assert waited < 1 + 1.0
+    # The same body in six pieces over 2.5 s, never pausing as long as the timeout: served.
+    step = len(request) // 6 + 1
+    answer, _ = _send_in_pieces(server.port, [request[i:i + step] for i in range(0, len(request), step)], 0.5)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    health = server.health().json()
+    assert (health["requests_running"], health["requests_waiting"], health["engine"]["restarts"]) == (0, 0, 0)
 
 
 def test_invalid_utf8_and_absurd_numbers_get_400s_and_nothing_else_changes(

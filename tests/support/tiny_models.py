@@ -126,31 +126,14 @@ def _write_tokenizer(path: Path, vocab_size: int, context_length: int) -> dict[s
     )
     tokenizer.add_special_tokens(SPECIAL_TOKENS)  # registered so the pre-tokenizer never splits them
 
-    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
-        tokenizer_object=tokenizer,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=EOS,
-        additional_special_tokens=[*ROLE_TOKENS.values(), END],
-        model_max_length=context_length,
-        chat_template=CHAT_TEMPLATE,
-    )
-    # The template goes into tokenizer_config.json (not chat_template.jinja), where every loader looks.
-    fast.save_pretrained(str(path), save_jinja_files=False)
-    # transformers 5 no longer writes special_tokens_map.json; older checkpoints all have one.
-    special_tokens_map = {
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "unk_token": UNK,
-        "pad_token": EOS,
-        "additional_special_tokens": [*ROLE_TOKENS.values(), END],
-    }
-    (path / "special_tokens_map.json").write_text(json.dumps(special_tokens_map, indent=2) + "\n")
+    _save_tokenizer(path, tokenizer, context_length)
     return vocab
 
 
 def _save_tokenizer(path: Path, tokenizer: Tokenizer, context_length: int) -> None:
+    """The tiny format's tokenizer files: the template goes into tokenizer_config.json (not
+    chat_template.jinja), where every loader looks; special_tokens_map.json is written by hand, since
+    transformers 5 no longer writes it and older checkpoints all have one."""
     fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tokenizer,
         bos_token=BOS,

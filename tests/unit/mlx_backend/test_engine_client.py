@@ -307,3 +307,45 @@ async def test_an_operator_command_waiting_on_a_dying_engine_fails_as_unavailabl
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_waiting_consumer_wakes_for_the_next_event_and_for_an_interrupt() -> None:
+    request = EngineRequest("r", lambda rid: None)
+    waiting = asyncio.create_task(request.next())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    request.deliver(Delta("r", "x", 1))
+    assert await asyncio.wait_for(waiting, 1) == Delta("r", "x", 1)
+    waiting = asyncio.create_task(request.next())
+    await asyncio.sleep(0)
+    request.interrupt()
+    with pytest.raises(Interrupted):
+        await asyncio.wait_for(waiting, 1)
+    with pytest.raises(Interrupted):  # and every later call says the same
+        await request.next()
+
+
+async def test_a_consumer_cancelled_while_waiting_leaves_the_request_usable() -> None:
+    request = EngineRequest("r", lambda rid: None)
+    waiting = asyncio.create_task(request.next())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    request.deliver(Delta("r", "y", 1))
+    assert await asyncio.wait_for(request.next(), 1) == Delta("r", "y", 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux CPU affinity")
+async def test_the_engine_process_runs_on_the_cpus_it_was_given() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    engine = EngineClient(EngineConfig(heartbeat_interval_s=0.1, cpu_affinity=(cpu,)), Recorder(),
+                          worker_module="tests.support.scripted_worker")
+    await engine.start()
+    try:
+        assert await engine.wait_until_up(30)
+        pid = engine.status().pid
+        assert pid and os.sched_getaffinity(pid) == {cpu}
+        assert os.sched_getaffinity(0) != {cpu} or len(os.sched_getaffinity(0)) == 1  # ours is untouched
+    finally:
+        await engine.stop()

@@ -290,3 +290,32 @@ def test_faults_need_permission(models_dir: Path) -> None:
         assert engine.proc.poll() is None
     finally:
         engine.close()
+
+
+def test_the_mlx_threads_events_wait_for_the_passs_end_but_loading_and_started_go_at_once() -> None:
+    import select
+
+    from mlx_backend.worker import Channel
+
+    ours, theirs = socket.socketpair()
+    channel = Channel(theirs)
+
+    def arrived() -> list[Event]:
+        events: list[Event] = []
+        while select.select([ours], [], [], 0.05)[0]:
+            (size,) = ipc._HEADER.unpack(ours.recv(ipc._HEADER.size, socket.MSG_WAITALL))
+            events.append(_decoder.decode(ours.recv(size, socket.MSG_WAITALL)))
+        return events
+
+    channel.emit(Delta("a", "x", 1))
+    channel.emit(Finished("a", "stop", 1, 1, 0))
+    assert arrived() == []  # held until the loop's pass ends
+    channel.emit(Loading("b", "m"))  # a model load may follow: out now, with what was held before it
+    assert arrived() == [Delta("a", "x", 1), Finished("a", "stop", 1, 1, 0), Loading("b", "m")]
+    channel.emit(Started("b", 3, 0))  # a prefill may follow
+    assert arrived() == [Started("b", 3, 0)]
+    channel.emit(Delta("b", "y", 1))
+    channel.flush()
+    assert arrived() == [Delta("b", "y", 1)]
+    ours.close()
+    theirs.close()

@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# Issue 14's GPU session, from the repository root of a GPU machine where MLX CUDA is installed
+# (/work/shared/gpu/README.md: two calls before this one on a fresh machine). One call, under 10 minutes.
+#
+#   bash tests/benchmarks/gpu_session.sh            # stream: the per-token timeline, streamed vs whole,
+#                                                   # with and without --engine-cpus (about 5 minutes)
+#   bash tests/benchmarks/gpu_session.sh serving    # bench_serving's full comparison (ceiling, mlx_lm.server,
+#                                                   # gateway; c=1,8,32,64,256), as many runs as fit in the
+#                                                   # call; call it again until 3 runs are on the machine:
+#                                                   # each call prints the median table of all of them
+#
+# What comes back, in $OUT (3 or 4 files): session.log (every step, timestamped, as it happens),
+# summary.md (the tables, written as each step ends), session.tar.gz (every raw file: JSON results,
+# timelines, server logs, GPU clocks, /proc and cgroup snapshots), serving-median.md (serving only).
+# Every step has a deadline inside the call's budget; a failing step is logged and the next one runs;
+# the EXIT trap packs whatever exists. Environment: BUDGET_S (default 560), GATEWAY_ARGS (extra
+# `mlx-gateway serve` arguments for the serving runs), SERVING_RUNS (default 3); for a dry run on a CPU:
+# SHAPE=tiny TOKENS=400,64 ALLOW_CPU=1 (and LEVELS=1,8 SERVING_ESTIMATE_S=60 for serving).
+set -u
+MODE=${1:-stream}
+START=$(date +%s)
+ALLOW_CPU=${ALLOW_CPU:-}
+BUDGET_S=${BUDGET_S:-560}
+OUT=${OUT:-/tmp/gpu-session-out}
+WORK=/tmp/mlx-gateway-gpu  # survives between calls while the machine stays warm
+RUN=$WORK/$MODE-$(date +%Y%m%d-%H%M%S)
+SHAPE=${SHAPE:-llama-3.2-1b}
+MODEL=/tmp/mlx-gateway-bench/models/bench-$SHAPE
+TOKENS=${TOKENS:-512,128}
+mkdir -p "$OUT" "$RUN"
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PY MODEL SHAPE ALLOW_CPU
+export BENCH_PIDS_FILE=$RUN/started-pids  # every server the benches start (own process groups)
+
+log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/session.log" >&2; }
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+note() { printf '%s\n' "$@" >> "$OUT/summary.md"; }
+
+# step NAME SECONDS CMD...: at most SECONDS (and never past the budget); output in $RUN/NAME.{out,err}.
+step() {
+  local name=$1 want=$2 rc
+  shift 2
+  local limit=$(( want < $(left) - 50 ? want : $(left) - 50 ))  # room for the benches' own cleanup
+  if (( limit < 15 )); then log "SKIP $name: no time left"; return 1; fi
+  log "BEGIN $name (limit ${limit}s): $*"
+  timeout -k 45 "$limit" "$@" > "$RUN/$name.out" 2> "$RUN/$name.err"
+  rc=$?
+  log "END $name: exit $rc$( (( rc == 124 || rc == 137 )) && echo ' (TIMED OUT)')"
+  tail -n 4 "$RUN/$name.err" | sed 's/^/      /' | tee -a "$OUT/session.log" >&2
+  return $rc
+}
+
+# A bench killed mid-cleanup would leave its servers (each in its own process group) holding the GPU.
+reap() {
+  local pid
+  for pid in $(cat "$BENCH_PIDS_FILE" 2>/dev/null); do
+    if kill -0 -- "-$pid" 2>/dev/null; then  # the group still has a member (the leader may be gone)
+      log "stopping leftover server group $pid"
+      kill -TERM -- "-$pid" 2>/dev/null; sleep 2; kill -KILL -- "-$pid" 2>/dev/null
+    fi
+  done
+}
+
+pack() {
+  reap
+  tar -czf "$OUT/session.tar.gz" -C "$WORK" "$(basename "$RUN")" 2>/dev/null
+  log "packed $(du -h "$OUT/session.tar.gz" 2>/dev/null | cut -f1) into session.tar.gz; $(left)s of the budget left"
+}
+trap pack EXIT
+
+# What the scheduler, the cgroup and the GPU did, before and after (diffed by summarize_system below).
+snapshot() {
+  local dir=$RUN/proc-$1
+  mkdir -p "$dir"
+  cp /proc/interrupts "$dir/interrupts" 2>/dev/null
+  cp /proc/stat "$dir/stat" 2>/dev/null
+  cat /proc/pressure/cpu > "$dir/pressure-cpu" 2>/dev/null
+  cat /sys/fs/cgroup/cpu.stat > "$dir/cgroup-cpu.stat" 2>/dev/null
+  timeout 10 nvidia-smi -q -d CLOCK,PERFORMANCE > "$dir/nvidia-smi-q.txt" 2>&1
+}
+
+system_info() {
+  {
+    echo "## $(date -u)"; uname -a; echo "nproc $(nproc)"
+    lscpu 2>/dev/null
+    echo "## thread siblings"; cat /sys/devices/system/cpu/cpu*/topology/thread_siblings_list 2>/dev/null | sort -u | tr '\n' ' '; echo
+    echo "## cgroup cpu.max: $(cat /sys/fs/cgroup/cpu.max 2>/dev/null)  cpuset: $(cat /sys/fs/cgroup/cpuset.cpus.effective 2>/dev/null)"
+    echo "## allowed CPUs: $(taskset -pc $$ 2>/dev/null)"
+    echo "## scheduler"; for f in /proc/sys/kernel/sched_*; do [ -r "$f" ] && echo "$(basename "$f") $(cat "$f")"; done
+    cat /sys/kernel/debug/sched/features 2>/dev/null
+    echo "## cpufreq governor: $(cat /sys/devices/system/cpu/cpu0/cpufreq/scaling_governor 2>/dev/null)"
+    echo "## idle states: $(cat /sys/devices/system/cpu/cpu0/cpuidle/state*/name 2>/dev/null | tr '\n' ' ')"
+    echo "## nvidia"; timeout 10 nvidia-smi 2>&1 | head -20
+    echo "## python"; $PY -c 'import sys; print(sys.version)'
+    $PY -m pip list 2>/dev/null | grep -i -E '^(mlx|granian|litestar|msgspec|httpx|transformers|tokenizers) '
+    echo "## repo"; git log -1 --format='%H %s' 2>/dev/null; git status --short 2>/dev/null | head -20
+  } > "$RUN/system.txt" 2>&1
+}
+
+check_mlx() {
+  $PY - <<'PY'
+import mlx.core as mx
+device = mx.default_device()
+print("mlx", mx.__version__, "on", device)
+import os
+assert "gpu" in str(device) or os.environ.get("ALLOW_CPU"), \
+    "MLX does not see a GPU: install mlx-cuda first (/work/shared/gpu/README.md)"
+import granian, litestar, msgspec, httpx, mlx_lm  # noqa: F401  everything the gateway and the benches need
+PY
+}
+
+make_model() {
+  $PY - <<PY
+import sys
+sys.path.insert(0, "tests/benchmarks")
+from bench_models import ensure_model
+from pathlib import Path
+print(ensure_model("$SHAPE", Path("$MODEL").parent))
+PY
+}
+export -f check_mlx make_model  # `step` runs them under `timeout`, in a child bash
+
+# Start a GPU clock sampler for at most $1 seconds (killed by stop_sampler or its own timeout).
+start_sampler() {
+  timeout "$1" nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,utilization.gpu,power.draw,pstate \
+    --format=csv -lms 250 > "$RUN/gpu-clocks.csv" 2>&1 &
+  SAMPLER=$!
+}
+stop_sampler() { kill "${SAMPLER:-0}" 2>/dev/null; wait "${SAMPLER:-0}" 2>/dev/null; }
+
+summarize_system() {
+  $PY - "$RUN" >> "$OUT/summary.md" 2>&1 <<'PY'
+import sys
+from pathlib import Path
+run = Path(sys.argv[1])
+def interrupts(p):
+    rows = {}
+    for line in (p / "interrupts").read_text().splitlines()[1:]:
+        if "nvidia" in line.lower():
+            parts = line.split()
+            rows[parts[0]] = [int(x) for x in parts[1:] if x.isdigit()]
+    return rows
+def kv(p):
+    try:
+        return {k: int(v) for k, v in (line.split() for line in p.read_text().splitlines())}
+    except (OSError, ValueError):
+        return {}
+before, after = run / "proc-before", run / "proc-after"
+if before.is_dir() and after.is_dir():
+    a, b = interrupts(before), interrupts(after)
+    for irq in b:
+        d = [y - x for x, y in zip(a.get(irq, [0] * len(b[irq])), b[irq])]
+        busy = {cpu: n for cpu, n in enumerate(d) if n}
+        print(f"- nvidia interrupts {irq} during the session, by CPU: {busy or 'none'}")
+    c0, c1 = kv(before / "cgroup-cpu.stat"), kv(after / "cgroup-cpu.stat")
+    if c1:
+        print(f"- cgroup: nr_throttled +{c1.get('nr_throttled', 0) - c0.get('nr_throttled', 0)}, "
+              f"throttled_usec +{c1.get('throttled_usec', 0) - c0.get('throttled_usec', 0)}")
+    print(f"- CPU pressure after: {(after / 'pressure-cpu').read_text().strip() if (after / 'pressure-cpu').exists() else '?'}")
+clocks = run / "gpu-clocks.csv"
+if clocks.exists():
+    rows = [r.split(", ") for r in clocks.read_text().splitlines()[1:] if r.count(",") >= 5]
+    sm = sorted(int(r[1].split()[0]) for r in rows if r[1].split()[0].isdigit())
+    if sm:
+        print(f"- GPU SM clock over {len(sm)} samples: min {sm[0]}, median {sm[len(sm) // 2]}, max {sm[-1]} MHz; "
+              f"pstates {sorted({r[5] for r in rows})}")
+PY
+}
+
+session_stream() {
+  note "# GPU session (stream): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
+  step ceiling 150 "$PY" tests/benchmarks/bench_ceiling.py --model "$MODEL" --max-tokens "${TOKENS%%,*}" --batch-sizes "" \
+    --repeats 3 --min-seconds 0 --out "$RUN/ceiling.json"
+  $PY - "$RUN/ceiling.json" >> "$OUT/summary.md" 2>/dev/null <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+print(f"- stream_generate, {c['max_tokens']} tokens, in one process (no IPC, no HTTP): "
+      f"{', '.join(f'{r:.0f}' for r in c['single_runs_tok_s'])} tok/s "
+      f"({1000 / max(c['single_runs_tok_s']):.3f} ms/token at best); prompt {c['prompt_tokens']} tokens\n")
+PY
+  snapshot before
+  start_sampler "$(left)"
+  # c=1, 512 tokens: the solo path, where streaming lost ~1 ms a token; c=32, 128 tokens: the batch path.
+  step stream $(( $(left) - 40 )) "$PY" tests/benchmarks/bench_stream_path.py --engine mlx --model "$MODEL" \
+    --concurrency 1,32 --tokens "$TOKENS" --repeats 3 --trace --affinity none,split --timeout 120 \
+    --startup-timeout 180 --work-dir "$RUN/stream" --out "$RUN/stream.json"
+  stop_sampler
+  snapshot after
+  note "## Streamed vs whole, per token (medians of the repeats)" ""
+  cat "$RUN/stream.md" >> "$OUT/summary.md" 2>/dev/null || note "(no table: see session.log)"
+  note "" "## Timelines (µs; median and p90 over every token)" ""
+  sed -n '/^### timeline/,/^$/p' "$RUN/stream.out" >> "$OUT/summary.md" 2>/dev/null
+  note "" "## The machine during the session" ""
+  summarize_system
+}
+
+session_serving() {
+  local dir=$WORK/serving-$SHAPE want=${SERVING_RUNS:-3} estimate=${SERVING_ESTIMATE_S:-330} began took
+  mkdir -p "$dir"
+  note "# GPU session (serving): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
+  snapshot before
+  while (( $(ls "$dir"/run-*.json 2>/dev/null | wc -l) < want )); do
+    if (( $(left) < estimate + 25 )); then
+      log "not starting another comparison: $(left)s left, one takes about ${estimate}s; call again"
+      break
+    fi
+    local name
+    name=run-$(date +%Y%m%d-%H%M%S)
+    began=$(date +%s)
+    step "serving-$name" $(( $(left) - 20 )) "$PY" tests/benchmarks/bench_serving.py --shape "$SHAPE" \
+      --servers mlx_lm,gateway --concurrency "${LEVELS:-1,8,32,64,256}" --requests-per-client 2 \
+      --level-timeout 120 --startup-timeout 240 --ceiling-timeout 240 --gateway-args "${GATEWAY_ARGS:-}" \
+      --work-dir "$RUN/$name" --out "$dir/$name.md"
+    took=$(( $(date +%s) - began ))
+    estimate=$(( took > 60 ? took : estimate ))
+    if [ -f "$dir/$name.json" ]; then
+      note "## $name (${took}s)" "" "$(cat "$dir/$name.md")" ""
+    else
+      log "$name left no result (see $RUN/serving-$name.err)"
+      break
+    fi
+  done
+  snapshot after
+  summarize_system
+  if ls "$dir"/run-*.json > /dev/null 2>&1; then
+    $PY tests/benchmarks/bench_serving.py --merge "$dir"/run-*.json > "$OUT/serving-median.md" 2>> "$OUT/session.log"
+    cp "$dir"/run-*.json "$dir"/run-*.md "$RUN/" 2>/dev/null
+    for f in $(ls "$dir"/run-*.json | tail -n 4); do cp "$f" "$OUT/serving-$(basename "$f")"; done  # merge here too
+    note "" "$(cat "$OUT/serving-median.md")"
+    log "runs on this machine so far: $(ls "$dir"/run-*.json | wc -l) of $want (median in serving-median.md)"
+  fi
+}
+
+log "gpu_session.sh $MODE: budget ${BUDGET_S}s, work in $RUN, results in $OUT"
+system_info
+if ! step check 120 bash -c check_mlx; then
+  cat "$RUN/check.err" >> "$OUT/session.log"
+  note "MLX is not usable on this machine (see session.log); nothing was measured."
+  exit 1
+fi
+log "$(cat "$RUN/check.out")"
+if ! step model 240 bash -c make_model; then
+  note "The benchmark model could not be made (see session.log)."
+  exit 1
+fi
+case $MODE in
+  stream) session_stream ;;
+  serving) session_serving ;;
+  *) log "unknown mode $MODE (stream or serving)"; exit 2 ;;
+esac
+log "done"
