@@ -19,6 +19,7 @@ from gateway import error_handlers, metrics, openapi, security
 from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
+from gateway.routes import admin
 from gateway.routes.chat import create_chat_completion
 from gateway.routes.completions import create_completion
 from gateway.routes.health import health, liveness, prometheus_metrics, readiness
@@ -30,6 +31,7 @@ from gateway.routes.responses_api import (
     retrieve_response,
     stored_response_options,
 )
+from gateway.routes.status import status
 from mlx_backend import __version__
 
 log = logging.getLogger("mlx_gateway")
@@ -142,7 +144,8 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
     app = Litestar(
         route_handlers=[create_chat_completion, create_completion, create_response, stored_response_options,
                         retrieve_response, delete_response, create_message, count_message_tokens, list_models,
-                        retrieve_model, health, liveness, readiness, prometheus_metrics, openapi_json],
+                        retrieve_model, health, liveness, readiness, prometheus_metrics, openapi_json, status,
+                        *admin.ROUTES],
         lifespan=[lifespan],
         exception_handlers=error_handlers.exception_handlers(error_handlers.openai_response),
         guards=security.guards(settings),

@@ -1,4 +1,4 @@
-"""`mlx-gateway` command line: serve, watchdog, status, install-service, export-openapi."""
+"""`mlx-gateway` command line: serve, models, watchdog, status, install-service, export-openapi."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _status(argv: Sequence[str]) -> int:
     return watchdog.main(["--status", *argv])
 
 
+def _models(argv: Sequence[str]) -> int:
+    from gateway import admin_cli
+
+    return admin_cli.main(argv)
+
+
 def _service(argv: Sequence[str]) -> int:
     from gateway import service
 
@@ -77,6 +83,7 @@ def _service(argv: Sequence[str]) -> int:
 
 COMMANDS = {
     "serve": (_serve, "serve models over the OpenAI API"),
+    "models": (_models, "list a running server's models; load, unload, pin or unpin one"),
     "watchdog": (_watchdog, "keep a server alive: check, restart, give up after the budget"),
     "status": (_status, "show the watchdog's state and the server's health"),
     "service": (_service, "install, uninstall or print the launchd/systemd service files"),

@@ -30,6 +30,8 @@ class ErrorKind(enum.Enum):
     INVALID_JSON = ErrorSpec(400, "invalid_request_error", "invalid_json")
     UNSUPPORTED_PARAMETER = ErrorSpec(400, "invalid_request_error", "unsupported_parameter")
     CONTEXT_LENGTH_EXCEEDED = ErrorSpec(400, "invalid_request_error", "context_length_exceeded")
+    # The request's KV cache (prompt + max_tokens) could never fit the memory budget beside its model.
+    MEMORY_BUDGET_EXCEEDED = ErrorSpec(400, "invalid_request_error", "memory_budget_exceeded")
     HOST_NOT_ALLOWED = ErrorSpec(400, "invalid_request_error", "host_not_allowed")  # DNS rebinding guard
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "invalid_api_key")
     ROUTE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
@@ -38,6 +40,7 @@ class ErrorKind(enum.Enum):
     PREVIOUS_RESPONSE_NOT_FOUND = ErrorSpec(400, "invalid_request_error", "previous_response_not_found")
     METHOD_NOT_ALLOWED = ErrorSpec(405, "invalid_request_error", "method_not_allowed")
     BODY_TIMEOUT = ErrorSpec(408, "invalid_request_error", "request_body_timeout")
+    MODEL_BUSY = ErrorSpec(409, "invalid_request_error", "model_busy")  # admin unload of a model in use
     BODY_TOO_LARGE = ErrorSpec(413, "invalid_request_error", "request_too_large")
     UNSUPPORTED_MEDIA_TYPE = ErrorSpec(415, "invalid_request_error", "unsupported_media_type")
     CLIENT_CLOSED = ErrorSpec(499, "invalid_request_error", "client_closed_request")  # nginx's convention
@@ -61,6 +64,7 @@ ANTHROPIC_TYPES: dict[int, str] = {
     404: "not_found_error",
     405: "invalid_request_error",
     408: "invalid_request_error",
+    409: "invalid_request_error",
     413: "request_too_large",
     415: "invalid_request_error",
     429: "rate_limit_error",
@@ -79,6 +83,8 @@ _FROM_ENGINE: dict[EngineErrorCode, ErrorKind] = {
     EngineErrorCode.INVALID_REQUEST: ErrorKind.INVALID_REQUEST,
     EngineErrorCode.ENGINE_UNAVAILABLE: ErrorKind.ENGINE_UNAVAILABLE,
     EngineErrorCode.ENGINE_OVERLOADED: ErrorKind.OVERLOADED,
+    EngineErrorCode.MEMORY_BUDGET_EXCEEDED: ErrorKind.MEMORY_BUDGET_EXCEEDED,
+    EngineErrorCode.MODEL_BUSY: ErrorKind.MODEL_BUSY,
     EngineErrorCode.REQUEST_TIMEOUT: ErrorKind.TIMEOUT,
     EngineErrorCode.INTERNAL: ErrorKind.INTERNAL,
 }
@@ -87,11 +93,12 @@ _FROM_ENGINE: dict[EngineErrorCode, ErrorKind] = {
 class GatewayError(Exception):
     """The one exception the HTTP layer raises on purpose; anything else is an internal error."""
 
-    def __init__(self, kind: ErrorKind, message: str, param: str | None = None) -> None:
+    def __init__(self, kind: ErrorKind, message: str, param: str | None = None, *, challenge: str = "Bearer") -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.param = param
+        self.challenge = challenge  # a 401's WWW-Authenticate
 
     @property
     def status(self) -> int:
@@ -116,7 +123,7 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.kind is ErrorKind.UNAUTHORIZED:
-            return {"WWW-Authenticate": "Bearer"}  # a 401 names its scheme (RFC 9110 11.6.1)
+            return {"WWW-Authenticate": self.challenge}  # a 401 names its scheme (RFC 9110 11.6.1)
         if self.kind is ErrorKind.BODY_TIMEOUT:
             return {"Connection": "close"}  # the rest of the body may still come: the connection is done
         retry = self.kind.value.retry_after_s

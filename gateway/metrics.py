@@ -75,6 +75,29 @@ MODELS_AVAILABLE = Gauge(_P + "models_available", "Models found on disk.", regis
 MODEL_LOAD_FAILURES = Counter(
     _P + "model_load_failures_total", "Model loads that failed, by cause.", ["code"], registry=REGISTRY
 )
+MODEL_LOADS = Counter(
+    _P + "model_loads_total", "Models loaded, by who asked (request, admin, preload).", ["reason"],
+    registry=REGISTRY,
+)
+MODEL_UNLOADS = Counter(
+    _P + "model_unloads_total", "Models unloaded, by why (idle, evicted, requested, changed, vanished).",
+    ["reason"], registry=REGISTRY,
+)
+MODEL_LOAD_SECONDS = Histogram(
+    _P + "model_load_seconds", "How long a model load took, warm-up included.", buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+MODEL_WARMUP_SECONDS = Histogram(
+    _P + "model_warmup_seconds", "The warm-up generation after a load (kernel compilation on a GPU).",
+    buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+)
+MODELS_PINNED = Gauge(_P + "models_pinned", "Loaded models that are pinned.", registry=REGISTRY)
+MODEL_LOAD_BYTES_READ = Gauge(
+    _P + "model_load_read_bytes", "Weight bytes read so far by the load in progress (0: none).", registry=REGISTRY
+)
+MODEL_LOAD_BYTES_TOTAL = Gauge(  # not "_total": promtool keeps that suffix for counters
+    _P + "model_load_size_bytes", "Weight bytes of the load in progress (0: none).", registry=REGISTRY
+)
 ENGINE_UP = Gauge(_P + "engine_up", "1 while the engine process is up and answering.", registry=REGISTRY)
 ENGINE_STALLED = Gauge(
     _P + "engine_stalled", "1 while the engine has work but makes no progress.", registry=REGISTRY
@@ -99,7 +122,15 @@ DRAINING = Gauge(_P + "draining", "1 while the gateway drains for shutdown.", re
 MEMORY_ACTIVE = Gauge(
     _P + "memory_active_bytes", "Memory the engine's MLX arrays hold.", registry=REGISTRY
 )
-MEMORY_BUDGET = Gauge(_P + "memory_budget_bytes", "Memory budget for loaded models.", registry=REGISTRY)
+MEMORY_BUDGET = Gauge(
+    _P + "memory_budget_bytes", "The engine's memory budget: weights, KV cache and prefix cache.", registry=REGISTRY
+)
+MEMORY_WEIGHTS = Gauge(
+    _P + "memory_weights_bytes", "Budget held by model weights (and the load in progress).", registry=REGISTRY
+)
+MEMORY_KV_CACHE = Gauge(
+    _P + "memory_kv_cache_bytes", "Budget reserved for the KV cache of running requests.", registry=REGISTRY
+)
 PREFIX_CACHE_BYTES = Gauge(
     _P + "prefix_cache_bytes", "Memory held by the prompt prefix cache.", registry=REGISTRY
 )

@@ -315,6 +315,17 @@ class ModelError(Struct):
     retry_after_s: float
 
 
+class LoadProgress(Struct):
+    """A model load in progress: queued (waiting for its turn or for memory), reading (files from disk, on a
+    thread beside the decoding), building, loading (tensors into memory between decode steps), warming."""
+
+    stage: str
+    bytes_read: int
+    bytes_loaded: int
+    bytes_total: int
+    elapsed_s: float
+
+
 class Model(Struct, kw_only=True):
     id: str
     object: Literal["model"] = "model"
@@ -327,6 +338,17 @@ class Model(Struct, kw_only=True):
     status: Literal["available", "loaded", "loading", "failed"] = "available"
     loaded: bool = False
     error: ModelError | None = None
+    # Residency (unix times): when it was loaded and last used, when it unloads if nobody uses it (null:
+    # pinned, busy, kept forever or not loaded), and the keep-alive that applies to it.
+    pinned: bool = False
+    keep_alive_s: float | None = None
+    loaded_at: float | None = None
+    last_used_at: float | None = None
+    expires_at: float | None = None
+    requests_running: int = 0
+    progress: LoadProgress | None = None  # while loading
+    load_s: float | None = None  # how long its last load took, warm-up included
+    warmup_s: float | None = None  # the warm-up generation's share (kernel compilation on a GPU)
 
 
 class ModelList(Struct):
@@ -380,6 +402,28 @@ class EngineHealth(Struct):
     group: GroupHealth | UnsetType = UNSET  # only when the engine is a distributed group
 
 
+class MemoryHealth(Struct):
+    """The engine's memory budget and what holds it; active_bytes is what MLX itself reports in use."""
+
+    budget_bytes: int
+    weights_bytes: int  # loaded models, and the load in progress
+    kv_cache_bytes: int  # reserved by running requests (prompt + max_tokens each)
+    prefix_cache_bytes: int
+    active_bytes: int
+
+
+class ResidentModel(Struct):
+    id: str
+    status: Literal["loaded", "loading"]
+    size_bytes: int
+    pinned: bool
+    requests_running: int
+    loaded_at: float | None
+    last_used_at: float | None
+    expires_at: float | None
+    progress: LoadProgress | None
+
+
 class Health(Struct):
     status: Literal["ok", "starting", "degraded", "stalled", "draining", "engine_down"]
     ready: bool
@@ -391,6 +435,8 @@ class Health(Struct):
     engine: EngineHealth
     uptime_s: float
     version: str
+    models: list[ResidentModel] = []  # loaded and loading models
+    memory: MemoryHealth | None = None  # while the engine is up
 
 
 class Liveness(Struct):

@@ -7,12 +7,16 @@ app's exception handlers, inside Litestar's CORS middleware, so a browser can re
 Deny by default: every route needs the API key when one is set, so a new route (an admin API, a status
 page, another API's endpoints) is covered without a thought. A route opts out in its decorator:
 `@get("/x", opt=security.PUBLIC)` never needs the key; `opt=security.METRICS` / `opt=security.DOCS` are
-public unless `protect_metrics` / `protect_docs`; a Router's `opt` covers its routes. Unmatched paths
-answer 404 before any guard runs.
+public unless `protect_metrics` / `protect_docs`; `opt=security.PAGE` needs the key but also takes it as
+the password of HTTP Basic auth, and its 401 asks for that, so a browser prompts for it (a person cannot
+add a Bearer header to an address typed in). A Router's `opt` covers its routes. Unmatched paths answer
+404 before any guard runs.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import functools
 import hmac
@@ -39,12 +43,15 @@ class Access(enum.Enum):
     PUBLIC = "public"
     METRICS = "metrics"
     DOCS = "docs"
+    PAGE = "page"  # a page for a browser: the key, also as a Basic-auth password
 
 
 OPT_KEY = "access"
 PUBLIC: Mapping[str, Any] = MappingProxyType({OPT_KEY: Access.PUBLIC})
 METRICS: Mapping[str, Any] = MappingProxyType({OPT_KEY: Access.METRICS})
 DOCS: Mapping[str, Any] = MappingProxyType({OPT_KEY: Access.DOCS})
+PAGE: Mapping[str, Any] = MappingProxyType({OPT_KEY: Access.PAGE})
+BASIC_CHALLENGE = 'Basic realm="mlx-gateway", charset="UTF-8"'
 
 # `*.localhost` too: the TLD is reserved (RFC 6761 §6.3), nobody can register one and point it at us, and
 # browsers resolve it to loopback themselves; so no rebinding attacker can send it.
@@ -149,8 +156,9 @@ def _header_values(scope: Any, name: bytes) -> list[bytes]:
     return [value for key, value in scope["headers"] if key.lower() == name]
 
 
-def presented_keys(scope: Any) -> list[bytes]:
-    """The keys a request offers: `Authorization: Bearer KEY` (OpenAI) and `x-api-key: KEY` (Anthropic).
+def presented_keys(scope: Any, basic: bool = False) -> list[bytes]:
+    """The keys a request offers: `Authorization: Bearer KEY` (OpenAI) and `x-api-key: KEY` (Anthropic);
+    with `basic`, also the password of `Authorization: Basic base64(user:KEY)` (any user name).
 
     Raw bytes: a header may hold any byte, and comparing bytes never raises."""
     keys = []
@@ -158,13 +166,18 @@ def presented_keys(scope: Any) -> list[bytes]:
         scheme, _, key = value.strip().partition(b" ")
         if scheme.lower() == b"bearer":
             keys.append(key.strip())
+        elif basic and scheme.lower() == b"basic":
+            try:
+                keys.append(base64.b64decode(key.strip(), validate=True).partition(b":")[2])
+            except (binascii.Error, ValueError):
+                continue
     keys += [value.strip() for value in _header_values(scope, b"x-api-key")]
     return keys
 
 
-def key_matches(scope: Any, api_key: bytes) -> bool:
+def key_matches(scope: Any, api_key: bytes, basic: bool = False) -> bool:
     # Every candidate is compared (no early exit), in constant time each.
-    return sum(hmac.compare_digest(key, api_key) for key in presented_keys(scope)) > 0
+    return sum(hmac.compare_digest(key, api_key) for key in presented_keys(scope, basic)) > 0
 
 
 def needs_key(handler: BaseRouteHandler, settings: Settings) -> bool:
@@ -218,7 +231,13 @@ def guards(settings: Settings) -> list[Guard]:
             raise hosts.refusal(host or "")
 
     def check_api_key(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
-        if api_key is not None and needs_key(handler, settings) and not key_matches(connection.scope, api_key):
+        if api_key is None or not needs_key(handler, settings):
+            return
+        page = handler.opt.get(OPT_KEY) is Access.PAGE
+        if not key_matches(connection.scope, api_key, basic=page):
+            if page:
+                raise GatewayError(ErrorKind.UNAUTHORIZED, "This page needs the API key: give it as the password "
+                                   "(any user name).", challenge=BASIC_CHALLENGE)
             raise GatewayError(ErrorKind.UNAUTHORIZED, "Missing or invalid API key: send "
                                "'Authorization: Bearer <key>' (or 'x-api-key: <key>').")
 

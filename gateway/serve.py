@@ -27,6 +27,7 @@ from mlx_backend import timeline
 from mlx_backend.engine import EngineClient, SupervisionPolicy
 from mlx_backend.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
+from mlx_backend.residency import parse_override
 from mlx_backend.types import EngineConfig, GroupConfig
 
 log = logging.getLogger("mlx_gateway")
@@ -62,7 +63,8 @@ def group_spec(settings: Settings) -> GroupSpec | None:
 def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset()) -> GatewayRuntime:
     group = group_spec(settings)
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
-    registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model)
+    registry = ModelRegistry(settings.models_dirs, hf_cache, settings.offers_demo_model,
+                             allowed=settings.allowed_models)
     config = EngineConfig(
         models_dirs=tuple(str(p) for p in settings.models_dirs),
         hf_cache_dir=str(hf_cache) if hf_cache else None,
@@ -71,6 +73,13 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         max_running=settings.max_running,
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
+        keep_alive_s=settings.keep_alive_s,
+        model_keep_alive=tuple(parse_override(o) for o in settings.model_keep_alive),
+        allowed_models=settings.allowed_models,
+        preload=settings.preload_models,
+        pinned=settings.pin_models,
+        warmup=settings.model_warmup,
+        test_read_delay_s=settings.test_read_delay_s,
         trace_tokens=str(settings.trace_tokens) if settings.trace_tokens else None,
         cpu_affinity=tuple(sorted(engine_cpus)),
         group=GroupConfig(group.size, group.backend, group.parallelism, new_group_seed(), GROUP_TICK_S)

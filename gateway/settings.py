@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.placement import plan
+from mlx_backend.residency import parse_override
 
 ENV_PREFIX = "MLX_GATEWAY_"
 
@@ -53,6 +54,28 @@ class Settings:
     prompt_cache_gb: float = field(
         default=1.0, metadata={"help": "memory for reusable prompt prefixes (KV cache), GB; 0 turns it off"}
     )
+    keep_alive_s: float = field(
+        default=1800.0, metadata={"help": "how long an unused model stays loaded, seconds (0: unload when its last "
+                                          "request ends; -1: until evicted for another model)"}
+    )
+    model_keep_alive: tuple[str, ...] = field(
+        default=(), metadata={"help": "per-model keep-alive, ID=SECONDS (ID may be a glob such as 'org/*'; "
+                                      "repeatable; the first match wins)"}
+    )
+    allowed_models: tuple[str, ...] = field(
+        default=(), metadata={"help": "ids or glob patterns of the models that may be served (repeatable); any "
+                                      "other is 404 model_not_found and unlisted, as if absent (default: all)"}
+    )
+    preload_models: tuple[str, ...] = field(
+        default=(), metadata={"help": "models to load at start, in the background (repeatable)"}
+    )
+    pin_models: tuple[str, ...] = field(
+        default=(), metadata={"help": "models to load at start and never unload or evict (repeatable)"}
+    )
+    model_warmup: bool | None = field(
+        default=None, metadata={"help": "run one short generation after each model load, so the first "
+                                        "request does not pay for kernel compilation (default: on a GPU only)"}
+    )
     max_running: int = field(default=32, metadata={"help": "requests generating at once (one batch)"})
     max_queue: int = field(default=128, metadata={"help": "requests waiting for a batch slot; beyond: 429"})
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})
@@ -90,6 +113,10 @@ class Settings:
     )
     test_faults: bool = field(
         default=False, metadata={"help": "TEST ONLY: honour fault injection through the 'user' field"}
+    )
+    test_read_delay_s: float = field(
+        default=0.0, metadata={"help": "TEST ONLY (with --test-faults): a model load waits this long per 8 MB "
+                                       "it reads, as a slow disk would"}
     )
     trace_tokens: Path | None = field(
         default=None, metadata={"help": "BENCHMARKS ONLY: write a per-token timeline (engine and gateway) into "
@@ -160,6 +187,8 @@ class Settings:
             raise ValueError("max_queue must be 0 or more")
         if self.group_hosts and self.group_hostfile is not None:
             raise ValueError("give the group's hosts either as --group-host or as --group-hostfile, not both")
+        for item in self.model_keep_alive:
+            parse_override(item)  # raises ValueError naming the bad entry
         try:
             plan(self.engine_cpus)
         except ValueError as exc:
@@ -195,8 +224,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)
         elif kind.startswith("tuple"):
-            parser.add_argument(_flag(f.name.rstrip("s")), _flag(f.name), dest=f.name, action="append",
-                                default=None, help=help_text)
+            names = dict.fromkeys((_flag(f.name.rstrip("s")), _flag(f.name)))  # one name if they are the same
+            parser.add_argument(*names, dest=f.name, action="append", default=None, help=help_text)
         else:
             parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text)
     return parser

@@ -6,6 +6,9 @@ logits processors and output bookkeeping (mlx_backend/plan.py decides them, mlx_
 tokens into events). A lone request runs solo (mlx_backend/solo.py) and joins the batch when a second one
 arrives; the n choices of one request share one prefill. Finished requests leave their KV cache for the
 next turn (mlx_backend/prefix.py). The heartbeat thread only reads plain values published after each step.
+
+Models load in pieces between steps (mlx_backend/cache.py, loading.py): a request whose model is loading
+stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText
-from mlx_backend.plan import ChoicePlan, plan_request
+from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.prefix import PrefixCaches
 from mlx_backend.solo import SoloGeneration, prefill
 from mlx_backend.types import (
@@ -124,7 +127,10 @@ class Batcher:
         self.prompt_cache_bytes = 0
         self._running_by_model: dict[str, int] = {}
         self._reported_changes = 0
+        self._told_loading: set[str] = set()  # waiting requests already sent Loading
+        self._planned: tuple[str, RequestPlan] | None = None  # the plan of a request waiting for memory
         cache.on_evict = self._drop_model
+        cache.trim_prefix = self._trim_prefix
 
     # -- commands (MLX thread) ---------------------------------------------------------------------------
 
@@ -144,6 +150,7 @@ class Batcher:
         for command in self._waiting:
             if command.request_id == request_id:
                 self._waiting.remove(command)
+                self._left_waiting(request_id)
                 self._emit(Finished(request_id, "abort", 0, 0, 0))
                 return
         where = self._where.get(request_id)
@@ -156,7 +163,18 @@ class Batcher:
             self._publish()
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self._where)
+        return bool(self._waiting) or bool(self._where) or self.cache.has_load_work
+
+    def idle_timeout(self) -> float | None:
+        """How long the MLX thread may wait for a command: 0 while requests decode or wait for anything but a
+        load, else until the load or the next keep-alive needs it (None: forever)."""
+        if self._where or any(not self.cache.is_loading(c.model) for c in self._waiting):
+            return 0.0
+        return self.cache.seconds_until_due(self.busy_models())
+
+    def busy_models(self) -> set[str]:
+        """Models with requests in flight: never evicted, unloaded or reloaded under them."""
+        return {m for m, s in self._states.items() if s.rows}
 
     def step(self) -> None:
         """Admit waiting requests while there is room, then one step (decode + a prefill chunk) per model."""
@@ -198,10 +216,14 @@ class Batcher:
 
     def heartbeat(self) -> Heartbeat:
         loaded, failed = self.cache.snapshot(self._running_by_model)
+        load, queued = self.cache.load_progress()
+        ledger = self.cache.ledger
         return Heartbeat(
             progress=self.progress, running=self.running, waiting=self.waiting, loading=self.cache.loading,
             loaded=loaded, failed=failed, memory_budget_bytes=self.cache.budget,
             active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
+            load=load, queued_loads=queued, weights_bytes=ledger.weights_bytes + ledger.loading,
+            kv_bytes=ledger.kv_bytes(),
         )
 
     def digest(self) -> int:
@@ -227,8 +249,12 @@ class Batcher:
 
     def _publish(self) -> None:
         self._running_by_model = {m: s.requests for m, s in self._states.items() if s.rows}
-        self.prompt_cache_bytes = self._prefix.nbytes
+        self._measure_prefix()
         self.active_memory_bytes = mx.get_active_memory()
+
+    def _measure_prefix(self) -> None:
+        self.prompt_cache_bytes = self._prefix.nbytes
+        self.cache.ledger.prefix_bytes = self.prompt_cache_bytes
 
     def _made_progress(self) -> None:
         self.progress += 1
@@ -239,32 +265,77 @@ class Batcher:
         return sum(len(s.rows) for s in self._states.values())
 
     def _admit(self) -> None:
-        while self._waiting and self._rows_running() + self._waiting[0].n <= self.config.max_running:
-            command = self._waiting[0]  # stays counted as waiting while its model loads
+        """Start waiting requests whose model is loaded while there is room, in order; a request whose model
+        is loading stays waiting and lets later ones pass; one that waits for memory holds the later ones
+        back (first come, first served). Between two passes, the model load in progress gets its piece, so a
+        request whose load ends in this step starts in this step."""
+        busy = self.busy_models()
+        changes = self.cache.changes
+        self._start_waiting(busy)
+        if self.cache.advance(busy, idle=not self._where):
+            self.progress += 1
+        if self.cache.changes != changes:
+            self._heartbeat_if_changed()
+            self._start_waiting(busy)
+
+    def _start_waiting(self, busy: set[str]) -> None:
+        for command in list(self._waiting):
+            if self._rows_running() + command.n > self.config.max_running:
+                break
             try:
-                self._start(command)
+                cached = self.cache.acquire(command.model, busy, waiter=command.request_id)
+                if cached is None:  # its model is loading (stays counted as waiting)
+                    if command.request_id not in self._told_loading:
+                        self._told_loading.add(command.request_id)
+                        self._emit(Loading(command.request_id, command.model))
+                    continue
+                self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
+                if not self._start(command, cached):
+                    break
             except EngineError as exc:
                 self._heartbeat_if_changed()  # the gateway's model list shows the failure with the error
                 self._emit(Failed(command.request_id, exc.code.value, exc.message, exc.param))
             except Exception as exc:
                 log.exception("request %s failed while joining the batch", command.request_id)
                 self._emit(Failed(command.request_id, EngineErrorCode.INTERNAL.value, _internal(exc)))
-            finally:
-                self._waiting.popleft()
+            self._waiting.remove(command)
+            self._left_waiting(command.request_id)
+            busy.add(command.model)
             self._publish()
 
-    def _start(self, command: Generate) -> None:
+    def _left_waiting(self, request_id: str) -> None:
+        self._told_loading.discard(request_id)
+        self.cache.forget_waiter(request_id)
+        if self._planned is not None and self._planned[0] == request_id:
+            self._planned = None
+
+    def _trim_prefix(self, n_bytes: int) -> None:
+        """Free about `n_bytes` of prefix cache: the memory budget needs them for weights or a KV cache."""
+        self._prefix.trim(n_bytes)
+        self._measure_prefix()
+
+    def _start(self, command: Generate, cached: CachedModel) -> bool:
+        """Start a request on its loaded model; False while its KV cache does not fit (it stays waiting)."""
         if self.config.allow_fault_injection:
             faults.before_start(command.fault)
-        busy = {m for m, s in self._states.items() if s.rows}
-        loads_before = self.cache.loads
-        cached = self.cache.get(command.model, busy,
-                                on_load=lambda: self._emit(Loading(command.request_id, command.model)))
-        if self.cache.loads != loads_before:
-            self.progress += 1
-        self._heartbeat_if_changed()
         state = self._state_for(cached)
-        plan = plan_request(command, cached, state.token_text)
+        if self._planned is not None and self._planned[0] == command.request_id:
+            plan = self._planned[1]
+        else:
+            plan = plan_request(command, cached, state.token_text)
+        rows = len(plan.choices)
+        if not self.cache.reserve_kv(command.request_id, cached.id, len(plan.tokens) + plan.max_tokens,
+                                     self.busy_models(), rows):
+            self._planned = (command.request_id, plan)  # not planned (tokenized, compiled) again while it waits
+            return False
+        try:
+            self._begin(command, cached, state, plan)
+        except BaseException:
+            self.cache.release_kv(command.request_id)
+            raise
+        return True
+
+    def _begin(self, command: Generate, cached: CachedModel, state: _ModelState, plan: RequestPlan) -> None:
         tokens = plan.tokens
         prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
@@ -272,7 +343,7 @@ class Batcher:
         solo = state.solo_row
         if solo is not None:
             self._join_batch(state, solo)
-        if len(plan.choices) == 1 and not state.rows and not self._more_waiting_for(command.model):
+        if len(plan.choices) == 1 and not state.rows and not self._more_waiting_for(command.model, command):
             choice = plan.choices[0]
             row = _Row(request, choice, plan.max_tokens)
             row.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, choice.sampler,
@@ -306,9 +377,9 @@ class Batcher:
         )
         return _Row(request, choice, max_tokens, uid)
 
-    def _more_waiting_for(self, model: str) -> bool:
-        """Whether a request after the one being started (the first waiting) wants the same model."""
-        return any(c.model == model for i, c in enumerate(self._waiting) if i > 0)
+    def _more_waiting_for(self, model: str, starting: Generate) -> bool:
+        """Whether another waiting request (not the one being started) wants the same model."""
+        return any(c.model == model and c is not starting for c in self._waiting)
 
     def _join_batch(self, state: _ModelState, row: _Row) -> None:
         """Move the solo row into the batch: hand out the token it has in flight, then insert it with its
@@ -358,6 +429,7 @@ class Batcher:
         """Let go of a model's generator and prefix cache (the cache is evicting or reloading it)."""
         state = self._states.pop(model_id, None)
         self._prefix.drop(model_id)
+        self._measure_prefix()
         if state is None:
             return
         for request in {id(r.request): r.request for r in state.rows.values()}.values():
@@ -463,6 +535,7 @@ class Batcher:
                             request.cached_tokens, row.plan.index, row.plan.output.stop_sequence))
         if not request.open_rows:
             self._where.pop(request.rid, None)
+            self._done(state, request)
 
     def _take_out(self, state: _ModelState, request: _Request) -> None:
         """Remove every row of a request from its model's batch."""
@@ -481,6 +554,12 @@ class Batcher:
             if state.rows.get(row.uid) is row:
                 del state.rows[row.uid]
         self._where.pop(request.rid, None)
+        self._done(state, request)
+
+    def _done(self, state: _ModelState, request: _Request) -> None:
+        """A request is over: its KV reservation goes back, and its model's keep-alive counts from now."""
+        self.cache.release_kv(request.rid)
+        self.cache.touch(state.cached.id)
 
 
 def _begin_constrained_step(generator: Any) -> None:

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
+
+import msgspec
 
 from mlx_backend import timeline
 from mlx_backend.errors import EngineError, EngineErrorCode
@@ -35,6 +38,9 @@ from mlx_backend.types import (
     Heartbeat,
     Hello,
     Loading,
+    ModelControl,
+    ModelControlDone,
+    ModelEvent,
     PromptCount,
     RankHeartbeat,
     Ready,
@@ -145,6 +151,9 @@ class EngineStatus:
     group: GroupStatus | None = None  # the engine as a distributed group: each rank
 
 
+ControlAction = Literal["load", "unload", "pin", "unpin"]
+
+
 class EngineObserver(Protocol):
     """What the gateway wants to hear about (metrics, logs, giving up); every method must be cheap."""
 
@@ -152,6 +161,7 @@ class EngineObserver(Protocol):
     def on_restart(self, reason: str) -> None: ...
     def on_cancelled(self, finished: Finished) -> None: ...
     def on_down(self, reason: str) -> None: ...
+    def on_model_event(self, event: ModelEvent) -> None: ...
 
 
 class Engine(Protocol):
@@ -160,6 +170,7 @@ class Engine(Protocol):
     def submit(self, command: Generate) -> EngineRequest: ...
     async def count_prompt(self, command: Generate) -> int: ...
     def status(self) -> EngineStatus: ...
+    async def control(self, action: ControlAction, model: str) -> None: ...
 
     @property
     def in_flight(self) -> int: ...
@@ -227,6 +238,9 @@ class EngineClient:
         self._stalled = False
         self._supervisor: asyncio.Task[None] | None = None
         self._up = asyncio.Event()
+        self._controls: dict[str, asyncio.Future[None]] = {}  # admin commands waiting for their answer
+        self._control_ids = itertools.count(1)
+        self._pin_changes: dict[str, bool] = {}  # pins made or undone at run time: kept across restarts
 
     # -- lifecycle ------------------------------------------------------------------------------------
 
@@ -331,6 +345,39 @@ class EngineClient:
     def _unavailable(self) -> EngineError:
         return unavailable(self._state)
 
+    # -- operators ------------------------------------------------------------------------------------
+
+    async def control(self, action: ControlAction, model: str) -> None:
+        """Load, unload, pin or unpin a model; returns once the engine did it (a load: once the model is
+        ready). Raises EngineError: the load's own error, or ENGINE_UNAVAILABLE if the engine goes away.
+        Pins survive engine restarts: a new engine process starts with them."""
+        process = self._process
+        if self._state != EngineState.UP or process is None or process.channel is None:
+            raise self._unavailable()
+        request_id = f"control-{next(self._control_ids)}"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._controls[request_id] = future
+        try:
+            process.channel.send(ModelControl(request_id, action, model))
+        except (ConnectionClosed, OSError):
+            self._controls.pop(request_id, None)
+            raise self._unavailable() from None
+        try:
+            await future
+        finally:
+            self._controls.pop(request_id, None)
+        if action in ("pin", "unpin", "unload"):
+            self._pin_changes[model] = action == "pin"
+
+    def _config_for_new_process(self) -> EngineConfig:
+        pinned = dict.fromkeys(self._config.pinned)
+        for model, pin in self._pin_changes.items():
+            if pin:
+                pinned[model] = None
+            else:
+                pinned.pop(model, None)
+        return msgspec.structs.replace(self._config, pinned=tuple(pinned))
+
     def _fail_all(self, reason: str) -> None:
         error = EngineError(
             EngineErrorCode.ENGINE_UNAVAILABLE, f"Model engine unavailable: {reason}; the request was ended."
@@ -343,6 +390,9 @@ class EngineClient:
                 answer.set_exception(error)
         self._counts.clear()
         self._aborted.clear()
+        for future in self._controls.values():
+            if not future.done():
+                future.set_exception(error)
 
     # -- supervision ----------------------------------------------------------------------------------
 
@@ -384,11 +434,12 @@ class EngineClient:
 
     async def _run_one_process(self) -> str:
         """Run a process until it dies or must be killed; returns why it ended."""
+        config = self._config_for_new_process()
         process: EngineProcess | GroupProcess
         if self._group is not None:
-            process = GroupProcess(self._config, self._group, self._extra_env, self._worker_module)
+            process = GroupProcess(config, self._group, self._extra_env, self._worker_module)
         else:
-            process = EngineProcess(self._config, self._extra_env, self._worker_module)
+            process = EngineProcess(config, self._extra_env, self._worker_module)
         self._process = process
         self._ready = None
         self._heartbeat = None
@@ -441,9 +492,9 @@ class EngineClient:
 
     def _busy(self) -> bool:
         heartbeat = self._heartbeat
-        if self._requests or self._counts:
+        if self._requests or self._counts or self._controls:
             return True
-        return heartbeat is not None and bool(heartbeat.running or heartbeat.waiting)
+        return heartbeat is not None and bool(heartbeat.running or heartbeat.waiting or heartbeat.loading)
 
     def _check_health(self) -> str | None:
         now = time.monotonic()
@@ -484,6 +535,10 @@ class EngineClient:
                 for event in await process.channel.receive_many():  # a whole step's frames at once
                     if isinstance(event, Heartbeat):
                         self._on_heartbeat(event)
+                    elif isinstance(event, ModelControlDone):
+                        self._answer_control(event)
+                    elif isinstance(event, ModelEvent):
+                        self._observer.on_model_event(event)
                     elif isinstance(event, Ready):
                         self._ready = event
                         self._state = EngineState.UP
@@ -506,6 +561,15 @@ class EngineClient:
             self._last_progress = (heartbeat.progress, now)
         self._heartbeat = heartbeat
         self._observer.on_heartbeat(heartbeat)
+
+    def _answer_control(self, done: ModelControlDone) -> None:
+        future = self._controls.get(done.request_id)
+        if future is None or future.done():
+            return
+        if done.code is None:
+            future.set_result(None)
+        else:
+            future.set_exception(EngineError.from_wire(done.code, done.message, "model"))
 
     def _route(self, event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
         answer = self._counts.get(event.request_id)

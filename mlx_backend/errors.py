@@ -17,6 +17,8 @@ class EngineErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"  # e.g. a chat template that rejects the messages
     ENGINE_UNAVAILABLE = "engine_unavailable"  # engine died, stalled or is restarting
     ENGINE_OVERLOADED = "engine_overloaded"
+    MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"  # a request whose KV cache could never fit the budget
+    MODEL_BUSY = "model_busy"  # an operator's unload of a model that is serving or loading
     REQUEST_TIMEOUT = "request_timeout"  # the request ran past the gateway's request timeout
     INTERNAL = "internal_error"
 

@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from mlx_backend.engine import EngineRequest, EngineState, EngineStatus, unavailable
+from mlx_backend.engine import ControlAction, EngineRequest, EngineState, EngineStatus, unavailable
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.types import (
     Delta,
@@ -63,6 +63,8 @@ class FakeEngine:
         self.counted: list[Generate] = []  # count_prompt's requests
         self.aborted: list[str] = []
         self.load_delay_s = load_delay_s
+        self.pinned: set[str] = set()
+        self.controls: list[tuple[str, str]] = []  # (action, model) as received
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
@@ -135,6 +137,25 @@ class FakeEngine:
         finally:
             self._tasks.pop(rid, None)
 
+    async def control(self, action: ControlAction, model: str) -> None:
+        if self.state != EngineState.UP:
+            raise unavailable(self.state)
+        self.controls.append((action, model))
+        if action in ("load", "pin"):
+            if model in self.failures:
+                raise self.failures[model]
+            await asyncio.sleep(self.load_delay_s)
+            self.loaded.setdefault(model, time.time())
+            if action == "pin":
+                self.pinned.add(model)
+        elif action == "unload":
+            if any(c.model == model for c in self.received if c.request_id in self._tasks):
+                raise EngineError(EngineErrorCode.MODEL_BUSY, f"The model '{model}' is serving requests.")
+            self.loaded.pop(model, None)
+            self.pinned.discard(model)
+        else:
+            self.pinned.discard(model)
+
     async def count_prompt(self, command: Generate) -> int:
         if self.state != EngineState.UP:
             raise unavailable(self.state)
@@ -147,7 +168,8 @@ class FakeEngine:
         now = time.time()
         heartbeat = Heartbeat(
             progress=0, running=len(self._tasks), waiting=0, loading=None,
-            loaded=tuple(LoadedModel(m, 1000, t, 0) for m, t in self.loaded.items()),
+            loaded=tuple(LoadedModel(m, 1000, t, 0, last_used_at=t, pinned=m in self.pinned)
+                         for m, t in self.loaded.items()),
             failed=tuple(FailedModel(m, e.code.value, e.message, now, 30.0) for m, e in self.failures.items()),
             memory_budget_bytes=1 << 30, active_memory_bytes=0, prompt_cache_bytes=0,
         )

@@ -28,13 +28,12 @@ from typing import Any
 import mlx.core as mx
 from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
-from mlx_lm.utils import (
-    MODEL_ARCHITECTURE_REMAPPING,
-    MODEL_REMAPPING,
-    load_config,
-    load_model,
-    load_tokenizer,
-)
+from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
+
+# Re-exported: mlx_backend.loading calls them through this module, where tests replace them.
+from mlx_lm.utils import load_config as load_config
+from mlx_lm.utils import load_model as load_model
+from mlx_lm.utils import load_tokenizer as load_tokenizer
 
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelEntry, context_length_of
@@ -219,14 +218,21 @@ def _check_tokenizer(entry: ModelEntry) -> None:
 
 
 def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | None = None) -> LoadedArtifacts:
-    """Validate, then load the tokenizer and the weights; any failure is an EngineError naming the cause.
+    """Validate, then load the tokenizer and the weights at once (no warm-up); any failure is an EngineError
+    naming the cause. The engine loads in pieces instead (mlx_backend/loading.py), through the same steps.
+
     `shard` (a group's rank: mlx_backend/rank.py) cuts the lazily built model to this rank's part before any
-    weight is read, so a rank reads and holds only its shard."""
+    weight is read, so a rank reads and holds only its shard. A rank loads in one piece: every rank must make
+    the same MLX calls in step, and pieces between steps would need the ranks to agree on each."""
+    if shard is None:
+        from mlx_backend.loading import StagedLoad
+
+        return StagedLoad(entry, validate(entry), warmup=False).run()
     size = validate(entry)
     path = entry.path
     try:
-        # mlx_lm.load's steps, tokenizer first: it is cheap and often the broken part, so a bad tokenizer
-        # fails before gigabytes of weights are read. Custom code is never trusted.
+        # Tokenizer first: it is cheap and often the broken part, so a bad tokenizer fails before gigabytes
+        # of weights are read. Custom code is never trusted.
         config = load_config(path)
         try:
             tokenizer: TokenizerWrapper = load_tokenizer(  # type: ignore[no-untyped-call]
@@ -234,9 +240,8 @@ def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | No
             )
         except Exception as exc:
             raise _fail(entry, f"its tokenizer is broken ({_describe(exc)}).") from exc
-        model, config = load_model(path, lazy=shard is not None, trust_remote_code=False)
-        if shard is not None:
-            shard(model, config)
+        model, config = load_model(path, lazy=True, trust_remote_code=False)
+        shard(model, config)
         mx.eval(model.parameters())  # lazy loads must fail here, not in the middle of a request
     except EngineError:
         raise

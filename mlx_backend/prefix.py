@@ -26,6 +26,16 @@ class PrefixCaches:
     def drop(self, model_id: str) -> None:
         self._by_model.pop(model_id, None)
 
+    def trim(self, n_bytes: int) -> None:
+        """Free about `n_bytes` (the engine's memory budget needs them for weights or a running KV cache),
+        the least recently saved entries first, model by model."""
+        for cache in list(self._by_model.values()):
+            if n_bytes <= 0:
+                return
+            before = int(cache.nbytes)
+            cache.trim_to(n_bytes=max(0, before - n_bytes))
+            n_bytes -= before - int(cache.nbytes)
+
     def fetch(self, model_id: str, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
         """A copy of the longest cached prefix of `tokens` and the tokens still to feed (never none: an
         exact hit is stepped back by one token, since the model must be fed something)."""

@@ -6,6 +6,8 @@ listed, so that using it says what is missing instead of "not found"). Three pla
   - the Hugging Face cache: `models--org--name/snapshots/<rev>/` (id `org/name`), the revision `refs/main`
     points to, else the newest snapshot
   - the bundled demo model (id `mlx-gateway-demo`)
+An allow-list (ids or glob patterns), when set, hides every other model: it is "not found" and unlisted, as if
+absent, so no request can make the engine load it.
 An id never reaches the filesystem unchecked: `..`, absolute paths, backslashes, NUL and empty segments are
 "not found", and so is a folder whose real path leaves the directory it was found in (a symlink out).
 """
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.residency import matches
 
 DEMO_MODEL_ID = "mlx-gateway-demo"  # same value as mlx_backend.demo.DEMO_MODEL_ID
 
@@ -213,8 +216,10 @@ class ModelRegistry:
         include_demo: bool,
         *,
         list_ttl_s: float = 2.0,
+        allowed: Sequence[str] = (),
     ) -> None:
         self.models_dirs = tuple(Path(d).expanduser() for d in models_dirs)
+        self.allowed = tuple(allowed)  # empty: every model found
         self.hf_cache_dir = Path(hf_cache_dir).expanduser() if hf_cache_dir is not None else None
         self.include_demo = include_demo
         self._list_ttl_s = list_ttl_s
@@ -222,10 +227,15 @@ class ModelRegistry:
 
     # -- resolve ---------------------------------------------------------------------------------------
 
+    def allows(self, model_id: str) -> bool:
+        return not self.allowed or any(matches(p, model_id) for p in self.allowed)
+
     def resolve(self, model_id: str) -> ModelEntry:
         """The entry for an id, or EngineError(MODEL_NOT_FOUND)."""
         if not isinstance(model_id, str) or (parts := split_id(model_id)) is None:
             raise _not_found(str(model_id))
+        if not self.allows(model_id):
+            raise _not_found(model_id)
         for root in self.models_dirs:
             folder = root.joinpath(*parts)
             # `org/name` only when `org` is not itself a model, as in the listing
@@ -279,7 +289,7 @@ class ModelRegistry:
             listed_at, listed_stamp, entries = self._listed
             if now - listed_at < self._list_ttl_s and listed_stamp == stamp:
                 return list(entries)
-        entries = self._scan()
+        entries = [e for e in self._scan() if self.allows(e.id)]
         self._listed = (now, stamp, entries)
         return list(entries)
 

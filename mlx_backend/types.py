@@ -81,6 +81,15 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change
     allow_fault_injection: bool = False  # test-only: honours Generate.fault
+    # Residency (mlx_backend/residency.py): how long an unused model stays loaded, in seconds (0: unload when
+    # its last request ends; -1: until evicted), and per-model overrides as (id or glob, seconds).
+    keep_alive_s: float = 1800.0
+    model_keep_alive: tuple[tuple[str, float], ...] = ()
+    allowed_models: tuple[str, ...] = ()  # ids or globs; empty: any model found
+    preload: tuple[str, ...] = ()  # loaded at start, in the background
+    pinned: tuple[str, ...] = ()  # loaded at start and never idle-unloaded or evicted
+    warmup: bool | None = None  # a short generation after each load, before it serves; None: on a GPU only
+    test_read_delay_s: float = 0.0  # test-only (needs allow_fault_injection): a pause per block a load reads
     cpu_affinity: tuple[int, ...] = ()  # Linux: the CPUs the engine process runs on (empty: any)
     trace_tokens: str | None = None  # benchmarks only: a folder for the per-token timeline (mlx_backend/timeline.py)
     group: GroupConfig | None = None
@@ -91,6 +100,24 @@ class LoadedModel(msgspec.Struct, frozen=True):
     size_bytes: int
     loaded_at: float  # unix time
     running: int  # requests of this model in the batch
+    last_used_at: float = 0.0  # unix time its last request started or ended
+    expires_at: float | None = None  # unix time it is due to unload; None: pinned, busy or kept forever
+    pinned: bool = False
+    kv_bytes: int = 0  # KV cache reserved by its running requests
+    load_s: float = 0.0  # how long its load took, warm-up included
+    warmup_s: float | None = None  # the warm-up generation's share of it; None: no warm-up
+
+
+class LoadProgress(msgspec.Struct, frozen=True):
+    """The load in progress (one at a time): see mlx_backend/loading.py for the stages."""
+
+    model: str
+    stage: str  # queued | reading | building | loading | warming
+    bytes_read: int  # weight-file bytes read from disk
+    bytes_loaded: int  # tensor bytes in memory
+    bytes_total: int  # weight-file bytes
+    started_at: float  # unix time
+    reason: str  # request | admin | preload
 
 
 class FailedModel(msgspec.Struct, frozen=True):
@@ -145,7 +172,16 @@ class Wake(msgspec.Struct, frozen=True, tag="wake"):
     the collective, where MLX's ring backend spins a core."""
 
 
-Command = Generate | CountPrompt | Abort | Shutdown | Wake
+
+class ModelControl(msgspec.Struct, frozen=True, tag="model_control"):
+    """An operator's command (the admin API); answered with ModelControlDone, a load only once it is ready."""
+
+    request_id: str
+    action: Literal["load", "unload", "pin", "unpin"]
+    model: str
+
+
+Command = Generate | CountPrompt | Abort | Shutdown | ModelControl | Wake
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -238,6 +274,23 @@ class Failed(msgspec.Struct, frozen=True, tag="failed", omit_defaults=True):
     param: str | None = None
 
 
+class ModelControlDone(msgspec.Struct, frozen=True, tag="model_control_done", omit_defaults=True):
+    request_id: str
+    code: str | None = None  # None: done; else an EngineErrorCode value
+    message: str = ""
+
+
+class ModelEvent(msgspec.Struct, frozen=True, tag="model_event", omit_defaults=True):
+    """A model came or went: the gateway logs it and counts it."""
+
+    model: str
+    kind: Literal["loaded", "unloaded"]
+    reason: str  # loaded: request | admin | preload; unloaded: idle | evicted | requested | changed | vanished
+    seconds: float = 0.0  # loaded: the load's duration; unloaded: how long it had been idle
+    size_bytes: int = 0
+    warmup_s: float | None = None
+
+
 class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     """Sent every heartbeat_interval_s by a thread that never touches MLX."""
 
@@ -250,6 +303,10 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     memory_budget_bytes: int
     active_memory_bytes: int
     prompt_cache_bytes: int
+    load: LoadProgress | None = None  # the load in progress
+    queued_loads: tuple[str, ...] = ()  # loads waiting for their turn or for memory
+    weights_bytes: int = 0  # the budget's parts: weights of the loaded models (+ the load in progress),
+    kv_bytes: int = 0  # the KV cache reserved by running requests (the prefix cache is prompt_cache_bytes)
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):
@@ -274,4 +331,7 @@ class RankHeartbeat(msgspec.Struct, frozen=True, tag="rank_heartbeat"):
     active_memory_bytes: int
 
 
-Event = Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat | Hello | RankHeartbeat | Wake
+Event = (
+    Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat | ModelControlDone | ModelEvent
+    | Hello | RankHeartbeat | Wake
+)

@@ -51,6 +51,8 @@ from mlx_backend.types import (
     Generate,
     Heartbeat,
     Loading,
+    ModelControl,
+    ModelControlDone,
     PromptCount,
     Ready,
     Shutdown,
@@ -59,6 +61,7 @@ from mlx_backend.types import (
 
 if TYPE_CHECKING:
     from mlx_backend.batcher import Batcher
+    from mlx_backend.control import Controls
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -148,6 +151,12 @@ def _heartbeats(channel: Channel, interval_s: float, source: list[Callable[[], E
         time.sleep(interval_s)
 
 
+def _warmup(setting: bool | None, device: str) -> bool:
+    """Warm models up on a GPU, where the first generation compiles kernels (about 17 s on CUDA); on the CPU
+    nothing is compiled and the warm-up would only cost compute (seconds for a 1B model on 2 cores)."""
+    return setting if setting is not None else device != "cpu"
+
+
 def _version(package: str) -> str:
     try:
         return metadata.version(package)
@@ -175,29 +184,45 @@ def serve(channel: Channel, config: EngineConfig) -> int:
 
     from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
     from mlx_backend.cache import ModelCache
+    from mlx_backend.control import Controls
+    from mlx_backend.residency import KeepAlive
 
     registry = ModelRegistry(
         [Path(d) for d in config.models_dirs],
         Path(config.hf_cache_dir) if config.hf_cache_dir else None,
         config.include_demo_model,
+        allowed=config.allowed_models,
     )
-    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s)
+    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s,
+                       keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
+                       warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
+                       read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0)
+    cache.on_event = channel.emit
     batcher = Batcher(config, cache, channel.emit)
+    controls = Controls(cache, channel.emit, batcher.busy_models, batcher.heartbeat)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)
+    controls.preload(config.preload, config.pinned)
+    counts: list[Generate] = []  # prompts to count, waiting for their model's load
 
     while True:
         try:
-            # Block only when there is nothing to decode; otherwise take what came in and step.
-            commands = [inbox.get()] if not batcher.has_work() else []
+            # Wait for a command only while there is nothing to decode, and no longer than until the next
+            # keep-alive runs out (or a load reading on its thread is worth a look); then step.
+            commands: list[Command] = []
+            timeout = batcher.idle_timeout()
+            if timeout != 0:
+                with contextlib.suppress(queue.Empty):
+                    commands.append(inbox.get(timeout=timeout))
             with contextlib.suppress(queue.Empty):
                 while True:
                     commands.append(inbox.get_nowait())
             for command in commands:
-                if not apply_command(batcher, command, channel.send):
+                if not apply_command(batcher, command, channel.emit, controls=controls, counts=counts):
                     return 0
             batcher.step()
+            counts[:] = [c for c in counts if not _answered(channel, count_prompt(batcher, c))]
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
             with contextlib.suppress(Exception):
@@ -206,8 +231,19 @@ def serve(channel: Channel, config: EngineConfig) -> int:
             channel.flush()  # this pass's events, in one write
 
 
-def apply_command(batcher: Batcher, command: Command, send: Callable[[Event], None]) -> bool:
-    """Hand one command to the batcher (MLX thread); False once it was Shutdown (the batcher is then empty)."""
+def apply_command(
+    batcher: Batcher,
+    command: Command,
+    send: Callable[[Event], None],
+    *,
+    controls: Controls | None = None,
+    counts: list[Generate] | None = None,
+) -> bool:
+    """Hand one command to the batcher (MLX thread); False once it was Shutdown (the batcher is then empty).
+
+    `controls` answers the admin API (a single engine: an engine group's ranks would have to agree on each
+    such decision, which they do not yet); `counts` keeps the prompt counts that wait for their model's load,
+    answered after each step; without it a count is answered at once."""
     if isinstance(command, Shutdown):
         log.info("shutdown requested: ending %d requests and freeing the models", batcher.running + batcher.waiting)
         batcher.shutdown()
@@ -216,19 +252,39 @@ def apply_command(batcher: Batcher, command: Command, send: Callable[[Event], No
         batcher.submit(command)
     elif isinstance(command, Abort):
         batcher.abort(command.request_id)
+    elif isinstance(command, ModelControl):
+        if controls is not None:
+            controls.handle(command)
+        else:
+            send(ModelControlDone(command.request_id, EngineErrorCode.INVALID_REQUEST.value,
+                                  "Loading, unloading and pinning models is not available for an engine group."))
     elif isinstance(command, CountPrompt):
-        send(count_prompt(batcher, command.request))
+        if counts is not None:
+            counts.append(command.request)
+        else:
+            send(count_prompt(batcher, command.request) or Failed(
+                command.request.request_id, EngineErrorCode.ENGINE_OVERLOADED.value,
+                "The model is loading; count the prompt again shortly."))
     return True
 
 
-def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed:
-    """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache)."""
+def _answered(channel: Channel, answer: PromptCount | Failed | None) -> bool:
+    if answer is None:
+        return False
+    channel.emit(answer)
+    return True
+
+
+def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | None:
+    """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache); None
+    while its model loads (the load is asked for, as a request would, and happens between decode steps)."""
     from mlx_backend.tools import prompt_tokens
 
     rid = command.request_id
     try:
-        busy = {m.id for m in batcher.heartbeat().loaded if m.running}  # never evicted for a count
-        cached = batcher.cache.get(command.model, busy)
+        cached = batcher.cache.acquire(command.model, batcher.busy_models(), waiter=rid)
+        if cached is None:
+            return None
         return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))
     except EngineError as exc:
         return Failed(rid, exc.code.value, exc.message, exc.param)

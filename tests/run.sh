@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the tests drive for real: Prometheus (server + promtool), shellcheck, systemd-analyze.
+# Debian packages the tests drive for real: Prometheus (server + promtool), shellcheck, systemd-analyze,
+# Chromium (headless, to render and screenshot the status page).
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+  command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   if ((${#missing[@]})); then

@@ -36,6 +36,15 @@ COMMON = {
 MODEL_LOOKUP = {**COMMON, 404: error("No such model (code model_not_found)")}
 GENERATION = _generation(ErrorResponse)
 ANTHROPIC_GENERATION = _generation(AnthropicErrorResponse)  # the same statuses, in Anthropic's error shape
+ADMIN = {
+    **MODEL_LOOKUP,
+    400: error("Invalid body"),
+    409: error("Unload of a model that is serving requests or loading (code model_busy)"),
+    415: error("The body is not sent as Content-Type: application/json"),
+    429: error("Its weights do not fit while the memory stays held (pinned models): retry after Retry-After"),
+    503: error("Engine unavailable, or the server is draining: retry after Retry-After seconds"),
+    504: error("The load took longer than load_timeout_s (it may still finish)"),
+}
 
 
 def ok(body: type[Any], chunk: type[Any]) -> ResponseSpec:

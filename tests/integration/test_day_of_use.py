@@ -2,9 +2,10 @@
 opening with a quiet spell longer than every timeout, then a SIGTERM with requests running and queued.
 
 One real `mlx-gateway serve` process with short timeouts (stall 2 s, request 4 s, header and body 2 s, drain
-2 s), a batch of 2 and a queue of 2, a bounded prefix cache, and a memory budget that holds one of its two
-models at a time, so every change of model is an eviction and a load. One OpenAI SDK client (max_retries=0:
-a reset connection shows) lives the whole day, as in an application, across the quiet spells.
+2 s), a batch of 2 and a queue of 2, a bounded prefix cache, and a memory budget that holds the larger model
+and the KV cache of its two longest requests (the budget counts the KV cache: issue 10); every change of model
+unloads the other one through the admin API, so each switch is an unload and a load. One OpenAI SDK client
+(max_retries=0: a reset connection shows) lives the whole day, as in an application, across the quiet spells.
 
 Each step allows the documented answers for its situation (tests/support/soak.py names them) and requires the
 ones it exists to provoke; after each step neither the gateway nor the engine may count a request running or
@@ -15,6 +16,7 @@ gateway and of the engine flat after the first round, exit code 0. The table is 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -22,9 +24,11 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
+from mlx_backend.memory import kv_bytes_per_token, rounded_tokens
 from tests.support.server import ServerProcess
 from tests.support.soak import (
     Ledger,
@@ -93,8 +97,11 @@ def soak_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def soak_server(soak_models: Path, tmp_path: Path) -> Iterator[ServerProcess]:
-    # Room for the larger model and half the smaller one: each switch of model evicts the other.
-    budget = tensor_bytes(soak_models / LONG) + tensor_bytes(soak_models / TINY) // 2
+    # Room for the larger model, the KV cache of two of its longest requests (3000 tokens + prompt, two rows of
+    # the batch), and half the smaller model.
+    per_token = kv_bytes_per_token(json.loads((soak_models / LONG / "config.json").read_text()))
+    long_rows = 2 * rounded_tokens(ENDLESS["max_tokens"] + 64) * per_token  # type: ignore[operator]
+    budget = tensor_bytes(soak_models / LONG) + long_rows + tensor_bytes(soak_models / TINY) // 2
     server = ServerProcess([
         "--models-dir", str(soak_models), "--memory-budget-gb", repr(budget / 1024**3),
         "--stall-timeout-s", str(STALL_S), "--request-timeout-s", str(REQUEST_S),
@@ -260,9 +267,15 @@ class Day:
         for model, streaming in ((TINY, False), (LONG, True), (TINY, True)):
             body = {**QUICK, "model": model, "max_tokens": 16}
             outcomes.append((await self.stream(body)).outcome if streaming else (await self.chat(body))[0])
+            other = LONG if model == TINY else TINY
+            async with httpx.AsyncClient(base_url=self.server.base_url, timeout=30) as admin:
+                unloaded = await admin.post("/admin/models/unload", json={"model": other})
+            if unloaded.status_code != 200:
+                problems.append(f"unloading {other} answered {unloaded.status_code}: {unloaded.text[:200]}")
             loaded = {m.id for m in (await self.client.models.list()).data if getattr(m, "status", None) == "loaded"}
             if loaded != {model}:
-                problems.append(f"after a request for {model}, the loaded models are {loaded}")
+                problems.append(f"after a request for {model} and an unload of {other}, the loaded models are "
+                                f"{loaded}")
         return outcomes
 
     async def ordinary(self, problems: list[str]) -> list[Outcome]:

@@ -1,7 +1,9 @@
 """A stand-in engine process that speaks the real IPC protocol without MLX, for supervision tests.
 
 Each Generate answers Started, one Delta per word of the prompt (at `delay` seconds each), then
-Finished; each CountPrompt answers the prompt's word count. Prompts starting with a command misbehave on
+Finished; each CountPrompt answers the prompt's word count; a ModelControl is done at once (the model "nope"
+is not found), and the heartbeat lists the models the process was started pinned as loaded and pinned (so a
+restart shows which pins it was given). Prompts starting with a command misbehave on
 purpose: "die" exits hard, "stall" stops progress while heartbeats go on, "freeze" stops heartbeats too.
 """
 
@@ -25,6 +27,9 @@ from mlx_backend.types import (
     Finished,
     Generate,
     Heartbeat,
+    LoadedModel,
+    ModelControl,
+    ModelControlDone,
     PromptCount,
     Ready,
     Shutdown,
@@ -46,8 +51,9 @@ def main() -> None:
     def heartbeats() -> None:
         while True:
             if not state["frozen"]:
+                pinned = tuple(LoadedModel(m, 1, 0.0, 0, pinned=True) for m in config.pinned)
                 channel.send(Heartbeat(progress=state["progress"], running=state["running"], waiting=0,
-                                       loading=None, loaded=(), failed=(), memory_budget_bytes=0,
+                                       loading=None, loaded=pinned, failed=(), memory_budget_bytes=0,
                                        active_memory_bytes=0, prompt_cache_bytes=0))
             time.sleep(config.heartbeat_interval_s)
 
@@ -68,6 +74,11 @@ def main() -> None:
             os._exit(0)
         if isinstance(command, Abort):
             aborted.add(command.request_id)
+            continue
+        if isinstance(command, ModelControl):
+            missing = command.model == "nope"
+            channel.send(ModelControlDone(command.request_id, "model_not_found" if missing else None,
+                                          "The model 'nope' does not exist." if missing else ""))
             continue
         if isinstance(command, CountPrompt):
             words = (command.request.prompt or "").split()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -19,6 +20,7 @@ from mlx_backend.types import (
     Finished,
     Generate,
     Heartbeat,
+    ModelEvent,
     SamplingParams,
     Started,
     ToolCallDelta,
@@ -34,6 +36,7 @@ class Recorder:
         self.cancelled: list[Finished] = []
         self.down: list[str] = []
         self.heartbeats = 0
+        self.model_events: list[ModelEvent] = []
 
     def on_down(self, reason: str) -> None:
         self.down.append(reason)
@@ -46,6 +49,9 @@ class Recorder:
 
     def on_cancelled(self, finished: Finished) -> None:
         self.cancelled.append(finished)
+
+    def on_model_event(self, event: ModelEvent) -> None:
+        self.model_events.append(event)
 
 
 def command(prompt: str, max_tokens: int = 100) -> Generate:
@@ -258,6 +264,49 @@ async def test_interrupt_aborts_once_only_while_the_engine_still_runs_it() -> No
     finished.deliver(Finished("r2", "stop", 1, 1, 0))
     finished.interrupt()
     assert aborted == ["r1"]  # the engine had ended it: nothing to abort
+
+
+async def test_operator_commands_are_answered_and_pins_survive_a_restart(
+    client: tuple[EngineClient, Recorder]
+) -> None:
+    engine, recorder = client
+    await engine.control("pin", "m2")
+    await engine.control("load", "m3")
+    with pytest.raises(EngineError) as info:
+        await engine.control("load", "nope")
+    assert info.value.code == EngineErrorCode.MODEL_NOT_FOUND and info.value.param == "model"
+    pid = engine.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while engine.status().pid in (None, pid) or engine.status().heartbeat is None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    heartbeat = engine.status().heartbeat
+    assert heartbeat is not None and [m.id for m in heartbeat.loaded if m.pinned] == ["m2"]  # the new process has it
+    await engine.control("unpin", "m2")
+    os.kill(engine.status().pid or 0, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while engine.status().heartbeat is None or any(m.pinned for m in engine.status().heartbeat.loaded):  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert len(recorder.restarts) == 2
+
+
+async def test_an_operator_command_waiting_on_a_dying_engine_fails_as_unavailable(
+    client: tuple[EngineClient, Recorder]
+) -> None:
+    engine, _ = client
+    pid = engine.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the command is sent but never answered; the heartbeat stops too
+    try:
+        with pytest.raises(EngineError) as info:
+            await asyncio.wait_for(engine.control("load", "m"), 20)
+        assert info.value.code == EngineErrorCode.ENGINE_UNAVAILABLE
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
 
 
 async def test_a_waiting_consumer_wakes_for_the_next_event_and_for_an_interrupt() -> None:

@@ -30,6 +30,7 @@ from mlx_backend.types import (
     Generate,
     Heartbeat,
     Loading,
+    ModelEvent,
     PromptCount,
     Ready,
     SamplingParams,
@@ -56,6 +57,7 @@ class Engine:
         )
         theirs.close()
         self.heartbeats: list[Heartbeat] = []
+        self.model_events: list[ModelEvent] = []
         self.pending: deque[Event] = deque()
         self.ready = self.next(timeout=60)
         assert isinstance(self.ready, Ready)
@@ -72,13 +74,15 @@ class Engine:
         return event
 
     def next(self, timeout: float = 30) -> Event:
-        """The next non-heartbeat event (heartbeats are kept in self.heartbeats)."""
+        """The next event but heartbeats and model events (kept in self.heartbeats, self.model_events)."""
         if self.pending:
             return self.pending.popleft()
         deadline = time.monotonic() + timeout
         while True:
             event = self._receive(deadline)
-            if not isinstance(event, Heartbeat):
+            if isinstance(event, ModelEvent):
+                self.model_events.append(event)
+            elif not isinstance(event, Heartbeat):
                 return event
 
     def _read(self, size: int) -> bytes:
@@ -94,7 +98,7 @@ class Engine:
         events: list[Event] = []
         while True:
             event = self.next(timeout)
-            if event.request_id == rid:  # type: ignore[union-attr]
+            if getattr(event, "request_id", None) == rid:  # model events have none
                 events.append(event)
                 if isinstance(event, Finished | Failed):
                     return events
