@@ -181,6 +181,9 @@ class SupervisionPolicy:
     stall_timeout_s: float = 30.0  # busy with no progress this long: stalled (killed at 1.5x)
     load_timeout_s: float = 600.0  # a single model load may take this long
     heartbeat_timeout_s: float = 3.0  # no heartbeat this long: the process is frozen (SIGSTOP, swap death)
+    # While a model loads, native code that holds the GIL (a tokenizer with a huge vocabulary parsing, say)
+    # can keep the heartbeat thread from running for seconds: the engine is busy, not frozen.
+    loading_heartbeat_timeout_s: float = 60.0
     ready_timeout_s: float = 120.0  # a fresh process must say Ready within this
     restart_budget: int = 10  # restarts per rolling hour, then DOWN
     healthy_after_s: float = 60.0  # a process up this long was healthy: the restart backoff starts over
@@ -227,6 +230,7 @@ class EngineClient:
         self._ready: Ready | None = None
         self._heartbeat: Heartbeat | None = None
         self._last_heartbeat_at = 0.0
+        self._load_announced = False  # a Loading event came after the last heartbeat
         # The stall clock: (progress counter, when it last moved or when work began after a quiet spell).
         self._last_progress: tuple[int, float] = (0, 0.0)
         self._requests: dict[str, EngineRequest] = {}
@@ -496,14 +500,25 @@ class EngineClient:
             return True
         return heartbeat is not None and bool(heartbeat.running or heartbeat.waiting or heartbeat.loading)
 
+    def _loading(self) -> bool:
+        """Whether the engine said a model is loading: in its last heartbeat, or in a Loading event since."""
+        return self._load_announced or (self._heartbeat is not None and self._heartbeat.loading is not None)
+
+    def _heartbeat_limit(self) -> float:
+        """The silence that means frozen: longer while a model loads."""
+        if self._loading():
+            return max(self._policy.heartbeat_timeout_s, self._policy.loading_heartbeat_timeout_s)
+        return self._policy.heartbeat_timeout_s
+
     def _check_health(self) -> str | None:
         now = time.monotonic()
         if self._ready is None:
             if now - self._last_heartbeat_at > self._policy.ready_timeout_s:
                 return f"did not become ready within {self._policy.ready_timeout_s:.0f}s"
             return None
-        if now - self._last_heartbeat_at > self._policy.heartbeat_timeout_s:
-            return f"sent no heartbeat for {now - self._last_heartbeat_at:.1f}s (frozen)"
+        silent_for = now - self._last_heartbeat_at
+        if silent_for > self._heartbeat_limit():
+            return f"sent no heartbeat for {silent_for:.1f}s (frozen)"
         if not self._busy():
             idle_limit = self._policy.idle_progress_timeout_s
             if idle_limit is not None:  # a group steps while idle too
@@ -518,8 +533,7 @@ class EngineClient:
             self._last_progress = (self._last_progress[0], now)
             self._stalled = False
             return None
-        heartbeat = self._heartbeat
-        limit = self._policy.load_timeout_s if heartbeat and heartbeat.loading else self._policy.stall_timeout_s
+        limit = self._policy.load_timeout_s if self._loading() else self._policy.stall_timeout_s
         idle_for = now - self._last_progress[1]
         self._stalled = idle_for > limit
         # Report "stalled" first (health 503), kill a little later: a stall can still resolve itself
@@ -557,6 +571,7 @@ class EngineClient:
     def _on_heartbeat(self, heartbeat: Heartbeat) -> None:
         now = time.monotonic()
         self._last_heartbeat_at = now
+        self._load_announced = False  # the heartbeat says itself whether a load runs
         if heartbeat.progress != self._last_progress[0]:
             self._last_progress = (heartbeat.progress, now)
         self._heartbeat = heartbeat
@@ -572,6 +587,8 @@ class EngineClient:
             future.set_exception(EngineError.from_wire(done.code, done.message, "model"))
 
     def _route(self, event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
+        if isinstance(event, Loading):
+            self._load_announced = True
         answer = self._counts.get(event.request_id)
         if answer is not None:
             if not answer.done() and isinstance(event, PromptCount):

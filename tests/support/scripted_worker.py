@@ -4,7 +4,8 @@ Each Generate answers Started, one Delta per word of the prompt (at `delay` seco
 Finished; each CountPrompt answers the prompt's word count; a ModelControl is done at once (the model "nope"
 is not found), and the heartbeat lists the models the process was started pinned as loaded and pinned (so a
 restart shows which pins it was given). Prompts starting with a command misbehave on
-purpose: "die" exits hard, "stall" stops progress while heartbeats go on, "freeze" stops heartbeats too.
+purpose: "die" exits hard, "stall" stops progress while heartbeats go on, "freeze" stops heartbeats too,
+"slowload" says its model loads and then sends no heartbeat for 4 s (a tokenizer parse holding the GIL).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mlx_backend.types import (
     Generate,
     Heartbeat,
     LoadedModel,
+    Loading,
     ModelControl,
     ModelControlDone,
     PromptCount,
@@ -93,6 +95,11 @@ def main() -> None:
             os._exit(3)
         if words[:1] == ["freeze"]:
             state["frozen"] = True
+        if words[:1] == ["slowload"]:
+            channel.send(Loading(rid, command.model))
+            state["frozen"] = True
+            time.sleep(4.0)
+            state["frozen"] = False
         state["running"] += 1
         channel.send(Started(rid, len(words), 0))
         if words[:1] in (["stall"], ["freeze"]):

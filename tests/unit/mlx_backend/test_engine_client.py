@@ -147,6 +147,17 @@ async def test_missing_heartbeats_mean_frozen(client: tuple[EngineClient, Record
     assert "heartbeat" in recorder.restarts[0]
 
 
+async def test_a_load_that_keeps_the_heartbeat_thread_from_running_is_not_a_freeze(
+    client: tuple[EngineClient, Recorder],
+) -> None:
+    """Seen on an H200: a tokenizer with a 128k vocabulary held the GIL for seconds while its model loaded,
+    and the engine was killed as frozen. Once the engine says a model loads, silence is allowed longer."""
+    engine, recorder = client
+    text, finished = await collect(engine, command("slowload then words"))
+    assert text == "slowload then words " and finished.finish_reason == "stop"
+    assert recorder.restarts == []
+
+
 async def test_the_restart_budget_ends_in_down_not_a_crash_loop(client: tuple[EngineClient, Recorder]) -> None:
     engine, recorder = client
     for _ in range(4):
