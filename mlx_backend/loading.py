@@ -80,8 +80,10 @@ class StagedLoad:
         self._pending: list[tuple[str, Any]] = []  # parameters not yet evaluated
         self._warm: Any = None  # the warm-up generation (a SoloGeneration), while it runs
         self._warm_tokens = 0
+        # Started by the first `advance`, not here: the request that asked for the load has said so to the
+        # gateway by then. Parsing a large tokenizer can hold the GIL for seconds, silencing even the
+        # heartbeat thread; the gateway allows that silence only once it knows a model loads.
         self._reader = threading.Thread(target=self._read, name=f"load-{entry.id}"[:32], daemon=True)
-        self._reader.start()
 
     @property
     def progress(self) -> Progress:
@@ -126,14 +128,20 @@ class StagedLoad:
 
     # -- the MLX thread --------------------------------------------------------------------------------
 
+    def _start_reading(self) -> None:
+        if self._reader.ident is None:
+            self._reader.start()
+
     def wait_reading(self, timeout_s: float) -> None:
         """Block up to `timeout_s` while the loader thread reads (for an engine with nothing else to do)."""
+        self._start_reading()
         if self.stage == "reading":
             self._reader.join(timeout_s)
 
     def advance(self, budget_s: float) -> LoadedArtifacts | None:
         """Work for about `budget_s` (at least one piece); the artifacts when the load is complete.
-        Raises EngineError naming the cause."""
+        The first call starts the loader thread. Raises EngineError naming the cause."""
+        self._start_reading()
         started, stage = time.monotonic(), self.stage
         try:
             return self._advance(started + budget_s)
