@@ -105,6 +105,7 @@ class StagedLoad:
                 )
             except Exception as exc:
                 raise loader._fail(entry, f"its tokenizer is broken ({loader._describe(exc)}).") from exc
+            _prepare_grammars(self._tokenizer)
             self._config = config
             buffer = bytearray(_READ_BLOCK)
             for path in self._files:
@@ -237,6 +238,18 @@ class StagedLoad:
         self._model = None
         self._pending = []
         self._warm = None
+
+
+def _prepare_grammars(tokenizer: Any) -> None:
+    """Build the model's grammar compiler now, inside the load: it reads the whole vocabulary in native code
+    that holds the GIL (seconds for a 128k vocabulary with many added tokens, seen on an H200), which the
+    first constrained request would otherwise pay on the MLX thread, its heartbeats silenced meanwhile."""
+    from mlx_backend.constrained import ConstraintError, compiler_for
+
+    try:
+        compiler_for(tokenizer)
+    except ConstraintError as exc:  # a tokenizer llguidance cannot read: constrained requests say so (400)
+        log.info("no structured output for %s: %s", tokenizer.name_or_path, exc.message)
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
