@@ -4,7 +4,10 @@
 The demo model is 2M parameters trained for minutes: it writes Python-documentation-flavoured nonsense.
 Everything whose outcome is structure passes (tool calls are forced with tool_choice "any", structured
 output is enforced by the grammar); the tests that need a model that understands what it is told are
-marked xfail below, each with the reason, so a change in their outcome shows (strict).
+marked xfail below, each with the reason, so a change in their outcome shows (strict). The suite skips by
+itself what its capability flags say a text-only server does not take (images, PDFs, audio, Anthropic
+content blocks) and its recorded-HTTP timing test; the suite forbids overriding those, and our own 400s for
+such parts are tested in tests/unit/gateway/test_errors.py and the API tests.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from mlx_backend.demo import DEMO_MODEL_ID
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import make_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -42,7 +46,9 @@ async def one_event_loop_for_the_module(anyio_backend: str) -> AsyncIterator[Non
 @pytest.fixture(scope="module", autouse=True)
 def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log: Path = tmp_path_factory.mktemp("logs") / "server.log"
-    server = ServerProcess(["--demo-model", "--max-tokens-default", "128"], log).start()
+    models = tmp_path_factory.mktemp("models")
+    make_tiny_model(models / "tiny")  # the other model the model-override tests switch to
+    server = ServerProcess(["--demo-model", "--models-dir", str(models), "--max-tokens-default", "128"], log).start()
     server.wait_ready()
     _server["demo"] = server
     yield server
@@ -74,6 +80,10 @@ class TestChatOpenAIOnMlxGateway(ChatModelIntegrationTests):
     @property
     def supports_image_inputs(self) -> bool:
         return False
+
+    @property
+    def model_override_value(self) -> str:
+        return "tiny"
 
     # -- tests that need a trained model ------------------------------------------------------------------
 

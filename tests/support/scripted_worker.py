@@ -99,6 +99,7 @@ def main() -> None:
             channel.send(Loading(rid, command.model))
             state["frozen"] = True
             time.sleep(4.0)
+            state["progress"] += 1  # as the real engine counts a load's pieces
             state["frozen"] = False
         state["running"] += 1
         channel.send(Started(rid, len(words), 0))
