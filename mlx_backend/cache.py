@@ -222,14 +222,13 @@ class ModelCache:
         if cached is not None:
             cached.last_used = time.monotonic()
 
-    def get(self, model_id: str, busy: Collection[str] = (), on_load: Callable[[], None] = lambda: None) -> CachedModel:
+    def get(self, model_id: str, busy: Collection[str] = ()) -> CachedModel:
         """The loaded model, loading it now if needed (blocking: tests and tools; the engine uses `acquire`).
         Raises EngineError, ENGINE_OVERLOADED when the load would have to wait for memory."""
         waiter = f"get:{model_id}"
         cached = self.acquire(model_id, busy, waiter)
         if cached is not None:
             return cached
-        on_load()
         while True:
             head = self._queue[0] if self._queue else None
             if head is not None and head.loader is not None:
