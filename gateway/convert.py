@@ -14,6 +14,7 @@ from gateway.convert_shared import (
     check_constraint_with_tools,
     fault_of,
     json_constraint,
+    logit_bias_of,
     sampling_temperature,
     stops_of,
     tool_fields,
@@ -39,8 +40,6 @@ from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams,
 
 def check_chat_supported(req: ChatCompletionRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
-    if req.logit_bias not in (UNSET, None) and req.logit_bias:
-        raise unsupported("logit_bias", "logit bias is not applied")
     if req.functions is not UNSET and req.functions:
         raise unsupported("functions", "the deprecated functions API is not available; send tools")
     if req.function_call not in (UNSET, None, "none", "auto"):
@@ -64,8 +63,6 @@ def check_completion_supported(req: CompletionRequest) -> None:
         raise unsupported("best_of", "only best_of=1")
     if req.echo:
         raise unsupported("echo", "the prompt is not echoed")
-    if req.logit_bias not in (UNSET, None) and req.logit_bias:
-        raise unsupported("logit_bias", "logit bias is not applied")
     if req.suffix:
         raise unsupported("suffix", "insertion (suffix) is not available")
     if not isinstance(req.prompt, str):
@@ -168,6 +165,7 @@ def chat_to_generate(
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logprobs=_logprobs(req.logprobs, req.top_logprobs),
+        logit_bias=logit_bias_of(req.logit_bias),
     )
     messages = tuple(_to_engine_message(m, i) for i, m in enumerate(req.messages))
     tools, choice = function_tools(req.tools), tool_choice_of(req.tool_choice)
@@ -196,6 +194,7 @@ def completion_to_generate(req: CompletionRequest, request_id: str, allow_faults
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logprobs=req.logprobs,
+        logit_bias=logit_bias_of(req.logit_bias),
     )
     return Generate(request_id=request_id, model=req.model, params=params, prompt=prompt, n=req.n or 1,
                     fault=fault_of(req.user, allow_faults))

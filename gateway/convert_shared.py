@@ -130,6 +130,22 @@ def sampling_temperature(temperature: float | None, top_p: float | None) -> floa
     return 1.0 if temperature is None else temperature
 
 
+def logit_bias_of(bias: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as sorted (id, bias) pairs. Whether each id is a
+    token of the model is the engine's to check (it has the tokenizer)."""
+    if not isinstance(bias, dict):
+        return ()
+    pairs = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+            raise invalid("logit_bias", f"logit_bias keys are token ids (decimal integers), not {key!r}")
+        if not -100 <= value <= 100:
+            raise invalid("logit_bias", f"logit_bias values lie between -100 and 100; token {key} has {value}")
+        if value:
+            pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
 def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()

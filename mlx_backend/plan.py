@@ -2,8 +2,9 @@
 budget, and per choice its sampler, logits processors (penalties, then any grammar) and output bookkeeping.
 
 Everything a request can be refused for is decided here, before any compute: a prompt longer than the
-context, tools the model's template cannot take, a tool_choice its format cannot force, a grammar that does
-not compile against the tokenizer. Each is an EngineError naming the parameter (a 400 at the gateway).
+context, a logit_bias naming a token the model does not have, tools the model's template cannot take, a
+tool_choice its format cannot force, a grammar that does not compile against the tokenizer. Each is an
+EngineError naming the parameter (a 400 at the gateway).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
     max_tokens = max(1, command.params.max_tokens)
     if context is not None:
         max_tokens = min(max_tokens, context - len(tokens))
+    _check_logit_bias(command.params, tokenizer)
     constraint, constraint_param = _constraint(command, tools, tokenizer)
     logprob_of = (
         functools.partial(_logprob, params=command.params, text=token_text)
@@ -99,6 +101,14 @@ def _detokenizer(tokenizer: Any, continues_prompt: bool) -> Any:
         elif type(detokenizer) is BPEStreamingDetokenizer:
             detokenizer.__class__ = _KeepLeadingSpace
     return detokenizer
+
+
+def _check_logit_bias(params: SamplingParams, tokenizer: Any) -> None:
+    vocabulary = len(tokenizer._tokenizer)  # the Hugging Face tokenizer's size, added tokens included
+    for token, _ in params.logit_bias:
+        if token >= vocabulary:
+            raise EngineError(EngineErrorCode.INVALID_REQUEST, f"logit_bias names token {token}, but this model's "
+                              f"vocabulary has {vocabulary} tokens (ids 0 to {vocabulary - 1}).", "logit_bias")
 
 
 def _constraint(command: Generate, tools: ToolRequest | None, tokenizer: Any) -> tuple[Constraint | None, str]:

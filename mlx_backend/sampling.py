@@ -1,5 +1,5 @@
 """Per-request sampling for mlx-lm's BatchGenerator: a sampler with its own PRNG key, and OpenAI's
-presence/frequency penalties as a logits processor. Filters apply top-k first, then top-p (the order of
+logit_bias and presence/frequency penalties as logits processors. Filters apply top-k first, then top-p (the order of
 Hugging Face and vLLM), then the temperature.
 
 Shapes follow BatchGenerator: a sampler takes log-probabilities (rows, vocab) and returns token ids (rows,);
@@ -120,7 +120,23 @@ class PenaltyProcessor:
         return logits - penalty.astype(logits.dtype)
 
 
+class LogitBiasProcessor:
+    """OpenAI's logit_bias: a fixed amount added to some tokens' logits at every step (-100 bans a token in
+    effect, +100 all but forces it). The ids are known to be the model's tokens (the plan checks them)."""
+
+    def __init__(self, bias: tuple[tuple[int, float], ...]) -> None:
+        self._ids = mx.array([token for token, _ in bias])
+        self._amounts = mx.array([amount for _, amount in bias], dtype=mx.float32)
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits.at[..., self._ids].add(self._amounts.astype(logits.dtype))
+
+
 def make_logits_processors(params: SamplingParams, prompt_tokens: int) -> list[LogitsProcessor]:
-    if not params.presence_penalty and not params.frequency_penalty:
-        return []  # no processors keeps BatchGenerator on its fast path
-    return [PenaltyProcessor(params.presence_penalty, params.frequency_penalty, prompt_tokens)]
+    """Bias, then penalties; none at all keeps BatchGenerator on its fast path."""
+    processors: list[LogitsProcessor] = []
+    if params.logit_bias:
+        processors.append(LogitBiasProcessor(params.logit_bias))
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(PenaltyProcessor(params.presence_penalty, params.frequency_penalty, prompt_tokens))
+    return processors

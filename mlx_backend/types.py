@@ -24,6 +24,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k >= 0: each token's logprob and its k most likely rivals
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), OpenAI's logit_bias
 
 
 class Constraint(msgspec.Struct, frozen=True, omit_defaults=True):

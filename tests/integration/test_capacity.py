@@ -14,8 +14,10 @@ import openai
 
 from tests.integration.conftest import StartServer
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import NEVER_STOP
 
-SLOW = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 60, "user": "fault:slow"}
+SLOW = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 60, "user": "fault:slow",
+        "logit_bias": NEVER_STOP}
 
 
 def metric(server: ServerProcess, name: str) -> float:

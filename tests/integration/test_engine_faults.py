@@ -19,8 +19,10 @@ import pytest
 
 from tests.integration.conftest import StartServer
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import NEVER_STOP
 
-CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 200}
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 200,
+        "logit_bias": NEVER_STOP}
 
 
 def wait_for(predicate: object, timeout_s: float, interval_s: float = 0.05) -> float:

@@ -23,7 +23,7 @@ import pytest
 from tests.integration.conftest import StartServer
 from tests.integration.test_engine_faults import health_status, wait_for
 from tests.support.server import ServerProcess, free_port_pair
-from tests.support.tiny_models import make_tiny_model, make_tiny_pipeline_model
+from tests.support.tiny_models import NEVER_STOP, make_tiny_model, make_tiny_pipeline_model
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,7 @@ def test_kill_9_of_rank_1_mid_stream_ends_the_stream_cleanly_and_the_group_comes
 ) -> None:
     old = _rank_pids(group_server)
     body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 200,
-            "stream": True, "user": "fault:slow"}
+            "stream": True, "user": "fault:slow", "logit_bias": NEVER_STOP}
     lines: list[str] = []
     with httpx.stream("POST", group_server.base_url + "/v1/chat/completions", json=body, timeout=30) as response:
         for line in response.iter_lines():
@@ -225,7 +225,7 @@ def test_a_model_too_large_for_the_group_is_refused_before_loading(
 def test_sigterm_drains_the_group_and_leaves_no_rank_behind(group_server: ServerProcess) -> None:
     ranks = [psutil.Process(pid) for pid in _rank_pids(group_server)]
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 30, "stream": True,
-            "user": "fault:slow"}
+            "user": "fault:slow", "logit_bias": NEVER_STOP}
 
     async def scenario() -> list[str]:
         async with httpx.AsyncClient(base_url=group_server.base_url, timeout=60) as client:

@@ -13,13 +13,14 @@ import pytest
 
 from tests.integration.conftest import StartServer
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import NEVER_STOP
 
 DEADLINE_S = 20.0
 
 
 async def _stream(client: httpx.AsyncClient, max_tokens: int) -> tuple[list[str], float]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
-            "stream": True, "user": "fault:slow"}
+            "stream": True, "user": "fault:slow", "logit_bias": NEVER_STOP}
     lines: list[str] = []
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200

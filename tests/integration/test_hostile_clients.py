@@ -15,9 +15,10 @@ import psutil
 
 from tests.integration.conftest import StartServer
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import NEVER_STOP
 
 STREAM = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me everything"}], "max_tokens": 200,
-          "stream": True, "user": "fault:slow"}
+          "stream": True, "user": "fault:slow", "logit_bias": NEVER_STOP}
 
 
 def tree_rss_mb(server: ServerProcess) -> float:

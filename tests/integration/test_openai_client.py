@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from tests.support import tiny_models as tm
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import NEVER_STOP
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +21,11 @@ def client(shared_server: ServerProcess) -> Iterator[openai.OpenAI]:
         yield c
 
 
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
+MESSAGES: list[Any] = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello"}]
 
 
 def test_chat_non_streaming(client: openai.OpenAI) -> None:
-    completion = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)  # type: ignore[arg-type]
+    completion = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12)
     assert completion.object == "chat.completion"
     choice = completion.choices[0]
     assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
@@ -34,7 +37,7 @@ def test_chat_non_streaming(client: openai.OpenAI) -> None:
 
 def test_chat_streaming_with_usage_keeps_every_invariant(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model="tiny", messages=MESSAGES, max_tokens=16, stream=True,  # type: ignore[arg-type]
+        model="tiny", messages=MESSAGES, max_tokens=16, stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -49,16 +52,16 @@ def test_chat_streaming_with_usage_keeps_every_invariant(client: openai.OpenAI) 
 
 
 def test_stream_and_non_stream_give_the_same_greedy_text(client: openai.OpenAI) -> None:
-    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16,  # type: ignore[arg-type]
+    whole = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16,
                                            temperature=0).choices[0].message.content
-    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16,  # type: ignore[arg-type]
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16,
                                             temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == whole
 
 
 def test_same_seed_same_output(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str | None:
-        return client.chat.completions.create(  # type: ignore[call-overload, no-any-return]
+        return client.chat.completions.create(
             model="tiny", messages=MESSAGES, max_tokens=20, temperature=1.0, seed=seed,
         ).choices[0].message.content
 
@@ -67,14 +70,51 @@ def test_same_seed_same_output(client: openai.OpenAI) -> None:
 
 
 def test_stop_string_is_matched_on_text_and_never_emitted(client: openai.OpenAI) -> None:
-    free = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,  # type: ignore[arg-type]
+    free = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,
                                           temperature=0).choices[0].message.content or ""
     assert len(free) > 4
     stop = free[2:4]  # a stop string taken from the middle of real output, likely spanning tokens
-    stopped = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,  # type: ignore[arg-type]
+    stopped = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=30,
                                              temperature=0, stop=[stop]).choices[0]
     assert stopped.finish_reason == "stop"
     assert stopped.message.content == free[: free.index(stop)]
+
+
+def test_logit_bias_steers_the_model_token_by_token(client: openai.OpenAI) -> None:
+    def greedy(**extra: Any) -> Any:
+        return client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
+                                              temperature=0, logprobs=True, **extra).choices[0]
+
+    first = greedy().logprobs.content[0].token
+    banned = greedy(logit_bias={str(_token_id(first)): -100})
+    assert banned.logprobs.content[0].token != first
+    hello = str(_token_id("hello"))
+    forced = greedy(logit_bias={hello: 100})
+    assert [t.token for t in forced.logprobs.content] == ["hello"] * 6
+    streamed: Any = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
+                                                   temperature=0, logit_bias={hello: 100}, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == forced.message.content
+    legacy = client.completions.create(model="tiny", prompt="The answer is", max_tokens=3, temperature=0,
+                                       logit_bias={hello: 100})
+    assert legacy.choices[0].text.split() == ["hello"] * 3
+
+
+def test_logit_bias_against_the_stop_tokens_runs_a_sampled_reply_to_max_tokens(client: openai.OpenAI) -> None:
+    for seed in range(8):
+        reply: Any = client.chat.completions.create(model="tiny", messages=MESSAGES,
+                                                    max_tokens=40, temperature=1.5, seed=seed, logit_bias=NEVER_STOP)
+        assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 40
+
+
+def test_a_logit_bias_naming_a_token_the_model_lacks_is_a_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, logit_bias={"512": 1})
+    assert bad.value.param == "logit_bias" and "512" in bad.value.message
+
+
+def _token_id(word: str) -> int:
+    """The tiny model's word-level vocabulary lists its words in a fixed order (tests/support/tiny_models)."""
+    return tm._vocabulary(512).index(word)
 
 
 def test_legacy_completions_stream_and_not(client: openai.OpenAI) -> None:
@@ -96,13 +136,13 @@ def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
 
 def test_errors_map_to_the_sdks_exception_classes(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
-        client.chat.completions.create(model="missing", messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model="missing", messages=MESSAGES)
     assert not_found.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model="tiny", messages=MESSAGES, n=1000)  # type: ignore[arg-type]
+        client.chat.completions.create(model="tiny", messages=MESSAGES, n=1000)
     assert bad.value.param == "n"  # 1 to 128, as OpenAI allows
     with pytest.raises(openai.BadRequestError) as too_long:
-        client.chat.completions.create(  # type: ignore[call-overload]
+        client.chat.completions.create(
             model="tiny", messages=[{"role": "user", "content": "word " * 400}], max_tokens=5)
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):

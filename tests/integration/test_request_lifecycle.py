@@ -23,10 +23,12 @@ import pytest
 
 from tests.integration.conftest import StartServer
 from tests.support.server import ServerProcess
+from tests.support.tiny_models import NEVER_STOP
 
 pytestmark = pytest.mark.slow
 
-SLOW = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 60, "user": "fault:slow"}
+SLOW = {"model": "tiny", "messages": [{"role": "user", "content": "go on"}], "max_tokens": 60, "user": "fault:slow",
+        "logit_bias": NEVER_STOP}
 
 
 def counts(server: ServerProcess) -> dict[str, int]:

@@ -39,6 +39,10 @@ END = "<|end|>"  # ends every chat turn; listed in config's eos_token_id so gene
 ROLE_TOKENS = {role: f"<|{role}|>" for role in ("system", "user", "assistant", "tool")}
 SPECIAL_TOKENS = [BOS, EOS, UNK, *ROLE_TOKENS.values(), END]
 
+# logit_bias (OpenAI's shape) that bans the word-level tokenizer's stop tokens: a request then runs to its
+# max_tokens. A test that acts while a request decodes must not let a random model's early EOS end it first.
+NEVER_STOP = {str(SPECIAL_TOKENS.index(EOS)): -100, str(SPECIAL_TOKENS.index(END)): -100}
+
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 

@@ -78,6 +78,15 @@ def test_sampling_parameters_reach_the_engine(make_client: ClientFactory) -> Non
     assert engine.received[-1].fault is None  # 'user' is never a fault outside test mode
 
 
+def test_logit_bias_reaches_the_engine_as_sorted_token_ids_without_zero_amounts(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    client = make_client(engine)
+    client.post("/v1/chat/completions", json=chat_body(logit_bias={"50": 2.5, "7": -100, "9": 0}))
+    client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "logit_bias": {"3": 100}})
+    assert engine.received[0].params.logit_bias == ((7, -100.0), (50, 2.5))
+    assert engine.received[1].params.logit_bias == ((3, 100.0),)
+
+
 def test_content_parts_and_every_role_are_accepted(make_client: ClientFactory) -> None:
     engine = FakeEngine()
     client = make_client(engine)

@@ -32,7 +32,6 @@ def test_unknown_model_is_404_model_not_found(client: TestClient[Any]) -> None:
 @pytest.mark.parametrize(("overrides", "param"), [
     ({"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type"),
     ({"tool_choice": {"type": "allowed_tools", "allowed_tools": {}}}, "tool_choice"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"audio": {"voice": "x"}}, "audio"),
     ({"store": True}, "store"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -156,3 +155,10 @@ def test_the_error_table_in_the_docs_matches_the_code() -> None:
     for kind in ErrorKind:
         spec = kind.value
         assert f"| {spec.status} | `{spec.type}` | `{spec.code}` |" in doc, kind
+
+
+@pytest.mark.parametrize("bias", [{"x": 5}, {"-1": 5}, {"01": 5}, {"1.5": 5}, {"1": 101}, {"1": -100.5}])
+def test_a_logit_bias_that_is_not_token_ids_to_amounts_within_100_is_a_400(client: TestClient[Any],
+                                                                          bias: dict[str, float]) -> None:
+    error = error_of(client.post("/v1/chat/completions", json=chat_body(logit_bias=bias)), 400)
+    assert error["param"] == "logit_bias" and error["code"] == "invalid_request"

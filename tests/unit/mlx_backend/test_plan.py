@@ -51,6 +51,16 @@ def test_a_prompt_longer_than_the_context_is_refused_naming_it(models: dict[str,
     assert error.code == "context_length_exceeded" and error.param == "messages"
 
 
+def test_a_logit_bias_naming_a_token_past_the_vocabulary_is_refused_naming_it(
+    models: dict[str, CachedModel],
+) -> None:
+    size = len(models["words"].artifacts.tokenizer._tokenizer)
+    error = refusal(models, "words", params=SamplingParams(max_tokens=8, logit_bias=((size, 1.0),)))
+    assert error.code == "invalid_request" and error.param == "logit_bias" and str(size) in error.message
+    request = plan(models, "words", params=SamplingParams(max_tokens=8, logit_bias=((size - 1, 1.0),)))
+    assert len(request.choices[0].processors) == 1  # type: ignore[attr-defined]
+
+
 def test_max_tokens_is_shortened_to_what_the_context_leaves(models: dict[str, CachedModel]) -> None:
     request = plan(models, "words", params=SamplingParams(max_tokens=10_000))
     assert request.max_tokens == 64 - len(request.tokens)  # type: ignore[attr-defined]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.sample_utils import greedy_sampler
 
-from mlx_backend.sampling import PenaltyProcessor, make_logits_processors, make_sampler
+from mlx_backend.sampling import LogitBiasProcessor, PenaltyProcessor, make_logits_processors, make_sampler
 from mlx_backend.types import SamplingParams
 
 LOGPROBS = mx.log(mx.array([[0.1, 0.2, 0.3, 0.4]]))
@@ -88,9 +88,25 @@ def test_penalty_keeps_logits_dtype() -> None:
     assert out.tolist() == [[0.0, 0.0, -1.0, 0.0]]
 
 
-def test_no_penalties_no_processors() -> None:
+def test_no_penalties_and_no_bias_no_processors() -> None:
     assert make_logits_processors(SamplingParams(max_tokens=1), 10) == []
     assert len(make_logits_processors(SamplingParams(max_tokens=1, frequency_penalty=0.1), 10)) == 1
+    both = make_logits_processors(SamplingParams(max_tokens=1, frequency_penalty=0.1, logit_bias=((1, 1.0),)), 10)
+    assert [type(p) for p in both] == [LogitBiasProcessor, PenaltyProcessor]  # bias first, as OpenAI's docs
+
+
+def test_logit_bias_adds_its_amounts_to_those_tokens_at_every_step_in_the_logits_dtype() -> None:
+    processor = LogitBiasProcessor(((1, -100.0), (3, 2.5)))
+    logits = mx.zeros((1, 5), dtype=mx.float16)
+    for step in range(2):
+        out = processor(mx.array([0] * (step + 1)), logits)
+        assert out.dtype == mx.float16 and out.tolist() == [[0.0, -100.0, 0.0, 2.5, 0.0]]
+
+
+def test_a_100_bias_wins_a_greedy_draw_and_a_minus_100_bias_loses_it() -> None:
+    logits = mx.log(mx.array([[0.1, 0.2, 0.3, 0.4]]))
+    assert greedy_sampler(LogitBiasProcessor(((0, 100.0),))(mx.array([0]), logits)).item() == 0
+    assert greedy_sampler(LogitBiasProcessor(((3, -100.0),))(mx.array([0]), logits)).item() == 2
 
 
 def test_unseeded_requests_with_the_same_settings_share_one_sampler() -> None:
