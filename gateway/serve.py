@@ -71,6 +71,7 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         include_demo_model=settings.offers_demo_model,
         memory_budget_bytes=settings.memory_budget_bytes,
         max_running=settings.max_running,
+        prefill_gather_steps=settings.prefill_gather_steps,
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
         keep_alive_s=settings.keep_alive_s,

@@ -78,6 +78,10 @@ class Settings:
     )
     max_running: int = field(default=32, metadata={"help": "requests generating at once (one batch)"})
     max_queue: int = field(default=128, metadata={"help": "requests waiting for a batch slot; beyond: 429"})
+    prefill_gather_steps: int = field(
+        default=0, metadata={"help": "while a batch decodes, an arriving request may wait this many decode steps "
+                                     "for others, so their prompts are prefilled in one pass (0: start at once)"}
+    )
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "a request running longer is ended"})
     stall_timeout_s: float = field(
@@ -185,6 +189,8 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
+        if self.prefill_gather_steps < 0:
+            raise ValueError("prefill_gather_steps must be 0 or more")
         if self.group_hosts and self.group_hostfile is not None:
             raise ValueError("give the group's hosts either as --group-host or as --group-hostfile, not both")
         for item in self.model_keep_alive:

@@ -118,6 +118,8 @@ class Batcher:
         self.cache = cache
         self._emit = emit
         self._waiting: deque[Generate] = deque()
+        self._arrived: dict[str, int] = {}  # waiting request id -> the step it arrived at
+        self._steps = 0
         self._states: dict[str, _ModelState] = {}
         self._where: dict[str, tuple[_ModelState, _Request]] = {}  # request id -> where it runs
         self._prefix = PrefixCaches(config.prompt_cache_bytes)
@@ -145,6 +147,7 @@ class Batcher:
                               f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
         self._waiting.append(command)
+        self._arrived[rid] = self._steps
 
     def abort(self, request_id: str) -> None:
         for command in self._waiting:
@@ -179,6 +182,7 @@ class Batcher:
     def step(self) -> None:
         """Admit waiting requests while there is room, then one step (decode + a prefill chunk) per model."""
         started = time.monotonic()
+        self._steps += 1
         self._admit()
         for state in list(self._states.values()):
             if state.rows:
@@ -191,6 +195,7 @@ class Batcher:
         """End everything with finish_reason "abort" and free every model."""
         while self._waiting:
             self._emit(Finished(self._waiting.popleft().request_id, "abort", 0, 0, 0))
+        self._arrived.clear()
         for rid in list(self._where):
             self.abort(rid)
         self.cache.clear()  # calls _drop_model for each model
@@ -278,7 +283,19 @@ class Batcher:
             self._heartbeat_if_changed()
             self._start_waiting(busy)
 
+    def _gathering(self) -> bool:
+        """Whether arrivals wait for company: while a batch decodes, every start costs each running row a
+        prefill pass of its own, so requests arriving within `prefill_gather_steps` steps of the first one
+        start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once.
+        Counted in steps, not seconds, so a group's ranks decide alike."""
+        gather = self.config.prefill_gather_steps
+        if not gather or not self._where or not self._waiting or len(self._waiting) >= _PREFILL_BATCH:
+            return False
+        return self._steps - self._arrived[self._waiting[0].request_id] < gather
+
     def _start_waiting(self, busy: set[str]) -> None:
+        if self._gathering():
+            return
         for command in list(self._waiting):
             if self._rows_running() + command.n > self.config.max_running:
                 break
@@ -304,6 +321,7 @@ class Batcher:
             self._publish()
 
     def _left_waiting(self, request_id: str) -> None:
+        self._arrived.pop(request_id, None)
         self._told_loading.discard(request_id)
         self.cache.forget_waiter(request_id)
         if self._planned is not None and self._planned[0] == request_id:

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import random
 import statistics
-import string
 import sys
 import tempfile
 import time
@@ -90,38 +88,7 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator([*topics.values(), *tm.json_corpus()], trainer=trainer)
-    if tokenizer.get_vocab_size() >= vocab_size:
-        return tokenizer
-    spec = json.loads(tokenizer.to_str())
-    vocab: dict[str, int] = spec["model"]["vocab"]
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    rng = random.Random(seed)
-    next_id = max(max(vocab.values()), *(t["id"] for t in spec["added_tokens"])) + 1
-    while next_id < vocab_size:
-        piece = "".join(p for p, _ in byte_level.pre_tokenize_str(_piece(rng)))
-        if piece and piece not in vocab:
-            vocab[piece] = next_id
-            next_id += 1
-    return Tokenizer.from_str(json.dumps(spec))
-
-
-def _piece(rng: random.Random) -> str:
-    kind = rng.random()
-    letters = "etaoinshrdlcumwfgypbvkjxqz"
-    if kind < 0.55:
-        word = "".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(2, 10)))
-        word = word.capitalize() if rng.random() < 0.2 else word
-        return (" " if rng.random() < 0.6 else "") + word
-    if kind < 0.70:
-        return "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 3)))
-    if kind < 0.78:
-        cyrillic = "".join(chr(rng.randint(0x430, 0x44F)) for _ in range(rng.randint(2, 8)))
-        return (" " if rng.random() < 0.5 else "") + cyrillic
-    if kind < 0.84:
-        return "".join(rng.choices(string.digits, k=rng.randint(1, 3)))
-    if kind < 0.95:
-        return "".join(rng.choices('{}[]()<>:;,."\'=+-*/_!?#@$%&|\\', k=rng.randint(2, 4)))
-    return "".join(rng.choices(" \n\t", weights=(8, 2, 1), k=rng.randint(2, 16)))
+    return tm.fill_vocabulary(tokenizer, vocab_size, seed)
 
 
 def fast_tokenizer(tokenizer: Tokenizer) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +86,91 @@ def timed_batcher(model_dir: Path, batch: int, max_tokens: int, prompt_cache_byt
     return sum(e.tokens for e in events if isinstance(e, Delta)) / elapsed
 
 
+def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: int,
+                          rounds: int) -> tuple[float, float]:
+    """BatchGenerator alone in a closed loop: client i sends its first request at step i (arrivals staggered,
+    as HTTP clients' are), then its next one as soon as one ends, `rounds` in all.
+    (tok/s, median ms from insert to first token)."""
+    prompt = tokenizer.encode(PROMPT)
+    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=max(clients, 1),
+                               prefill_batch_size=min(8, clients))
+    left = {c: rounds for c in range(clients)}
+    owner: dict[int, int] = {}
+    asked: dict[int, float] = {}
+    ttft: list[float] = []
+    produced = started = 0
+
+    def ask(client: int) -> None:
+        left[client] -= 1
+        (uid,) = generator.insert([prompt], max_tokens=[max_tokens])
+        owner[uid], asked[uid] = client, time.perf_counter()
+
+    start = time.perf_counter()
+    while owner or started < clients:
+        if started < clients:
+            ask(started)
+            started += 1
+        _, responses = generator.next()
+        now = time.perf_counter()
+        for r in responses:
+            produced += 1
+            if (when := asked.pop(r.uid, None)) is not None:
+                ttft.append(now - when)
+            if r.finish_reason is not None:
+                client = owner.pop(r.uid)
+                if left[client]:
+                    ask(client)
+    elapsed = time.perf_counter() - start
+    generator.close()
+    return produced / elapsed, 1000 * statistics.median(ttft)
+
+
+def closed_loop_batcher(model_dir: Path, clients: int, max_tokens: int, rounds: int,
+                        gather_steps: int = 0) -> tuple[float, float]:
+    """Our Batcher in the same closed loop (no IPC): (tok/s, median ms from submit to first token)."""
+    events: list[Event] = []
+    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(clients, 1), prompt_cache_bytes=0,
+                          prefill_gather_steps=gather_steps)
+    cache = ModelCache(ModelRegistry([model_dir.parent], None, False), 0, 30.0)
+    batcher = Batcher(config, cache, events.append)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    batcher.submit(Generate("warm", model_dir.name, params, prompt=PROMPT))
+    while batcher.has_work():
+        batcher.step()
+    events.clear()
+    left = {c: rounds for c in range(clients)}
+    submitted: dict[str, float] = {}
+    ttft: list[float] = []
+    produced = started = 0
+
+    def ask(client: int) -> None:
+        left[client] -= 1
+        rid = f"c{client}-{left[client]}"
+        submitted[rid] = time.perf_counter()
+        batcher.submit(Generate(rid, model_dir.name, params, prompt=PROMPT))
+
+    start = time.perf_counter()
+    while batcher.has_work() or started < clients:
+        if started < clients:
+            ask(started)
+            started += 1
+        batcher.step()
+        now = time.perf_counter()
+        for event in events:
+            if isinstance(event, Delta):
+                produced += event.tokens
+                if (asked := submitted.pop(event.request_id, None)) is not None:
+                    ttft.append(now - asked)
+            elif isinstance(event, Finished):
+                client = int(event.request_id[1:].split("-")[0])
+                if left[client]:
+                    ask(client)
+        events.clear()
+    elapsed = time.perf_counter() - start
+    batcher.shutdown()
+    return produced / elapsed, 1000 * statistics.median(ttft)
+
+
 class _Quiet:
     def on_heartbeat(self, heartbeat: Heartbeat) -> None: ...
     def on_restart(self, reason: str) -> None: ...
@@ -131,11 +217,26 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--closed-loop", action="store_true",
+                        help="instead: each batch size as that many clients in a closed loop, arrivals staggered")
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client in the closed loop")
+    parser.add_argument("--gather-steps", default="0", help="closed loop: prefill_gather_steps values to compare")
     args = parser.parse_args()
     model, tokenizer = load(str(args.model))
     print(f"device {mx.default_device()}; {args.max_tokens} new tokens; greedy")
     timed_stream_generate(model, tokenizer, 16)  # warm-up: kernels, allocator
     timed_batch_generator(model, tokenizer, 8, 16)
+    if args.closed_loop:
+        for clients in [int(b) for b in args.batch_sizes.split(",")]:
+            wave = best_of(timed_batch_generator, model, tokenizer, clients, args.max_tokens)
+            raw, raw_ttft = closed_loop_generator(model, tokenizer, clients, args.max_tokens, args.rounds)
+            print(f"clients {clients}: one wave {wave:.1f} tok/s; closed loop: BatchGenerator {raw:.1f} tok/s "
+                  f"({raw / wave:.2f}, TTFT p50 {raw_ttft:.1f} ms)", flush=True)
+            for gather in [int(g) for g in args.gather_steps.split(",")]:
+                ours, ours_ttft = closed_loop_batcher(args.model, clients, args.max_tokens, args.rounds, gather)
+                print(f"  our Batcher, gathering {gather} steps: {ours:.1f} tok/s ({ours / wave:.2f}, "
+                      f"TTFT p50 {ours_ttft:.1f} ms)", flush=True)
+        return
     print(f"{'layer':<28}{'batch':>6}{'tok/s':>10}")
     alone = best_of(timed_stream_generate, model, tokenizer, args.max_tokens)
     print(f"{'mlx_lm.stream_generate':<28}{1:>6}{alone:>10.1f}")

@@ -282,10 +282,49 @@ def chat_template(chat_format: ChatFormat) -> str:
     return (CHAT_TEMPLATES_DIR / spec.template_file).read_text()
 
 
+def fill_vocabulary(tokenizer: Tokenizer, vocab_size: int, seed: int = 0) -> Tokenizer:
+    """A byte-level BPE grown to vocab_size with synthetic ordinary tokens shaped like a large real
+    vocabulary's (words with and without a leading space, CJK, Cyrillic, digits, punctuation, whitespace runs).
+    Encoding never produces them (they have no merges), but the model's logits, decoding and a grammar engine
+    see a vocabulary of real size and kind: real checkpoints have a few hundred special tokens, not 100k."""
+    if tokenizer.get_vocab_size() >= vocab_size:
+        return tokenizer
+    spec = json.loads(tokenizer.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    rng = random.Random(seed)
+    next_id = max(max(vocab.values()), *(t["id"] for t in spec["added_tokens"])) + 1
+    while next_id < vocab_size:
+        piece = "".join(p for p, _ in byte_level.pre_tokenize_str(_synthetic_piece(rng)))
+        if piece and piece not in vocab:
+            vocab[piece] = next_id
+            next_id += 1
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _synthetic_piece(rng: random.Random) -> str:
+    kind = rng.random()
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    if kind < 0.55:
+        word = "".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(2, 10)))
+        word = word.capitalize() if rng.random() < 0.2 else word
+        return (" " if rng.random() < 0.6 else "") + word
+    if kind < 0.70:
+        return "".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(rng.randint(1, 3)))
+    if kind < 0.78:
+        cyrillic = "".join(chr(rng.randint(0x430, 0x44F)) for _ in range(rng.randint(2, 8)))
+        return (" " if rng.random() < 0.5 else "") + cyrillic
+    if kind < 0.84:
+        return "".join(rng.choices(string.digits, k=rng.randint(1, 3)))
+    if kind < 0.95:
+        return "".join(rng.choices('{}[]()<>:;,."\'=+-*/_!?#@$%&|\\', k=rng.randint(2, 4)))
+    return "".join(rng.choices(" \n\t", weights=(8, 2, 1), k=rng.randint(2, 16)))
+
+
 def _byte_level_bpe(spec: _Format, vocab_size: int) -> Tokenizer:
     """Byte-level BPE of exactly vocab_size tokens: special tokens, the 256 byte symbols, learned merges,
-    then reserved special tokens if the corpus runs out of merges, then the family's non-special added
-    tokens last."""
+    then synthetic ordinary tokens if the corpus runs out of merges (`fill_vocabulary`), then the family's
+    non-special added tokens last."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -300,8 +339,7 @@ def _byte_level_bpe(spec: _Format, vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_BPE_CORPUS * 4, trainer=trainer)
-    reserved = [f"<|reserved_special_token_{i}|>" for i in range(learned - tokenizer.get_vocab_size())]
-    tokenizer.add_special_tokens(reserved)
+    tokenizer = fill_vocabulary(tokenizer, learned)
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
     vocab = tokenizer.get_vocab()
     if spec.add_bos and spec.bos is not None:

@@ -204,6 +204,35 @@ def test_concurrent_requests_join_the_running_batch(h: Harness) -> None:
     assert order.index("b") < len(order) - 1 - order[::-1].index("a")
 
 
+def test_while_a_batch_decodes_arrivals_gather_for_a_few_steps_then_start_together(models_dir: Path) -> None:
+    h = Harness(models_dir, prefill_gather_steps=3)
+    h.submit("a", max_tokens=40)
+    h.batcher.step()
+    assert h.batcher.running == 1  # an idle engine starts a lone arrival at once
+    h.submit("b", max_tokens=10)
+    h.batcher.step()
+    h.submit("c", max_tokens=10)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (1, 2)  # b waits for company, c has come
+    h.batcher.step()  # b's third step: both start, one prefill pass between them
+    assert (h.batcher.running, h.batcher.waiting) == (3, 0)
+    h.run()
+    assert [check_well_formed(h, r).finish_reason for r in "abc"] == ["length"] * 3
+    h.batcher.shutdown()
+
+
+def test_a_full_prefill_batch_of_arrivals_starts_without_waiting(models_dir: Path) -> None:
+    h = Harness(models_dir, prefill_gather_steps=1000)
+    h.submit("a", max_tokens=40)
+    h.batcher.step()
+    for i in range(8):  # a prefill batch's worth
+        h.submit(f"r{i}", max_tokens=5)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (9, 0)
+    h.run()
+    h.batcher.shutdown()
+
+
 def test_batched_greedy_matches_alone(h: Harness) -> None:
     h.submit("alone", max_tokens=15, prompt="the quick brown fox")
     h.run()
