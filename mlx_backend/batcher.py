@@ -6,6 +6,8 @@ logits processors and output bookkeeping (mlx_backend/plan.py decides them, mlx_
 tokens into events). A lone request runs solo (mlx_backend/solo.py) and joins the batch when a second one
 arrives; the n choices of one request share one prefill. Finished requests leave their KV cache for the
 next turn (mlx_backend/prefix.py). The heartbeat thread only reads plain values published after each step.
+What is kept per request, row and model is in mlx_backend/rows.py; the queue of requests not yet started,
+in mlx_backend/waiting.py.
 
 Models load in pieces between steps (mlx_backend/cache.py, loading.py): a request whose model is loading
 stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
@@ -17,9 +19,7 @@ import copy
 import logging
 import time
 import zlib
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -33,6 +33,7 @@ from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText
 from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.prefix import PrefixCaches
+from mlx_backend.rows import SOLO_UID, ModelState, Request, Row, Token
 from mlx_backend.solo import SoloGeneration, prefill
 from mlx_backend.types import (
     EngineConfig,
@@ -44,72 +45,9 @@ from mlx_backend.types import (
     Loading,
     Started,
 )
+from mlx_backend.waiting import PREFILL_BATCH, WaitingRequests
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
-
-_PREFILL_BATCH = 8  # prompts prefilled together in one step
-_SOLO_UID = -1  # BatchGenerator's uids start at 0: a request running solo is keyed by this until it joins
-
-
-@dataclass
-class _Request:
-    command: Generate
-    prompt_tokens: int
-    cached_tokens: int
-    rows: list[_Row] = field(default_factory=list)
-
-    @property
-    def rid(self) -> str:
-        return self.command.request_id
-
-    @property
-    def open_rows(self) -> list[_Row]:
-        return [r for r in self.rows if not r.ended]
-
-
-# mlx-lm has no type hints: its objects are held as Any.
-@dataclass
-class _Row:
-    """One choice of a request as it is generated: a row of its model's batch, or the solo generation."""
-
-    request: _Request
-    plan: ChoicePlan
-    max_tokens: int
-    uid: int = _SOLO_UID
-    solo: SoloGeneration | None = None  # set while the request runs alone, outside the batch
-    ended: bool = False
-
-    @property
-    def next_is_last(self) -> bool:
-        """Whether the next token uses up the token budget."""
-        return self.plan.output.completion_tokens + 1 >= self.max_tokens
-
-
-@dataclass
-class _Token:
-    """One generated token, shaped like BatchGenerator's Response where `_on_token` reads it."""
-
-    token: int
-    finish_reason: str | None
-    logprobs: Any = None
-    prompt_cache: list[Any] | None = None  # set when finished: the KV cache to keep for the next turn
-    all_tokens: list[int] | None = None  # the tokens that cache holds
-
-
-@dataclass
-class _ModelState:
-    cached: CachedModel
-    generator: Any  # BatchGenerator
-    token_text: TokenText
-    rows: dict[int, _Row] = field(default_factory=dict)  # BatchGenerator uid (or _SOLO_UID) -> row
-
-    @property
-    def solo_row(self) -> _Row | None:
-        return self.rows.get(_SOLO_UID)
-
-    @property
-    def requests(self) -> int:
-        return len({id(r.request) for r in self.rows.values()})
 
 
 class Batcher:
@@ -117,11 +55,10 @@ class Batcher:
         self.config = config
         self.cache = cache
         self._emit = emit
-        self._waiting: deque[Generate] = deque()
-        self._arrived: dict[str, int] = {}  # waiting request id -> the step it arrived at
+        self._waiting = WaitingRequests()
         self._steps = 0
-        self._states: dict[str, _ModelState] = {}
-        self._where: dict[str, tuple[_ModelState, _Request]] = {}  # request id -> where it runs
+        self._states: dict[str, ModelState] = {}
+        self._where: dict[str, tuple[ModelState, Request]] = {}  # request id -> where it runs
         self._prefix = PrefixCaches(config.prompt_cache_bytes)
         # Published for the heartbeat thread: plain values, replaced (never mutated) by the MLX thread.
         self.progress = 0
@@ -129,8 +66,6 @@ class Batcher:
         self.prompt_cache_bytes = 0
         self._running_by_model: dict[str, int] = {}
         self._reported_changes = 0
-        self._told_loading: set[str] = set()  # waiting requests already sent Loading
-        self._planned: tuple[str, RequestPlan] | None = None  # the plan of a request waiting for memory
         cache.on_evict = self._drop_model
         cache.trim_prefix = self._trim_prefix
 
@@ -138,7 +73,7 @@ class Batcher:
 
     def submit(self, command: Generate) -> None:
         rid = command.request_id
-        if rid in self._where or any(c.request_id == rid for c in self._waiting):
+        if rid in self._where or self._waiting.holds(rid):
             log.warning("request id %s is already in flight; refusing the duplicate", rid)
             self._emit(Failed(rid, EngineErrorCode.INTERNAL.value, "Duplicate request id."))
             return
@@ -146,16 +81,14 @@ class Batcher:
             self._emit(Failed(rid, EngineErrorCode.INVALID_REQUEST.value, f"n must be between 1 and "
                               f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
-        self._waiting.append(command)
-        self._arrived[rid] = self._steps
+        self._waiting.add(command, self._steps)
 
     def abort(self, request_id: str) -> None:
-        for command in self._waiting:
-            if command.request_id == request_id:
-                self._waiting.remove(command)
-                self._left_waiting(request_id)
-                self._emit(Finished(request_id, "abort", 0, 0, 0))
-                return
+        command = self._waiting.find(request_id)
+        if command is not None:
+            self._leave_waiting(command)
+            self._emit(Finished(request_id, "abort", 0, 0, 0))
+            return
         where = self._where.get(request_id)
         if where is not None:
             state, request = where
@@ -193,9 +126,8 @@ class Batcher:
 
     def shutdown(self) -> None:
         """End everything with finish_reason "abort" and free every model."""
-        while self._waiting:
-            self._emit(Finished(self._waiting.popleft().request_id, "abort", 0, 0, 0))
-        self._arrived.clear()
+        for command in self._waiting.take_all():
+            self._emit(Finished(command.request_id, "abort", 0, 0, 0))
         for rid in list(self._where):
             self.abort(rid)
         self.cache.clear()  # calls _drop_model for each model
@@ -288,22 +220,18 @@ class Batcher:
         prefill pass of its own, so requests arriving within `prefill_gather_steps` steps of the first one
         start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once.
         Counted in steps, not seconds, so a group's ranks decide alike."""
-        gather = self.config.prefill_gather_steps
-        if not gather or not self._where or not self._waiting or len(self._waiting) >= _PREFILL_BATCH:
-            return False
-        return self._steps - self._arrived[self._waiting[0].request_id] < gather
+        return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps)
 
     def _start_waiting(self, busy: set[str]) -> None:
         if self._gathering():
             return
-        for command in list(self._waiting):
+        for command in self._waiting:
             if self._rows_running() + command.n > self.config.max_running:
                 break
             try:
                 cached = self.cache.acquire(command.model, busy, waiter=command.request_id)
                 if cached is None:  # its model is loading (stays counted as waiting)
-                    if command.request_id not in self._told_loading:
-                        self._told_loading.add(command.request_id)
+                    if self._waiting.first_time_loading(command.request_id):
                         self._emit(Loading(command.request_id, command.model))
                     continue
                 self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
@@ -315,17 +243,13 @@ class Batcher:
             except Exception as exc:
                 log.exception("request %s failed while joining the batch", command.request_id)
                 self._emit(Failed(command.request_id, EngineErrorCode.INTERNAL.value, _internal(exc)))
-            self._waiting.remove(command)
-            self._left_waiting(command.request_id)
+            self._leave_waiting(command)
             busy.add(command.model)
             self._publish()
 
-    def _left_waiting(self, request_id: str) -> None:
-        self._arrived.pop(request_id, None)
-        self._told_loading.discard(request_id)
-        self.cache.forget_waiter(request_id)
-        if self._planned is not None and self._planned[0] == request_id:
-            self._planned = None
+    def _leave_waiting(self, command: Generate) -> None:
+        self._waiting.remove(command)
+        self.cache.forget_waiter(command.request_id)
 
     def _trim_prefix(self, n_bytes: int) -> None:
         """Free about `n_bytes` of prefix cache: the memory budget needs them for weights or a KV cache."""
@@ -337,14 +261,11 @@ class Batcher:
         if self.config.allow_fault_injection:
             faults.before_start(command.fault)
         state = self._state_for(cached)
-        if self._planned is not None and self._planned[0] == command.request_id:
-            plan = self._planned[1]
-        else:
-            plan = plan_request(command, cached, state.token_text)
+        plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text)
         rows = len(plan.choices)
         if not self.cache.reserve_kv(command.request_id, cached.id, len(plan.tokens) + plan.max_tokens,
                                      self.busy_models(), rows):
-            self._planned = (command.request_id, plan)  # not planned (tokenized, compiled) again while it waits
+            self._waiting.keep_plan(command.request_id, plan)  # not tokenized and compiled again while it waits
             return False
         try:
             self._begin(command, cached, state, plan)
@@ -353,17 +274,17 @@ class Batcher:
             raise
         return True
 
-    def _begin(self, command: Generate, cached: CachedModel, state: _ModelState, plan: RequestPlan) -> None:
+    def _begin(self, command: Generate, cached: CachedModel, state: ModelState, plan: RequestPlan) -> None:
         tokens = plan.tokens
         prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
-        request = _Request(command, len(tokens), cached_tokens)
+        request = Request(command, len(tokens), cached_tokens)
         solo = state.solo_row
         if solo is not None:
             self._join_batch(state, solo)
-        if len(plan.choices) == 1 and not state.rows and not self._more_waiting_for(command.model, command):
+        if len(plan.choices) == 1 and not state.rows and not self._waiting.others_for(command.model, command):
             choice = plan.choices[0]
-            row = _Row(request, choice, plan.max_tokens)
+            row = Row(request, choice, plan.max_tokens)
             row.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, choice.sampler,
                                       choice.processors, self.config.prefill_step_size, self._made_progress)
             rows = [row]
@@ -383,8 +304,8 @@ class Batcher:
         self._where[command.request_id] = (state, request)
         self._emit(Started(command.request_id, len(tokens), cached_tokens))
 
-    def _insert(self, state: _ModelState, request: _Request, choice: ChoicePlan, max_tokens: int,
-                prompt: list[list[int]], prompt_cache: list[Any] | None, in_cache: list[int]) -> _Row:
+    def _insert(self, state: ModelState, request: Request, choice: ChoicePlan, max_tokens: int,
+                prompt: list[list[int]], prompt_cache: list[Any] | None, in_cache: list[int]) -> Row:
         (uid,) = state.generator.insert(
             prompt,
             max_tokens=[max_tokens],
@@ -393,13 +314,9 @@ class Batcher:
             samplers=[choice.sampler],
             logits_processors=[choice.processors],
         )
-        return _Row(request, choice, max_tokens, uid)
+        return Row(request, choice, max_tokens, uid)
 
-    def _more_waiting_for(self, model: str, starting: Generate) -> bool:
-        """Whether another waiting request (not the one being started) wants the same model."""
-        return any(c.model == model and c is not starting for c in self._waiting)
-
-    def _join_batch(self, state: _ModelState, row: _Row) -> None:
+    def _join_batch(self, state: ModelState, row: Row) -> None:
         """Move the solo row into the batch: hand out the token it has in flight, then insert it with its
         KV cache and that token as its one-token "prompt", so nothing is recomputed or lost."""
         solo = row.solo
@@ -421,11 +338,11 @@ class Batcher:
             log.exception("request %s failed while joining the batch from solo", row.request.rid)
             self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
             return
-        del state.rows[_SOLO_UID]
+        del state.rows[SOLO_UID]
         row.uid, row.solo = uid, None
         state.rows[uid] = row
 
-    def _state_for(self, cached: CachedModel) -> _ModelState:
+    def _state_for(self, cached: CachedModel) -> ModelState:
         state = self._states.get(cached.id)
         if state is not None and state.cached is cached:
             return state
@@ -436,10 +353,10 @@ class Batcher:
             cached.artifacts.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
             completion_batch_size=self.config.max_running,
-            prefill_batch_size=min(_PREFILL_BATCH, self.config.max_running),
+            prefill_batch_size=min(PREFILL_BATCH, self.config.max_running),
             prefill_step_size=self.config.prefill_step_size,
         )
-        state = _ModelState(cached, generator, TokenText(tokenizer))
+        state = ModelState(cached, generator, TokenText(tokenizer))
         self._states[cached.id] = state
         return state
 
@@ -456,7 +373,7 @@ class Batcher:
 
     # -- decoding ----------------------------------------------------------------------------------------
 
-    def _step_model(self, state: _ModelState) -> None:
+    def _step_model(self, state: ModelState) -> None:
         solo = state.solo_row
         if solo is not None:
             self._step_solo(state, solo)
@@ -485,7 +402,7 @@ class Batcher:
             except Exception as exc:
                 self._fail_decoding(state, row, exc)
 
-    def _step_solo(self, state: _ModelState, row: _Row) -> None:
+    def _step_solo(self, state: ModelState, row: Row) -> None:
         try:
             token = self._solo_token(state, row, more=not row.next_is_last)
             self._on_token(state, row, token)
@@ -494,7 +411,7 @@ class Batcher:
         finally:
             self.progress += 1
 
-    def _fail_decoding(self, state: _ModelState, row: _Row, exc: Exception) -> None:
+    def _fail_decoding(self, state: ModelState, row: Row, exc: Exception) -> None:
         if isinstance(exc, ConstraintFailed):
             log.error("request %s: %s", row.request.rid, exc)
             self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, str(exc)))
@@ -502,7 +419,7 @@ class Batcher:
         log.exception("request %s failed during decoding", row.request.rid)
         self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
 
-    def _solo_token(self, state: _ModelState, row: _Row, more: bool) -> _Token:
+    def _solo_token(self, state: ModelState, row: Row, more: bool) -> Token:
         """The solo row's next token, with the finish reason BatchGenerator would give it."""
         solo = row.solo
         assert solo is not None
@@ -513,11 +430,11 @@ class Batcher:
         elif row.next_is_last:
             reason = "length"
         else:
-            return _Token(token, None, solo.logprobs)
-        return _Token(token, reason, solo.logprobs, solo.prompt_cache, solo.tokens_in_cache)
+            return Token(token, None, solo.logprobs)
+        return Token(token, reason, solo.logprobs, solo.prompt_cache, solo.tokens_in_cache)
 
-    def _on_token(self, state: _ModelState, row: _Row, response: _Token | Any) -> None:
-        """One generated token of one row: a GenerationBatch.Response, or a _Token from the solo path."""
+    def _on_token(self, state: ModelState, row: Row, response: Token | Any) -> None:
+        """One generated token of one row: a GenerationBatch.Response, or a Token from the solo path."""
         if self.config.allow_fault_injection:
             faults.while_decoding(row.request.command.fault)
         if row.plan.constraint is not None:
@@ -531,7 +448,7 @@ class Batcher:
             self._keep_prefix(state, row, response)
         self._end_row(state, row, ended, still_generating=response.finish_reason is None)
 
-    def _keep_prefix(self, state: _ModelState, row: _Row, response: _Token | Any) -> None:
+    def _keep_prefix(self, state: ModelState, row: Row, response: Token | Any) -> None:
         if response.finish_reason is not None:  # the generator handed over its cache
             self._prefix.save(state.cached.id, response.prompt_cache, response.all_tokens)
         elif row.solo is not None:
@@ -543,7 +460,7 @@ class Batcher:
 
     # -- endings -----------------------------------------------------------------------------------------
 
-    def _end_row(self, state: _ModelState, row: _Row, reason: str, still_generating: bool) -> None:
+    def _end_row(self, state: ModelState, row: Row, reason: str, still_generating: bool) -> None:
         row.ended = True
         if still_generating and row.solo is None:
             state.generator.remove([row.uid])
@@ -555,18 +472,18 @@ class Batcher:
             self._where.pop(request.rid, None)
             self._done(state, request)
 
-    def _take_out(self, state: _ModelState, request: _Request) -> None:
+    def _take_out(self, state: ModelState, request: Request) -> None:
         """Remove every row of a request from its model's batch."""
-        uids = [r.uid for r in request.open_rows if r.uid != _SOLO_UID]
+        uids = [r.uid for r in request.open_rows if r.uid != SOLO_UID]
         if uids:
             state.generator.remove(uids)
         self._forget(state, request)
 
-    def _fail(self, state: _ModelState, request: _Request, error: EngineError) -> None:
+    def _fail(self, state: ModelState, request: Request, error: EngineError) -> None:
         self._take_out(state, request)
         self._emit(Failed(request.rid, error.code.value, error.message, error.param))
 
-    def _forget(self, state: _ModelState, request: _Request) -> None:
+    def _forget(self, state: ModelState, request: Request) -> None:
         for row in request.rows:
             row.ended = True
             if state.rows.get(row.uid) is row:
@@ -574,7 +491,7 @@ class Batcher:
         self._where.pop(request.rid, None)
         self._done(state, request)
 
-    def _done(self, state: _ModelState, request: _Request) -> None:
+    def _done(self, state: ModelState, request: Request) -> None:
         """A request is over: its KV reservation goes back, and its model's keep-alive counts from now."""
         self.cache.release_kv(request.rid)
         self.cache.touch(state.cached.id)
