@@ -137,7 +137,7 @@ def logit_bias_of(bias: object) -> tuple[tuple[int, float], ...]:
         return ()
     pairs = []
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit() and str(int(key)) == key):
+        if not (key.isascii() and key.isdigit() and str(int(key)) == key and int(key) < 2**31):
             raise invalid("logit_bias", f"logit_bias keys are token ids (decimal integers), not {key!r}")
         if not -100 <= value <= 100:
             raise invalid("logit_bias", f"logit_bias values lie between -100 and 100; token {key} has {value}")

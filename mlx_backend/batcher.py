@@ -220,11 +220,11 @@ class Batcher:
         prefill pass of its own, so requests arriving within `prefill_gather_steps` steps of the first one
         start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once.
         Counted in steps, not seconds, so a group's ranks decide alike."""
-        return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps)
+        company = min(PREFILL_BATCH, self.config.max_running - self._rows_running())  # what could join now
+        return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps, company)
 
     def _start_waiting(self, busy: set[str]) -> None:
-        if self._gathering():
-            return
+        gathering = self._gathering()  # decided once per pass: requests that start in one pass share a prefill
         for command in self._waiting:
             if self._rows_running() + command.n > self.config.max_running:
                 break
@@ -235,7 +235,7 @@ class Batcher:
                         self._emit(Loading(command.request_id, command.model))
                     continue
                 self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
-                if not self._start(command, cached):
+                if not self._start(command, cached, gathering):
                     break
             except EngineError as exc:
                 self._heartbeat_if_changed()  # the gateway's model list shows the failure with the error
@@ -256,17 +256,19 @@ class Batcher:
         self._prefix.trim(n_bytes)
         self._measure_prefix()
 
-    def _start(self, command: Generate, cached: CachedModel) -> bool:
-        """Start a request on its loaded model; False while its KV cache does not fit (it stays waiting)."""
-        if self.config.allow_fault_injection:
-            faults.before_start(command.fault)
+    def _start(self, command: Generate, cached: CachedModel, gathering: bool) -> bool:
+        """Start a request on its loaded model; False while it stays waiting, for company (`_gathering`) or
+        for its KV cache to fit. It is planned first, so a request that cannot run is refused at once."""
         state = self._state_for(cached)
         plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text)
         rows = len(plan.choices)
-        if not self.cache.reserve_kv(command.request_id, cached.id, len(plan.tokens) + plan.max_tokens,
-                                     self.busy_models(), rows):
+        if gathering or not self.cache.reserve_kv(
+            command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows
+        ):
             self._waiting.keep_plan(command.request_id, plan)  # not tokenized and compiled again while it waits
             return False
+        if self.config.allow_fault_injection:
+            faults.before_start(command.fault)
         try:
             self._begin(command, cached, state, plan)
         except BaseException:

@@ -62,7 +62,7 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
     max_tokens = max(1, command.params.max_tokens)
     if context is not None:
         max_tokens = min(max_tokens, context - len(tokens))
-    _check_logit_bias(command.params, tokenizer)
+    _check_logit_bias(command.params, cached)
     constraint, constraint_param = _constraint(command, tools, tokenizer)
     logprob_of = (
         functools.partial(_logprob, params=command.params, text=token_text)
@@ -103,12 +103,22 @@ def _detokenizer(tokenizer: Any, continues_prompt: bool) -> Any:
     return detokenizer
 
 
-def _check_logit_bias(params: SamplingParams, tokenizer: Any) -> None:
-    vocabulary = len(tokenizer._tokenizer)  # the Hugging Face tokenizer's size, added tokens included
+def _check_logit_bias(params: SamplingParams, cached: CachedModel) -> None:
+    if not params.logit_bias:
+        return
+    vocabulary = _vocabulary_size(cached)
     for token, _ in params.logit_bias:
-        if token >= vocabulary:
+        if not 0 <= token < vocabulary:
             raise EngineError(EngineErrorCode.INVALID_REQUEST, f"logit_bias names token {token}, but this model's "
                               f"vocabulary has {vocabulary} tokens (ids 0 to {vocabulary - 1}).", "logit_bias")
+
+
+def _vocabulary_size(cached: CachedModel) -> int:
+    """Tokens that are both the tokenizer's (added ones included) and rows of the model's logits."""
+    size = len(cached.artifacts.tokenizer._tokenizer)
+    config = cached.artifacts.config
+    width = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    return min(size, width) if isinstance(width, int) else size
 
 
 def _constraint(command: Generate, tools: ToolRequest | None, tokenizer: Any) -> tuple[Constraint | None, str]:

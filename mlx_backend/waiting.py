@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from mlx_backend.plan import RequestPlan
 from mlx_backend.types import Generate
 
-PREFILL_BATCH = 8  # prompts prefilled together in one step (BatchGenerator's prefill_batch_size)
+PREFILL_BATCH = 8  # prompts prefilled together in one pass (BatchGenerator's prefill_batch_size, at most)
 
 
 class WaitingRequests:
@@ -77,9 +77,10 @@ class WaitingRequests:
     def keep_plan(self, request_id: str, plan: RequestPlan) -> None:
         self._planned = (request_id, plan)
 
-    def gathering(self, step: int, gather_steps: int) -> bool:
-        """Whether the oldest arrival should wait for company (the caller knows a batch is decoding): until
-        `gather_steps` steps have passed since it arrived, unless a whole prefill batch is already here."""
-        if not gather_steps or not self._queue or len(self._queue) >= PREFILL_BATCH:
+    def gathering(self, step: int, gather_steps: int, company: int) -> bool:
+        """Whether the oldest arrival should wait for company (the caller knows a batch is decoding): through
+        the `gather_steps` steps after the one it arrived in, unless `company` requests (as many as could
+        start together now) are already here."""
+        if not gather_steps or not self._queue or len(self._queue) >= company:
             return False
-        return step - self._arrived[self._queue[0].request_id] < gather_steps
+        return step - self._arrived[self._queue[0].request_id] <= gather_steps

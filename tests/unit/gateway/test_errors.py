@@ -157,7 +157,8 @@ def test_the_error_table_in_the_docs_matches_the_code() -> None:
         assert f"| {spec.status} | `{spec.type}` | `{spec.code}` |" in doc, kind
 
 
-@pytest.mark.parametrize("bias", [{"x": 5}, {"-1": 5}, {"01": 5}, {"1.5": 5}, {"1": 101}, {"1": -100.5}])
+@pytest.mark.parametrize("bias", [{"x": 5}, {"-1": 5}, {"01": 5}, {"1.5": 5}, {"1": 101}, {"1": -100.5},
+                                  {"100000000000000000000": 1}, {"2147483648": 1}])
 def test_a_logit_bias_that_is_not_token_ids_to_amounts_within_100_is_a_400(client: TestClient[Any],
                                                                           bias: dict[str, float]) -> None:
     error = error_of(client.post("/v1/chat/completions", json=chat_body(logit_bias=bias)), 400)

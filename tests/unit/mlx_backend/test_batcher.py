@@ -212,12 +212,39 @@ def test_while_a_batch_decodes_arrivals_gather_for_a_few_steps_then_start_togeth
     h.submit("b", max_tokens=10)
     h.batcher.step()
     h.submit("c", max_tokens=10)
-    h.batcher.step()
-    assert (h.batcher.running, h.batcher.waiting) == (1, 2)  # b waits for company, c has come
-    h.batcher.step()  # b's third step: both start, one prefill pass between them
+    for _ in range(2):
+        h.batcher.step()
+        assert (h.batcher.running, h.batcher.waiting) == (1, 2)  # b waits 3 steps for company; c has come
+    h.batcher.step()  # the step after b's three: both start, one prefill pass between them
     assert (h.batcher.running, h.batcher.waiting) == (3, 0)
     h.run()
     assert [check_well_formed(h, r).finish_reason for r in "abc"] == ["length"] * 3
+    h.batcher.shutdown()
+
+
+def test_arrivals_that_fill_the_free_slots_start_without_waiting(models_dir: Path) -> None:
+    h = Harness(models_dir, prefill_gather_steps=1000, max_running=3)
+    h.submit("a", max_tokens=40)
+    h.batcher.step()
+    h.submit("b", max_tokens=5)
+    h.batcher.step()
+    assert h.batcher.waiting == 1  # two slots are free: b waits for one more
+    h.submit("c", max_tokens=5)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (3, 0)
+    h.run()
+    h.batcher.shutdown()
+
+
+def test_a_request_that_cannot_run_is_refused_at_once_even_while_arrivals_gather(models_dir: Path) -> None:
+    h = Harness(models_dir, prefill_gather_steps=1000)
+    h.submit("a", max_tokens=40)
+    h.batcher.step()
+    h.submit("too-long", prompt="hello " * 600)
+    h.submit("nowhere", model="missing")
+    h.batcher.step()
+    assert h.end("too-long").code == "context_length_exceeded"  # type: ignore[union-attr]
+    assert h.end("nowhere").code == "model_not_found"  # type: ignore[union-attr]
     h.batcher.shutdown()
 
 

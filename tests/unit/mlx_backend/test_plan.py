@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -59,6 +60,17 @@ def test_a_logit_bias_naming_a_token_past_the_vocabulary_is_refused_naming_it(
     assert error.code == "invalid_request" and error.param == "logit_bias" and str(size) in error.message
     request = plan(models, "words", params=SamplingParams(max_tokens=8, logit_bias=((size - 1, 1.0),)))
     assert len(request.choices[0].processors) == 1  # type: ignore[attr-defined]
+    assert refusal(models, "words", params=SamplingParams(max_tokens=8, logit_bias=((-1, 1.0),))).param == "logit_bias"
+
+
+def test_a_logit_bias_past_the_models_logits_is_refused_even_if_the_tokenizer_has_that_token(
+    models: dict[str, CachedModel],
+) -> None:
+    words = models["words"]
+    narrow = dataclasses.replace(words.artifacts, config={**words.artifacts.config, "vocab_size": 100})
+    models_with_narrow = {"words": CachedModel(words.entry, narrow, 0, time.time(), time.monotonic())}
+    error = refusal(models_with_narrow, "words", params=SamplingParams(max_tokens=8, logit_bias=((100, 1.0),)))
+    assert error.param == "logit_bias" and "100 tokens" in error.message
 
 
 def test_max_tokens_is_shortened_to_what_the_context_leaves(models: dict[str, CachedModel]) -> None:

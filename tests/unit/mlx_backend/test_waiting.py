@@ -54,15 +54,17 @@ def test_others_for_a_model_do_not_count_the_one_starting() -> None:
     assert not waiting.others_for("m", a) and waiting.others_for("other", a)
 
 
-def test_the_oldest_arrival_gathers_company_for_the_given_steps_or_until_a_prefill_batch_is_here() -> None:
+def test_the_oldest_arrival_gathers_company_through_the_given_steps_or_until_enough_are_here() -> None:
     waiting = WaitingRequests()
-    assert not waiting.gathering(step=10, gather_steps=4)  # nobody waits
-    waiting.add(command("a"), step=10)
-    assert not waiting.gathering(step=10, gather_steps=0)  # off
-    assert waiting.gathering(step=13, gather_steps=4) and not waiting.gathering(step=14, gather_steps=4)
+    assert not waiting.gathering(step=10, gather_steps=4, company=8)  # nobody waits
+    waiting.add(command("a"), step=10)  # arrived after step 10
+    assert not waiting.gathering(step=11, gather_steps=0, company=8)  # off
+    assert waiting.gathering(step=14, gather_steps=4, company=8)  # steps 11 to 14: four steps of waiting
+    assert not waiting.gathering(step=15, gather_steps=4, company=8)
+    assert not waiting.gathering(step=11, gather_steps=4, company=1)  # one free slot: nobody else could join
     for i in range(PREFILL_BATCH - 1):
         waiting.add(command(f"r{i}"), step=11)
-    assert not waiting.gathering(step=11, gather_steps=4)
+    assert not waiting.gathering(step=12, gather_steps=4, company=PREFILL_BATCH)
 
 
 def test_take_all_empties_the_queue_and_its_memory() -> None:
