@@ -79,7 +79,7 @@ class Settings:
     max_running: int = field(default=32, metadata={"help": "requests generating at once (one batch)"})
     max_queue: int = field(default=128, metadata={"help": "requests waiting for a batch slot; beyond: 429"})
     prefill_gather_steps: int = field(
-        default=0, metadata={"help": "while a batch decodes, an arriving request may wait this many decode steps "
+        default=2, metadata={"help": "while a batch decodes, an arriving request may wait this many decode steps "
                                      "for others, so their prompts are prefilled in one pass (0: start at once)"}
     )
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})

@@ -80,7 +80,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     prefill_step_size: int = 2048
     # While a batch decodes, a request that arrives waits up to this many steps for others to arrive, so that
     # their prompts are prefilled in one pass (mlx_backend/batcher.py, `_gathering`); 0: each starts at once.
-    prefill_gather_steps: int = 0
+    prefill_gather_steps: int = 2
     prompt_cache_bytes: int = 1 << 30  # prefix (KV) cache kept for reuse across requests
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change

@@ -84,7 +84,8 @@ class Harness:
 
 @pytest.fixture
 def h(models_dir: Path) -> Iterator[Harness]:
-    harness = Harness(models_dir, max_running=4)
+    # Arrivals start in the very step they can: these tests count steps (gathering has tests of its own).
+    harness = Harness(models_dir, max_running=4, prefill_gather_steps=0)
     yield harness
     harness.batcher.shutdown()
 
