@@ -32,7 +32,7 @@ from mlx_backend.batcher import Batcher
 from mlx_backend.cache import ModelCache
 from mlx_backend.engine import EngineClient
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, SamplingParams
+from mlx_backend.types import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, ModelEvent, SamplingParams
 
 PROMPT = " ".join(["the"] * 64)
 RUNS = 3  # each figure is the best of this many runs: a GPU's first passes over new shapes are slow
@@ -64,17 +64,25 @@ def timed_batch_generator(model: Any, tokenizer: Any, batch: int, max_tokens: in
     return produced / (time.perf_counter() - start)
 
 
-def timed_batcher(model_dir: Path, batch: int, max_tokens: int, prompt_cache_bytes: int = 0) -> float:
+def warm_batcher(model_dir: Path, config: EngineConfig, max_tokens: int) -> tuple[Batcher, list[Event]]:
+    """A Batcher on the model, after one request as long as the measured ones (the load, the kernels of every
+    cache size); events collect in the list."""
     events: list[Event] = []
-    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(batch, 1),
-                          prompt_cache_bytes=prompt_cache_bytes)
     cache = ModelCache(ModelRegistry([model_dir.parent], None, False), 0, 30.0)
     batcher = Batcher(config, cache, events.append)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    batcher.submit(Generate("warm", model_dir.name, params, prompt=PROMPT))
+    batcher.submit(Generate("warm", model_dir.name, SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                            prompt=PROMPT))
     while batcher.has_work():
         batcher.step()
     events.clear()
+    return batcher, events
+
+
+def timed_batcher(model_dir: Path, batch: int, max_tokens: int, prompt_cache_bytes: int = 0) -> float:
+    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(batch, 1),
+                          prompt_cache_bytes=prompt_cache_bytes)
+    batcher, events = warm_batcher(model_dir, config, max_tokens)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     for i in range(batch):
         batcher.submit(Generate(f"r{i}", model_dir.name, params, prompt=PROMPT))
     start = time.perf_counter()
@@ -128,16 +136,10 @@ def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: 
 def closed_loop_batcher(model_dir: Path, clients: int, max_tokens: int, rounds: int,
                         gather_steps: int = 0) -> tuple[float, float]:
     """Our Batcher in the same closed loop (no IPC): (tok/s, median ms from submit to first token)."""
-    events: list[Event] = []
     config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(clients, 1), prompt_cache_bytes=0,
                           prefill_gather_steps=gather_steps)
-    cache = ModelCache(ModelRegistry([model_dir.parent], None, False), 0, 30.0)
-    batcher = Batcher(config, cache, events.append)
+    batcher, events = warm_batcher(model_dir, config, max_tokens)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    batcher.submit(Generate("warm", model_dir.name, params, prompt=PROMPT))
-    while batcher.has_work():
-        batcher.step()
-    events.clear()
     left = {c: rounds for c in range(clients)}
     submitted: dict[str, float] = {}
     ttft: list[float] = []
@@ -176,6 +178,7 @@ class _Quiet:
     def on_restart(self, reason: str) -> None: ...
     def on_cancelled(self, finished: Finished) -> None: ...
     def on_down(self, reason: str) -> None: ...
+    def on_model_event(self, event: ModelEvent) -> None: ...
 
 
 async def timed_engine_process(model_dir: Path, batches: list[int], max_tokens: int) -> dict[int, float]:
