@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import platform
 import random
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 try:  # msgspec is a gateway dependency and parses SSE chunks several times faster than json
@@ -50,3 +53,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     rank = (q / 100) * (len(ordered) - 1)
     low, high = math.floor(rank), math.ceil(rank)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for a run's record (Linux's /proc/cpuinfo; else what platform knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import EOS_BIAS, make_prompt
+from bench_common import EOS_BIAS, cpu_model, make_prompt
 from bench_load import client_processes_for, one_request, run_level_in_processes, summarize_probe
 from bench_models import DEFAULT_MODEL_DIR, SHAPES, ensure_model
 from bench_servers import REPO_ROOT, SERVERS, Server, free_port, server_spec, spawn, stop, stop_all
@@ -503,12 +503,7 @@ def environment() -> dict[str, Any]:
     ):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[dist] = importlib.metadata.version(dist)
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     gpu = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         gpu = (

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import procstat
 import raw_client
 import timeline as tl
-from bench_common import percentile
+from bench_common import cpu_model, percentile
 from bench_servers import REPO_ROOT, free_port, spawn, stop, stop_all
 
 HERE = Path(__file__).resolve().parent
@@ -353,12 +353,7 @@ def write(args: argparse.Namespace, result: dict[str, Any]) -> str:
 
 
 def environment() -> dict[str, Any]:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return {"cpu": cpu, "cpus": os.cpu_count(), "allowed": sorted(os.sched_getaffinity(0)),
             "cores": procstat.physical_cores(), "platform": platform.platform(), "python": platform.python_version(),
             "loadavg": os.getloadavg()}

@@ -42,7 +42,8 @@ def make_client(models_dir: Path) -> Iterator[ClientFactory]:
 
     def factory(engine: FakeEngine | None = None, **settings: Any) -> TestClient[Any]:
         config = Settings(models_dirs=(models_dir,), hf_cache=False, demo_model=False, **settings)
-        runtime = GatewayRuntime(config, engine or FakeEngine(), ModelRegistry(config.models_dirs, None, False))
+        registry = ModelRegistry(config.models_dirs, None, False, allowed=config.allowed_models)
+        runtime = GatewayRuntime(config, engine or FakeEngine(), registry)
         # A loopback Host: the default allow-list refuses TestClient's own 'testserver.local'.
         app = create_asgi_app(runtime)
         client: TestClient[Any] = TestClient(app, base_url="http://127.0.0.1")  # type: ignore[arg-type]

@@ -5,47 +5,25 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from litestar.testing import TestClient
 
 from gateway import status_page
-from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Health, Model
 from gateway.settings import Settings
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
-from tests.unit.gateway.conftest import chat_body
+from tests.unit.gateway.conftest import ClientFactory, chat_body
 
 KEY = {"Authorization": "Bearer s3cret"}
 
 
-@pytest.fixture
-def make(models_dir: Path) -> Iterator[Any]:
-    clients: list[TestClient[Any]] = []
-
-    def factory(engine: FakeEngine | None = None, **settings: Any) -> TestClient[Any]:
-        config = Settings(models_dirs=(models_dir,), hf_cache=False, demo_model=False, **settings)
-        registry = ModelRegistry(config.models_dirs, None, False, allowed=config.allowed_models)
-        app = create_asgi_app(GatewayRuntime(config, engine or FakeEngine(), registry))
-        client: TestClient[Any] = TestClient(app, base_url="http://127.0.0.1")  # type: ignore[arg-type]
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield factory
-    for client in clients:
-        client.__exit__(None, None, None)
-
-
-def test_load_pin_unpin_unload_answer_with_the_model(make: Any) -> None:
+def test_load_pin_unpin_unload_answer_with_the_model(make_client: ClientFactory) -> None:
     engine = FakeEngine()
-    client = make(engine, api_key="s3cret")
+    client = make_client(engine, api_key="s3cret")
     loaded = client.post("/admin/models/load", json={"model": "org/nested"}, headers=KEY)
     assert loaded.status_code == 200
     assert loaded.json()["id"] == "org/nested" and loaded.json()["status"] == "loaded"
@@ -58,8 +36,8 @@ def test_load_pin_unpin_unload_answer_with_the_model(make: Any) -> None:
                                ("unload", "org/nested")]
 
 
-def test_the_admin_api_needs_the_key_and_json(make: Any) -> None:
-    client = make(api_key="s3cret")
+def test_the_admin_api_needs_the_key_and_json(make_client: ClientFactory) -> None:
+    client = make_client(api_key="s3cret")
     for action in ("load", "unload", "pin", "unpin"):
         response = client.post(f"/admin/models/{action}", json={"model": "tiny"})
         assert response.status_code == 401, action
@@ -68,9 +46,9 @@ def test_the_admin_api_needs_the_key_and_json(make: Any) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "pin"
 
 
-def test_admin_errors_are_the_engines_own(make: Any) -> None:
+def test_admin_errors_are_the_engines_own(make_client: ClientFactory) -> None:
     broken = EngineError(EngineErrorCode.MODEL_LOAD_FAILED, "The model 'tiny' cannot be loaded: bad weights.")
-    client = make(FakeEngine(failures={"tiny": broken}))
+    client = make_client(FakeEngine(failures={"tiny": broken}))
     failed = client.post("/admin/models/load", json={"model": "tiny"})
     assert failed.status_code == 500
     assert failed.json()["error"] == {"message": broken.message, "type": "server_error", "param": None,
@@ -79,20 +57,20 @@ def test_admin_errors_are_the_engines_own(make: Any) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
-def test_unload_of_a_busy_model_is_409(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unload_of_a_busy_model_is_409(make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     engine = FakeEngine()
 
     async def busy(action: str, model: str) -> None:
         raise EngineError(EngineErrorCode.MODEL_BUSY, f"The model '{model}' is serving requests.", "model")
 
     monkeypatch.setattr(engine, "control", busy)
-    response = make(engine).post("/admin/models/unload", json={"model": "tiny"})
+    response = make_client(engine).post("/admin/models/unload", json={"model": "tiny"})
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "model_busy" and response.json()["error"]["param"] == "model"
 
 
-def test_the_allow_list_hides_other_models_everywhere(make: Any) -> None:
-    client = make(allowed_models=("org/*",))
+def test_the_allow_list_hides_other_models_everywhere(make_client: ClientFactory) -> None:
+    client = make_client(allowed_models=("org/*",))
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["org/nested"]
     for response in (client.get("/v1/models/tiny"), client.post("/v1/chat/completions", json=chat_body()),
                      client.post("/admin/models/load", json={"model": "tiny"})):
@@ -100,8 +78,8 @@ def test_the_allow_list_hides_other_models_everywhere(make: Any) -> None:
     assert client.post("/v1/chat/completions", json=chat_body(model="org/nested")).status_code == 200
 
 
-def test_models_carry_their_residency(make: Any) -> None:
-    client = make(keep_alive_s=600, model_keep_alive=("org/*=-1",))
+def test_models_carry_their_residency(make_client: ClientFactory) -> None:
+    client = make_client(keep_alive_s=600, model_keep_alive=("org/*=-1",))
     client.post("/v1/chat/completions", json=chat_body())
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert models["tiny"]["keep_alive_s"] == 600 and models["org/nested"]["keep_alive_s"] == -1
@@ -111,8 +89,8 @@ def test_models_carry_their_residency(make: Any) -> None:
     assert health["memory"]["budget_bytes"] == 1 << 30
 
 
-def test_the_status_page_shows_the_models_and_asks_a_browser_for_the_key(make: Any) -> None:
-    client = make(api_key="s3cret")
+def test_the_status_page_shows_the_models_and_asks_a_browser_for_the_key(make_client: ClientFactory) -> None:
+    client = make_client(api_key="s3cret")
     client.post("/admin/models/pin", json={"model": "org/nested"}, headers=KEY)
     refused = client.get("/")
     assert refused.status_code == 401
