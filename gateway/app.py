@@ -32,6 +32,7 @@ from gateway.routes.responses_api import (
     stored_response_options,
 )
 from gateway.routes.status import status
+from gateway.strict_body import StrictBody
 from mlx_backend import __version__
 
 log = logging.getLogger("mlx_gateway")
@@ -149,6 +150,8 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
         lifespan=[lifespan],
         exception_handlers=error_handlers.exception_handlers(error_handlers.openai_response),
         guards=security.guards(settings),
+        dto=StrictBody,  # every body decoded strictly: a wrong JSON type is a 400 naming the field
+        return_dto=None,
         # Litestar's CORS middleware sits outside the router and its exception handling: it answers
         # preflights before any guard, and adds its headers to every error (401 too).
         cors_config=CORSConfig(allow_origins=list(settings.cors_origins)) if settings.cors_origins else None,

@@ -174,13 +174,19 @@ def decode(value: Any, kind: type[T], param: str) -> T:
     try:
         return msgspec.convert(value, kind)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        at = _AT.search(message)
-        path = param + (at.group(1) if at else "")
-        detail = message[:at.start()] if at else message
-        unknown = _UNKNOWN.search(detail)
-        if unknown:
-            name = f"{path}.{unknown.group(1)}"
-            raise GatewayError(ErrorKind.UNSUPPORTED_PARAMETER, f"Unrecognized request argument supplied: {name}",
-                               name) from None
-        raise invalid(path, f"Invalid value for '{path}': {detail}") from None
+        raise invalid_field(exc, param) from None
+
+
+def invalid_field(exc: msgspec.ValidationError, param: str) -> GatewayError:
+    """msgspec's error as a 400 naming the field (`param` is where the decoded value sits; "" for the body)."""
+    message = str(exc)
+    at = _AT.search(message)
+    path = (param + (at.group(1) if at else "")).lstrip(".")
+    detail = message[:at.start()] if at else message
+    unknown = _UNKNOWN.search(detail)
+    if unknown:
+        name = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+        return GatewayError(ErrorKind.UNSUPPORTED_PARAMETER, f"Unrecognized request argument supplied: {name}", name)
+    if not path:
+        return GatewayError(ErrorKind.INVALID_REQUEST, f"Invalid request body: {detail}")
+    return invalid(path, f"Invalid value for '{path}': {detail}")
