@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from gateway import sse
 from gateway.convert_shared import (
@@ -251,10 +252,18 @@ def new_response(req: ResponseCreateRequest, request_id: str, store: bool) -> Re
         instructions=req.instructions, max_output_tokens=req.max_output_tokens, model=req.model, output=[],
         parallel_tool_calls=req.parallel_tool_calls is not False, previous_response_id=req.previous_response_id,
         store=store, temperature=1.0 if req.temperature is None else req.temperature, text=text,
-        tool_choice=req.tool_choice if req.tool_choice is not None else "auto", tools=list(req.tools or ()),
-        top_p=1.0 if req.top_p is None else req.top_p, user=req.user, metadata=dict(req.metadata or {}),
+        tool_choice=req.tool_choice if req.tool_choice is not None else "auto", tools=echo_tools(req.tools),
+        top_p=1.0 if req.top_p is None else req.top_p, user=UNSET if req.user is None else req.user,
+        metadata=dict(req.metadata or {}),
         service_tier=req.service_tier if req.service_tier not in (None, "auto") else "default",
     )
+
+
+def echo_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The tools as the response lists them: a function tool's `strict` and `parameters` are required (nullable)
+    there, and strict is what we applied (true unless the request said false, as OpenAI's default)."""
+    return [{**t, "parameters": t.get("parameters"), "strict": t.get("strict") is not False}
+            if t.get("type") == "function" else t for t in tools or ()]
 
 
 def _complete(reason: str) -> bool:
@@ -272,6 +281,11 @@ def output_item(response_id: str, block: Block, position: int, status: ItemStatu
                              content=[OutputText(block.text)])
     return FunctionCall(id=item_id(response_id, block, position), call_id=block.id, name=block.name,
                         arguments=block.arguments, status=status)
+
+
+def _failure_code(error: GatewayError) -> str:
+    """The spec's ResponseErrorCode for a failed response: ours is in the message, the code is one of its enum."""
+    return "rate_limit_exceeded" if error.status == 429 else "server_error"
 
 
 def usage_of(finished: Finished) -> ResponseUsage:
@@ -381,6 +395,6 @@ class ResponseStream:
         """The block being written stays open (no done events): the failed response lists it incomplete."""
         failed = msgspec.structs.replace(
             self.base, status="failed", output=_output(self.base.id, reply, "incomplete"),
-            error=ResponseError(error.kind.value.code or "server_error", error.message),
+            error=ResponseError(_failure_code(error), error.message),
         )
         return self._frames(self._state("response.failed", failed))

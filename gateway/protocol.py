@@ -243,7 +243,7 @@ class ChatCompletion(Struct, kw_only=True):
     model: str
     choices: list[ChatChoice]
     usage: Usage
-    system_fingerprint: str | None = None
+    system_fingerprint: str | UnsetType = UNSET  # a string or absent, never null (OpenAI's spec)
 
 
 class ChunkFunction(Struct, omit_defaults=True):
@@ -280,7 +280,7 @@ class ChatCompletionChunk(Struct, kw_only=True):
     model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
-    system_fingerprint: str | None = None
+    system_fingerprint: str | UnsetType = UNSET  # a string or absent, never null (OpenAI's spec)
 
 
 class CompletionLogprobsBody(Struct):
@@ -305,8 +305,8 @@ class Completion(Struct, kw_only=True):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
+    usage: Usage | UnsetType = UNSET  # absent from chunks but the usage chunk (the spec has no null here)
+    system_fingerprint: str | UnsetType = UNSET  # a string or absent, never null (OpenAI's spec)
 
 
 class ModelError(Struct):

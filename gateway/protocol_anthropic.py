@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
+import msgspec
 from msgspec import Meta, Struct
 
 UnitInterval = Annotated[float, Meta(ge=0.0, le=1.0)]  # Anthropic's range for temperature and top_p
@@ -173,14 +174,24 @@ class CountTokensRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 # Responses
 
 
+# Fields Anthropic's spec marks required but nullable are sent as null (typed `None`), never left out: typed
+# clients read them (tests/integration/test_wire_conformance.py holds every body to Anthropic's own schema).
+
+
 class TextBlock(Struct, tag="text", tag_field="type"):
     text: str
+    citations: None = None  # required, nullable: we never cite
+
+
+class DirectCaller(Struct, tag="direct", tag_field="type"):
+    """Who made a tool call: always the model, for a client tool (`{"type": "direct"}`)."""
 
 
 class ToolUseBlock(Struct, tag="tool_use", tag_field="type"):
     id: str
     name: str
     input: dict[str, Any]
+    caller: DirectCaller = msgspec.field(default_factory=DirectCaller)  # required, never null
 
 
 ContentBlock = TextBlock | ToolUseBlock
@@ -195,6 +206,12 @@ class MessageUsage(Struct):
     output_tokens: int
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    cache_creation: None = None  # the required-but-nullable rest: no cache writes by TTL, no geo, no tiers
+    inference_geo: None = None
+    output_tokens_details: None = None
+    server_tool_use: None = None
+    service_tier: None = None
+    speed: None = None
 
 
 class Message(Struct, kw_only=True):
@@ -206,6 +223,9 @@ class Message(Struct, kw_only=True):
     stop_reason: StopReason | None
     stop_sequence: str | None
     usage: MessageUsage
+    container: None = None  # required, nullable: no container tools
+    diagnostics: None = None
+    stop_details: None = None
 
 
 class CountTokensResponse(Struct):
@@ -249,6 +269,8 @@ class ContentBlockStopEvent(Struct, tag="content_block_stop", tag_field="type"):
 class MessageDelta(Struct):
     stop_reason: StopReason | None
     stop_sequence: str | None
+    container: None = None  # required, nullable
+    stop_details: None = None
 
 
 class MessageDeltaUsage(Struct):
@@ -258,6 +280,8 @@ class MessageDeltaUsage(Struct):
     input_tokens: int
     cache_creation_input_tokens: int = 0
     cache_read_input_tokens: int = 0
+    output_tokens_details: None = None  # required, nullable
+    server_tool_use: None = None
 
 
 class MessageDeltaEvent(Struct, tag="message_delta", tag_field="type"):

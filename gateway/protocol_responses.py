@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
@@ -197,6 +197,7 @@ OutputItem = OutputMessage | FunctionCall
 
 class InputTokensDetails(Struct):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # required by the spec; the prefix cache is written as a side effect, uncounted
 
 
 class OutputTokensDetails(Struct):
@@ -248,8 +249,8 @@ class ResponseObject(Struct, kw_only=True):
     tools: list[dict[str, Any]]
     top_p: float
     truncation: Literal["disabled"] = "disabled"
-    usage: ResponseUsage | None = None
-    user: str | None = None
+    usage: ResponseUsage | UnsetType = UNSET  # the spec has no null for these: left out until known
+    user: str | UnsetType = UNSET
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
 
 

@@ -56,10 +56,12 @@ def test_a_text_reply_is_a_message_with_one_text_block(client: TestClient[Any]) 
     assert response.status_code == 200, response.text
     got = response.json()
     assert got["type"] == "message" and got["role"] == "assistant" and got["id"].startswith("msg_")
-    assert got["content"] == [{"type": "text", "text": REPLY}]
+    assert got["content"] == [{"type": "text", "text": REPLY, "citations": None}]
     assert (got["stop_reason"], got["stop_sequence"]) == ("end_turn", None)
     assert got["usage"] == {"input_tokens": 1, "output_tokens": 10, "cache_creation_input_tokens": 0,
-                            "cache_read_input_tokens": 0}
+                            "cache_read_input_tokens": 0, "cache_creation": None, "inference_geo": None,
+                            "output_tokens_details": None, "server_tool_use": None, "service_tier": None,
+                            "speed": None}
 
 
 def test_max_tokens_and_stop_sequences_give_their_stop_reasons(client: TestClient[Any]) -> None:
@@ -83,7 +85,7 @@ def test_a_tool_call_is_a_tool_use_block_with_its_input_object(make_client: Clie
 
 def test_a_streamed_reply_follows_the_documented_event_order(client: TestClient[Any]) -> None:
     message = stream(client)
-    assert message["content"] == [{"type": "text", "text": REPLY}]
+    assert message["content"] == [{"type": "text", "text": REPLY, "citations": None}]
     assert message["stop_reason"] == "end_turn" and message["usage"]["output_tokens"] == 10
     assert message["usage"]["input_tokens"] == 1
 
