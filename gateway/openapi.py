@@ -10,24 +10,52 @@ from __future__ import annotations
 
 import inspect
 import json
+import typing
 from typing import Any
 
 import msgspec
 from litestar import Litestar
 
-from gateway import protocol, protocol_anthropic, protocol_responses
+from gateway import admin_protocol, protocol, protocol_anthropic, protocol_responses, security
 
 _REF = "#/components/schemas/{name}"
-_STREAMS = {
-    "/v1/chat/completions": "`data: <chunk JSON>` events, then `data: [DONE]`",
-    "/v1/completions": "`data: <chunk JSON>` events, then `data: [DONE]`",
-    "/v1/responses": "`event: <type>` + `data: <event JSON>` pairs (ResponseStateEvent, OutputItemEvent, "
-                     "ContentPartEvent, OutputTextDeltaEvent, ...), each with its sequence_number",
-    "/v1/messages": "`event: <type>` + `data: <event JSON>` pairs (MessageStartEvent, PingEvent, "
-                    "ContentBlockStartEvent, ContentBlockDeltaEvent, ContentBlockStopEvent, MessageDeltaEvent, "
-                    "MessageStopEvent; AnthropicErrorResponse as `event: error`)",
+_OPENAI_STREAM = ("`data: <{chunk}>` events, then `data: [DONE]`; a failure after the headers is one "
+                  "`data: <ErrorResponse>` event, then `data: [DONE]`")
+# Each streaming route's events: (the types a `data:` line carries, how the stream is framed).
+_STREAMS: dict[str, tuple[Any, str]] = {
+    "/v1/chat/completions": (protocol.ChatCompletionChunk | protocol.ErrorResponse,
+                             _OPENAI_STREAM.format(chunk="ChatCompletionChunk")),
+    "/v1/completions": (protocol.Completion | protocol.ErrorResponse, _OPENAI_STREAM.format(chunk="Completion")),
+    "/v1/responses": (protocol_responses.StreamEvent,
+                      "`event: <type>` + `data: <event>` pairs, each with its sequence_number from 0: "
+                      "response.created, response.in_progress, each output item's events, then one of "
+                      "response.completed, response.incomplete or response.failed; no `[DONE]`"),
+    "/v1/messages": (protocol_anthropic.StreamEvent | protocol_anthropic.AnthropicErrorResponse,
+                     "`event: <type>` + `data: <event>` pairs: message_start, ping, each content block's "
+                     "content_block_start / content_block_delta... / content_block_stop, message_delta, "
+                     "message_stop; a failure after the headers is one `event: error`"),
 }
-_MODULES = (protocol, protocol_responses, protocol_anthropic)
+_MODULES = (protocol, protocol_responses, protocol_anthropic, admin_protocol)
+_SECURITY_SCHEMES = {
+    "bearerKey": {"type": "http", "scheme": "bearer",
+                  "description": "The API key, when the server is started with one (--api-key or "
+                                 "MLX_GATEWAY_API_KEY); without one every route is open."},
+    "anthropicKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                     "description": "The same API key in Anthropic's header; accepted on every route."},
+}
+# What the request schemas accept as JSON but the server refuses by design, with a 400 naming the parameter
+# (code unsupported_parameter): accepting them would mean ignoring them, and a user would get a silent surprise.
+_REFUSED = {
+    "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
+                            "web_search_options, store: true, tool types other than function, image parts, "
+                            "tool_choice allowed_tools / custom",
+    "/v1/completions": "best_of > 1, echo, suffix, token-id prompts, more than one prompt",
+    "/v1/responses": "background: true, top_logprobs, max_tool_calls, conversation, prompt, context_management, "
+                     "truncation: auto, text.verbosity other than medium, includes we cannot fill, built-in "
+                     "tools, image / file / audio input",
+    "/v1/messages": "mcp_servers, context_management, container, diagnostics, server tools, image and document "
+                    "blocks",
+}
 
 
 def _wire_types() -> list[type[msgspec.Struct]]:
@@ -41,12 +69,32 @@ def _wire_types() -> list[type[msgspec.Struct]]:
 
 def build(app: Litestar) -> dict[str, Any]:
     document: dict[str, Any] = app.openapi_schema.to_schema()
-    _, components = msgspec.json.schema_components(_wire_types(), ref_template=_REF)
+    wire = _wire_types()
+    _, components = msgspec.json.schema_components(wire, ref_template=_REF)
     document.setdefault("components", {})["schemas"] = dict(sorted(components.items()))
-    for path, description in _STREAMS.items():
+    for path, (events, description) in _STREAMS.items():
         ok = document["paths"][path]["post"]["responses"]["200"]
-        ok["content"]["text/event-stream"] = {"schema": {"type": "string", "description": description}}
+        one_of = [{"$ref": _REF.format(name=t.__name__)} for t in typing.get_args(events)]
+        ok["content"]["text/event-stream"] = {"schema": {"oneOf": one_of, "description": description}}
+    for path, refused in _REFUSED.items():
+        body = document["paths"][path]["post"]["requestBody"]
+        body["description"] = f"Refused by design, with a 400 naming the parameter: {refused}."
+    _declare_security(app, document)
     return document
+
+
+def _declare_security(app: Litestar, document: dict[str, Any]) -> None:
+    """The key schemes, required everywhere but on the routes that never need the key (as configured)."""
+    document["components"]["securitySchemes"] = _SECURITY_SCHEMES
+    document["security"] = [{name: []} for name in _SECURITY_SCHEMES]
+    settings = app.state.runtime.settings
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            operations = document["paths"].get(route.path, {})
+            for method in handler.http_methods:
+                operation = operations.get(method.lower())
+                if operation is not None and not security.needs_key(handler, settings):
+                    operation["security"] = []
 
 
 def render(app: Litestar) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from gateway.cli import OPENAPI_PATH, openapi_document
 
@@ -17,3 +18,36 @@ def test_every_route_has_an_operation_id_and_documents_errors() -> None:
     assert all(op.get("operationId") for op in operations)
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id}", "/health",
             "/metrics"} <= set(document["paths"])
+
+
+def test_every_referenced_schema_is_in_the_document() -> None:
+    text = openapi_document().decode()
+    document = json.loads(text)
+    referenced = set(re.findall(r'"#/components/schemas/([^"]+)"', text))
+    assert referenced and referenced <= set(document["components"]["schemas"])
+
+
+def test_the_api_key_is_declared_and_only_public_routes_waive_it() -> None:
+    document = json.loads(openapi_document())
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearerKey"] == {**schemes["bearerKey"], "type": "http", "scheme": "bearer"}
+    assert schemes["anthropicKey"]["in"] == "header" and schemes["anthropicKey"]["name"] == "x-api-key"
+    assert document["security"] == [{"bearerKey": []}, {"anthropicKey": []}]
+    waived = {path for path, ops in document["paths"].items() for op in ops.values() if op.get("security") == []}
+    assert waived == {"/health", "/health/live", "/health/ready", "/metrics"}
+
+
+def test_streamed_answers_are_event_streams_of_their_event_types() -> None:
+    document = json.loads(openapi_document())
+    expected = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "Completion",
+                "/v1/responses": "OutputTextDeltaEvent", "/v1/messages": "ContentBlockDeltaEvent"}
+    for path, event in expected.items():
+        stream = document["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+        assert {"$ref": f"#/components/schemas/{event}"} in stream["oneOf"], path
+        assert stream["description"]
+
+
+def test_what_the_schemas_accept_but_the_server_refuses_is_said() -> None:
+    document = json.loads(openapi_document())
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
+        assert "Refused by design" in document["paths"][path]["post"]["requestBody"]["description"]
