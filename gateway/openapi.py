@@ -45,17 +45,122 @@ _SECURITY_SCHEMES = {
 }
 # What the request schemas accept as JSON but the server refuses by design, with a 400 naming the parameter
 # (code unsupported_parameter): accepting them would mean ignoring them, and a user would get a silent surprise.
+# Rules for every generation route that no schema can state: the prompt must fit the model's context (400
+# context_length_exceeded), a tool choice names one of the tools, tool-call arguments are JSON text.
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
                             "web_search_options, store: true, tool types other than function, image parts, "
-                            "tool_choice allowed_tools / custom",
+                            "tool_choice allowed_tools / custom, a tool_choice that forces a call without tools",
     "/v1/completions": "best_of > 1, echo, suffix, token-id prompts, more than one prompt",
     "/v1/responses": "background: true, top_logprobs, max_tool_calls, conversation, prompt, context_management, "
                      "truncation: auto, text.verbosity other than medium, includes we cannot fill, built-in "
-                     "tools, image / file / audio input",
+                     "tools, image / file / audio input, a tool_choice that forces a call without tools",
     "/v1/messages": "mcp_servers, context_management, container, diagnostics, server tools, image and document "
-                    "blocks",
+                    "blocks, a last message from the assistant (prefill), a tool_choice that forces a call "
+                    "without tools",
 }
+
+# The same, for the fuzzers and code generators that read the schemas: the request schemas are narrowed to what
+# the server accepts (the decoder stays wider, so that a refusal names its parameter instead of failing to
+# decode). Blocks of these types are refused wherever they appear:
+_REFUSED_TYPES = {"ImageUrlPart", "InputImage", "InputFile", "InputAudio", "ImageBlockParam", "DocumentBlockParam",
+                  "ThinkingBlockParam", "RedactedThinkingBlockParam"}
+_NULL = {"type": "null"}
+_NONE = {"type": "array", "maxItems": 0}
+# component -> property -> the schema of what is accepted (None: no value is).
+_ACCEPTED: dict[str, dict[str, Any]] = {
+    "ChatCompletionRequest": {
+        "functions": _NONE, "function_call": {"enum": ["none", "auto"]}, "audio": _NULL, "prediction": _NULL,
+        "reasoning_effort": _NULL, "modalities": {"anyOf": [{"const": ["text"]}, _NULL]}, "web_search_options": None,
+        "store": {"enum": [False, None]},
+    },
+    "Tool": {"type": {"const": "function"}, "custom": None},
+    "NamedToolChoice": {"type": {"const": "function"}, "custom": None, "allowed_tools": None},
+    "CompletionRequest": {
+        "best_of": {"enum": [1, None]}, "echo": {"enum": [False, None]}, "suffix": {"enum": ["", None]},
+        "prompt": {"anyOf": [{"type": "string", "minLength": 1}, {"type": "array", "minItems": 1, "maxItems": 1,
+                                                                  "items": {"type": "string", "minLength": 1}}]},
+    },
+    "ResponseCreateRequest": {
+        "background": {"enum": [False, None]}, "top_logprobs": {"enum": [0, None]}, "max_tool_calls": _NULL,
+        "conversation": _NULL, "prompt": _NULL, "context_management": {"anyOf": [_NONE, _NULL]},
+        "truncation": {"enum": ["disabled", None]},
+        "include": {"anyOf": [{"type": "array", "items": {"type": "string",
+                                                          "not": {"enum": ["message.output_text.logprobs"]}}}, _NULL]},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"$ref": _REF.format(name=n)} for n in ("MessageItem", "FunctionCallItem", "FunctionCallOutputItem")]}}]},
+        "tools": {"anyOf": [{"type": "array", "items": {"$ref": _REF.format(name="FunctionToolParam")}}, _NULL]},
+    },
+    "Reasoning": {"effort": {"enum": ["none", None]}, "summary": _NULL, "generate_summary": _NULL},
+    "TextConfig": {"verbosity": {"enum": ["medium", None]}},
+    "MessageCreateRequest": {
+        "thinking": {"anyOf": [{"type": "object", "properties": {"type": {"const": "disabled"}}, "required": ["type"]},
+                               _NULL]},
+        "mcp_servers": {"anyOf": [_NONE, _NULL]}, "context_management": _NULL, "container": _NULL,
+        "diagnostics": _NULL,
+        "tools": {"anyOf": [{"type": "array", "items": {"$ref": _REF.format(name="ToolParam")}}, _NULL]},
+    },
+    "OutputConfig": {"effort": _NULL},
+}
+_STOP = {"anyOf": [{"type": "string", "minLength": 1},
+                   {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}}, _NULL]}
+_ACCEPTED["ChatCompletionRequest"]["stop"] = _ACCEPTED["CompletionRequest"]["stop"] = _STOP
+_ACCEPTED["MessageCreateRequest"]["stop_sequences"] = {
+    "anyOf": [{"type": "array", "maxItems": 64, "items": {"type": "string", "minLength": 1}}, _NULL]}
+_ACCEPTED["ResponseCreateRequest"]["tool_choice"] = {"anyOf": [
+    {"enum": ["auto", "none", "required"]},
+    {"type": "object", "properties": {"type": {"const": "function"}, "name": {"type": "string"}},
+     "required": ["type", "name"], "additionalProperties": False}, _NULL]}
+_LOGIT_BIAS = {"anyOf": [{"type": "object", "additionalProperties": False, "patternProperties": {
+    "^(0|[1-9][0-9]{0,8})$": {"type": "number", "minimum": -100, "maximum": 100}}}, _NULL]}
+_ACCEPTED["ChatCompletionRequest"]["logit_bias"] = _ACCEPTED["CompletionRequest"]["logit_bias"] = _LOGIT_BIAS
+
+
+def _blocks(*names: str) -> dict[str, Any]:
+    return {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [
+        {"$ref": _REF.format(name=n)} for n in names]}}]}
+
+
+# Which blocks each role may send: a user turn text and tool results, an assistant turn text and tool calls.
+_MESSAGE_BY_ROLE = {"oneOf": [
+    {"properties": {"role": {"const": "user"}, "content": _blocks("TextBlockParam", "ToolResultBlockParam")}},
+    {"properties": {"role": {"const": "assistant"}, "content": _blocks("TextBlockParam", "ToolUseBlockParam")}},
+]}
+_ACCEPTED["CountTokensRequest"] = {k: v for k, v in _ACCEPTED["MessageCreateRequest"].items()
+                                   if k not in ("container", "diagnostics", "stop_sequences")}
+
+
+def _narrow(schemas: dict[str, Any]) -> None:
+    refused = {_REF.format(name=n) for n in _REFUSED_TYPES}
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("anyOf"), list):
+                node["anyOf"] = [v for v in node["anyOf"] if not (isinstance(v, dict) and v.get("$ref") in refused)]
+            mapping = node.get("discriminator", {}).get("mapping", {})
+            for key in [k for k, v in mapping.items() if v in refused]:
+                del mapping[key]
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit({k: v for k, v in schemas.items() if k not in _REFUSED_TYPES})
+    for name, fields in _ACCEPTED.items():
+        properties = schemas[name]["properties"]
+        for field, accepted in fields.items():
+            if accepted is None:
+                del properties[field]
+            else:
+                properties[field] = {**accepted, "description": "Other values are refused by design (a 400 naming "
+                                                                "this parameter)."}
+    schemas["MessageParam"].update(_MESSAGE_BY_ROLE, properties={"role": {"enum": ["user", "assistant"]},
+                                                                 "content": {}})
+    for name in ("ToolCallFunction", "FunctionCallItem"):  # JSON text, as the rule below says
+        schemas[name]["properties"]["arguments"] = {"type": "string", "contentMediaType": "application/json"}
+    for name in ("Tool", "NamedToolChoice"):
+        schemas[name]["required"] = sorted({*schemas[name]["required"], "function"})
 
 
 def _wire_types() -> list[type[msgspec.Struct]]:
@@ -71,16 +176,33 @@ def build(app: Litestar) -> dict[str, Any]:
     document: dict[str, Any] = app.openapi_schema.to_schema()
     wire = _wire_types()
     _, components = msgspec.json.schema_components(wire, ref_template=_REF)
+    _narrow(components)
+    most = app.state.runtime.settings.max_running  # n choices run as rows of one batch
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        n = components[name]["properties"]["n"]
+        n["anyOf"][0]["maximum"] = most
+        n["description"] = f"At most the server's batch size (--max-running, {most} here)."
     document.setdefault("components", {})["schemas"] = dict(sorted(components.items()))
     for path, (events, description) in _STREAMS.items():
         ok = document["paths"][path]["post"]["responses"]["200"]
-        one_of = [{"$ref": _REF.format(name=t.__name__)} for t in typing.get_args(events)]
-        ok["content"]["text/event-stream"] = {"schema": {"oneOf": one_of, "description": description}}
+        ok["content"]["text/event-stream"] = {"schema": _event_schema(path, events, description)}
     for path, refused in _REFUSED.items():
         body = document["paths"][path]["post"]["requestBody"]
         body["description"] = f"Refused by design, with a 400 naming the parameter: {refused}."
     _declare_security(app, document)
     return document
+
+
+def _event_schema(path: str, events: Any, description: str) -> dict[str, Any]:
+    """One SSE event, as OpenAPI 3.1 describes an event stream item: its `data` is JSON of one of `events`
+    (contentSchema), or `[DONE]` on the OpenAI routes that end with it; `event` is its type where it is named."""
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in typing.get_args(events)]}}
+    named = path in ("/v1/responses", "/v1/messages")
+    if not named:
+        data = {"anyOf": [{"const": "[DONE]"}, data]}
+    return {"type": "object", "description": description, "properties": {"event": {"type": "string"}, "data": data},
+            "required": ["event", "data"] if named else ["data"]}
 
 
 def _declare_security(app: Litestar, document: dict[str, Any]) -> None:

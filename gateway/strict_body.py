@@ -26,6 +26,16 @@ if TYPE_CHECKING:
 _DECODERS: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 
+def _integral_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    return value
+
+
 class StrictBody(AbstractDTO[Any]):
     config = DTOConfig()
 
@@ -38,9 +48,15 @@ class StrictBody(AbstractDTO[Any]):
         try:
             return decoder.decode(value)
         except msgspec.ValidationError as exc:
-            raise invalid_field(exc, "") from None
+            if "got `float`" not in str(exc):
+                raise invalid_field(exc, "") from None
         except msgspec.DecodeError as exc:
             raise GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid JSON: {exc}") from None
+        # JSON has one number type and JSON Schema calls 3.0 an integer: so do we (only on this rare path).
+        try:
+            return msgspec.convert(_integral_floats_as_ints(msgspec.json.decode(value)), field.annotation)
+        except msgspec.ValidationError as exc:
+            raise invalid_field(exc, "") from None
 
     def decode_builtins(self, value: dict[str, Any]) -> Any:
         field = self.asgi_connection.route_handler.parsed_data_field

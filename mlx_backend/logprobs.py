@@ -73,14 +73,19 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(code): byte for byte, code in chars.items()}
 
 
+LOGPROB_FLOOR = -9999.0
+
+
 def sampled_distribution(logprobs: mx.array, params: SamplingParams) -> mx.array:
     """Log probabilities (1-D) of the distribution the sampler draws from for these settings."""
     if params.temperature < GREEDY_BELOW:
-        return logprobs
+        return mx.maximum(logprobs, LOGPROB_FLOOR)  # a token a grammar masks is -inf
     # In the sampler's order: top_k and top_p on the model's logprobs, then temperature.
     logprobs = filter_logprobs(logprobs[None], params.top_k, params.top_p)[0]
-    scaled = logprobs * (1.0 / params.temperature)
-    return scaled - mx.logsumexp(scaled, keepdims=True)
+    # float32: a small temperature (1e-5) scales half-precision logprobs past its range, and -inf - -inf is NaN
+    scaled = logprobs.astype(mx.float32) * (1.0 / params.temperature)
+    # a token the filters removed has probability 0: -9999 as OpenAI sends it, since JSON has no -inf
+    return mx.maximum(scaled - mx.logsumexp(scaled, keepdims=True), LOGPROB_FLOOR)
 
 
 def token_logprob(logprobs: mx.array, token: int, params: SamplingParams, text: TokenText) -> TokenLogprob:

@@ -43,7 +43,10 @@ def test_streamed_answers_are_event_streams_of_their_event_types() -> None:
                 "/v1/responses": "OutputTextDeltaEvent", "/v1/messages": "ContentBlockDeltaEvent"}
     for path, event in expected.items():
         stream = document["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
-        assert {"$ref": f"#/components/schemas/{event}"} in stream["oneOf"], path
+        data = stream["properties"]["data"]
+        payload = data if "contentSchema" in data else data["anyOf"][1]  # else: `[DONE]` or an event
+        assert payload["contentMediaType"] == "application/json", path
+        assert {"$ref": f"#/components/schemas/{event}"} in payload["contentSchema"]["oneOf"], path
         assert stream["description"]
 
 

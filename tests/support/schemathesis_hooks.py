@@ -1,21 +1,92 @@
-"""schemathesis hooks (SCHEMATHESIS_HOOKS=tests.support.schemathesis_hooks): fuzzed bodies name a served model.
+"""schemathesis hooks (SCHEMATHESIS_HOOKS=tests.support.schemathesis_hooks): fuzzed bodies reach generation.
 
-A random `model` string is a 404 before any other field is judged, so without this the fuzzing never gets past
-model lookup. Only a string is replaced: a body made invalid through its `model` (a number, a missing field)
-stays invalid, so the negative cases keep their meaning.
+`map_body`: a random `model` string is a 404 before any other field is judged, so it names the served model;
+and a valid token limit above 16 (n above 2) is lowered to it, so hundreds of fuzzed generations stay fast. Only values
+already valid are changed (a string model, an integer limit), so the negative cases keep their meaning.
+`filter_body`: leaves out bodies that break the rules the document states in words because JSON Schema cannot.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import schemathesis
 
 SERVED_MODEL = "tiny"
+MAX_TOKENS = 16
+MAX_CHOICES = 2
+_CAPS = {"max_tokens": MAX_TOKENS, "max_completion_tokens": MAX_TOKENS, "max_output_tokens": MAX_TOKENS,
+         "n": MAX_CHOICES}
 
 
 @schemathesis.hook
 def map_body(ctx: Any, body: Any) -> Any:
-    if isinstance(body, dict) and isinstance(body.get("model"), str):
-        return {**body, "model": SERVED_MODEL}
+    if not isinstance(body, dict):
+        return body
+    body = dict(body)
+    if isinstance(body.get("model"), str):
+        body["model"] = SERVED_MODEL
+    for limit, most in _CAPS.items():
+        value = body.get(limit)
+        if isinstance(value, int) and not isinstance(value, bool) and value > most:
+            body[limit] = most
     return body
+
+
+def _forces_a_call(choice: Any) -> bool:
+    """tool_choice values that force a call: "required", a named function or tool, Anthropic's any / tool."""
+    return choice == "required" or (isinstance(choice, dict) and choice.get("type") in ("function", "any", "tool"))
+
+
+@schemathesis.hook
+def filter_body(ctx: Any, body: Any) -> bool:
+    """Rules the document states in words because JSON Schema cannot say them (gateway/openapi.py, each route's
+    requestBody description): a Messages request ends with a user turn (no assistant prefill); a tool_choice
+    that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON."""
+    if not isinstance(body, dict):
+        return True
+    path = ctx.operation.path if ctx.operation is not None else ""
+    if path.startswith("/v1/messages") and isinstance(body.get("messages"), list):
+        last = body["messages"][-1] if body["messages"] else None
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            return False
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    if _forces_a_call(choice) and not tools:
+        return False
+    named = _named(choice)
+    if named is not None and named not in {_tool_name(t) for t in tools or ()}:
+        return False
+    return all(_is_json(a) for a in _arguments(body))
+
+
+def _named(choice: Any) -> Any:
+    if not isinstance(choice, dict):
+        return None
+    function = choice.get("function")
+    return function.get("name") if isinstance(function, dict) else choice.get("name")
+
+
+def _tool_name(tool: Any) -> Any:
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function")
+    return function.get("name") if isinstance(function, dict) else tool.get("name")
+
+
+def _arguments(node: Any) -> list[Any]:
+    """Every `arguments` string of a tool call anywhere in the body."""
+    if isinstance(node, list):
+        return [a for v in node for a in _arguments(v)]
+    if not isinstance(node, dict):
+        return []
+    found = [node["arguments"]] if isinstance(node.get("arguments"), str) else []
+    return found + [a for k, v in node.items() if k != "arguments" for a in _arguments(v)]
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True

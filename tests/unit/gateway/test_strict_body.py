@@ -78,3 +78,10 @@ def test_right_types_still_pass(client: TestClient[Any], path: str) -> None:
     number = {"/v1/messages/count_tokens": {}}.get(path, {"temperature": 1})
     response = client.post(path, json={**ROUTES[path], **number})
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+def test_an_integral_float_is_an_integer_as_json_schema_says(client: TestClient[Any], path: str) -> None:
+    assert client.post(path, json={**ROUTES[path], "max_tokens": 8.0}).status_code == 200
+    message, _ = _error(client.post(path, json={**ROUTES[path], "max_tokens": 8.5}), path)
+    assert "max_tokens" in message
