@@ -212,7 +212,8 @@ session_streams() {
     [ "$which" = before ] && repo=$before limit=$(( $(left) / 2 ))
     step "streams-$which" "$limit" "$PY" \
       tests/benchmarks/bench_stream_path.py --repo "$repo" --engine mlx --model "$MODEL" \
-      --concurrency 8,32,64,256 --tokens 128 --repeats 3 --modes stream --trace --health --timeout 120 \
+      --concurrency "${LEVELS:-8,32,64,256}" --tokens 128 --repeats "${REPEATS:-3}" --modes stream --trace --health \
+      --timeout 120 \
       --startup-timeout 180 --gateway-args "--max-running 64" --work-dir "$RUN/streams-$which" \
       --out "$RUN/streams-$which.json"
     note "## $which: $( [ "$which" = before ] && echo "$BEFORE_REV" || git log -1 --format=%h 2>/dev/null)" ""
