@@ -110,7 +110,10 @@ class Exchange:
     async def next(self) -> Delta | Finished:
         """The next text, or a choice's end, after `started` (until `complete`). Raises GatewayError; the
         choices of a drained request get a Finished("length") each, so its client sees a clean, cut end."""
-        event = await self._next_event()
+        try:  # the engine request directly, not through _next_event: one coroutine less to resume per token
+            event = await self._engine_request.next()
+        except (EngineError, Interrupted) as exc:
+            event = self._stopped(exc)
         if isinstance(event, Delta):
             self.completion_tokens += event.tokens
             self._generated.inc(event.tokens)
@@ -129,17 +132,21 @@ class Exchange:
     async def _next_event(self) -> Loading | Started | Delta | Finished:
         try:
             return await self._engine_request.next()
-        except EngineError as exc:
+        except (EngineError, Interrupted) as exc:
+            return self._stopped(exc)
+
+    def _stopped(self, exc: EngineError | Interrupted) -> Finished:
+        """What the engine failing the request, or its interruption, means to the reader: GatewayError raised,
+        or for a drained running request the Finished of its next unfinished choice."""
+        if isinstance(exc, EngineError):
             error = GatewayError.from_engine(exc)
             self.end(Ending.FAILED, error)
             raise error from exc
-        except Interrupted:
-            if self.ending is Ending.DRAINED and self.ended_in is Phase.RUNNING and self.unfinished:
-                index = min(self.unfinished)
-                self.unfinished.discard(index)
-                return Finished(self.id, "length", self.prompt_tokens, self.completion_tokens, self.cached_tokens,
-                                index)
-            raise self._interruption() from None
+        if self.ending is Ending.DRAINED and self.ended_in is Phase.RUNNING and self.unfinished:
+            index = min(self.unfinished)
+            self.unfinished.discard(index)
+            return Finished(self.id, "length", self.prompt_tokens, self.completion_tokens, self.cached_tokens, index)
+        raise self._interruption() from None
 
     def _interruption(self) -> GatewayError:
         if self.ending is Ending.TIMEOUT:

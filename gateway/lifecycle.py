@@ -352,7 +352,7 @@ class GatewayRuntime:
     def resolve(self, model_id: str) -> None:
         """404 before any work when the id names no model folder."""
         try:
-            self.registry.resolve(model_id)
+            self.registry.resolve_recent(model_id)
         except EngineError as exc:
             raise GatewayError.from_engine(exc) from exc
 

@@ -247,7 +247,14 @@ def guards(settings: Settings) -> list[Guard]:
             if not is_json_media_type(content_type):
                 raise _unsupported_media_type(content_type)
 
-    return [check_host, check_api_key, check_json_body]
+    async def check(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
+        # One async guard: Litestar runs a sync guard in a worker thread and copies the handler for each
+        # guard, per request (three thread hops and copies on every admission).
+        check_host(connection, handler)
+        check_api_key(connection, handler)
+        check_json_body(connection, handler)
+
+    return [check]
 
 
 def warn_if_open(settings: Settings) -> None:

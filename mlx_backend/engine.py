@@ -469,7 +469,13 @@ class EngineClient:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 for event in await process.channel.receive_many():  # a whole step's frames at once
-                    if isinstance(event, Heartbeat):
+                    if type(event) is Delta:  # the per-token case first: straight to its request
+                        if timeline.ACTIVE:
+                            _stamp_received(event)
+                        request = self._requests.get(event.request_id)
+                        if request is not None:
+                            request.deliver(event)  # a Delta never ends a request: it stays in _requests
+                    elif isinstance(event, Heartbeat):
                         self._on_heartbeat(event)
                     elif isinstance(event, ModelControlDone):
                         self._answer_control(event)

@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway import convert, render
+from gateway import convert, render, sse
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Usage
 from gateway.render import FoldedChoice, ResponseMeta
@@ -19,12 +19,27 @@ from mlx_backend.types import Delta
 class ChatRenderer:
     def __init__(self, logprobs: bool) -> None:
         self.logprobs = logprobs
+        self._text_slots: dict[int, sse.TextSlot | None] = {}  # per choice: its plain text chunk's slot
 
     def opening(self, meta: ResponseMeta, index: int) -> ChatCompletionChunk:
         return render.chat_opening_chunk(meta, index)
 
     def delta(self, meta: ResponseMeta, delta: Delta) -> ChatCompletionChunk | None:
         return render.chat_delta_chunk(meta, delta, self.logprobs)
+
+    def delta_event(self, meta: ResponseMeta, delta: Delta) -> bytes | None:
+        """A Delta of plain text (the per-token case) fills its choice's slot: the same bytes as rendering
+        and encoding its chunk. Anything else in it (tool calls, logprobs, any field a Delta gains) differs
+        from the plain Delta below and takes the general way."""
+        if delta.text and delta == Delta(delta.request_id, delta.text, delta.tokens, index=delta.index):
+            if delta.index not in self._text_slots:
+                self._text_slots[delta.index] = sse.TextSlot.of(
+                    lambda text: sse.event(self.delta(meta, Delta(delta.request_id, text, 1, index=delta.index))))
+            slot = self._text_slots[delta.index]
+            if slot is not None:
+                return slot.event(delta.text)
+        chunk = self.delta(meta, delta)
+        return None if chunk is None else sse.event(chunk)
 
     def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> ChatCompletionChunk:
         return render.chat_closing_chunk(meta, index, finish_reason)

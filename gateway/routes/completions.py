@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Request, Response, post
 from litestar.response import Stream
 
-from gateway import convert, render
+from gateway import convert, render, sse
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Completion, CompletionRequest, Usage
 from gateway.render import FoldedChoice, ResponseMeta
@@ -31,6 +31,10 @@ class CompletionRenderer:
         self._offsets[delta.index] = offset + len(delta.text)
         logprobs = render.completion_logprobs(delta.logprobs, self.logprobs, offset)
         return render.completion_chunk(meta, delta.index, delta.text, logprobs)
+
+    def delta_event(self, meta: ResponseMeta, delta: Delta) -> bytes | None:
+        chunk = self.delta(meta, delta)
+        return None if chunk is None else sse.event(chunk)
 
     def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Completion:
         return render.completion_chunk(meta, index, "", finish_reason=render.public_finish_reason(finish_reason))

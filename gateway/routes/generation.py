@@ -39,7 +39,8 @@ class Renderer(Protocol):
     """Chat and legacy completions differ only in the shape of what they send."""
 
     def opening(self, meta: ResponseMeta, index: int) -> Any | None: ...
-    def delta(self, meta: ResponseMeta, delta: Delta) -> Any | None: ...
+    def delta_event(self, meta: ResponseMeta, delta: Delta) -> bytes | None:
+        """The SSE event of a Delta, ready to send; None: it carries nothing to send."""
     def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Any: ...
     def usage(self, meta: ResponseMeta, usage: Usage) -> Any: ...
     def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> Any: ...
@@ -71,7 +72,11 @@ def streaming(exchange: Exchange, body: AsyncIterator[bytes]) -> Stream:
         timeline.record("Q", exchange.id, 1, int(exchange.arrived_at * 1e9))  # monotonic, as the stamps
     exchange.stop_watching()  # the streaming response watches the connection from here
     return Stream(body, media_type="text/event-stream", headers=sse.HEADERS,
-                  background=BackgroundTask(exchange.close))
+                  background=BackgroundTask(_close, exchange))
+
+
+async def _close(exchange: Exchange) -> None:
+    exchange.close()  # async: Litestar runs a sync background task in a worker thread
 
 
 async def folded(exchange: Exchange, body: Awaitable[T]) -> T:
@@ -108,12 +113,16 @@ async def _stream(
             if opening is not None:
                 yield sse.event(opening)
         texts = 0
+        tail = b""  # the last choice's closing chunk: it goes out with the usage chunk and [DONE], one write
         while not exchange.complete:
             event = await exchange.next()
             if isinstance(event, Finished):
-                yield sse.event(renderer.closing(meta, event.index, event.finish_reason))
-            elif (chunk := renderer.delta(meta, event)) is not None:
-                data = sse.event(chunk)
+                closing = sse.event(renderer.closing(meta, event.index, event.finish_reason))
+                if exchange.complete:
+                    tail = closing
+                else:
+                    yield closing
+            elif (data := renderer.delta_event(meta, event)) is not None:
                 if not timeline.ACTIVE:
                     yield data
                     continue
@@ -122,16 +131,14 @@ async def _stream(
                 timeline.record("H", exchange.id, texts, exchange.completion_tokens, handed, timeline.now())
                 texts += 1
         if include_usage:
-            yield sse.event(renderer.usage(meta, exchange.usage()))
-        yield sse.DONE
+            tail += sse.event(renderer.usage(meta, exchange.usage()))
+        yield tail + sse.DONE
     except GatewayError as exc:
         log.warning("stream ended by error: %s", exc.message)
-        yield sse.event(exc.body())
-        yield sse.DONE
+        yield sse.event(exc.body()) + sse.DONE
     except Exception:
         log.exception("stream failed")
-        yield sse.event(internal(meta.id).body())
-        yield sse.DONE
+        yield sse.event(internal(meta.id).body()) + sse.DONE
     finally:
         exchange.close()  # a client that left ends its request here (or in the response's background task)
 

@@ -39,6 +39,7 @@ import procstat
 import raw_client
 import timeline as tl
 from bench_common import cpu_model, percentile
+from bench_load import summarize_probe
 from bench_servers import REPO_ROOT, free_port, spawn, stop, stop_all
 
 HERE = Path(__file__).resolve().parent
@@ -87,6 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for one level")
     p.add_argument("--startup-timeout", type=float, default=180.0)
     p.add_argument("--gateway-args", default="", help="extra `mlx-gateway serve` arguments")
+    p.add_argument("--repo", type=Path, default=REPO_ROOT,
+                   help="the gateway code to run (another revision: `git archive REV | tar -x -C DIR`)")
+    p.add_argument("--health", action="store_true",
+                   help="probe /health every 75 ms from a process of its own while each level runs")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON of every figure (and .md beside it)")
     args = p.parse_args(argv)
@@ -140,11 +145,11 @@ class Gateway:
             argv = [sys.executable, "-m", "gateway.cli", "serve", *serve_args]
             self.model = args.model.resolve().name
         else:
-            argv = [sys.executable, str(HERE / "paced_gateway.py"), *serve_args]
+            argv = [sys.executable, str(args.repo.resolve() / "tests" / "benchmarks" / "paced_gateway.py"), *serve_args]
             self.model = DEMO_ID
         argv += shlex.split(args.gateway_args)
         self.argv = argv
-        self.proc = spawn(argv, self.log_path, {"PYTHONPATH": str(REPO_ROOT), **env})
+        self.proc = spawn(argv, self.log_path, {"PYTHONPATH": str(args.repo.resolve()), **env})
         self.engine_pid = 0
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -181,12 +186,14 @@ def run_level(gw: Gateway, args: argparse.Namespace, stream: bool, concurrency: 
     total = concurrency * args.per_client
     bodies = [gw.body(stream, args.tokens_at[concurrency], first + i) for i in range(total)]
     pids = {"gateway": gw.proc.pid, "engine": gw.engine_pid}
+    prober = HealthProber(gw, args.work_dir / f"health-{gw.label}-c{concurrency}-{first}.json") if args.health else None
     before = {k: procstat.snapshot(pid) for k, pid in pids.items()}
     started = time.monotonic_ns()
     results = raw_client.run("127.0.0.1", gw.port, bodies, concurrency, args.per_client, args.timeout,
                              args.client_processes)
     wall_s = (time.monotonic_ns() - started) / 1e9
     after = {k: procstat.snapshot(pid) for k, pid in pids.items()}
+    health = prober.finish() if prober is not None else {}
     ok = [r for r in results if r.ok]
     tokens = sum(r.tokens for r in ok)
     per_token = [(r.done_ns - r.sent_ns) / 1e6 / r.tokens for r in ok]
@@ -198,18 +205,25 @@ def run_level(gw: Gateway, args: argparse.Namespace, stream: bool, concurrency: 
         "wall_s": wall_s, "tok_s": tokens / wall_s if wall_s else 0.0,
         "ms_per_token_p50": percentile(per_token, 50), "request_s_p50": percentile(
             [(r.done_ns - r.sent_ns) / 1e9 for r in ok], 50),
-        "ttft_ms_p50": percentile(ttft, 50), "client_itl_us_p50": percentile(itl, 50),
+        "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p95": percentile(ttft, 95),
+        "health_p99_ms": health["p99_s"] * 1e3 if health.get("p99_s") is not None else None,
+        "health_errors": health.get("errors"), "client_itl_us_p50": percentile(itl, 50),
         "client_itl_us_p90": percentile(itl, 90), "events_per_token": (
             sum(len(r.events) for r in ok) / tokens if stream and tokens else None),
         "rids": [r.rid for r in results],
         "client": [[r.rid, int(r.stream), r.sent_ns, r.done_ns, r.events] for r in results],
     }
+    events = sum(len(r.events) for r in ok)
+    level["events_s"] = events / wall_s if stream and wall_s else None
     for role, pid in pids.items():
         groups = procstat.delta(before[role], after[role], main_tid=pid)
         level[role] = {name: vars(stat) for name, stat in groups.items()}
         if tokens:
             everything, main = groups["all"], groups.get("main", procstat.ThreadStat())
             level[f"{role}_cpu_us_per_token"] = everything.cpu_ns / 1e3 / tokens
+            level[f"{role}_cpu_share"] = everything.cpu_ns / 1e9 / wall_s  # cores busy, on average
+            if stream and events:
+                level[f"{role}_cpu_us_per_event"] = everything.cpu_ns / 1e3 / events
             level[f"{role}_main_cpu_us_per_token"] = main.cpu_ns / 1e3 / tokens
             level[f"{role}_main_runqueue_us_per_token"] = main.runqueue_ns / 1e3 / tokens
             level[f"{role}_main_involuntary_per_100"] = 100 * main.involuntary / tokens
@@ -218,6 +232,24 @@ def run_level(gw: Gateway, args: argparse.Namespace, stream: bool, concurrency: 
             level[f"{role}_main_blocked_us_per_token"] = (
                 wall_s * 1e9 - main.cpu_ns - main.runqueue_ns) / 1e3 / tokens
     return level
+
+
+class HealthProber:
+    """bench_load.py's /health prober in a process of its own for one level (the load starts once it has had
+    its first answer); `finish` stops it and returns its summary (p50_s, p99_s, max_s, errors)."""
+
+    def __init__(self, gw: Gateway, out: Path) -> None:
+        self.out = out
+        ready = out.with_suffix(".ready")
+        self.proc = spawn([sys.executable, str(HERE / "bench_load.py"), "probe", "--url", gw.base + "/health",
+                           "--out", str(out), "--ready-file", str(ready)], out.with_suffix(".log"))
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.05)
+
+    def finish(self) -> dict[str, Any]:
+        stop(self.proc, grace_s=10.0)
+        return summarize_probe(self.out)
 
 
 def write_client_timeline(trace_dir: Path, level: dict[str, Any]) -> None:
@@ -298,7 +330,9 @@ def fmt(value: float | None, digits: int = 1) -> str:
 COLUMNS = [
     ("config", None), ("c", "concurrency"), ("mode", "mode"), ("ok", "ok"), ("ms/token", "ms_per_token_p50"),
     ("tok/s", "tok_s"), ("client ITL p50 µs", "client_itl_us_p50"), ("ITL p90 µs", "client_itl_us_p90"),
-    ("events/token", "events_per_token"), ("gateway CPU µs/token", "gateway_cpu_us_per_token"),
+    ("events/token", "events_per_token"), ("events/s", "events_s"), ("TTFT p50 ms", "ttft_ms_p50"),
+    ("/health p99 ms", "health_p99_ms"), ("gateway cores busy", "gateway_cpu_share"),
+    ("gateway CPU µs/event", "gateway_cpu_us_per_event"), ("gateway CPU µs/token", "gateway_cpu_us_per_token"),
     ("gw main µs/token", "gateway_main_cpu_us_per_token"), ("engine CPU µs/token", "engine_cpu_us_per_token"),
     ("engine main run-queue µs/token", "engine_main_runqueue_us_per_token"),
     ("engine main CPU µs/token", "engine_main_cpu_us_per_token"),
@@ -325,7 +359,7 @@ def median_rows(reports: list[dict[str, Any]]) -> list[list[str]]:
                     row.append(f"{sum(lv['ok'] for lv in levels)}/{sum(lv['requests'] for lv in levels)}")
                 else:
                     numbers = [v for v in values if isinstance(v, int | float)]
-                    digits = 3 if title == "ms/token" else 2 if title == "events/token" else 1
+                    digits = 3 if title == "ms/token" else 2 if title in ("events/token", "gateway cores busy") else 1
                     row.append(fmt(percentile(numbers, 50), digits) if numbers else "-")
             rows.append(row)
     return rows

@@ -8,6 +8,11 @@
 #                                                   # gateway; c=1,8,32,64,256), as many runs as fit in the
 #                                                   # call; call it again until 3 runs are on the machine:
 #                                                   # each call prints the median table of all of them
+#   bash tests/benchmarks/gpu_session.sh streams    # issue 22: the gateway's CPU per SSE event, events/s,
+#                                                   # TTFT split (gateway in / engine / way out) and /health
+#                                                   # p99 on the real engine at c=8,32,64,256 (128 tokens,
+#                                                   # median of 3); BEFORE_REV=<git revision> runs that
+#                                                   # revision's gateway too, in the same call (~6 minutes)
 #
 # What comes back, in $OUT (3 or 4 files): session.log (every step, timestamped, as it happens),
 # summary.md (the tables, written as each step ends), session.tar.gz (every raw file: JSON results,
@@ -194,6 +199,31 @@ PY
   summarize_system
 }
 
+session_streams() {
+  note "# GPU session (streams): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
+  local before="" which repo limit
+  if [ -n "${BEFORE_REV:-}" ]; then
+    before=$WORK/before-$BEFORE_REV
+    rm -rf "$before" && mkdir -p "$before" && git archive "$BEFORE_REV" | tar -x -C "$before" \
+      || { log "BEFORE_REV=$BEFORE_REV could not be archived; this revision only"; before=""; }
+  fi
+  for which in ${before:+before} now; do
+    repo=$PWD limit=$(( $(left) - 30 ))
+    [ "$which" = before ] && repo=$before limit=$(( $(left) / 2 ))
+    step "streams-$which" "$limit" "$PY" \
+      tests/benchmarks/bench_stream_path.py --repo "$repo" --engine mlx --model "$MODEL" \
+      --concurrency "${LEVELS:-8,32,64,256}" --tokens 128 --repeats "${REPEATS:-3}" --modes stream --trace --health \
+      --timeout 120 \
+      --startup-timeout 180 --gateway-args "--max-running 64" --work-dir "$RUN/streams-$which" \
+      --out "$RUN/streams-$which.json"
+    note "## $which: $( [ "$which" = before ] && echo "$BEFORE_REV" || git log -1 --format=%h 2>/dev/null)" ""
+    cat "$RUN/streams-$which.md" >> "$OUT/summary.md" 2>/dev/null || note "(no table: see session.log)"
+    note "" "### Timelines (µs; TTFT split at the bottom)" ""
+    sed -n '/^### timeline/,/^$/p' "$RUN/streams-$which.out" >> "$OUT/summary.md" 2>/dev/null
+  done
+  summarize_system
+}
+
 session_serving() {
   local dir=$WORK/serving-$SHAPE want=${SERVING_RUNS:-3} estimate=${SERVING_ESTIMATE_S:-330} began took
   mkdir -p "$dir"
@@ -246,6 +276,7 @@ fi
 case $MODE in
   stream) session_stream ;;
   serving) session_serving ;;
-  *) log "unknown mode $MODE (stream or serving)"; exit 2 ;;
+  streams) session_streams ;;
+  *) log "unknown mode $MODE (stream, serving or streams)"; exit 2 ;;
 esac
 log "done"

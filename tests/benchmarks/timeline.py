@@ -33,6 +33,9 @@ STAGES: list[tuple[str, str]] = [
     ("HTTP: handed -> client read", "Granian writes, TCP, the client reads"),
     ("sampled -> client read", "the whole way, per event (its last token)"),
     ("client ITL", "between text events at the client, per request"),
+    ("TTFT: client sent -> admitted", "streamed: connection, HTTP, Litestar, guards, body decode, admission"),
+    ("TTFT: admitted -> first sampled", "streamed: Generate to the engine, its queue, prefill, the first step"),
+    ("TTFT: first sampled -> client read", "streamed: the first token's way to the client"),
     ("gateway: last read -> body ready", "non-streamed: the fold's end"),
     ("client: body ready -> read", "non-streamed: the body's way to the client"),
 ]
@@ -78,6 +81,7 @@ def analyze(folder: Path | dict[str, list[list[Any]]], only: set[str] | None = N
     for rid, _k, t in r.get("C", []):
         client_times[rid].append(t)
     ends = {rid: (sent, done) for rid, _stream, sent, done in r.get("Z", [])}
+    admitted = {rid: t for rid, _stream, t in r.get("Q", [])}
     done_at = {rid: t for rid, t in r.get("D", [])}
     us = 1e-3
     for rid, rows in frames.items():
@@ -125,6 +129,11 @@ def analyze(folder: Path | dict[str, list[list[Any]]], only: set[str] | None = N
                 stage["gateway: last read -> body ready"].append((done_at[rid] - last_read) * us)
             if rid in ends:
                 stage["client: body ready -> read"].append((ends[rid][1] - done_at[rid]) * us)
+        if kind == "stream" and rid in ends and rid in admitted and rows:  # where the first token's wait went
+            stage["TTFT: client sent -> admitted"].append((admitted[rid] - ends[rid][0]) * us)
+            stage["TTFT: admitted -> first sampled"].append((rows[0][2] - admitted[rid]) * us)
+            if client_times.get(rid):
+                stage["TTFT: first sampled -> client read"].append((min(client_times[rid]) - rows[0][2]) * us)
         if rid in ends and rows:
             sent, done = ends[rid]
             tokens = rows[-1][0]

@@ -3,6 +3,7 @@ and which routes of the real app need the key (deny by default)."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -14,6 +15,7 @@ from gateway.lifecycle import GatewayRuntime
 from gateway.security import (
     LOOPBACK_HOSTS,
     HostPolicy,
+    guards,
     is_json_media_type,
     key_matches,
     method_label,
@@ -180,3 +182,10 @@ def test_metrics_and_docs_are_public_unless_protected(make_client: ClientFactory
         assert closed.get(path).status_code == 401, path
         assert closed.get(path, headers={"x-api-key": "k"}).status_code == 200, path
     assert closed.get("/health").status_code == 200
+
+
+def test_the_checks_run_on_the_event_loop_as_one_guard() -> None:
+    """Litestar runs a sync guard in a worker thread, and copies the route handler for each guard, per
+    request: the checks are one async guard (the order of refusals is the tests' above)."""
+    checks = guards(Settings(hf_cache=False, demo_model=False, api_key="k"))
+    assert len(checks) == 1 and inspect.iscoroutinefunction(checks[0])

@@ -279,3 +279,35 @@ def test_registry_does_not_import_mlx() -> None:
 
     code = "import sys, mlx_backend.registry; sys.exit('mlx' in sys.modules or 'mlx.core' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_resolve_recent_remembers_a_found_model_for_the_listing_ttl(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    folder = make_model(root / "tiny")
+    registry = ModelRegistry([root], None, False, list_ttl_s=60)
+    assert registry.resolve_recent("tiny").path == folder
+    (folder / "config.json").write_text("not json")  # inside the folder: the roots' mtimes hold
+    assert registry.resolve_recent("tiny").context_length == 256  # remembered, no folder read
+    assert registry.resolve("tiny").context_length is None  # resolve itself always reads
+
+
+def test_resolve_recent_sees_a_model_removed_or_added_at_once(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    make_model(root / "tiny")
+    registry = ModelRegistry([root], None, False, list_ttl_s=60)
+    registry.resolve_recent("tiny")
+    (root / "tiny").rename(tmp_path / "elsewhere")  # the root's mtime changes
+    with pytest.raises(EngineError) as info:
+        registry.resolve_recent("tiny")
+    assert info.value.code is EngineErrorCode.MODEL_NOT_FOUND
+    make_model(root / "tiny")  # an unknown id was not remembered either
+    assert registry.resolve_recent("tiny").path == root / "tiny"
+
+
+def test_resolve_recent_reads_again_after_the_ttl(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    folder = make_model(root / "tiny")
+    registry = ModelRegistry([root], None, False, list_ttl_s=0)
+    registry.resolve_recent("tiny")
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 99}))
+    assert registry.resolve_recent("tiny").context_length == 99
