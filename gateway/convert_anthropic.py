@@ -77,8 +77,7 @@ def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
         raise unsupported("thinking", "extended thinking is not available")
     if req.mcp_servers:
         raise unsupported("mcp_servers", "MCP servers are not available")
-    if req.context_management is not None:
-        raise unsupported("context_management", "context management is not available")
+    _check_context_management(req.context_management)
     if isinstance(req, MessageCreateRequest):
         if req.container is not None:
             raise unsupported("container", "code execution containers are not available")
@@ -86,6 +85,22 @@ def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
             raise unsupported("diagnostics", "diagnostics are not available")
     if req.output_config is not None and req.output_config.effort is not None:
         raise unsupported("output_config.effort", "effort controls are not available")
+
+
+def _check_context_management(value: dict[str, Any] | None) -> None:
+    """Edits that clear earlier thinking (`clear_thinking_*`, Claude Code's default) are accepted: they ask to
+    drop earlier turns' reasoning from the prompt, which reasoning models' templates already do, and
+    `keep: "all"` asks for nothing. Any other edit would change what the model sees: a 400 naming it."""
+    if value is None:
+        return
+    edits = value.get("edits")
+    if set(value) - {"edits"} or not isinstance(edits, list):
+        raise invalid("context_management", 'context_management is {"edits": [...]}.')
+    for i, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("clear_thinking_")):
+            raise unsupported(f"context_management.edits[{i}]", f"the edit {kind!r} is not available (only "
+                                                               "clear_thinking edits)")
 
 
 def _system_text(system: str | list[TextBlockParam] | None) -> str:
@@ -114,6 +129,14 @@ def chat_messages(
 def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
     if isinstance(message.content, str):
         return [ChatMessage(message.role, message.content)]
+    if message.role == "system":
+        # Kept where it is: the engine merges it into the first system turn where the template allows one only.
+        parts: list[str] = []
+        for j, block in enumerate(message.content):
+            if not isinstance(block, TextBlockParam):
+                raise invalid(f"{param}.content[{j}]", "A system message holds text blocks only.")
+            parts.append(block.text)
+        return [ChatMessage("system", "\n\n".join(parts))]
     out: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []

@@ -10,6 +10,7 @@ as in OpenAI's API). What we cannot honour is refused by name, before any work.
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from gateway.protocol_responses import (
     InputTokensDetails,
     ItemStatus,
     MessageItem,
+    NamespaceToolParam,
     OutputItem,
     OutputItemEvent,
     OutputMessage,
@@ -171,19 +173,47 @@ def _text(content: str | list[ContentPart], param: str) -> str:
     return "".join(parts)
 
 
+# Tools OpenAI runs on its own servers. Clients (Codex) declare them by default; none can run here, so the
+# model is not offered them and answers without them (docs/api.md). Forcing one (tool_choice) is a 400.
+HOSTED_TOOLS = frozenset({
+    "web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11", "file_search",
+    "code_interpreter", "image_generation", "mcp", "tool_search",
+})
+
+
 def function_tools(tools: list[dict[str, Any]] | None) -> list[FunctionTool]:
+    """The function tools offered to the model: top-level ones and those inside namespace tools."""
     found: list[FunctionTool] = []
     for i, raw in enumerate(tools or ()):
         param = f"tools[{i}]"
         kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind != "function":
+        if kind == "namespace":
+            namespace = decode(raw, NamespaceToolParam, param)
+            found.extend(_function_tool(inner, f"{param}.tools[{j}]") for j, inner in enumerate(namespace.tools))
+        elif kind in HOSTED_TOOLS:
+            continue
+        elif kind != "function":
             raise unsupported(param, f"the built-in tool {kind!r} is not available: this server runs local "
-                                     "models and offers function tools only")
-        tool = decode(raw, FunctionToolParam, param)
-        # The Responses API's function tools are strict unless they say otherwise.
-        found.append(FunctionTool(tool.name, tool.description, tool.parameters,
-                                  True if tool.strict is None else tool.strict, param))
+                                     "models and offers function tools (alone or in namespaces) only")
+        else:
+            found.append(_function_tool(raw, param))
     return found
+
+
+def _function_tool(raw: Any, param: str) -> FunctionTool:
+    if not isinstance(raw, dict) or raw.get("type") != "function":
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        raise unsupported(param, f"tools of type {kind!r} are not available inside a namespace (only functions)")
+    tool = decode(raw, FunctionToolParam, param)
+    # The Responses API's function tools are strict unless they say otherwise.
+    return FunctionTool(tool.name, tool.description, tool.parameters, True if tool.strict is None else tool.strict,
+                        param)
+
+
+def namespaces_of(tools: list[dict[str, Any]] | None) -> dict[str, str]:
+    """Function name -> the namespace tool it belongs to (its calls name it, as OpenAI's do)."""
+    return {inner["name"]: raw["name"] for raw in tools or () if isinstance(raw, dict) and raw.get("type") ==
+            "namespace" for inner in raw.get("tools") or () if isinstance(inner, dict) and "name" in inner}
 
 
 def tool_choice(value: str | dict[str, Any] | None) -> ToolChoice:
@@ -198,6 +228,9 @@ def tool_choice(value: str | dict[str, Any] | None) -> ToolChoice:
         return ToolChoice("function", name, "tool_choice.name")
     if isinstance(value, dict) and value.get("type") == "allowed_tools":
         raise unsupported("tool_choice", "allowed_tools is not supported; send only the tools the model may use")
+    if isinstance(value, dict) and value.get("type") in HOSTED_TOOLS:
+        raise unsupported("tool_choice", f"the built-in tool {value.get('type')!r} cannot run here: a tool "
+                                         "choice may force a function tool only")
     if isinstance(value, dict):
         raise unsupported("tool_choice", f"the built-in tool {value.get('type')!r} is not available")
     raise invalid("tool_choice", f"tool_choice must be 'auto', 'none', 'required' or a function, not {value!r}.")
@@ -227,6 +260,9 @@ def to_generate(
     if not messages:
         raise invalid("input", "The input is empty.")
     functions, choice = function_tools(req.tools), tool_choice(req.tool_choice)
+    if choice.mode == "required" and not functions and req.tools:
+        raise unsupported("tool_choice", "'required' forces a call, but the only tools are built-in tools that "
+                                         "cannot run here")
     tools = tool_fields(functions, choice, req.parallel_tool_calls is not False)
     constraint = output_constraint(req)
     if constraint is not None and functions:
@@ -236,6 +272,19 @@ def to_generate(
         params=sampling_params(req.max_output_tokens or default_max_tokens, req.temperature, req.top_p),
         constraint=constraint, fault=fault_of(req.user, allow_faults), **tools,
     )
+
+
+_CALL_ARGUMENTS = re.compile(r"\bmessages\[\d+\]\.tool_calls\[\d+\]\.function\.arguments\b")
+_MESSAGES = re.compile(r"\bmessages\b")
+
+
+def in_input_terms(error: GatewayError) -> GatewayError:
+    """An engine error about the chat messages it rendered, naming `input`, the field a Responses client sent
+    (the engine sees chat messages: instructions, earlier turns and input items, in its own numbering)."""
+    if error.param is None or not _MESSAGES.match(error.param):
+        return error
+    message = _MESSAGES.sub("input", _CALL_ARGUMENTS.sub("input (a function_call item's arguments)", error.message))
+    return GatewayError(error.kind, message, "input")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,12 +315,14 @@ def item_id(response_id: str, block: Block, position: int) -> str:
     return f"{prefix}_{response_id.removeprefix('resp_')}_{position}"
 
 
-def output_item(response_id: str, block: Block, position: int, status: ItemStatus) -> OutputItem:
+def output_item(response_id: str, block: Block, position: int, status: ItemStatus,
+                namespaces: dict[str, str] | None = None) -> OutputItem:
     if isinstance(block, TextBlock):
         return OutputMessage(id=item_id(response_id, block, position), status=status,
                              content=[OutputText(block.text)])
     return FunctionCall(id=item_id(response_id, block, position), call_id=block.id, name=block.name,
-                        arguments=block.arguments, status=status)
+                        arguments=block.arguments, status=status,
+                        namespace=(namespaces or {}).get(block.name, msgspec.UNSET))
 
 
 def usage_of(finished: Finished) -> ResponseUsage:
@@ -284,10 +335,11 @@ def usage_of(finished: Finished) -> ResponseUsage:
     )
 
 
-def _output(response_id: str, reply: Reply, last: ItemStatus) -> list[OutputItem]:
+def _output(base: ResponseObject, reply: Reply, last: ItemStatus) -> list[OutputItem]:
     """The reply's items: every one complete but the last, which is `last`."""
     final = len(reply.blocks) - 1
-    return [output_item(response_id, block, i, last if i == final else "completed")
+    namespaces = namespaces_of(base.tools)
+    return [output_item(base.id, block, i, last if i == final else "completed", namespaces)
             for i, block in enumerate(reply.blocks)]
 
 
@@ -295,7 +347,7 @@ def finished_response(base: ResponseObject, reply: Reply, finished: Finished) ->
     complete = _complete(finished.finish_reason)
     return msgspec.structs.replace(
         base, status="completed" if complete else "incomplete", usage=usage_of(finished),
-        output=_output(base.id, reply, "completed" if complete else "incomplete"),
+        output=_output(base, reply, "completed" if complete else "incomplete"),
         incomplete_details=None if complete else IncompleteDetails("max_output_tokens"),
     )
 
@@ -314,6 +366,7 @@ class ResponseStream:
         self._on_done = on_done
         self._numbers = itertools.count()
         self._last_status: ItemStatus = "completed"
+        self._namespaces = namespaces_of(base.tools)
 
     def _frames(self, *events: StreamEvent) -> list[bytes]:
         return [sse.named_event(e.type, e) for e in events]
@@ -335,7 +388,8 @@ class ResponseStream:
     def _opened(self, at: int, block: Block) -> list[StreamEvent]:
         item_at = item_id(self.base.id, block, at)
         if isinstance(block, CallBlock):
-            call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress")
+            call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress",
+                                namespace=self._namespaces.get(block.name, msgspec.UNSET))
             return [self._item("response.output_item.added", at, call)]
         message = OutputMessage(id=item_at, status="in_progress", content=[])
         return [self._item("response.output_item.added", at, message), self._part("response.content_part.added",
@@ -351,7 +405,7 @@ class ResponseStream:
                                     delta=text)
 
     def _closed(self, at: int, block: Block) -> list[StreamEvent]:
-        item = output_item(self.base.id, block, at, self._last_status)
+        item = output_item(self.base.id, block, at, self._last_status, self._namespaces)
         if isinstance(block, CallBlock):
             done: list[StreamEvent] = [FunctionCallArgumentsDoneEvent(
                 sequence_number=next(self._numbers), item_id=item.id, output_index=at, name=block.name,
@@ -380,7 +434,7 @@ class ResponseStream:
     def failure(self, reply: Reply, error: GatewayError) -> list[bytes]:
         """The block being written stays open (no done events): the failed response lists it incomplete."""
         failed = msgspec.structs.replace(
-            self.base, status="failed", output=_output(self.base.id, reply, "incomplete"),
+            self.base, status="failed", output=_output(self.base, reply, "incomplete"),
             error=ResponseError(error.kind.value.code or "server_error", error.message),
         )
         return self._frames(self._state("response.failed", failed))

@@ -71,7 +71,9 @@ ContentBlockParam = (
 
 
 class MessageParam(Struct, forbid_unknown_fields=True):
-    role: Literal["user", "assistant"]
+    """`system`: a system message in the conversation (Claude Code's beta mid-conversation-system), text only."""
+
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlockParam]
 
 

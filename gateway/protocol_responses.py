@@ -89,6 +89,16 @@ class FunctionToolParam(Struct, tag="function", tag_field="type", forbid_unknown
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # OpenAI's default for function tools is true
     description: str | None = None
+    defer_loading: bool | None = None  # for OpenAI's tool search; every tool is offered at once here
+
+
+class NamespaceToolParam(Struct, tag="namespace", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """Function tools grouped under one name (Codex's sub-agent tools): each is offered to the model by its
+    own name, and a call to it comes back as a function_call with `namespace` set, as OpenAI's does."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    tools: list[dict[str, Any]]  # function tools (decoded one by one, to name the one at fault)
+    description: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,6 +156,7 @@ class ResponseCreateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     previous_response_id: str | None = None
     # Accepted, and without effect on the output here (metadata is echoed back):
     metadata: dict[str, str] | None = None
+    client_metadata: dict[str, Any] | None = None  # Codex's own ids (session, turn, window): metadata
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -190,6 +201,7 @@ class FunctionCall(Struct, tag="function_call", tag_field="type", kw_only=True):
     name: str
     arguments: str
     status: ItemStatus
+    namespace: str | msgspec.UnsetType = msgspec.UNSET  # the namespace tool the function belongs to, if any
 
 
 OutputItem = OutputMessage | FunctionCall

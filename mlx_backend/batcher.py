@@ -261,6 +261,10 @@ class Batcher:
         for its KV cache to fit. It is planned first, so a request that cannot run is refused at once."""
         state = self._state_for(cached)
         plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text)
+        if self.config.allow_fault_injection and (script := faults.scripted_tokens(command.fault,
+                                                                                   cached.artifacts.tokenizer)):
+            for choice in plan.choices:
+                choice.sampler = faults.ScriptedSampler(script)
         rows = len(plan.choices)
         if gathering or not self.cache.reserve_kv(
             command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows

@@ -53,8 +53,9 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
     if context is not None and len(tokens) >= context:
         raise EngineError(
             EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
-            f"This model's maximum context length is {context} tokens, but the {param} has {len(tokens)} "
-            "tokens, leaving no room for a completion. Shorten the input.",
+            f"This model's maximum context length is {context} tokens, but the prompt "
+            f"{'' if param == 'prompt' else f'({param}) '}is {len(tokens)} tokens, leaving no room for a "
+            "completion. Shorten the input.",
             param,
         )
     # A request may not run past the context: max_tokens is clamped to what is left after the prompt

@@ -66,10 +66,26 @@ def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any
     try:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
     except Exception as exc:  # templates raise whatever they like (raise_exception, TypeError, ...)
+        merged = one_system_turn(messages)
+        if merged is not None:
+            # System turns past the first (Claude Code's mid-conversation system messages, Codex's several
+            # developer items) stay where they are wherever the template takes them; a template that allows
+            # one system turn, first, gets them merged into it.
+            return _apply(tokenizer, merged, kwargs)
         raise EngineError(
             EngineErrorCode.INVALID_REQUEST,
             f"The model's chat template rejected the messages: {_short(exc)}", "messages",
         ) from exc
+
+
+def one_system_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The messages with every system message's text merged, in order, into one system message first; None
+    when they already have at most one system message, first."""
+    systems = [m for m in messages if m["role"] == "system"]
+    if not systems or (len(systems) == 1 and messages[0]["role"] == "system"):
+        return None
+    merged = {"role": "system", "content": "\n\n".join(m["content"] for m in systems if m["content"])}
+    return [merged, *(m for m in messages if m["role"] != "system")]
 
 
 def _plain(m: ChatMessage) -> dict[str, Any]:

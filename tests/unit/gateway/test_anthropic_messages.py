@@ -223,7 +223,11 @@ def test_what_we_cannot_honour_is_an_invalid_request_naming_it(client: TestClien
     ({"temperature": 1.5}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": [{"type": "tool_result",
+                                                                                     "tool_use_id": "t"}]}]},
+     "messages[1].content[0]"),
+    ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management.edits[0]"),
+    ({"context_management": {"clear": True}}, "context_management"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].name"),
     ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
     ({"tool_choice": {"type": "any"}}, "tool_choice"),
@@ -337,3 +341,32 @@ def test_every_error_kind_has_an_anthropic_type_and_the_docs_say_which() -> None
         assert anthropic == ANTHROPIC_TYPES[spec.status]
         retry = "yes" if spec.retry_after_s is not None else ""
         assert f"| {spec.status} | `{spec.type}` | `{spec.code}` | {retry} | `{anthropic}` |" in doc, kind
+
+
+# -- what Claude Code sends by default ------------------------------------------------------------------------
+
+
+def test_a_system_message_in_the_conversation_stays_where_it_is(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    response = make_client(engine).post("/v1/messages", json=body(system="You help.", messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "Mind the tests.", "cache_control":
+                                        {"type": "ephemeral"}}]},
+        {"role": "user", "content": "go on"},
+    ]))
+    assert response.status_code == 200, response.text
+    assert engine.received[-1].messages == (ChatMessage("system", "You help."), ChatMessage("user", "hi"),
+                                            ChatMessage("system", "Mind the tests."), ChatMessage("user", "go on"))
+
+
+def test_claude_code_default_request_fields_are_accepted(make_client: ClientFactory) -> None:
+    tool = {**WEATHER, "input_schema": {**WEATHER["input_schema"],  # type: ignore[dict-item]
+                                        "$schema": "http://json-schema.org/draft-07/schema#"},
+            "cache_control": {"type": "ephemeral"}}
+    response = make_client(FakeEngine()).post("/v1/messages?beta=true", json=body(
+        max_tokens=32000, stream=False, metadata={"user_id": "user_x_account__session_y"}, tools=[tool],
+        context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        system=[{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+    ), headers={"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,context-management-"
+                "2025-06-27,mid-conversation-system-2026-04-07", "x-app": "cli"})
+    assert response.status_code == 200, response.text
