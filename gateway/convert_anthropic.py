@@ -45,11 +45,13 @@ from gateway.protocol_anthropic import (
     MessageStopEvent,
     MessageUsage,
     PingEvent,
+    RedactedThinkingBlockParam,
     StopReason,
     StreamEvent,
     TextBlock,
     TextBlockParam,
     TextDelta,
+    ThinkingBlockParam,
     ToolChoiceAny,
     ToolChoiceNone,
     ToolChoiceTool,
@@ -59,6 +61,7 @@ from gateway.protocol_anthropic import (
     ToolUseBlockParam,
 )
 from gateway.protocol_anthropic import ToolChoice as AnthropicToolChoice
+from gateway.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
 from gateway.reply import CallBlock, Closed, Grew, Opened, Reply, Step
 from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, ToolCall
 
@@ -73,8 +76,8 @@ _TOOL_ID_PREFIX = "toolu_"  # Anthropic's; the engine's ids are "call_" + 24 alp
 
 def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
-    if req.thinking is not None and req.thinking.get("type") != "disabled":
-        raise unsupported("thinking", "extended thinking is not available")
+    if req.thinking is not None:
+        anthropic_control(req.thinking, None, 1 << 30)  # its shape (max_tokens is checked in to_generate)
     if req.mcp_servers:
         raise unsupported("mcp_servers", "MCP servers are not available")
     if req.context_management is not None:
@@ -84,8 +87,8 @@ def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
             raise unsupported("container", "code execution containers are not available")
         if req.diagnostics is not None:
             raise unsupported("diagnostics", "diagnostics are not available")
-    if req.output_config is not None and req.output_config.effort is not None:
-        raise unsupported("output_config.effort", "effort controls are not available")
+    if req.output_config is not None:
+        effort_control(req.output_config.effort, "output_config.effort", ANTHROPIC_EFFORTS)
 
 
 def _system_text(system: str | list[TextBlockParam] | None) -> str:
@@ -117,10 +120,16 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
     out: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    thoughts: list[str] = []
     for j, block in enumerate(message.content):
         where = f"{param}.content[{j}]"
         if isinstance(block, TextBlockParam):
             texts.append(block.text)
+        elif isinstance(block, ThinkingBlockParam | RedactedThinkingBlockParam):
+            if message.role != "assistant":
+                raise invalid(where, "thinking blocks belong in assistant messages.")
+            if isinstance(block, ThinkingBlockParam) and block.thinking:
+                thoughts.append(block.thinking)  # redacted thinking is another server's secret: dropped
         elif isinstance(block, ToolUseBlockParam):
             if message.role != "assistant":
                 raise invalid(where, "tool_use blocks belong in assistant messages.")
@@ -133,9 +142,10 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
                 texts = []
             out.append(ChatMessage("tool", _result_text(block, where), tool_call_id=block.tool_use_id))
         else:
-            raise unsupported(where, _UNSUPPORTED_BLOCKS.get(type(block), "thinking blocks are not supported"))
+            raise unsupported(where, _UNSUPPORTED_BLOCKS[type(block)])
     if message.role == "assistant":
-        out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls)))
+        out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls),
+                               reasoning="\n\n".join(thoughts) or None))
     elif texts:
         out.append(ChatMessage("user", "".join(texts)))
     return out
@@ -166,7 +176,9 @@ def _append(out: list[ChatMessage], message: ChatMessage) -> None:
     last = out[-1] if out else None
     if last is not None and last.role == message.role and message.role in ("user", "assistant"):
         content = "\n\n".join(t for t in (last.content, message.content) if t)
-        out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls)
+        reasoning = "\n\n".join(t for t in (last.reasoning, message.reasoning) if t) or None
+        out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls,
+                              reasoning=reasoning)
     else:
         out.append(message)
 
@@ -215,8 +227,11 @@ def to_generate(
         user = req.metadata.user_id if req.metadata else None
     else:
         params, user = SamplingParams(max_tokens=1), None
+    effort = req.output_config.effort if req.output_config else None
+    reasoning = anthropic_control(req.thinking, effort, params.max_tokens if isinstance(req, MessageCreateRequest)
+                                  else 1 << 30)
     return Generate(request_id=request_id, model=req.model, params=params, messages=messages,
-                    constraint=constraint, fault=fault_of(user, allow_faults), **tools)
+                    constraint=constraint, fault=fault_of(user, allow_faults), **tools, reasoning=reasoning)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,6 +56,8 @@ from gateway.protocol_responses import (
     OutputTextDoneEvent,
     OutputTextParam,
     OutputTokensDetails,
+    ReasoningEcho,
+    ReasoningItemParam,
     ResponseCreateRequest,
     ResponseError,
     ResponseObject,
@@ -63,11 +65,11 @@ from gateway.protocol_responses import (
     ResponseUsage,
     StreamEvent,
 )
+from gateway.reasoning import SUMMARIES, effort_control
 from gateway.reply import Block, CallBlock, Grew, Opened, Reply, Step, TextBlock
 from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ToolCall
 
 _NOT_INPUT = {
-    "reasoning": "reasoning items are not accepted (this server never makes them)",
     "item_reference": "item references are not supported: send the items themselves, or previous_response_id",
 }
 _HARMFUL_INCLUDES = {"message.output_text.logprobs": "log probabilities are not returned"}
@@ -81,9 +83,13 @@ def check_supported(req: ResponseCreateRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
     if req.background:
         raise unsupported("background", "responses run in the foreground only")
-    if req.reasoning is not None and (req.reasoning.effort not in (None, "none") or req.reasoning.summary
-                                      or req.reasoning.generate_summary):
-        raise unsupported("reasoning", "reasoning controls are not available")
+    if req.reasoning is not None:
+        effort_control(req.reasoning.effort, "reasoning.effort")
+        for name in ("summary", "generate_summary"):
+            value = getattr(req.reasoning, name)
+            if value is not None and value not in SUMMARIES:
+                raise invalid(f"reasoning.{name}", f"reasoning.{name} must be one of "
+                                                   f"{', '.join(map(repr, SUMMARIES))}, not {value!r}.")
     if req.top_logprobs:
         raise unsupported("top_logprobs", "log probabilities are not returned")
     if req.max_tool_calls is not None:
@@ -125,6 +131,9 @@ def input_messages(value: str | list[dict[str, Any]]) -> tuple[ChatMessage, ...]
         elif kind == "function_call":
             call = decode(raw, FunctionCallItem, param)
             turn.calls.append(ToolCall(call.call_id, call.name, call.arguments))
+        elif kind == "reasoning":
+            thought = decode(raw, ReasoningItemParam, param)
+            turn.add_reasoning(_reasoning_text(thought), messages)
         elif kind == "function_call_output":
             result = decode(raw, FunctionCallOutputItem, param)
             turn.flush(messages)
@@ -144,16 +153,31 @@ class _AssistantTurn:
 
     texts: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
 
     def add_text(self, text: str, messages: list[ChatMessage]) -> None:
         if self.calls:  # text after calls opens the next turn
             self.flush(messages)
         self.texts.append(text)
 
+    def add_reasoning(self, text: str, messages: list[ChatMessage]) -> None:
+        if self.calls or self.texts:  # reasoning comes first in a turn: after text or calls it opens the next
+            self.flush(messages)
+        if text:
+            self.reasoning.append(text)
+
     def flush(self, messages: list[ChatMessage]) -> None:
-        if self.texts or self.calls:
-            messages.append(ChatMessage("assistant", "\n\n".join(self.texts), tool_calls=tuple(self.calls)))
-        self.texts, self.calls = [], []
+        if self.texts or self.calls or self.reasoning:
+            messages.append(ChatMessage("assistant", "\n\n".join(self.texts), tool_calls=tuple(self.calls),
+                                        reasoning="\n\n".join(self.reasoning) or None))
+        self.texts, self.calls, self.reasoning = [], [], []
+
+
+def _reasoning_text(item: ReasoningItemParam) -> str:
+    """The full reasoning text when the item has it, else its summary (never the encrypted content)."""
+    if item.content:
+        return "".join(part.text for part in item.content)
+    return "\n\n".join(part.text for part in item.summary)
 
 
 def _text(content: str | list[ContentPart], param: str) -> str:
@@ -235,6 +259,7 @@ def to_generate(
         request_id=request_id, model=req.model, messages=messages,
         params=sampling_params(req.max_output_tokens or default_max_tokens, req.temperature, req.top_p),
         constraint=constraint, fault=fault_of(req.user, allow_faults), **tools,
+        reasoning=effort_control(req.reasoning.effort if req.reasoning else None, "reasoning.effort"),
     )
 
 
@@ -254,6 +279,8 @@ def new_response(req: ResponseCreateRequest, request_id: str, store: bool) -> Re
         tool_choice=req.tool_choice if req.tool_choice is not None else "auto", tools=list(req.tools or ()),
         top_p=1.0 if req.top_p is None else req.top_p, user=req.user, metadata=dict(req.metadata or {}),
         service_tier=req.service_tier if req.service_tier not in (None, "auto") else "default",
+        reasoning=ReasoningEcho(req.reasoning.effort, req.reasoning.summary or req.reasoning.generate_summary)
+        if req.reasoning else ReasoningEcho(),
     )
 
 

@@ -84,6 +84,24 @@ class FunctionCallOutputItem(Struct, tag="function_call_output", tag_field="type
     status: str | None = None
 
 
+class SummaryTextParam(Struct, tag="summary_text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ReasoningTextParam(Struct, tag="reasoning_text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ReasoningItemParam(Struct, tag="reasoning", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An earlier reply's reasoning: given to the assistant turn it precedes, for templates that render it."""
+
+    summary: list[SummaryTextParam] = msgspec.field(default_factory=list)
+    content: list[ReasoningTextParam] | None = None
+    encrypted_content: str | None = None  # ours is never set; another server's is opaque to us: not read
+    id: str | None = None
+    status: str | None = None
+
+
 class FunctionToolParam(Struct, tag="function", tag_field="type", forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     parameters: dict[str, Any] | None = None
@@ -221,8 +239,8 @@ class ResponseError(Struct):
 
 
 class ReasoningEcho(Struct):
-    effort: None = None
-    summary: None = None
+    effort: str | None = None
+    summary: str | None = None
 
 
 class ResponseObject(Struct, kw_only=True):
