@@ -8,6 +8,8 @@ one role are combined, as Anthropic does. What we cannot honour is refused by na
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -46,12 +48,15 @@ from gateway.protocol_anthropic import (
     MessageUsage,
     PingEvent,
     RedactedThinkingBlockParam,
+    SignatureDelta,
     StopReason,
     StreamEvent,
     TextBlock,
     TextBlockParam,
     TextDelta,
+    ThinkingBlock,
     ThinkingBlockParam,
+    ThinkingDelta,
     ToolChoiceAny,
     ToolChoiceNone,
     ToolChoiceTool,
@@ -62,7 +67,7 @@ from gateway.protocol_anthropic import (
 )
 from gateway.protocol_anthropic import ToolChoice as AnthropicToolChoice
 from gateway.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
-from gateway.reply import CallBlock, Closed, Grew, Opened, Reply, Step
+from gateway.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
 from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, ToolCall
 
 log = logging.getLogger("mlx_gateway")
@@ -261,9 +266,21 @@ def _input(call: CallBlock) -> dict[str, Any]:
     return value
 
 
+def signature_of(thinking: str) -> str:
+    """A thinking block's signature: a digest of its text (Anthropic's are encrypted; nothing verifies ours)."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
+def _block(block: Block) -> ContentBlock:
+    if isinstance(block, CallBlock):
+        return ToolUseBlock(tool_use_id(block.id), block.name, _input(block))
+    if isinstance(block, ReasoningBlock):
+        return ThinkingBlock(block.text, signature_of(block.text))
+    return TextBlock(block.text)
+
+
 def content_of(reply: Reply) -> list[ContentBlock]:
-    return [ToolUseBlock(tool_use_id(b.id), b.name, _input(b)) if isinstance(b, CallBlock) else TextBlock(b.text)
-            for b in reply.blocks]
+    return [_block(b) for b in reply.blocks]
 
 
 def usage_of(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> MessageUsage:
@@ -299,13 +316,19 @@ class MessageStream:
     def step(self, step: Step) -> list[bytes]:
         block = step.block
         if isinstance(step, Opened):
-            opened: ContentBlock = ToolUseBlock(tool_use_id(block.id), block.name, {}) if isinstance(
-                block, CallBlock) else TextBlock("")
+            opened: ContentBlock = (
+                ToolUseBlock(tool_use_id(block.id), block.name, {}) if isinstance(block, CallBlock)
+                else ThinkingBlock("", "") if isinstance(block, ReasoningBlock) else TextBlock(""))
             return self._frames(ContentBlockStartEvent(step.position, opened))
         if isinstance(step, Grew):
-            delta = InputJsonDelta(step.text) if isinstance(block, CallBlock) else TextDelta(step.text)
+            delta: TextDelta | InputJsonDelta | ThinkingDelta = (
+                InputJsonDelta(step.text) if isinstance(block, CallBlock)
+                else ThinkingDelta(step.text) if isinstance(block, ReasoningBlock) else TextDelta(step.text))
             return self._frames(ContentBlockDeltaEvent(step.position, delta))
         assert isinstance(step, Closed)
+        if isinstance(block, ReasoningBlock):  # the signature comes last, just before the block stops
+            return self._frames(ContentBlockDeltaEvent(step.position, SignatureDelta(signature_of(block.text))),
+                                ContentBlockStopEvent(step.position))
         return self._frames(ContentBlockStopEvent(step.position))
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:

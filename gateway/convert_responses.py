@@ -57,7 +57,11 @@ from gateway.protocol_responses import (
     OutputTextParam,
     OutputTokensDetails,
     ReasoningEcho,
+    ReasoningItem,
     ReasoningItemParam,
+    ReasoningText,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
     ResponseCreateRequest,
     ResponseError,
     ResponseObject,
@@ -66,7 +70,7 @@ from gateway.protocol_responses import (
     StreamEvent,
 )
 from gateway.reasoning import SUMMARIES, effort_control
-from gateway.reply import Block, CallBlock, Grew, Opened, Reply, Step, TextBlock
+from gateway.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
 from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ToolCall
 
 _NOT_INPUT = {
@@ -289,7 +293,7 @@ def _complete(reason: str) -> bool:
 
 
 def item_id(response_id: str, block: Block, position: int) -> str:
-    prefix = "msg" if isinstance(block, TextBlock) else "fc"
+    prefix = "msg" if isinstance(block, TextBlock) else "rs" if isinstance(block, ReasoningBlock) else "fc"
     return f"{prefix}_{response_id.removeprefix('resp_')}_{position}"
 
 
@@ -297,6 +301,9 @@ def output_item(response_id: str, block: Block, position: int, status: ItemStatu
     if isinstance(block, TextBlock):
         return OutputMessage(id=item_id(response_id, block, position), status=status,
                              content=[OutputText(block.text)])
+    if isinstance(block, ReasoningBlock):
+        return ReasoningItem(id=item_id(response_id, block, position), status=status,
+                             content=[ReasoningText(block.text)])
     return FunctionCall(id=item_id(response_id, block, position), call_id=block.id, name=block.name,
                         arguments=block.arguments, status=status)
 
@@ -306,7 +313,7 @@ def usage_of(finished: Finished) -> ResponseUsage:
         input_tokens=finished.prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=finished.cached_tokens),
         output_tokens=finished.completion_tokens,
-        output_tokens_details=OutputTokensDetails(),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=finished.reasoning_tokens),
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
     )
 
@@ -330,7 +337,8 @@ def finished_response(base: ResponseObject, reply: Reply, finished: Finished) ->
 def turn_of(reply: Reply) -> ChatMessage:
     """The reply as the assistant turn a continuation (previous_response_id) shows the model."""
     return ChatMessage("assistant", reply.text,
-                       tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.calls))
+                       tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.calls),
+                       reasoning=reply.reasoning or None)
 
 
 class ResponseStream:
@@ -364,9 +372,13 @@ class ResponseStream:
         if isinstance(block, CallBlock):
             call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress")
             return [self._item("response.output_item.added", at, call)]
+        if isinstance(block, ReasoningBlock):
+            thought = ReasoningItem(id=item_at, status="in_progress")
+            return [self._item("response.output_item.added", at, thought),
+                    self._part("response.content_part.added", at, item_at, ReasoningText(""))]
         message = OutputMessage(id=item_at, status="in_progress", content=[])
         return [self._item("response.output_item.added", at, message), self._part("response.content_part.added",
-                                                                                   at, item_at, "")]
+                                                                                   at, item_at, OutputText(""))]
 
     def _grew(self, at: int, block: Block, text: str) -> StreamEvent:
         item_at = item_id(self.base.id, block, at)
@@ -374,6 +386,9 @@ class ResponseStream:
         if isinstance(block, CallBlock):
             return FunctionCallArgumentsDeltaEvent(sequence_number=number, item_id=item_at, output_index=at,
                                                    delta=text)
+        if isinstance(block, ReasoningBlock):
+            return ReasoningTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
+                                           delta=text)
         return OutputTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
                                     delta=text)
 
@@ -383,18 +398,22 @@ class ResponseStream:
             done: list[StreamEvent] = [FunctionCallArgumentsDoneEvent(
                 sequence_number=next(self._numbers), item_id=item.id, output_index=at, name=block.name,
                 arguments=block.arguments)]
+        elif isinstance(block, ReasoningBlock):
+            done = [ReasoningTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
+                                           content_index=0, text=block.text),
+                    self._part("response.content_part.done", at, item.id, ReasoningText(block.text))]
         else:
             done = [OutputTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
                                         content_index=0, text=block.text),
-                    self._part("response.content_part.done", at, item.id, block.text)]
+                    self._part("response.content_part.done", at, item.id, OutputText(block.text))]
         return [*done, self._item("response.output_item.done", at, item)]
 
     def _item(self, kind: Any, at: int, item: OutputItem) -> OutputItemEvent:
         return OutputItemEvent(type=kind, sequence_number=next(self._numbers), output_index=at, item=item)
 
-    def _part(self, kind: Any, at: int, item_at: str, text: str) -> ContentPartEvent:
+    def _part(self, kind: Any, at: int, item_at: str, part: OutputText | ReasoningText) -> ContentPartEvent:
         return ContentPartEvent(type=kind, sequence_number=next(self._numbers), item_id=item_at, output_index=at,
-                                content_index=0, part=OutputText(text))
+                                content_index=0, part=part)
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:
         self._last_status = "completed" if _complete(finished.finish_reason) else "incomplete"

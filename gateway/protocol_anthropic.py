@@ -188,7 +188,15 @@ class ToolUseBlock(Struct, tag="tool_use", tag_field="type"):
     input: dict[str, Any]
 
 
-ContentBlock = TextBlock | ToolUseBlock
+class ThinkingBlock(Struct, tag="thinking", tag_field="type"):
+    """A reasoning model's thinking. The signature is this server's digest of the text, not verified when
+    the block comes back."""
+
+    thinking: str
+    signature: str
+
+
+ContentBlock = TextBlock | ToolUseBlock | ThinkingBlock
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
@@ -242,9 +250,17 @@ class InputJsonDelta(Struct, tag="input_json_delta", tag_field="type"):
     partial_json: str
 
 
+class ThinkingDelta(Struct, tag="thinking_delta", tag_field="type"):
+    thinking: str
+
+
+class SignatureDelta(Struct, tag="signature_delta", tag_field="type"):
+    signature: str
+
+
 class ContentBlockDeltaEvent(Struct, tag="content_block_delta", tag_field="type"):
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: TextDelta | InputJsonDelta | ThinkingDelta | SignatureDelta
 
 
 class ContentBlockStopEvent(Struct, tag="content_block_stop", tag_field="type"):

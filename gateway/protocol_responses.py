@@ -210,7 +210,25 @@ class FunctionCall(Struct, tag="function_call", tag_field="type", kw_only=True):
     status: ItemStatus
 
 
-OutputItem = OutputMessage | FunctionCall
+class ReasoningText(Struct, tag="reasoning_text", tag_field="type"):
+    text: str
+
+
+class SummaryText(Struct, tag="summary_text", tag_field="type"):
+    text: str
+
+
+class ReasoningItem(Struct, tag="reasoning", tag_field="type", kw_only=True):
+    """A reasoning model's thinking, in full as `content` (no summary is made: `summary` stays empty, and
+    there is no `encrypted_content`)."""
+
+    id: str
+    summary: list[SummaryText] = msgspec.field(default_factory=list)
+    content: list[ReasoningText] = msgspec.field(default_factory=list)
+    status: ItemStatus | None = None
+
+
+OutputItem = OutputMessage | FunctionCall | ReasoningItem
 
 
 class InputTokensDetails(Struct):
@@ -278,7 +296,8 @@ class DeletedResponse(Struct):
 
 
 # Streaming: `event: <type>` + `data: <event JSON>` pairs, each with a sequence_number from 0, in this order:
-# response.created, response.in_progress; per output item output_item.added, (for a message)
+# response.created, response.in_progress; per output item output_item.added, (for reasoning)
+# content_part.added, reasoning_text.delta..., reasoning_text.done, content_part.done, (for a message)
 # content_part.added, output_text.delta..., output_text.done, content_part.done, (for a call)
 # function_call_arguments.delta..., function_call_arguments.done, then output_item.done; last one of
 # response.completed, response.incomplete (max_output_tokens) or response.failed.
@@ -304,7 +323,7 @@ class ContentPartEvent(Struct, kw_only=True):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class OutputTextDeltaEvent(Struct, kw_only=True):
@@ -344,7 +363,26 @@ class FunctionCallArgumentsDoneEvent(Struct, kw_only=True):
     arguments: str
 
 
+class ReasoningTextDeltaEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ReasoningTextDoneEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
 StreamEvent = (
     ResponseStateEvent | OutputItemEvent | ContentPartEvent | OutputTextDeltaEvent | OutputTextDoneEvent
-    | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent
+    | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent | ReasoningTextDeltaEvent
+    | ReasoningTextDoneEvent
 )
