@@ -8,6 +8,8 @@ one role are combined, as Anthropic does. What we cannot honour is refused by na
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -45,11 +47,16 @@ from gateway.protocol_anthropic import (
     MessageStopEvent,
     MessageUsage,
     PingEvent,
+    RedactedThinkingBlockParam,
+    SignatureDelta,
     StopReason,
     StreamEvent,
     TextBlock,
     TextBlockParam,
     TextDelta,
+    ThinkingBlock,
+    ThinkingBlockParam,
+    ThinkingDelta,
     ToolChoiceAny,
     ToolChoiceNone,
     ToolChoiceTool,
@@ -59,7 +66,8 @@ from gateway.protocol_anthropic import (
     ToolUseBlockParam,
 )
 from gateway.protocol_anthropic import ToolChoice as AnthropicToolChoice
-from gateway.reply import CallBlock, Closed, Grew, Opened, Reply, Step
+from gateway.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
+from gateway.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
 from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, ToolCall
 
 log = logging.getLogger("mlx_gateway")
@@ -73,8 +81,8 @@ _TOOL_ID_PREFIX = "toolu_"  # Anthropic's; the engine's ids are "call_" + 24 alp
 
 def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
-    if req.thinking is not None and req.thinking.get("type") != "disabled":
-        raise unsupported("thinking", "extended thinking is not available")
+    if req.thinking is not None:
+        anthropic_control(req.thinking, None, 1 << 30)  # its shape (max_tokens is checked in to_generate)
     if req.mcp_servers:
         raise unsupported("mcp_servers", "MCP servers are not available")
     _check_context_management(req.context_management)
@@ -83,8 +91,8 @@ def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
             raise unsupported("container", "code execution containers are not available")
         if req.diagnostics is not None:
             raise unsupported("diagnostics", "diagnostics are not available")
-    if req.output_config is not None and req.output_config.effort is not None:
-        raise unsupported("output_config.effort", "effort controls are not available")
+    if req.output_config is not None:
+        effort_control(req.output_config.effort, "output_config.effort", ANTHROPIC_EFFORTS)
 
 
 def _check_context_management(value: dict[str, Any] | None) -> None:
@@ -140,10 +148,16 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
     out: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    thoughts: list[str] = []
     for j, block in enumerate(message.content):
         where = f"{param}.content[{j}]"
         if isinstance(block, TextBlockParam):
             texts.append(block.text)
+        elif isinstance(block, ThinkingBlockParam | RedactedThinkingBlockParam):
+            if message.role != "assistant":
+                raise invalid(where, "thinking blocks belong in assistant messages.")
+            if isinstance(block, ThinkingBlockParam) and block.thinking:
+                thoughts.append(block.thinking)  # redacted thinking is another server's secret: dropped
         elif isinstance(block, ToolUseBlockParam):
             if message.role != "assistant":
                 raise invalid(where, "tool_use blocks belong in assistant messages.")
@@ -156,9 +170,10 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
                 texts = []
             out.append(ChatMessage("tool", _result_text(block, where), tool_call_id=block.tool_use_id))
         else:
-            raise unsupported(where, _UNSUPPORTED_BLOCKS.get(type(block), "thinking blocks are not supported"))
+            raise unsupported(where, _UNSUPPORTED_BLOCKS[type(block)])
     if message.role == "assistant":
-        out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls)))
+        out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls),
+                               reasoning="\n\n".join(thoughts) or None))
     elif texts:
         out.append(ChatMessage("user", "".join(texts)))
     return out
@@ -189,7 +204,9 @@ def _append(out: list[ChatMessage], message: ChatMessage) -> None:
     last = out[-1] if out else None
     if last is not None and last.role == message.role and message.role in ("user", "assistant"):
         content = "\n\n".join(t for t in (last.content, message.content) if t)
-        out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls)
+        reasoning = "\n\n".join(t for t in (last.reasoning, message.reasoning) if t) or None
+        out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls,
+                              reasoning=reasoning)
     else:
         out.append(message)
 
@@ -238,8 +255,11 @@ def to_generate(
         user = req.metadata.user_id if req.metadata else None
     else:
         params, user = SamplingParams(max_tokens=1), None
+    effort = req.output_config.effort if req.output_config else None
+    reasoning = anthropic_control(req.thinking, effort, params.max_tokens if isinstance(req, MessageCreateRequest)
+                                  else 1 << 30)
     return Generate(request_id=request_id, model=req.model, params=params, messages=messages,
-                    constraint=constraint, fault=fault_of(user, allow_faults), **tools)
+                    constraint=constraint, fault=fault_of(user, allow_faults), **tools, reasoning=reasoning)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,9 +289,21 @@ def _input(call: CallBlock) -> dict[str, Any]:
     return value
 
 
+def signature_of(thinking: str) -> str:
+    """A thinking block's signature: a digest of its text (Anthropic's are encrypted; nothing verifies ours)."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
+def _block(block: Block) -> ContentBlock:
+    if isinstance(block, CallBlock):
+        return ToolUseBlock(tool_use_id(block.id), block.name, _input(block))
+    if isinstance(block, ReasoningBlock):
+        return ThinkingBlock(block.text, signature_of(block.text))
+    return TextBlock(block.text)
+
+
 def content_of(reply: Reply) -> list[ContentBlock]:
-    return [ToolUseBlock(tool_use_id(b.id), b.name, _input(b)) if isinstance(b, CallBlock) else TextBlock(b.text)
-            for b in reply.blocks]
+    return [_block(b) for b in reply.blocks]
 
 
 def usage_of(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> MessageUsage:
@@ -307,13 +339,19 @@ class MessageStream:
     def step(self, step: Step) -> list[bytes]:
         block = step.block
         if isinstance(step, Opened):
-            opened: ContentBlock = ToolUseBlock(tool_use_id(block.id), block.name, {}) if isinstance(
-                block, CallBlock) else TextBlock("")
+            opened: ContentBlock = (
+                ToolUseBlock(tool_use_id(block.id), block.name, {}) if isinstance(block, CallBlock)
+                else ThinkingBlock("", "") if isinstance(block, ReasoningBlock) else TextBlock(""))
             return self._frames(ContentBlockStartEvent(step.position, opened))
         if isinstance(step, Grew):
-            delta = InputJsonDelta(step.text) if isinstance(block, CallBlock) else TextDelta(step.text)
+            delta: TextDelta | InputJsonDelta | ThinkingDelta = (
+                InputJsonDelta(step.text) if isinstance(block, CallBlock)
+                else ThinkingDelta(step.text) if isinstance(block, ReasoningBlock) else TextDelta(step.text))
             return self._frames(ContentBlockDeltaEvent(step.position, delta))
         assert isinstance(step, Closed)
+        if isinstance(block, ReasoningBlock):  # the signature comes last, just before the block stops
+            return self._frames(ContentBlockDeltaEvent(step.position, SignatureDelta(signature_of(block.text))),
+                                ContentBlockStopEvent(step.position))
         return self._frames(ContentBlockStopEvent(step.position))
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:

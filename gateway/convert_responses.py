@@ -58,6 +58,12 @@ from gateway.protocol_responses import (
     OutputTextDoneEvent,
     OutputTextParam,
     OutputTokensDetails,
+    ReasoningEcho,
+    ReasoningItem,
+    ReasoningItemParam,
+    ReasoningText,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
     ResponseCreateRequest,
     ResponseError,
     ResponseObject,
@@ -65,11 +71,11 @@ from gateway.protocol_responses import (
     ResponseUsage,
     StreamEvent,
 )
-from gateway.reply import Block, CallBlock, Grew, Opened, Reply, Step, TextBlock
+from gateway.reasoning import SUMMARIES, effort_control
+from gateway.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
 from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ToolCall
 
 _NOT_INPUT = {
-    "reasoning": "reasoning items are not accepted (this server never makes them)",
     "item_reference": "item references are not supported: send the items themselves, or previous_response_id",
 }
 _HARMFUL_INCLUDES = {"message.output_text.logprobs": "log probabilities are not returned"}
@@ -83,9 +89,13 @@ def check_supported(req: ResponseCreateRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
     if req.background:
         raise unsupported("background", "responses run in the foreground only")
-    if req.reasoning is not None and (req.reasoning.effort not in (None, "none") or req.reasoning.summary
-                                      or req.reasoning.generate_summary):
-        raise unsupported("reasoning", "reasoning controls are not available")
+    if req.reasoning is not None:
+        effort_control(req.reasoning.effort, "reasoning.effort")
+        for name in ("summary", "generate_summary"):
+            value = getattr(req.reasoning, name)
+            if value is not None and value not in SUMMARIES:
+                raise invalid(f"reasoning.{name}", f"reasoning.{name} must be one of "
+                                                   f"{', '.join(map(repr, SUMMARIES))}, not {value!r}.")
     if req.top_logprobs:
         raise unsupported("top_logprobs", "log probabilities are not returned")
     if req.max_tool_calls is not None:
@@ -127,6 +137,9 @@ def input_messages(value: str | list[dict[str, Any]]) -> tuple[ChatMessage, ...]
         elif kind == "function_call":
             call = decode(raw, FunctionCallItem, param)
             turn.calls.append(ToolCall(call.call_id, call.name, call.arguments))
+        elif kind == "reasoning":
+            thought = decode(raw, ReasoningItemParam, param)
+            turn.add_reasoning(_reasoning_text(thought), messages)
         elif kind == "function_call_output":
             result = decode(raw, FunctionCallOutputItem, param)
             turn.flush(messages)
@@ -146,16 +159,31 @@ class _AssistantTurn:
 
     texts: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
 
     def add_text(self, text: str, messages: list[ChatMessage]) -> None:
         if self.calls:  # text after calls opens the next turn
             self.flush(messages)
         self.texts.append(text)
 
+    def add_reasoning(self, text: str, messages: list[ChatMessage]) -> None:
+        if self.calls or self.texts:  # reasoning comes first in a turn: after text or calls it opens the next
+            self.flush(messages)
+        if text:
+            self.reasoning.append(text)
+
     def flush(self, messages: list[ChatMessage]) -> None:
-        if self.texts or self.calls:
-            messages.append(ChatMessage("assistant", "\n\n".join(self.texts), tool_calls=tuple(self.calls)))
-        self.texts, self.calls = [], []
+        if self.texts or self.calls or self.reasoning:
+            messages.append(ChatMessage("assistant", "\n\n".join(self.texts), tool_calls=tuple(self.calls),
+                                        reasoning="\n\n".join(self.reasoning) or None))
+        self.texts, self.calls, self.reasoning = [], [], []
+
+
+def _reasoning_text(item: ReasoningItemParam) -> str:
+    """The full reasoning text when the item has it, else its summary (never the encrypted content)."""
+    if item.content:
+        return "".join(part.text for part in item.content)
+    return "\n\n".join(part.text for part in item.summary)
 
 
 def _text(content: str | list[ContentPart], param: str) -> str:
@@ -271,6 +299,7 @@ def to_generate(
         request_id=request_id, model=req.model, messages=messages,
         params=sampling_params(req.max_output_tokens or default_max_tokens, req.temperature, req.top_p),
         constraint=constraint, fault=fault_of(req.user, allow_faults), **tools,
+        reasoning=effort_control(req.reasoning.effort if req.reasoning else None, "reasoning.effort"),
     )
 
 
@@ -303,6 +332,8 @@ def new_response(req: ResponseCreateRequest, request_id: str, store: bool) -> Re
         tool_choice=req.tool_choice if req.tool_choice is not None else "auto", tools=list(req.tools or ()),
         top_p=1.0 if req.top_p is None else req.top_p, user=req.user, metadata=dict(req.metadata or {}),
         service_tier=req.service_tier if req.service_tier not in (None, "auto") else "default",
+        reasoning=ReasoningEcho(req.reasoning.effort, req.reasoning.summary or req.reasoning.generate_summary)
+        if req.reasoning else ReasoningEcho(),
     )
 
 
@@ -311,7 +342,7 @@ def _complete(reason: str) -> bool:
 
 
 def item_id(response_id: str, block: Block, position: int) -> str:
-    prefix = "msg" if isinstance(block, TextBlock) else "fc"
+    prefix = "msg" if isinstance(block, TextBlock) else "rs" if isinstance(block, ReasoningBlock) else "fc"
     return f"{prefix}_{response_id.removeprefix('resp_')}_{position}"
 
 
@@ -320,6 +351,9 @@ def output_item(response_id: str, block: Block, position: int, status: ItemStatu
     if isinstance(block, TextBlock):
         return OutputMessage(id=item_id(response_id, block, position), status=status,
                              content=[OutputText(block.text)])
+    if isinstance(block, ReasoningBlock):
+        return ReasoningItem(id=item_id(response_id, block, position), status=status,
+                             content=[ReasoningText(block.text)])
     return FunctionCall(id=item_id(response_id, block, position), call_id=block.id, name=block.name,
                         arguments=block.arguments, status=status,
                         namespace=(namespaces or {}).get(block.name, msgspec.UNSET))
@@ -330,7 +364,7 @@ def usage_of(finished: Finished) -> ResponseUsage:
         input_tokens=finished.prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=finished.cached_tokens),
         output_tokens=finished.completion_tokens,
-        output_tokens_details=OutputTokensDetails(),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=finished.reasoning_tokens),
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
     )
 
@@ -355,7 +389,8 @@ def finished_response(base: ResponseObject, reply: Reply, finished: Finished) ->
 def turn_of(reply: Reply) -> ChatMessage:
     """The reply as the assistant turn a continuation (previous_response_id) shows the model."""
     return ChatMessage("assistant", reply.text,
-                       tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.calls))
+                       tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.calls),
+                       reasoning=reply.reasoning or None)
 
 
 class ResponseStream:
@@ -391,9 +426,13 @@ class ResponseStream:
             call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress",
                                 namespace=self._namespaces.get(block.name, msgspec.UNSET))
             return [self._item("response.output_item.added", at, call)]
+        if isinstance(block, ReasoningBlock):
+            thought = ReasoningItem(id=item_at, status="in_progress")
+            return [self._item("response.output_item.added", at, thought),
+                    self._part("response.content_part.added", at, item_at, ReasoningText(""))]
         message = OutputMessage(id=item_at, status="in_progress", content=[])
         return [self._item("response.output_item.added", at, message), self._part("response.content_part.added",
-                                                                                   at, item_at, "")]
+                                                                                   at, item_at, OutputText(""))]
 
     def _grew(self, at: int, block: Block, text: str) -> StreamEvent:
         item_at = item_id(self.base.id, block, at)
@@ -401,6 +440,9 @@ class ResponseStream:
         if isinstance(block, CallBlock):
             return FunctionCallArgumentsDeltaEvent(sequence_number=number, item_id=item_at, output_index=at,
                                                    delta=text)
+        if isinstance(block, ReasoningBlock):
+            return ReasoningTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
+                                           delta=text)
         return OutputTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
                                     delta=text)
 
@@ -410,18 +452,22 @@ class ResponseStream:
             done: list[StreamEvent] = [FunctionCallArgumentsDoneEvent(
                 sequence_number=next(self._numbers), item_id=item.id, output_index=at, name=block.name,
                 arguments=block.arguments)]
+        elif isinstance(block, ReasoningBlock):
+            done = [ReasoningTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
+                                           content_index=0, text=block.text),
+                    self._part("response.content_part.done", at, item.id, ReasoningText(block.text))]
         else:
             done = [OutputTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
                                         content_index=0, text=block.text),
-                    self._part("response.content_part.done", at, item.id, block.text)]
+                    self._part("response.content_part.done", at, item.id, OutputText(block.text))]
         return [*done, self._item("response.output_item.done", at, item)]
 
     def _item(self, kind: Any, at: int, item: OutputItem) -> OutputItemEvent:
         return OutputItemEvent(type=kind, sequence_number=next(self._numbers), output_index=at, item=item)
 
-    def _part(self, kind: Any, at: int, item_at: str, text: str) -> ContentPartEvent:
+    def _part(self, kind: Any, at: int, item_at: str, part: OutputText | ReasoningText) -> ContentPartEvent:
         return ContentPartEvent(type=kind, sequence_number=next(self._numbers), item_id=item_at, output_index=at,
-                                content_index=0, part=OutputText(text))
+                                content_index=0, part=part)
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:
         self._last_status = "completed" if _complete(finished.finish_reason) else "incomplete"

@@ -84,6 +84,24 @@ class FunctionCallOutputItem(Struct, tag="function_call_output", tag_field="type
     status: str | None = None
 
 
+class SummaryTextParam(Struct, tag="summary_text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ReasoningTextParam(Struct, tag="reasoning_text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ReasoningItemParam(Struct, tag="reasoning", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An earlier reply's reasoning: given to the assistant turn it precedes, for templates that render it."""
+
+    summary: list[SummaryTextParam] = msgspec.field(default_factory=list)
+    content: list[ReasoningTextParam] | None = None
+    encrypted_content: str | None = None  # ours is never set; another server's is opaque to us: not read
+    id: str | None = None
+    status: str | None = None
+
+
 class FunctionToolParam(Struct, tag="function", tag_field="type", forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     parameters: dict[str, Any] | None = None
@@ -204,7 +222,25 @@ class FunctionCall(Struct, tag="function_call", tag_field="type", kw_only=True):
     namespace: str | msgspec.UnsetType = msgspec.UNSET  # the namespace tool the function belongs to, if any
 
 
-OutputItem = OutputMessage | FunctionCall
+class ReasoningText(Struct, tag="reasoning_text", tag_field="type"):
+    text: str
+
+
+class SummaryText(Struct, tag="summary_text", tag_field="type"):
+    text: str
+
+
+class ReasoningItem(Struct, tag="reasoning", tag_field="type", kw_only=True):
+    """A reasoning model's thinking, in full as `content` (no summary is made: `summary` stays empty, and
+    there is no `encrypted_content`)."""
+
+    id: str
+    summary: list[SummaryText] = msgspec.field(default_factory=list)
+    content: list[ReasoningText] = msgspec.field(default_factory=list)
+    status: ItemStatus | None = None
+
+
+OutputItem = OutputMessage | FunctionCall | ReasoningItem
 
 
 class InputTokensDetails(Struct):
@@ -233,8 +269,8 @@ class ResponseError(Struct):
 
 
 class ReasoningEcho(Struct):
-    effort: None = None
-    summary: None = None
+    effort: str | None = None
+    summary: str | None = None
 
 
 class ResponseObject(Struct, kw_only=True):
@@ -272,7 +308,8 @@ class DeletedResponse(Struct):
 
 
 # Streaming: `event: <type>` + `data: <event JSON>` pairs, each with a sequence_number from 0, in this order:
-# response.created, response.in_progress; per output item output_item.added, (for a message)
+# response.created, response.in_progress; per output item output_item.added, (for reasoning)
+# content_part.added, reasoning_text.delta..., reasoning_text.done, content_part.done, (for a message)
 # content_part.added, output_text.delta..., output_text.done, content_part.done, (for a call)
 # function_call_arguments.delta..., function_call_arguments.done, then output_item.done; last one of
 # response.completed, response.incomplete (max_output_tokens) or response.failed.
@@ -298,7 +335,7 @@ class ContentPartEvent(Struct, kw_only=True):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class OutputTextDeltaEvent(Struct, kw_only=True):
@@ -338,7 +375,26 @@ class FunctionCallArgumentsDoneEvent(Struct, kw_only=True):
     arguments: str
 
 
+class ReasoningTextDeltaEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ReasoningTextDoneEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
 StreamEvent = (
     ResponseStateEvent | OutputItemEvent | ContentPartEvent | OutputTextDeltaEvent | OutputTextDoneEvent
-    | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent
+    | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent | ReasoningTextDeltaEvent
+    | ReasoningTextDoneEvent
 )

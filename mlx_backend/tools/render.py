@@ -15,6 +15,7 @@ import string
 from typing import Any
 
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.reasoning import close_unwanted_reasoning, template_kwargs
 from mlx_backend.tools.request import ToolRequest
 from mlx_backend.types import ChatMessage, Generate
 
@@ -35,7 +36,8 @@ def encode_prompt(command: Generate, tokenizer: Any, tools: ToolRequest | None =
     """
     param = "messages" if command.messages is not None else "prompt"
     if command.messages is not None:
-        tokens = _encode_chat(command.messages, tokenizer, tools)
+        tokens = _encode_chat(command.messages, tokenizer, tools, template_kwargs(command, tokenizer))
+        tokens = close_unwanted_reasoning(command, tokenizer, tokens)
     elif command.prompt is not None:
         tokens = list(tokenizer.encode(command.prompt))
     else:
@@ -46,20 +48,22 @@ def encode_prompt(command: Generate, tokenizer: Any, tools: ToolRequest | None =
     return tokens
 
 
-def _encode_chat(messages: tuple[ChatMessage, ...], tokenizer: Any, tools: ToolRequest | None) -> list[int]:
+def _encode_chat(messages: tuple[ChatMessage, ...], tokenizer: Any, tools: ToolRequest | None,
+                 extra: dict[str, Any] | None = None) -> list[int]:
+    extra = extra or {}
     if tools is None:
         dicts = [_plain(m) for m in messages]
         if not tokenizer.has_chat_template:
             # No template: a plain transcript the model can at least continue.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in dicts) + "assistant:"
             return list(tokenizer.encode(text))
-        return _apply(tokenizer, dicts, {})
+        return _apply(tokenizer, dicts, extra)
     ids = _mistral_id if tools.family.mistral_ids else _same
     dicts = [_with_tools(m, i, ids) for i, m in enumerate(messages)]
     # tool_choice "none": the model is not shown the tools, so it has no reason to call one (the parser
     # drops any call markup anyway); earlier calls and results still render.
     kwargs = {"tools": tools.tools} if tools.choice != "none" and tools.tools else {}
-    return _apply(tokenizer, dicts, kwargs)
+    return _apply(tokenizer, dicts, extra | kwargs)
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
@@ -93,6 +97,9 @@ def _plain(m: ChatMessage) -> dict[str, Any]:
         {"role": m.role, "content": m.content}
         | ({"name": m.name} if m.name is not None else {})
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
+        # An earlier turn's reasoning, under the names templates read: Qwen3 and GLM `reasoning_content`
+        # (rendered for the turns after the last user message), gpt-oss `thinking` (kept for tool turns).
+        | ({"reasoning_content": m.reasoning, "thinking": m.reasoning} if m.reasoning else {})
     )
 
 

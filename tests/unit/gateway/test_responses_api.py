@@ -10,7 +10,7 @@ import pytest
 from litestar.testing import TestClient
 
 from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ChatMessage, Constraint, Generate, ToolCall
+from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
 from tests.support.event_order import check_responses_events, named_events
 from tests.unit.gateway.conftest import ClientFactory
 from tests.unit.gateway.test_errors import error_of
@@ -190,12 +190,10 @@ def test_text_format_becomes_the_constraint(make_client: ClientFactory) -> None:
     ({"tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}, "tool_choice"),
     ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
     ({"input": [{"type": "web_search_call", "id": "x"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
     ({"background": True}, "background"),
-    ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"truncation": "auto"}, "truncation"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
@@ -399,3 +397,45 @@ def test_an_engine_error_about_the_messages_names_input(make_client: ClientFacto
     client = make_client(FakeEngine(context_length=5))
     error = error_of(client.post("/v1/responses", json=body(input="one two three four five six seven")), 400)
     assert error["param"] == "input" and error["code"] == "context_length_exceeded"
+
+
+# -- reasoning ------------------------------------------------------------------------------------------------
+
+
+def test_reasoning_effort_and_summary_are_accepted_and_echoed(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    got = make_client(engine).post("/v1/responses", json=body(reasoning={"effort": "low", "summary": "auto"}))
+    assert got.status_code == 200, got.text
+    assert got.json()["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert engine.received[-1].reasoning == ReasoningControl(enabled=True, effort="low")
+    make_client(engine).post("/v1/responses", json=body(reasoning={"effort": "none"}))
+    assert engine.received[-1].reasoning == ReasoningControl(enabled=False)
+
+
+@pytest.mark.parametrize(("overrides", "param"), [
+    ({"reasoning": {"effort": "huge"}}, "reasoning.effort"),
+    ({"reasoning": {"summary": "verbose"}}, "reasoning.summary"),
+])
+def test_a_reasoning_control_that_makes_no_sense_is_a_400_naming_it(client: TestClient[Any],
+                                                                    overrides: dict[str, Any], param: str) -> None:
+    error = error_of(client.post("/v1/responses", json=body(**overrides)), 400)
+    assert error["param"] == param, error
+
+
+def test_reasoning_items_in_the_input_go_to_the_assistant_turn_they_precede(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    items = [
+        {"role": "user", "content": "weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": None,
+         "content": [{"type": "reasoning_text", "text": "Call the tool."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Summed up."}]},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert make_client(engine).post("/v1/responses", json=body(input=items, tools=[WEATHER])).status_code == 200
+    sent = engine.received[-1].messages or ()
+    assert [(m.role, m.reasoning) for m in sent] == [
+        ("user", None), ("assistant", "Call the tool."), ("tool", None), ("assistant", "Summed up."), ("user", None)]
+    assert sent[1].tool_calls[0].name == "get_weather"
