@@ -20,4 +20,10 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 
 python3 -m pip install -q -e ".[test]"
+
+# The coding agents tests/integration/test_agent_clis.py drives (Codex CLI, Claude Code, opencode), at the
+# versions pinned in tests/agent_clis/package-lock.json, into that folder only (nothing global). Node 18+.
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix tests/agent_clis --no-audit --no-fund --loglevel=error >/dev/null
+fi
 exec python3 -m pytest "$@"
