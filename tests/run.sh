@@ -22,8 +22,9 @@ fi
 python3 -m pip install -q -e ".[test]"
 
 # The coding agents tests/integration/test_agent_clis.py drives (Codex CLI, Claude Code, opencode), at the
-# versions pinned in tests/agent_clis/package-lock.json, into that folder only (nothing global). Node 18+.
+# exact versions pinned in tests/agent_clis/package.json (each pins its platform binaries exactly), into that
+# folder only (nothing global). Claude Code 2.1.197 is the last release that runs on node 18 and 20.
 if command -v npm >/dev/null 2>&1; then
-  npm ci --prefix tests/agent_clis --no-audit --no-fund --loglevel=error >/dev/null
+  npm install --prefix tests/agent_clis --no-package-lock --no-audit --no-fund --loglevel=error >/dev/null
 fi
 exec python3 -m pytest "$@"
