@@ -83,13 +83,22 @@ def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any
 
 
 def one_system_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The messages with every system message's text merged, in order, into one system message first; None
-    when they already have at most one system message, first."""
+    """The messages with every system message's text merged, in order, into one system message first (user
+    turns that only a system message kept apart become one turn); None when they already have at most one
+    system message, first."""
     systems = [m for m in messages if m["role"] == "system"]
     if not systems or (len(systems) == 1 and messages[0]["role"] == "system"):
         return None
     merged = {"role": "system", "content": "\n\n".join(m["content"] for m in systems if m["content"])}
-    return [merged, *(m for m in messages if m["role"] != "system")]
+    rest: list[dict[str, Any]] = []
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        if rest and message["role"] == rest[-1]["role"] == "user":  # were apart only by a system message
+            rest[-1] = {**rest[-1], "content": f"{rest[-1]['content']}\n\n{message['content']}"}
+        else:
+            rest.append(message)
+    return [merged, *rest]
 
 
 def _plain(m: ChatMessage) -> dict[str, Any]:
