@@ -72,6 +72,9 @@ from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, T
 
 log = logging.getLogger("mlx_gateway")
 
+# The chat fields engine errors name, as this API names them ("messages" is this API's name too).
+ENGINE_FIELDS = {"response_format": "output_config.format"}
+
 _TOOL_ID_PREFIX = "toolu_"  # Anthropic's; the engine's ids are "call_" + 24 alphanumerics
 
 

@@ -10,7 +10,6 @@ as in OpenAI's API). What we cannot honour is refused by name, before any work.
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -303,17 +302,10 @@ def to_generate(
     )
 
 
-_CALL_ARGUMENTS = re.compile(r"\bmessages\[\d+\]\.tool_calls\[\d+\]\.function\.arguments\b")
-_MESSAGES = re.compile(r"\bmessages\b")
-
-
-def in_input_terms(error: GatewayError) -> GatewayError:
-    """An engine error about the chat messages it rendered, naming `input`, the field a Responses client sent
-    (the engine sees chat messages: instructions, earlier turns and input items, in its own numbering)."""
-    if error.param is None or not _MESSAGES.match(error.param):
-        return error
-    message = _MESSAGES.sub("input", _CALL_ARGUMENTS.sub("input (a function_call item's arguments)", error.message))
-    return GatewayError(error.kind, message, "input")
+# The chat fields engine errors name, as this API names them (a function_call item's arguments are the
+# arguments of a chat assistant message's tool call, numbered as the engine numbers its messages).
+ENGINE_FIELDS = {r"messages\[\d+\]\.tool_calls\[\d+\]\.function\.arguments": "input (a function_call item's arguments)",
+                 "messages": "input", "response_format": "text.format"}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
 from gateway import convert_responses
+from gateway.convert_shared import in_api_terms
 from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol_responses import DeletedResponse, ResponseCreateRequest, ResponseObject
@@ -77,7 +78,7 @@ async def create_response(
     try:
         exchange = await start(runtime, request, command)
     except GatewayError as exc:
-        raise convert_responses.in_input_terms(exc) from exc
+        raise in_api_terms(exc, convert_responses.ENGINE_FIELDS) from exc
     if data.stream:
         return streaming(exchange, stream_reply(exchange, convert_responses.ResponseStream(base, done)))
     reply, finished = await folded(exchange, fold_reply(exchange))

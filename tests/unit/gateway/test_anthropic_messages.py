@@ -412,3 +412,16 @@ def test_thinking_blocks_in_the_history_go_to_their_turn_and_redacted_ones_are_d
     sent = engine.received[-1].messages or ()
     assert [(m.role, m.content, m.reasoning) for m in sent] == [
         ("user", "q", None), ("assistant", "A.", "Hm."), ("user", "go on", None)]
+
+
+def test_engine_errors_name_the_fields_of_the_messages_api(make_client: ClientFactory) -> None:
+    failure = EngineError(EngineErrorCode.INVALID_REQUEST, "response_format cannot be combined with a forced or "
+                          "strict tool call; send one of them.", "response_format")
+    client = make_client(FakeEngine(failures={"tiny": failure}))
+    message = anthropic_error(client.post("/v1/messages", json=body()), 400, "invalid_request_error")
+    assert message.startswith("output_config.format cannot be combined"), message
+    too_long = make_client(FakeEngine(context_length=3))
+    message = anthropic_error(too_long.post("/v1/messages", json=body(messages=[{"role": "user", "content":
+                                                                                 "one two three four"}])),
+                              400, "invalid_request_error")
+    assert message.startswith("messages: "), message  # Anthropic's error has no param: the message names it

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
+from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
 from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
 from tests.support.event_order import check_responses_events, named_events
@@ -397,6 +398,23 @@ def test_an_engine_error_about_the_messages_names_input(make_client: ClientFacto
     client = make_client(FakeEngine(context_length=5))
     error = error_of(client.post("/v1/responses", json=body(input="one two three four five six seven")), 400)
     assert error["param"] == "input" and error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(("param", "message", "named", "says"), [
+    ("messages", "The model's chat template rejected the messages: roles must alternate", "input",
+     "rejected the input: roles"),
+    ("messages[2].tool_calls[0].function.arguments", "messages[2].tool_calls[0].function.arguments is not valid "
+     "JSON: Expecting value", "input", "input (a function_call item's arguments) is not valid JSON"),
+    ("response_format", "response_format cannot be combined with a forced or strict tool call", "text.format",
+     "text.format cannot be combined"),
+    ("tools", "The model 'tiny' does not support tool calling", "tools", "does not support tool calling"),
+])
+def test_engine_errors_name_the_fields_of_the_responses_api(make_client: ClientFactory, param: str, message: str,
+                                                            named: str, says: str) -> None:
+    client = make_client(FakeEngine(failures={"tiny": EngineError(EngineErrorCode.INVALID_REQUEST, message,
+                                                                   param)}))
+    error = error_of(client.post("/v1/responses", json=body()), 400)
+    assert error["param"] == named and says in error["message"], error
 
 
 # -- reasoning ------------------------------------------------------------------------------------------------
