@@ -92,7 +92,7 @@ def _detect(tokenizer: Any) -> Detection:
         return Detection(None, "it has no chat template")
     if template is not None and not mentions_tools(template):
         return Detection(None, "its chat template does not use tools")
-    if template is not None and "<|channel|>" in template and "to=functions." in template:
+    if template is not None and "<|channel|>" in template and "<|call|>" in template:  # harmony (gpt-oss)
         return Detection(HARMONY, "")
     if parser_type == "json_tools":
         return Detection(HERMES, "")
