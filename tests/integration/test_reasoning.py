@@ -290,3 +290,39 @@ def test_thinking_disabled_on_a_model_that_always_thinks_gives_only_text(claude:
     message = claude.messages.create(model="deepseek-r1", max_tokens=10, messages=ASK,  # type: ignore[arg-type]
                                      thinking={"type": "disabled"}, extra_body={"temperature": 0})
     assert all(b.type == "text" for b in message.content)
+
+
+# -- forced calls on gpt-oss (harmony's own call markup, held to the tool's schema) ------------------------
+
+BOUNDED_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_a_forced_call_on_gpt_oss_is_harmonys_markup_held_to_the_schema(client: openai.OpenAI, root: Path) -> None:
+    channel = next(t["id"] for t in json.loads((root / "gpt-oss" / "tokenizer.json").read_text())["added_tokens"]
+                   if t["content"] == "<|channel|>")
+    # logit_bias against <|channel|> makes the random model skip the (unbounded) analysis; where the grammar
+    # allows only <|channel|> (the call's header), it is still the token chosen.
+    reply = client.chat.completions.create(
+        model="gpt-oss", messages=ASK, tools=[BOUNDED_WEATHER], tool_choice="required", max_tokens=200,  # type: ignore[arg-type,list-item]
+        temperature=0, logit_bias={str(channel): -100})
+    (call,) = reply.choices[0].message.tool_calls or ()
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    assert call.function.name == "get_weather" and set(arguments) == {"city", "unit"}  # type: ignore[union-attr]
+    assert reply.choices[0].finish_reason == "tool_calls"
+
+
+def test_a_forced_call_on_gpt_oss_after_a_budgeted_analysis(claude: anthropic.Anthropic) -> None:
+    tool = {"name": "get_weather", "description": "The weather in a city",
+            "input_schema": BOUNDED_WEATHER["function"]["parameters"]}  # type: ignore[index]
+    message = claude.messages.create(
+        model="gpt-oss", max_tokens=200, messages=ASK, tools=[tool],  # type: ignore[arg-type,list-item]
+        tool_choice={"type": "tool", "name": "get_weather"}, thinking={"type": "enabled", "budget_tokens": 6},
+        extra_body={"temperature": 0})
+    use = message.content[-1]
+    assert use.type == "tool_use" and use.name == "get_weather" and set(use.input) == {"city", "unit"}
+    assert message.stop_reason == "tool_use"
+    assert all(b.type == "thinking" for b in message.content[:-1])
