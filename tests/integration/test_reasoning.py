@@ -98,6 +98,8 @@ def test_chat_gives_reasoning_content_apart_from_the_answer(client: openai.OpenA
     message = reply.choices[0].message
     assert (reasoning_of(message), message.content) == ("I weigh it.", "Four."), message
     assert reply.choices[0].finish_reason == "stop"
+    details = reply.usage.completion_tokens_details if reply.usage else None
+    assert reply.usage and details and 0 < (details.reasoning_tokens or 0) < reply.usage.completion_tokens
 
 
 @pytest.mark.parametrize("family", FAMILIES)
