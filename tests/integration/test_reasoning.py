@@ -47,6 +47,8 @@ CALL = {
              '{"city": "Oslo"}}\n</tool_call><|im_end|>',
     "gpt-oss": "<|channel|>analysis<|message|>I need the weather.<|end|><|start|>assistant to=functions.get_weather"
                '<|channel|>commentary json<|message|>{"city": "Oslo"}<|call|>',
+    "glm-4.6": "<think>I need the weather.</think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n"
+               "<arg_value>Oslo</arg_value>\n</tool_call><|observation|>",
 }
 ASK = [{"role": "user", "content": "What is two and two?"}]
 
