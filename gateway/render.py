@@ -24,6 +24,7 @@ from gateway.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobsBody,
+    CompletionTokensDetails,
     LogprobEntry,
     MessageToolCall,
     PromptTokensDetails,
@@ -43,12 +44,13 @@ class ResponseMeta:
         self.created = int(time.time())
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens) if reasoning_tokens else UNSET,
     )
 
 

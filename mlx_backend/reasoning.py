@@ -55,7 +55,9 @@ class ReasoningFormat:
     @property
     def closing(self) -> str:
         """What ends the reasoning when the engine must end it (a budget spent, thinking turned off)."""
-        return "<|end|><|start|>assistant" + _HARMONY_FINAL if self.kind == "harmony" else self.end
+        # harmony: the analysis message ends and the next one starts; the model picks its channel (the
+        # answer, or a call), as a forced call's grammar does.
+        return "<|end|><|start|>assistant" if self.kind == "harmony" else self.end
 
 
 def detect_reasoning(tokenizer: Any) -> ReasoningFormat | None:

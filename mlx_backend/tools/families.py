@@ -58,7 +58,8 @@ MISTRAL_ARGS = Family("mistral_args", "[TOOL_CALLS]", "", "args", mistral_ids=Tr
 
 # gpt-oss (OpenAI's harmony format): a call is a commentary message to functions.NAME; the reasoning splitter
 # (mlx_backend/reasoning.py) hands it on as the JSON call object between HERMES' markers, read as HERMES.
-HARMONY = Family("harmony", "<tool_call>", "</tool_call>", "json", forceable=False)
+# The template renders one call per assistant message; tools/grammar.py writes harmony's own markup.
+HARMONY = Family("harmony", "<tool_call>", "</tool_call>", "json", max_calls=1)
 
 BY_NAME = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL_JSON, MISTRAL_ARGS, HARMONY)}
 
@@ -92,7 +93,7 @@ def _detect(tokenizer: Any) -> Detection:
         return Detection(None, "it has no chat template")
     if template is not None and not mentions_tools(template):
         return Detection(None, "its chat template does not use tools")
-    if template is not None and "<|channel|>" in template and "to=functions." in template:
+    if template is not None and "<|channel|>" in template and "<|call|>" in template:  # harmony (gpt-oss)
         return Detection(HARMONY, "")
     if parser_type == "json_tools":
         return Detection(HERMES, "")
