@@ -54,6 +54,10 @@ SCRIPT = [
     {"when": "opencode: run the marker command", "say": _call("bash", {"command": COMMAND,
                                                                        "description": "Print the marker"})},
     {"when": MARKER, "say": f"The command printed {MARKER}.<|im_end|>"},
+    # Codex's sub-agent tools come in a namespace tool (multi_agent_v1); no such agent exists, so Codex's own
+    # handler answers that the id is invalid.
+    {"when": "codex: close an agent", "say": _call("close_agent", {"target": "agent-x"})},
+    {"when": "invalid agent id agent-x", "say": "There is no such agent.<|im_end|>"},
 ]
 
 
@@ -171,6 +175,17 @@ def test_codex_runs_a_command_and_answers_from_its_output(gateway: Gateway, tmp_
     calls = [item for r in requests for item in r["input"] if item.get("type") == "function_call"]
     assert [c["name"] for c in calls] == ["exec_command"] and json.loads(calls[0]["arguments"]) == {"cmd": COMMAND}
     assert len(results) == 1 and MARKER in json.dumps(results[0]["output"])
+
+
+def test_codex_calls_a_sub_agent_tool_of_its_namespace_and_gets_its_answer(gateway: Gateway, tmp_path: Path) -> None:
+    first = len(gateway.proxy.exchanges)
+    assert "There is no such agent." in _codex(gateway, tmp_path, "codex: close an agent")
+    requests = _generation(gateway.proxy.exchanges[first:], "/v1/responses")
+    calls = [item for r in requests for item in r["input"] if item.get("type") == "function_call"]
+    results = [item for r in requests for item in r["input"] if item.get("type") == "function_call_output"]
+    # The call came back named as OpenAI names a namespace tool's call, and Codex routed it to that tool.
+    assert [(c["name"], c.get("namespace")) for c in calls] == [("close_agent", "multi_agent_v1")]
+    assert len(results) == 1 and "invalid agent id agent-x" in json.dumps(results[0]["output"])
 
 
 # -- Claude Code: the Messages API ---------------------------------------------------------------------------
