@@ -118,20 +118,9 @@ def _run(gateway: Gateway, args: list[str], cwd: Path, env: dict[str, str]) -> s
     # set, the status page there answers 401, which is the truth and which Claude Code reads as reachable.
     failed = [e for e in exchanges if (e.status >= 400 or e.status == 0) and (e.method, e.path) != ("HEAD", "/")]
     report = (f"\n--- exit {done.returncode}\n--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
-              f"\n--- requests\n{_report(exchanges)}\n--- gateway log\n{gateway.server.log()[-4000:]}")
+              f"\n--- requests\n{gateway.proxy.report(exchanges)}\n--- gateway log\n{gateway.server.log()[-4000:]}")
     assert done.returncode == 0 and not failed and exchanges, report
     return done.stdout
-
-
-def _report(exchanges: list[Exchange]) -> str:
-    lines = []
-    for e in exchanges:
-        lines.append(e.summary())
-        if isinstance(e.body, dict):
-            lines.append("  fields: " + ", ".join(sorted(e.body)))
-        if e.status >= 400:
-            lines.append("  answer: " + e.answer[:800])
-    return "\n".join(lines)
 
 
 def _generation(exchanges: list[Exchange], path: str) -> list[dict[str, Any]]:

@@ -80,13 +80,14 @@ class RecordingProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def report(self) -> str:
-        """Every exchange: the line, the status, the request body's top-level fields, a failure's answer."""
+    def report(self, exchanges: list[Exchange] | None = None) -> str:
+        """Each exchange (all by default): the line, the status, the request body's top-level fields, a
+        failure's answer."""
         lines = []
-        for e in self.exchanges:
+        for e in self.exchanges if exchanges is None else exchanges:
             lines.append(e.summary())
             if isinstance(e.body, dict):
                 lines.append("  fields: " + ", ".join(sorted(e.body)))
             if e.status >= 400:
-                lines.append("  answer: " + e.answer[:500])
+                lines.append("  answer: " + e.answer[:800])
         return "\n".join(lines)
