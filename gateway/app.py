@@ -129,6 +129,29 @@ class BodyTimeoutMiddleware:
         await self.app(scope, receive_in_time, send)
 
 
+class HeadMiddleware:
+    """`HEAD` on every `GET` route (RFC 9110 9.3.2): the request runs as a GET, and the answer goes out with
+    the GET's status and headers (its Content-Length too) but no body. Monitors and proxies probe with
+    HEAD; Litestar answers it only on routes that declare it. A path without GET still answers 405."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
 def create_app(runtime: GatewayRuntime) -> Litestar:
     settings = runtime.settings
 
@@ -170,7 +193,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
 
 
 def create_asgi_app(runtime: GatewayRuntime) -> ASGIApp:
-    """What Granian serves: the Litestar app inside the body timeout, inside the request-context middleware
-    (so a 408 carries a request id and is counted)."""
-    app = BodyTimeoutMiddleware(cast(ASGIApp, create_app(runtime)), runtime.settings.body_timeout_s)
+    """What Granian serves: the Litestar app (answering HEAD as GET) inside the body timeout, inside the
+    request-context middleware (so a 408 carries a request id and is counted)."""
+    app = BodyTimeoutMiddleware(HeadMiddleware(cast(ASGIApp, create_app(runtime))), runtime.settings.body_timeout_s)
     return RequestContextMiddleware(app)

@@ -35,6 +35,7 @@ from gateway.protocol import (
     Tool,
     ToolMessage,
 )
+from gateway.reasoning import effort_control, template_kwargs_of, with_template_switch
 from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
 
 
@@ -50,8 +51,6 @@ def check_chat_supported(req: ChatCompletionRequest) -> None:
         raise unsupported("modalities", "only text output is available")
     if req.prediction not in (UNSET, None):
         raise unsupported("prediction", "predicted outputs are not available")
-    if req.reasoning_effort not in (UNSET, None):
-        raise unsupported("reasoning_effort", "reasoning controls are not available")
     if req.web_search_options is not UNSET:
         raise unsupported("web_search_options", "this server never goes to the network")
     if req.store:
@@ -136,7 +135,9 @@ def _to_engine_message(message: Message, index: int) -> ChatMessage:
     name = message.name if message.name is not UNSET else None
     if isinstance(message, AssistantMessage):
         calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ())
-        return ChatMessage(role="assistant", content=text_of(message.content, param), name=name, tool_calls=calls)
+        reasoning = message.reasoning_content or message.reasoning or None
+        return ChatMessage(role="assistant", content=text_of(message.content, param), name=name, tool_calls=calls,
+                           reasoning=reasoning if isinstance(reasoning, str) else None)
     role = "system" if type(message).__name__ == "SystemMessage" else "user"
     return ChatMessage(role=role, content=text_of(message.content, param), name=name)
 
@@ -172,10 +173,13 @@ def chat_to_generate(
     constraint = constraint_of(req.response_format)
     if constraint is not None:
         check_constraint_with_tools(tools, choice, "response_format")
+    effort = req.reasoning_effort if isinstance(req.reasoning_effort, str) else None
+    reasoning = with_template_switch(effort_control(effort, "reasoning_effort"), req.chat_template_kwargs)
     return Generate(
         request_id=request_id, model=req.model, params=params, messages=messages, constraint=constraint,
         **tool_fields(tools, choice, req.parallel_tool_calls is not False), n=req.n or 1,
-        fault=fault_of(req.user, allow_faults),
+        fault=fault_of(req.user, allow_faults), reasoning=reasoning,
+        template_kwargs=template_kwargs_of(req.chat_template_kwargs),
     )
 
 

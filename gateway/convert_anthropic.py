@@ -8,6 +8,8 @@ one role are combined, as Anthropic does. What we cannot honour is refused by na
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -45,11 +47,16 @@ from gateway.protocol_anthropic import (
     MessageStopEvent,
     MessageUsage,
     PingEvent,
+    RedactedThinkingBlockParam,
+    SignatureDelta,
     StopReason,
     StreamEvent,
     TextBlock,
     TextBlockParam,
     TextDelta,
+    ThinkingBlock,
+    ThinkingBlockParam,
+    ThinkingDelta,
     ToolChoiceAny,
     ToolChoiceNone,
     ToolChoiceTool,
@@ -59,10 +66,14 @@ from gateway.protocol_anthropic import (
     ToolUseBlockParam,
 )
 from gateway.protocol_anthropic import ToolChoice as AnthropicToolChoice
-from gateway.reply import CallBlock, Closed, Grew, Opened, Reply, Step
+from gateway.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
+from gateway.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
 from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, ToolCall
 
 log = logging.getLogger("mlx_gateway")
+
+# The chat fields engine errors name, as this API names them ("messages" is this API's name too).
+ENGINE_FIELDS = {"response_format": "output_config.format"}
 
 _TOOL_ID_PREFIX = "toolu_"  # Anthropic's; the engine's ids are "call_" + 24 alphanumerics
 
@@ -73,19 +84,34 @@ _TOOL_ID_PREFIX = "toolu_"  # Anthropic's; the engine's ids are "call_" + 24 alp
 
 def check_supported(req: MessageCreateRequest | CountTokensRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
-    if req.thinking is not None and req.thinking.get("type") != "disabled":
-        raise unsupported("thinking", "extended thinking is not available")
+    if req.thinking is not None:
+        anthropic_control(req.thinking, None, 1 << 30)  # its shape (max_tokens is checked in to_generate)
     if req.mcp_servers:
         raise unsupported("mcp_servers", "MCP servers are not available")
-    if req.context_management is not None:
-        raise unsupported("context_management", "context management is not available")
+    _check_context_management(req.context_management)
     if isinstance(req, MessageCreateRequest):
         if req.container is not None:
             raise unsupported("container", "code execution containers are not available")
         if req.diagnostics is not None:
             raise unsupported("diagnostics", "diagnostics are not available")
-    if req.output_config is not None and req.output_config.effort is not None:
-        raise unsupported("output_config.effort", "effort controls are not available")
+    if req.output_config is not None:
+        effort_control(req.output_config.effort, "output_config.effort", ANTHROPIC_EFFORTS)
+
+
+def _check_context_management(value: dict[str, Any] | None) -> None:
+    """Edits that clear earlier thinking (`clear_thinking_*`, Claude Code's default) are accepted: they ask to
+    drop earlier turns' reasoning from the prompt, which reasoning models' templates already do, and
+    `keep: "all"` asks for nothing. Any other edit would change what the model sees: a 400 naming it."""
+    if value is None:
+        return
+    edits = value.get("edits")
+    if set(value) - {"edits"} or not isinstance(edits, list):
+        raise invalid("context_management", 'context_management is {"edits": [...]}.')
+    for i, edit in enumerate(edits):
+        kind = edit.get("type") if isinstance(edit, dict) else None
+        if not (isinstance(kind, str) and kind.startswith("clear_thinking_")):
+            raise unsupported(f"context_management.edits[{i}]", f"the edit {kind!r} is not available (only "
+                                                               "clear_thinking edits)")
 
 
 def _system_text(system: str | list[TextBlockParam] | None) -> str:
@@ -114,13 +140,27 @@ def chat_messages(
 def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
     if isinstance(message.content, str):
         return [ChatMessage(message.role, message.content)]
+    if message.role == "system":
+        # Kept where it is: the engine merges it into the first system turn where the template allows one only.
+        parts: list[str] = []
+        for j, block in enumerate(message.content):
+            if not isinstance(block, TextBlockParam):
+                raise invalid(f"{param}.content[{j}]", "A system message holds text blocks only.")
+            parts.append(block.text)
+        return [ChatMessage("system", "\n\n".join(parts))]
     out: list[ChatMessage] = []
     texts: list[str] = []
     calls: list[ToolCall] = []
+    thoughts: list[str] = []
     for j, block in enumerate(message.content):
         where = f"{param}.content[{j}]"
         if isinstance(block, TextBlockParam):
             texts.append(block.text)
+        elif isinstance(block, ThinkingBlockParam | RedactedThinkingBlockParam):
+            if message.role != "assistant":
+                raise invalid(where, "thinking blocks belong in assistant messages.")
+            if isinstance(block, ThinkingBlockParam) and block.thinking:
+                thoughts.append(block.thinking)  # redacted thinking is another server's secret: dropped
         elif isinstance(block, ToolUseBlockParam):
             if message.role != "assistant":
                 raise invalid(where, "tool_use blocks belong in assistant messages.")
@@ -133,9 +173,10 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
                 texts = []
             out.append(ChatMessage("tool", _result_text(block, where), tool_call_id=block.tool_use_id))
         else:
-            raise unsupported(where, _UNSUPPORTED_BLOCKS.get(type(block), "thinking blocks are not supported"))
+            raise unsupported(where, _UNSUPPORTED_BLOCKS[type(block)])
     if message.role == "assistant":
-        out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls)))
+        out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls),
+                               reasoning="\n\n".join(thoughts) or None))
     elif texts:
         out.append(ChatMessage("user", "".join(texts)))
     return out
@@ -166,7 +207,9 @@ def _append(out: list[ChatMessage], message: ChatMessage) -> None:
     last = out[-1] if out else None
     if last is not None and last.role == message.role and message.role in ("user", "assistant"):
         content = "\n\n".join(t for t in (last.content, message.content) if t)
-        out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls)
+        reasoning = "\n\n".join(t for t in (last.reasoning, message.reasoning) if t) or None
+        out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls,
+                              reasoning=reasoning)
     else:
         out.append(message)
 
@@ -215,8 +258,11 @@ def to_generate(
         user = req.metadata.user_id if req.metadata else None
     else:
         params, user = SamplingParams(max_tokens=1), None
+    effort = req.output_config.effort if req.output_config else None
+    reasoning = anthropic_control(req.thinking, effort, params.max_tokens if isinstance(req, MessageCreateRequest)
+                                  else 1 << 30)
     return Generate(request_id=request_id, model=req.model, params=params, messages=messages,
-                    constraint=constraint, fault=fault_of(user, allow_faults), **tools)
+                    constraint=constraint, fault=fault_of(user, allow_faults), **tools, reasoning=reasoning)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -246,9 +292,21 @@ def _input(call: CallBlock) -> dict[str, Any]:
     return value
 
 
+def signature_of(thinking: str) -> str:
+    """A thinking block's signature: a digest of its text (Anthropic's are encrypted; nothing verifies ours)."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
+def _block(block: Block) -> ContentBlock:
+    if isinstance(block, CallBlock):
+        return ToolUseBlock(tool_use_id(block.id), block.name, _input(block))
+    if isinstance(block, ReasoningBlock):
+        return ThinkingBlock(block.text, signature_of(block.text))
+    return TextBlock(block.text)
+
+
 def content_of(reply: Reply) -> list[ContentBlock]:
-    return [ToolUseBlock(tool_use_id(b.id), b.name, _input(b)) if isinstance(b, CallBlock) else TextBlock(b.text)
-            for b in reply.blocks]
+    return [_block(b) for b in reply.blocks]
 
 
 def usage_of(prompt_tokens: int, cached_tokens: int, output_tokens: int) -> MessageUsage:
@@ -284,13 +342,19 @@ class MessageStream:
     def step(self, step: Step) -> list[bytes]:
         block = step.block
         if isinstance(step, Opened):
-            opened: ContentBlock = ToolUseBlock(tool_use_id(block.id), block.name, {}) if isinstance(
-                block, CallBlock) else TextBlock("")
+            opened: ContentBlock = (
+                ToolUseBlock(tool_use_id(block.id), block.name, {}) if isinstance(block, CallBlock)
+                else ThinkingBlock("", "") if isinstance(block, ReasoningBlock) else TextBlock(""))
             return self._frames(ContentBlockStartEvent(step.position, opened))
         if isinstance(step, Grew):
-            delta = InputJsonDelta(step.text) if isinstance(block, CallBlock) else TextDelta(step.text)
+            delta: TextDelta | InputJsonDelta | ThinkingDelta = (
+                InputJsonDelta(step.text) if isinstance(block, CallBlock)
+                else ThinkingDelta(step.text) if isinstance(block, ReasoningBlock) else TextDelta(step.text))
             return self._frames(ContentBlockDeltaEvent(step.position, delta))
         assert isinstance(step, Closed)
+        if isinstance(block, ReasoningBlock):  # the signature comes last, just before the block stops
+            return self._frames(ContentBlockDeltaEvent(step.position, SignatureDelta(signature_of(block.text))),
+                                ContentBlockStopEvent(step.position))
         return self._frames(ContentBlockStopEvent(step.position))
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:

@@ -49,6 +49,7 @@ from gateway.protocol_responses import (
     InputTokensDetails,
     ItemStatus,
     MessageItem,
+    NamespaceToolParam,
     OutputItem,
     OutputItemEvent,
     OutputMessage,
@@ -57,6 +58,12 @@ from gateway.protocol_responses import (
     OutputTextDoneEvent,
     OutputTextParam,
     OutputTokensDetails,
+    ReasoningEcho,
+    ReasoningItem,
+    ReasoningItemParam,
+    ReasoningText,
+    ReasoningTextDeltaEvent,
+    ReasoningTextDoneEvent,
     ResponseCreateRequest,
     ResponseError,
     ResponseObject,
@@ -64,11 +71,11 @@ from gateway.protocol_responses import (
     ResponseUsage,
     StreamEvent,
 )
-from gateway.reply import Block, CallBlock, Grew, Opened, Reply, Step, TextBlock
+from gateway.reasoning import SUMMARIES, effort_control
+from gateway.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
 from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ToolCall
 
 _NOT_INPUT = {
-    "reasoning": "reasoning items are not accepted (this server never makes them)",
     "item_reference": "item references are not supported: send the items themselves, or previous_response_id",
 }
 _HARMFUL_INCLUDES = {"message.output_text.logprobs": "log probabilities are not returned"}
@@ -82,9 +89,13 @@ def check_supported(req: ResponseCreateRequest) -> None:
     """Raise a 400 naming the first parameter we would otherwise have to ignore."""
     if req.background:
         raise unsupported("background", "responses run in the foreground only")
-    if req.reasoning is not None and (req.reasoning.effort not in (None, "none") or req.reasoning.summary
-                                      or req.reasoning.generate_summary):
-        raise unsupported("reasoning", "reasoning controls are not available")
+    if req.reasoning is not None:
+        effort_control(req.reasoning.effort, "reasoning.effort")
+        for name in ("summary", "generate_summary"):
+            value = getattr(req.reasoning, name)
+            if value is not None and value not in SUMMARIES:
+                raise invalid(f"reasoning.{name}", f"reasoning.{name} must be one of "
+                                                   f"{', '.join(map(repr, SUMMARIES))}, not {value!r}.")
     if req.top_logprobs:
         raise unsupported("top_logprobs", "log probabilities are not returned")
     if req.max_tool_calls is not None:
@@ -126,6 +137,9 @@ def input_messages(value: str | list[dict[str, Any]]) -> tuple[ChatMessage, ...]
         elif kind == "function_call":
             call = decode(raw, FunctionCallItem, param)
             turn.calls.append(ToolCall(call.call_id, call.name, call.arguments))
+        elif kind == "reasoning":
+            thought = decode(raw, ReasoningItemParam, param)
+            turn.add_reasoning(_reasoning_text(thought), messages)
         elif kind == "function_call_output":
             result = decode(raw, FunctionCallOutputItem, param)
             turn.flush(messages)
@@ -145,16 +159,31 @@ class _AssistantTurn:
 
     texts: list[str] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
 
     def add_text(self, text: str, messages: list[ChatMessage]) -> None:
         if self.calls:  # text after calls opens the next turn
             self.flush(messages)
         self.texts.append(text)
 
+    def add_reasoning(self, text: str, messages: list[ChatMessage]) -> None:
+        if self.calls or self.texts:  # reasoning comes first in a turn: after text or calls it opens the next
+            self.flush(messages)
+        if text:
+            self.reasoning.append(text)
+
     def flush(self, messages: list[ChatMessage]) -> None:
-        if self.texts or self.calls:
-            messages.append(ChatMessage("assistant", "\n\n".join(self.texts), tool_calls=tuple(self.calls)))
-        self.texts, self.calls = [], []
+        if self.texts or self.calls or self.reasoning:
+            messages.append(ChatMessage("assistant", "\n\n".join(self.texts), tool_calls=tuple(self.calls),
+                                        reasoning="\n\n".join(self.reasoning) or None))
+        self.texts, self.calls, self.reasoning = [], [], []
+
+
+def _reasoning_text(item: ReasoningItemParam) -> str:
+    """The full reasoning text when the item has it, else its summary (never the encrypted content)."""
+    if item.content:
+        return "".join(part.text for part in item.content)
+    return "\n\n".join(part.text for part in item.summary)
 
 
 def _text(content: str | list[ContentPart], param: str) -> str:
@@ -172,19 +201,47 @@ def _text(content: str | list[ContentPart], param: str) -> str:
     return "".join(parts)
 
 
+# Tools OpenAI runs on its own servers. Clients (Codex) declare them by default; none can run here, so the
+# model is not offered them and answers without them (docs/api.md). Forcing one (tool_choice) is a 400.
+HOSTED_TOOLS = frozenset({
+    "web_search", "web_search_preview", "web_search_2025_08_26", "web_search_preview_2025_03_11", "file_search",
+    "code_interpreter", "image_generation", "mcp", "tool_search",
+})
+
+
 def function_tools(tools: list[dict[str, Any]] | None) -> list[FunctionTool]:
+    """The function tools offered to the model: top-level ones and those inside namespace tools."""
     found: list[FunctionTool] = []
     for i, raw in enumerate(tools or ()):
         param = f"tools[{i}]"
         kind = raw.get("type") if isinstance(raw, dict) else None
-        if kind != "function":
+        if kind == "namespace":
+            namespace = decode(raw, NamespaceToolParam, param)
+            found.extend(_function_tool(inner, f"{param}.tools[{j}]") for j, inner in enumerate(namespace.tools))
+        elif kind in HOSTED_TOOLS:
+            continue
+        elif kind != "function":
             raise unsupported(param, f"the built-in tool {kind!r} is not available: this server runs local "
-                                     "models and offers function tools only")
-        tool = decode(raw, FunctionToolParam, param)
-        # The Responses API's function tools are strict unless they say otherwise.
-        found.append(FunctionTool(tool.name, tool.description, tool.parameters,
-                                  True if tool.strict is None else tool.strict, param))
+                                     "models and offers function tools (alone or in namespaces) only")
+        else:
+            found.append(_function_tool(raw, param))
     return found
+
+
+def _function_tool(raw: Any, param: str) -> FunctionTool:
+    if not isinstance(raw, dict) or raw.get("type") != "function":
+        kind = raw.get("type") if isinstance(raw, dict) else None
+        raise unsupported(param, f"tools of type {kind!r} are not available inside a namespace (only functions)")
+    tool = decode(raw, FunctionToolParam, param)
+    # The Responses API's function tools are strict unless they say otherwise.
+    return FunctionTool(tool.name, tool.description, tool.parameters, True if tool.strict is None else tool.strict,
+                        param)
+
+
+def namespaces_of(tools: list[dict[str, Any]] | None) -> dict[str, str]:
+    """Function name -> the namespace tool it belongs to (its calls name it, as OpenAI's do)."""
+    return {inner["name"]: raw["name"] for raw in tools or () if isinstance(raw, dict) and raw.get("type") ==
+            "namespace" for inner in raw.get("tools") or () if isinstance(inner, dict) and "name" in inner}
 
 
 def tool_choice(value: str | dict[str, Any] | None) -> ToolChoice:
@@ -199,6 +256,9 @@ def tool_choice(value: str | dict[str, Any] | None) -> ToolChoice:
         return ToolChoice("function", name, "tool_choice.name")
     if isinstance(value, dict) and value.get("type") == "allowed_tools":
         raise unsupported("tool_choice", "allowed_tools is not supported; send only the tools the model may use")
+    if isinstance(value, dict) and value.get("type") in HOSTED_TOOLS:
+        raise unsupported("tool_choice", f"the built-in tool {value.get('type')!r} cannot run here: a tool "
+                                         "choice may force a function tool only")
     if isinstance(value, dict):
         raise unsupported("tool_choice", f"the built-in tool {value.get('type')!r} is not available")
     raise invalid("tool_choice", f"tool_choice must be 'auto', 'none', 'required' or a function, not {value!r}.")
@@ -228,6 +288,9 @@ def to_generate(
     if not messages:
         raise invalid("input", "The input is empty.")
     functions, choice = function_tools(req.tools), tool_choice(req.tool_choice)
+    if choice.mode == "required" and not functions and req.tools:
+        raise unsupported("tool_choice", "'required' forces a call, but the only tools are built-in tools that "
+                                         "cannot run here")
     tools = tool_fields(functions, choice, req.parallel_tool_calls is not False)
     constraint = output_constraint(req)
     if constraint is not None and functions:
@@ -236,7 +299,14 @@ def to_generate(
         request_id=request_id, model=req.model, messages=messages,
         params=sampling_params(req.max_output_tokens or default_max_tokens, req.temperature, req.top_p),
         constraint=constraint, fault=fault_of(req.user, allow_faults), **tools,
+        reasoning=effort_control(req.reasoning.effort if req.reasoning else None, "reasoning.effort"),
     )
+
+
+# The chat fields engine errors name, as this API names them (a function_call item's arguments are the
+# arguments of a chat assistant message's tool call, numbered as the engine numbers its messages).
+ENGINE_FIELDS = {r"messages\[\d+\]\.tool_calls\[\d+\]\.function\.arguments": "input (a function_call item's arguments)",
+                 "messages": "input", "response_format": "text.format"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,6 +326,8 @@ def new_response(req: ResponseCreateRequest, request_id: str, store: bool) -> Re
         top_p=1.0 if req.top_p is None else req.top_p, user=UNSET if req.user is None else req.user,
         metadata=dict(req.metadata or {}),
         service_tier=req.service_tier if req.service_tier not in (None, "auto") else "default",
+        reasoning=ReasoningEcho(req.reasoning.effort, req.reasoning.summary or req.reasoning.generate_summary)
+        if req.reasoning else ReasoningEcho(),
     )
 
 
@@ -271,16 +343,21 @@ def _complete(reason: str) -> bool:
 
 
 def item_id(response_id: str, block: Block, position: int) -> str:
-    prefix = "msg" if isinstance(block, TextBlock) else "fc"
+    prefix = "msg" if isinstance(block, TextBlock) else "rs" if isinstance(block, ReasoningBlock) else "fc"
     return f"{prefix}_{response_id.removeprefix('resp_')}_{position}"
 
 
-def output_item(response_id: str, block: Block, position: int, status: ItemStatus) -> OutputItem:
+def output_item(response_id: str, block: Block, position: int, status: ItemStatus,
+                namespaces: dict[str, str] | None = None) -> OutputItem:
     if isinstance(block, TextBlock):
         return OutputMessage(id=item_id(response_id, block, position), status=status,
                              content=[OutputText(block.text)])
+    if isinstance(block, ReasoningBlock):
+        return ReasoningItem(id=item_id(response_id, block, position), status=status,
+                             content=[ReasoningText(block.text)])
     return FunctionCall(id=item_id(response_id, block, position), call_id=block.id, name=block.name,
-                        arguments=block.arguments, status=status)
+                        arguments=block.arguments, status=status,
+                        namespace=(namespaces or {}).get(block.name, msgspec.UNSET))
 
 
 def _failure_code(error: GatewayError) -> str:
@@ -293,15 +370,16 @@ def usage_of(finished: Finished) -> ResponseUsage:
         input_tokens=finished.prompt_tokens,
         input_tokens_details=InputTokensDetails(cached_tokens=finished.cached_tokens),
         output_tokens=finished.completion_tokens,
-        output_tokens_details=OutputTokensDetails(),
+        output_tokens_details=OutputTokensDetails(reasoning_tokens=finished.reasoning_tokens),
         total_tokens=finished.prompt_tokens + finished.completion_tokens,
     )
 
 
-def _output(response_id: str, reply: Reply, last: ItemStatus) -> list[OutputItem]:
+def _output(base: ResponseObject, reply: Reply, last: ItemStatus) -> list[OutputItem]:
     """The reply's items: every one complete but the last, which is `last`."""
     final = len(reply.blocks) - 1
-    return [output_item(response_id, block, i, last if i == final else "completed")
+    namespaces = namespaces_of(base.tools)
+    return [output_item(base.id, block, i, last if i == final else "completed", namespaces)
             for i, block in enumerate(reply.blocks)]
 
 
@@ -309,7 +387,7 @@ def finished_response(base: ResponseObject, reply: Reply, finished: Finished) ->
     complete = _complete(finished.finish_reason)
     return msgspec.structs.replace(
         base, status="completed" if complete else "incomplete", usage=usage_of(finished),
-        output=_output(base.id, reply, "completed" if complete else "incomplete"),
+        output=_output(base, reply, "completed" if complete else "incomplete"),
         incomplete_details=None if complete else IncompleteDetails("max_output_tokens"),
     )
 
@@ -317,7 +395,8 @@ def finished_response(base: ResponseObject, reply: Reply, finished: Finished) ->
 def turn_of(reply: Reply) -> ChatMessage:
     """The reply as the assistant turn a continuation (previous_response_id) shows the model."""
     return ChatMessage("assistant", reply.text,
-                       tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.calls))
+                       tool_calls=tuple(ToolCall(c.id, c.name, c.arguments) for c in reply.calls),
+                       reasoning=reply.reasoning or None)
 
 
 class ResponseStream:
@@ -328,6 +407,7 @@ class ResponseStream:
         self._on_done = on_done
         self._numbers = itertools.count()
         self._last_status: ItemStatus = "completed"
+        self._namespaces = namespaces_of(base.tools)
 
     def _frames(self, *events: StreamEvent) -> list[bytes]:
         return [sse.named_event(e.type, e) for e in events]
@@ -349,11 +429,16 @@ class ResponseStream:
     def _opened(self, at: int, block: Block) -> list[StreamEvent]:
         item_at = item_id(self.base.id, block, at)
         if isinstance(block, CallBlock):
-            call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress")
+            call = FunctionCall(id=item_at, call_id=block.id, name=block.name, arguments="", status="in_progress",
+                                namespace=self._namespaces.get(block.name, msgspec.UNSET))
             return [self._item("response.output_item.added", at, call)]
+        if isinstance(block, ReasoningBlock):
+            thought = ReasoningItem(id=item_at, status="in_progress")
+            return [self._item("response.output_item.added", at, thought),
+                    self._part("response.content_part.added", at, item_at, ReasoningText(""))]
         message = OutputMessage(id=item_at, status="in_progress", content=[])
         return [self._item("response.output_item.added", at, message), self._part("response.content_part.added",
-                                                                                   at, item_at, "")]
+                                                                                   at, item_at, OutputText(""))]
 
     def _grew(self, at: int, block: Block, text: str) -> StreamEvent:
         item_at = item_id(self.base.id, block, at)
@@ -361,27 +446,34 @@ class ResponseStream:
         if isinstance(block, CallBlock):
             return FunctionCallArgumentsDeltaEvent(sequence_number=number, item_id=item_at, output_index=at,
                                                    delta=text)
+        if isinstance(block, ReasoningBlock):
+            return ReasoningTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
+                                           delta=text)
         return OutputTextDeltaEvent(sequence_number=number, item_id=item_at, output_index=at, content_index=0,
                                     delta=text)
 
     def _closed(self, at: int, block: Block) -> list[StreamEvent]:
-        item = output_item(self.base.id, block, at, self._last_status)
+        item = output_item(self.base.id, block, at, self._last_status, self._namespaces)
         if isinstance(block, CallBlock):
             done: list[StreamEvent] = [FunctionCallArgumentsDoneEvent(
                 sequence_number=next(self._numbers), item_id=item.id, output_index=at, name=block.name,
                 arguments=block.arguments)]
+        elif isinstance(block, ReasoningBlock):
+            done = [ReasoningTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
+                                           content_index=0, text=block.text),
+                    self._part("response.content_part.done", at, item.id, ReasoningText(block.text))]
         else:
             done = [OutputTextDoneEvent(sequence_number=next(self._numbers), item_id=item.id, output_index=at,
                                         content_index=0, text=block.text),
-                    self._part("response.content_part.done", at, item.id, block.text)]
+                    self._part("response.content_part.done", at, item.id, OutputText(block.text))]
         return [*done, self._item("response.output_item.done", at, item)]
 
     def _item(self, kind: Any, at: int, item: OutputItem) -> OutputItemEvent:
         return OutputItemEvent(type=kind, sequence_number=next(self._numbers), output_index=at, item=item)
 
-    def _part(self, kind: Any, at: int, item_at: str, text: str) -> ContentPartEvent:
+    def _part(self, kind: Any, at: int, item_at: str, part: OutputText | ReasoningText) -> ContentPartEvent:
         return ContentPartEvent(type=kind, sequence_number=next(self._numbers), item_id=item_at, output_index=at,
-                                content_index=0, part=OutputText(text))
+                                content_index=0, part=part)
 
     def closing(self, reply: Reply, finished: Finished) -> list[bytes]:
         self._last_status = "completed" if _complete(finished.finish_reason) else "incomplete"
@@ -394,7 +486,7 @@ class ResponseStream:
     def failure(self, reply: Reply, error: GatewayError) -> list[bytes]:
         """The block being written stays open (no done events): the failed response lists it incomplete."""
         failed = msgspec.structs.replace(
-            self.base, status="failed", output=_output(self.base.id, reply, "incomplete"),
+            self.base, status="failed", output=_output(self.base, reply, "incomplete"),
             error=ResponseError(_failure_code(error), error.message),
         )
         return self._frames(self._state("response.failed", failed))

@@ -155,6 +155,19 @@ def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
+def in_api_terms(error: GatewayError, fields: dict[str, str]) -> GatewayError:
+    """An engine error that names a chat field (the engine sees chat messages and chat's names), naming the
+    field of the client's API instead: `fields` maps a pattern of chat's name to the API's. The param is the
+    API's top-level field; the message says the same."""
+    for pattern, name in fields.items():
+        if error.param is not None and re.match(pattern + r"\b", error.param):
+            message = error.message
+            for chat, ours in fields.items():
+                message = re.sub(r"\b" + chat + r"\b", ours, message)
+            return GatewayError(error.kind, message, name.split(" ")[0])
+    return error
+
+
 FAULT_PREFIX = "fault:"  # test-only: `user: "fault:abort"` injects an engine fault (settings.test_faults)
 
 

@@ -69,22 +69,35 @@ def from_http_exception(exc: HTTPException) -> GatewayError | None:
     return GatewayError(kind, exc.detail)
 
 
+def _logged(render: Render) -> Callable[[Request[Any, Any, Any], GatewayError], Response[Any]]:
+    """`render`, and a log line naming the route, the status and the message: an operator (or a test driving
+    a real client) sees what a client was refused for, not only that it was."""
+
+    def render_and_log(request: Request[Any, Any, Any], error: GatewayError) -> Response[Any]:
+        log.info("%s %s -> %d %s", request.method, request.url.path, error.status, error.message)
+        return render(error)
+
+    return render_and_log
+
+
 def exception_handlers(render: Render) -> ExceptionHandlersMap:
-    def on_gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[Any]:
-        return render(exc)
+    respond = _logged(render)
 
-    def on_validation_error(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
-        return render(from_validation(exc))
+    def on_gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[Any]:
+        return respond(request, exc)
 
-    def on_undecodable_body(_: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Any]:
-        return render(GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid UTF-8 JSON: {exc.reason} "
-                                                           f"at byte {exc.start}."))
+    def on_validation_error(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+        return respond(request, from_validation(exc))
+
+    def on_undecodable_body(request: Request[Any, Any, Any], exc: UnicodeDecodeError) -> Response[Any]:
+        return respond(request, GatewayError(ErrorKind.INVALID_JSON, f"The body is not valid UTF-8 JSON: "
+                                                                     f"{exc.reason} at byte {exc.start}."))
 
     def on_http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
         error = from_http_exception(exc)
         if error is None:
             return on_unexpected(request, exc)
-        response = render(error)
+        response = respond(request, error)
         response.headers.update(exc.headers or {})  # e.g. Allow on 405
         return response
 

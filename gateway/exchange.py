@@ -65,6 +65,7 @@ class Exchange:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.completion_tokens = 0
+        self.reasoning_tokens = 0  # of completion_tokens, spent thinking (as each choice's Finished says)
         self.arrived_at = arrived_at if arrived_at is not None else time.monotonic()
         self._engine_request = engine_request
         self._on_end = on_end
@@ -117,13 +118,14 @@ class Exchange:
         if isinstance(event, Delta):
             self.completion_tokens += event.tokens
             self._generated.inc(event.tokens)
-            if event.text and not self._first_text_seen:
+            if (event.text or event.reasoning) and not self._first_text_seen:
                 self._first_text_seen = True
                 metrics.TIME_TO_FIRST_TOKEN.labels(self.command.model).observe(time.monotonic() - self.arrived_at)
             return event
         if isinstance(event, Finished):
             self.unfinished.discard(event.index)
             self.finish_reasons[event.index] = event.finish_reason
+            self.reasoning_tokens += event.reasoning_tokens
             if not self.unfinished:
                 self.end(Ending.FINISHED)
             return event
@@ -159,7 +161,7 @@ class Exchange:
 
     def usage(self) -> Usage:
         """Tokens so far: the prompt once, every choice's completion tokens."""
-        return usage_of(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        return usage_of(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens)
 
     # -- the client's connection --------------------------------------------------------------------------
 

@@ -68,6 +68,10 @@ class AssistantMessage(Struct, tag="assistant", tag_field="role", forbid_unknown
     name: str | UnsetType = UNSET
     refusal: str | UnsetType | None = UNSET
     tool_calls: list[MessageToolCall] | UnsetType | None = UNSET
+    # The turn's reasoning, as this server (and vLLM, llama.cpp, LM Studio) returned it: shown to templates
+    # that render earlier reasoning, dropped by the others. `reasoning` is the newer vLLM/OpenRouter name.
+    reasoning_content: str | UnsetType | None = UNSET
+    reasoning: str | UnsetType | None = UNSET
 
 
 class ToolMessage(Struct, tag="tool", tag_field="role", forbid_unknown_fields=True):
@@ -157,6 +161,9 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     verbosity: str | None = None
+    # An extension (vLLM, llama.cpp, LM Studio): variables for the model's chat template, such as
+    # {"enable_thinking": false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] | None = None
     # Fields OpenAI defines that change behaviour we do not offer: named in a 400 when set.
     audio: dict[str, Any] | UnsetType | None = UNSET
     modalities: list[str] | UnsetType | None = UNSET
@@ -197,11 +204,16 @@ class PromptTokensDetails(Struct):
     cached_tokens: int = 0
 
 
+class CompletionTokensDetails(Struct):
+    reasoning_tokens: int = 0
+
+
 class Usage(Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
+    completion_tokens_details: CompletionTokensDetails | UnsetType = UNSET  # a reasoning model's, when it thought
 
 
 class TopLogprobEntry(Struct):
@@ -227,6 +239,7 @@ class AssistantReply(Struct):
     content: str | None  # null when the reply is only tool calls
     refusal: None = None
     tool_calls: list[MessageToolCall] | UnsetType = UNSET  # absent when there are none
+    reasoning_content: str | UnsetType = UNSET  # a reasoning model's thinking; absent when there is none
 
 
 class ChatChoice(Struct):
@@ -264,6 +277,7 @@ class ChunkDelta(Struct, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
     tool_calls: list[ChunkToolCall] | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
 
 
 class ChunkChoice(Struct):

@@ -53,16 +53,20 @@ class ToolResultBlockParam(Struct, tag="tool_result", tag_field="type", forbid_u
     cache_control: dict[str, Any] | None = None
 
 
-class ThinkingBlockParam(Struct, tag="thinking", tag_field="type"):
-    """Accepted by the decoder only so the error can say that thinking blocks are not supported."""
+class ThinkingBlockParam(Struct, tag="thinking", tag_field="type", forbid_unknown_fields=True):
+    """An earlier reply's thinking: given to the assistant turn, for templates that render it. The signature
+    is not verified (ours is a digest of the text, not a secret)."""
 
     thinking: str = ""
+    signature: str | None = None
+    cache_control: dict[str, Any] | None = None
 
 
-class RedactedThinkingBlockParam(Struct, tag="redacted_thinking", tag_field="type"):
-    """Accepted by the decoder only so the error can say that thinking blocks are not supported."""
+class RedactedThinkingBlockParam(Struct, tag="redacted_thinking", tag_field="type", forbid_unknown_fields=True):
+    """Another server's encrypted thinking: accepted, and dropped (nothing here can read it)."""
 
     data: str = ""
+    cache_control: dict[str, Any] | None = None
 
 
 ContentBlockParam = (
@@ -72,7 +76,9 @@ ContentBlockParam = (
 
 
 class MessageParam(Struct, forbid_unknown_fields=True):
-    role: Literal["user", "assistant"]
+    """`system`: a system message in the conversation (Claude Code's beta mid-conversation-system), text only."""
+
+    role: Literal["user", "assistant", "system"]
     content: str | list[ContentBlockParam]
 
 
@@ -118,7 +124,7 @@ class JsonSchemaFormat(Struct, tag="json_schema", tag_field="type", forbid_unkno
 
 class OutputConfig(Struct, forbid_unknown_fields=True):
     format: JsonSchemaFormat | None = None  # structured output: the reply is JSON valid against the schema
-    effort: str | None = None  # unsupported: named in a 400 when set
+    effort: str | None = None  # low | medium | high | xhigh | max: reaches templates that read an effort
 
 
 class Metadata(Struct, forbid_unknown_fields=True):
@@ -148,8 +154,9 @@ class MessageCreateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     cache_control: dict[str, Any] | None = None
     inference_geo: str | None = None
     speed: str | None = None
+    # {"type": "enabled", "budget_tokens": N} | {"type": "adaptive"} | {"type": "disabled"}
+    thinking: dict[str, Any] | None = None
     # Fields Anthropic defines that change behaviour we do not offer: named in a 400 when set.
-    thinking: dict[str, Any] | None = None  # {"type": "disabled"} is accepted
     container: str | dict[str, Any] | None = None
     mcp_servers: list[dict[str, Any]] | None = None
     context_management: dict[str, Any] | None = None
@@ -194,7 +201,15 @@ class ToolUseBlock(Struct, tag="tool_use", tag_field="type"):
     caller: DirectCaller = msgspec.field(default_factory=DirectCaller)  # required, never null
 
 
-ContentBlock = TextBlock | ToolUseBlock
+class ThinkingBlock(Struct, tag="thinking", tag_field="type"):
+    """A reasoning model's thinking. The signature is this server's digest of the text, not verified when
+    the block comes back."""
+
+    thinking: str
+    signature: str
+
+
+ContentBlock = TextBlock | ToolUseBlock | ThinkingBlock
 
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
 
@@ -257,9 +272,17 @@ class InputJsonDelta(Struct, tag="input_json_delta", tag_field="type"):
     partial_json: str
 
 
+class ThinkingDelta(Struct, tag="thinking_delta", tag_field="type"):
+    thinking: str
+
+
+class SignatureDelta(Struct, tag="signature_delta", tag_field="type"):
+    signature: str
+
+
 class ContentBlockDeltaEvent(Struct, tag="content_block_delta", tag_field="type"):
     index: int
-    delta: TextDelta | InputJsonDelta
+    delta: TextDelta | InputJsonDelta | ThinkingDelta | SignatureDelta
 
 
 class ContentBlockStopEvent(Struct, tag="content_block_stop", tag_field="type"):

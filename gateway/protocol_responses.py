@@ -84,10 +84,38 @@ class FunctionCallOutputItem(Struct, tag="function_call_output", tag_field="type
     status: str | None = None
 
 
+class SummaryTextParam(Struct, tag="summary_text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ReasoningTextParam(Struct, tag="reasoning_text", tag_field="type", forbid_unknown_fields=True):
+    text: str
+
+
+class ReasoningItemParam(Struct, tag="reasoning", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """An earlier reply's reasoning: given to the assistant turn it precedes, for templates that render it."""
+
+    summary: list[SummaryTextParam] = msgspec.field(default_factory=list)
+    content: list[ReasoningTextParam] | None = None
+    encrypted_content: str | None = None  # ours is never set; another server's is opaque to us: not read
+    id: str | None = None
+    status: str | None = None
+
+
 class FunctionToolParam(Struct, tag="function", tag_field="type", forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     parameters: dict[str, Any] | None = None
     strict: bool | None = None  # OpenAI's default for function tools is true
+    description: str | None = None
+    defer_loading: bool | None = None  # for OpenAI's tool search; every tool is offered at once here
+
+
+class NamespaceToolParam(Struct, tag="namespace", tag_field="type", forbid_unknown_fields=True, kw_only=True):
+    """Function tools grouped under one name (Codex's sub-agent tools): each is offered to the model by its
+    own name, and a call to it comes back as a function_call with `namespace` set, as OpenAI's does."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    tools: list[dict[str, Any]]  # function tools (decoded one by one, to name the one at fault)
     description: str | None = None
 
 
@@ -146,6 +174,7 @@ class ResponseCreateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     previous_response_id: str | None = None
     # Accepted, and without effect on the output here (metadata is echoed back):
     metadata: dict[str, str] | None = None
+    client_metadata: dict[str, Any] | None = None  # Codex's own ids (session, turn, window): metadata
     user: str | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
@@ -190,9 +219,28 @@ class FunctionCall(Struct, tag="function_call", tag_field="type", kw_only=True):
     name: str
     arguments: str
     status: ItemStatus
+    namespace: str | msgspec.UnsetType = msgspec.UNSET  # the namespace tool the function belongs to, if any
 
 
-OutputItem = OutputMessage | FunctionCall
+class ReasoningText(Struct, tag="reasoning_text", tag_field="type"):
+    text: str
+
+
+class SummaryText(Struct, tag="summary_text", tag_field="type"):
+    text: str
+
+
+class ReasoningItem(Struct, tag="reasoning", tag_field="type", kw_only=True):
+    """A reasoning model's thinking, in full as `content` (no summary is made: `summary` stays empty, and
+    there is no `encrypted_content`)."""
+
+    id: str
+    summary: list[SummaryText] = msgspec.field(default_factory=list)
+    content: list[ReasoningText] = msgspec.field(default_factory=list)
+    status: ItemStatus | None = None
+
+
+OutputItem = OutputMessage | FunctionCall | ReasoningItem
 
 
 class InputTokensDetails(Struct):
@@ -222,8 +270,8 @@ class ResponseError(Struct):
 
 
 class ReasoningEcho(Struct):
-    effort: None = None
-    summary: None = None
+    effort: str | None = None
+    summary: str | None = None
 
 
 class ResponseObject(Struct, kw_only=True):
@@ -261,7 +309,8 @@ class DeletedResponse(Struct):
 
 
 # Streaming: `event: <type>` + `data: <event JSON>` pairs, each with a sequence_number from 0, in this order:
-# response.created, response.in_progress; per output item output_item.added, (for a message)
+# response.created, response.in_progress; per output item output_item.added, (for reasoning)
+# content_part.added, reasoning_text.delta..., reasoning_text.done, content_part.done, (for a message)
 # content_part.added, output_text.delta..., output_text.done, content_part.done, (for a call)
 # function_call_arguments.delta..., function_call_arguments.done, then output_item.done; last one of
 # response.completed, response.incomplete (max_output_tokens) or response.failed.
@@ -287,7 +336,7 @@ class ContentPartEvent(Struct, kw_only=True):
     item_id: str
     output_index: int
     content_index: int
-    part: OutputText
+    part: OutputText | ReasoningText
 
 
 class OutputTextDeltaEvent(Struct, kw_only=True):
@@ -327,7 +376,26 @@ class FunctionCallArgumentsDoneEvent(Struct, kw_only=True):
     arguments: str
 
 
+class ReasoningTextDeltaEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.delta"] = "response.reasoning_text.delta"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    delta: str
+
+
+class ReasoningTextDoneEvent(Struct, kw_only=True):
+    type: Literal["response.reasoning_text.done"] = "response.reasoning_text.done"
+    sequence_number: int
+    item_id: str
+    output_index: int
+    content_index: int
+    text: str
+
+
 StreamEvent = (
     ResponseStateEvent | OutputItemEvent | ContentPartEvent | OutputTextDeltaEvent | OutputTextDoneEvent
-    | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent
+    | FunctionCallArgumentsDeltaEvent | FunctionCallArgumentsDoneEvent | ReasoningTextDeltaEvent
+    | ReasoningTextDoneEvent
 )

@@ -24,6 +24,7 @@ from gateway.protocol import (
     Completion,
     CompletionChoice,
     CompletionLogprobsBody,
+    CompletionTokensDetails,
     LogprobEntry,
     MessageToolCall,
     PromptTokensDetails,
@@ -43,12 +44,13 @@ class ResponseMeta:
         self.created = int(time.time())
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens) if reasoning_tokens else UNSET,
     )
 
 
@@ -73,9 +75,11 @@ class FoldedChoice:
     calls: dict[int, _Call] = field(default_factory=dict)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = "stop"
+    reasoning: list[str] = field(default_factory=list)
 
     def add(self, delta: Delta) -> None:
         self.text.append(delta.text)
+        self.reasoning.append(delta.reasoning)
         self.logprobs.extend(delta.logprobs)
         for piece in delta.tool_calls:
             call = self.calls.setdefault(piece.index, _Call())
@@ -148,9 +152,10 @@ def chat_completion(meta: ResponseMeta, choices: list[FoldedChoice], usage: Usag
 def _reply(choice: FoldedChoice) -> AssistantReply:
     calls = choice.tool_calls()
     text = "".join(choice.text)
+    reasoning = "".join(choice.reasoning) or UNSET
     if calls:
-        return AssistantReply(role="assistant", content=text or None, tool_calls=calls)
-    return AssistantReply(role="assistant", content=text)
+        return AssistantReply(role="assistant", content=text or None, tool_calls=calls, reasoning_content=reasoning)
+    return AssistantReply(role="assistant", content=text, reasoning_content=reasoning)
 
 
 def chat_chunk(meta: ResponseMeta, choice: ChunkChoice) -> ChatCompletionChunk:
@@ -162,10 +167,11 @@ def chat_opening_chunk(meta: ResponseMeta, index: int) -> ChatCompletionChunk:
 
 
 def chat_delta_chunk(meta: ResponseMeta, delta: Delta, logprobs: bool) -> ChatCompletionChunk | None:
-    if not delta.text and not delta.tool_calls and not delta.logprobs:
+    if not delta.text and not delta.tool_calls and not delta.logprobs and not delta.reasoning:
         return None
-    body = ChunkDelta(content=delta.text if delta.text or not delta.tool_calls else UNSET,
-                      tool_calls=_chunk_calls(delta.tool_calls) if delta.tool_calls else UNSET)
+    body = ChunkDelta(content=delta.text if delta.text or not (delta.tool_calls or delta.reasoning) else UNSET,
+                      tool_calls=_chunk_calls(delta.tool_calls) if delta.tool_calls else UNSET,
+                      reasoning_content=delta.reasoning or UNSET)
     return chat_chunk(meta, ChunkChoice(index=delta.index, delta=body,
                                         logprobs=chat_logprobs(delta.logprobs, logprobs)))
 

@@ -1,4 +1,4 @@
-"""A reply as an ordered list of blocks (text, or a tool call), built from the engine's deltas.
+"""A reply as an ordered list of blocks (reasoning, text, or a tool call), built from the engine's deltas.
 
 The Responses API and the Messages API both present a reply as items or content blocks, each opened,
 filled and closed in turn; chat completions flattens it. `Reply.add` takes each engine Delta and says what
@@ -23,13 +23,20 @@ class TextBlock:
 
 
 @dataclass
+class ReasoningBlock:
+    """A reasoning model's thinking (the engine's Delta.reasoning), before the text or calls it leads to."""
+
+    text: str = ""
+
+
+@dataclass
 class CallBlock:
     id: str
     name: str
     arguments: str = ""  # JSON text, as the model wrote it (a prefix of it if the reply was cut short)
 
 
-Block = TextBlock | CallBlock
+Block = TextBlock | CallBlock | ReasoningBlock
 
 
 @dataclass(frozen=True)
@@ -68,8 +75,16 @@ class Reply:
     def text(self) -> str:
         return "".join(b.text for b in self.blocks if isinstance(b, TextBlock))
 
+    @property
+    def reasoning(self) -> str:
+        return "".join(b.text for b in self.blocks if isinstance(b, ReasoningBlock))
+
     def add(self, delta: Delta) -> list[Step]:
         steps: list[Step] = []
+        if delta.reasoning:  # a Delta's reasoning comes before its text
+            if not (self._open and isinstance(self.blocks[-1], ReasoningBlock)):
+                self._open_block(ReasoningBlock(), steps)
+            self._grow(len(self.blocks) - 1, delta.reasoning, steps)
         if delta.text:
             if not (self._open and isinstance(self.blocks[-1], TextBlock)):
                 self._open_block(TextBlock(), steps)
@@ -104,7 +119,7 @@ class Reply:
 
     def _grow(self, position: int, text: str, steps: list[Step]) -> None:
         block = self.blocks[position]
-        if isinstance(block, TextBlock):
+        if isinstance(block, TextBlock | ReasoningBlock):
             block.text += text
         else:
             block.arguments += text

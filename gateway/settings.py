@@ -118,6 +118,10 @@ class Settings:
     test_faults: bool = field(
         default=False, metadata={"help": "TEST ONLY: honour fault injection through the 'user' field"}
     )
+    test_script: Path | None = field(
+        default=None, metadata={"help": "TEST ONLY (with --test-faults): a JSON file of scripted replies "
+                                        "(gateway/test_script.py), read again for every request"}
+    )
     test_read_delay_s: float = field(
         default=0.0, metadata={"help": "TEST ONLY (with --test-faults): a model load waits this long per 8 MB "
                                        "it reads, as a slow disk would"}

@@ -260,7 +260,8 @@ class Batcher:
         """Start a request on its loaded model; False while it stays waiting, for company (`_gathering`) or
         for its KV cache to fit. It is planned first, so a request that cannot run is refused at once."""
         state = self._state_for(cached)
-        plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text)
+        plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text,
+                                                                             self.config.allow_fault_injection)
         rows = len(plan.choices)
         if gathering or not self.cache.reserve_kv(
             command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows
@@ -469,7 +470,8 @@ class Batcher:
         state.rows.pop(row.uid, None)
         request = row.request
         self._emit(Finished(request.rid, reason, request.prompt_tokens, row.plan.output.completion_tokens,
-                            request.cached_tokens, row.plan.index, row.plan.output.stop_sequence))
+                            request.cached_tokens, row.plan.index, row.plan.output.stop_sequence,
+                            row.plan.output.reasoning_tokens))
         if not request.open_rows:
             self._where.pop(request.rid, None)
             self._done(state, request)

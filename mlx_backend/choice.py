@@ -1,7 +1,8 @@
 """One choice's generated tokens -> what its client sees, and when it must end. Pure bookkeeping, no MLX
 calls except through the logprobs it is handed.
 
-Each token goes through the choice's streaming detokenizer, then the tool-call parser (markup never reaches
+Each token goes through the choice's streaming detokenizer, then (for a reasoning model) the splitter that
+takes the reasoning out (mlx_backend/reasoning.py), then the tool-call parser (markup never reaches
 the content), then the stop strings (matched on the content only, so a stop string cannot cut a call's
 JSON), and becomes a Delta with the token count and, when asked for, the tokens' logprobs. The choice ends
 at EOS or max_tokens (the generator says which), at a stop string, or when the parser has the one call a
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from mlx_backend.reasoning import HarmonySplitter, Split, ThinkingBudget, ThinkSplitter
 from mlx_backend.stops import StopMatcher
 from mlx_backend.tools import ToolCallParser
 from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
@@ -27,6 +29,8 @@ class ChoiceOutput:
         stops: StopMatcher,
         parser: ToolCallParser | None,
         logprob_of: Callable[[Any, int], TokenLogprob] | None,  # (logprobs row, token) -> entry; None: off
+        splitter: ThinkSplitter | HarmonySplitter | None = None,  # a reasoning model's chat reply
+        budget: ThinkingBudget | None = None,  # the thinking budget, forced by a logits processor of the plan
     ) -> None:
         self.request_id = request_id
         self.index = index
@@ -37,6 +41,10 @@ class ChoiceOutput:
         self.completion_tokens = 0
         self._unsent_tokens = 0
         self._logprobs: list[TokenLogprob] = []
+        self._splitter = splitter
+        self._budget = budget
+        self.reasoning_tokens = 0
+        self._reasoning = ""  # not yet sent
 
     def on_token(self, token: int, finish_reason: str | None, logprobs: Any) -> tuple[Delta | None, str | None]:
         """Take one generated token; `finish_reason` is the generator's ("stop" at EOS, "length" at
@@ -53,6 +61,8 @@ class ChoiceOutput:
             if finish_reason is not None:
                 self._detokenizer.finalize()
         segment = self._detokenizer.last_segment
+        if self._splitter is not None:
+            segment = self._split(segment, final=finish_reason is not None)
         calls: tuple[ToolCallDelta, ...] = ()
         calls_done = False
         if self._parser is not None:
@@ -67,9 +77,24 @@ class ChoiceOutput:
         if finish_reason is not None or calls_done:
             text += self._stops.flush()
             return self._delta(text, calls), self._final_reason(finish_reason)
-        if text or calls:
+        if text or calls or self._reasoning:
             return self._delta(text, calls), None
         return None, None
+
+    def _split(self, segment: str, final: bool) -> str:
+        """Take the reasoning out of this token's text (kept for the next Delta); count and budget it."""
+        assert self._splitter is not None
+        was_inside = self._splitter.inside
+        split = self._splitter.feed(segment)
+        if final:
+            rest = self._splitter.finish()
+            split = Split(split.reasoning + rest.reasoning, split.content + rest.content)
+        self._reasoning += split.reasoning
+        if was_inside or self._splitter.inside or split.reasoning:
+            self.reasoning_tokens += 1
+            if self._budget is not None and self.reasoning_tokens >= self._budget.budget and self._splitter.inside:
+                self._budget.spend()
+        return split.content
 
     @property
     def stop_sequence(self) -> str | None:
@@ -84,7 +109,9 @@ class ChoiceOutput:
     def _delta(self, text: str, calls: tuple[ToolCallDelta, ...]) -> Delta | None:
         if not text and not calls and not self._unsent_tokens:
             return None
-        delta = Delta(self.request_id, text, self._unsent_tokens, calls, tuple(self._logprobs), self.index)
+        delta = Delta(self.request_id, text, self._unsent_tokens, calls, tuple(self._logprobs), self.index,
+                      self._reasoning)
+        self._reasoning = ""
         self._unsent_tokens = 0
         self._logprobs = []
         return delta

@@ -73,11 +73,12 @@ class EngineRequest:
             # first), stay Deltas of their own.
             if not isinstance(following, Delta) or following.index != item.index or (
                 item.tool_calls and following.text
-            ):
+            ) or ((item.text or item.tool_calls) and following.reasoning):  # reasoning after text: its own too
                 break
             items.popleft()
             item = Delta(item.request_id, item.text + following.text, item.tokens + following.tokens,
-                         item.tool_calls + following.tool_calls, item.logprobs + following.logprobs, item.index)
+                         item.tool_calls + following.tool_calls, item.logprobs + following.logprobs, item.index,
+                         item.reasoning + following.reasoning)
         if isinstance(item, EngineError | Interrupted):
             self._held = item  # the request is over: every later call raises the same
             raise item

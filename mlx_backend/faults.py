@@ -5,7 +5,9 @@
 - "stall": the MLX thread blocks for good, as a native deadlock inside mx.eval does;
 - "raise": an exception while decoding the request (it alone fails);
 - "slow": the whole batch is paced at ~20 steps/s, so tests can act mid-stream;
-- "stall-rank-1": as "stall", on rank 1 of an engine group only (rank 0 then waits for it in a collective).
+- "stall-rank-1": as "stall", on rank 1 of an engine group only (rank 0 then waits for it in a collective);
+- "emit:TEXT": the model's sampling is held to TEXT's tokens (special tokens included), then runs free: a
+  random test model then writes a family's real markup (reasoning blocks, calls), through the whole engine.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ def before_start(fault: str | None) -> None:
 def while_decoding(fault: str | None) -> None:
     if fault == "raise":
         raise RuntimeError("injected fault (raise)")
+
+
+def emitted_text(fault: str | None) -> str | None:
+    return fault.removeprefix("emit:") if fault is not None and fault.startswith("emit:") else None
 
 
 def pace(step_started: float) -> None:

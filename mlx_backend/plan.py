@@ -17,11 +17,13 @@ import msgspec
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
+from mlx_backend import faults
 from mlx_backend.cache import CachedModel
 from mlx_backend.choice import ChoiceOutput
 from mlx_backend.constrained import ConstraintError, ConstraintProcessor, compiler_for
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText, token_logprob
+from mlx_backend.reasoning import ForcedTokens, budget_processor, detect_reasoning, opens_reasoning
 from mlx_backend.sampling import make_logits_processors, make_sampler
 from mlx_backend.stops import StopMatcher
 from mlx_backend.tools import ToolRequest, encode_prompt
@@ -44,7 +46,9 @@ class RequestPlan:
     choices: list[ChoicePlan]
 
 
-def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) -> RequestPlan:
+def plan_request(
+    command: Generate, cached: CachedModel, token_text: TokenText, allow_faults: bool = False
+) -> RequestPlan:
     tokenizer: Any = cached.artifacts.tokenizer
     param = "messages" if command.messages is not None else "prompt"
     tools = ToolRequest.from_command(command, tokenizer)
@@ -53,8 +57,9 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
     if context is not None and len(tokens) >= context:
         raise EngineError(
             EngineErrorCode.CONTEXT_LENGTH_EXCEEDED,
-            f"This model's maximum context length is {context} tokens, but the {param} has {len(tokens)} "
-            "tokens, leaving no room for a completion. Shorten the input.",
+            f"This model's maximum context length is {context} tokens, but the prompt "
+            f"{'' if param == 'prompt' else f'({param}) '}is {len(tokens)} tokens, leaving no room for a "
+            "completion. Shorten the input.",
             param,
         )
     # A request may not run past the context: max_tokens is clamped to what is left after the prompt
@@ -68,6 +73,8 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
         functools.partial(_logprob, params=command.params, text=token_text)
         if command.params.logprobs is not None else None
     )
+    thinks = detect_reasoning(tokenizer) if command.messages is not None else None
+    starts_inside = opens_reasoning(thinks, tokenizer, tokens)
     choices = []
     for index in range(max(1, command.n)):
         params = _params_of_choice(command.params, index)
@@ -79,9 +86,16 @@ def plan_request(command: Generate, cached: CachedModel, token_text: TokenText) 
             except ConstraintError as exc:
                 raise EngineError(EngineErrorCode.INVALID_REQUEST, exc.message, constraint_param) from exc
             processors.append(processor)  # last: it masks what the penalties left
+        budget = budget_processor(command, tokenizer)
+        if budget is not None:
+            processors.append(budget)  # after the grammar: its forced markup is the one token allowed
+        emitted = faults.emitted_text(command.fault) if allow_faults else None
+        if emitted is not None:
+            processors.append(ForcedTokens(list(tokenizer.encode(emitted, add_special_tokens=False))))
         detokenizer = _detokenizer(tokenizer, continues_prompt=command.messages is None)
         output = ChoiceOutput(command.request_id, index, detokenizer, StopMatcher(params.stop),
-                              tools.parser() if tools else None, logprob_of)
+                              tools.parser() if tools else None, logprob_of,
+                              thinks.splitter(starts_inside) if thinks else None, budget)
         choices.append(ChoicePlan(index, make_sampler(params), processors, processor, output))
     return RequestPlan(tokens, max_tokens, choices)
 

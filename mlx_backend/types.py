@@ -56,6 +56,16 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     name: str | None = None
     tool_call_id: str | None = None  # role "tool": the call this message answers
     tool_calls: tuple[ToolCall, ...] = ()  # role "assistant": the calls it made
+    reasoning: str | None = None  # role "assistant": its reasoning, for templates that render it (or drop it)
+
+
+class ReasoningControl(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a request asks of a reasoning model's thinking; mlx_backend/reasoning.py maps it onto what the
+    model's chat template understands. A model that cannot think ignores it."""
+
+    enabled: bool | None = None  # None: the template's default; False: answer without thinking
+    effort: str | None = None  # "low" | "medium" | "high": for templates that read reasoning_effort (gpt-oss)
+    budget_tokens: int | None = None  # thinking is closed (its end markup forced) after this many tokens
 
 
 class GroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -149,6 +159,8 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call
     n: int = 1  # choices, sharing the prompt's prefill
+    reasoning: ReasoningControl | None = None  # thinking on/off, effort, budget (reasoning models)
+    template_kwargs: str | None = None  # JSON object: extra chat-template variables (chat_template_kwargs)
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 
 
@@ -245,11 +257,12 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
 
 class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):
     request_id: str
-    text: str  # content: never holds tool-call markup
+    text: str  # content: never holds tool-call or reasoning markup
     tokens: int  # tokens generated since the previous Delta
     tool_calls: tuple[ToolCallDelta, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `tokens`, when asked for
     index: int = 0  # the choice (n > 1)
+    reasoning: str = ""  # the model's thinking, without its markup (reasoning models)
 
 
 class Finished(msgspec.Struct, frozen=True, tag="finished", omit_defaults=True):
@@ -262,6 +275,7 @@ class Finished(msgspec.Struct, frozen=True, tag="finished", omit_defaults=True):
     cached_tokens: int
     index: int = 0
     stop_sequence: str | None = None  # finish_reason "stop" because this stop string matched (not EOS)
+    reasoning_tokens: int = 0  # of completion_tokens, those spent thinking
 
 
 class PromptCount(msgspec.Struct, frozen=True, tag="prompt_count"):

@@ -20,4 +20,11 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 
 python3 -m pip install -q -e ".[test]"
+
+# The coding agents tests/integration/test_agent_clis.py drives (Codex CLI, Claude Code, opencode), at the
+# exact versions pinned in tests/agent_clis/package.json (each pins its platform binaries exactly), into that
+# folder only (nothing global). Claude Code 2.1.197 is the last release that runs on node 18 and 20.
+if command -v npm >/dev/null 2>&1; then
+  npm install --prefix tests/agent_clis --no-package-lock --no-audit --no-fund --loglevel=error >/dev/null
+fi
 exec python3 -m pytest "$@"

@@ -13,6 +13,8 @@ from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
 from gateway import convert_anthropic, error_handlers
+from gateway.convert_shared import in_api_terms
+from gateway.errors import GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol_anthropic import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
 from gateway.routes import responses
@@ -43,7 +45,10 @@ async def create_message(request: Request[Any, Any, Any], data: MessageCreateReq
     runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
     command = convert_anthropic.to_generate(data, request_id, runtime.settings.test_faults)
     message_id = f"msg_{request_id}"
-    exchange = await start(runtime, request, command)
+    try:
+        exchange = await start(runtime, request, command)
+    except GatewayError as exc:
+        raise in_api_terms(exc, convert_anthropic.ENGINE_FIELDS) from exc
     if data.stream:
         renderer = convert_anthropic.MessageStream(message_id, data.model, exchange.prompt_tokens,
                                                    exchange.cached_tokens)
@@ -67,4 +72,7 @@ async def count_message_tokens(request: Request[Any, Any, Any], data: CountToken
     runtime: GatewayRuntime = request.app.state.runtime
     runtime.resolve(data.model)
     command = convert_anthropic.to_generate(data, exchange_id(request))
-    return CountTokensResponse(await runtime.count_prompt(command))
+    try:
+        return CountTokensResponse(await runtime.count_prompt(command))
+    except GatewayError as exc:
+        raise in_api_terms(exc, convert_anthropic.ENGINE_FIELDS) from exc

@@ -10,6 +10,7 @@ from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
 from gateway import convert_responses
+from gateway.convert_shared import in_api_terms
 from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol_responses import DeletedResponse, ResponseCreateRequest, ResponseObject
@@ -74,7 +75,10 @@ async def create_response(
         if keep and not store.put(response, (*new_input, convert_responses.turn_of(reply))):
             log.warning("response %s is larger than the whole response store; not kept", response.id)
 
-    exchange = await start(runtime, request, command)
+    try:
+        exchange = await start(runtime, request, command)
+    except GatewayError as exc:
+        raise in_api_terms(exc, convert_responses.ENGINE_FIELDS) from exc
     if data.stream:
         return streaming(exchange, stream_reply(exchange, convert_responses.ResponseStream(base, done)))
     reply, finished = await folded(exchange, fold_reply(exchange))
@@ -90,7 +94,7 @@ _STORED = "/v1/responses/{response_id:str}"
 async def stored_response_options() -> Response[None]:
     """Registered before GET and DELETE. Litestar makes a path's OPTIONS answer when its first handler is
     registered and never updates its Allow header, which would then name GET alone."""
-    return Response(None, status_code=204, headers={"Allow": "DELETE, GET, OPTIONS"})
+    return Response(None, status_code=204, headers={"Allow": "DELETE, GET, HEAD, OPTIONS"})
 
 
 @get(

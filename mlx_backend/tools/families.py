@@ -35,11 +35,12 @@ class Family:
     max_calls: int | None = None  # the template renders at most this many calls in one assistant turn
     mistral_ids: bool = False  # the template wants 9-character alphanumeric tool-call ids
     mlx_parser: str | None = None  # the mlx_lm.tool_parsers module that reads a "delimited" body
+    forceable: bool = True  # False: the model's own markup is not what the parser reads (harmony)
 
     @property
     def can_force(self) -> bool:
         """Whether a grammar can force a call (tool_choice required or a named function)."""
-        return self.body != "delimited"
+        return self.forceable and self.body != "delimited"
 
 
 # Qwen2.5, Qwen3, Hermes 2/3 and other ChatML tool templates: one JSON object per <tool_call> block.
@@ -55,7 +56,12 @@ MISTRAL_JSON = Family("mistral_json", "[TOOL_CALLS]", "", "json", list_body=True
 # Mistral Small 3.2, Magistral, Devstral (tokenizer v11+): [TOOL_CALLS]name[ARGS]{...} for each call.
 MISTRAL_ARGS = Family("mistral_args", "[TOOL_CALLS]", "", "args", mistral_ids=True)
 
-BY_NAME = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL_JSON, MISTRAL_ARGS)}
+# gpt-oss (OpenAI's harmony format): a call is a commentary message to functions.NAME; the reasoning splitter
+# (mlx_backend/reasoning.py) hands it on as the JSON call object between HERMES' markers, read as HERMES.
+# The template renders one call per assistant message; tools/grammar.py writes harmony's own markup.
+HARMONY = Family("harmony", "<tool_call>", "</tool_call>", "json", max_calls=1)
+
+BY_NAME = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL_JSON, MISTRAL_ARGS, HARMONY)}
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,8 @@ def _detect(tokenizer: Any) -> Detection:
         return Detection(None, "it has no chat template")
     if template is not None and not mentions_tools(template):
         return Detection(None, "its chat template does not use tools")
+    if template is not None and "<|channel|>" in template and "<|call|>" in template:  # harmony (gpt-oss)
+        return Detection(HARMONY, "")
     if parser_type == "json_tools":
         return Detection(HERMES, "")
     if parser_type == "mistral":

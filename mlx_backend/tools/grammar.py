@@ -22,7 +22,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from mlx_backend.grammar import closed_objects
-from mlx_backend.tools.families import HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON
+from mlx_backend.tools.families import HARMONY, HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON
 
 if TYPE_CHECKING:
     from mlx_backend.tools.request import ToolRequest
@@ -71,6 +71,19 @@ def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:
         call = "call: tool"
         calls = "calls: call"
         start = "start: calls" if forced else "start: PLAIN? | WS? calls"
+    elif family.name == HARMONY.name:
+        if not forced:
+            return None  # "auto" with strict tools: harmony's calls are not held to their schemas
+        # gpt-oss: an optional analysis message, then one commentary message to functions.NAME, ended by
+        # <|call|> (an EOS). The analysis text cannot hold a special token, so it stops at <|end|>.
+        rules = [f"tool{i}: {json.dumps(t['name'])} {token('<|channel|>')} \"commentary json\" "
+                 f"{token('<|message|>')} {schema(t, '', False)}" for i, t in enumerate(tools)]
+        analysis = (f"analysis: {token('<|channel|>')} \"analysis\" {token('<|message|>')} /(?s:.*)/ "
+                    f"{token('<|end|>')} {token('<|start|>')} \"assistant\"")
+        rules.append(analysis)
+        call = 'call: " to=functions." tool'
+        calls = "calls: call"
+        start = "start: analysis? calls"
     else:
         return None  # mlx-lm's other formats: not forceable (ToolRequest refuses required/named for them)
     think = _thinking(tokenizer, token)

@@ -15,6 +15,7 @@ import string
 from typing import Any
 
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.reasoning import close_unwanted_reasoning, template_kwargs
 from mlx_backend.tools.request import ToolRequest
 from mlx_backend.types import ChatMessage, Generate
 
@@ -35,7 +36,8 @@ def encode_prompt(command: Generate, tokenizer: Any, tools: ToolRequest | None =
     """
     param = "messages" if command.messages is not None else "prompt"
     if command.messages is not None:
-        tokens = _encode_chat(command.messages, tokenizer, tools)
+        tokens = _encode_chat(command.messages, tokenizer, tools, template_kwargs(command, tokenizer))
+        tokens = close_unwanted_reasoning(command, tokenizer, tokens)
     elif command.prompt is not None:
         tokens = list(tokenizer.encode(command.prompt))
     else:
@@ -46,30 +48,57 @@ def encode_prompt(command: Generate, tokenizer: Any, tools: ToolRequest | None =
     return tokens
 
 
-def _encode_chat(messages: tuple[ChatMessage, ...], tokenizer: Any, tools: ToolRequest | None) -> list[int]:
+def _encode_chat(messages: tuple[ChatMessage, ...], tokenizer: Any, tools: ToolRequest | None,
+                 extra: dict[str, Any] | None = None) -> list[int]:
+    extra = extra or {}
     if tools is None:
         dicts = [_plain(m) for m in messages]
         if not tokenizer.has_chat_template:
             # No template: a plain transcript the model can at least continue.
             text = "".join(f"{m['role']}: {m['content']}\n" for m in dicts) + "assistant:"
             return list(tokenizer.encode(text))
-        return _apply(tokenizer, dicts, {})
+        return _apply(tokenizer, dicts, extra)
     ids = _mistral_id if tools.family.mistral_ids else _same
     dicts = [_with_tools(m, i, ids) for i, m in enumerate(messages)]
     # tool_choice "none": the model is not shown the tools, so it has no reason to call one (the parser
     # drops any call markup anyway); earlier calls and results still render.
     kwargs = {"tools": tools.tools} if tools.choice != "none" and tools.tools else {}
-    return _apply(tokenizer, dicts, kwargs)
+    return _apply(tokenizer, dicts, extra | kwargs)
 
 
 def _apply(tokenizer: Any, messages: list[dict[str, Any]], kwargs: dict[str, Any]) -> list[int]:
     try:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs))
     except Exception as exc:  # templates raise whatever they like (raise_exception, TypeError, ...)
+        merged = one_system_turn(messages)
+        if merged is not None:
+            # System turns past the first (Claude Code's mid-conversation system messages, Codex's several
+            # developer items) stay where they are wherever the template takes them; a template that allows
+            # one system turn, first, gets them merged into it.
+            return _apply(tokenizer, merged, kwargs)
         raise EngineError(
             EngineErrorCode.INVALID_REQUEST,
             f"The model's chat template rejected the messages: {_short(exc)}", "messages",
         ) from exc
+
+
+def one_system_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The messages with every system message's text merged, in order, into one system message first (user
+    turns that only a system message kept apart become one turn); None when they already have at most one
+    system message, first."""
+    systems = [m for m in messages if m["role"] == "system"]
+    if not systems or (len(systems) == 1 and messages[0]["role"] == "system"):
+        return None
+    merged = {"role": "system", "content": "\n\n".join(m["content"] for m in systems if m["content"])}
+    rest: list[dict[str, Any]] = []
+    for message in messages:
+        if message["role"] == "system":
+            continue
+        if rest and message["role"] == rest[-1]["role"] == "user":  # were apart only by a system message
+            rest[-1] = {**rest[-1], "content": f"{rest[-1]['content']}\n\n{message['content']}"}
+        else:
+            rest.append(message)
+    return [merged, *rest]
 
 
 def _plain(m: ChatMessage) -> dict[str, Any]:
@@ -77,6 +106,9 @@ def _plain(m: ChatMessage) -> dict[str, Any]:
         {"role": m.role, "content": m.content}
         | ({"name": m.name} if m.name is not None else {})
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
+        # An earlier turn's reasoning, under the names templates read: Qwen3 and GLM `reasoning_content`
+        # (rendered for the turns after the last user message), gpt-oss `thinking` (kept for tool turns).
+        | ({"reasoning_content": m.reasoning, "thinking": m.reasoning} if m.reasoning else {})
     )
 
 

@@ -149,3 +149,24 @@ def test_metrics_count_these_routes_by_name(client: anthropic.Anthropic, agent_s
     text = httpx.get(agent_server.base_url + "/metrics", timeout=10).text
     for route in ("/v1/messages", "/v1/messages/count_tokens"):
         assert f'mlx_gateway_http_requests_total{{method="POST",route="{route}",status="200"}}' in text, route
+
+
+@pytest.mark.parametrize("model", ["qwen", "mlx-gateway-demo"])
+def test_a_system_message_mid_conversation_and_claude_codes_extras_are_served(client: anthropic.Anthropic,
+                                                                              model: str) -> None:
+    """What Claude Code sends on every request: a system message after the first user turn, the clear-thinking
+    context edit, `$schema` in a tool's input_schema, cache_control, the beta query. Both templates take a
+    system turn anywhere (the merge for templates that take one, first, is tests/unit/mlx_backend/tools/
+    test_render.py's, on Mistral's real template)."""
+    tool = {"name": "get_weather", "description": "The weather in a city", "cache_control": {"type": "ephemeral"},
+            "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",
+                             "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    messages: Any = [ASK[0], {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Go."}]
+    request: dict[str, Any] = {"model": model, "max_tokens": 5, "system": "Be brief.", "messages": messages,
+                               "tools": [tool], "extra_query": {"beta": "true"},
+                               "extra_body": {"context_management": {"edits": [
+                                   {"type": "clear_thinking_20251015", "keep": "all"}]}}}
+    message = client.messages.create(**request)
+    assert message.stop_reason in ("end_turn", "max_tokens", "tool_use") and message.usage.input_tokens > 0
+    counted = client.messages.count_tokens(model=model, system="Be brief.", messages=messages, tools=[tool])
+    assert counted.input_tokens == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)

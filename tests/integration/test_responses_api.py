@@ -122,10 +122,27 @@ def test_text_format_json_schema_is_enforced(client: openai.OpenAI) -> None:
         jsonschema.validate(json.loads(response.output_text), schema)
 
 
+def test_a_hosted_tool_declared_beside_a_namespace_tool_leaves_the_namespace_functions_callable(
+    client: openai.OpenAI,
+) -> None:
+    """Codex's default tools: a namespace of functions and web_search. The function inside the namespace is
+    forced here, so the random model calls it; the call names its namespace."""
+    namespace = {"type": "namespace", "name": "weather_tools", "description": "Weather.", "tools": [WEATHER]}
+    response = client.responses.create(
+        model="qwen", input="Weather in Paris?", max_output_tokens=200,
+        tools=[namespace, {"type": "web_search", "external_web_access": False}],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": WEATHER["name"]},  # type: ignore[arg-type,typeddict-item]
+    )
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert (call.name, call.namespace) == (WEATHER["name"], "weather_tools")
+    assert set(json.loads(call.arguments)) <= set(WEATHER["parameters"]["properties"])  # type: ignore[index]
+
+
 def test_refusals_are_bad_requests_naming_the_parameter(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as built_in:
-        client.responses.create(model=DEMO, input="hi", tools=[{"type": "web_search"}])  # type: ignore[list-item]
-    assert built_in.value.body["param"] == "tools[0]"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as built_in:  # declared, it is not offered; forced, it is a 400
+        client.responses.create(model=DEMO, input="hi", tools=[{"type": "web_search"}],  # type: ignore[list-item]
+                                tool_choice={"type": "web_search"})  # type: ignore[arg-type,typeddict-item]
+    assert built_in.value.body["param"] == "tool_choice"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as unknown:
         client.responses.create(model=DEMO, input="hi", previous_response_id="resp_nope")
     assert unknown.value.code == "previous_response_not_found"

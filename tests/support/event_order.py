@@ -33,16 +33,17 @@ _RESPONSES_LETTERS = {
     "response.output_text.delta": "D", "response.output_text.done": "T", "response.content_part.done": "E",
     "response.output_item.done": "Z", "response.function_call_arguments.delta": "F",
     "response.function_call_arguments.done": "G", "response.completed": "X", "response.incomplete": "X",
-    "response.failed": "Y",
+    "response.failed": "Y", "response.reasoning_text.delta": "R", "response.reasoning_text.done": "U",
 }
 # A message item: added, part added, deltas, text done, part done, item done; a call: added, argument
-# deltas, arguments done, item done. A failure may leave the last item open.
-_RESPONSES_ORDER = re.compile(r"CP(?:ABD*TEZ|aF*GZ)*(?:X|(?:ABD*|aF*)?Y)")
+# deltas, arguments done, item done; reasoning: added, part added, reasoning deltas, reasoning done, part done,
+# item done. A failure may leave the last item open.
+_RESPONSES_ORDER = re.compile(r"CP(?:ABD*TEZ|aF*GZ|rBR*UEZ)*(?:X|(?:ABD*|aF*|rBR*)?Y)")
 
 
 def _responses_letter(name: str, data: dict[str, Any]) -> str:
     if name == "response.output_item.added":
-        return "A" if data["item"]["type"] == "message" else "a"
+        return {"message": "A", "reasoning": "r"}.get(data["item"]["type"], "a")
     return _RESPONSES_LETTERS[name]
 
 
@@ -61,9 +62,9 @@ def check_responses_events(events: Events) -> dict[str, Any]:
             assert data["item"]["status"] == "in_progress"
         elif "item_id" in data:
             assert (data["item_id"], data["output_index"]) == (item["id"], item["index"]), (name, data)
-        if name == "response.output_text.delta":
+        if name in ("response.output_text.delta", "response.reasoning_text.delta"):
             item["text"] += data["delta"]
-        elif name == "response.output_text.done":
+        elif name in ("response.output_text.done", "response.reasoning_text.done"):
             assert data["text"] == item["text"]
         elif name == "response.function_call_arguments.delta":
             item["arguments"] += data["delta"]
@@ -85,6 +86,7 @@ _ANTHROPIC_LETTERS = {
 }
 # message_start, ping, blocks (start, deltas, stop), message_delta, message_stop; or an error event,
 # after which nothing comes (the block in progress stays open).
+_DELTA_OF = {"text": "text_delta", "tool_use": "input_json_delta", "thinking": "thinking_delta"}
 _ANTHROPIC_ORDER = re.compile(r"Sp?(?:sd*t)*(?:MQ|(?:sd*)?E)")
 
 
@@ -104,14 +106,20 @@ def check_anthropic_events(events: Events) -> dict[str, Any]:
         elif name == "content_block_delta":
             assert data["index"] == len(content) - 1
             block, delta = content[-1], data["delta"]
-            expected = {"text": "text_delta", "tool_use": "input_json_delta"}[block["type"]]
-            assert delta["type"] == expected, (block, delta)
+            expected = _DELTA_OF[block["type"]]
+            if block["type"] == "thinking" and delta["type"] == "signature_delta":
+                block["signature"] += delta["signature"]
+                continue
+            assert delta["type"] == expected and not block.get("signature"), (block, delta)
             if expected == "text_delta":
                 block["text"] += delta["text"]
+            elif expected == "thinking_delta":
+                block["thinking"] += delta["thinking"]
             else:
                 partial += delta["partial_json"]
         elif name == "content_block_stop":
             assert data["index"] == len(content) - 1
+            assert content[-1]["type"] != "thinking" or content[-1]["signature"], "a thinking block is signed"
             if content[-1]["type"] == "tool_use":
                 content[-1]["input"] = json.loads(partial) if partial else {}
         elif name == "message_delta":

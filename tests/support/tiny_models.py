@@ -212,7 +212,8 @@ def _write_bpe_tokenizer(path: Path, vocab_size: int, context_length: int) -> di
 # ---- byte-level BPE and real chat formats ----------------------------------------------------------
 
 TokenizerKind = Literal["words", "bytes"]
-ChatFormat = Literal["tiny", "qwen2.5", "qwen3", "llama3.1", "mistral"]
+ChatFormat = Literal["tiny", "qwen2.5", "qwen3", "llama3.1", "mistral", "qwen3-thinking-2507", "deepseek-r1",
+                     "gpt-oss", "glm-4.6"]
 
 CHAT_TEMPLATES_DIR = Path(__file__).parent / "chat_templates"
 
@@ -232,6 +233,10 @@ class _Format:
     added: tuple[str, ...] = ()  # added tokens that are not special (Qwen2.5's <tool_call> pair)
 
 
+# DeepSeek's special tokens spell their bars and spaces with FULLWIDTH VERTICAL LINE and LOWER ONE EIGHTH BLOCK.
+_R1_BOS, _R1_EOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+_R1_USER, _R1_ASSISTANT = "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"
+
 _FORMATS: dict[str, _Format] = {
     "tiny": _Format(None, tuple(SPECIAL_TOKENS), BOS, EOS, (EOS, END), True, unk=UNK, pad=EOS),
     # Qwen2.5-Instruct: ChatML; <tool_call> and </tool_call> are added tokens with "special": false.
@@ -244,6 +249,32 @@ _FORMATS: dict[str, _Format] = {
         "qwen3.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
         ("<|im_end|>", "<|endoftext|>"), False, pad="<|endoftext|>",
         added=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+    ),
+    # Qwen3-Thinking-2507: Qwen3's tokens; its template always opens <think> in the generation prompt.
+    "qwen3-thinking-2507": _Format(
+        "qwen3-thinking-2507.jinja", ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
+        ("<|im_end|>", "<|endoftext|>"), False, pad="<|endoftext|>",
+        added=("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"),
+    ),
+    # DeepSeek-R1-Distill-Qwen: fullwidth-bar role tokens, <think> opened in the generation prompt, no tools.
+    "deepseek-r1": _Format(
+        "deepseek-r1-distill-qwen.jinja", (_R1_BOS, _R1_EOS, _R1_USER, _R1_ASSISTANT), _R1_BOS, _R1_EOS, (_R1_EOS,),
+        False, pad=_R1_EOS, added=("<think>", "</think>"),
+    ),
+    # gpt-oss: OpenAI's harmony format; <|return|> ends a reply, <|call|> a tool call.
+    "gpt-oss": _Format(
+        "gpt-oss.jinja",
+        ("<|startoftext|>", "<|endoftext|>", "<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|constrain|>",
+         "<|return|>", "<|call|>"),
+        None, "<|return|>", ("<|return|>", "<|call|>", "<|endoftext|>"), False, pad="<|endoftext|>",
+    ),
+    # GLM-4.6 (the GLM-4.5 line): <think> reasoning, <tool_call>name<arg_key>..</arg_key><arg_value>.. calls.
+    "glm-4.6": _Format(
+        "glm-4.6.jinja",
+        ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
+        None, "<|endoftext|>", ("<|endoftext|>", "<|user|>", "<|observation|>"), False, pad="<|endoftext|>",
+        added=("<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>",
+               "</arg_value>", "<tool_response>", "</tool_response>"),
     ),
     # Llama-3.1-Instruct: header tokens, <|eot_id|> ends a turn, <|eom_id|> a builtin-tool call, ipython role.
     "llama3.1": _Format(
@@ -471,6 +502,16 @@ def make_tiny_model(
     mx.save_safetensors(str(path / WEIGHTS_FILE), weights, {"format": "mlx"})
     (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+def make_agent_model(path: Path, *, context_length: int = 131_072) -> Path:
+    """A model for coding agents' requests (10k to 60k tokens of tools and instructions): Qwen2.5's chat
+    template and tool calls, a long context, and one layer of width 32. One layer is the point: a prefill
+    evaluates only the KV cache, and one layer's keys and values come straight from the embeddings, so the
+    attention runs for the last token alone; a 60k-token prompt prefills in about a second on a 2-core CPU
+    (with two layers, the first layer's attention over the whole prompt takes minutes)."""
+    return make_tiny_model(path, chat_format="qwen2.5", context_length=context_length, hidden_size=32,
+                           num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=2048)
 
 
 def make_tiny_pipeline_model(path: Path, *, num_layers: int = 4, dtype: str = "float32", seed: int = 3) -> Path:

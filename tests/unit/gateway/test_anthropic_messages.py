@@ -13,7 +13,7 @@ from litestar.testing import TestClient
 from mlx_backend.engine import EngineState
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ChatMessage, Constraint, Generate, ToolCall
+from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
 from tests.support.event_order import check_anthropic_events, named_events
 from tests.unit.gateway.conftest import ClientFactory
 
@@ -200,14 +200,10 @@ def test_harmless_parameters_are_accepted(client: TestClient[Any]) -> None:
      "messages[0].content[0]"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "The answer is ("}]},
      "messages"),
-    ({"messages": [{"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"}]},
-                   {"role": "user", "content": "go on"}]}, "messages[0].content[0]"),
     ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "tools[0]"),
     ({"tools": [WEATHER, {"type": "bash_20250124", "name": "bash"}]}, "tools[1]"),
-    ({"thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking"),
     ({"mcp_servers": [{"type": "url", "url": "https://x", "name": "x"}]}, "mcp_servers"),
     ({"container": "c1"}, "container"),
-    ({"output_config": {"effort": "high"}}, "output_config.effort"),
     ({"output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}, "tools": [WEATHER],
       "tool_choice": {"type": "any"}}, "output_config.format"),
     ({"frobnicate": 1}, "frobnicate"),
@@ -225,7 +221,11 @@ def test_what_we_cannot_honour_is_an_invalid_request_naming_it(client: TestClien
     ({"temperature": 1.5}, "temperature"),
     ({"top_k": -1}, "top_k"),
     ({"messages": []}, "messages"),
-    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": [{"type": "tool_result",
+                                                                                     "tool_use_id": "t"}]}]},
+     "messages[1].content[0]"),
+    ({"context_management": {"edits": [{"type": "clear_tool_uses_20250919"}]}}, "context_management.edits[0]"),
+    ({"context_management": {"clear": True}}, "context_management"),
     ({"tools": [WEATHER, WEATHER]}, "tools[1].name"),
     ({"tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, "tool_choice.name"),
     ({"tool_choice": {"type": "any"}}, "tool_choice"),
@@ -339,3 +339,91 @@ def test_every_error_kind_has_an_anthropic_type_and_the_docs_say_which() -> None
         assert anthropic == ANTHROPIC_TYPES[spec.status]
         retry = "yes" if spec.retry_after_s is not None else ""
         assert f"| {spec.status} | `{spec.type}` | `{spec.code}` | {retry} | `{anthropic}` |" in doc, kind
+
+
+# -- what Claude Code sends by default ------------------------------------------------------------------------
+
+
+def test_a_system_message_in_the_conversation_stays_where_it_is(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    response = make_client(engine).post("/v1/messages", json=body(system="You help.", messages=[
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "Mind the tests.", "cache_control":
+                                        {"type": "ephemeral"}}]},
+        {"role": "user", "content": "go on"},
+    ]))
+    assert response.status_code == 200, response.text
+    assert engine.received[-1].messages == (ChatMessage("system", "You help."), ChatMessage("user", "hi"),
+                                            ChatMessage("system", "Mind the tests."), ChatMessage("user", "go on"))
+
+
+def test_claude_code_default_request_fields_are_accepted(make_client: ClientFactory) -> None:
+    tool = {**WEATHER, "input_schema": {**WEATHER["input_schema"],  # type: ignore[dict-item]
+                                        "$schema": "http://json-schema.org/draft-07/schema#"},
+            "cache_control": {"type": "ephemeral"}}
+    response = make_client(FakeEngine()).post("/v1/messages?beta=true", json=body(
+        max_tokens=32000, stream=False, metadata={"user_id": "user_x_account__session_y"}, tools=[tool],
+        context_management={"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        system=[{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+    ), headers={"anthropic-version": "2023-06-01", "anthropic-beta": "claude-code-20250219,context-management-"
+                "2025-06-27,mid-conversation-system-2026-04-07", "x-app": "cli"})
+    assert response.status_code == 200, response.text
+
+
+# -- thinking ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("overrides", "control"), [
+    ({"thinking": {"type": "enabled", "budget_tokens": 8}}, ReasoningControl(enabled=True, budget_tokens=8)),
+    ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}},
+     ReasoningControl(enabled=True, effort="high")),
+    ({"thinking": {"type": "disabled"}}, ReasoningControl(enabled=False)),
+    ({"output_config": {"effort": "low"}}, ReasoningControl(enabled=True, effort="low")),
+])
+def test_thinking_and_effort_reach_the_engine_as_a_control(make_client: ClientFactory, overrides: dict[str, Any],
+                                                           control: ReasoningControl) -> None:
+    engine = FakeEngine()
+    response = make_client(engine).post("/v1/messages", json=body(**overrides))
+    assert response.status_code == 200, response.text
+    assert engine.received[-1].reasoning == control
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 64}, "max_tokens": 64}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "sometimes"}}, "thinking.type"),
+    ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
+])
+def test_a_thinking_control_that_makes_no_sense_is_a_400_naming_it(client: TestClient[Any],
+                                                                   overrides: dict[str, Any], named: str) -> None:
+    message = anthropic_error(client.post("/v1/messages", json=body(**overrides)), 400, "invalid_request_error")
+    assert named in message, message
+
+
+def test_thinking_blocks_in_the_history_go_to_their_turn_and_redacted_ones_are_dropped(
+        make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Hm.", "signature": "sig"},
+                                          {"type": "redacted_thinking", "data": "opaque"},
+                                          {"type": "text", "text": "A."}]},
+        {"role": "user", "content": "go on"},
+    ]
+    assert make_client(engine).post("/v1/messages", json=body(messages=messages)).status_code == 200
+    sent = engine.received[-1].messages or ()
+    assert [(m.role, m.content, m.reasoning) for m in sent] == [
+        ("user", "q", None), ("assistant", "A.", "Hm."), ("user", "go on", None)]
+
+
+def test_engine_errors_name_the_fields_of_the_messages_api(make_client: ClientFactory) -> None:
+    failure = EngineError(EngineErrorCode.INVALID_REQUEST, "response_format cannot be combined with a forced or "
+                          "strict tool call; send one of them.", "response_format")
+    client = make_client(FakeEngine(failures={"tiny": failure}))
+    message = anthropic_error(client.post("/v1/messages", json=body()), 400, "invalid_request_error")
+    assert message.startswith("output_config.format cannot be combined"), message
+    too_long = make_client(FakeEngine(context_length=3))
+    message = anthropic_error(too_long.post("/v1/messages", json=body(messages=[{"role": "user", "content":
+                                                                                 "one two three four"}])),
+                              400, "invalid_request_error")
+    assert message.startswith("messages: "), message  # Anthropic's error has no param: the message names it

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 from litestar.testing import TestClient
 
 from mlx_backend.fake import FakeEngine
+from mlx_backend.types import ReasoningControl
 from tests.unit.gateway.conftest import ClientFactory, chat_body, sse_payloads
 
 
@@ -121,3 +123,54 @@ def test_legacy_completion_defaults_to_openais_16_tokens(make_client: ClientFact
     engine = FakeEngine()
     make_client(engine).post("/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert engine.received[-1].params.max_tokens == 16
+
+
+# -- reasoning controls -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("effort", "control"), [
+    ("none", ReasoningControl(enabled=False)),
+    ("minimal", ReasoningControl(enabled=True, effort="low")),
+    ("medium", ReasoningControl(enabled=True, effort="medium")),
+    ("xhigh", ReasoningControl(enabled=True, effort="high")),
+])
+def test_reasoning_effort_reaches_the_engine_as_a_control(make_client: ClientFactory, effort: str,
+                                                          control: ReasoningControl) -> None:
+    engine = FakeEngine()
+    response = make_client(engine).post("/v1/chat/completions", json=chat_body(reasoning_effort=effort))
+    assert response.status_code == 200, response.text
+    assert engine.received[-1].reasoning == control
+
+
+def test_chat_template_kwargs_reach_the_template_and_switch_thinking(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    client = make_client(engine)
+    kwargs = {"enable_thinking": False, "custom": [1, 2]}
+    assert client.post("/v1/chat/completions", json=chat_body(chat_template_kwargs=kwargs)).status_code == 200
+    assert json.loads(engine.received[-1].template_kwargs or "") == kwargs
+    assert engine.received[-1].reasoning == ReasoningControl(enabled=False)
+    both = chat_body(chat_template_kwargs={"enable_thinking": False}, reasoning_effort="high")
+    assert client.post("/v1/chat/completions", json=both).status_code == 200
+    assert engine.received[-1].reasoning == ReasoningControl(enabled=True, effort="high")  # the API field wins
+
+
+@pytest.mark.parametrize(("overrides", "param"), [
+    ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt"),
+])
+def test_a_reasoning_control_that_makes_no_sense_is_a_400_naming_it(client: TestClient[Any],
+                                                                    overrides: dict[str, Any], param: str) -> None:
+    response = client.post("/v1/chat/completions", json=chat_body(**overrides))
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_an_assistant_turn_carrying_its_reasoning_is_accepted_and_passed_on(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a", "reasoning_content": "I thought."},
+                {"role": "assistant", "content": "b", "reasoning": "Newer name."},
+                {"role": "user", "content": "go on"}]
+    response = make_client(engine).post("/v1/chat/completions", json=chat_body(messages=messages))
+    assert response.status_code == 200, response.text
+    sent = engine.received[-1].messages or ()
+    assert [m.reasoning for m in sent] == [None, "I thought.", "Newer name.", None]

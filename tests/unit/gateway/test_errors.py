@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -163,3 +164,10 @@ def test_a_logit_bias_that_is_not_token_ids_to_amounts_within_100_is_a_400(clien
                                                                           bias: dict[str, float]) -> None:
     error = error_of(client.post("/v1/chat/completions", json=chat_body(logit_bias=bias)), 400)
     assert error["param"] == "logit_bias" and error["code"] == "invalid_request"
+
+
+def test_a_refused_request_is_logged_with_its_route_status_and_message(client: TestClient[Any],
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="mlx_gateway"):
+        client.post("/v1/chat/completions", json={**chat_body(), "frobnicate": 1})
+    assert "POST /v1/chat/completions -> 400 Unrecognized request argument supplied: frobnicate" in caplog.text

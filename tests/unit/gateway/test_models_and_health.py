@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from litestar.testing import TestClient
 
 from mlx_backend.errors import EngineError, EngineErrorCode
@@ -83,3 +84,18 @@ def test_metrics_expose_prometheus_text_with_our_names(client: TestClient[Any]) 
                  "mlx_gateway_num_requests_running", "mlx_gateway_models_available", "process_cpu_seconds_total"):
         assert name in text
     assert 'route="/v1/chat/completions"' in text
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/models", "/v1/models/tiny", "/v1/models/nope", "/v1/responses/resp_nope", "/health", "/health/live",
+    "/health/ready", "/metrics", "/", "/openapi.json",
+])
+def test_head_answers_every_get_route_with_the_gets_status_and_headers_and_no_body(client: TestClient[Any],
+                                                                                   path: str) -> None:
+    got, head = client.get(path), client.head(path)
+    assert head.status_code == got.status_code and head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"]
+
+
+def test_head_on_a_path_without_get_is_405(client: TestClient[Any]) -> None:
+    assert client.head("/v1/chat/completions").status_code == 405

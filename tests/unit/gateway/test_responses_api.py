@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
+from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ChatMessage, Constraint, Generate, ToolCall
+from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
 from tests.support.event_order import check_responses_events, named_events
 from tests.unit.gateway.conftest import ClientFactory
 from tests.unit.gateway.test_errors import error_of
@@ -184,17 +185,18 @@ def test_text_format_becomes_the_constraint(make_client: ClientFactory) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "param"), [
-    ({"tools": [{"type": "web_search"}]}, "tools[0]"),
-    ({"tools": [WEATHER, {"type": "file_search", "vector_store_ids": ["v"]}]}, "tools[1]"),
     ({"tools": [{"type": "computer_use_preview"}]}, "tools[0]"),
+    ({"tools": [{"type": "local_shell"}]}, "tools[0]"),
+    ({"tools": [{"type": "namespace", "name": "ns", "description": "d", "tools": [{"type": "custom", "name": "c"}]}]},
+     "tools[0].tools[0]"),
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}, "tool_choice"),
+    ({"tools": [{"type": "web_search"}], "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": []}}, "tool_choice"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0]"),
     ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0]"),
     ({"input": [{"type": "web_search_call", "id": "x"}]}, "input[0].type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
     ({"background": True}, "background"),
-    ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"truncation": "auto"}, "truncation"),
     ({"include": ["message.output_text.logprobs"]}, "include"),
@@ -323,4 +325,137 @@ def test_with_the_store_off_responses_say_store_false(make_client: ClientFactory
 
 def test_options_on_a_stored_response_allows_get_and_delete(client: TestClient[Any]) -> None:
     response = client.options("/v1/responses/resp_x")
-    assert response.status_code == 204 and response.headers["allow"] == "DELETE, GET, OPTIONS"
+    assert response.status_code == 204 and response.headers["allow"] == "DELETE, GET, HEAD, OPTIONS"
+
+
+# -- what Codex CLI sends by default --------------------------------------------------------------------------
+
+SUB_AGENTS = {"type": "namespace", "name": "multi_agent_v1", "description": "Tools for sub-agents.", "tools": [
+    {"type": "function", "name": "spawn_agent", "description": "Start a sub-agent", "strict": False,
+     "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}},
+    {"type": "function", "name": "close_agent", "parameters": {"type": "object", "properties": {}}},
+]}
+
+
+def test_namespace_tools_offer_their_functions_to_the_model(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    make_client(engine).post("/v1/responses", json=body(tools=[WEATHER, SUB_AGENTS]))
+    offered = [t["function"]["name"] for t in json.loads(engine.received[-1].tools or "")]
+    assert offered == ["get_weather", "spawn_agent", "close_agent"]
+
+
+def test_a_call_to_a_namespace_function_names_its_namespace_as_openai_does(make_client: ClientFactory) -> None:
+    client = make_client(calling(("spawn_agent", '{"task": "look"}'), ("get_weather", '{"city": "Paris"}')))
+    got = client.post("/v1/responses", json=body(tools=[WEATHER, SUB_AGENTS])).json()
+    spawn, weather = [item for item in got["output"] if item["type"] == "function_call"]
+    assert (spawn["name"], spawn["namespace"]) == ("spawn_agent", "multi_agent_v1")
+    assert weather["name"] == "get_weather" and "namespace" not in weather
+    response = make_client(calling(("close_agent", "{}"))).post("/v1/responses", json=body(stream=True,
+                                                                                           tools=[SUB_AGENTS]))
+    events = named_events(response.text)
+    final = check_responses_events(events)
+    items = [d["item"] for n, d in events if n in ("response.output_item.added", "response.output_item.done")]
+    calls = [item for item in items + final["output"] if item["type"] == "function_call"]
+    assert [(c["name"], c["namespace"]) for c in calls] == [("close_agent", "multi_agent_v1")] * 3
+
+
+def test_a_function_call_item_with_its_namespace_comes_back_as_input(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    make_client(engine).post("/v1/responses", json=body(tools=[SUB_AGENTS], input=[
+        {"role": "user", "content": "go"},
+        {"type": "function_call", "call_id": "c1", "name": "close_agent", "namespace": "multi_agent_v1",
+         "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "closed"},
+    ]))
+    assert engine.received[-1].messages[1].tool_calls == (ToolCall("c1", "close_agent", "{}"),)  # type: ignore[index]
+
+
+def test_hosted_tools_are_declared_but_not_offered(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    client = make_client(engine)
+    hosted = [{"type": "web_search", "external_web_access": False}, {"type": "file_search", "vector_store_ids": ["v"]}]
+    response = client.post("/v1/responses", json=body(tools=[*hosted, WEATHER]))
+    assert response.status_code == 200, response.text
+    assert [t["function"]["name"] for t in json.loads(engine.received[-1].tools or "")] == ["get_weather"]
+    assert response.json()["tools"][0] == hosted[0]  # echoed as sent
+    alone = client.post("/v1/responses", json=body(tools=hosted))
+    assert alone.status_code == 200 and engine.received[-1].tools is None
+
+
+def test_codex_default_request_fields_are_accepted(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    response = make_client(engine).post("/v1/responses", json=body(
+        input=[{"type": "message", "id": "msg_1", "role": "developer", "content": [{"type": "input_text",
+                                                                                     "text": "Be brief."}]},
+               {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "say hi"}]}],
+        client_metadata={"session_id": "s", "x-codex-turn-metadata": "{}"}, store=False,
+        include=["reasoning.encrypted_content"], prompt_cache_key="s", stream=False, tool_choice="auto",
+        parallel_tool_calls=True, tools=[SUB_AGENTS, {"type": "web_search", "external_web_access": False}],
+    ))
+    assert response.status_code == 200, response.text
+    assert engine.received[-1].messages == (ChatMessage("system", "Be brief."), ChatMessage("user", "say hi"))
+
+
+def test_an_engine_error_about_the_messages_names_input(make_client: ClientFactory) -> None:
+    client = make_client(FakeEngine(context_length=5))
+    error = error_of(client.post("/v1/responses", json=body(input="one two three four five six seven")), 400)
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize(("param", "message", "named", "says"), [
+    ("messages", "The model's chat template rejected the messages: roles must alternate", "input",
+     "rejected the input: roles"),
+    ("messages[2].tool_calls[0].function.arguments", "messages[2].tool_calls[0].function.arguments is not valid "
+     "JSON: Expecting value", "input", "input (a function_call item's arguments) is not valid JSON"),
+    ("response_format", "response_format cannot be combined with a forced or strict tool call", "text.format",
+     "text.format cannot be combined"),
+    ("tools", "The model 'tiny' does not support tool calling", "tools", "does not support tool calling"),
+])
+def test_engine_errors_name_the_fields_of_the_responses_api(make_client: ClientFactory, param: str, message: str,
+                                                            named: str, says: str) -> None:
+    client = make_client(FakeEngine(failures={"tiny": EngineError(EngineErrorCode.INVALID_REQUEST, message,
+                                                                   param)}))
+    error = error_of(client.post("/v1/responses", json=body()), 400)
+    assert error["param"] == named and says in error["message"], error
+
+
+# -- reasoning ------------------------------------------------------------------------------------------------
+
+
+def test_reasoning_effort_and_summary_are_accepted_and_echoed(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    got = make_client(engine).post("/v1/responses", json=body(reasoning={"effort": "low", "summary": "auto"}))
+    assert got.status_code == 200, got.text
+    assert got.json()["reasoning"] == {"effort": "low", "summary": "auto"}
+    assert engine.received[-1].reasoning == ReasoningControl(enabled=True, effort="low")
+    make_client(engine).post("/v1/responses", json=body(reasoning={"effort": "none"}))
+    assert engine.received[-1].reasoning == ReasoningControl(enabled=False)
+
+
+@pytest.mark.parametrize(("overrides", "param"), [
+    ({"reasoning": {"effort": "huge"}}, "reasoning.effort"),
+    ({"reasoning": {"summary": "verbose"}}, "reasoning.summary"),
+])
+def test_a_reasoning_control_that_makes_no_sense_is_a_400_naming_it(client: TestClient[Any],
+                                                                    overrides: dict[str, Any], param: str) -> None:
+    error = error_of(client.post("/v1/responses", json=body(**overrides)), 400)
+    assert error["param"] == param, error
+
+
+def test_reasoning_items_in_the_input_go_to_the_assistant_turn_they_precede(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    items = [
+        {"role": "user", "content": "weather?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": None,
+         "content": [{"type": "reasoning_text", "text": "Call the tool."}]},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Summed up."}]},
+        {"role": "assistant", "content": "Sunny."},
+        {"role": "user", "content": "thanks"},
+    ]
+    assert make_client(engine).post("/v1/responses", json=body(input=items, tools=[WEATHER])).status_code == 200
+    sent = engine.received[-1].messages or ()
+    assert [(m.role, m.reasoning) for m in sent] == [
+        ("user", None), ("assistant", "Call the tool."), ("tool", None), ("assistant", "Summed up."), ("user", None)]
+    assert sent[1].tool_calls[0].name == "get_weather"

@@ -34,6 +34,16 @@ async def test_merged_deltas_keep_every_tool_call_piece_in_order() -> None:
     assert isinstance(await request.next(), Finished)
 
 
+async def test_merged_deltas_keep_the_reasoning_and_never_put_it_after_text() -> None:
+    request = EngineRequest("r", lambda rid: None)
+    for event in (Delta("r", "", 1, reasoning="I "), Delta("r", "", 1, reasoning="think."), Delta("r", "So", 1),
+                  Delta("r", "", 1, reasoning="Again."), Finished("r", "stop", 3, 4, 0)):
+        request.deliver(event)
+    assert await request.next() == Delta("r", "So", 3, reasoning="I think.")  # reasoning first, then text
+    assert await request.next() == Delta("r", "", 1, reasoning="Again.")
+    assert isinstance(await request.next(), Finished)
+
+
 async def test_interrupt_aborts_once_only_while_the_engine_still_runs_it() -> None:
     aborted: list[str] = []
     running = EngineRequest("r1", aborted.append)

@@ -120,3 +120,27 @@ def test_without_a_template_messages_become_a_plain_transcript_as_before(model_d
     tokenizer = load(tiny_models.remove_chat_template(tiny_models.copy_model(model_dirs["qwen2.5"], tmp_path / "m")))
     cmd = Generate("r", "m", SamplingParams(8), messages=(ChatMessage("user", "Hello"),))
     assert encode_prompt(cmd, tokenizer, None) == list(tokenizer.encode("user: Hello\nassistant:"))
+
+
+MID_SYSTEM = (
+    ChatMessage("system", "You are terse."),
+    ChatMessage("user", "Weather in Paris?"),
+    ChatMessage("system", "Answer in French."),
+    ChatMessage("user", "Go on."),
+)
+
+
+def test_a_system_message_mid_conversation_stays_in_place_where_the_template_takes_it(
+    tokenizers: dict[str, Any]
+) -> None:
+    prompt = render(tokenizers["qwen2.5"], command(MID_SYSTEM))
+    assert ("<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>system\nAnswer in French.<|im_end|>\n"
+            "<|im_start|>user\nGo on.<|im_end|>") in prompt
+
+
+def test_a_template_that_takes_one_system_turn_gets_every_system_message_merged_into_it(
+    tokenizers: dict[str, Any]
+) -> None:
+    prompt = render(tokenizers["mistral"], command(MID_SYSTEM))
+    assert "You are terse.\n\nAnswer in French." in prompt
+    assert prompt.index("Weather in Paris?") < prompt.index("Go on.")
