@@ -196,7 +196,7 @@ def build(app: Litestar) -> dict[str, Any]:
 def _event_schema(path: str, events: Any, description: str) -> dict[str, Any]:
     """One SSE event, as OpenAPI 3.1 describes an event stream item: its `data` is JSON of one of `events`
     (contentSchema), or `[DONE]` on the OpenAI routes that end with it; `event` is its type where it is named."""
-    data = {"type": "string", "contentMediaType": "application/json",
+    data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
             "contentSchema": {"oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in typing.get_args(events)]}}
     named = path in ("/v1/responses", "/v1/messages")
     if not named:
