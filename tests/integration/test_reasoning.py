@@ -330,3 +330,15 @@ def test_a_forced_call_on_gpt_oss_after_a_budgeted_analysis(claude: anthropic.An
     assert use.type == "tool_use" and use.name == "get_weather" and set(use.input) == {"city", "unit"}
     assert message.stop_reason == "tool_use"
     assert all(b.type == "thinking" for b in message.content[:-1])
+
+
+def test_responses_stream_through_the_sdk_builds_the_reasoning_item(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="gpt-oss", input="What is two and two?", max_output_tokens=80,
+                                 reasoning={"effort": "low"}, user=emit(REPLY["gpt-oss"])) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    reasoning, message = final.output
+    assert message.type == "message"
+    assert reasoning.type == "reasoning" and [c.text for c in reasoning.content or ()] == ["I weigh it."]
+    assert final.output_text == "Four."
