@@ -342,3 +342,14 @@ def test_responses_stream_through_the_sdk_builds_the_reasoning_item(client: open
     assert message.type == "message"
     assert reasoning.type == "reasoning" and [c.text for c in reasoning.content or ()] == ["I weigh it."]
     assert final.output_text == "Four."
+
+
+def test_a_forced_call_on_a_template_that_opens_the_reasoning_is_a_call(client: openai.OpenAI) -> None:
+    # Qwen3-Thinking-2507's prompt opens <think>: a forced call's grammar expects the reply outside it, so the
+    # block is closed in the prompt and the call comes at once.
+    reply = client.chat.completions.create(
+        model="qwen3-thinking-2507", messages=ASK, tools=[BOUNDED_WEATHER], max_tokens=200, temperature=0,  # type: ignore[arg-type,list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False)
+    (call,) = reply.choices[0].message.tool_calls or ()
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city", "unit"}  # type: ignore[union-attr]
+    assert reply.choices[0].finish_reason == "tool_calls" and reasoning_of(reply.choices[0].message) is None
