@@ -245,10 +245,11 @@ def test_responses_takes_its_reasoning_items_back_with_the_calls(client: openai.
 # -- Messages API ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen3", "glm-4.6", "deepseek-r1"])
+@pytest.mark.parametrize("family", ["qwen3", "glm-4.6", "deepseek-r1", "gpt-oss"])
 def test_messages_gives_a_signed_thinking_block_before_the_text(claude: anthropic.Anthropic, family: str) -> None:
     message = claude.messages.create(model=family, max_tokens=80, messages=ASK,  # type: ignore[arg-type]
-                                     thinking={"type": "adaptive"}, metadata={"user_id": emit(REPLY[family])})
+                                     thinking={"type": "adaptive"}, metadata={"user_id": emit(REPLY[family])},
+                                     extra_body={"output_config": {"effort": "high"}})
     thinking, text = message.content
     assert thinking.type == "thinking" and thinking.thinking == "I weigh it." and thinking.signature
     assert text.type == "text" and text.text == "Four." and message.stop_reason == "end_turn"
