@@ -1,7 +1,7 @@
 """Constrained decoding: a logits processor that lets a request sample only tokens its grammar allows.
 
-    compiler = compiler_for(tokenizer)          # once per loaded model (cached), MLX thread
-    processor = compiler.processor(constraint)  # per request; ConstraintError if it cannot be compiled
+    compiler = compiler_for(tokenizer)                      # once per loaded model (cached), MLX thread
+    processor = compiler.processor(constraint, max_tokens)  # per request; ConstraintError if it cannot be compiled
     # pass it LAST in the request's logits_processors (after penalties), to BatchGenerator.insert or
     # SoloGeneration; after each token of the request: processor.raise_if_failed()
 
@@ -15,6 +15,13 @@ Speed: a call reads the sampled token, starts the forward pass (`mx.async_eval(l
 on the mask) and computes the mask on the CPU meanwhile. That overlaps fully for a solo request and for the
 first constrained row of a batch; a later row's token context is queued behind that forward pass, so its
 mask is computed after it (docs/benchmarks.md, "Constrained decoding", has the figures).
+
+The closing reserve: given the request's max_tokens, the processor closes what is open before the budget
+runs out. In the last RESERVE_WINDOW tokens it asks `mlx_backend/closing.py` for the tokens that close the
+output; once the budget left is that plan plus RESERVE_MARGIN (room for the model's next token to open
+something more), it allows only the plan's tokens, one per step, then only EOS. `closed_by_reserve` then
+tells the batcher to report finish_reason "length". The check costs one comparison per token outside the
+window.
 
 Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_backend/grammar.py`.
 """
@@ -35,12 +42,18 @@ import mlx.core as mx
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
+from mlx_backend.closing import Closer, special_tokens
 from mlx_backend.grammar import ConstraintError, describe_error, grammar_for
 from mlx_backend.types import Constraint
 
 __all__ = ["ConstraintError", "ConstraintFailed", "ConstraintProcessor", "GrammarCompiler", "compiler_for"]
 
 _async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
+
+RESERVE_WINDOW = 64  # the closing reserve looks at the output in the last this many tokens of the budget
+RESERVE_MARGIN = 6  # forcing starts when the budget left is the closing plan plus this: one token of the
+# model's (a comma, a key, an opening quote) can lengthen the plan by about this much
+_MATCHERS = 64  # compiled grammars kept per tokenizer, ready to copy
 
 
 class ConstraintFailed(RuntimeError):
@@ -63,16 +76,29 @@ class GrammarCompiler:
         except ValueError as exc:  # e.g. a slow (non-Rust) tokenizer
             raise ConstraintError(f"Structured output is not available for this model's tokenizer: {exc}") from None
         self.words = (self.tokenizer.vocab_size + 31) // 32  # the bitmask's 32-bit words
-        self._lock = threading.Lock()  # compiling is cheap; the lock only guards the cache below
+        self._lock = threading.Lock()  # guards the caches below
         self._eos_only: dict[int, mx.array] = {}  # logits width -> the mask that allows only EOS
+        # grammar -> a matcher that has consumed nothing: a request gets a copy (microseconds), where
+        # compiling a bounded schema takes milliseconds and agents send the same schema every time
+        self._matchers: dict[str, LLMatcher] = {}
+        self.closer = Closer(self.tokenizer, special_tokens(hf_tokenizer), self.eos_token_ids)
 
-    def processor(self, constraint: Constraint) -> ConstraintProcessor:
-        """A fresh processor for one request. Raises ConstraintError (message for a 400) if the constraint
-        cannot be compiled against this tokenizer (e.g. a special token the vocabulary lacks)."""
-        matcher = LLMatcher(self.tokenizer, grammar_for(constraint), log_level=0)
-        if matcher.is_error():
-            raise ConstraintError(describe_error(constraint, _first_line(matcher.get_error())))
-        return ConstraintProcessor(matcher, self)
+    def processor(self, constraint: Constraint, max_tokens: int | None = None) -> ConstraintProcessor:
+        """A fresh processor for one request; with `max_tokens`, it closes the output before that budget
+        runs out. Raises ConstraintError (message for a 400) if the constraint cannot be compiled against
+        this tokenizer (e.g. a special token the vocabulary lacks)."""
+        grammar = grammar_for(constraint)
+        with self._lock:
+            pristine = self._matchers.pop(grammar, None)
+        if pristine is None:
+            pristine = LLMatcher(self.tokenizer, grammar, log_level=0)
+            if pristine.is_error():
+                raise ConstraintError(describe_error(constraint, _first_line(pristine.get_error())))
+        with self._lock:
+            self._matchers[grammar] = pristine  # most recently used last
+            while len(self._matchers) > _MATCHERS:
+                del self._matchers[next(iter(self._matchers))]
+        return ConstraintProcessor(pristine.deep_copy(), self, max_tokens)
 
     def eos_only(self, width: int) -> mx.array:
         with self._lock:
@@ -107,9 +133,12 @@ class ConstraintProcessor:
     is kept, only EOS is allowed from then on, and `raise_if_failed` raises ConstraintFailed for the batcher
     to fail this request alone."""
 
-    def __init__(self, matcher: LLMatcher, compiler: GrammarCompiler) -> None:
+    def __init__(self, matcher: LLMatcher, compiler: GrammarCompiler, max_tokens: int | None = None) -> None:
         self._matcher = matcher
         self._compiler = compiler
+        self._max_tokens = max_tokens
+        self._closing: list[int] = []  # the rest of the closing plan being forced
+        self.closed_by_reserve = False  # the reserve forced the output closed: it ends for "length"
         self._bitmask = np.zeros((compiler.words,), dtype=np.int32)
         self._started = False
         self._error: str | None = None
@@ -175,12 +204,37 @@ class ConstraintProcessor:
 
     def _compute_mask(self) -> None:
         """The tokens allowed next, into the bitmask (any thread: it touches only this request's state)."""
+        left = None if self._max_tokens is None else self._max_tokens - self.tokens
+        if self._error is None and left is not None and left <= RESERVE_WINDOW and self._reserve(left):
+            return
         if self._error is None:
             self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
             if self._matcher.is_error():
                 self._fail(_first_line(self._matcher.get_error()))
             elif not self._bitmask.any():
                 self._fail("no token can continue the output")
+
+    def _reserve(self, left: int) -> bool:
+        """Whether the closing reserve decides the next token (then the bitmask allows that one alone)."""
+        if self.closed_by_reserve and not self._closing:
+            self._allow_only(self._compiler.eos_token_ids)  # closed: it ends (no other call, no whitespace)
+            return True
+        if not self._closing:
+            if self._matcher.is_accepting():
+                return False
+            plan = self._compiler.closer.plan(self._matcher, RESERVE_WINDOW)
+            if not plan or len(plan) + RESERVE_MARGIN < left:
+                return False
+            self._closing = plan
+            self.closed_by_reserve = True
+        self._allow_only((self._closing.pop(0),))
+        return True
+
+    def _allow_only(self, tokens: Iterable[int]) -> None:
+        self._bitmask[:] = 0
+        words = self._bitmask.view(np.uint32)
+        for token in tokens:
+            words[token // 32] |= np.uint32(1 << (token % 32))
 
     def _mask_array(self, width: int) -> mx.array:
         """The bitmask as a bool array of the logits' width (MLX thread)."""

@@ -148,6 +148,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call
+    max_tool_calls: int | None = None  # the most calls a reply may make (Responses' max_tool_calls)
     n: int = 1  # choices, sharing the prompt's prefill
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 

@@ -91,11 +91,14 @@ class ToolCallParser:
         parallel: bool = True,
         suppress: bool = False,
         new_id: Callable[[], str] = new_call_id,
+        max_calls: int | None = None,
     ) -> None:
         self.family = family
         self._names = frozenset(tool_names)
         self._tools = tools
         self._max_calls = 1 if not parallel else family.max_calls
+        if max_calls is not None:  # the request's bound: done once it is reached
+            self._max_calls = min(max_calls, self._max_calls or max_calls)
         self._suppress = suppress
         self._new_id = new_id
         self._mistral = family.start == "[TOOL_CALLS]"  # reads both Mistral layouts, whichever comes
