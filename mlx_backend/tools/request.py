@@ -89,7 +89,8 @@ class ToolRequest:
         names = [self.function] if self.choice == "function" and self.function else self.names
         return ToolCallParser(self.family, names, tools=self.tools, parallel=self.parallel,
                               suppress=self.choice == "none" or not self.tools, new_id=new_id,
-                              max_calls=1 if self.choice == "function" else self.max_calls)
+                              max_calls=1 if self.choice == "function" else self.max_calls,
+                              drop_repeats=self.choice == "required")
 
     def grammar(self, tokenizer: Any) -> str | None:
         """The Lark grammar (llguidance syntax) that constrains this reply, or None when nothing does."""
