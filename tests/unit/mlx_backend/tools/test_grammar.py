@@ -286,7 +286,8 @@ def test_forced_arguments_are_bounded_where_the_schema_is_not(tokenizers: dict[s
     g = grammar(tokenizers, "qwen2.5", request(families.HERMES, "function", "log", tools=tools))
     arguments = {"note": "x" * STRING_LIMIT, "n": 1.5, "extra": [[{"a": None}]]}
     assert accepts(tokenizer, g, call_text(families.HERMES, [("log", arguments)]))
-    assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", {**arguments, "note": "x" * (STRING_LIMIT + 1)})]))
+    too_long = {**arguments, "note": "x" * (STRING_LIMIT + 1)}
+    assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", too_long)]))
     assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", {**arguments, "n": 1.0 + 2**-30})]))
     deep: Any = 1
     for _ in range(NESTING_LIMIT + 1):
