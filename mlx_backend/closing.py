@@ -11,8 +11,8 @@ the grammar allows of a short list, in this order:
 - end markers (`</tool_call>`, `</think>`): whatever they close is done;
 - inside a string (where a backslash would be allowed): the closing quote, with as many closers after it as
   one token holds (`"`, `"}`, `"}}`...);
-- outside one: closers (`}`, `]`, `}}`, `]}`...), then the shortest values (`0`, `""`, `false`, `null`,
-  `[]`, `{}`), then separators (`,`, `:`), then start markers (`<tool_call>`; never a reasoning opener);
+- outside one: closers (`}`, `]`, `}}`, `]}`...), then start markers (`<tool_call>`; never a reasoning
+  opener), then the shortest values (`0`, `""`, `false`, `null`, `[]`, `{}`), then separators (`,`, `:`);
 - any single character the grammar allows (a string's minLength, a pattern), else any token it allows.
 So a property the schema requires and the model had not written yet is written with the shortest value the
 schema allows (`""`, `0`, `false`, `[]`...): the output is valid, and finish_reason "length" says it was cut
@@ -76,7 +76,7 @@ class Closer:
         in_string = self._backslash is not None and matcher.validate_tokens([self._backslash]) == 1
         groups: tuple[list[int], ...] = (
             (self._end_markers, self._string_closers, self._characters) if in_string
-            else (self._end_markers, self._closers, self._values, self._start_markers, self._characters)
+            else (self._end_markers, self._closers, self._start_markers, self._values, self._characters)
         )
         for group in groups:
             for token in group:

@@ -97,7 +97,7 @@ def _thinking(tokenizer: Any, token: Any) -> str | None:
     vocab = tokenizer.get_vocab()
     if not (isinstance(start, str) and isinstance(end, str) and start in vocab and end in vocab):
         return None
-    return f"think: {token(start)} /(?s:.*)/ {token(end)} /\\s*/"
+    return f"think: {token(start)} /(?s:.*)/ {token(end)} /\\s{{0,8}}/"
 
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
