@@ -76,7 +76,8 @@ def test_a_strict_schema_cut_by_max_tokens_still_parses_and_validates(bpe: Loade
     for how in ("solo", "batch"):
         p = processor(bpe, *capital(max_tokens))
         request = (bpe.prompt(), [ban, p], greedy_sampler)
-        tokens, reason = run_solo(bpe, request, max_tokens) if how == "solo" else run_batch(bpe, [request], max_tokens)[0]
+        solo = how == "solo"
+        tokens, _ = run_solo(bpe, request, max_tokens) if solo else run_batch(bpe, [request], max_tokens)[0]
         assert len(tokens) <= max_tokens and p.closed_by_reserve and p.error is None
         value = json.loads(bpe.text(tokens))
         jsonschema.validate(value, CAPITAL)

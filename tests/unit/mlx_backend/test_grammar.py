@@ -217,7 +217,8 @@ def test_what_a_schema_leaves_unbounded_gets_a_limit() -> None:
 
 def test_the_schema_s_own_keywords_win_over_the_limits() -> None:
     sent = {"type": "object", "properties": {
-        "s": {"type": "string", "maxLength": 10 * STRING_LIMIT}, "n": {"type": "number", "minimum": 0, "multipleOf": 0.5},
+        "s": {"type": "string", "maxLength": 10 * STRING_LIMIT},
+        "n": {"type": "number", "minimum": 0, "multipleOf": 0.5},
         "a": {"type": "array", "items": {"type": "integer", "maximum": 10**30}, "maxItems": 1000},
         "e": {"enum": ["red", "green"]}, "c": {"const": "x"}}}
     schema = bounded(closed_objects(sent))
