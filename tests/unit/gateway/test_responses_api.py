@@ -249,7 +249,8 @@ def test_harmless_parameters_are_accepted(client: TestClient[Any]) -> None:
 
 def test_max_tool_calls_reaches_the_engine(make_client: ClientFactory) -> None:
     engine = FakeEngine()
-    got = make_client(engine).post("/v1/responses", json=body(tools=[WEATHER], tool_choice="required", max_tool_calls=2))
+    request = body(tools=[WEATHER], tool_choice="required", max_tool_calls=2)
+    got = make_client(engine).post("/v1/responses", json=request)
     assert got.status_code == 200, got.text
     assert engine.received[-1].max_tool_calls == 2
 
