@@ -209,9 +209,9 @@ def _bound(schema: Any, used: set[int], level: int = NESTING_LIMIT - 1) -> Any:
     if kinds & {"number", "integer"}:
         _bound_number(out, integer="number" not in kinds)
     if "string" in kinds:
-        out.setdefault("maxLength", STRING_LIMIT)
+        out.setdefault("maxLength", max(STRING_LIMIT, _number(out.get("minLength"))))
     if "array" in kinds:
-        out.setdefault("maxItems", ARRAY_LIMIT)
+        out.setdefault("maxItems", max(ARRAY_LIMIT, _number(out.get("minItems"))))
         if "items" not in out and "prefixItems" not in out:
             used.add(level)
             out["items"] = {"$ref": f"#/$defs/{_ANY}{level}"}
@@ -221,10 +221,13 @@ def _bound(schema: Any, used: set[int], level: int = NESTING_LIMIT - 1) -> Any:
 
 
 def _bound_number(schema: dict[str, Any], integer: bool) -> None:
+    # A bound the schema gives on one side beyond the limit moves the other side's limit with it.
+    low = _number(schema.get("minimum", schema.get("exclusiveMinimum")))
+    high = _number(schema.get("maximum", schema.get("exclusiveMaximum")))
     if "minimum" not in schema and "exclusiveMinimum" not in schema:
-        schema["minimum"] = -NUMBER_LIMIT
+        schema["minimum"] = min(-NUMBER_LIMIT, 10 * high)
     if "maximum" not in schema and "exclusiveMaximum" not in schema:
-        schema["maximum"] = NUMBER_LIMIT
+        schema["maximum"] = max(NUMBER_LIMIT, 10 * low)
     if not integer and "multipleOf" not in schema:
         schema["multipleOf"] = 10.0**-DECIMALS
 
@@ -233,7 +236,8 @@ def _bound_object(schema: dict[str, Any], used: set[int], level: int) -> None:
     extra = schema.get("additionalProperties", True)
     if extra is False:
         return
-    schema.setdefault("maxProperties", PROPERTY_LIMIT)
+    schema.setdefault("maxProperties", max(PROPERTY_LIMIT, _number(schema.get("minProperties")),
+                                           len(schema.get("required", ()))))
     if "properties" in schema or "patternProperties" in schema:
         return  # listed keys are bounded; the names of extra keys here are not (no propertyNames in llguidance)
     if extra is True:
@@ -241,6 +245,11 @@ def _bound_object(schema: dict[str, Any], used: set[int], level: int) -> None:
         extra = {"$ref": f"#/$defs/{_ANY}{level}"}
     schema["patternProperties"] = {_KEY_PATTERN: extra}
     schema["additionalProperties"] = False
+
+
+def _number(value: Any) -> float:
+    """A keyword's number, 0 if it is absent or not a number (llguidance reports a broken schema)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def _any_value(level: int) -> dict[str, Any]:

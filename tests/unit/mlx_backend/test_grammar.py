@@ -244,3 +244,14 @@ def test_pydantic_schemas_stay_enforceable_once_bounded() -> None:
     for model in (Address, Person, Order):
         assert validate(schema(to_strict_json_schema(model), strict=True)) is None
         assert validate(schema(model.model_json_schema(), strict=True)) is None
+
+
+def test_a_lower_bound_beyond_a_limit_moves_the_limit() -> None:
+    sent = {"type": "object", "properties": {
+        "essay": {"type": "string", "minLength": 10 * STRING_LIMIT}, "list": {"type": "array", "minItems": 1000},
+        "big": {"type": "integer", "minimum": 10**20}, "small": {"type": "number", "maximum": -1e16}}}
+    constraint = schema(sent, strict=True)
+    assert validate(constraint) is None
+    limited = Draft202012Validator(bounded(closed_objects(sent)))
+    assert limited.is_valid({"essay": "x" * (10 * STRING_LIMIT), "list": [0] * 1000, "big": 10**20 + 1,
+                             "small": -2e16})
