@@ -14,9 +14,11 @@ the grammar allows of a short list, in this order:
 - outside one: closers (`}`, `]`, `}}`, `]}`...), then start markers (`<tool_call>`; never a reasoning
   opener), then the shortest values (`0`, `""`, `false`, `null`, `[]`, `{}`), then separators (`,`, `:`);
 - any single character the grammar allows (a string's minLength, a pattern), else any token it allows.
-So a property the schema requires and the model had not written yet is written with the shortest value the
-schema allows (`""`, `0`, `false`, `[]`...): the output is valid, and finish_reason "length" says it was cut
-(docs/api.md, "Structured output").
+The processor follows the plan only where the model's own likely tokens would not leave room to close (see
+`ConstraintProcessor`), so a property the schema requires and the model had not reached gets the keys from
+the plan and, where the budget is too short for the model's own value, the shortest value the schema allows
+(`""`, `0`, `false`, `[]`...): the output is valid, and finish_reason "length" says it was cut (docs/api.md,
+"Structured output").
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class Closer:
         closers = ["".join(p) for n in range(1, 5) for p in itertools.product('"}]', repeat=n)]
         found = {text: single(text) for text in closers}
         by_length = sorted((t for t in found if found[t] is not None), key=len, reverse=True)
-        self._string_closers = [i for t in by_length if t.startswith('"') and (i := found[t]) is not None]
-        self._closers = [i for t in by_length if not t.startswith('"') and (i := found[t]) is not None]
+        # Inside a string: the quote, then closers; outside: closers only (a quote would open a string).
+        self._string_closers = [i for t in by_length
+                                if t[0] == '"' and '"' not in t[1:] and (i := found[t]) is not None]
+        self._closers = [i for t in by_length if '"' not in t and (i := found[t]) is not None]
         self._values = [i for i in map(single, (*_VALUES, *_SEPARATORS)) if i is not None]
         self._backslash = single("\\")
         specials = {text: i for text, i in special_tokens.items() if i not in eos_token_ids}
@@ -71,6 +75,18 @@ class Closer:
                 break
             plan.append(token)
         return plan
+
+    def closes_after(self, matcher: LLMatcher, token: int, budget: int) -> bool:
+        """Whether, after `token`, `matcher`'s output (not changed) can be closed within `budget` tokens."""
+        copy = matcher.deep_copy()
+        if not copy.consume_token(token):
+            return False
+        if copy.is_accepting():
+            return True
+        if budget <= 0:
+            return False
+        plan = self.plan(copy, budget)
+        return bool(plan) and bool(copy.consume_tokens(plan)) and bool(copy.is_accepting())
 
     def _next(self, matcher: LLMatcher) -> int | None:
         in_string = self._backslash is not None and matcher.validate_tokens([self._backslash]) == 1

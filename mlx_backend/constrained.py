@@ -17,12 +17,14 @@ first constrained row of a batch; a later row's token context is queued behind t
 mask is computed after it (docs/benchmarks.md, "Constrained decoding", has the figures).
 
 The closing reserve: given the request's max_tokens, the processor closes what is open before the budget
-runs out. In the last RESERVE_WINDOW tokens it asks `mlx_backend/closing.py` for the tokens that close the
-output; once the budget left is that plan plus RESERVE_MARGIN (room for the model's next token to open
-something more), it allows only the plan's tokens, one per step, then only EOS. `closed_by_reserve` then
-tells the batcher to report finish_reason "length". The check costs one comparison per token outside the
-window; inside it a plan costs 0.1 to 1.5 ms (152k vocabulary, this CPU), made only as often as the room
-left could be used up.
+runs out. In the last RESERVE_WINDOW tokens it asks `mlx_backend/closing.py` how many tokens closing the
+output takes; once the budget left is that plus RESERVE_MARGIN (room for one token of the model's to open
+something more), each step is guided: of the model's GUIDE_CANDIDATES most likely tokens (that the grammar
+allows), the first after which the output can still close in the budget left, else the closing plan's next
+token. So the model keeps writing (say "Paris") as long as the budget allows, and the output closes by the
+last token. That step waits for the logits (no overlap with the forward pass) and tries up to a few plans;
+outside the window the check costs one comparison per token. Once the model's own choice was overruled,
+`closed_by_reserve` tells the batcher to report finish_reason "length".
 
 Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_backend/grammar.py`.
 """
@@ -52,8 +54,9 @@ __all__ = ["ConstraintError", "ConstraintFailed", "ConstraintProcessor", "Gramma
 _async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
 
 RESERVE_WINDOW = 64  # the closing reserve looks at the output in the last this many tokens of the budget
-RESERVE_MARGIN = 6  # forcing starts when the budget left is the closing plan plus this: one token of the
+RESERVE_MARGIN = 6  # guiding starts when the budget left is the closing plan plus this: one token of the
 # model's (a comma, a key, an opening quote) can lengthen the plan by about this much
+GUIDE_CANDIDATES = 8  # the model's most likely tokens looked at, per guided step
 _MATCHERS = 64  # compiled grammars kept per tokenizer, ready to copy
 
 
@@ -138,8 +141,8 @@ class ConstraintProcessor:
         self._matcher = matcher
         self._compiler = compiler
         self._max_tokens = max_tokens
-        self._closing: list[int] = []  # the rest of the closing plan being forced
-        self.closed_by_reserve = False  # the reserve forced the output closed: it ends for "length"
+        self._guided = False  # closing is near: each token is chosen so that the output can still close
+        self.closed_by_reserve = False  # the reserve overruled the model: the request ends for "length"
         self._plan_after = 0  # tokens consumed before the reserve plans again
         self._bitmask = np.zeros((compiler.words,), dtype=np.int32)
         self._started = False
@@ -166,7 +169,7 @@ class ConstraintProcessor:
             self._next_mask = None
             _async_eval(logits)  # the forward pass runs while the worker finishes the mask
             begun.result()
-            return mx.where(self._mask_array(width), logits, -mx.inf)
+            return self._apply(logits, width)
         if self._started:
             # The token sampled in the previous step; waiting for it waits for nothing else yet.
             token = tokens[-1].item()
@@ -176,7 +179,14 @@ class ConstraintProcessor:
         # Start the forward pass now (the mask does not depend on it) and compute the mask meanwhile.
         _async_eval(logits)
         self._compute_mask()
-        return mx.where(self._mask_array(width), logits, -mx.inf)
+        return self._apply(logits, width)
+
+    def _apply(self, logits: mx.array, width: int) -> mx.array:
+        masked = mx.where(self._mask_array(width), logits, -mx.inf)
+        if not self._guided or self._error is not None:
+            return masked
+        token = self._guide(masked)
+        return mx.where(mx.arange(width) == token, logits, -mx.inf)
 
     # Both describe the tokens fed back so far: a token is consumed when it is fed to the model, one step
     # after it was handed out; the EOS that follows a complete output is what ends the request.
@@ -207,8 +217,8 @@ class ConstraintProcessor:
     def _compute_mask(self) -> None:
         """The tokens allowed next, into the bitmask (any thread: it touches only this request's state)."""
         left = None if self._max_tokens is None else self._max_tokens - self.tokens
-        if self._error is None and left is not None and left <= RESERVE_WINDOW and self._reserve(left):
-            return
+        if self._error is None and left is not None and left <= RESERVE_WINDOW and not self._guided:
+            self._guided = self._closing_is_near(left)
         if self._error is None:
             self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
             if self._matcher.is_error():
@@ -216,31 +226,43 @@ class ConstraintProcessor:
             elif not self._bitmask.any():
                 self._fail("no token can continue the output")
 
-    def _reserve(self, left: int) -> bool:
-        """Whether the closing reserve decides the next token (then the bitmask allows that one alone)."""
-        if self.closed_by_reserve and not self._closing:
-            self._allow_only(self._compiler.eos_token_ids)  # closed: it ends (no other call, no whitespace)
+    def _closing_is_near(self, left: int) -> bool:
+        """Whether the budget left is down to what closing the output takes, plus the margin."""
+        if self.tokens < self._plan_after or self._matcher.is_accepting():
+            return False
+        plan = self._compiler.closer.plan(self._matcher, RESERVE_WINDOW)
+        room = left - len(plan) - RESERVE_MARGIN
+        if plan and room <= 0:
             return True
-        if not self._closing:
-            if self.tokens < self._plan_after or self._matcher.is_accepting():
-                return False
-            plan = self._compiler.closer.plan(self._matcher, RESERVE_WINDOW)
-            room = left - len(plan) - RESERVE_MARGIN
-            if not plan or room > 0:
-                # Each token can lengthen the plan by about the margin: no need to plan again before
-                # `room` could be used up (a plan costs up to a millisecond or so).
-                self._plan_after = self.tokens + room // (1 + RESERVE_MARGIN)
-                return False
-            self._closing = plan
-            self.closed_by_reserve = True
-        self._allow_only((self._closing.pop(0),))
-        return True
+        # One token can lengthen the plan by about the margin: no need to plan again before `room` could be
+        # used up (a plan costs up to a millisecond or so).
+        self._plan_after = self.tokens + room // (1 + RESERVE_MARGIN)
+        return False
 
-    def _allow_only(self, tokens: Iterable[int]) -> None:
-        self._bitmask[:] = 0
-        words = self._bitmask.view(np.uint32)
-        for token in tokens:
-            words[token // 32] |= np.uint32(1 << (token % 32))
+    def _guide(self, masked: mx.array) -> int:
+        """The token for this step, once closing is near: of the model's most likely tokens that the grammar
+        allows, the first after which the output can still be closed within the budget (EOS always can, once
+        it is allowed); if none of them, the closing plan's next token. MLX thread; it waits for the logits."""
+        assert self._max_tokens is not None
+        left = self._max_tokens - self.tokens  # this token included
+        k = min(GUIDE_CANDIDATES, masked.shape[-1])
+        top = mx.argpartition(-masked[0], kth=k - 1)[:k]
+        values: list[float] = masked[0][top].tolist()  # type: ignore[assignment]
+        tokens: list[int] = top.tolist()  # type: ignore[assignment]
+        ranked = [t for v, t in sorted(zip(values, tokens, strict=True), reverse=True) if v != -float("inf")]
+        eos = set(self._compiler.eos_token_ids)
+        closer = self._compiler.closer
+        choice = None
+        for token in ranked:
+            if token in eos or closer.closes_after(self._matcher, token, left - 1):
+                choice = token
+                break
+        if choice is None:
+            plan = closer.plan(self._matcher, left)
+            choice = plan[0] if plan else self._compiler.eos_token_ids[0]
+        if not ranked or choice != ranked[0]:
+            self.closed_by_reserve = True  # the model's own choice was overruled: the budget cut it
+        return choice
 
     def _mask_array(self, width: int) -> mx.array:
         """The bitmask as a bool array of the logits' width (MLX thread)."""
