@@ -76,6 +76,12 @@ class Closer:
             plan.append(token)
         return plan
 
+    def closing(self, matcher: LLMatcher, limit: int) -> list[int] | None:
+        """The plan, if it closes the output within `limit` tokens; else None."""
+        plan = self.plan(matcher, limit)
+        copy = matcher.deep_copy()
+        return plan if plan and copy.consume_tokens(plan) and copy.is_accepting() else None
+
     def closes_after(self, matcher: LLMatcher, token: int, budget: int) -> bool:
         """Whether, after `token`, `matcher`'s output (not changed) can be closed within `budget` tokens."""
         copy = matcher.deep_copy()

@@ -230,9 +230,12 @@ class ConstraintProcessor:
         """Whether the budget left is down to what closing the output takes, plus the margin."""
         if self.tokens < self._plan_after or self._matcher.is_accepting():
             return False
-        plan = self._compiler.closer.plan(self._matcher, RESERVE_WINDOW)
+        plan = self._compiler.closer.closing(self._matcher, RESERVE_WINDOW)
+        if plan is None:  # more than the window takes to close (a long minLength): guiding would not help
+            self._plan_after = self.tokens + 8
+            return False
         room = left - len(plan) - RESERVE_MARGIN
-        if plan and room <= 0:
+        if room <= 0:
             return True
         # One token can lengthen the plan by about the margin: no need to plan again before `room` could be
         # used up (a plan costs up to a millisecond or so).
