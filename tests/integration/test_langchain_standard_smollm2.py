@@ -21,7 +21,7 @@ from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from tests.support.server import ServerProcess
-from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools
+from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools, warm_up
 from tests.support.tiny_models import make_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
@@ -48,6 +48,7 @@ def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     server = ServerProcess(["--models-dir", str(ensure_smollm2_with_tools()), "--models-dir", str(others),
                             "--max-tokens-default", "128", "--stall-timeout-s", "300"], log).start()
     server.wait_ready(timeout_s=120)
+    warm_up(server)
     _server["real"] = server
     yield server
     server.stop()

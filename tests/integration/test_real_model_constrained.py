@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from tests.support.server import ServerProcess
-from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools
+from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools, warm_up
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     process = ServerProcess(["--models-dir", str(ensure_smollm2_with_tools()), "--stall-timeout-s", "300"],
                             log).start()
     process.wait_ready(timeout_s=120)
+    warm_up(process)
     yield process
     process.stop()
+
 
 
 @pytest.fixture(scope="module")

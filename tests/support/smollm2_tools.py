@@ -12,7 +12,10 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
+
 from tests.support.real_model import ensure_smollm2
+from tests.support.server import ServerProcess
 from tests.support.tiny_models import CHAT_TEMPLATES_DIR
 
 MODEL_ID = "smollm2-135m-hermes"
@@ -45,3 +48,18 @@ def ensure_smollm2_with_tools() -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return models
+
+
+def warm_up(server: ServerProcess) -> None:
+    """Load the model with one short request before the tests. On the shared 2-core CPU the first prefill after
+    a load has been seen to starve the engine's heartbeat thread past its 3 s limit (the engine is then
+    restarted: engine-cpu's issue-20 item, not these tests' subject), so one failed warm-up is tolerated; the
+    tests themselves get no retries."""
+    reply = None
+    for _ in range(2):
+        reply = httpx.post(server.base_url + "/v1/chat/completions", timeout=900, json={
+            "model": MODEL_ID, "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]})
+        if reply.status_code == 200:
+            return
+    assert reply is not None
+    raise AssertionError(f"the warm-up failed twice: {reply.status_code} {reply.text}")
