@@ -98,8 +98,8 @@ def check_supported(req: ResponseCreateRequest) -> None:
                                                    f"{', '.join(map(repr, SUMMARIES))}, not {value!r}.")
     if req.top_logprobs:
         raise unsupported("top_logprobs", "log probabilities are not returned")
-    if req.max_tool_calls is not None:
-        raise unsupported("max_tool_calls", "use parallel_tool_calls: false for at most one call")
+    if req.max_tool_calls is not None and req.max_tool_calls < 1:
+        raise invalid("max_tool_calls", "max_tool_calls must be at least 1.")
     if req.conversation is not None:
         raise unsupported("conversation", "the Conversations API is not available; use previous_response_id")
     if req.prompt is not None:
@@ -298,7 +298,7 @@ def to_generate(
     return Generate(
         request_id=request_id, model=req.model, messages=messages,
         params=sampling_params(req.max_output_tokens or default_max_tokens, req.temperature, req.top_p),
-        constraint=constraint, fault=fault_of(req.user, allow_faults), **tools,
+        constraint=constraint, fault=fault_of(req.user, allow_faults), max_tool_calls=req.max_tool_calls, **tools,
         reasoning=effort_control(req.reasoning.effort if req.reasoning else None, "reasoning.effort"),
     )
 

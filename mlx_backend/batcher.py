@@ -443,6 +443,8 @@ class Batcher:
         if row.plan.constraint is not None:
             row.plan.constraint.raise_if_failed()
         delta, ended = row.plan.output.on_token(response.token, response.finish_reason, response.logprobs)
+        if ended is not None and row.plan.constraint is not None and row.plan.constraint.closed_by_reserve:
+            ended = "length"  # the closing reserve ended it: the budget ran out, however complete it looks
         if delta is not None:
             self._emit(delta)
         if ended is None:

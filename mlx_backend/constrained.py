@@ -1,7 +1,7 @@
 """Constrained decoding: a logits processor that lets a request sample only tokens its grammar allows.
 
-    compiler = compiler_for(tokenizer)          # once per loaded model (cached), MLX thread
-    processor = compiler.processor(constraint)  # per request; ConstraintError if it cannot be compiled
+    compiler = compiler_for(tokenizer)                      # once per loaded model (cached), MLX thread
+    processor = compiler.processor(constraint, max_tokens)  # per request; ConstraintError if it cannot be compiled
     # pass it LAST in the request's logits_processors (after penalties), to BatchGenerator.insert or
     # SoloGeneration; after each token of the request: processor.raise_if_failed()
 
@@ -15,6 +15,16 @@ Speed: a call reads the sampled token, starts the forward pass (`mx.async_eval(l
 on the mask) and computes the mask on the CPU meanwhile. That overlaps fully for a solo request and for the
 first constrained row of a batch; a later row's token context is queued behind that forward pass, so its
 mask is computed after it (docs/benchmarks.md, "Constrained decoding", has the figures).
+
+The closing reserve: given the request's max_tokens, the processor closes what is open before the budget
+runs out. In the last RESERVE_WINDOW tokens it asks `mlx_backend/closing.py` how many tokens closing the
+output takes; once the budget left is that plus RESERVE_MARGIN (room for one token of the model's to open
+something more), each step is guided: of the model's GUIDE_CANDIDATES most likely tokens (that the grammar
+allows), the first after which the output can still close in the budget left, else the closing plan's next
+token. So the model keeps writing (say "Paris") as long as the budget allows, and the output closes by the
+last token. That step waits for the logits (no overlap with the forward pass) and tries up to a few plans;
+outside the window the check costs one comparison per token. Once the model's own choice was overruled,
+`closed_by_reserve` tells the batcher to report finish_reason "length".
 
 Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_backend/grammar.py`.
 """
@@ -35,12 +45,19 @@ import mlx.core as mx
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
+from mlx_backend.closing import Closer, special_tokens
 from mlx_backend.grammar import ConstraintError, describe_error, grammar_for
 from mlx_backend.types import Constraint
 
 __all__ = ["ConstraintError", "ConstraintFailed", "ConstraintProcessor", "GrammarCompiler", "compiler_for"]
 
 _async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
+
+RESERVE_WINDOW = 64  # the closing reserve looks at the output in the last this many tokens of the budget
+RESERVE_MARGIN = 6  # guiding starts when the budget left is the closing plan plus this: one token of the
+# model's (a comma, a key, an opening quote) can lengthen the plan by about this much
+GUIDE_CANDIDATES = 8  # the model's most likely tokens looked at, per guided step
+_MATCHERS = 64  # compiled grammars kept per tokenizer, ready to copy
 
 
 class ConstraintFailed(RuntimeError):
@@ -63,16 +80,29 @@ class GrammarCompiler:
         except ValueError as exc:  # e.g. a slow (non-Rust) tokenizer
             raise ConstraintError(f"Structured output is not available for this model's tokenizer: {exc}") from None
         self.words = (self.tokenizer.vocab_size + 31) // 32  # the bitmask's 32-bit words
-        self._lock = threading.Lock()  # compiling is cheap; the lock only guards the cache below
+        self._lock = threading.Lock()  # guards the caches below
         self._eos_only: dict[int, mx.array] = {}  # logits width -> the mask that allows only EOS
+        # grammar -> a matcher that has consumed nothing: a request gets a copy (microseconds), where
+        # compiling a bounded schema takes milliseconds and agents send the same schema every time
+        self._matchers: dict[str, LLMatcher] = {}
+        self.closer = Closer(self.tokenizer, special_tokens(hf_tokenizer), self.eos_token_ids)
 
-    def processor(self, constraint: Constraint) -> ConstraintProcessor:
-        """A fresh processor for one request. Raises ConstraintError (message for a 400) if the constraint
-        cannot be compiled against this tokenizer (e.g. a special token the vocabulary lacks)."""
-        matcher = LLMatcher(self.tokenizer, grammar_for(constraint), log_level=0)
-        if matcher.is_error():
-            raise ConstraintError(describe_error(constraint, _first_line(matcher.get_error())))
-        return ConstraintProcessor(matcher, self)
+    def processor(self, constraint: Constraint, max_tokens: int | None = None) -> ConstraintProcessor:
+        """A fresh processor for one request; with `max_tokens`, it closes the output before that budget
+        runs out. Raises ConstraintError (message for a 400) if the constraint cannot be compiled against
+        this tokenizer (e.g. a special token the vocabulary lacks)."""
+        grammar = grammar_for(constraint)
+        with self._lock:
+            pristine = self._matchers.pop(grammar, None)
+        if pristine is None:
+            pristine = LLMatcher(self.tokenizer, grammar, log_level=0)
+            if pristine.is_error():
+                raise ConstraintError(describe_error(constraint, _first_line(pristine.get_error())))
+        with self._lock:
+            self._matchers[grammar] = pristine  # most recently used last
+            while len(self._matchers) > _MATCHERS:
+                del self._matchers[next(iter(self._matchers))]
+        return ConstraintProcessor(pristine.deep_copy(), self, max_tokens)
 
     def eos_only(self, width: int) -> mx.array:
         with self._lock:
@@ -107,9 +137,13 @@ class ConstraintProcessor:
     is kept, only EOS is allowed from then on, and `raise_if_failed` raises ConstraintFailed for the batcher
     to fail this request alone."""
 
-    def __init__(self, matcher: LLMatcher, compiler: GrammarCompiler) -> None:
+    def __init__(self, matcher: LLMatcher, compiler: GrammarCompiler, max_tokens: int | None = None) -> None:
         self._matcher = matcher
         self._compiler = compiler
+        self._max_tokens = max_tokens
+        self._guided = False  # closing is near: each token is chosen so that the output can still close
+        self.closed_by_reserve = False  # the reserve overruled the model: the request ends for "length"
+        self._plan_after = 0  # tokens consumed before the reserve plans again
         self._bitmask = np.zeros((compiler.words,), dtype=np.int32)
         self._started = False
         self._error: str | None = None
@@ -135,7 +169,7 @@ class ConstraintProcessor:
             self._next_mask = None
             _async_eval(logits)  # the forward pass runs while the worker finishes the mask
             begun.result()
-            return mx.where(self._mask_array(width), logits, -mx.inf)
+            return self._apply(logits, width)
         if self._started:
             # The token sampled in the previous step; waiting for it waits for nothing else yet.
             token = tokens[-1].item()
@@ -145,7 +179,14 @@ class ConstraintProcessor:
         # Start the forward pass now (the mask does not depend on it) and compute the mask meanwhile.
         _async_eval(logits)
         self._compute_mask()
-        return mx.where(self._mask_array(width), logits, -mx.inf)
+        return self._apply(logits, width)
+
+    def _apply(self, logits: mx.array, width: int) -> mx.array:
+        masked = mx.where(self._mask_array(width), logits, -mx.inf)
+        if not self._guided or self._error is not None:
+            return masked
+        token = self._guide(masked)
+        return mx.where(mx.arange(width) == token, logits, -mx.inf)
 
     # Both describe the tokens fed back so far: a token is consumed when it is fed to the model, one step
     # after it was handed out; the EOS that follows a complete output is what ends the request.
@@ -175,12 +216,56 @@ class ConstraintProcessor:
 
     def _compute_mask(self) -> None:
         """The tokens allowed next, into the bitmask (any thread: it touches only this request's state)."""
+        left = None if self._max_tokens is None else self._max_tokens - self.tokens
+        if self._error is None and left is not None and left <= RESERVE_WINDOW and not self._guided:
+            self._guided = self._closing_is_near(left)
         if self._error is None:
             self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
             if self._matcher.is_error():
                 self._fail(_first_line(self._matcher.get_error()))
             elif not self._bitmask.any():
                 self._fail("no token can continue the output")
+
+    def _closing_is_near(self, left: int) -> bool:
+        """Whether the budget left is down to what closing the output takes, plus the margin."""
+        if self.tokens < self._plan_after or self._matcher.is_accepting():
+            return False
+        plan = self._compiler.closer.closing(self._matcher, RESERVE_WINDOW)
+        if plan is None:  # more than the window takes to close (a long minLength): guiding would not help
+            self._plan_after = self.tokens + 8
+            return False
+        room = left - len(plan) - RESERVE_MARGIN
+        if room <= 0:
+            return True
+        # One token can lengthen the plan by about the margin: no need to plan again before `room` could be
+        # used up (a plan costs up to a millisecond or so).
+        self._plan_after = self.tokens + room // (1 + RESERVE_MARGIN)
+        return False
+
+    def _guide(self, masked: mx.array) -> int:
+        """The token for this step, once closing is near: of the model's most likely tokens that the grammar
+        allows, the first after which the output can still be closed within the budget (EOS always can, once
+        it is allowed); if none of them, the closing plan's next token. MLX thread; it waits for the logits."""
+        assert self._max_tokens is not None
+        left = self._max_tokens - self.tokens  # this token included
+        k = min(GUIDE_CANDIDATES, masked.shape[-1])
+        top = mx.argpartition(-masked[0], kth=k - 1)[:k]
+        values: list[float] = masked[0][top].tolist()  # type: ignore[assignment]
+        tokens: list[int] = top.tolist()  # type: ignore[assignment]
+        ranked = [t for v, t in sorted(zip(values, tokens, strict=True), reverse=True) if v != -float("inf")]
+        eos = set(self._compiler.eos_token_ids)
+        closer = self._compiler.closer
+        choice = None
+        for token in ranked:
+            if token in eos or closer.closes_after(self._matcher, token, left - 1):
+                choice = token
+                break
+        if choice is None:
+            plan = closer.plan(self._matcher, left)
+            choice = plan[0] if plan else self._compiler.eos_token_ids[0]
+        if not ranked or choice != ranked[0]:
+            self.closed_by_reserve = True  # the model's own choice was overruled: the budget cut it
+        return choice
 
     def _mask_array(self, width: int) -> mx.array:
         """The bitmask as a bool array of the logits' width (MLX thread)."""

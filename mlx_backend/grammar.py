@@ -18,6 +18,11 @@ What is enforced, for every JSON kind (json_object, json_schema, `json_value_for
 - objects are closed: an object schema that lists `properties` and leaves `additionalProperties` out gets
   no keys beyond those (`closed_objects`; JSON Schema would allow them, but nobody declared them). Object
   properties come in the schema's order.
+- every construct ends (`bounded`): what the schema leaves unbounded gets a limit (the `*_LIMIT` constants
+  below, docs/api.md "Structured output"), so a model that repeats itself (a number of endless digits, a
+  string or a list that goes on) is made to close it. A keyword in the schema (maxLength, maxItems,
+  maxProperties, minimum/maximum, multipleOf) overrides the limit where it stands. Values the schema leaves
+  open (`{}`, json_object mode) nest at most NESTING_LIMIT deep. Not bounded: recursion through `$ref`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,18 @@ from mlx_backend.types import Constraint
 # indent=4 at depth 5).
 WHITESPACE_LIMIT = 24
 _WHITESPACE = rf"[\x20\x0A\x0D\x09]{{1,{WHITESPACE_LIMIT}}}"
-_ANY_OBJECT = '{"type": "object"}'
+
+# Limits for what a schema leaves unbounded; the schema's own keyword wins where it has one.
+STRING_LIMIT = 4096  # characters of a string without maxLength (nor enum, const)
+ARRAY_LIMIT = 256  # items of an array without maxItems
+PROPERTY_LIMIT = 64  # keys of an object without maxProperties whose keys the schema does not list
+KEY_LIMIT = 128  # characters of such an object's keys
+NUMBER_LIMIT = 2**53 - 1  # |x| of a number without minimum/maximum: the integers a double holds exactly
+DECIMALS = 6  # digits after the point of a number without multipleOf (no exponent then)
+NESTING_LIMIT = 6  # levels of a value the schema leaves open ({}, true, json_object mode's values)
+
+_ANY = "mlx_gateway_any"  # $defs names of the bounded "any JSON value", one per nesting level
+_KEY_PATTERN = f"^.{{0,{KEY_LIMIT}}}$"
 
 
 class ConstraintError(ValueError):
@@ -57,7 +73,8 @@ def grammar_for(constraint: Constraint) -> str:
     """The llguidance grammar (a JSON text) for `constraint`, not yet checked: `validate` checks it.
     Raises ConstraintError when the source cannot even be read (not JSON, not a schema)."""
     if constraint.kind == "json_object":
-        return LLMatcher.grammar_from_json_schema(_ANY_OBJECT, overrides=_options(strict=True))  # type: ignore[arg-type]
+        any_object = json.dumps(bounded({"type": "object"}))
+        return LLMatcher.grammar_from_json_schema(any_object, overrides=_options(strict=True))  # type: ignore[arg-type]
     if constraint.kind == "json_schema":
         source = _read_schema(constraint.source)
         try:
@@ -105,7 +122,7 @@ def json_value_for_lark(schema: Mapping[str, Any] | bool, *, strict: bool = True
     if schema is True:
         schema = {}
     options = {**schema.get("x-guidance", {}), **_options(strict)}
-    return "%json " + json.dumps({**schema, "x-guidance": options})
+    return "%json " + json.dumps({**bounded(closed_objects(dict(schema))), "x-guidance": options})
 
 
 def _read_schema(source: str) -> str:
@@ -114,12 +131,12 @@ def _read_schema(source: str) -> str:
     except ValueError as exc:
         raise ConstraintError(f"The JSON schema is not valid JSON: {exc}.") from None
     if schema is True:
-        return "{}"  # the same schema, in the form llguidance applies options to
+        return json.dumps(bounded({}))  # the same schema, in the form llguidance applies options to
     if schema is False:
         raise ConstraintError("The JSON schema is `false`: no output satisfies it.")
     if not isinstance(schema, dict):
         raise ConstraintError(f"The JSON schema must be an object or a boolean, not {type(schema).__name__}.")
-    return json.dumps(closed_objects(schema))
+    return json.dumps(bounded(closed_objects(schema)))
 
 
 def closed_objects(schema: Any) -> Any:
@@ -142,3 +159,105 @@ def closed_objects(schema: Any) -> Any:
 def _is_unsupported(detail: str) -> bool:
     """Whether llguidance's message is about a keyword it cannot enforce (not a broken schema)."""
     return any(marker in detail for marker in ("Unimplemented keys", "Unknown format", "not supported"))
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "unevaluatedProperties",
+            "unevaluatedItems", "additionalItems")
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
+                          "writeOnly", "$schema", "$id"})
+
+
+def bounded(schema: Any) -> Any:
+    """The schema with a limit on every construct it leaves unbounded (the `*_LIMIT` constants): strings,
+    arrays, numbers, the keys of open objects, and the depth of values it leaves open, which become a
+    reference to a bounded "any JSON value" in `$defs`. Every output valid here is valid for the schema as
+    written. Expects a schema whose objects are closed where it lists properties (`closed_objects`)."""
+    used: set[int] = set()
+    result = _bound(schema, used)
+    if not used:
+        return result
+    if not isinstance(result, dict) or ("$ref" in result and len(result) == 1):
+        result = {"allOf": [result]}  # a root that is only a reference: give it room for $defs
+    definitions = dict(result.get("$defs", {}))
+    for level in range(max(used) + 1):
+        definitions[f"{_ANY}{level}"] = _any_value(level)
+    return {**result, "$defs": definitions}
+
+
+def _bound(schema: Any, used: set[int], level: int = NESTING_LIMIT - 1) -> Any:
+    if schema is True or (isinstance(schema, dict) and set(schema) <= _ANNOTATIONS):
+        used.add(level)
+        return {"$ref": f"#/$defs/{_ANY}{level}"}
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: _bound(value, used) for name, value in out[key].items()}
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [_bound(value, used) for value in out[key]]
+    for key in _SCHEMAS:
+        if key in out and out[key] is not False:
+            out[key] = [_bound(v, used) for v in out[key]] if isinstance(out[key], list) else _bound(out[key], used)
+    if "enum" in out or "const" in out:
+        return out
+    types = out.get("type")
+    kinds = set(types) if isinstance(types, list) else {types} if isinstance(types, str) else set()
+    if kinds & {"number", "integer"}:
+        _bound_number(out, integer="number" not in kinds)
+    if "string" in kinds:
+        out.setdefault("maxLength", max(STRING_LIMIT, _number(out.get("minLength"))))
+    if "array" in kinds:
+        out.setdefault("maxItems", max(ARRAY_LIMIT, _number(out.get("minItems"))))
+        if "items" not in out and "prefixItems" not in out:
+            used.add(level)
+            out["items"] = {"$ref": f"#/$defs/{_ANY}{level}"}
+    if "object" in kinds:
+        _bound_object(out, used, level)
+    return out
+
+
+def _bound_number(schema: dict[str, Any], integer: bool) -> None:
+    # A bound the schema gives on one side beyond the limit moves the other side's limit with it.
+    low = _number(schema.get("minimum", schema.get("exclusiveMinimum")))
+    high = _number(schema.get("maximum", schema.get("exclusiveMaximum")))
+    if "minimum" not in schema and "exclusiveMinimum" not in schema:
+        schema["minimum"] = min(-NUMBER_LIMIT, 10 * high)
+    if "maximum" not in schema and "exclusiveMaximum" not in schema:
+        schema["maximum"] = max(NUMBER_LIMIT, 10 * low)
+    if not integer and "multipleOf" not in schema:
+        schema["multipleOf"] = 10.0**-DECIMALS
+
+
+def _bound_object(schema: dict[str, Any], used: set[int], level: int) -> None:
+    extra = schema.get("additionalProperties", True)
+    if extra is False:
+        return
+    schema.setdefault("maxProperties", max(PROPERTY_LIMIT, _number(schema.get("minProperties")),
+                                           len(schema.get("required", ()))))
+    if "properties" in schema or "patternProperties" in schema:
+        return  # listed keys are bounded; the names of extra keys here are not (no propertyNames in llguidance)
+    if extra is True:
+        used.add(level)
+        extra = {"$ref": f"#/$defs/{_ANY}{level}"}
+    schema["patternProperties"] = {_KEY_PATTERN: extra}
+    schema["additionalProperties"] = False
+
+
+def _number(value: Any) -> float:
+    """A keyword's number, 0 if it is absent or not a number (llguidance reports a broken schema)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _any_value(level: int) -> dict[str, Any]:
+    """Any JSON value, bounded, nesting at most `level` more containers."""
+    value: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+    if level > 0:
+        inner = {"$ref": f"#/$defs/{_ANY}{level - 1}"}
+        value = {"type": [*value["type"], "array", "object"], "items": inner,
+                 "patternProperties": {_KEY_PATTERN: inner}, "additionalProperties": False}
+    bounded_value: dict[str, Any] = _bound(value, set())  # each kind's limits; every part is given
+    return bounded_value

@@ -82,7 +82,7 @@ def plan_request(
         processor = None
         if constraint is not None:
             try:
-                processor = compiler_for(tokenizer).processor(constraint)
+                processor = compiler_for(tokenizer).processor(constraint, max_tokens)
             except ConstraintError as exc:
                 raise EngineError(EngineErrorCode.INVALID_REQUEST, exc.message, constraint_param) from exc
             processors.append(processor)  # last: it masks what the penalties left

@@ -158,6 +158,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call
+    max_tool_calls: int | None = None  # the most calls a reply may make (Responses' max_tool_calls)
     n: int = 1  # choices, sharing the prompt's prefill
     reasoning: ReasoningControl | None = None  # thinking on/off, effort, budget (reasoning models)
     template_kwargs: str | None = None  # JSON object: extra chat-template variables (chat_template_kwargs)

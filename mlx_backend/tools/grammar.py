@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from mlx_backend.grammar import closed_objects
+from mlx_backend.grammar import bounded, closed_objects
 from mlx_backend.tools.families import HARMONY, HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON
 
 if TYPE_CHECKING:
@@ -38,7 +38,9 @@ def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:
         return None
     forced = choice in ("required", "function")
     tools = [t["function"] for t in request.tools if choice != "function" or t["function"]["name"] == request.function]
-    one = not request.parallel or request.family.max_calls == 1
+    limit = request.call_limit  # the grammar ends after this many calls: a model cannot call forever
+    one = limit == 1
+    more = f"{{0,{limit - 1}}}"
     family = request.family
     vocab = tokenizer.get_vocab()
 
@@ -46,7 +48,7 @@ def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:
         return f"<[{vocab[text]}]>" if text in vocab else json.dumps(text)
 
     def schema(tool: dict[str, Any], key: str, call_object: bool) -> str:
-        arguments = _parameters(tool) if forced or tool.get("strict") is True else {"type": "object"}
+        arguments = _parameters(tool) if forced or tool.get("strict") is True else bounded({"type": "object"})
         return "%json " + json.dumps(_call_schema(tool["name"], key, arguments) if call_object else _root(arguments))
 
     rules = [f"tool{i}: {schema(t, family.argument_keys[0], family.body == 'json')}" for i, t in enumerate(tools)]
@@ -54,17 +56,17 @@ def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:
 
     if family.name == HERMES.name:
         call = f'call: {token(HERMES.start)} "\\n" tool "\\n" {token(HERMES.end)}'
-        calls = "calls: call" if one else 'calls: call ("\\n" call)*'
+        calls = "calls: call" if one else f'calls: call ("\\n" call){more}'
         start = "start: calls" if forced else "start: TEXT? calls?"
     elif family.name == MISTRAL_JSON.name:
-        call = f'call: {token(MISTRAL_JSON.start)} "[" tool ' + ('"]"' if one else '(", " tool)* "]"')
+        call = f'call: {token(MISTRAL_JSON.start)} "[" tool ' + ('"]"' if one else f'(", " tool){more} "]"')
         calls = "calls: call"
         start = "start: calls" if forced else "start: TEXT? calls?"
     elif family.name == MISTRAL_ARGS.name:
         arguments = token("[ARGS]")
         rules = [f"tool{i}: {json.dumps(t['name'])} {arguments} {schema(t, '', False)}" for i, t in enumerate(tools)]
         call = f"call: {token(MISTRAL_ARGS.start)} tool"
-        calls = "calls: call" if one else "calls: call+"
+        calls = "calls: call" if one else f"calls: call{{1,{limit}}}"
         start = "start: calls" if forced else "start: TEXT? calls?"
     elif family.name == LLAMA3_JSON.name:
         # One call per turn: the template cannot render more. Text that opens with "{" is a call.
@@ -108,12 +110,13 @@ def _thinking(tokenizer: Any, token: Any) -> str | None:
     vocab = tokenizer.get_vocab()
     if not (isinstance(start, str) and isinstance(end, str) and start in vocab and end in vocab):
         return None
-    return f"think: {token(start)} /(?s:.*)/ {token(end)} /\\s*/"
+    return f"think: {token(start)} /(?s:.*)/ {token(end)} /\\s{{0,8}}/"
 
 
 def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
     parameters = tool.get("parameters")
-    return closed_objects(parameters) if isinstance(parameters, dict) and parameters else _EMPTY_PARAMETERS
+    schema = closed_objects(parameters) if isinstance(parameters, dict) and parameters else _EMPTY_PARAMETERS
+    return bounded(schema)  # type: ignore[no-any-return]
 
 
 def _call_schema(name: str, key: str, arguments: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,10 @@ from mlx_backend.tools.stream import ToolCallParser, new_call_id
 from mlx_backend.types import Generate
 
 CHOICES = ("auto", "none", "required", "function")
+# The most calls one reply may make when the request sets no max_tool_calls and parallel calls are on:
+# a forced or strict call's grammar must end, and a model that repeats a call would otherwise call until
+# max_tokens (docs/api.md, "Tool calling").
+CALL_LIMIT = 8
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,15 @@ class ToolRequest:
     choice: str  # "auto" | "none" | "required" | "function"
     function: str | None  # the named function when choice is "function"
     parallel: bool
+    max_calls: int | None = None  # the request's bound (max_tool_calls), if it set one
+
+    @property
+    def call_limit(self) -> int:
+        """The most calls this reply may make: one for a named function, without parallel calls, or where
+        the family's template renders one per turn; else the request's bound, else CALL_LIMIT."""
+        if self.choice == "function" or not self.parallel or self.family.max_calls == 1:
+            return 1
+        return self.max_calls if self.max_calls is not None else CALL_LIMIT
 
     @property
     def names(self) -> list[str]:
@@ -65,15 +78,19 @@ class ToolRequest:
             raise _invalid(f"tool_choice {_choice_text(command)} is not supported for the model "
                            f"'{command.model}': its tool-call format ({family.name}) cannot be forced.",
                            "tool_choice")
+        if command.max_tool_calls is not None and command.max_tool_calls < 1:
+            raise _invalid("max_tool_calls must be at least 1.", "max_tool_calls")
         return cls(family, tools, choice, command.tool_choice_name if choice == "function" else None,
-                   command.parallel_tool_calls)
+                   command.parallel_tool_calls, command.max_tool_calls)
 
     def parser(self, new_id: Callable[[], str] = new_call_id) -> ToolCallParser:
         """A parser for one reply. With tool_choice "none" (or no tools, only earlier calls), it drops call
         markup and sends no calls."""
         names = [self.function] if self.choice == "function" and self.function else self.names
         return ToolCallParser(self.family, names, tools=self.tools, parallel=self.parallel,
-                              suppress=self.choice == "none" or not self.tools, new_id=new_id)
+                              suppress=self.choice == "none" or not self.tools, new_id=new_id,
+                              max_calls=1 if self.choice == "function" else self.max_calls,
+                              drop_repeats=self.choice == "required")
 
     def grammar(self, tokenizer: Any) -> str | None:
         """The Lark grammar (llguidance syntax) that constrains this reply, or None when nothing does."""

@@ -10,7 +10,11 @@ What comes out, and when:
   as an incremental JSON validator has accepted them. A call with no arguments member gets "{}".
 - Whitespace between content and markup, and between calls, is not content.
 - `done` turns true when nothing more can matter: the first call is complete and parallel calls are off
-  (or the family's template renders only one call per turn). The batcher should end the request there.
+  (or the family's template renders only one call per turn), the request's `max_calls` are made, or a call
+  repeats an earlier one (`drop_repeats`). The batcher should end the request there.
+- With `drop_repeats` (tool_choice "required"), a call is held back while it is the same, so far, as an
+  earlier whole call of the reply (same name, same arguments); it is sent as soon as it differs. If it ends
+  the same, it is dropped and the reply ends: small models repeat a forced call until the call limit.
 
 Malformed output (a model may write anything when tool_choice is "auto"):
 - Markup whose call cannot be read before anything was sent (not JSON, no name, a name that is not one of
@@ -91,15 +95,21 @@ class ToolCallParser:
         parallel: bool = True,
         suppress: bool = False,
         new_id: Callable[[], str] = new_call_id,
+        max_calls: int | None = None,
+        drop_repeats: bool = False,
     ) -> None:
         self.family = family
         self._names = frozenset(tool_names)
         self._tools = tools
         self._max_calls = 1 if not parallel else family.max_calls
+        if max_calls is not None:  # the request's bound: done once it is reached
+            self._max_calls = min(max_calls, self._max_calls or max_calls)
         self._suppress = suppress
         self._new_id = new_id
         self._mistral = family.start == "[TOOL_CALLS]"  # reads both Mistral layouts, whichever comes
         self.calls: list[ParsedCall] = []  # every call sent, in order
+        self._drop_repeats = drop_repeats
+        self._held: ParsedCall | None = None  # a call that so far repeats an earlier one: not sent yet
         self.dropped = 0  # markup read as a call that could not be sent
         self.done = False
         self._out = _Out()
@@ -446,6 +456,9 @@ class ToolCallParser:
         parsed = ParsedCall(len(self.calls), "", name, [arguments])
         if not self._suppress:
             parsed.id = self._new_id()
+            if self._drop_repeats and self._repeats(parsed):
+                self._held = parsed  # sent once it differs from the call it repeats so far (see _finish)
+                return parsed
             self.calls.append(parsed)
             self._out.add(ToolCallDelta(parsed.index, parsed.id, name, arguments))
         return parsed
@@ -454,8 +467,21 @@ class ToolCallParser:
         parsed = call.parsed
         assert parsed is not None
         parsed.parts.append(text)
-        if not self._suppress:
+        if parsed is self._held:
+            if not self._repeats(parsed):
+                self._release(parsed)
+        elif not self._suppress:
             self._out.add_arguments(parsed.index, text)
+
+    def _repeats(self, parsed: ParsedCall) -> bool:
+        """Whether the call so far is the start of an earlier whole call: the same name, the same arguments."""
+        text = parsed.arguments
+        return any(c.complete and c.name == parsed.name and c.arguments.startswith(text) for c in self.calls)
+
+    def _release(self, parsed: ParsedCall) -> None:
+        self._held = None
+        self.calls.append(parsed)
+        self._out.add(ToolCallDelta(parsed.index, parsed.id, parsed.name, parsed.arguments))
 
     def _finish_call(self, call: _CallReader, complete: bool) -> None:
         if call.parsed is not None:
@@ -463,6 +489,12 @@ class ToolCallParser:
 
     def _finish(self, parsed: ParsedCall, complete: bool) -> None:
         parsed.complete = complete
+        if parsed is self._held:
+            # The same call again, whole (or cut while still the same): a model repeating itself. Not sent;
+            # the reply ends here (a forced call would otherwise repeat until max_tokens).
+            self._held = None
+            self.done = True
+            return
         if not self._suppress and self._max_calls is not None and len(self.calls) >= self._max_calls:
             self.done = True
 

@@ -9,6 +9,10 @@ generates exactly max_tokens: the rate differs only by what the grammar costs pe
 `--repeat` rounds of every (workload, level) pair, interleaved; the table gives each cell's median.
 
     python tests/benchmarks/bench_constrained_serving.py --shape small --concurrency 1,8 --repeat 3
+
+`--real-model` runs the same on SmolLM2-135M-Instruct with a Hermes tools template (a real trained model,
+tests/support/smollm2_tools.py) instead of a random shape; its EOS is banned with logit_bias, so every request
+still generates exactly max_tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def make_model(shape: str, root: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--real-model", action="store_true", help="SmolLM2-135M-Instruct instead of a shape")
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--requests-per-client", type=int, default=2)
@@ -66,9 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    model = make_model(args.shape, args.work_dir / "models")
+    no_eos: dict[str, Any] = {}
+    if args.real_model:
+        from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools
+
+        model = ensure_smollm2_with_tools() / MODEL_ID
+        eos = json.loads((model / "config.json").read_text())["eos_token_id"]
+        no_eos = {"logit_bias": {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}}
+    else:
+        model = make_model(args.shape, args.work_dir / "models")
     port = free_port()
-    server = Server(server_spec("gateway", model, port, max_running=max(levels), max_queue=256),
+    server = Server(server_spec("gateway", model, port, max_running=max(levels), max_queue=256,
+                                extra_args=["--stall-timeout-s", "600"]),
                     port, args.work_dir / "gateway.log").start()
     rates: dict[tuple[str, int], list[float]] = {}
     try:
@@ -76,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         count = 4 * max(levels) * args.requests_per_client
         prompts = [f"Write about topic number {i} at length." for i in range(count)]
         base = {"model": model.name, "stream": True, "temperature": 0, "max_tokens": args.max_tokens,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, **no_eos}
         # Warm up every workload at every level: compilation, the grammar tokenizer, batch shapes.
         for extra in WORKLOADS.values():
             for level in levels:
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         stop_all()
-    lines = [f"Constrained decoding under load ({args.shape} shape, {args.max_tokens} tokens per streamed request, "
+    what = "SmolLM2-135M-Instruct" if args.real_model else f"{args.shape} shape"
+    lines = [f"Constrained decoding under load ({what}, {args.max_tokens} tokens per streamed request, "
              f"greedy; median of {args.repeat} rounds; ratio to unconstrained at the same level)", "",
              "| workload | " + " | ".join(f"c={c} tok/s | ratio" for c in levels) + " |",
              "| --- | " + " | ".join("--- | ---" for _ in levels) + " |"]

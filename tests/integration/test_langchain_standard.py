@@ -96,10 +96,6 @@ class TestChatOpenAIOnMlxGateway(ChatModelIntegrationTests):
     async def test_tool_calling_async(self, model: Any) -> None:
         await super().test_tool_calling_async(model)
 
-    @pytest.mark.xfail(strict=True, reason=NEEDS_A_TRAINED_MODEL + ": as test_tool_calling")
-    def test_tool_calling_with_no_arguments(self, model: Any) -> None:
-        super().test_tool_calling_with_no_arguments(model)
-
     @pytest.mark.xfail(strict=True, reason=NEEDS_A_TRAINED_MODEL + ": json mode promises a JSON object, and it "
                        "writes one; the test also wants the keys it asked for in words")
     def test_json_mode(self, model: Any) -> None:

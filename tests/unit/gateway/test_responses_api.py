@@ -202,7 +202,6 @@ def test_text_format_becomes_the_constraint(make_client: ClientFactory) -> None:
     ({"include": ["message.output_text.logprobs"]}, "include"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt"),
-    ({"max_tool_calls": 3}, "max_tool_calls"),
     ({"text": {"verbosity": "low"}}, "text.verbosity"),
     ({"text": {"format": {"type": "json_object"}}, "tools": [WEATHER]}, "text.format"),
     ({"text": {"format": {"type": "json_object"}}, "tools": [{**WEATHER, "strict": False}],
@@ -234,6 +233,7 @@ def test_unknown_fields_are_a_400_naming_them(client: TestClient[Any], overrides
     ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objekt"}}}}, "text.format.schema"),
     ({"temperature": 3}, "temperature"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
+    ({"max_tool_calls": 0}, "max_tool_calls"),
 ])
 def test_invalid_values_are_a_400_naming_them(client: TestClient[Any], overrides: dict[str, Any], param: str) -> None:
     error = error_of(client.post("/v1/responses", json=body(**overrides)), 400)
@@ -249,6 +249,14 @@ def test_harmless_parameters_are_accepted(client: TestClient[Any]) -> None:
     ))
     assert got.status_code == 200, got.text
     assert got.json()["metadata"] == {"k": "v"} and got.json()["store"] is False
+
+
+def test_max_tool_calls_reaches_the_engine(make_client: ClientFactory) -> None:
+    engine = FakeEngine()
+    request = body(tools=[WEATHER], tool_choice="required", max_tool_calls=2)
+    got = make_client(engine).post("/v1/responses", json=request)
+    assert got.status_code == 200, got.text
+    assert engine.received[-1].max_tool_calls == 2
 
 
 def test_an_unknown_model_is_404_in_openais_shape(client: TestClient[Any]) -> None:

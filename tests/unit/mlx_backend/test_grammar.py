@@ -10,11 +10,26 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import pytest
+from jsonschema import Draft202012Validator
 from llguidance import LLMatcher
 from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel
 
-from mlx_backend.grammar import WHITESPACE_LIMIT, grammar_for, json_value_for_lark, validate
+from mlx_backend.grammar import (
+    ARRAY_LIMIT,
+    DECIMALS,
+    KEY_LIMIT,
+    NESTING_LIMIT,
+    NUMBER_LIMIT,
+    PROPERTY_LIMIT,
+    STRING_LIMIT,
+    WHITESPACE_LIMIT,
+    bounded,
+    closed_objects,
+    grammar_for,
+    json_value_for_lark,
+    validate,
+)
 from mlx_backend.types import Constraint
 
 
@@ -176,3 +191,67 @@ def test_objects_are_closed_unless_the_schema_says_otherwise() -> None:
     assert closed["properties"]["c"]["additionalProperties"] is True  # said otherwise: kept
     assert closed["$defs"]["D"]["additionalProperties"] is False
     assert closed["enum_holder"] == {"enum": [{"properties": {}}]}  # values are data, not schemas
+
+
+# -- every construct ends ------------------------------------------------------------------------------------
+
+
+def test_what_a_schema_leaves_unbounded_gets_a_limit() -> None:
+    sent = {"type": "object", "properties": {"s": {"type": "string"}, "n": {"type": "number"},
+                                             "i": {"type": "integer"}, "a": {"type": "array"}, "o": {"type": "object"},
+                                             "any": {}}}
+    limited = Draft202012Validator(bounded(closed_objects(sent)))
+    fine = {"s": "x" * STRING_LIMIT, "n": -(2**53 - 1) + 0.125, "i": 2**53 - 1, "a": [0] * ARRAY_LIMIT,
+            "o": {f"k{i}": i for i in range(PROPERTY_LIMIT)}, "any": {"k" * KEY_LIMIT: [[None]]}}
+    assert limited.is_valid(fine)
+    for key, value in [("s", "x" * (STRING_LIMIT + 1)), ("n", 1.0 + 10.0**-(DECIMALS + 1)), ("n", 2.0**53),
+                       ("i", -(2**53)), ("a", [0] * (ARRAY_LIMIT + 1)),
+                       ("o", {f"k{i}": i for i in range(PROPERTY_LIMIT + 1)}), ("o", {"k" * (KEY_LIMIT + 1): 1})]:
+        assert not limited.is_valid({**fine, key: value}), key
+    deep: Any = None
+    for _ in range(NESTING_LIMIT):
+        deep = [deep]
+    assert not limited.is_valid({**fine, "any": deep})
+    assert Draft202012Validator(sent).is_valid({**fine, "any": deep})  # only the limits are new
+
+
+def test_the_schema_s_own_keywords_win_over_the_limits() -> None:
+    sent = {"type": "object", "properties": {
+        "s": {"type": "string", "maxLength": 10 * STRING_LIMIT},
+        "n": {"type": "number", "minimum": 0, "multipleOf": 0.5},
+        "a": {"type": "array", "items": {"type": "integer", "maximum": 10**30}, "maxItems": 1000},
+        "e": {"enum": ["red", "green"]}, "c": {"const": "x"}}}
+    schema = bounded(closed_objects(sent))
+    properties = schema["properties"]
+    assert properties["s"] == sent["properties"]["s"]
+    assert properties["n"] == {**sent["properties"]["n"], "maximum": NUMBER_LIMIT}  # only the open side
+    assert properties["a"]["maxItems"] == 1000 and properties["a"]["items"]["maximum"] == 10**30
+    assert properties["e"] == sent["properties"]["e"] and properties["c"] == sent["properties"]["c"]
+    assert Draft202012Validator(schema).is_valid({"s": "x" * (5 * STRING_LIMIT), "n": 2.5, "a": [10**29] * 999})
+
+
+def test_json_object_mode_is_a_bounded_object() -> None:
+    grammar = json.loads(grammar_for(Constraint("json_object")))
+    (source,) = grammar["grammars"]
+    limited = Draft202012Validator(source["json_schema"])
+    assert limited.is_valid({"a": [1, "two", {"three": None}], "b": True})
+    assert not limited.is_valid([1])  # an object, as json_object mode promises
+    assert not limited.is_valid({"a": 1e300})
+    assert validate(Constraint("json_object")) is None
+
+
+def test_pydantic_schemas_stay_enforceable_once_bounded() -> None:
+    for model in (Address, Person, Order):
+        assert validate(schema(to_strict_json_schema(model), strict=True)) is None
+        assert validate(schema(model.model_json_schema(), strict=True)) is None
+
+
+def test_a_lower_bound_beyond_a_limit_moves_the_limit() -> None:
+    sent = {"type": "object", "properties": {
+        "essay": {"type": "string", "minLength": 10 * STRING_LIMIT}, "list": {"type": "array", "minItems": 1000},
+        "big": {"type": "integer", "minimum": 10**20}, "small": {"type": "number", "maximum": -1e16}}}
+    constraint = schema(sent, strict=True)
+    assert validate(constraint) is None
+    limited = Draft202012Validator(bounded(closed_objects(sent)))
+    assert limited.is_valid({"essay": "x" * (10 * STRING_LIMIT), "list": [0] * 1000, "big": 10**20 + 1,
+                             "small": -2e16})

@@ -16,9 +16,11 @@ import llguidance.hf
 import numpy as np
 import pytest
 
+from mlx_backend.grammar import NESTING_LIMIT, STRING_LIMIT
 from mlx_backend.tools import ToolRequest, families
 from mlx_backend.tools.families import Family
 from mlx_backend.tools.parse import parse_reply
+from mlx_backend.tools.request import CALL_LIMIT
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
                                             "unit": {"enum": ["c", "f"]}},
@@ -242,3 +244,52 @@ def test_a_reasoning_model_may_think_before_a_forced_call(tokenizers: dict[str, 
     assert not accepts(tokenizer, grammar(tokenizers, "qwen3", request(families.HERMES)), "<think>\nhm\n</think>No.")
     # A model without think tokens gets no think rule: the call must come first.
     assert "think" not in grammar(tokenizers, "qwen2.5", request(families.HERMES))
+
+
+# -- forced calls end ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "family"), [c for c in CASES if c[1] is not families.LLAMA3_JSON],
+                         ids=lambda c: getattr(c, "name", c))
+def test_a_named_function_is_called_exactly_once_even_with_parallel_calls_on(tokenizers: dict[str, Any], fmt: str,
+                                                                             family: Family) -> None:
+    tokenizer, g = tokenizers[fmt], grammar(tokenizers, fmt, request(family, "function", "add", parallel=True))
+    once = [("add", {"a": 3, "b": 4})]
+    assert accepts(tokenizer, g, call_text(family, once))
+    assert not accepts(tokenizer, g, call_text(family, once * 2))
+
+
+@pytest.mark.parametrize(("fmt", "family"), [c for c in CASES if c[1] is not families.LLAMA3_JSON],
+                         ids=lambda c: getattr(c, "name", c))
+@pytest.mark.parametrize("limit", [None, 3])
+def test_required_stops_at_max_tool_calls_or_the_default_limit(tokenizers: dict[str, Any], fmt: str, family: Family,
+                                                              limit: int | None) -> None:
+    bound = limit or CALL_LIMIT
+    forced = ToolRequest(family, TOOLS, "required", None, True, limit)
+    tokenizer, g = tokenizers[fmt], grammar(tokenizers, fmt, forced)
+    calls = [("add", {"a": i, "b": i}) for i in range(bound + 1)]
+    assert accepts(tokenizer, g, call_text(family, calls[:bound]))
+    assert not accepts(tokenizer, g, call_text(family, calls))
+    strict_auto = ToolRequest(family, [{**t, "function": {**t["function"], "strict": True}} for t in TOOLS], "auto",
+                              None, True, limit)
+    g = grammar(tokenizers, fmt, strict_auto)
+    assert accepts(tokenizer, g, call_text(family, calls[:bound]))
+    assert not accepts(tokenizer, g, call_text(family, calls))
+
+
+def test_forced_arguments_are_bounded_where_the_schema_is_not(tokenizers: dict[str, Any]) -> None:
+    # A string, a number and an open object with no limits of their own: each ends at the grammar's limit.
+    free = {"type": "object", "properties": {"note": {"type": "string"}, "n": {"type": "number"}, "extra": {}},
+            "required": ["note", "n", "extra"]}
+    tools = [{"type": "function", "function": {"name": "log", "parameters": free}}]
+    tokenizer = tokenizers["qwen2.5"]
+    g = grammar(tokenizers, "qwen2.5", request(families.HERMES, "function", "log", tools=tools))
+    arguments = {"note": "x" * STRING_LIMIT, "n": 1.5, "extra": [[{"a": None}]]}
+    assert accepts(tokenizer, g, call_text(families.HERMES, [("log", arguments)]))
+    too_long = {**arguments, "note": "x" * (STRING_LIMIT + 1)}
+    assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", too_long)]))
+    assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", {**arguments, "n": 1.0 + 2**-30})]))
+    deep: Any = 1
+    for _ in range(NESTING_LIMIT + 1):
+        deep = [deep]
+    assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", {**arguments, "extra": deep})]))

@@ -11,6 +11,7 @@ import pytest
 
 from mlx_backend.errors import EngineError
 from mlx_backend.tools import ToolRequest, families
+from mlx_backend.tools.request import CALL_LIMIT
 from mlx_backend.types import ChatMessage, Generate, SamplingParams, ToolCall
 from tests.support import tiny_models
 from tests.unit.mlx_backend.tools.conftest import load
@@ -107,3 +108,39 @@ def test_the_parser_follows_the_request(tokenizers: dict[str, Any]) -> None:
     ids = [c.id for c in ToolRequest.from_command(command(), tokenizer).parser().feed(  # type: ignore[union-attr]
         '<tool_call>{"name": "noop"}</tool_call><tool_call>{"name": "noop"}</tool_call>').tool_calls]
     assert len(set(ids)) == 2 and all(i.startswith("call_") and len(i) == 29 and i[5:].isalnum() for i in ids)
+
+
+def test_max_tool_calls_bounds_the_calls_and_must_be_positive(tokenizers: dict[str, Any]) -> None:
+    tokenizer = tokenizers["qwen2.5"]
+    bounded = ToolRequest.from_command(command(max_tool_calls=2), tokenizer)
+    assert bounded is not None and bounded.call_limit == 2
+    parser = bounded.parser()
+    out = parser.feed("".join(f'<tool_call>{{"name": "add", "arguments": {{"a": {i}, "b": 1}}}}</tool_call>'
+                              for i in range(3)))
+    assert out.done and [c.arguments for c in parser.calls] == ['{"a": 0, "b": 1}', '{"a": 1, "b": 1}']
+    assert refusal(tokenizer, command(max_tool_calls=0)).param == "max_tool_calls"
+    assert ToolRequest.from_command(command(), tokenizer).call_limit == CALL_LIMIT  # type: ignore[union-attr]
+    named = ToolRequest.from_command(command(tool_choice="function", tool_choice_name="noop"), tokenizer)
+    assert named is not None and named.call_limit == 1
+
+
+def test_with_required_a_repeated_call_ends_the_reply_and_is_not_sent(tokenizers: dict[str, Any]) -> None:
+    tokenizer = tokenizers["qwen2.5"]
+    required = ToolRequest.from_command(command(tool_choice="required"), tokenizer)
+    assert required is not None
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    other = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 3}}\n</tool_call>'
+    parser = required.parser()
+    pieces = [parser.feed(ch) for ch in call + "\n" + other + "\n" + call + "\n" + call + "\n" + other]
+    assert pieces[-1].done or any(p.done for p in pieces)
+    sent = [c.arguments for c in parser.calls]
+    assert sent == ['{"a": 1, "b": 2}', '{"a": 1, "b": 3}']  # the repeat of the first ended the reply
+    # What was streamed is exactly those two calls: the repeat was held back, never half-sent.
+    streamed: dict[int, str] = {}
+    for piece in pieces:
+        for delta in piece.tool_calls:
+            streamed[delta.index] = streamed.get(delta.index, "") + delta.arguments
+    assert streamed == {0: sent[0], 1: sent[1]}
+    # With auto, a model may mean the same call twice (a dice roll): both are sent.
+    auto = ToolRequest.from_command(command(), tokenizer).parser()  # type: ignore[union-attr]
+    assert len(auto.feed(call + call).tool_calls) == 2
