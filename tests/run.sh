@@ -20,4 +20,6 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 
 python3 -m pip install -q -e ".[test]"
+# The real trained model (SmolLM2-135M-Instruct) converted once per machine, before servers race to it.
+python3 -c "from tests.support.real_model import ensure_smollm2; ensure_smollm2()"
 exec python3 -m pytest "$@"
