@@ -103,9 +103,9 @@ def test_with_tools_the_model_is_a_hermes_family_tool_caller(loaded: tuple[Any, 
     assert detection.family is not None and detection.family.name == "hermes", detection
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    call = {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     turns = [{"role": "user", "content": "Weather in Paris?"},
-             {"role": "assistant", "content": None, "tool_calls": [
-                 {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+             {"role": "assistant", "content": None, "tool_calls": [call]},
              {"role": "tool", "tool_call_id": "1", "content": "18C"}]
     text = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=True, tokenize=False)
     assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
