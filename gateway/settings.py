@@ -29,7 +29,8 @@ class Settings:
     )
     hf_cache: bool = field(default=True, metadata={"help": "also serve models in the local Hugging Face cache"})
     demo_model: bool | None = field(
-        default=None, metadata={"help": "offer the bundled demo model (default: only when no models dir)"}
+        default=None, metadata={"help": "offer the bundled models, mlx-gateway-demo and smollm2-135m-instruct "
+                                        "(default: only when no models dir)"}
     )
     api_key: str | None = field(
         default=None, metadata={"help": "require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every "

@@ -190,8 +190,9 @@ def hf_config(metadata: dict[str, Any], tied: bool) -> dict[str, Any]:
     }
 
 
-def build_tokenizer(metadata: dict[str, Any]) -> Any:
-    """The byte-level BPE of a `gpt2`-model GGUF as a transformers fast tokenizer (save_pretrained-able)."""
+def build_tokenizer(metadata: dict[str, Any], chat_template: str | None = None) -> Any:
+    """The byte-level BPE of a `gpt2`-model GGUF as a transformers fast tokenizer (save_pretrained-able), with
+    the file's chat template unless another is given."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -228,7 +229,7 @@ def build_tokenizer(metadata: dict[str, Any]) -> Any:
         eos_token=token("tokenizer.ggml.eos_token_id"),
         unk_token=token("tokenizer.ggml.unknown_token_id"),
         pad_token=token("tokenizer.ggml.padding_token_id"),
-        chat_template=_meta(metadata, "tokenizer.chat_template"),
+        chat_template=chat_template or _meta(metadata, "tokenizer.chat_template"),
         model_max_length=int(_require(metadata, "llama.context_length")),
         clean_up_tokenization_spaces=False,
     )
@@ -281,7 +282,8 @@ def convert_weights(raw: dict[str, mx.array], config: dict[str, Any], dtype: Dty
 
 
 def convert(gguf_path: Path | str, out_dir: Path | str, dtype: Dtype = "quantized",
-            copy_files: Sequence[Path] = ()) -> Path:
+            copy_files: Sequence[Path] = (), chat_template: str | None = None,
+            tool_parser: str | None = None) -> Path:
     """Write the mlx-lm folder for a Llama GGUF. The folder appears whole (written aside, then renamed)."""
     if dtype not in DTYPES:
         raise GGUFError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -295,7 +297,7 @@ def convert(gguf_path: Path | str, out_dir: Path | str, dtype: Dtype = "quantize
     if quantization is not None:
         config["quantization"] = config["quantization_config"] = quantization
     config["torch_dtype"] = "float16" if dtype == "quantized" else dtype
-    tokenizer = build_tokenizer(metadata)
+    tokenizer = build_tokenizer(metadata, chat_template)
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,6 +307,11 @@ def convert(gguf_path: Path | str, out_dir: Path | str, dtype: Dtype = "quantize
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(str(staging))
+        if tool_parser:  # mlx-lm's parser for the template's tool calls, named rather than inferred
+            tokenizer_config = json.loads((staging / "tokenizer_config.json").read_text(encoding="utf-8"))
+            tokenizer_config["tool_parser_type"] = tool_parser
+            (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n",
+                                                           encoding="utf-8")
         generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
         for path in copy_files:  # provenance and license files travel with the weights
@@ -324,9 +331,12 @@ def main(argv: list[str] | None = None, echo: Callable[[str], None] = print) -> 
     parser.add_argument("out", type=Path)
     parser.add_argument("--dtype", choices=DTYPES, default="quantized")
     parser.add_argument("--copy", type=Path, action="append", default=[], help="a file to put in the folder too")
+    parser.add_argument("--chat-template", type=Path, help="a Jinja chat template to use instead of the file's")
+    parser.add_argument("--tool-parser", help="mlx-lm's tool parser for that template (e.g. json_tools)")
     args = parser.parse_args(argv)
+    template = args.chat_template.read_text(encoding="utf-8") if args.chat_template else None
     try:
-        echo(f"wrote {convert(args.gguf, args.out, args.dtype, args.copy)}")
+        echo(f"wrote {convert(args.gguf, args.out, args.dtype, args.copy, template, args.tool_parser)}")
     except GGUFError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

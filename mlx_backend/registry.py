@@ -6,6 +6,7 @@ listed, so that using it says what is missing instead of "not found"). Three pla
   - the Hugging Face cache: `models--org--name/snapshots/<rev>/` (id `org/name`), the revision `refs/main`
     points to, else the newest snapshot
   - the bundled demo model (id `mlx-gateway-demo`)
+  - the bundled real model (id `smollm2-135m-instruct`), once `serve` has converted it (mlx_backend.smollm2)
 An allow-list (ids or glob patterns), when set, hides every other model: it is "not found" and unlisted, as if
 absent, so no request can make the engine load it.
 An id never reaches the filesystem unchecked: `..`, absolute paths, backslashes, NUL and empty segments are
@@ -28,10 +29,11 @@ from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.residency import matches
 
 DEMO_MODEL_ID = "mlx-gateway-demo"  # same value as mlx_backend.demo.DEMO_MODEL_ID
+BUNDLED_MODEL_ID = "smollm2-135m-instruct"  # same value as mlx_backend.smollm2.MODEL_ID
 
 log = logging.getLogger("mlx_gateway.registry")
 
-Source = Literal["models_dir", "hf_cache", "demo"]
+Source = Literal["models_dir", "hf_cache", "demo", "bundled"]
 
 # config.json keys that give the context length, most specific first (names differ between architectures).
 _CONTEXT_KEYS = (
@@ -77,6 +79,18 @@ def demo_model_folder() -> Path | None:
     try:
         return Path(demo_model_path())
     except Exception:  # a broken demo package must not break listing
+        return None
+
+
+def bundled_model_folder() -> Path | None:
+    """The bundled real model's converted folder, or None when this machine has none (yet)."""
+    try:
+        from mlx_backend.smollm2 import converted_folder
+    except ImportError:
+        return None
+    try:
+        return converted_folder()
+    except Exception:  # an unreadable cache must not break listing
         return None
 
 
@@ -253,6 +267,10 @@ class ModelRegistry:
             demo = demo_model_folder()
             if demo is not None and _is_model_folder(demo):
                 return make_entry(model_id, demo, "demo")
+        if self.include_demo and model_id == BUNDLED_MODEL_ID:
+            bundled = bundled_model_folder()
+            if bundled is not None and _is_model_folder(bundled):
+                return make_entry(model_id, bundled, "bundled")
         raise _not_found(model_id)
 
     def resolve_recent(self, model_id: str) -> ModelEntry:
@@ -343,6 +361,9 @@ class ModelRegistry:
             demo = demo_model_folder()
             if demo is not None and _is_model_folder(demo):
                 add(DEMO_MODEL_ID, demo, "demo")
+            bundled = bundled_model_folder()
+            if bundled is not None and _is_model_folder(bundled):
+                add(BUNDLED_MODEL_ID, bundled, "bundled")
         return list(found.values())
 
     @staticmethod

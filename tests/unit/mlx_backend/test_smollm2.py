@@ -69,3 +69,45 @@ def test_greedy_answers_to_simple_questions_are_sensible(loaded: tuple[Any, Any]
                                            tokenize=False)
     answer = generate(model, tokenizer, prompt, max_tokens=24)
     assert expected in answer.lower(), answer
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_without_tools_the_template_renders_what_the_ggufs_own_renders(loaded: tuple[Any, Any],
+                                                                       messages: list[dict[str, str]]) -> None:
+    import mlx.core as mx
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    gguf_path = smollm2.find_gguf()
+    assert gguf_path is not None
+    loaded_gguf = mx.load(str(gguf_path), return_metadata=True)
+    assert isinstance(loaded_gguf, tuple)
+    original = loaded_gguf[1]["tokenizer.chat_template"]
+    _, tokenizer = loaded
+    ours = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    rendered, _ = render_jinja_template([messages], chat_template=original, add_generation_prompt=True)
+    assert ours == rendered[0]
+
+
+def test_with_tools_the_model_is_a_hermes_family_tool_caller(loaded: tuple[Any, Any]) -> None:
+    from mlx_backend.tools.families import detect_family
+
+    _, tokenizer = loaded
+    detection = detect_family(tokenizer)
+    assert detection.family is not None and detection.family.name == "hermes", detection
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    call = {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    turns = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "1", "content": "18C"}]
+    text = tokenizer.apply_chat_template(turns, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert '<tools>\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in text
+    assert text.endswith("<tool_response>\n18C\n</tool_response><|im_end|>\n<|im_start|>assistant\n")
