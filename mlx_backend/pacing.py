@@ -5,8 +5,9 @@ has work, and the counter moves once per prefill piece. A fixed piece of 2048 to
 a minute on a busy 2-core CPU deep into an agent's 12k-token prompt (attention grows with the context): a
 healthy engine was killed there. So each model's pacer times the pieces it runs and sizes the next one to take
 about `piece_s` seconds, a small fraction of the stall limit, between `MIN_TOKENS` and the configured step size.
-It starts small (`FIRST_TOKENS`) and grows at most `MAX_GROWTH` times per piece, since a piece costs more per
-token the deeper into the prompt it runs; it shrinks at once when a piece was slow.
+It starts small (`FIRST_TOKENS`: on a busy CPU even 256 tokens of a small model took 5 s) and grows at most
+`MAX_GROWTH` times per piece, since a piece costs more per token the deeper into the prompt it runs; it shrinks
+at once when a piece was slow.
 
 Wall time on purpose: the stall clock is wall time, and a busy machine is exactly where pieces must shrink.
 An engine group's ranks must run the same pieces, so there the pacer is off (fixed pieces, `piece_s` 0).
@@ -15,7 +16,7 @@ An engine group's ranks must run the same pieces, so there the pacer is off (fix
 from __future__ import annotations
 
 MIN_TOKENS = 16  # below this a piece costs mostly overhead; a device this slow still moves the clock per piece
-FIRST_TOKENS = 256  # before anything is measured
+FIRST_TOKENS = 16  # before anything is measured: 16, 64, 256, 1024, 2048 on a GPU (a few ms each)
 MAX_GROWTH = 4
 _ROUND = 16  # piece sizes in whole multiples, so there are few distinct shapes
 

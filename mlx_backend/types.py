@@ -314,6 +314,9 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     queued_loads: tuple[str, ...] = ()  # loads waiting for their turn or for memory
     weights_bytes: int = 0  # the budget's parts: weights of the loaded models (+ the load in progress),
     kv_bytes: int = 0  # the KV cache reserved by running requests (the prefix cache is prompt_cache_bytes)
+    # Still importing mlx-lm and finding models, after Ready: seconds on a busy machine, judged like a load
+    # (a request that waits meanwhile is not a stall).
+    starting: bool = False
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):

@@ -8,7 +8,7 @@ from mlx_backend.pacing import FIRST_TOKENS, MAX_GROWTH, MIN_TOKENS, PrefillPace
 
 def test_a_fresh_pacer_starts_small_until_it_has_measured_the_device() -> None:
     assert PrefillPacer(2048, 1.0).size == FIRST_TOKENS
-    assert PrefillPacer(100, 1.0).size == 100  # never past the largest piece
+    assert PrefillPacer(8, 1.0).size == 8  # never past the largest piece
 
 
 def test_a_slow_piece_shrinks_the_next_to_take_about_piece_s() -> None:
@@ -19,9 +19,10 @@ def test_a_slow_piece_shrinks_the_next_to_take_about_piece_s() -> None:
 
 def test_a_fast_piece_grows_the_next_but_at_most_max_growth_times() -> None:
     pacer = PrefillPacer(2048, 1.0)
-    pacer.observe(256, 0.001)
-    assert pacer.size == 256 * MAX_GROWTH
-    pacer.observe(pacer.size, 0.001)
+    pacer.observe(FIRST_TOKENS, 0.001)
+    assert pacer.size == FIRST_TOKENS * MAX_GROWTH
+    for _ in range(4):
+        pacer.observe(pacer.size, 0.001)
     assert pacer.size == 2048  # the configured step size bounds it
 
 
