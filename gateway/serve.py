@@ -60,6 +60,13 @@ def group_spec(settings: Settings) -> GroupSpec | None:
     return spec
 
 
+def prefill_piece_s(stall_timeout_s: float) -> float:
+    """How long one prefill piece may take: a tenth of the stall limit (a piece is one step of progress, and a
+    busy machine can slow the next one several times over), and at most a second, which is also as long as a
+    long prompt may hold up the streams decoding beside it."""
+    return min(1.0, stall_timeout_s / 10)
+
+
 def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset()) -> GatewayRuntime:
     group = group_spec(settings)
     hf_cache = default_hf_cache_dir() if settings.hf_cache else None
@@ -72,6 +79,7 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         memory_budget_bytes=settings.memory_budget_bytes,
         max_running=settings.max_running,
         prefill_gather_steps=settings.prefill_gather_steps,
+        prefill_piece_s=prefill_piece_s(settings.stall_timeout_s),
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,
         keep_alive_s=settings.keep_alive_s,

@@ -31,6 +31,7 @@ from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText
+from mlx_backend.pacing import PrefillPacer
 from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.prefix import PrefixCaches
 from mlx_backend.rows import SOLO_UID, ModelState, Request, Row, Token
@@ -289,7 +290,8 @@ class Batcher:
             choice = plan.choices[0]
             row = Row(request, choice, plan.max_tokens)
             row.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, choice.sampler,
-                                      choice.processors, self.config.prefill_step_size, self._made_progress)
+                                      choice.processors, self.config.prefill_step_size, self._made_progress,
+                                      state.pacer)
             rows = [row]
         elif len(plan.choices) == 1:
             rows = [self._insert(state, request, plan.choices[0], plan.max_tokens, [rest], prompt_cache,
@@ -298,7 +300,7 @@ class Batcher:
             # n choices share one prefill: the prompt but its last token goes into one cache, then each
             # choice starts from a copy of it with that last token as its one-token prompt.
             shared = prompt_cache if prompt_cache is not None else make_prompt_cache(cached.artifacts.model)
-            prefill(cached.artifacts.model, rest[:-1], shared, self.config.prefill_step_size, self._made_progress)
+            prefill(cached.artifacts.model, rest[:-1], shared, state.pacer, self._made_progress)
             rows = [self._insert(state, request, choice, plan.max_tokens, [rest[-1:]], copy.deepcopy(shared),
                                  tokens[:-1]) for choice in plan.choices]
         request.rows = rows
@@ -359,7 +361,9 @@ class Batcher:
             prefill_batch_size=min(PREFILL_BATCH, self.config.max_running),
             prefill_step_size=self.config.prefill_step_size,
         )
-        state = ModelState(cached, generator, TokenText(tokenizer))
+        piece_s = 0.0 if self.config.group is not None else self.config.prefill_piece_s  # ranks run alike
+        pacer = PrefillPacer(self.config.prefill_step_size, piece_s)
+        state = ModelState(cached, generator, TokenText(tokenizer), pacer)
         self._states[cached.id] = state
         return state
 
@@ -383,7 +387,10 @@ class Batcher:
             return
         try:
             _begin_constrained_step(state.generator)
-            _, responses = state.generator.next()
+            state.generator.prefill_step_size = state.pacer.size
+            began = time.monotonic()
+            prompt_responses, responses = state.generator.next()
+            state.pacer.observe(_prefilled(state, prompt_responses), time.monotonic() - began)
             timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         except Exception as exc:
             # The generator's state is unknown after a failed step: end its requests and start it over.
@@ -516,6 +523,20 @@ def _begin_constrained_step(generator: Any) -> None:
     tokens = batch._next_tokens.tolist()
     for row, processor in rows:
         processor.begin_step(tokens[row])
+
+
+def _prefilled(state: ModelState, prompt_responses: list[Any]) -> int:
+    """The most prompt tokens one row prefilled in this step. BatchGenerator answers every row still in its
+    prompt with how many of the prompt's tokens are in (`progress`); `state.prefilled` keeps the last answers."""
+    before, state.prefilled = state.prefilled, {}
+    most = 0
+    for response in prompt_responses:
+        if response.end_of_prompt:  # moved to decoding: nothing prefilled in this step
+            continue
+        done = int(response.progress[0])
+        most = max(most, done - before.get(response.uid, 0))
+        state.prefilled[response.uid] = done
+    return most
 
 
 def _short(exc: BaseException) -> str:

@@ -473,7 +473,7 @@ class ModelCache:
         if artifacts is not None:
             load_s = time.monotonic() - pending.started
             warmup_s = pending.loader.warmup_s if pending.loader is not None else None
-            per_token = kv_bytes_per_token(artifacts.config)
+            per_token = kv_bytes_per_token(artifacts.config, artifacts.float16_upcast)
             if per_token == 0:
                 log.warning("model %s: its config does not give the KV cache's shape; its requests' KV cache is "
                             "not budgeted", pending.id)

@@ -426,6 +426,11 @@ class EngineClient:
         """Whether the engine said a model is loading: in its last heartbeat, or in a Loading event since."""
         return self._load_announced or (self._heartbeat is not None and self._heartbeat.loading is not None)
 
+    def _starting(self) -> bool:
+        """Whether the engine said it is still importing mlx-lm and finding models (after Ready): a request
+        waiting meanwhile is judged like one waiting for a load, not as a stall."""
+        return self._heartbeat is not None and self._heartbeat.starting
+
     def _heartbeat_limit(self) -> float:
         """The silence that means frozen: longer while a model loads."""
         if self._loading():
@@ -455,7 +460,7 @@ class EngineClient:
             self._last_progress = (self._last_progress[0], now)
             self._stalled = False
             return None
-        limit = self._policy.load_timeout_s if self._loading() else self._policy.stall_timeout_s
+        limit = self._policy.load_timeout_s if self._loading() or self._starting() else self._policy.stall_timeout_s
         idle_for = now - self._last_progress[1]
         self._stalled = idle_for > limit
         # Report "stalled" first (health 503), kill a little later: a stall can still resolve itself

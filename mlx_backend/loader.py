@@ -55,8 +55,9 @@ class LoadedArtifacts:
     model: Module
     tokenizer: TokenizerWrapper
     config: dict[str, Any]
-    size_bytes: int  # tensor bytes from the safetensors headers
+    size_bytes: int  # tensor bytes held in memory: the safetensors headers' sizes, float16 doubled on the CPU
     context_length: int | None
+    float16_upcast: bool = False  # float16 parameters are held and computed in float32 (`upcast_float16`)
 
 
 def _fail(
@@ -68,14 +69,36 @@ def _fail(
     return EngineError(code, message)
 
 
+# -- the dtype weights are computed in -----------------------------------------------------------------
+# On the CPU, float16 parameters are held and computed in float32: MLX's CPU kernels decode float16 about half as
+# fast as float32 (tests/benchmarks/bench_cpu_dtype.py; the demo model 94 vs 192 tokens per CPU second, the
+# smollm2-135m shape likewise, see docs/benchmarks.md), and float16 -> float32 is exact. bfloat16 decodes near
+# float32's speed at half the memory and stays as it is. A GPU keeps the checkpoint's dtypes. The memory ledger
+# counts what is held: float16 tensors at twice their file size, and the KV cache in float32
+# (mlx_backend/memory.py, kv_bytes_per_token).
+
+
+def upcasts_float16() -> bool:
+    """Whether this engine's device holds float16 weights as float32 (the CPU)."""
+    return bool(mx.default_device() == mx.cpu)
+
+
+def upcast_float16(model: Module) -> None:
+    """Make the model's float16 parameters float32, lazily: each is cast as it is first evaluated, so a staged
+    load still reads one tensor at a time."""
+    model.set_dtype(mx.float32, predicate=lambda dtype: dtype == mx.float16)
+
+
 # -- validation (no MLX work) ------------------------------------------------------------------------
 
 
 def validate(entry: ModelEntry) -> int:
-    """Check config, architecture, weights and tokenizer files; return the weights' size in bytes."""
+    """Check config, architecture, weights and tokenizer files; return the bytes the weights will hold in
+    memory on this engine's device (float16 tensors twice their size where `upcasts_float16`)."""
     config = _read_config(entry)
     _check_architecture(entry, config)
-    size = sum(_tensor_bytes(entry, f) for f in _weight_files(entry))
+    upcast = upcasts_float16()
+    size = sum(_tensor_bytes(entry, f, upcast) for f in _weight_files(entry))
     _check_tokenizer(entry)
     return size
 
@@ -144,7 +167,7 @@ def _weight_files(entry: ModelEntry) -> list[Path]:
     return files
 
 
-def _tensor_bytes(entry: ModelEntry, path: Path) -> int:
+def _tensor_bytes(entry: ModelEntry, path: Path, upcast: bool = False) -> int:
     """Parse a safetensors header by hand (8-byte little-endian length + JSON); return its tensor bytes."""
     name = path.name
     try:
@@ -173,7 +196,8 @@ def _tensor_bytes(entry: ModelEntry, path: Path) -> int:
     for tensor, info in header.items():
         if tensor == "__metadata__":
             continue
-        total += _check_tensor(entry, name, tensor, info, data_size)
+        size = _check_tensor(entry, name, tensor, info, data_size)
+        total += 2 * size if upcast and isinstance(info, dict) and info.get("dtype") == "F16" else size
     return total
 
 
@@ -242,6 +266,9 @@ def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | No
             raise _fail(entry, f"its tokenizer is broken ({_describe(exc)}).") from exc
         model, config = load_model(path, lazy=True, trust_remote_code=False)
         shard(model, config)
+        upcast = upcasts_float16()
+        if upcast:
+            upcast_float16(model)
         mx.eval(model.parameters())  # lazy loads must fail here, not in the middle of a request
     except EngineError:
         raise
@@ -250,7 +277,7 @@ def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | No
         raise _fail(entry, f"{_describe(exc)}.") from exc
     context = entry.context_length or context_length_of(config)
     log.info("loaded %s (%.1f MB, context %s)", entry.id, size / 1e6, context)
-    return LoadedArtifacts(model, tokenizer, config, size, context)
+    return LoadedArtifacts(model, tokenizer, config, size, context, upcast)
 
 
 def _describe(exc: BaseException) -> str:

@@ -78,6 +78,9 @@ class StagedLoad:
         self._tokenizer: Any = None
         self._model: Any = None
         self._pending: list[tuple[str, Any]] = []  # parameters not yet evaluated
+        self._file_bytes: dict[str, int] = {}  # parameter -> its bytes in the file (progress counts these)
+        self._upcast = False  # some parameters were float16 and are now float32
+        self.float16_upcast = loader.upcasts_float16()  # on the CPU (mlx_backend/loader.py says why)
         self._warm: Any = None  # the warm-up generation (a SoloGeneration), while it runs
         self._warm_tokens = 0
         # Started by the first `advance`, not here: the request that asked for the load has said so to the
@@ -165,9 +168,9 @@ class StagedLoad:
                 return None  # the build was this piece
             if self.stage == "loading":
                 while self._pending:
-                    _, array = self._pending.pop()
+                    name, array = self._pending.pop()
                     mx.eval(array)
-                    self.bytes_loaded += array.nbytes
+                    self.bytes_loaded += self._file_bytes.get(name, array.nbytes)  # of bytes_total, file bytes
                     if time.monotonic() >= deadline:
                         return None
                 mx.eval(self._model.parameters())  # nothing left to read; checks no parameter was missed
@@ -197,6 +200,11 @@ class StagedLoad:
     def _build(self) -> None:
         model, config = loader.load_model(self.entry.path, lazy=True, trust_remote_code=False)
         self._model, self._config = model, config
+        file_params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
+        self._file_bytes = {name: array.nbytes for name, array in file_params}
+        self._upcast = self.float16_upcast and any(a.dtype == mx.float16 for _, a in file_params)
+        if self._upcast:
+            loader.upcast_float16(model)
         # Popped from the end: reversed so the pieces follow the module order (embeddings, layers, head).
         params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
         self._pending = list(reversed(params))
@@ -227,11 +235,12 @@ class StagedLoad:
     def _artifacts(self) -> LoadedArtifacts:
         assert self._config is not None
         context = self.entry.context_length or context_length_of(self._config)
-        log.info("loaded %s (%.1f MB, context %s) in %.1fs%s; longest piece on the MLX thread %.0f ms (%s)",
-                 self.entry.id, self.size / 1e6, context, time.monotonic() - self.started,
+        log.info("loaded %s (%.1f MB%s, context %s) in %.1fs%s; longest piece on the MLX thread %.0f ms (%s)",
+                 self.entry.id, self.size / 1e6, ", float16 held as float32" if self._upcast else "", context,
+                 time.monotonic() - self.started,
                  f", warm-up {self.warmup_s:.2f}s" if self.warmup_s is not None else "",
                  self.longest_piece[0] * 1000, self.longest_piece[1])
-        return LoadedArtifacts(self._model, self._tokenizer, self._config, self.size, context)
+        return LoadedArtifacts(self._model, self._tokenizer, self._config, self.size, context, self.float16_upcast)
 
     def _drop(self) -> None:
         self.cancel()

@@ -18,12 +18,13 @@ KV_STEP_TOKENS = 256  # mlx-lm's KVCache / BatchKVCache grow their arrays in ste
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
-def kv_bytes_per_token(config: Mapping[str, Any]) -> int:
+def kv_bytes_per_token(config: Mapping[str, Any], float16_upcast: bool = False) -> int:
     """Bytes of KV cache one token costs one row: 2 (keys, values) x layers x KV heads x head dim x dtype width.
 
     From config.json's usual names (a `text_config` for multimodal checkpoints); the activations' dtype is the
-    checkpoint's `torch_dtype` (quantized checkpoints keep their scales' float type there). 0 when the config
-    does not say enough: such a model's KV cache is then not budgeted (the engine logs it)."""
+    checkpoint's `torch_dtype` (quantized checkpoints keep their scales' float type there), float32 where float16
+    weights are held as float32 (`float16_upcast`, the CPU: mlx_backend/loader.py). 0 when the config does not
+    say enough: such a model's KV cache is then not budgeted (the engine logs it)."""
     scope: Mapping[str, Any] = config
     text = config.get("text_config")
     if isinstance(text, Mapping) and not _count(config, "num_hidden_layers", "n_layer", "num_layers"):
@@ -37,7 +38,8 @@ def kv_bytes_per_token(config: Mapping[str, Any]) -> int:
     if not (layers and kv_heads and head_dim):
         return 0
     dtype = scope.get("torch_dtype") or scope.get("dtype") or config.get("torch_dtype") or "float16"
-    width = _DTYPE_BYTES.get(str(dtype).removeprefix("torch."), 2)
+    name = str(dtype).removeprefix("torch.")
+    width = 4 if float16_upcast and name == "float16" else _DTYPE_BYTES.get(name, 2)
     return 2 * layers * kv_heads * head_dim * width
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from mlx_backend.cache import CachedModel
 from mlx_backend.logprobs import TokenText
+from mlx_backend.pacing import PrefillPacer
 from mlx_backend.plan import ChoicePlan
 from mlx_backend.solo import SoloGeneration
 from mlx_backend.types import Generate
@@ -66,7 +67,9 @@ class ModelState:
     cached: CachedModel
     generator: Any  # BatchGenerator
     token_text: TokenText
+    pacer: PrefillPacer  # sizes its prefill pieces, solo or batched (mlx_backend/pacing.py)
     rows: dict[int, Row] = field(default_factory=dict)  # BatchGenerator uid (or SOLO_UID) -> row
+    prefilled: dict[int, int] = field(default_factory=dict)  # uid -> its prompt's tokens in, while it prefills
 
     @property
     def solo_row(self) -> Row | None:

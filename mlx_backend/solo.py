@@ -9,6 +9,7 @@ batch (its KV cache with it, nothing recomputed) as soon as a second request for
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 from mlx_backend import timeline
+from mlx_backend.pacing import PrefillPacer
 
 # The library's untyped calls, given types once here.
 _async_eval: Callable[..., None] = mx.async_eval
@@ -24,13 +26,18 @@ _token_buffer: Callable[[list[int]], Any] = TokenBuffer
 
 
 def prefill(
-    model: Any, tokens: list[int], prompt_cache: list[Any], step_size: int, on_chunk: Callable[[], None]
+    model: Any, tokens: list[int], prompt_cache: list[Any], pacer: PrefillPacer, on_chunk: Callable[[], None]
 ) -> None:
-    """Run `tokens` into `prompt_cache`, `step_size` at a time; `on_chunk` after each (progress for the stall
-    clock: a long prompt is not a hang)."""
-    for start in range(0, len(tokens), step_size):
-        model(mx.array(tokens[start:start + step_size])[None], cache=prompt_cache)
+    """Run `tokens` into `prompt_cache` in pieces the pacer sizes (mlx_backend/pacing.py); `on_chunk` after each
+    (progress for the stall clock: a long prompt is not a hang)."""
+    start = 0
+    while start < len(tokens):
+        piece = tokens[start:start + pacer.size]
+        began = time.monotonic()
+        model(mx.array(piece)[None], cache=prompt_cache)
         mx.eval([c.state for c in prompt_cache])
+        pacer.observe(len(piece), time.monotonic() - began)
+        start += len(piece)
         on_chunk()
 
 
@@ -47,6 +54,7 @@ class SoloGeneration:
         logits_processors: list[LogitsProcessor] | None,
         prefill_step_size: int,
         on_prefill_chunk: Callable[[], None] = lambda: None,
+        pacer: PrefillPacer | None = None,  # None: fixed pieces of prefill_step_size
     ) -> None:
         self.model = model
         self.sampler = sampler
@@ -54,7 +62,7 @@ class SoloGeneration:
         self.prompt_cache: list[Any] = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
         self.tokens_in_cache: list[int] = prompt[:cached_tokens]  # exactly what the KV cache holds
         self._rest = prompt[cached_tokens:]
-        self._prefill_step_size = prefill_step_size
+        self._pacer = pacer or PrefillPacer.fixed(prefill_step_size)
         self._on_prefill_chunk = on_prefill_chunk
         self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
         self._pending: tuple[mx.array, mx.array] | None = None  # the next token and its logprobs, computing
@@ -83,7 +91,7 @@ class SoloGeneration:
         if not rest:
             raise ValueError("a solo generation needs at least one prompt token to feed")
         head = rest[:-1]
-        prefill(self.model, head, self.prompt_cache, self._prefill_step_size, self._on_prefill_chunk)
+        prefill(self.model, head, self.prompt_cache, self._pacer, self._on_prefill_chunk)
         if self._context is not None and head:
             self._context.update_and_fetch(mx.array(head))
         self.tokens_in_cache.extend(head)

@@ -87,7 +87,10 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     include_demo_model: bool = True
     memory_budget_bytes: int = 0  # 0: derive from the machine (see mlx_backend.cache)
     max_running: int = 32  # requests decoded together in one batch
-    prefill_step_size: int = 2048
+    prefill_step_size: int = 2048  # the largest prefill piece
+    # Prefill pieces are sized to take about this long on this device (mlx_backend/pacing.py), so the stall
+    # clock sees progress often; the gateway sets it from its stall limit. 0: pieces of prefill_step_size.
+    prefill_piece_s: float = 1.0
     # While a batch decodes, a request that arrives waits up to this many steps for others to arrive, so that
     # their prompts are prefilled in one pass (mlx_backend/batcher.py, `_gathering`); 0: each starts at once.
     prefill_gather_steps: int = 2
@@ -326,6 +329,9 @@ class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
     queued_loads: tuple[str, ...] = ()  # loads waiting for their turn or for memory
     weights_bytes: int = 0  # the budget's parts: weights of the loaded models (+ the load in progress),
     kv_bytes: int = 0  # the KV cache reserved by running requests (the prefix cache is prompt_cache_bytes)
+    # Still importing mlx-lm and finding models, after Ready: seconds on a busy machine, judged like a load
+    # (a request that waits meanwhile is not a stall).
+    starting: bool = False
 
 
 class Hello(msgspec.Struct, frozen=True, tag="hello"):

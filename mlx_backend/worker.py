@@ -177,7 +177,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     channel.send(Ready(pid=os.getpid(), device=device, mlx_version=versions[0], mlx_lm_version=versions[1]))
     source: list[Callable[[], Event]] = [lambda: Heartbeat(
         progress=0, running=0, waiting=inbox.qsize(), loading=None, loaded=(), failed=(),
-        memory_budget_bytes=0, active_memory_bytes=0, prompt_cache_bytes=0,
+        memory_budget_bytes=0, active_memory_bytes=0, prompt_cache_bytes=0, starting=True,
     )]
     threading.Thread(target=_heartbeats, args=(channel, config.heartbeat_interval_s, source),
                      name="heartbeat", daemon=True).start()

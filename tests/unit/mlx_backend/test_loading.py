@@ -9,11 +9,16 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend import loader, loading
+from mlx_backend.cache import ModelCache
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.loading import StagedLoad
+from mlx_backend.memory import kv_bytes_per_token, rounded_tokens
 from mlx_backend.registry import ModelRegistry
+from mlx_backend.solo import SoloGeneration
 from tests.support import tiny_models as tm
 
 
@@ -27,6 +32,11 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def staged(root: Path, name: str = "tiny", warmup: bool = False) -> StagedLoad:
     entry = ModelRegistry([root], None, False).resolve(name)
     return StagedLoad(entry, loader.validate(entry), warmup=warmup)
+
+
+def file_tensor_bytes(path: Path) -> int:
+    entry = ModelRegistry([path.parent], None, False).resolve(path.name)
+    return sum(loader._tensor_bytes(entry, f) for f in loader._weight_files(entry))
 
 
 def drive(load: StagedLoad, budget_s: float = 0.0) -> tuple[list[str], int]:
@@ -49,7 +59,7 @@ def test_the_stages_in_order_and_one_tensor_per_piece_at_the_smallest_budget(mod
     progress = load.progress
     assert progress.stage == "done"
     assert progress.bytes_read == progress.bytes_total == (models / "tiny" / "model.safetensors").stat().st_size
-    assert progress.bytes_loaded == load.size
+    assert progress.bytes_loaded == file_tensor_bytes(models / "tiny")  # file bytes, as bytes_total counts
 
 
 def test_a_generous_budget_takes_few_pieces_and_the_model_generates(models: Path) -> None:
@@ -122,3 +132,70 @@ def test_cancel_stops_the_reading(models: Path, monkeypatch: pytest.MonkeyPatch)
     load.cancel()
     load.wait_reading(10)
     assert load.progress.bytes_read < load.progress.bytes_total
+
+
+# -- the dtype weights are computed in: float32 for float16 checkpoints on the CPU -----------------------------
+
+
+def parameter_dtypes(model: object) -> set[mx.Dtype]:
+    return {array.dtype for _, array in tree_flatten(model.parameters())}  # type: ignore[attr-defined]
+
+
+def resident_bytes(model: object) -> int:
+    return sum(array.nbytes for _, array in tree_flatten(model.parameters()))  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def dtype_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("dtypes")
+    for dtype in ("float16", "bfloat16", "float32"):
+        tm.make_tiny_model(root / dtype, dtype=dtype)
+    return root
+
+
+def test_on_the_cpu_a_float16_model_is_held_and_computed_in_float32_and_the_budget_counts_it(
+    dtype_models: Path,
+) -> None:
+    assert mx.default_device() == mx.cpu
+    load = staged(dtype_models, "float16")
+    artifacts = load.run()
+    assert parameter_dtypes(artifacts.model) == {mx.float32}
+    assert artifacts.float16_upcast
+    held = resident_bytes(artifacts.model)
+    assert held == 2 * file_tensor_bytes(dtype_models / "float16")
+    assert load.size == artifacts.size_bytes == held  # what the ledger is told is what is held
+    assert load.progress.bytes_loaded == file_tensor_bytes(dtype_models / "float16")
+    # The activations, and so the KV cache, are float32 too.
+    generation = SoloGeneration(artifacts.model, [5, 6, 7, 8], None, 0, greedy_sampler, None, 16)
+    generation.next_token(more=True)
+    keys = generation.prompt_cache[0].keys
+    assert keys.dtype == mx.float32
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_other_dtypes_stay_as_the_checkpoint_has_them(dtype_models: Path, dtype: str) -> None:
+    artifacts = staged(dtype_models, dtype).run()
+    assert parameter_dtypes(artifacts.model) == {getattr(mx, dtype)}
+    assert artifacts.size_bytes == resident_bytes(artifacts.model) == file_tensor_bytes(dtype_models / dtype)
+
+
+def test_a_device_that_does_not_upcast_keeps_float16(dtype_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU (here: the one function that decides, answering as on a GPU) keeps the checkpoint's float16."""
+    monkeypatch.setattr(loader, "upcasts_float16", lambda: False)
+    load = staged(dtype_models, "float16")
+    artifacts = load.run()
+    assert parameter_dtypes(artifacts.model) == {mx.float16}
+    assert not artifacts.float16_upcast
+    assert artifacts.size_bytes == resident_bytes(artifacts.model) == file_tensor_bytes(dtype_models / "float16")
+
+
+def test_the_ledger_counts_the_float32_weights_and_kv_cache_of_an_upcast_model(dtype_models: Path) -> None:
+    cache = ModelCache(ModelRegistry([dtype_models], None, False), 1 << 30, 30.0)
+    model = cache.get("float16")
+    assert cache.ledger.weights["float16"] == resident_bytes(model.artifacts.model)
+    config = model.artifacts.config
+    assert cache.ledger.per_token("float16") == kv_bytes_per_token(config) * 2  # float32 instead of float16
+    generation = SoloGeneration(model.artifacts.model, list(range(5, 300)), None, 0, greedy_sampler, None, 512)
+    generation.next_token(more=False)
+    held = sum(c.keys.nbytes + c.values.nbytes for c in generation.prompt_cache)  # 512 slots: two KV steps
+    assert held == rounded_tokens(295) * cache.ledger.per_token("float16")

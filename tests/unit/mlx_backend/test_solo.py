@@ -13,6 +13,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from mlx_backend.pacing import PrefillPacer
 from mlx_backend.sampling import PenaltyProcessor
 from mlx_backend.solo import SoloGeneration
 from tests.support import tiny_models as tm
@@ -76,3 +77,26 @@ def test_a_prefix_from_the_cache_is_not_recomputed(model: Any) -> None:
 def test_an_empty_prompt_is_refused(model: Any) -> None:
     with pytest.raises(ValueError):
         SoloGeneration(model, [], None, 0, greedy_sampler, None, 16).next_token(more=True)
+
+
+class SlowPieces(PrefillPacer):
+    """A pacer whose clock says every piece took a second: it halves the pieces as a slow device would."""
+
+    def __init__(self) -> None:
+        super().__init__(max_tokens=32, piece_s=0.5)
+        self.size = 32
+        self.pieces: list[int] = []
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.pieces.append(tokens)
+        super().observe(tokens, 1.0)
+
+
+def test_a_paced_prefill_runs_in_the_pieces_its_pacer_sizes_with_progress_after_each(model: Any) -> None:
+    pacer = SlowPieces()
+    chunks: list[None] = []
+    generation = solo(model, pacer=pacer, on_prefill_chunk=lambda: chunks.append(None))
+    tokens = [generation.next_token(more=True) for _ in range(5)]
+    assert pacer.pieces == [32, 7]  # 39 tokens before the last: 32, then the pacer's 16 (only 7 were left)
+    assert len(chunks) == 2
+    assert tokens == reference(model, 5)  # piece sizes never change the result
