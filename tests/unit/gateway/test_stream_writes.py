@@ -110,7 +110,7 @@ def test_a_client_behind_gets_the_deltas_that_waited_in_one_event(models_dir: Pa
 
 
 def test_an_error_mid_stream_and_done_go_out_in_one_write(models_dir: Path) -> None:
-    writes = writes_of(models_dir, body(), FakeEngine(reply=lambda _: REPLY, token_delay_s=0.2),
-                       request_timeout_s=0.3)
+    writes = writes_of(models_dir, body(), FakeEngine(reply=lambda _: REPLY, token_delay_s=0.4),
+                       request_timeout_s=1.0)  # the timeout ends it after two or so of its six tokens
     error, done = sse_payloads(writes[-1].decode())
     assert error["error"]["type"] and "timeout" in error["error"]["message"] and done == "[DONE]"
