@@ -66,6 +66,9 @@ def anthropic_control(thinking: dict[str, Any] | None, effort: str | None, max_t
     unknown = set(thinking) - {"type", "budget_tokens", "display"}
     if unknown:
         raise invalid(f"thinking.{sorted(unknown)[0]}", f"thinking has no field {sorted(unknown)[0]!r}.")
+    if thinking.get("display") not in (None, "summarized"):
+        raise invalid("thinking.display", "thinking.display may only be 'summarized' here (the thinking is shown "
+                                          "in full); 'omitted' is not supported.")
     if kind == "disabled":
         return ReasoningControl(enabled=False)
     if kind not in ("enabled", "adaptive"):

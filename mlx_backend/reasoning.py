@@ -207,6 +207,10 @@ class ThinkSplitter:
         self._buf += text
         while self._buf:
             marker = self._end if self.inside else self._start
+            if marker[0] not in self._buf:  # the common case: plain text, nothing to hold back
+                self._emit(self._buf, out)
+                self._buf = ""
+                break
             at = self._buf.find(marker)
             if at < 0:
                 keep = _partial_suffix(self._buf, marker)
@@ -272,6 +276,10 @@ class HarmonySplitter:
                 self._buf = self._buf[at + len("<|message|>"):]
                 self._state = "body"
                 continue
+            if "<" not in self._buf:  # the common case: plain text, nothing to hold back
+                self._body_text(self._buf, out)
+                self._buf = ""
+                break
             ends = [(self._buf.find(m), m) for m in ("<|end|>", "<|call|>", "<|return|>", "<|start|>")]
             found = [(at, m) for at, m in ends if at >= 0]
             if not found:

@@ -245,10 +245,11 @@ def test_responses_takes_its_reasoning_items_back_with_the_calls(client: openai.
 # -- Messages API ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["qwen3", "glm-4.6", "deepseek-r1"])
+@pytest.mark.parametrize("family", ["qwen3", "glm-4.6", "deepseek-r1", "gpt-oss"])
 def test_messages_gives_a_signed_thinking_block_before_the_text(claude: anthropic.Anthropic, family: str) -> None:
     message = claude.messages.create(model=family, max_tokens=80, messages=ASK,  # type: ignore[arg-type]
-                                     thinking={"type": "adaptive"}, metadata={"user_id": emit(REPLY[family])})
+                                     thinking={"type": "adaptive"}, metadata={"user_id": emit(REPLY[family])},
+                                     extra_body={"output_config": {"effort": "high"}})
     thinking, text = message.content
     assert thinking.type == "thinking" and thinking.thinking == "I weigh it." and thinking.signature
     assert text.type == "text" and text.text == "Four." and message.stop_reason == "end_turn"
@@ -330,3 +331,26 @@ def test_a_forced_call_on_gpt_oss_after_a_budgeted_analysis(claude: anthropic.An
     assert use.type == "tool_use" and use.name == "get_weather" and set(use.input) == {"city", "unit"}
     assert message.stop_reason == "tool_use"
     assert all(b.type == "thinking" for b in message.content[:-1])
+
+
+def test_responses_stream_through_the_sdk_builds_the_reasoning_item(client: openai.OpenAI) -> None:
+    with client.responses.stream(model="gpt-oss", input="What is two and two?", max_output_tokens=80,
+                                 reasoning={"effort": "low"}, user=emit(REPLY["gpt-oss"])) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    reasoning, message = final.output
+    assert message.type == "message"
+    assert reasoning.type == "reasoning" and [c.text for c in reasoning.content or ()] == ["I weigh it."]
+    assert final.output_text == "Four."
+
+
+def test_a_forced_call_on_a_template_that_opens_the_reasoning_is_a_call(client: openai.OpenAI) -> None:
+    # Qwen3-Thinking-2507's prompt opens <think>: a forced call's grammar expects the reply outside it, so the
+    # block is closed in the prompt and the call comes at once.
+    reply = client.chat.completions.create(
+        model="qwen3-thinking-2507", messages=ASK, tools=[BOUNDED_WEATHER], max_tokens=200, temperature=0,  # type: ignore[arg-type,list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}, parallel_tool_calls=False)
+    (call,) = reply.choices[0].message.tool_calls or ()
+    assert call.function.name == "get_weather" and set(json.loads(call.function.arguments)) == {"city", "unit"}  # type: ignore[union-attr]
+    assert reply.choices[0].finish_reason == "tool_calls" and reasoning_of(reply.choices[0].message) is None

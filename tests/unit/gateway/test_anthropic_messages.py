@@ -390,6 +390,7 @@ def test_thinking_and_effort_reach_the_engine_as_a_control(make_client: ClientFa
     ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
     ({"thinking": {"type": "enabled", "budget_tokens": 64}, "max_tokens": 64}, "thinking.budget_tokens"),
     ({"thinking": {"type": "sometimes"}}, "thinking.type"),
+    ({"thinking": {"type": "adaptive", "display": "omitted"}}, "thinking.display"),
     ({"output_config": {"effort": "extreme"}}, "output_config.effort"),
 ])
 def test_a_thinking_control_that_makes_no_sense_is_a_400_naming_it(client: TestClient[Any],

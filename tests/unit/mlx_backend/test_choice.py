@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import mlx.core as mx
+
 from mlx_backend.choice import ChoiceOutput
+from mlx_backend.reasoning import ThinkingBudget, ThinkSplitter
 from mlx_backend.stops import StopMatcher
 from mlx_backend.tools import ToolCallParser
 from mlx_backend.tools.families import HERMES
@@ -94,3 +97,35 @@ def test_logprobs_ride_on_the_delta_of_their_tokens_and_the_eos_has_none() -> No
 
     deltas, _ = run("abc", choice("abc", logprob_of=logprob_of))
     assert [e.token for d in deltas for e in d.logprobs] == ["0", "1", "2"]
+
+
+# -- reasoning -------------------------------------------------------------------------------------------------
+
+
+def test_reasoning_is_taken_out_before_the_tool_parser_and_the_stops_and_its_tokens_are_counted() -> None:
+    script = "<think>a\nb</think>\n\nhi x<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"
+    output = ChoiceOutput("r", 0, Letters(script + "\0"), StopMatcher(("b",)), ToolCallParser(HERMES, ["f"]), None,
+                          ThinkSplitter("<think>", "</think>", inside=False))
+    deltas, ended = run(script, output)
+    assert "".join(d.reasoning for d in deltas) == "a\nb"  # a stop string does not match inside the reasoning
+    assert "".join(d.text for d in deltas) == "hi x"
+    assert [c.name for d in deltas for c in d.tool_calls if c.name] == ["f"] and ended == "tool_calls"
+    assert sum(d.tokens for d in deltas) == len(script) + 1
+    # Counted from the token that completes the opening marker through the one that completes the closing one
+    # (single tokens in a real vocabulary; here one character each).
+    assert output.reasoning_tokens == len(">a\nb</think>")
+
+
+def test_the_budget_is_spent_once_the_reasoning_has_used_it() -> None:
+    budget = ThinkingBudget(3, [7, 8])
+    output = ChoiceOutput("r", 0, Letters("abcdef\0"), StopMatcher(()), None, None,
+                          ThinkSplitter("<think>", "</think>", inside=True), budget)
+    output.on_token(0, None, None)
+    output.on_token(1, None, None)
+    assert not budget.spent
+    output.on_token(2, None, None)
+    assert budget.spent
+    logits = mx.zeros((1, 10))
+    forced = [int(mx.argmax(budget(mx.array([0]), logits)).item()) for _ in range(2)]
+    assert forced == [7, 8]  # the end markup, token by token
+    assert budget(mx.array([0]), logits) is logits  # then the model runs free
