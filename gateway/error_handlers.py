@@ -74,7 +74,8 @@ def _logged(render: Render) -> Callable[[Request[Any, Any, Any], GatewayError], 
     a real client) sees what a client was refused for, not only that it was."""
 
     def render_and_log(request: Request[Any, Any, Any], error: GatewayError) -> Response[Any]:
-        log.info("%s %s -> %d %s", request.method, request.url.path, error.status, error.message)
+        # The scope's path: request.url would parse the Host header, which may be what the error is about.
+        log.info("%s %s -> %d %s", request.method, request.scope["path"], error.status, error.message)
         return render(error)
 
     return render_and_log

@@ -34,6 +34,7 @@ from tests.support.tiny_models import make_agent_model
 
 BIN = Path(__file__).parents[1] / "agent_clis" / "node_modules" / ".bin"
 MODEL = "agent"
+THINKING_MODEL = "agent-qwen3"  # Qwen3's template: <think> reasoning before the reply
 KEY = "sk-agent-test"
 MARKER = "agent-marker-42"  # what the command prints; the command itself says $((6*7)), so only its output has it
 COMMAND = "echo agent-marker-$((6*7))"
@@ -56,6 +57,13 @@ SCRIPT = [
     {"when": MARKER, "say": f"The command printed {MARKER}.<|im_end|>"},
     # Codex's sub-agent tools come in a namespace tool (multi_agent_v1); no such agent exists, so Codex's own
     # handler answers that the id is invalid.
+    # A thinking model reasons, then calls: the reasoning goes out as a Responses reasoning item or a Messages
+    # thinking block, and the agent sends it back with the call in the next request.
+    {"when": "codex thinks: run the marker command", "say": "<think>\nThe user wants the marker.\n</think>\n\n"
+                                                              + _call("exec_command", {"cmd": COMMAND})},
+    {"when": "claude thinks: run the marker command", "say": "<think>\nThe user wants the marker.\n</think>\n\n"
+                                                               + _call("Bash", {"command": COMMAND,
+                                                                                "description": "Print the marker"})},
     {"when": "codex: close an agent", "say": _call("close_agent", {"target": "agent-x"})},
     {"when": "invalid agent id agent-x", "say": "There is no such agent.<|im_end|>"},
 ]
@@ -75,6 +83,7 @@ class Gateway:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     root = tmp_path_factory.mktemp("agent-clis")
     make_agent_model(root / "models" / MODEL)
+    make_agent_model(root / "models" / THINKING_MODEL, chat_format="qwen3")
     script = root / "script.json"
     script.write_text(json.dumps(SCRIPT))
     server = ServerProcess(["--models-dir", str(root / "models"), "--api-key", KEY, "--test-faults",
@@ -131,14 +140,14 @@ def _generation(exchanges: list[Exchange], path: str) -> list[dict[str, Any]]:
 # -- Codex CLI: the Responses API ---------------------------------------------------------------------------
 
 
-def _codex(gateway: Gateway, tmp_path: Path, prompt: str) -> str:
+def _codex(gateway: Gateway, tmp_path: Path, prompt: str, model: str = MODEL) -> str:
     # A provider of our own is Codex's way to a server other than OpenAI's (OPENAI_BASE_URL moves the
     # built-in provider, which then wants a ChatGPT login or OpenAI key flow): name, base URL, key variable.
     # wire_api is left out: "responses" is Codex's default and only wire.
     home = tmp_path / "codex-home"
     home.mkdir()
     (home / "config.toml").write_text(
-        f'model = "{MODEL}"\nmodel_provider = "mlx-gateway"\n\n[model_providers.mlx-gateway]\n'
+        f'model = "{model}"\nmodel_provider = "mlx-gateway"\n\n[model_providers.mlx-gateway]\n'
         f'name = "mlx-gateway"\nbase_url = "{gateway.url}/v1"\nenv_key = "MLX_GATEWAY_API_KEY"\n'
     )
     env = _isolated_env(tmp_path / "home", CODEX_HOME=str(home), MLX_GATEWAY_API_KEY=KEY)
@@ -177,13 +186,24 @@ def test_codex_calls_a_sub_agent_tool_of_its_namespace_and_gets_its_answer(gatew
     assert len(results) == 1 and "invalid agent id agent-x" in json.dumps(results[0]["output"])
 
 
+def test_codex_sends_a_thinking_models_reasoning_back_with_its_call(gateway: Gateway, tmp_path: Path) -> None:
+    first = len(gateway.proxy.exchanges)
+    output = _codex(gateway, tmp_path, "codex thinks: run the marker command", THINKING_MODEL)
+    assert f"The command printed {MARKER}." in output
+    requests = _generation(gateway.proxy.exchanges[first:], "/v1/responses")
+    kinds = [item.get("type") for item in requests[-1]["input"]]
+    reasoning = [item for item in requests[-1]["input"] if item.get("type") == "reasoning"]
+    assert kinds[-3:] == ["reasoning", "function_call", "function_call_output"], kinds
+    assert "The user wants the marker." in json.dumps(reasoning)
+
+
 # -- Claude Code: the Messages API ---------------------------------------------------------------------------
 
 
-def _claude(gateway: Gateway, tmp_path: Path, prompt: str) -> str:
+def _claude(gateway: Gateway, tmp_path: Path, prompt: str, model: str = MODEL) -> str:
     env = _isolated_env(
-        tmp_path / "home", ANTHROPIC_BASE_URL=gateway.url, ANTHROPIC_API_KEY=KEY, ANTHROPIC_MODEL=MODEL,
-        ANTHROPIC_SMALL_FAST_MODEL=MODEL, ANTHROPIC_DEFAULT_HAIKU_MODEL=MODEL,  # its side requests, old and new name
+        tmp_path / "home", ANTHROPIC_BASE_URL=gateway.url, ANTHROPIC_API_KEY=KEY, ANTHROPIC_MODEL=model,
+        ANTHROPIC_SMALL_FAST_MODEL=model, ANTHROPIC_DEFAULT_HAIKU_MODEL=model,  # its side requests, old and new name
         DISABLE_TELEMETRY="1", DISABLE_ERROR_REPORTING="1", DISABLE_AUTOUPDATER="1",
         CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
     )
@@ -211,6 +231,18 @@ def test_claude_code_runs_a_command_and_answers_from_its_output(gateway: Gateway
     results = [b for b in blocks if b["type"] == "tool_result"]
     assert [u["name"] for u in uses] == ["Bash"] and uses[0]["input"]["command"] == COMMAND
     assert len(results) == 1 and MARKER in json.dumps(results[0]["content"]) and not results[0].get("is_error")
+
+
+def test_claude_code_sends_a_thinking_models_thinking_back_with_its_call(gateway: Gateway, tmp_path: Path) -> None:
+    first = len(gateway.proxy.exchanges)
+    output = _claude(gateway, tmp_path, "claude thinks: run the marker command", THINKING_MODEL)
+    assert f"The command printed {MARKER}." in output
+    requests = _generation(gateway.proxy.exchanges[first:], "/v1/messages")
+    turns = [m for r in requests for m in r["messages"] if m["role"] == "assistant"]
+    blocks = [b["type"] for m in turns if isinstance(m["content"], list) for b in m["content"]]
+    assert blocks[:2] == ["thinking", "tool_use"], blocks
+    thinking = next(b for m in turns for b in m["content"] if b["type"] == "thinking")
+    assert thinking["thinking"] == "The user wants the marker." and thinking["signature"]
 
 
 # -- opencode: chat completions ------------------------------------------------------------------------------

@@ -504,13 +504,14 @@ def make_tiny_model(
     return path
 
 
-def make_agent_model(path: Path, *, context_length: int = 131_072) -> Path:
+def make_agent_model(path: Path, *, context_length: int = 131_072, chat_format: ChatFormat = "qwen2.5") -> Path:
     """A model for coding agents' requests (10k to 60k tokens of tools and instructions): Qwen2.5's chat
-    template and tool calls, a long context, and one layer of width 32. One layer is the point: a prefill
-    evaluates only the KV cache, and one layer's keys and values come straight from the embeddings, so the
-    attention runs for the last token alone; a 60k-token prompt prefills in about a second on a 2-core CPU
-    (with two layers, the first layer's attention over the whole prompt takes minutes)."""
-    return make_tiny_model(path, chat_format="qwen2.5", context_length=context_length, hidden_size=32,
+    template and tool calls (or another format's, e.g. Qwen3's with reasoning), a long context, and one layer
+    of width 32. One layer is the point: a prefill evaluates only the KV cache, and one layer's keys and
+    values come straight from the embeddings, so the attention runs for the last token alone; a 60k-token
+    prompt prefills in about a second on a 2-core CPU (with two layers, the first layer's attention over the
+    whole prompt takes minutes)."""
+    return make_tiny_model(path, chat_format=chat_format, context_length=context_length, hidden_size=32,
                            num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, vocab_size=2048)
 
 
