@@ -36,6 +36,7 @@ from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.prefix import PrefixCaches
 from mlx_backend.rows import SOLO_UID, ModelState, Request, Row, Token
 from mlx_backend.solo import SoloGeneration, prefill
+from mlx_backend.tools import prompt_tokens
 from mlx_backend.types import (
     EngineConfig,
     Event,
@@ -49,6 +50,9 @@ from mlx_backend.types import (
 from mlx_backend.waiting import PREFILL_BATCH, WaitingRequests
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
+
+# Waiting requests that share a prompt prefix this long (agents with one system prompt) have it prefilled once.
+SHARED_PREFIX_MIN_TOKENS = 512
 
 
 class Batcher:
@@ -280,9 +284,11 @@ class Batcher:
 
     def _begin(self, command: Generate, cached: CachedModel, state: ModelState, plan: RequestPlan) -> None:
         tokens = plan.tokens
+        shared_now = self._prefill_shared_prefix(command, cached, state, tokens)
         prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
-        request = Request(command, len(tokens), cached_tokens)
+        # What it found cached, not what it prefilled just now for the others (that was its own prefill).
+        request = Request(command, len(tokens), max(0, cached_tokens - shared_now))
         solo = state.solo_row
         if solo is not None:
             self._join_batch(state, solo)
@@ -307,7 +313,36 @@ class Batcher:
         for row in rows:
             state.rows[row.uid] = row
         self._where[command.request_id] = (state, request)
-        self._emit(Started(command.request_id, len(tokens), cached_tokens))
+        self._emit(Started(command.request_id, len(tokens), request.cached_tokens))
+
+    def _prefill_shared_prefix(self, command: Generate, cached: CachedModel, state: ModelState,
+                               tokens: list[int]) -> int:
+        """Agents sharing a system prompt arrive together, and each would prefill it: when requests waiting for
+        the same model share a long prefix with this one that the prefix cache lacks, prefill that prefix once
+        here and keep it in the prefix cache, so this request and the others start from it. Returns the tokens
+        prefilled here (0: nothing worth sharing)."""
+        if len(tokens) < SHARED_PREFIX_MIN_TOKENS or self.config.prompt_cache_bytes <= 0:
+            return 0
+        others = [c for c in self._waiting if c.model == command.model and c is not command][:PREFILL_BATCH]
+        shared = 0
+        for other in others:
+            try:
+                other_tokens = prompt_tokens(other, cached.artifacts.tokenizer)
+            except Exception:  # its own start will say what is wrong with it
+                continue
+            shared = max(shared, _common_prefix(tokens, other_tokens))
+        if shared < SHARED_PREFIX_MIN_TOKENS:
+            return 0
+        prompt_cache, rest = self._prefix.fetch(cached.id, tokens[:shared])
+        if len(rest) < SHARED_PREFIX_MIN_TOKENS:  # (mostly) cached already
+            return 0
+        prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(cached.artifacts.model)
+        prefill(cached.artifacts.model, rest, prompt_cache, state.pacer, self._made_progress)
+        self._prefix.save(cached.id, prompt_cache, tokens[:shared])
+        self._measure_prefix()
+        log.info("request %s: prefilled %d prompt tokens it shares with %d waiting requests, once for all",
+                 command.request_id, len(rest), len(others))
+        return len(rest)
 
     def _insert(self, state: ModelState, request: Request, choice: ChoicePlan, max_tokens: int,
                 prompt: list[list[int]], prompt_cache: list[Any] | None, in_cache: list[int]) -> Row:
@@ -415,11 +450,21 @@ class Batcher:
     def _step_solo(self, state: ModelState, row: Row) -> None:
         try:
             token = self._solo_token(state, row, more=not row.next_is_last)
+            self._keep_long_prompt(state, row)
             self._on_token(state, row, token)
         except Exception as exc:
             self._fail_decoding(state, row, exc)
         finally:
             self.progress += 1
+
+    def _keep_long_prompt(self, state: ModelState, row: Row) -> None:
+        """Right after a long solo prefill, a copy of its KV cache goes to the prefix cache: requests that
+        arrived during it (agents sharing its system prompt) start from there instead of prefilling it again."""
+        solo = row.solo
+        if solo is None or solo.prefilled < SHARED_PREFIX_MIN_TOKENS or row.ended:
+            return
+        self._prefix.save(state.cached.id, copy.deepcopy(solo.prompt_cache), list(solo.tokens_in_cache))
+        self._measure_prefix()
 
     def _fail_decoding(self, state: ModelState, row: Row, exc: Exception) -> None:
         if isinstance(exc, ConstraintFailed):
@@ -523,6 +568,15 @@ def _begin_constrained_step(generator: Any) -> None:
     tokens = batch._next_tokens.tolist()
     for row, processor in rows:
         processor.begin_step(tokens[row])
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _prefilled(state: ModelState, prompt_responses: list[Any]) -> int:

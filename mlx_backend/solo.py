@@ -67,11 +67,14 @@ class SoloGeneration:
         self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
         self._pending: tuple[mx.array, mx.array] | None = None  # the next token and its logprobs, computing
         self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
+        self.prefilled = 0  # prompt tokens the last `next_token` call prefilled (the first call's work)
 
     def next_token(self, more: bool) -> int:
         """The next token. With `more`, the one after it starts computing before this one is waited for
         (the GPU never idles on Python); without, nothing more is fed and the cache ends before this token."""
+        self.prefilled = 0
         if self._pending is None:
+            self.prefilled = len(self._rest)
             self._pending = self._prefill()
         token, self.logprobs = self._pending
         self._pending = None

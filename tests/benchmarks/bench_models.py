@@ -46,6 +46,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         context_length=2048,
         dtype="bfloat16",
     ),
+    # The factory's default with room for an agent's prompt (bench_agent.py on a CPU).
+    "agent-tiny": dict(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        vocab_size=2048,
+        context_length=32768,
+        dtype="bfloat16",
+    ),
     # Llama-3.2-1B's shape (about 1.2e9 parameters, 2.5 GB in bf16); the shape of issue 5's GPU figures.
     "llama-3.2-1b": dict(
         hidden_size=2048,
@@ -55,6 +66,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         intermediate_size=8192,
         vocab_size=128256,
         context_length=8192,
+        dtype="bfloat16",
+    ),
+    # Llama-3.2-1B's shape with its context long enough for an agent's prompts (bench_agent.py on a GPU).
+    "llama-3.2-1b-agent": dict(
+        hidden_size=2048,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        context_length=32768,
         dtype="bfloat16",
     ),
 }

@@ -13,6 +13,9 @@
 #                                                   # p99 on the real engine at c=8,32,64,256 (128 tokens,
 #                                                   # median of 3); BEFORE_REV=<git revision> runs that
 #                                                   # revision's gateway too, in the same call (~6 minutes)
+#   bash tests/benchmarks/gpu_session.sh agent      # bench_agent: 12k-token system prompt, 6 growing turns, 4
+#                                                   # agents sharing a new system prompt; gateway, then
+#                                                   # mlx_lm.server (about 4 minutes with the model made)
 #
 # What comes back, in $OUT (3 or 4 files): session.log (every step, timestamped, as it happens),
 # summary.md (the tables, written as each step ends), session.tar.gz (every raw file: JSON results,
@@ -29,6 +32,7 @@ BUDGET_S=${BUDGET_S:-560}
 OUT=${OUT:-/tmp/gpu-session-out}
 WORK=/tmp/mlx-gateway-gpu  # survives between calls while the machine stays warm
 RUN=$WORK/$MODE-$(date +%Y%m%d-%H%M%S)
+[ "$MODE" = agent ] && SHAPE=${SHAPE:-llama-3.2-1b-agent}  # the 1B shape with a 32k context
 SHAPE=${SHAPE:-llama-3.2-1b}
 MODEL=/tmp/mlx-gateway-bench/models/bench-$SHAPE
 TOKENS=${TOKENS:-512,128}
@@ -261,6 +265,15 @@ session_serving() {
   fi
 }
 
+session_agent() {
+  note "# GPU session (agent): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
+  step agent $(( $(left) - 20 )) "$PY" tests/benchmarks/bench_agent.py --shape "$SHAPE" --servers gateway,mlx_lm \
+    --system-tokens "${SYSTEM_TOKENS:-12000}" --startup-timeout 240 --request-timeout 120 \
+    --work-dir "$RUN/agent" --out "$RUN/agent.md"
+  cat "$RUN/agent.md" >> "$OUT/summary.md" 2>/dev/null || note "(no table: see session.log)"
+  cp "$RUN/agent.json" "$OUT/agent.json" 2>/dev/null
+}
+
 log "gpu_session.sh $MODE: budget ${BUDGET_S}s, work in $RUN, results in $OUT"
 system_info
 if ! step check 120 bash -c check_mlx; then
@@ -277,6 +290,7 @@ case $MODE in
   stream) session_stream ;;
   serving) session_serving ;;
   streams) session_streams ;;
-  *) log "unknown mode $MODE (stream, serving or streams)"; exit 2 ;;
+  agent) session_agent ;;
+  *) log "unknown mode $MODE (stream, serving, streams or agent)"; exit 2 ;;
 esac
 log "done"

@@ -5,7 +5,9 @@ Finished; each CountPrompt answers the prompt's word count; a ModelControl is do
 is not found), and the heartbeat lists the models the process was started pinned as loaded and pinned (so a
 restart shows which pins it was given). Prompts starting with a command misbehave on
 purpose: "die" exits hard, "stall" stops progress while heartbeats go on, "freeze" stops heartbeats too,
-"slowload" says its model loads and then sends no heartbeat for 4 s (a tokenizer parse holding the GIL).
+"slowload" says its model loads and then sends no heartbeat for 4 s (a tokenizer parse holding the GIL),
+"slowstart" keeps the request waiting for 4 s with no progress while its heartbeats say the engine is still
+starting (importing mlx-lm on a busy machine).
 """
 
 from __future__ import annotations
@@ -47,16 +49,17 @@ def main() -> None:
     config = msgspec.json.decode(args.config, type=EngineConfig)
     channel = EngineSide(socket.socket(fileno=args.fd))
     inbox: queue.Queue[object] = queue.Queue()
-    state = {"progress": 0, "running": 0, "frozen": False}
+    state = {"progress": 0, "running": 0, "frozen": False, "starting": False}
     delay = float(os.environ.get("SCRIPTED_TOKEN_DELAY", "0.02"))
 
     def heartbeats() -> None:
         while True:
             if not state["frozen"]:
                 pinned = tuple(LoadedModel(m, 1, 0.0, 0, pinned=True) for m in config.pinned)
-                channel.send(Heartbeat(progress=state["progress"], running=state["running"], waiting=0,
-                                       loading=None, loaded=pinned, failed=(), memory_budget_bytes=0,
-                                       active_memory_bytes=0, prompt_cache_bytes=0))
+                channel.send(Heartbeat(progress=state["progress"], running=state["running"],
+                                       waiting=int(state["starting"]), loading=None, loaded=pinned, failed=(),
+                                       memory_budget_bytes=0, active_memory_bytes=0, prompt_cache_bytes=0,
+                                       starting=bool(state["starting"])))
             time.sleep(config.heartbeat_interval_s)
 
     def reader() -> None:
@@ -101,6 +104,10 @@ def main() -> None:
             time.sleep(4.0)
             state["progress"] += 1  # as the real engine counts a load's pieces
             state["frozen"] = False
+        if words[:1] == ["slowstart"]:
+            state["starting"] = True
+            time.sleep(4.0)
+            state["starting"] = False
         state["running"] += 1
         channel.send(Started(rid, len(words), 0))
         if words[:1] in (["stall"], ["freeze"]):

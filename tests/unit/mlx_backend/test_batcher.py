@@ -35,6 +35,7 @@ HELLO = (ChatMessage("user", "hello world"),)
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     tm.make_tiny_model(root / "tiny")
+    tm.make_tiny_model(root / "long", context_length=2048)  # room for an agent-like system prompt
     tm.remove_chat_template(tm.copy_model(root / "tiny", root / "plain"))
     tm.mismatch_shapes(tm.copy_model(root / "tiny", root / "broken"))
     return root
@@ -696,3 +697,40 @@ def test_constrained_rows_in_a_batch_get_their_tokens_before_the_step(
     submit_command(alone, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
     alone.run()
     assert h.text("plain") == alone.text("plain")  # constrained neighbours change nothing for it
+
+
+# -- agents sharing a system prompt ---------------------------------------------------------------------------
+
+AGENT_RULES = ChatMessage("system", " ".join(["hello", "world", "python", "code"] * 200))  # 800 tokens
+
+
+def agent(i: int) -> tuple[ChatMessage, ...]:
+    return AGENT_RULES, ChatMessage("user", " ".join(["the", "water", "tree", "book"][i:] * 3))
+
+
+def test_requests_arriving_together_with_one_long_system_prompt_prefill_it_once(models_dir: Path) -> None:
+    h = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+    for i in range(3):
+        h.submit(f"agent{i}", model="long", messages=agent(i), max_tokens=6)
+    h.run()
+    starts = [h.started(f"agent{i}") for i in range(3)]
+    assert starts[0].cached_tokens == 0  # the first paid for the shared part: it found nothing cached
+    assert all(s.cached_tokens >= 800 for s in starts[1:])  # the others start after the system prompt
+    texts = [h.text(f"agent{i}") for i in range(3)]
+    h.batcher.shutdown()
+    for i in range(3):  # the same tokens as each request alone, with nothing cached
+        alone = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+        alone.submit("a", model="long", messages=agent(i), max_tokens=6)
+        alone.run()
+        assert alone.text("a") == texts[i]
+        alone.batcher.shutdown()
+
+
+def test_requests_arriving_during_a_long_solo_prefill_start_from_its_prompt(models_dir: Path) -> None:
+    h = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+    h.submit("first", model="long", messages=agent(0), max_tokens=6)
+    h.batcher.step()  # alone: its whole prompt is prefilled in this step, before the next one is read
+    h.submit("second", model="long", messages=agent(1), max_tokens=6)
+    h.run()
+    assert h.started("second").cached_tokens >= 800
+    h.batcher.shutdown()
