@@ -19,7 +19,7 @@ KEY = "sk-schemathesis"
 
 def test_schemathesis_finds_no_failure_and_no_500(start_server: StartServer, tmp_path: Path) -> None:
     # A context no fuzzed prompt fills; the hooks keep each generation short (16 tokens, as the default here).
-    make_tiny_model(tmp_path / "models" / SERVED_MODEL, chat_format="qwen2.5", context_length=32768)
+    make_tiny_model(tmp_path / "models" / SERVED_MODEL, chat_format="qwen2.5", context_length=4096)
     server = start_server("--models-dir", str(tmp_path / "models"), "--api-key", KEY, "--max-tokens-default", "16")
     server.wait_ready()
     cli = shutil.which("schemathesis") or shutil.which("st")
