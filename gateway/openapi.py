@@ -47,7 +47,8 @@ _SECURITY_SCHEMES = {
 # (code unsupported_parameter): accepting them would mean ignoring them, and a user would get a silent surprise.
 # Rules for every generation route that no schema can state: the prompt must fit the model's context (400
 # context_length_exceeded), a tool choice names one of the tools, tool-call arguments are JSON text, logit_bias
-# names token ids of the model, structured output goes with no callable tools, top_logprobs needs logprobs.
+# names token ids of the model, structured output goes with no callable tools, top_logprobs needs logprobs,
+# tool names are unique.
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
                             "web_search_options, store: true, tool types other than function, image parts, "
@@ -76,6 +77,7 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
         "store": {"enum": [False, None]},
     },
     "Tool": {"type": {"const": "function"}, "custom": None},
+    "FunctionDefinition": {"name": {"type": "string", "minLength": 1}},
     "NamedToolChoice": {"type": {"const": "function"}, "custom": None, "allowed_tools": None},
     "CompletionRequest": {
         "best_of": {"enum": [1, None]}, "echo": {"enum": [False, None]}, "suffix": {"enum": ["", None]},
