@@ -46,7 +46,9 @@ _SECURITY_SCHEMES = {
 # What the request schemas accept as JSON but the server refuses by design, with a 400 naming the parameter
 # (code unsupported_parameter): accepting them would mean ignoring them, and a user would get a silent surprise.
 # Rules for every generation route that no schema can state: the prompt must fit the model's context (400
-# context_length_exceeded), a tool choice names one of the tools, tool-call arguments are JSON text.
+# context_length_exceeded), a tool choice names one of the tools, tool-call arguments are JSON text, logit_bias
+# names token ids of the model, structured output goes with no callable tools, top_logprobs needs logprobs,
+# tool names are unique.
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
                             "web_search_options, store: true, tool types other than function, image parts, "
@@ -75,6 +77,7 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
         "store": {"enum": [False, None]},
     },
     "Tool": {"type": {"const": "function"}, "custom": None},
+    "FunctionDefinition": {"name": {"type": "string", "minLength": 1}},
     "NamedToolChoice": {"type": {"const": "function"}, "custom": None, "allowed_tools": None},
     "CompletionRequest": {
         "best_of": {"enum": [1, None]}, "echo": {"enum": [False, None]}, "suffix": {"enum": ["", None]},
@@ -196,8 +199,9 @@ def build(app: Litestar) -> dict[str, Any]:
 def _event_schema(path: str, events: Any, description: str) -> dict[str, Any]:
     """One SSE event, as OpenAPI 3.1 describes an event stream item: its `data` is JSON of one of `events`
     (contentSchema), or `[DONE]` on the OpenAI routes that end with it; `event` is its type where it is named."""
+    one_of = [{"$ref": _REF.format(name=t.__name__)} for t in typing.get_args(events)]
     data: dict[str, Any] = {"type": "string", "contentMediaType": "application/json",
-            "contentSchema": {"oneOf": [{"$ref": _REF.format(name=t.__name__)} for t in typing.get_args(events)]}}
+                            "contentSchema": {"oneOf": one_of}}
     named = path in ("/v1/responses", "/v1/messages")
     if not named:
         data = {"anyOf": [{"const": "[DONE]"}, data]}

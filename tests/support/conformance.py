@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections import Counter
@@ -376,6 +377,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = make_models(Path(tmp) / "models")
         env = {"PYTHONPATH": str(args.source.resolve())} if args.source else {}
+        if args.source:
+            os.chdir(args.source)  # `python -m` puts the working directory first on the path
         server = ServerProcess(["--models-dir", str(root), *SERVER_ARGS], Path(tmp) / "server.log", env).start()
         try:
             server.wait_ready()

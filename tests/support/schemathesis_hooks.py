@@ -14,6 +14,7 @@ from typing import Any
 import schemathesis
 
 SERVED_MODEL = "tiny"
+SERVED_VOCABULARY = 512  # tests.support.tiny_models' default: logit_bias may name only its token ids
 MAX_TOKENS = 16
 MAX_CHOICES = 2
 _CAPS = {"max_tokens": MAX_TOKENS, "max_completion_tokens": MAX_TOKENS, "max_output_tokens": MAX_TOKENS,
@@ -29,7 +30,8 @@ def map_body(ctx: Any, body: Any) -> Any:
         body["model"] = SERVED_MODEL
     for limit, most in _CAPS.items():
         value = body.get(limit)
-        if isinstance(value, int) and not isinstance(value, bool) and value > most:
+        integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 8.0 is 8
+        if integral and not isinstance(value, bool) and value > most:
             body[limit] = most
     return body
 
@@ -43,7 +45,9 @@ def _forces_a_call(choice: Any) -> bool:
 def filter_body(ctx: Any, body: Any) -> bool:
     """Rules the document states in words because JSON Schema cannot say them (gateway/openapi.py, each route's
     requestBody description): a Messages request ends with a user turn (no assistant prefill); a tool_choice
-    that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON."""
+    that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON;
+    structured output goes with no callable tools; logit_bias names tokens of the model; top_logprobs needs
+    logprobs (chat); previous_response_id names a stored response; tool names are unique."""
     if not isinstance(body, dict):
         return True
     path = ctx.operation.path if ctx.operation is not None else ""
@@ -54,8 +58,21 @@ def filter_body(ctx: Any, body: Any) -> bool:
     choice, tools = body.get("tool_choice"), body.get("tools")
     if _forces_a_call(choice) and not tools:
         return False
+    names = [_tool_name(t) for t in tools] if isinstance(tools, list) else []
+    if len(names) != len(set(map(str, names))):
+        return False
     named = _named(choice)
     if named is not None and named not in {_tool_name(t) for t in tools or ()}:
+        return False
+    fmt = body.get("text", {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") != "text" and tools and choice != "none":
+        return False
+    if body.get("previous_response_id") is not None:  # names a stored response: none is, in a fuzzing run
+        return False
+    if path == "/v1/chat/completions" and body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        return False
+    bias = body.get("logit_bias")
+    if isinstance(bias, dict) and any(k.isdigit() and int(k) >= SERVED_VOCABULARY for k in bias):
         return False
     return all(_is_json(a) for a in _arguments(body))
 
