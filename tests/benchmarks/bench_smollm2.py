@@ -21,10 +21,10 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_common import cpu_model, loads  # noqa: E402
-from bench_servers import Server, free_port, server_spec, stop_all  # noqa: E402
+from bench_common import cpu_model, loads
+from bench_servers import Server, free_port, server_spec, stop_all
 
-from tests.support.real_model import ensure_smollm2  # noqa: E402
+from tests.support.real_model import ensure_smollm2
 
 PROMPT = "Write a long story about a dragon who learns to fly."
 
@@ -37,11 +37,8 @@ def ceiling(folder: Path, max_tokens: int, runs: int) -> list[float]:
                                            tokenize=False)
     rates = []
     for _ in range(runs):
-        last = None
-        for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-            pass
-        assert last is not None
-        rates.append(last.generation_tps)
+        responses = list(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens))
+        rates.append(responses[-1].generation_tps)
     return rates
 
 
