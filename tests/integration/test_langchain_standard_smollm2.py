@@ -64,28 +64,41 @@ def model(**extra: Any) -> ChatOpenAI:
     return ChatOpenAI(**{**SUITE.standard_chat_model_params, **SUITE.chat_model_params, **extra})
 
 
+# Seen on 2026-12-07 (greedy, max_tokens 160, conversion v3), each outcome below.
+FORCED_REPEATS = ("forced with tool_choice 'any' it calls the right tool with the right arguments ({'input': 3}), then "
+                  "repeats the call until max_tokens (5 calls): the 'required' grammar allows parallel calls and "
+                  "this model never closes the list (the grammar must end it: issue 20's 'forced tool calls end')")
+
+
+@pytest.mark.xfail(strict=True, reason=FORCED_REPEATS)
 @pytest.mark.parametrize("output_version", [None, "v1"])
 def test_tool_calling(output_version: str | None) -> None:
     SUITE.test_tool_calling(model(**({"output_version": output_version} if output_version else {})))
 
 
+@pytest.mark.xfail(strict=True, reason=FORCED_REPEATS)
 @pytest.mark.anyio
 async def test_tool_calling_async() -> None:
     await SUITE.test_tool_calling_async(model())
 
 
+@pytest.mark.xfail(strict=True, reason=FORCED_REPEATS.replace("({'input': 3})", "({})"))
 def test_tool_calling_with_no_arguments() -> None:
     SUITE.test_tool_calling_with_no_arguments(model())
 
 
+@pytest.mark.xfail(strict=True, reason="json_object mode: the reply reaches max_tokens (160) before its JSON ends "
+                   "(finish_reason length, so the OpenAI SDK raises LengthFinishReasonError)")
 def test_json_mode() -> None:
     SUITE.test_json_mode(model())
 
 
+@pytest.mark.xfail(strict=True, reason="with tool_choice auto it makes no tool call for the weather question: "
+                   "SmolLM2-135M was not trained on this tool layout (the 1.7B was trained for function calling)")
 @pytest.mark.parametrize("output_version", [None, "v1"])
 def test_agent_loop(output_version: str | None) -> None:
     SUITE.test_agent_loop(model(**({"output_version": output_version} if output_version else {})))
 
 
-def test_unicode_tool_call_integration() -> None:
+def test_unicode_tool_call_integration() -> None:  # passes: forced, its arguments echo '你好啊集团'
     SUITE.test_unicode_tool_call_integration(model())
