@@ -163,8 +163,9 @@ def _is_unsupported(detail: str) -> bool:
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 _SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
-_SCHEMAS = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "unevaluatedProperties",
-            "unevaluatedItems", "additionalItems")
+# Not `not` nor `if`: a bound inside them would widen what the schema allows, not narrow it.
+_SCHEMAS = ("additionalProperties", "items", "contains", "then", "else", "unevaluatedProperties", "unevaluatedItems",
+            "additionalItems")
 _ANNOTATIONS = frozenset({"description", "title", "default", "examples", "$comment", "deprecated", "readOnly",
                           "writeOnly", "$schema", "$id"})
 

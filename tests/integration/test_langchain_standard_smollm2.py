@@ -24,6 +24,13 @@ from tests.support.server import ServerProcess
 from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools, warm_up
 from tests.support.tiny_models import make_tiny_model
 
+LOOPS_IN_A_STRING = (
+    "greedy, the model loops inside the first string ('\"setup\": \"A cat is a cat, right? A cat is a cat, right? "
+    "...') until max_tokens; the closing reserve closes the JSON (it parses and validates, with an empty "
+    "punchline), but finish_reason is 'length', and the openai SDK's parse() that LangChain uses raises "
+    "LengthFinishReasonError on 'length' by design"
+)
+
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
 _server: dict[str, ServerProcess] = {}
@@ -83,3 +90,33 @@ class TestChatOpenAIOnSmolLM2(ChatModelIntegrationTests):
     @property
     def model_override_value(self) -> str:
         return "tiny"
+
+    # -- what this 135M model does not do (run of 2026-12-07: 32 passed, 11 failed, 7 skipped) ------------------
+
+    @pytest.mark.xfail(strict=True, reason=LOOPS_IN_A_STRING)
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    def test_structured_output(self, model: Any, schema_type: Any) -> None:
+        super().test_structured_output(model, schema_type)
+
+    @pytest.mark.xfail(strict=True, reason=LOOPS_IN_A_STRING)
+    @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
+    async def test_structured_output_async(self, model: Any, schema_type: Any) -> None:
+        await super().test_structured_output_async(model, schema_type)
+
+    @pytest.mark.xfail(strict=True, reason=LOOPS_IN_A_STRING)
+    def test_structured_output_pydantic_2_v1(self, model: Any) -> None:
+        super().test_structured_output_pydantic_2_v1(model)
+
+    @pytest.mark.xfail(strict=True, reason=LOOPS_IN_A_STRING)
+    def test_structured_output_optional_param(self, model: Any) -> None:
+        super().test_structured_output_optional_param(model)
+
+    @pytest.mark.xfail(strict=True, reason="json_object mode: as the structured-output tests, the model loops "
+                       "inside a string value until max_tokens; the object is closed, finish_reason 'length'")
+    def test_json_mode(self, model: Any) -> None:
+        super().test_json_mode(model)
+
+    @pytest.mark.xfail(strict=True, reason="with tool_choice auto, asked for the weather, the model answers in "
+                       "text instead of calling get_weather (forced calls, tested above, name Paris)")
+    def test_agent_loop(self, model: Any) -> None:
+        super().test_agent_loop(model)
