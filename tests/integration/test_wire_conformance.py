@@ -41,6 +41,27 @@ def test_every_body_conforms_to_the_official_schema(answers: dict[str, list[Body
     assert not problems, "\n".join(problems[:20])
 
 
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.body is not None], ids=lambda s: s.name)
+def test_the_published_document_accepts_what_the_server_served(answers: dict[str, list[Body]],
+                                                               scenario: Scenario) -> None:
+    """Our own OpenAPI document (openapi/openapi.json) is honest about requests: a body the server answered is
+    valid against the route's request schema, and one it refused as malformed is not."""
+    import json
+
+    import jsonschema
+
+    from gateway.cli import OPENAPI_PATH
+
+    document = json.loads(OPENAPI_PATH.read_text())
+    schema = document["paths"][scenario.path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    errors = list(jsonschema.Draft202012Validator({**document, **schema}).iter_errors(scenario.body))
+    status = answers[scenario.name][0].status
+    if status == 200:
+        assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors]
+    elif status == 400:
+        assert errors, "the server refused a body its published document calls valid"
+
+
 def _types(union: Any) -> set[str]:
     """The `type` values the members of a union of our wire types can take (their tag, or Literal values)."""
     found: set[str] = set()
