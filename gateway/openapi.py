@@ -112,9 +112,12 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
         "truncation": {"enum": ["disabled", None]},
         "include": {"anyOf": [{"type": "array", "items": {"type": "string",
                                                           "not": {"enum": ["message.output_text.logprobs"]}}}, _NULL]},
+        # Reasoning items go with the turn they precede: an input of reasoning alone is nothing to answer.
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [
             {"$ref": _REF.format(name=n)} for n in ("MessageItem", "FunctionCallItem", "FunctionCallOutputItem",
-                                                    "ReasoningItemParam")]}}]},
+                                                    "ReasoningItemParam")]},
+            "contains": {"anyOf": [{"$ref": _REF.format(name=n)} for n in ("MessageItem", "FunctionCallItem",
+                                                                            "FunctionCallOutputItem")]}}]},
         "tools": {"anyOf": [{"type": "array", "items": {"anyOf": [
             {"$ref": _REF.format(name="FunctionToolParam")}, {"$ref": _REF.format(name="NamespaceToolParam")},
             {"type": "object", "required": ["type"], "properties": {"type": {"enum": sorted(HOSTED_TOOLS)}},

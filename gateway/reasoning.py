@@ -76,6 +76,8 @@ def anthropic_control(thinking: dict[str, Any] | None, effort: str | None, max_t
     if kind not in ("enabled", "adaptive"):
         raise invalid("thinking.type", f"thinking.type must be 'enabled', 'adaptive' or 'disabled', not {kind!r}.")
     budget = thinking.get("budget_tokens")
+    if isinstance(budget, float) and budget.is_integer():  # 8.0 is 8, as JSON Schema (and the strict decoder) say
+        budget = int(budget)
     if kind == "enabled":
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise invalid("thinking.budget_tokens", "thinking of type 'enabled' needs budget_tokens, a positive "
