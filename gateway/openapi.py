@@ -227,7 +227,22 @@ def build(app: Litestar) -> dict[str, Any]:
         body = document["paths"][path]["post"]["requestBody"]
         body["description"] = f"Refused by design, with a 400 naming the parameter: {refused}."
     _declare_security(app, document)
+    _declare_head(document)
     return document
+
+
+def _declare_head(document: dict[str, Any]) -> None:
+    """HEAD on every GET route (gateway.app.HeadMiddleware): the GET's statuses and headers, no body."""
+    for operations in document["paths"].values():
+        get = operations.get("get")
+        if get is None or "head" in operations:
+            continue
+        head = {k: v for k, v in get.items() if k not in ("responses", "operationId", "description", "summary")}
+        head["operationId"] = get["operationId"] + "Head"
+        head["summary"] = f"{get.get('summary') or get['operationId']}: the GET's status and headers, no body"
+        head["responses"] = {status: {k: v for k, v in answer.items() if k != "content"}
+                             for status, answer in get["responses"].items()}
+        operations["head"] = head
 
 
 def _event_schema(path: str, events: Any, description: str) -> dict[str, Any]:
