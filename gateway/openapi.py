@@ -17,6 +17,8 @@ import msgspec
 from litestar import Litestar
 
 from gateway import admin_protocol, protocol, protocol_anthropic, protocol_responses, security
+from gateway.convert_responses import HOSTED_TOOLS
+from gateway.reasoning import ANTHROPIC_EFFORTS, OPENAI_EFFORTS, SERVER_TEMPLATE_KEYS, SUMMARIES
 
 _REF = "#/components/schemas/{name}"
 _OPENAI_STREAM = ("`data: <{chunk}>` events, then `data: [DONE]`; a failure after the headers is one "
@@ -52,28 +54,47 @@ _SECURITY_SCHEMES = {
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
                             "web_search_options, store: true, tool types other than function, image parts, "
-                            "tool_choice allowed_tools / custom, a tool_choice that forces a call without tools",
+                            "tool_choice allowed_tools / custom, a tool_choice that forces a call without tools, "
+                            "chat_template_kwargs setting what the server renders itself ("
+                            + ", ".join(SERVER_TEMPLATE_KEYS) + ")",
     "/v1/completions": "best_of > 1, echo, suffix, token-id prompts, more than one prompt",
-    "/v1/responses": "background: true, top_logprobs, max_tool_calls, conversation, prompt, context_management, "
-                     "truncation: auto, text.verbosity other than medium, includes we cannot fill, built-in "
-                     "tools, image / file / audio input, a tool_choice that forces a call without tools",
-    "/v1/messages": "mcp_servers, context_management, container, diagnostics, server tools, image and document "
-                    "blocks, a last message from the assistant (prefill), a tool_choice that forces a call "
-                    "without tools",
+    "/v1/responses": "background: true, top_logprobs, conversation, prompt, context_management, truncation: auto, "
+                     "text.verbosity other than medium, includes we cannot fill, item_reference input items, "
+                     "built-in tools other than the hosted ones (" + ", ".join(sorted(HOSTED_TOOLS)) + ": "
+                     "accepted and not offered to the model, since none can run here), a tool_choice that forces a "
+                     "hosted tool, image / file / audio input, a tool_choice that forces a call without tools",
+    "/v1/messages": "mcp_servers, context_management edits other than clear_thinking_*, container, diagnostics, "
+                    "server tools, image and document blocks, thinking blocks outside assistant turns, a "
+                    "thinking.budget_tokens not less than max_tokens, thinking.display omitted, a last message "
+                    "from the assistant (prefill), a tool_choice that forces a call without tools",
 }
 
 # The same, for the fuzzers and code generators that read the schemas: the request schemas are narrowed to what
 # the server accepts (the decoder stays wider, so that a refusal names its parameter instead of failing to
 # decode). Blocks of these types are refused wherever they appear:
-_REFUSED_TYPES = {"ImageUrlPart", "InputImage", "InputFile", "InputAudio", "ImageBlockParam", "DocumentBlockParam",
-                  "ThinkingBlockParam", "RedactedThinkingBlockParam"}
+_REFUSED_TYPES = {"ImageUrlPart", "InputImage", "InputFile", "InputAudio", "ImageBlockParam", "DocumentBlockParam"}
 _NULL = {"type": "null"}
 _NONE = {"type": "array", "maxItems": 0}
+_DISPLAY = {"display": {"enum": ["summarized", None]}}
+_THINKING = {"anyOf": [
+    {"type": "object", "additionalProperties": False, "required": ["type", "budget_tokens"],
+     "properties": {"type": {"const": "enabled"}, "budget_tokens": {"type": "integer", "minimum": 1}, **_DISPLAY}},
+    {"type": "object", "additionalProperties": False, "required": ["type"],
+     "properties": {"type": {"enum": ["adaptive", "disabled"]}, **_DISPLAY}},
+    _NULL]}
+_CLEAR_THINKING = {"anyOf": [
+    {"type": "object", "additionalProperties": False, "required": ["edits"], "properties": {"edits": {
+        "type": "array", "items": {"type": "object", "required": ["type"],
+                                   "properties": {"type": {"type": "string", "pattern": "^clear_thinking_"}}}}}},
+    _NULL]}
 # component -> property -> the schema of what is accepted (None: no value is).
 _ACCEPTED: dict[str, dict[str, Any]] = {
     "ChatCompletionRequest": {
         "functions": _NONE, "function_call": {"enum": ["none", "auto"]}, "audio": _NULL, "prediction": _NULL,
-        "reasoning_effort": _NULL, "modalities": {"anyOf": [{"const": ["text"]}, _NULL]}, "web_search_options": None,
+        "reasoning_effort": {"enum": [*OPENAI_EFFORTS, None]},
+        "chat_template_kwargs": {"anyOf": [{"type": "object", "propertyNames": {"not": {"enum": list(
+            SERVER_TEMPLATE_KEYS)}}}, _NULL]},
+        "modalities": {"anyOf": [{"const": ["text"]}, _NULL]}, "web_search_options": None,
         "store": {"enum": [False, None]},
     },
     "Tool": {"type": {"const": "function"}, "custom": None},
@@ -85,25 +106,35 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
                                                                   "items": {"type": "string", "minLength": 1}}]},
     },
     "ResponseCreateRequest": {
-        "background": {"enum": [False, None]}, "top_logprobs": {"enum": [0, None]}, "max_tool_calls": _NULL,
+        "background": {"enum": [False, None]}, "top_logprobs": {"enum": [0, None]},
+        "max_tool_calls": {"anyOf": [{"type": "integer", "minimum": 1}, _NULL]},
         "conversation": _NULL, "prompt": _NULL, "context_management": {"anyOf": [_NONE, _NULL]},
         "truncation": {"enum": ["disabled", None]},
         "include": {"anyOf": [{"type": "array", "items": {"type": "string",
                                                           "not": {"enum": ["message.output_text.logprobs"]}}}, _NULL]},
+        # Reasoning items go with the turn they precede: an input of reasoning alone is nothing to answer.
         "input": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"anyOf": [
-            {"$ref": _REF.format(name=n)} for n in ("MessageItem", "FunctionCallItem", "FunctionCallOutputItem")]}}]},
-        "tools": {"anyOf": [{"type": "array", "items": {"$ref": _REF.format(name="FunctionToolParam")}}, _NULL]},
+            {"$ref": _REF.format(name=n)} for n in ("MessageItem", "FunctionCallItem", "FunctionCallOutputItem",
+                                                    "ReasoningItemParam")]},
+            "contains": {"anyOf": [{"$ref": _REF.format(name=n)} for n in ("MessageItem", "FunctionCallItem",
+                                                                            "FunctionCallOutputItem")]}}]},
+        "tools": {"anyOf": [{"type": "array", "items": {"anyOf": [
+            {"$ref": _REF.format(name="FunctionToolParam")}, {"$ref": _REF.format(name="NamespaceToolParam")},
+            {"type": "object", "required": ["type"], "properties": {"type": {"enum": sorted(HOSTED_TOOLS)}},
+             "description": "A hosted tool: accepted, and not offered to the model (none can run here)."}]}},
+            _NULL]},
     },
-    "Reasoning": {"effort": {"enum": ["none", None]}, "summary": _NULL, "generate_summary": _NULL},
+    "NamespaceToolParam": {"tools": {"type": "array", "items": {"$ref": _REF.format(name="FunctionToolParam")}}},
+    "Reasoning": {"effort": {"enum": [*OPENAI_EFFORTS, None]}, "summary": {"enum": [*SUMMARIES, None]},
+                  "generate_summary": {"enum": [*SUMMARIES, None]}},
     "TextConfig": {"verbosity": {"enum": ["medium", None]}},
     "MessageCreateRequest": {
-        "thinking": {"anyOf": [{"type": "object", "properties": {"type": {"const": "disabled"}}, "required": ["type"]},
-                               _NULL]},
-        "mcp_servers": {"anyOf": [_NONE, _NULL]}, "context_management": _NULL, "container": _NULL,
+        "thinking": _THINKING,
+        "mcp_servers": {"anyOf": [_NONE, _NULL]}, "context_management": _CLEAR_THINKING, "container": _NULL,
         "diagnostics": _NULL,
         "tools": {"anyOf": [{"type": "array", "items": {"$ref": _REF.format(name="ToolParam")}}, _NULL]},
     },
-    "OutputConfig": {"effort": _NULL},
+    "OutputConfig": {"effort": {"enum": [*ANTHROPIC_EFFORTS, None]}},
 }
 _STOP = {"anyOf": [{"type": "string", "minLength": 1},
                    {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}}, _NULL]}
@@ -124,10 +155,13 @@ def _blocks(*names: str) -> dict[str, Any]:
         {"$ref": _REF.format(name=n)} for n in names]}}]}
 
 
-# Which blocks each role may send: a user turn text and tool results, an assistant turn text and tool calls.
+# Which blocks each role may send: a user turn text and tool results, an assistant turn text, thinking and tool
+# calls, a system turn (anywhere in the conversation) text.
 _MESSAGE_BY_ROLE = {"oneOf": [
     {"properties": {"role": {"const": "user"}, "content": _blocks("TextBlockParam", "ToolResultBlockParam")}},
-    {"properties": {"role": {"const": "assistant"}, "content": _blocks("TextBlockParam", "ToolUseBlockParam")}},
+    {"properties": {"role": {"const": "assistant"}, "content": _blocks(
+        "TextBlockParam", "ToolUseBlockParam", "ThinkingBlockParam", "RedactedThinkingBlockParam")}},
+    {"properties": {"role": {"const": "system"}, "content": _blocks("TextBlockParam")}},
 ]}
 _ACCEPTED["CountTokensRequest"] = {k: v for k, v in _ACCEPTED["MessageCreateRequest"].items()
                                    if k not in ("container", "diagnostics", "stop_sequences")}
@@ -158,7 +192,7 @@ def _narrow(schemas: dict[str, Any]) -> None:
             else:
                 properties[field] = {**accepted, "description": "Other values are refused by design (a 400 naming "
                                                                 "this parameter)."}
-    schemas["MessageParam"].update(_MESSAGE_BY_ROLE, properties={"role": {"enum": ["user", "assistant"]},
+    schemas["MessageParam"].update(_MESSAGE_BY_ROLE, properties={"role": {"enum": ["user", "assistant", "system"]},
                                                                  "content": {}})
     for name in ("ToolCallFunction", "FunctionCallItem"):  # JSON text, as the rule below says
         schemas[name]["properties"]["arguments"] = {"type": "string", "contentMediaType": "application/json"}
@@ -193,7 +227,22 @@ def build(app: Litestar) -> dict[str, Any]:
         body = document["paths"][path]["post"]["requestBody"]
         body["description"] = f"Refused by design, with a 400 naming the parameter: {refused}."
     _declare_security(app, document)
+    _declare_head(document)
     return document
+
+
+def _declare_head(document: dict[str, Any]) -> None:
+    """HEAD on every GET route (gateway.app.HeadMiddleware): the GET's statuses and headers, no body."""
+    for operations in document["paths"].values():
+        get = operations.get("get")
+        if get is None or "head" in operations:
+            continue
+        head = {k: v for k, v in get.items() if k not in ("responses", "operationId", "description", "summary")}
+        head["operationId"] = get["operationId"] + "Head"
+        head["summary"] = f"{get.get('summary') or get['operationId']}: the GET's status and headers, no body"
+        head["responses"] = {status: {k: v for k, v in answer.items() if k != "content"}
+                             for status, answer in get["responses"].items()}
+        operations["head"] = head
 
 
 def _event_schema(path: str, events: Any, description: str) -> dict[str, Any]:

@@ -20,6 +20,8 @@ _EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", 
 OPENAI_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
 ANTHROPIC_EFFORTS = ("low", "medium", "high", "xhigh", "max")
 SUMMARIES = ("auto", "concise", "detailed", "none")
+# Template variables the server renders from the request itself: chat_template_kwargs may not set them.
+SERVER_TEMPLATE_KEYS = ("messages", "tools", "add_generation_prompt", "documents", "tokenize")
 
 
 def effort_control(
@@ -40,7 +42,7 @@ def template_kwargs_of(kwargs: dict[str, Any] | None, param: str = "chat_templat
     if not kwargs:
         return None
     for key in kwargs:
-        if key in ("messages", "tools", "add_generation_prompt", "documents", "tokenize"):
+        if key in SERVER_TEMPLATE_KEYS:
             raise invalid(f"{param}.{key}", f"{param} cannot set {key!r}: the server renders it from the request.")
     return json.dumps(kwargs)
 
@@ -74,6 +76,8 @@ def anthropic_control(thinking: dict[str, Any] | None, effort: str | None, max_t
     if kind not in ("enabled", "adaptive"):
         raise invalid("thinking.type", f"thinking.type must be 'enabled', 'adaptive' or 'disabled', not {kind!r}.")
     budget = thinking.get("budget_tokens")
+    if isinstance(budget, float) and budget.is_integer():  # 8.0 is 8, as JSON Schema (and the strict decoder) say
+        budget = int(budget)
     if kind == "enabled":
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise invalid("thinking.budget_tokens", "thinking of type 'enabled' needs budget_tokens, a positive "

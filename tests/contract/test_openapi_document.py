@@ -54,3 +54,13 @@ def test_what_the_schemas_accept_but_the_server_refuses_is_said() -> None:
     document = json.loads(openapi_document())
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"):
         assert "Refused by design" in document["paths"][path]["post"]["requestBody"]["description"]
+
+
+def test_every_get_route_answers_head_too() -> None:
+    document = json.loads(openapi_document())
+    for path, operations in document["paths"].items():
+        if "get" in operations:
+            head = operations["head"]
+            assert set(head["responses"]) == set(operations["get"]["responses"]), path
+            assert not any("content" in answer for answer in head["responses"].values()), path
+            assert head.get("security") == operations["get"].get("security"), path

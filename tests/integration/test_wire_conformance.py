@@ -41,6 +41,27 @@ def test_every_body_conforms_to_the_official_schema(answers: dict[str, list[Body
     assert not problems, "\n".join(problems[:20])
 
 
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s.body is not None], ids=lambda s: s.name)
+def test_the_published_document_accepts_what_the_server_served(answers: dict[str, list[Body]],
+                                                               scenario: Scenario) -> None:
+    """Our own OpenAPI document (openapi/openapi.json) is honest about requests: a body the server answered is
+    valid against the route's request schema, and one it refused as malformed is not."""
+    import json
+
+    import jsonschema
+
+    from gateway.cli import OPENAPI_PATH
+
+    document = json.loads(OPENAPI_PATH.read_text())
+    schema = document["paths"][scenario.path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    errors = list(jsonschema.Draft202012Validator({**document, **schema}).iter_errors(scenario.body))
+    status = answers[scenario.name][0].status
+    if status == 200:
+        assert not errors, [f"{'/'.join(map(str, e.absolute_path))}: {e.message[:200]}" for e in errors]
+    elif status == 400:
+        assert errors, "the server refused a body its published document calls valid"
+
+
 def _types(union: Any) -> set[str]:
     """The `type` values the members of a union of our wire types can take (their tag, or Literal values)."""
     found: set[str] = set()
@@ -60,8 +81,11 @@ def _seen(answers: dict[str, list[Body]], api: str) -> list[Body]:
 def test_every_responses_event_and_item_type_was_checked(answers: dict[str, list[Body]]) -> None:
     bodies = _seen(answers, "responses")
     assert _types(protocol_responses.StreamEvent) <= {b.event for b in bodies}
-    items = {i["type"] for b in bodies if b.event is None and b.status == 200 for i in b.data["output"]}
-    assert _types(protocol_responses.OutputItem) <= items
+    outputs = [i for b in bodies if b.event is None and b.status == 200 for i in b.data["output"]]
+    assert _types(protocol_responses.OutputItem) <= {i["type"] for i in outputs}
+    assert any(i["type"] == "function_call" and i.get("namespace") for i in outputs), "a call naming its namespace"
+    parts = {b.data["part"]["type"] for b in bodies if b.event == "response.content_part.added"}
+    assert {"output_text", "reasoning_text"} <= parts
 
 
 def test_every_messages_event_block_and_delta_type_was_checked(answers: dict[str, list[Body]]) -> None:
@@ -70,7 +94,8 @@ def test_every_messages_event_block_and_delta_type_was_checked(answers: dict[str
     blocks = {b.data["content_block"]["type"] for b in bodies if b.event == "content_block_start"}
     assert _types(protocol_anthropic.ContentBlock) <= blocks
     deltas = {b.data["delta"]["type"] for b in bodies if b.event == "content_block_delta"}
-    assert {"text_delta", "input_json_delta"} <= deltas
+    delta_union = typing.get_type_hints(protocol_anthropic.ContentBlockDeltaEvent)["delta"]
+    assert _types(delta_union) <= deltas
 
 
 def test_chat_covers_tool_calls_logprobs_several_choices_and_errors(answers: dict[str, list[Body]]) -> None:
@@ -81,6 +106,17 @@ def test_chat_covers_tool_calls_logprobs_several_choices_and_errors(answers: dic
     assert any(len(w["choices"]) == 2 for w in whole)
     assert any(b.event and "error" in b.data for b in bodies), "an error event inside a stream"
     assert {400, 404, 500} <= {b.status for b in bodies}
+
+
+def test_chat_covers_a_reasoning_models_reasoning_content_and_its_token_count(answers: dict[str, list[Body]]) -> None:
+    bodies = [b for b in _seen(answers, "chat") if b.status == 200]
+    messages = [c["message"] for b in bodies if b.event is None for c in b.data["choices"]]
+    deltas = [c["delta"] for b in bodies if b.event is not None for c in b.data.get("choices", ())]
+    assert any(m.get("reasoning_content") for m in messages)
+    assert any(d.get("reasoning_content") for d in deltas)
+    counted = [b for b in bodies if (b.data.get("usage") or {}).get("completion_tokens_details")]
+    assert {b.event is None for b in counted} == {True, False}, "reasoning_tokens whole and in a usage chunk"
+    assert all(b.data["usage"]["completion_tokens_details"]["reasoning_tokens"] > 0 for b in counted)
 
 
 def test_the_references_are_the_recorded_versions() -> None:

@@ -61,6 +61,11 @@ def _ping_event(definitions: Json) -> None:
                                 "required": ["type"], "additionalProperties": False}
 
 
+def _reasoning_content(schemas: Json) -> None:
+    for name in ("ChatCompletionResponseMessage", "ChatCompletionStreamResponseDelta"):
+        schemas[name]["properties"]["reasoning_content"] = {"type": "string"}
+
+
 def _nullable_as_null(schemas: Json) -> None:
     def visit(node: Any) -> Any:
         if isinstance(node, list):
@@ -92,6 +97,16 @@ EXCEPTIONS = [
         "yet OpenAI's server sends `finish_reason: null` on every chunk before the last of a choice (and its "
         "Python SDK types it Optional); the API wins.",
         _allow_null_finish_reason,
+    ),
+    Departure(
+        "openai", "ChatCompletionResponseMessage, ChatCompletionStreamResponseDelta",
+        "`reasoning_content` (a string) on a reply message and a streamed delta",
+        "A reasoning model's thinking, apart from the answer: an extension OpenAI's chat API does not have (its "
+        "reasoning stays hidden), sent by design under the name vLLM, llama.cpp, LM Studio and DeepSeek's API use, "
+        "which clients of reasoning models read. Both schemas allow additional properties, so the body conforms "
+        "without this entry; it is recorded here, and typed (a string, never null: absent when there is none), so "
+        "the extension is held to what we document.",
+        _reasoning_content,
     ),
     Departure(
         "anthropic", "PingEvent", "the `ping` stream event has a schema",
@@ -209,6 +224,14 @@ ANSWER = {"type": "object", "properties": {"answer": {"type": "string", "maxLeng
                                            "sure": {"type": "boolean"}},
           "required": ["answer", "sure"], "additionalProperties": False}
 GREEDY = {"temperature": 0}
+# A reasoning model's replies, spelled by the test-only fault `emit:` (the sampler may pick only these tokens) on a
+# tiny model wearing Qwen3's template: the tokens still go through the real detokenizer, reasoning splitter,
+# tool-call parser and API layers (as in tests/integration/test_reasoning.py).
+THINKS = "fault:emit:<think>\nI weigh it.\n</think>\n\nFour.<|im_end|>"
+THINKS_THEN_CALLS = ('fault:emit:<think>\nI need the weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+                     '"arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>')
+NAMESPACE_TOOLS = [{"type": "namespace", "name": "weather_tools", "description": "Weather.",
+                    "tools": RESPONSES_TOOLS}, {"type": "web_search"}]  # Codex's: a namespace and a hosted tool
 
 
 @dataclass(frozen=True)
@@ -263,6 +286,14 @@ SCENARIOS: list[Scenario] = [
                                                                    "strict": True}}),
     *_both(_chat, "chat, json_object", model="json", max_tokens=30, response_format={"type": "json_object"}),
     *_both(_chat, "chat, engine fault", user="fault:raise"),
+    *_both(_chat, "chat, reasoning", model="qwen3", max_tokens=80, user=THINKS, reasoning_effort="high"),
+    _chat("chat, reasoning, streamed with usage", model="qwen3", max_tokens=80, user=THINKS, stream=True, **USAGE),
+    *_both(_chat, "chat, reasoning then a tool call", model="qwen3", max_tokens=120, user=THINKS_THEN_CALLS,
+           tools=CHAT_TOOLS),
+    _chat("chat, reasoning sent back", model="qwen3", max_tokens=80, user=THINKS,
+          chat_template_kwargs={"enable_thinking": True},
+          messages=[*USER, {"role": "assistant", "content": "Sunny.", "reasoning_content": "I looked."}, *USER]),
+    _chat("chat, refused template variable", model="qwen3", chat_template_kwargs={"tools": []}),
     _chat("chat, unknown model", model="nope"),
     _chat("chat, invalid value", temperature=9),
     _chat("chat, wrong type", stream="true"),
@@ -290,6 +321,21 @@ SCENARIOS: list[Scenario] = [
                       "arguments": "{\"city\": \"Paris\"}"},
                      {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
               model="qwen", tools=RESPONSES_TOOLS),
+    *_both(_response, "response, reasoning", model="qwen3", max_output_tokens=80, user=THINKS,
+           reasoning={"effort": "high", "summary": "auto"}),
+    *_both(_response, "response, namespace call after reasoning", model="qwen3", max_output_tokens=120,
+           user=THINKS_THEN_CALLS, tools=NAMESPACE_TOOLS, max_tool_calls=1,
+           client_metadata={"session_id": "s-1"}),
+    _response("response, reasoning sent back", model="qwen3", max_output_tokens=80, user=THINKS,
+              input=[{"role": "user", "content": "Weather in Oslo?"},
+                     {"type": "reasoning", "id": "rs_1", "summary": [],
+                      "content": [{"type": "reasoning_text", "text": "I need the weather."}]},
+                     {"type": "function_call", "call_id": "call_1", "name": "get_weather", "namespace": "weather_tools",
+                      "arguments": "{\"city\": \"Oslo\"}"},
+                     {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}],
+              tools=NAMESPACE_TOOLS),
+    _response("response, refused hosted tool choice", model="qwen3", tools=NAMESPACE_TOOLS,
+              tool_choice={"type": "web_search"}),
     _response("response, unknown model", model="nope"),
     _response("response, invalid value", temperature=9),
     Scenario("response, not stored", "responses", "/v1/responses/resp_nope"),
@@ -312,6 +358,23 @@ SCENARIOS: list[Scenario] = [
                                                           "input": {"city": "Paris"}}]},
                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                                                      "content": "sunny"}]}]),
+    *_both(_message, "message, thinking", model="qwen3", max_tokens=80, metadata={"user_id": THINKS},
+           thinking={"type": "enabled", "budget_tokens": 64}),
+    *_both(_message, "message, adaptive thinking then tool_use", model="qwen3", max_tokens=120, tools=MESSAGES_TOOLS,
+           metadata={"user_id": THINKS_THEN_CALLS}, thinking={"type": "adaptive"}, output_config={"effort": "high"}),
+    _message("message, thinking sent back", model="qwen3", max_tokens=80, tools=MESSAGES_TOOLS,
+             metadata={"user_id": THINKS}, context_management={"edits": [{"type": "clear_thinking_20251015"}]},
+             messages=[{"role": "user", "content": "Weather in Oslo?"},
+                       {"role": "assistant", "content": [
+                           {"type": "thinking", "thinking": "I need the weather.", "signature": "sig"},
+                           {"type": "redacted_thinking", "data": "opaque"},
+                           {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}]},
+                       {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                     "content": "sunny"}]},
+                       {"role": "system", "content": "Answer in one word."},
+                       {"role": "user", "content": "So?"}]),
+    _message("message, refused thinking display", model="qwen3", thinking={"type": "adaptive", "display": "omitted"}),
+    _message("message, refused context edit", context_management={"edits": [{"type": "clear_tool_uses_20250919"}]}),
     _message("message, unknown model", model="nope"),
     _message("message, invalid value", temperature=9),
     _message("message, wrong type", max_tokens="12"),
@@ -355,11 +418,13 @@ def collect(base_url: str, scenario: Scenario) -> list[Body]:
 
 
 def make_models(root: Path) -> Path:
-    """'tiny' (plain), 'qwen' (Qwen2.5's template and tool calls), 'json' (a JSON-shaped BPE)."""
+    """'tiny' (plain), 'qwen' (Qwen2.5's template and tool calls), 'qwen3' (Qwen3's template: it thinks),
+    'json' (a JSON-shaped BPE)."""
     from tests.support.tiny_models import make_tiny_model
 
     make_tiny_model(root / "tiny", context_length=512)
     make_tiny_model(root / "qwen", chat_format="qwen2.5", context_length=4096)
+    make_tiny_model(root / "qwen3", chat_format="qwen3", context_length=4096)
     make_tiny_model(root / "json", tokenizer="bpe", context_length=4096)
     return root
 

@@ -33,6 +33,10 @@ def map_body(ctx: Any, body: Any) -> Any:
         integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 8.0 is 8
         if integral and not isinstance(value, bool) and value > most:
             body[limit] = most
+    thinking = body.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if isinstance(budget, int) and budget >= MAX_TOKENS:
+        body["thinking"] = {**thinking, "budget_tokens": MAX_TOKENS - 1}  # below the capped max_tokens
     return body
 
 
@@ -47,7 +51,8 @@ def filter_body(ctx: Any, body: Any) -> bool:
     requestBody description): a Messages request ends with a user turn (no assistant prefill); a tool_choice
     that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON;
     structured output goes with no callable tools; logit_bias names tokens of the model; top_logprobs needs
-    logprobs (chat); previous_response_id names a stored response; tool names are unique."""
+    logprobs (chat); previous_response_id names a stored response; tool names are unique; a thinking budget is
+    less than max_tokens."""
     if not isinstance(body, dict):
         return True
     path = ctx.operation.path if ctx.operation is not None else ""
@@ -67,6 +72,9 @@ def filter_body(ctx: Any, body: Any) -> bool:
     fmt = body.get("text", {}).get("format") if isinstance(body.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") != "text" and tools and choice != "none":
         return False
+    thinking, limit = body.get("thinking"), body.get("max_tokens")
+    if isinstance(thinking, dict) and isinstance(limit, int) and not (thinking.get("budget_tokens") or 0) < limit:
+        return False  # thinking.budget_tokens must be less than max_tokens
     if body.get("previous_response_id") is not None:  # names a stored response: none is, in a fuzzing run
         return False
     if path == "/v1/chat/completions" and body.get("top_logprobs") is not None and body.get("logprobs") is not True:

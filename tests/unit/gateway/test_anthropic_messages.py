@@ -375,6 +375,7 @@ def test_claude_code_default_request_fields_are_accepted(make_client: ClientFact
 
 @pytest.mark.parametrize(("overrides", "control"), [
     ({"thinking": {"type": "enabled", "budget_tokens": 8}}, ReasoningControl(enabled=True, budget_tokens=8)),
+    ({"thinking": {"type": "enabled", "budget_tokens": 8.0}}, ReasoningControl(enabled=True, budget_tokens=8)),
     ({"thinking": {"type": "adaptive"}, "output_config": {"effort": "max"}},
      ReasoningControl(enabled=True, effort="high")),
     ({"thinking": {"type": "disabled"}}, ReasoningControl(enabled=False)),
@@ -390,6 +391,7 @@ def test_thinking_and_effort_reach_the_engine_as_a_control(make_client: ClientFa
 
 @pytest.mark.parametrize(("overrides", "named"), [
     ({"thinking": {"type": "enabled"}}, "thinking.budget_tokens"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 8.5}}, "thinking.budget_tokens"),
     ({"thinking": {"type": "enabled", "budget_tokens": 64}, "max_tokens": 64}, "thinking.budget_tokens"),
     ({"thinking": {"type": "sometimes"}}, "thinking.type"),
     ({"thinking": {"type": "adaptive", "display": "omitted"}}, "thinking.display"),
