@@ -10,9 +10,9 @@ generates exactly max_tokens: the rate differs only by what the grammar costs pe
 
     python tests/benchmarks/bench_constrained_serving.py --shape small --concurrency 1,8 --repeat 3
 
-`--real-model` runs the same on SmolLM2-135M-Instruct with a Hermes tools template (a real trained model,
-tests/support/smollm2_tools.py) instead of a random shape; its EOS is banned with logit_bias, so every request
-still generates exactly max_tokens.
+`--real-model` runs the same on the bundled SmolLM2-135M-Instruct (a real trained model, with its own
+tools-capable template, tests/support/real_model.py) instead of a random shape; its EOS is banned with
+logit_bias, so every request still generates exactly max_tokens.
 """
 
 from __future__ import annotations
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     no_eos: dict[str, Any] = {}
     if args.real_model:
-        from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools
+        from tests.support.real_model import ensure_smollm2
 
-        model = ensure_smollm2_with_tools() / MODEL_ID
+        model = ensure_smollm2()
         eos = json.loads((model / "config.json").read_text())["eos_token_id"]
         no_eos = {"logit_bias": {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}}
     else:

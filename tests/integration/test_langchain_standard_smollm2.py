@@ -1,7 +1,7 @@
 """LangChain's standard integration suite (`langchain-tests`' ChatModelIntegrationTests) for `ChatOpenAI`
-against a real server and a real trained model: SmolLM2-135M-Instruct wearing a Hermes-style tools template
-(Qwen2.5's: tests/support/smollm2_tools.py). The demo model's run is test_langchain_standard.py; issue 26
-found failures here that the demo model hides.
+against a real server and a real trained model: SmolLM2-135M-Instruct as users get it (`smollm2-135m-instruct`,
+with the bundled tools-capable template mlx_backend/smollm2/chat_template.jinja). The demo model's run is
+test_langchain_standard.py; issue 26 found failures here that the demo model hides.
 
 A 135M model understands simple requests and follows a forced format; it does not reliably pick a tool on
 its own, nor echo Chinese text. Each test it fails for that reason is marked xfail with what the model did
@@ -20,8 +20,8 @@ import pytest
 from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
+from tests.support.real_model import MODEL_ID, warm_up
 from tests.support.server import ServerProcess
-from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools, warm_up
 from tests.support.tiny_models import make_tiny_model
 
 LOOPS_IN_A_STRING = (
@@ -48,11 +48,11 @@ async def one_event_loop_for_the_module(anyio_backend: str) -> AsyncIterator[Non
 
 
 @pytest.fixture(scope="module", autouse=True)
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def real_server(smollm2_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log: Path = tmp_path_factory.mktemp("logs") / "server.log"
     others = tmp_path_factory.mktemp("models")
     make_tiny_model(others / "tiny")  # the other model the model-override tests switch to
-    server = ServerProcess(["--models-dir", str(ensure_smollm2_with_tools()), "--models-dir", str(others),
+    server = ServerProcess(["--models-dir", str(smollm2_models_dir), "--models-dir", str(others),
                             "--max-tokens-default", "128", "--stall-timeout-s", "300"], log).start()
     server.wait_ready(timeout_s=120)
     warm_up(server)
@@ -91,7 +91,7 @@ class TestChatOpenAIOnSmolLM2(ChatModelIntegrationTests):
     def model_override_value(self) -> str:
         return "tiny"
 
-    # -- what this 135M model does not do (run of 2026-12-07: 32 passed, 11 failed, 7 skipped) ------------------
+    # -- what this 135M model does not do (bundled template, run of 2026-12-07: 32 passed, 10 xfailed, 7 skipped) --
 
     @pytest.mark.xfail(strict=True, reason=LOOPS_IN_A_STRING)
     @pytest.mark.parametrize("schema_type", ["pydantic", "typeddict", "json_schema"])
@@ -111,12 +111,14 @@ class TestChatOpenAIOnSmolLM2(ChatModelIntegrationTests):
     def test_structured_output_optional_param(self, model: Any) -> None:
         super().test_structured_output_optional_param(model)
 
-    @pytest.mark.xfail(strict=True, reason="json_object mode: as the structured-output tests, the model loops "
-                       "inside a string value until max_tokens; the object is closed, finish_reason 'length'")
+    @pytest.mark.xfail(strict=True, reason="json_object mode: greedy, the model nests '{\"setup\":{\"setup\":' six "
+                       "deep, then loops inside the string ('the cat was having a cat-themed party, and ...') until "
+                       "max_tokens; the object is closed (it parses), but finish_reason is 'length'")
     def test_json_mode(self, model: Any) -> None:
         super().test_json_mode(model)
 
-    @pytest.mark.xfail(strict=True, reason="with tool_choice auto, asked for the weather, the model answers in "
-                       "text instead of calling get_weather (forced calls, tested above, name Paris)")
+    @pytest.mark.xfail(strict=True, reason="with tool_choice auto, asked 'What is the weather in San "
+                       "Francisco, CA?', the model answers in text ('... a high of 88°F (30°C) and a low of 69°F') "
+                       "instead of calling get_weather (forced calls name the city: test_real_model_constrained.py)")
     def test_agent_loop(self, model: Any) -> None:
         super().test_agent_loop(model)

