@@ -468,6 +468,8 @@ class Batcher:
         solo = row.solo
         if solo is None or solo.prefilled < SHARED_PREFIX_MIN_TOKENS or row.ended:
             return
+        if sum(c.nbytes for c in solo.prompt_cache) > self.config.prompt_cache_bytes // 2:
+            return  # a copy that large would only push the rest out of the prefix cache (or not fit at all)
         self._prefix.save(state.cached.id, copy.deepcopy(solo.prompt_cache), list(solo.tokens_in_cache))
         self._measure_prefix()
 
