@@ -65,6 +65,7 @@ class Batcher:
         self._states: dict[str, ModelState] = {}
         self._where: dict[str, tuple[ModelState, Request]] = {}  # request id -> where it runs
         self._prefix = PrefixCaches(config.prompt_cache_bytes)
+        self._waiting_tokens: dict[str, list[int]] = {}  # waiting request id -> its prompt, once tokenized
         # Published for the heartbeat thread: plain values, replaced (never mutated) by the MLX thread.
         self.progress = 0
         self.active_memory_bytes = 0
@@ -131,6 +132,7 @@ class Batcher:
 
     def shutdown(self) -> None:
         """End everything with finish_reason "abort" and free every model."""
+        self._waiting_tokens.clear()
         for command in self._waiting.take_all():
             self._emit(Finished(command.request_id, "abort", 0, 0, 0))
         for rid in list(self._where):
@@ -254,6 +256,7 @@ class Batcher:
 
     def _leave_waiting(self, command: Generate) -> None:
         self._waiting.remove(command)
+        self._waiting_tokens.pop(command.request_id, None)
         self.cache.forget_waiter(command.request_id)
 
     def _trim_prefix(self, n_bytes: int) -> None:
@@ -326,10 +329,13 @@ class Batcher:
         others = [c for c in self._waiting if c.model == command.model and c is not command][:PREFILL_BATCH]
         shared = 0
         for other in others:
-            try:
-                other_tokens = prompt_tokens(other, cached.artifacts.tokenizer)
-            except Exception:  # its own start will say what is wrong with it
-                continue
+            other_tokens = self._waiting_tokens.get(other.request_id)
+            if other_tokens is None:
+                try:
+                    other_tokens = prompt_tokens(other, cached.artifacts.tokenizer)
+                except Exception:  # its own start will say what is wrong with it
+                    continue
+                self._waiting_tokens[other.request_id] = other_tokens  # tokenized once while it waits
             shared = max(shared, _common_prefix(tokens, other_tokens))
         if shared < SHARED_PREFIX_MIN_TOKENS:
             return 0
@@ -463,6 +469,8 @@ class Batcher:
         solo = row.solo
         if solo is None or solo.prefilled < SHARED_PREFIX_MIN_TOKENS or row.ended:
             return
+        if sum(c.nbytes for c in solo.prompt_cache) > self.config.prompt_cache_bytes // 2:
+            return  # a copy that large would only push the rest out of the prefix cache (or not fit at all)
         self._prefix.save(state.cached.id, copy.deepcopy(solo.prompt_cache), list(solo.tokens_in_cache))
         self._measure_prefix()
 

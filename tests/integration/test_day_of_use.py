@@ -99,7 +99,7 @@ def soak_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def soak_server(soak_models: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     # Room for the larger model, the KV cache of two of its longest requests (3000 tokens + prompt, two rows of
     # the batch), and half the smaller model.
-    per_token = kv_bytes_per_token(json.loads((soak_models / LONG / "config.json").read_text()))
+    per_token = kv_bytes_per_token(json.loads((soak_models / LONG / "config.json").read_text()), float16_upcast=True)
     long_rows = 2 * rounded_tokens(ENDLESS["max_tokens"] + 64) * per_token  # type: ignore[operator]
     budget = tensor_bytes(soak_models / LONG) + long_rows + tensor_bytes(soak_models / TINY) // 2
     server = ServerProcess([

@@ -213,10 +213,11 @@ def test_a_stream_keeps_going_while_another_model_loads(start_server: StartServe
 
 
 def test_the_kv_cache_counts_in_the_memory_budget(start_server: StartServer, residency_models: Path) -> None:
-    # The budget: tiny's weights (under its file size) + one KV row of 256 tokens (256 B per token): a request
-    # of up to 256 tokens fits alone; two do not fit together; one of 512 never fits.
-    weights = (residency_models / "tiny" / "model.safetensors").stat().st_size
-    budget_gb = (weights + 256 * 256 + 20_000) / 1024**3
+    # The budget: tiny's weights (under twice its file size: float16 is held as float32 on the CPU) + one KV row
+    # of 256 tokens (512 B per token, float32): a request of up to 256 tokens fits alone; two do not fit
+    # together; one of 512 never fits.
+    weights = 2 * (residency_models / "tiny" / "model.safetensors").stat().st_size
+    budget_gb = (weights + 256 * 512 + 20_000) / 1024**3
     server = start_server("--models-dir", str(residency_models), "--test-faults", "--memory-budget-gb",
                           f"{budget_gb:.12f}", "--prompt-cache-gb", "0")
     server.wait_ready()
@@ -235,7 +236,7 @@ def test_the_kv_cache_counts_in_the_memory_budget(start_server: StartServer, res
     first = threading.Thread(target=run, args=("first",))
     first.start()
     until(lambda: server.health().json()["requests_running"] == 1, 20, "the first request running")
-    until(lambda: server.health().json()["memory"]["kv_cache_bytes"] == 256 * 256, 5, "its KV reservation")
+    until(lambda: server.health().json()["memory"]["kv_cache_bytes"] == 256 * 512, 5, "its KV reservation")
     second = threading.Thread(target=run, args=("second",))
     second.start()
     until(lambda: server.health().json()["requests_waiting"] == 1, 20, "the second request waiting")

@@ -363,11 +363,12 @@ def _go_quiet(port: int, data: bytes, wait_s: float) -> tuple[float, bytes]:
 
 
 def tensor_bytes(folder: Path) -> int:
-    """The bytes of a model's tensors, as the engine's memory budget counts them (safetensors headers)."""
+    """The bytes of a model's tensors, as the engine's memory budget counts them on the CPU (safetensors headers;
+    float16 tensors twice, held as float32: mlx_backend/loader.py)."""
     total = 0
     for path in folder.glob("model*.safetensors"):
         with path.open("rb") as f:
             header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(end - start for name, t in header.items() if name != "__metadata__"
-                     for start, end in [t["data_offsets"]])
+        total += sum((end - start) * (2 if t["dtype"] == "F16" else 1) for name, t in header.items()
+                     if name != "__metadata__" for start, end in [t["data_offsets"]])
     return total

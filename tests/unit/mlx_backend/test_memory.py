@@ -17,6 +17,9 @@ def test_kv_bytes_per_token_is_keys_and_values_of_every_layer() -> None:
 def test_head_dim_and_dtype_and_missing_kv_heads() -> None:
     assert kv_bytes_per_token({**LLAMA_1B, "head_dim": 128}) == 2 * 16 * 8 * 128 * 2
     assert kv_bytes_per_token({**LLAMA_1B, "torch_dtype": "float32"}) == 2 * 16 * 8 * 64 * 4
+    # float16 weights held as float32 (the CPU) compute, and cache, in float32; bfloat16 stays
+    assert kv_bytes_per_token({**LLAMA_1B, "torch_dtype": "float16"}, float16_upcast=True) == 2 * 16 * 8 * 64 * 4
+    assert kv_bytes_per_token(LLAMA_1B, float16_upcast=True) == 2 * 16 * 8 * 64 * 2
     no_gqa = {k: v for k, v in LLAMA_1B.items() if k != "num_key_value_heads"}
     assert kv_bytes_per_token(no_gqa) == 2 * 16 * 32 * 64 * 2  # every head keeps its own keys and values
 
