@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,14 @@ def _serve(argv: Sequence[str]) -> int:
         settings = load_settings(parser.parse_args(list(argv)))
     except ValueError as exc:
         parser.error(str(exc))
-    return run(settings)
+    code = run(settings)
+    # Everything is stopped and flushed by now. Leave without the interpreter's finalization: Granian's Rust
+    # threads can still touch it then, and a panic there aborts the process (seen: SIGABRT instead of exit
+    # code 3 after the engine's restart budget was spent), which would hide our exit code from launchd/systemd.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def openapi_document() -> bytes:
