@@ -395,7 +395,13 @@ class EngineClient:
             self._mark_not_up()
             if waiter in done:
                 return process.describe()
-            # The socket closed first: the process is dying or broke the protocol; make sure it is gone.
+            # The socket closed first. Most often the process is dying at this moment: a short wait lets the
+            # requests be told the cause (killed by SIGKILL, say), not only that the socket closed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), 0.2)
+            if process.returncode is not None:
+                return process.describe()
+            # Alive without its socket: it broke the protocol; make sure it is gone.
             self._fail_all("the engine connection was lost")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(waiter), 1.0)
