@@ -511,7 +511,9 @@ class EngineClient:
         now = time.monotonic()
         self._last_heartbeat_at = now
         self._load_announced = False  # the heartbeat says itself whether a load runs
-        if heartbeat.progress != self._last_progress[0]:
+        # Progress, or the end of start-up (bounded by the load timeout meanwhile): waiting work gets a whole
+        # stall timeout from here, not one already spent on the engine's imports.
+        if heartbeat.progress != self._last_progress[0] or (self._starting() and not heartbeat.starting):
             self._last_progress = (heartbeat.progress, now)
         self._heartbeat = heartbeat
         self._observer.on_heartbeat(heartbeat)
