@@ -32,6 +32,8 @@ from mlx_backend.types import (
     Abort,
     CountPrompt,
     Delta,
+    Embed,
+    Embedded,
     EngineConfig,
     Failed,
     Finished,
@@ -89,7 +91,7 @@ class EngineObserver(Protocol):
 class Engine(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-    def submit(self, command: Generate) -> EngineRequest: ...
+    def submit(self, command: Generate | Embed) -> EngineRequest: ...
     async def count_prompt(self, command: Generate) -> int: ...
     def status(self) -> EngineStatus: ...
     async def control(self, action: ControlAction, model: str) -> None: ...
@@ -200,7 +202,7 @@ class EngineClient:
 
     # -- requests -------------------------------------------------------------------------------------
 
-    def submit(self, command: Generate) -> EngineRequest:
+    def submit(self, command: Generate | Embed) -> EngineRequest:
         """Send a request to the engine; its events arrive on the returned handle. Raises EngineError when
         the engine cannot take it. The caller owns the handle: it reads it to its end or interrupts it."""
         process = self._process
@@ -213,7 +215,8 @@ class EngineClient:
             process.channel.send(command)
         except (ConnectionClosed, OSError):
             raise self._unavailable() from None
-        request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
+        choices = command.n if isinstance(command, Generate) else 1
+        request = EngineRequest(rid, lambda r: self._abort(r, process), choices)
         self._requests[rid] = request
         return request
 
@@ -527,7 +530,7 @@ class EngineClient:
         else:
             future.set_exception(EngineError.from_wire(done.code, done.message, "model"))
 
-    def _route(self, event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
+    def _route(self, event: Loading | Started | Delta | Finished | PromptCount | Failed | Embedded) -> None:
         if isinstance(event, Loading):
             self._load_announced = True
         answer = self._counts.get(event.request_id)
@@ -555,7 +558,7 @@ class EngineClient:
             del self._requests[event.request_id]
 
 
-def _stamp_received(event: Loading | Started | Delta | Finished | PromptCount | Failed) -> None:
+def _stamp_received(event: Loading | Started | Delta | Finished | PromptCount | Failed | Embedded) -> None:
     """Timeline: when a request's frame was read and decoded here (records R, keyed as the engine's E)."""
     if isinstance(event, Delta):
         timeline.record("R", event.request_id, timeline.count(event.request_id, event.tokens), event.tokens,

@@ -10,9 +10,9 @@ from collections import deque
 from collections.abc import Callable
 
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Delta, Finished, Loading, Started
+from mlx_backend.types import Delta, Embedded, Finished, Loading, Started
 
-GenerationEvent = Loading | Started | Delta | Finished
+GenerationEvent = Loading | Started | Delta | Finished | Embedded  # Embedded: an Embed's one answer
 
 
 class Interrupted(Exception):
@@ -39,7 +39,7 @@ class EngineRequest:
 
     def deliver(self, item: GenerationEvent | EngineError) -> None:
         """The engine client's side: the next event, or the error that ends the request."""
-        if isinstance(item, Finished):
+        if isinstance(item, Finished | Embedded):
             self._choices_left -= 1
         if isinstance(item, EngineError) or self._choices_left <= 0:
             self.ended = True

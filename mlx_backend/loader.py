@@ -35,6 +35,7 @@ from mlx_lm.utils import load_config as load_config
 from mlx_lm.utils import load_model as load_model
 from mlx_lm.utils import load_tokenizer as load_tokenizer
 
+from mlx_backend.embedding_spec import read_spec
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelEntry, context_length_of
 
@@ -129,6 +130,13 @@ def _check_architecture(entry: ModelEntry, config: dict[str, Any]) -> None:
         raise _fail(entry, "config.json has no model_type.", unsupported)
     if config.get("model_file") is not None:
         raise _fail(entry, "it needs custom model code (model_file), which is never run here.", unsupported)
+    spec = read_spec(entry.path, config)
+    if spec is not None and spec.family == "encoder":  # an embedding encoder: ours, not mlx-lm's
+        from mlx_backend.embeddings import supported
+
+        if (reason := supported(spec)) is not None:
+            raise _fail(entry, reason, unsupported)
+        return
     # The same remapping mlx-lm applies, so aliases such as "mistral" -> "llama" pass.
     architectures = config.get("architectures") or ()
     if isinstance(architectures, str):

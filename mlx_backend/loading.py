@@ -108,7 +108,8 @@ class StagedLoad:
                 )
             except Exception as exc:
                 raise loader._fail(entry, f"its tokenizer is broken ({loader._describe(exc)}).") from exc
-            _prepare_grammars(self._tokenizer)
+            if entry.kind != "embedding":  # no generation, so no grammars
+                _prepare_grammars(self._tokenizer)
             self._config = config
             buffer = bytearray(_READ_BLOCK)
             for path in self._files:
@@ -174,7 +175,7 @@ class StagedLoad:
                     if time.monotonic() >= deadline:
                         return None
                 mx.eval(self._model.parameters())  # nothing left to read; checks no parameter was missed
-                self.stage = "warming" if self.warmup else "done"
+                self.stage = "warming" if self.warmup and self.entry.kind != "embedding" else "done"
                 return None
             if self.stage == "warming":
                 if not self._warm_up_piece():
@@ -198,7 +199,12 @@ class StagedLoad:
                 return artifacts
 
     def _build(self) -> None:
-        model, config = loader.load_model(self.entry.path, lazy=True, trust_remote_code=False)
+        if self.entry.kind == "embedding":  # mlx_backend/embeddings.py builds those
+            from mlx_backend import embeddings
+
+            model, config = embeddings.load_model(self.entry.path, lazy=True)
+        else:
+            model, config = loader.load_model(self.entry.path, lazy=True, trust_remote_code=False)
         self._model, self._config = model, config
         file_params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
         self._file_bytes = {name: array.nbytes for name, array in file_params}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mlx_backend.embedding_spec import is_embedding_model
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.residency import matches
 
@@ -59,6 +60,7 @@ class ModelEntry:
     context_length: int | None
     size_bytes: int  # sum of *.safetensors sizes
     fingerprint: Fingerprint  # changes when config, weights or tokenizer files change
+    kind: Literal["chat", "embedding"] = "chat"  # embedding: served by /v1/embeddings only (embedding_spec.py)
 
 
 def default_hf_cache_dir() -> Path:
@@ -199,6 +201,7 @@ def make_entry(model_id: str, folder: Path, source: Source) -> ModelEntry:
         context_length=read_context_length(folder),
         size_bytes=sum(st.st_size for name, st in files if name.endswith(".safetensors")),
         fingerprint=tuple((name, st.st_size, st.st_mtime_ns) for name, st in files),
+        kind="embedding" if is_embedding_model(folder) else "chat",
     )
 
 

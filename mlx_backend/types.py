@@ -201,7 +201,17 @@ class ModelControl(msgspec.Struct, frozen=True, tag="model_control"):
     model: str
 
 
-Command = Generate | CountPrompt | Abort | Shutdown | ModelControl | Wake
+class Embed(msgspec.Struct, frozen=True, tag="embed", omit_defaults=True):
+    """Embed texts with an embedding model (mlx_backend/embeddings.py). Answered with Loading (when its model
+    loads for it), Started, then Embedded; or Failed. Abort drops it while it waits for its model."""
+
+    request_id: str
+    model: str
+    inputs: tuple[str, ...]
+    dimensions: int | None = None  # None: the model's own; fewer: Matryoshka truncation (where the model allows)
+
+
+Command = Generate | CountPrompt | Abort | Shutdown | ModelControl | Wake | Embed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,6 +299,15 @@ class PromptCount(msgspec.Struct, frozen=True, tag="prompt_count"):
     prompt_tokens: int
 
 
+class Embedded(msgspec.Struct, frozen=True, tag="embedded"):
+    """The answer to Embed: one vector per input, in order."""
+
+    request_id: str
+    vectors: bytes  # float32, little-endian, `dimensions` values per input, input after input
+    dimensions: int
+    prompt_tokens: int  # the model's tokens over all inputs
+
+
 class Failed(msgspec.Struct, frozen=True, tag="failed", omit_defaults=True):
     request_id: str
     code: str  # an EngineErrorCode value
@@ -358,5 +377,5 @@ class RankHeartbeat(msgspec.Struct, frozen=True, tag="rank_heartbeat"):
 
 Event = (
     Ready | Loading | Started | Delta | Finished | PromptCount | Failed | Heartbeat | ModelControlDone | ModelEvent
-    | Hello | RankHeartbeat | Wake
+    | Hello | RankHeartbeat | Wake | Embedded
 )

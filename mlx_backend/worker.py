@@ -45,6 +45,7 @@ from mlx_backend.types import (
     Abort,
     Command,
     CountPrompt,
+    Embed,
     EngineConfig,
     Event,
     Failed,
@@ -62,6 +63,7 @@ from mlx_backend.types import (
 if TYPE_CHECKING:
     from mlx_backend.batcher import Batcher
     from mlx_backend.control import Controls
+    from mlx_backend.embeddings import EmbedRequests
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -185,6 +187,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
     from mlx_backend.cache import ModelCache
     from mlx_backend.control import Controls
+    from mlx_backend.embeddings import EmbedRequests
     from mlx_backend.residency import KeepAlive
 
     registry = ModelRegistry(
@@ -200,6 +203,11 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     cache.on_event = channel.emit
     batcher = Batcher(config, cache, channel.emit)
     controls = Controls(cache, channel.emit, batcher.busy_models, batcher.heartbeat)
+
+    def made_progress() -> None:  # embeddings' forward passes move the stall clock's counter too
+        batcher.progress += 1
+
+    embeds = EmbedRequests(cache, channel.emit, made_progress)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)
@@ -211,7 +219,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
             # Wait for a command only while there is nothing to decode, and no longer than until the next
             # keep-alive runs out (or a load reading on its thread is worth a look); then step.
             commands: list[Command] = []
-            timeout = batcher.idle_timeout()
+            timeout = 0 if embeds.ready() else batcher.idle_timeout()
             if timeout != 0:
                 with contextlib.suppress(queue.Empty):
                     commands.append(inbox.get(timeout=timeout))
@@ -219,9 +227,11 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                 while True:
                     commands.append(inbox.get_nowait())
             for command in commands:
-                if not apply_command(batcher, command, channel.emit, controls=controls, counts=counts):
+                if not apply_command(batcher, command, channel.emit, controls=controls, counts=counts,
+                                     embeds=embeds):
                     return 0
             batcher.step()
+            embeds.step(batcher.busy_models())
             counts[:] = [c for c in counts if not _answered(channel, count_prompt(batcher, c))]
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
@@ -238,6 +248,7 @@ def apply_command(
     *,
     controls: Controls | None = None,
     counts: list[Generate] | None = None,
+    embeds: EmbedRequests | None = None,
 ) -> bool:
     """Hand one command to the batcher (MLX thread); False once it was Shutdown (the batcher is then empty).
 
@@ -251,7 +262,14 @@ def apply_command(
     if isinstance(command, Generate):
         batcher.submit(command)
     elif isinstance(command, Abort):
-        batcher.abort(command.request_id)
+        if embeds is None or not embeds.abort(command.request_id):
+            batcher.abort(command.request_id)
+    elif isinstance(command, Embed):
+        if embeds is not None:
+            embeds.submit(command)
+        else:
+            send(Failed(command.request_id, EngineErrorCode.INVALID_REQUEST.value,
+                        "Embeddings are not available from an engine group.", "model"))
     elif isinstance(command, ModelControl):
         if controls is not None:
             controls.handle(command)

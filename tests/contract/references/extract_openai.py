@@ -17,7 +17,7 @@ from typing import Any
 
 ROOTS = [
     "CreateChatCompletionResponse", "CreateChatCompletionStreamResponse", "CreateCompletionResponse",
-    "Response", "ResponseStreamEvent", "ListModelsResponse", "Model", "ErrorResponse",
+    "Response", "ResponseStreamEvent", "ListModelsResponse", "Model", "ErrorResponse", "CreateEmbeddingResponse",
 ]
 _PROSE = {"description", "title", "example", "examples", "x-oaiMeta", "x-oaiExpandable", "x-oaiTypeLabel"}
 
