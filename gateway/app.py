@@ -16,6 +16,7 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from gateway import error_handlers, metrics, openapi, security
+from gateway.embeddings.routes import create_embedding
 from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
@@ -169,7 +170,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
         route_handlers=[create_chat_completion, create_completion, create_response, stored_response_options,
                         retrieve_response, delete_response, create_message, count_message_tokens, list_models,
                         retrieve_model, health, liveness, readiness, prometheus_metrics, openapi_json, status,
-                        *admin.ROUTES],
+                        create_embedding, *admin.ROUTES],
         lifespan=[lifespan],
         exception_handlers=error_handlers.exception_handlers(error_handlers.openai_response),
         guards=security.guards(settings),

@@ -23,7 +23,7 @@ from gateway.protocol import Usage
 from gateway.render import usage_of
 from mlx_backend.engine_request import EngineRequest, Interrupted
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Delta, Finished, Generate, Loading, Started
+from mlx_backend.types import Delta, Embed, Embedded, Finished, Generate, Loading, Started
 
 log = logging.getLogger("mlx_gateway.requests")
 
@@ -49,7 +49,7 @@ class Ending(enum.StrEnum):
 class Exchange:
     def __init__(
         self,
-        command: Generate,
+        command: Generate | Embed,
         engine_request: EngineRequest,
         *,
         timeout_s: float | None,
@@ -131,7 +131,20 @@ class Exchange:
             return event
         raise RuntimeError(f"the engine sent {type(event).__name__} after Started")
 
-    async def _next_event(self) -> Loading | Started | Delta | Finished:
+    async def embedded(self) -> Embedded:
+        """An embedding request's vectors, after `started`; it ends here. Raises GatewayError (a drained one
+        that had started is refused too: it has no partial answer)."""
+        event = await self._next_event()
+        if isinstance(event, Finished):  # drained while running
+            self.unfinished.clear()
+            raise GatewayError(ErrorKind.DRAINING, "The server is shutting down; retry on another instance or later.")
+        if not isinstance(event, Embedded):
+            raise RuntimeError(f"the engine sent {type(event).__name__} to an embedding request")
+        self.unfinished.clear()
+        self.end(Ending.FINISHED)
+        return event
+
+    async def _next_event(self) -> Loading | Started | Delta | Finished | Embedded:
         try:
             return await self._engine_request.next()
         except (EngineError, Interrupted) as exc:

@@ -35,7 +35,7 @@ from mlx_backend.engine import ControlAction, Engine, EngineState, unavailable
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelEntry, ModelRegistry
 from mlx_backend.residency import KeepAlive
-from mlx_backend.types import Finished, Generate, Heartbeat, LoadedModel, ModelEvent
+from mlx_backend.types import Embed, Finished, Generate, Heartbeat, LoadedModel, ModelEvent
 
 log = logging.getLogger("mlx_gateway")
 
@@ -122,9 +122,10 @@ class GatewayRuntime:
 
     # -- admission ------------------------------------------------------------------------------------
 
-    def admit(self, command: Generate, arrived_at: float | None = None) -> Exchange:
+    def admit(self, command: Generate | Embed, arrived_at: float | None = None) -> Exchange:
         """Take a slot and hand the request to the engine; the returned Exchange owns it from here.
-        Raises GatewayError (503 draining or engine unavailable, 429 at capacity)."""
+        Raises GatewayError (400 a model of the wrong kind, 503 draining or engine unavailable, 429 at capacity)."""
+        self.check_kind(command)
         if self.draining:
             metrics.REQUESTS_REJECTED.labels("draining").inc()
             raise GatewayError(ErrorKind.DRAINING, "The server is shutting down; retry on another instance or later.")
@@ -153,6 +154,7 @@ class GatewayRuntime:
     async def count_prompt(self, command: Generate) -> int:
         """The prompt tokens `command` would run with, counted by the engine without running it (no slot:
         nothing is generated). Refused while draining, like new work. Raises GatewayError."""
+        self.check_kind(command)
         if self.draining:
             raise GatewayError(ErrorKind.DRAINING, "The server is shutting down; retry on another instance or later.")
         state = self.engine.status().state
@@ -165,6 +167,22 @@ class GatewayRuntime:
         except TimeoutError:
             raise GatewayError(ErrorKind.TIMEOUT, f"Counting the prompt took longer than the "
                                                   f"{self.settings.request_timeout_s:g}s request timeout.") from None
+
+    def check_kind(self, command: Generate | Embed) -> None:
+        """Text generation asked of an embedding model, or embeddings of a chat model: a 400 naming the model,
+        before any work (the registry tells them apart from their files). An unknown model passes: the engine
+        answers 404 in its own words."""
+        try:
+            kind = self.registry.resolve_recent(command.model).kind
+        except EngineError:
+            return
+        if isinstance(command, Embed) and kind != "embedding":
+            raise GatewayError(ErrorKind.INVALID_REQUEST, f"The model '{command.model}' is a chat model, not an "
+                               "embedding model: it serves chat completions, responses and messages, not "
+                               "/v1/embeddings. GET /v1/models lists the models.", "model")
+        if isinstance(command, Generate) and kind == "embedding":
+            raise GatewayError(ErrorKind.INVALID_REQUEST, f"The model '{command.model}' is an embedding model: it "
+                               "serves /v1/embeddings only, and generates no text.", "model")
 
     def _release(self, exchange: Exchange) -> None:
         self._active.pop(exchange.id, None)

@@ -55,6 +55,10 @@ REQUESTS_FINISHED = Counter(
     _P + "requests_finished_total", "Generation requests ended, by finish reason.", ["model", "finish_reason"],
     registry=REGISTRY,
 )
+EMBEDDING_INPUTS = Counter(
+    _P + "embedding_inputs_total", "Inputs embedded by /v1/embeddings (one vector each); their tokens count in "
+    "prompt_tokens_total, the requests in requests_finished_total.", ["model"], registry=REGISTRY,
+)
 REQUESTS_RUNNING = Gauge(_P + "num_requests_running", "Requests in the running batch.", registry=REGISTRY)
 REQUESTS_WAITING = Gauge(
     _P + "num_requests_waiting", "Requests admitted, waiting for a batch slot.", registry=REGISTRY

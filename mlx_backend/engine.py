@@ -215,8 +215,7 @@ class EngineClient:
             process.channel.send(command)
         except (ConnectionClosed, OSError):
             raise self._unavailable() from None
-        choices = command.n if isinstance(command, Generate) else 1
-        request = EngineRequest(rid, lambda r: self._abort(r, process), choices)
+        request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
         self._requests[rid] = request
         return request
 

@@ -10,6 +10,8 @@ id, name and the first character of the arguments, then the rest in two pieces.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import struct
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,6 +20,8 @@ from mlx_backend.engine_request import EngineRequest
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.types import (
     Delta,
+    Embed,
+    Embedded,
     FailedModel,
     Finished,
     Generate,
@@ -43,6 +47,12 @@ def prompt_words(command: Generate) -> int:
     return len(prompt.split())
 
 
+def fake_vector(text: str, dimensions: int) -> bytes:
+    """The fake's embedding of a text: float32 bytes drawn from its hash (equal texts, equal vectors)."""
+    digest = hashlib.sha256(text.encode()).digest() * (dimensions // 32 + 1)
+    return struct.pack(f"<{dimensions}f", *((b - 128) / 128 for b in digest[:dimensions]))
+
+
 class FakeEngine:
     def __init__(
         self,
@@ -62,6 +72,7 @@ class FakeEngine:
         self.loaded: dict[str, float] = {}
         self.received: list[Generate] = []
         self.counted: list[Generate] = []  # count_prompt's requests
+        self.embedded: list[Embed] = []  # embedding requests
         self.aborted: list[str] = []
         self.load_delay_s = load_delay_s
         self.pinned: set[str] = set()
@@ -79,11 +90,18 @@ class FakeEngine:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def submit(self, command: Generate) -> EngineRequest:
+    def submit(self, command: Generate | Embed) -> EngineRequest:
         if self.state != EngineState.UP:
             raise unavailable(self.state)
-        self.received.append(command)
         request = EngineRequest(command.request_id, self._abort)
+        if isinstance(command, Embed):
+            self.embedded.append(command)
+            request.deliver(Started(command.request_id, sum(len(t.split()) for t in command.inputs), 0))
+            request.deliver(Embedded(command.request_id, b"".join(fake_vector(t, command.dimensions or 8)
+                                                                  for t in command.inputs),
+                                     command.dimensions or 8, sum(len(t.split()) for t in command.inputs)))
+            return request
+        self.received.append(command)
         self._tasks[command.request_id] = asyncio.get_running_loop().create_task(self._run(command, request))
         return request
 

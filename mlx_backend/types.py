@@ -6,7 +6,7 @@ decoder per direction handles every kind.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import msgspec
 
@@ -209,6 +209,7 @@ class Embed(msgspec.Struct, frozen=True, tag="embed", omit_defaults=True):
     model: str
     inputs: tuple[str, ...]
     dimensions: int | None = None  # None: the model's own; fewer: Matryoshka truncation (where the model allows)
+    n: ClassVar[int] = 1  # one answer, as a one-choice generation (not sent: a class constant)
 
 
 Command = Generate | CountPrompt | Abort | Shutdown | ModelControl | Wake | Embed
