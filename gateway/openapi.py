@@ -18,6 +18,8 @@ from litestar import Litestar
 
 from gateway import admin_protocol, protocol, protocol_anthropic, protocol_responses, security
 from gateway.convert_responses import HOSTED_TOOLS
+from gateway.embeddings import wire as embeddings_wire
+from gateway.embeddings.convert import MAX_INPUTS
 from gateway.reasoning import ANTHROPIC_EFFORTS, OPENAI_EFFORTS, SERVER_TEMPLATE_KEYS, SUMMARIES
 
 _REF = "#/components/schemas/{name}"
@@ -37,7 +39,7 @@ _STREAMS: dict[str, tuple[Any, str]] = {
                      "content_block_start / content_block_delta... / content_block_stop, message_delta, "
                      "message_stop; a failure after the headers is one `event: error`"),
 }
-_MODULES = (protocol, protocol_responses, protocol_anthropic, admin_protocol)
+_MODULES = (protocol, protocol_responses, protocol_anthropic, admin_protocol, embeddings_wire)
 _SECURITY_SCHEMES = {
     "bearerKey": {"type": "http", "scheme": "bearer",
                   "description": "The API key, when the server is started with one (--api-key or "
@@ -67,6 +69,9 @@ _REFUSED = {
                     "server tools, image and document blocks, thinking blocks outside assistant turns, a "
                     "thinking.budget_tokens not less than max_tokens, thinking.display omitted, a last message "
                     "from the assistant (prefill), a tool_choice that forces a call without tools",
+    "/v1/embeddings": "a chat model, dimensions other than the model's own for a model not trained for shortened "
+                      "vectors (Matryoshka), an input longer than the model's context, token ids while the "
+                      "server has no cl100k_base file in tiktoken's cache",
 }
 
 # The same, for the fuzzers and code generators that read the schemas: the request schemas are narrowed to what
@@ -135,6 +140,13 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
         "tools": {"anyOf": [{"type": "array", "items": {"$ref": _REF.format(name="ToolParam")}}, _NULL]},
     },
     "OutputConfig": {"effort": {"enum": [*ANTHROPIC_EFFORTS, None]}},
+    # Token ids are OpenAI's cl100k_base ids (gateway/embeddings/token_ids.py), decoded to text for the model.
+    "EmbeddingRequest": {"input": {"anyOf": [
+        {"type": "string"},
+        {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {"type": "integer", "minimum": 0}},
+        {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS,
+         "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]}},
 }
 _STOP = {"anyOf": [{"type": "string", "minLength": 1},
                    {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}}, _NULL]}

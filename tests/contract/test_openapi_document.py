@@ -17,7 +17,7 @@ def test_every_route_has_an_operation_id_and_documents_errors() -> None:
     operations = [op for path in document["paths"].values() for op in path.values()]
     assert all(op.get("operationId") for op in operations)
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id}", "/health",
-            "/metrics"} <= set(document["paths"])
+            "/metrics", "/v1/embeddings"} <= set(document["paths"])
 
 
 def test_every_referenced_schema_is_in_the_document() -> None:

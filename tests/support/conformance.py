@@ -82,6 +82,12 @@ def _nullable_as_null(schemas: Json) -> None:
     schemas.update(visit(schemas))
 
 
+def _base64_embedding(schemas: Json) -> None:
+    embedding = schemas["Embedding"]["properties"]["embedding"]
+    schemas["Embedding"]["properties"]["embedding"] = {"anyOf": [embedding, {"type": "string",
+                                                                             "contentEncoding": "base64"}]}
+
+
 EXCEPTIONS = [
     Departure(
         "openai", "(all)", "`nullable: true` allows null",
@@ -107,6 +113,12 @@ EXCEPTIONS = [
         "without this entry; it is recorded here, and typed (a string, never null: absent when there is none), so "
         "the extension is held to what we document.",
         _reasoning_content,
+    ),
+    Departure(
+        "openai", "Embedding", "`embedding` may be a base64 string",
+        "With `encoding_format: \"base64\"` (which the OpenAI Python SDK asks for by default) the API sends each "
+        "vector as base64 of its float32 values, and the SDK decodes it; the schema only describes the float list.",
+        _base64_embedding,
     ),
     Departure(
         "anthropic", "PingEvent", "the `ping` stream event has a schema",
@@ -172,7 +184,7 @@ _MESSAGES_EVENTS = {
 @dataclass
 class Body:
     scenario: str
-    api: str  # chat, completions, responses, messages, count_tokens, models, model
+    api: str  # chat, completions, responses, messages, count_tokens, models, model, embeddings
     data: Json
     status: int
     event: str | None = None  # the SSE event's name, or "data" for a chat/completions chunk
@@ -195,7 +207,7 @@ def schema_for(body: Body) -> tuple[str, str]:
         "chat": ("openai", "CreateChatCompletionResponse"), "completions": ("openai", "CreateCompletionResponse"),
         "responses": ("openai", "Response"), "models": ("openai", "ListModelsResponse"),
         "model": ("openai", "Model"), "messages": ("anthropic", "Message"),
-        "count_tokens": ("anthropic", "MessageTokensCount"),
+        "count_tokens": ("anthropic", "MessageTokensCount"), "embeddings": ("openai", "CreateEmbeddingResponse"),
     }[body.api]
 
 
@@ -385,6 +397,13 @@ SCENARIOS: list[Scenario] = [
     Scenario("models", "models", "/v1/models"),
     Scenario("model", "model", "/v1/models/tiny"),
     Scenario("model, unknown", "model", "/v1/models/nope"),
+    # embeddings
+    Scenario("embeddings", "embeddings", "/v1/embeddings", {"model": "bge", "input": ["The weather", "is fine"]}),
+    Scenario("embeddings, base64", "embeddings", "/v1/embeddings",
+             {"model": "bge", "input": "The weather", "encoding_format": "base64", "user": "u1"}),
+    Scenario("embeddings, dimensions", "embeddings", "/v1/embeddings",
+             {"model": "qwen3-embedding", "input": ["The weather"], "dimensions": 16}),
+    Scenario("embeddings, no input", "embeddings", "/v1/embeddings", {"model": "bge", "input": []}),
 ]
 
 
@@ -419,13 +438,16 @@ def collect(base_url: str, scenario: Scenario) -> list[Body]:
 
 def make_models(root: Path) -> Path:
     """'tiny' (plain), 'qwen' (Qwen2.5's template and tool calls), 'qwen3' (Qwen3's template: it thinks),
-    'json' (a JSON-shaped BPE)."""
+    'json' (a JSON-shaped BPE); embedding models 'bge' (BERT) and 'qwen3-embedding'."""
+    from tests.support.tiny_embedding_models import make_tiny_bert, make_tiny_qwen3_embedding
     from tests.support.tiny_models import make_tiny_model
 
     make_tiny_model(root / "tiny", context_length=512)
     make_tiny_model(root / "qwen", chat_format="qwen2.5", context_length=4096)
     make_tiny_model(root / "qwen3", chat_format="qwen3", context_length=4096)
     make_tiny_model(root / "json", tokenizer="bpe", context_length=4096)
+    make_tiny_bert(root / "bge")
+    make_tiny_qwen3_embedding(root / "qwen3-embedding")
     return root
 
 
