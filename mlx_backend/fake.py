@@ -96,14 +96,30 @@ class FakeEngine:
         request = EngineRequest(command.request_id, self._abort)
         if isinstance(command, Embed):
             self.embedded.append(command)
-            request.deliver(Started(command.request_id, sum(len(t.split()) for t in command.inputs), 0))
-            request.deliver(Embedded(command.request_id, b"".join(fake_vector(t, command.dimensions or 8)
-                                                                  for t in command.inputs),
-                                     command.dimensions or 8, sum(len(t.split()) for t in command.inputs)))
-            return request
-        self.received.append(command)
-        self._tasks[command.request_id] = asyncio.get_running_loop().create_task(self._run(command, request))
+            run = self._embed(command, request)
+        else:
+            self.received.append(command)
+            run = self._run(command, request)
+        self._tasks[command.request_id] = asyncio.get_running_loop().create_task(run)
         return request
+
+    async def _embed(self, command: Embed, request: EngineRequest) -> None:
+        """Word "tokens"; each input's vector drawn from its hash (`fake_vector`), 8 dimensions unless asked."""
+        rid = command.request_id
+        try:
+            if command.model in self.failures:
+                request.deliver(self.failures[command.model])
+                return
+            if command.model not in self.loaded:
+                request.deliver(Loading(rid, command.model))
+                await asyncio.sleep(self.load_delay_s)
+            self.loaded[command.model] = time.time()
+            tokens = sum(len(t.split()) for t in command.inputs)
+            request.deliver(Started(rid, tokens, 0))
+            width = command.dimensions or 8
+            request.deliver(Embedded(rid, b"".join(fake_vector(t, width) for t in command.inputs), width, tokens))
+        finally:
+            self._tasks.pop(rid, None)
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.pop(request_id, None)
