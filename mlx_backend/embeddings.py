@@ -15,7 +15,9 @@ token's state is exactly that of the input alone.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ from mlx.nn.layers.base import Module
 from mlx_backend.bert import BertConfig, BertModel
 from mlx_backend.embedding_spec import SERVED_ENCODERS, EmbeddingSpec, read_spec
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.pacing import PrefillPacer
 from mlx_backend.types import Embed, Embedded, Event, Failed, Loading, Started
 
 if TYPE_CHECKING:
@@ -118,17 +121,22 @@ def tokenize(tokenizer: Any, texts: tuple[str, ...], context: int | None, model_
     return ids
 
 
+def _take(order: list[int], lengths: list[int], max_tokens: int, max_rows: int) -> tuple[list[int], bool]:
+    """The next pass: inputs from the front of `order` (sorted by length) while the pass stays within
+    `max_tokens` padded tokens and `max_rows` rows (an input longer than max_tokens passes alone); and whether
+    the bound cut it short (a full pass)."""
+    group = [order.pop(0)]
+    while order and len(group) < max_rows and (len(group) + 1) * lengths[order[0]] <= max_tokens:
+        group.append(order.pop(0))
+    return group, bool(order)
+
+
 def batches(lengths: list[int], max_tokens: int = MAX_BATCH_TOKENS, max_rows: int = MAX_BATCH_ROWS) -> list[list[int]]:
-    """Input indices grouped into forward passes: sorted by length (little padding), each pass at most
-    `max_tokens` padded tokens and `max_rows` rows (an input longer than max_tokens passes alone)."""
+    """Input indices grouped into passes, shortest first (little padding), within the bounds of `_take`."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for index in order:
-        group = groups[-1] if groups else None
-        if group is not None and len(group) < max_rows and (len(group) + 1) * lengths[index] <= max_tokens:
-            group.append(index)
-        else:
-            groups.append([index])
+    groups = []
+    while order:
+        groups.append(_take(order, lengths, max_tokens, max_rows)[0])
     return groups
 
 
@@ -164,14 +172,29 @@ def forward(model: Module, spec: EmbeddingSpec, rows: list[list[int]]) -> tuple[
 
 
 def embed(model: Module, spec: EmbeddingSpec, ids: list[list[int]], dimensions: int,
-          progress: Callable[[], None] = lambda: None) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """(inputs, dimensions) float32 vectors, in input order."""
+          progress: Callable[[], None] = lambda: None,
+          pacer: PrefillPacer | None = None) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """(inputs, dimensions) float32 vectors, in input order. `pacer` (the model's) sizes each pass to take about
+    its piece time on this device, as prefill pieces are (mlx_backend/pacing.py): every pass moves the stall
+    clock's counter, so a large request on a busy CPU is never taken for a stalled engine."""
     out = np.empty((len(ids), dimensions), dtype=np.float32)
-    for group in batches([len(r) for r in ids]):
-        hidden, mask, lengths = forward(model, spec, [ids[i] for i in group])
-        vectors = finish(pool(hidden, mask, lengths, spec.pooling), dimensions, spec.normalize)
+    lengths = [len(r) for r in ids]
+    order = sorted(range(len(ids)), key=lambda i: lengths[i])
+    while order:
+        budget = pacer.size if pacer is not None else MAX_BATCH_TOKENS
+        group, full = _take(order, lengths, budget, MAX_BATCH_ROWS)
+        started = time.monotonic()
+        hidden, mask, lengths_in_pass = forward(model, spec, [ids[i] for i in group])
+        vectors = finish(pool(hidden, mask, lengths_in_pass, spec.pooling), dimensions, spec.normalize)
         mx.eval(vectors)
         out[group] = np.array(vectors, copy=False)
+        if pacer is not None:
+            padded, took = len(group) * max(lengths[i] for i in group), time.monotonic() - started
+            # A pass the budget cut short speaks for the whole budget (its time scaled up to it).
+            if full and padded < budget:
+                pacer.observe(budget, took * budget / padded)
+            else:
+                pacer.observe(padded, took)
         progress()
     return out
 
@@ -182,8 +205,11 @@ def embed(model: Module, spec: EmbeddingSpec, ids: list[list[int]], dimensions: 
 class EmbedRequests:
     """Embed commands waiting for their model, answered in the loop pass their model is there."""
 
-    def __init__(self, cache: ModelCache, emit: Callable[[Event], None], progress: Callable[[], None]) -> None:
+    def __init__(self, cache: ModelCache, emit: Callable[[Event], None], progress: Callable[[], None],
+                 piece_s: float = 1.0) -> None:
         self.cache = cache
+        self.piece_s = piece_s  # a pass should take about this long (EngineConfig.prefill_piece_s; 0: fixed)
+        self._pacers: dict[str, PrefillPacer] = {}  # per model: how many padded tokens make a pass
         self._emit = emit
         self._progress = progress
         self._waiting: dict[str, Embed] = {}
@@ -212,7 +238,10 @@ class EmbedRequests:
         return True
 
     def step(self, busy: Collection[str]) -> None:
-        """Answer every waiting request whose model is loaded (asking for the load of the others)."""
+        """Answer every waiting request whose model is loaded (asking for the load of the others). Requests for
+        one model that are ready in the same pass share its forward passes: many clients of one query each are
+        batched as one request of many inputs would be."""
+        ready: dict[tuple[str, int], list[_Prepared]] = {}
         for command in list(self._waiting.values()):
             rid = command.request_id
             try:
@@ -222,26 +251,72 @@ class EmbedRequests:
                         self._announced.add(rid)
                         self._emit(Loading(rid, command.model))
                     continue
-                answer: Event = self._run(command, cached)
+                prepared = _prepare(command, cached)
             except EngineError as exc:
-                answer = Failed(rid, exc.code.value, exc.message, exc.param)
+                self._answer(command, Failed(rid, exc.code.value, exc.message, exc.param))
+                continue
             except Exception as exc:
                 log.exception("embedding request %s failed", rid)
-                answer = Failed(rid, EngineErrorCode.INTERNAL.value, f"Embedding failed: {type(exc).__name__}")
-            del self._waiting[rid]
-            self._announced.discard(rid)
-            self.cache.forget_waiter(rid)
-            self.cache.touch(command.model)  # its keep-alive counts from now
-            self._emit(answer)
+                self._answer(command, Failed(rid, EngineErrorCode.INTERNAL.value,
+                                             f"Embedding failed: {type(exc).__name__}"))
+                continue
+            self._emit(Started(rid, prepared.tokens, 0))
+            ready.setdefault((command.model, prepared.dimensions), []).append(prepared)
+        for group in ready.values():
+            self._run(group)
 
-    def _run(self, command: Embed, cached: CachedModel) -> Embedded:
-        spec = read_spec(cached.entry.path, cached.artifacts.config)
-        if spec is None:
-            raise EngineError(EngineErrorCode.INVALID_REQUEST, f"The model '{command.model}' is a chat model, not "
-                              "an embedding model; it serves /v1/chat/completions, not /v1/embeddings.", "model")
-        dimensions = check_dimensions(spec, command.model, hidden_size(cached.artifacts.config), command.dimensions)
-        ids = tokenize(cached.artifacts.tokenizer, command.inputs, cached.artifacts.context_length, command.model)
-        prompt_tokens = sum(len(r) for r in ids)
-        self._emit(Started(command.request_id, prompt_tokens, 0))
-        vectors = embed(cached.artifacts.model, spec, ids, dimensions, self._progress)
-        return Embedded(command.request_id, vectors.astype("<f4").tobytes(), dimensions, prompt_tokens)
+    def _run(self, group: list[_Prepared]) -> None:
+        """One model's ready requests (asking for one vector length): their inputs in shared passes."""
+        first = group[0]
+        model_id = first.command.model
+        pacer = self._pacers.get(model_id)
+        if pacer is None:
+            pacer = self._pacers[model_id] = PrefillPacer(MAX_BATCH_TOKENS, self.piece_s)
+        try:
+            vectors = embed(first.cached.artifacts.model, first.spec, [row for p in group for row in p.ids],
+                            first.dimensions, self._progress, pacer)
+        except Exception as exc:
+            log.exception("embedding %d request(s) of %s failed", len(group), first.command.model)
+            for p in group:
+                self._answer(p.command, Failed(p.command.request_id, EngineErrorCode.INTERNAL.value,
+                                               f"Embedding failed: {type(exc).__name__}"))
+            return
+        start = 0
+        for p in group:
+            mine = vectors[start:start + len(p.ids)]
+            start += len(p.ids)
+            self._answer(p.command, Embedded(p.command.request_id, mine.astype("<f4").tobytes(), p.dimensions,
+                                             p.tokens))
+
+    def _answer(self, command: Embed, answer: Embedded | Failed) -> None:
+        rid = command.request_id
+        del self._waiting[rid]
+        self._announced.discard(rid)
+        self.cache.forget_waiter(rid)
+        self.cache.touch(command.model)  # its keep-alive counts from now
+        self._emit(answer)
+
+
+@dataclass
+class _Prepared:
+    """An Embed whose model is loaded: its inputs tokenized, its vector length checked."""
+
+    command: Embed
+    cached: CachedModel
+    spec: EmbeddingSpec
+    dimensions: int
+    ids: list[list[int]]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r) for r in self.ids)
+
+
+def _prepare(command: Embed, cached: CachedModel) -> _Prepared:
+    spec = read_spec(cached.entry.path, cached.artifacts.config)
+    if spec is None:
+        raise EngineError(EngineErrorCode.INVALID_REQUEST, f"The model '{command.model}' is a chat model, not an "
+                          "embedding model; it serves /v1/chat/completions, not /v1/embeddings.", "model")
+    dimensions = check_dimensions(spec, command.model, hidden_size(cached.artifacts.config), command.dimensions)
+    ids = tokenize(cached.artifacts.tokenizer, command.inputs, cached.artifacts.context_length, command.model)
+    return _Prepared(command, cached, spec, dimensions, ids)

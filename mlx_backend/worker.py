@@ -207,7 +207,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     def made_progress() -> None:  # embeddings' forward passes move the stall clock's counter too
         batcher.progress += 1
 
-    embeds = EmbedRequests(cache, channel.emit, made_progress)
+    embeds = EmbedRequests(cache, channel.emit, made_progress, config.prefill_piece_s)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, cache.budget / 1e9, config.max_running)

@@ -63,7 +63,7 @@ def bert_vocabulary(size: int) -> list[str]:
     vocab = BERT_SPECIALS + list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab += [f"##{c}" for c in string.ascii_lowercase + string.digits]
     vocab += words[: max(0, size - len(vocab))]
-    return vocab
+    return vocab + [f"w{i}" for i in range(size - len(vocab))]  # synthetic words up to a real vocabulary's size
 
 
 def make_tiny_bert(

@@ -20,6 +20,7 @@ from mlx_backend import embeddings, loader
 from mlx_backend.cache import ModelCache
 from mlx_backend.embedding_spec import EmbeddingSpec, read_spec
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.pacing import PrefillPacer
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import Embed, Embedded, Event, Failed, Loading, Started
 from tests.support.tiny_embedding_models import make_tiny_bert, make_tiny_qwen3_embedding
@@ -269,3 +270,39 @@ def test_an_embed_of_a_chat_model_or_with_bad_dimensions_fails_with_its_reason(
     failures = {e.request_id: e for e in events if isinstance(e, Failed)}
     assert failures["e1"].param == "dimensions" and failures["e2"].code == EngineErrorCode.MODEL_NOT_FOUND.value
     assert failures["e3"].param == "model" and "'chat' is a chat model" in failures["e3"].message
+
+
+def test_requests_ready_in_one_pass_share_their_models_forward_pass(root: Path) -> None:
+    cache = ModelCache(ModelRegistry([root], None, False), 1 << 30, 30.0, warmup=False)
+    events: list[Event] = []
+    passes: list[int] = []
+    requests = embeddings.EmbedRequests(cache, events.append, lambda: passes.append(1), piece_s=0)  # fixed passes
+    try:
+        for rid, text in (("a", "hello world"), ("b", "the sea"), ("c", "a dog ran home")):
+            requests.submit(Embed(rid, "bge", (text,), None))
+        requests.submit(Embed("d", "qwen3-embedding", ("the sea",), 16))
+        _run(requests, cache)
+        answers = {e.request_id: e for e in events if isinstance(e, Embedded)}
+        assert sorted(answers) == ["a", "b", "c", "d"] and len(passes) == 2  # one pass per model
+        alone = embeddings.EmbedRequests(cache, events.append, lambda: None)
+        alone.submit(Embed("b2", "bge", ("the sea",), None))
+        alone.step(())
+        single = events[-1]
+        assert isinstance(single, Embedded) and single.prompt_tokens == answers["b"].prompt_tokens
+        np.testing.assert_allclose(np.frombuffer(single.vectors, "<f4"), np.frombuffer(answers["b"].vectors, "<f4"),
+                                   atol=2e-6)
+        assert answers["d"].dimensions == 16 and len(answers["d"].vectors) == 16 * 4
+    finally:
+        cache.clear()
+
+
+def test_passes_are_paced_to_the_devices_speed_and_every_pass_moves_the_progress_counter(root: Path) -> None:
+    artifacts = load(root, "bge")
+    spec = read_spec(root / "bge")
+    assert spec is not None
+    ids = embeddings.tokenize(artifacts.tokenizer, tuple(f"word {i} and more" for i in range(64)), None, "bge")
+    passes: list[int] = []
+    pacer = PrefillPacer(embeddings.MAX_BATCH_TOKENS, 1.0)
+    paced = embeddings.embed(artifacts.model, spec, ids, 64, lambda: passes.append(1), pacer)
+    assert len(passes) > 1 and pacer.size > 16  # started small (16 tokens), grew with each quick pass
+    np.testing.assert_allclose(paced, embeddings.embed(artifacts.model, spec, ids, 64), atol=2e-6)
