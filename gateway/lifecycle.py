@@ -392,7 +392,7 @@ class GatewayRuntime:
             error = ModelError(code=failure.code, message=failure.message, retry_after_s=failure.retry_after_s)
         return Model(
             id=entry.id, created=entry.created, owned_by=_owner(entry),
-            context_length=entry.context_length, size_bytes=entry.size_bytes, source=entry.source,
+            context_length=entry.context_length, size_bytes=entry.size_bytes, source=entry.source, kind=entry.kind,
             status=status,  # type: ignore[arg-type]
             loaded=status == "loaded", error=error,
             pinned=resident.pinned if resident else False,

@@ -349,6 +349,7 @@ class Model(Struct, kw_only=True):
     context_length: int | None = None
     size_bytes: int = 0
     source: str = "models_dir"
+    kind: Literal["chat", "embedding"] = "chat"  # embedding: served by /v1/embeddings only
     status: Literal["available", "loaded", "loading", "failed"] = "available"
     loaded: bool = False
     error: ModelError | None = None

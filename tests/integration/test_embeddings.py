@@ -202,7 +202,8 @@ def test_refusals_are_clear_400s(server: ServerProcess) -> None:
 
 
 def test_models_lists_both_kinds(client: openai.OpenAI) -> None:
-    assert {"bge", "minilm", "qwen3-embedding", "tiny"} <= {m.id for m in client.models.list().data}
+    kinds = {m.id: getattr(m, "kind", None) for m in client.models.list().data}
+    assert kinds == {"bge": "embedding", "minilm": "embedding", "qwen3-embedding": "embedding", "tiny": "chat"}
 
 
 def _model(server: ServerProcess, model_id: str) -> dict[str, Any]:
