@@ -1,4 +1,4 @@
-"""Each API's reasoning controls -> the engine's one `ReasoningControl` (mlx_backend/reasoning.py maps that
+"""Each API's reasoning controls -> the engine's one `ReasoningControl` (mlx_backend/engine/reasoning.py maps that
 onto what the model's chat template understands).
 
 Chat says `reasoning_effort` (and, as vLLM, llama.cpp and LM Studio do, `chat_template_kwargs`); the

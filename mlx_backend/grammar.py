@@ -2,7 +2,7 @@
 
 This module imports neither MLX nor a tokenizer, so the gateway process can call `validate` to turn a schema
 we cannot enforce into a 400 before any compute. The engine compiles the same grammar against the model's
-tokenizer (`mlx_backend/constrained.py`).
+tokenizer (`mlx_backend/engine/constrained.py`).
 
 What is enforced, for every JSON kind (json_object, json_schema, `json_value_for_lark` in a Lark grammar):
 - the output is one JSON value and nothing else: no whitespace before it, none after it; the model's EOS

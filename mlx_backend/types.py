@@ -60,7 +60,7 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class ReasoningControl(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What a request asks of a reasoning model's thinking; mlx_backend/reasoning.py maps it onto what the
+    """What a request asks of a reasoning model's thinking; mlx_backend/engine/reasoning.py maps it onto what the
     model's chat template understands. A model that cannot think ignores it."""
 
     enabled: bool | None = None  # None: the template's default; False: answer without thinking
@@ -69,8 +69,8 @@ class ReasoningControl(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class GroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
-    """The engine as an MLX distributed group (mlx_backend/group.py starts it, mlx_backend/rank.py runs each
-    rank). Absent: one engine process, as always."""
+    """The engine as an MLX distributed group (mlx_backend/client/group.py starts it, mlx_backend/engine/rank.py
+    runs each rank). Absent: one engine process, as always."""
 
     size: int  # ranks
     backend: str  # ring | jaccl | jaccl-ring | nccl | mpi
@@ -88,11 +88,11 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     memory_budget_bytes: int = 0  # 0: derive from the machine (see mlx_backend.cache)
     max_running: int = 32  # requests decoded together in one batch
     prefill_step_size: int = 2048  # the largest prefill piece
-    # Prefill pieces are sized to take about this long on this device (mlx_backend/pacing.py), so the stall
+    # Prefill pieces are sized to take about this long on this device (mlx_backend/engine/pacing.py), so the stall
     # clock sees progress often; the gateway sets it from its stall limit. 0: pieces of prefill_step_size.
     prefill_piece_s: float = 1.0
     # While a batch decodes, a request that arrives waits up to this many steps for others to arrive, so that
-    # their prompts are prefilled in one pass (mlx_backend/batcher.py, `_gathering`); 0: each starts at once.
+    # their prompts are prefilled in one pass (mlx_backend/engine/batcher.py, `_gathering`); 0: each starts at once.
     prefill_gather_steps: int = 2
     prompt_cache_bytes: int = 1 << 30  # prefix (KV) cache kept for reuse across requests
     heartbeat_interval_s: float = 0.25
@@ -126,7 +126,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
 
 
 class LoadProgress(msgspec.Struct, frozen=True):
-    """The load in progress (one at a time): see mlx_backend/loading.py for the stages."""
+    """The load in progress (one at a time): see mlx_backend/engine/loading.py for the stages."""
 
     model: str
     stage: str  # queued | reading | building | loading | warming

@@ -1,6 +1,6 @@
-"""Run by tests/unit/mlx_backend/test_rank.py as both ranks of a real two-rank ring group on loopback
-(`MLX_RANK`, `MLX_HOSTFILE` set as mlx_backend/group.py sets them): each control-plane round of
-mlx_backend/rank.py, then one JSON line of what this rank saw."""
+"""Run by tests/unit/mlx_backend/engine/test_rank.py as both ranks of a real two-rank ring group on loopback
+(`MLX_RANK`, `MLX_HOSTFILE` set as mlx_backend/client/group.py sets them): each control-plane round of
+mlx_backend/engine/rank.py, then one JSON line of what this rank saw."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 
 import mlx.core as mx
 
+from mlx_backend.engine.rank import BUDGET, LOAD, STEP, Diverged, Exchange, rank_zero_draws
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.rank import BUDGET, LOAD, STEP, Diverged, Exchange, rank_zero_draws
 from mlx_backend.types import Abort, Command, Generate, SamplingParams
 
 
