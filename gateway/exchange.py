@@ -22,8 +22,8 @@ from gateway.errors import ErrorKind, GatewayError
 from gateway.protocol import Usage
 from gateway.render import usage_of
 from mlx_backend.client.engine_request import EngineRequest, Interrupted
+from mlx_backend.contract import Delta, Finished, Generate, Loading, Started
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Delta, Finished, Generate, Loading, Started
 
 log = logging.getLogger("mlx_gateway.requests")
 

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from gateway.errors import invalid
-from mlx_backend.types import ReasoningControl
+from mlx_backend.contract import ReasoningControl
 
 # OpenAI's efforts (chat, Responses) and Anthropic's (output_config.effort) -> the three a template knows.
 _EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import msgspec
 
-from mlx_backend.types import ChatMessage, Generate
+from mlx_backend.contract import ChatMessage, Generate
 
 log = logging.getLogger("mlx_gateway")
 

@@ -29,6 +29,7 @@ from typing import Protocol
 
 import mlx.core as mx
 
+from mlx_backend.contract import FailedModel, LoadedModel, LoadProgress, ModelEvent
 from mlx_backend.engine import loader
 from mlx_backend.engine.loader import LoadedArtifacts
 from mlx_backend.engine.loading import Progress, StagedLoad
@@ -36,7 +37,6 @@ from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.memory import MemoryLedger, batch_kv_bytes, kv_bytes_per_token
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
 from mlx_backend.residency import KeepAlive
-from mlx_backend.types import FailedModel, LoadedModel, LoadProgress, ModelEvent
 
 log = logging.getLogger("mlx_gateway.engine.cache")
 

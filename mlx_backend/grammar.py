@@ -34,7 +34,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from mlx_backend.types import Constraint
+from mlx_backend.contract import Constraint
 
 # Whitespace is matched once per place JSON allows it, so the bound holds there ("\n" + 20 spaces is
 # indent=4 at depth 5).

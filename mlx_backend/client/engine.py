@@ -26,9 +26,7 @@ from mlx_backend import timeline
 from mlx_backend.client.engine_request import EngineRequest
 from mlx_backend.client.group import GroupProcess, GroupSpec, GroupStatus
 from mlx_backend.client.process import EngineProcess, describe_exit
-from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.ipc import ConnectionClosed
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     CountPrompt,
     Delta,
@@ -49,6 +47,8 @@ from mlx_backend.types import (
     Started,
     Wake,
 )
+from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.ipc import ConnectionClosed
 
 log = logging.getLogger("mlx_gateway.engine")
 

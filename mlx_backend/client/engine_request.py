@@ -9,8 +9,8 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from mlx_backend.contract import Delta, Finished, Loading, Started
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Delta, Finished, Loading, Started
 
 GenerationEvent = Loading | Started | Delta | Finished
 

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 
 from mlx_backend.client.engine import ControlAction, EngineState, EngineStatus, unavailable
 from mlx_backend.client.engine_request import EngineRequest
-from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Delta,
     FailedModel,
     Finished,
@@ -27,6 +26,7 @@ from mlx_backend.types import (
     Started,
     ToolCallDelta,
 )
+from mlx_backend.errors import EngineError, EngineErrorCode
 
 
 def default_reply(command: Generate) -> str:

@@ -38,15 +38,24 @@ import msgspec
 
 from mlx_backend import __version__
 from mlx_backend.client.process import child_setup, describe_exit
+from mlx_backend.contract import (
+    GROUP_TOKEN_ENV,
+    Command,
+    EngineConfig,
+    Event,
+    Heartbeat,
+    Hello,
+    RankHeartbeat,
+    Ready,
+    Wake,
+)
 from mlx_backend.ipc import ConnectionClosed, GatewaySide
-from mlx_backend.types import Command, EngineConfig, Event, Heartbeat, Hello, RankHeartbeat, Ready, Wake
 
 log = logging.getLogger("mlx_gateway.engine")
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "nccl", "mpi")
 PARALLELISMS = ("tensor", "pipeline")
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})  # started here, without ssh
-TOKEN_ENV = "MLX_GATEWAY_GROUP_TOKEN"  # mpi only (mpirun forwards stdin to rank 0 alone); others read stdin
 DEFAULT_PORT = 32323  # mlx.launch's: ring ranks listen from here up, jaccl's coordinator, nccl's rendezvous
 _HELLO_TIMEOUT_S = 30.0
 
@@ -251,7 +260,7 @@ def _mpi_launch(spec: GroupSpec, rank_argv: Sequence[str], env: Mapping[str, str
         slots[host.ssh] = slots.get(host.ssh, 0) + 1
     hostfile = write_file("mpi-hostfile", "".join(f"{h} slots={n}\n" for h, n in slots.items()))
     exports = [arg for name, value in env.items() for arg in ("-x", f"{name}={value}")]
-    argv = ("mpirun", "--output", ":raw", "--hostfile", hostfile, "-x", TOKEN_ENV, *exports, "--",
+    argv = ("mpirun", "--output", ":raw", "--hostfile", hostfile, "-x", GROUP_TOKEN_ENV, *exports, "--",
             spec.python or sys.executable, *rank_argv)
     return Launch(-1, spec.hosts[0].ssh, argv, token_on_stdin=False, new_session=True)
 
@@ -409,7 +418,7 @@ class GroupProcess:
     async def _start(self, launch: Launch, base_env: dict[str, str]) -> None:
         env = {**base_env, **launch.env}
         if not launch.token_on_stdin:
-            env[TOKEN_ENV] = self._token
+            env[GROUP_TOKEN_ENV] = self._token
         proc = await asyncio.create_subprocess_exec(
             *launch.argv, stdin=asyncio.subprocess.PIPE, env=env,
             preexec_fn=None if launch.new_session else child_setup(self.config.cpu_affinity),

@@ -18,8 +18,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from mlx_backend.contract import EngineConfig
 from mlx_backend.ipc import GatewaySide
-from mlx_backend.types import EngineConfig
 
 log = logging.getLogger("mlx_gateway.engine")
 

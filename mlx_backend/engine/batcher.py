@@ -28,6 +28,16 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_backend import timeline
 from mlx_backend.cache import CachedModel, ModelCache
+from mlx_backend.contract import (
+    EngineConfig,
+    Event,
+    Failed,
+    Finished,
+    Generate,
+    Heartbeat,
+    Loading,
+    Started,
+)
 from mlx_backend.engine import faults
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
@@ -39,16 +49,6 @@ from mlx_backend.engine.tools import prompt_tokens
 from mlx_backend.engine.waiting import PREFILL_BATCH, WaitingRequests
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.prefix import PrefixCaches
-from mlx_backend.types import (
-    EngineConfig,
-    Event,
-    Failed,
-    Finished,
-    Generate,
-    Heartbeat,
-    Loading,
-    Started,
-)
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from mlx_backend.contract import Delta, TokenLogprob, ToolCallDelta
 from mlx_backend.engine.reasoning import HarmonySplitter, Split, ThinkingBudget, ThinkSplitter
 from mlx_backend.engine.stops import StopMatcher
 from mlx_backend.engine.tools import ToolCallParser
-from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
 
 
 class ChoiceOutput:

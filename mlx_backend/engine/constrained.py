@@ -45,9 +45,9 @@ import mlx.core as mx
 import numpy as np
 from llguidance import LLMatcher, LLTokenizer
 
+from mlx_backend.contract import Constraint
 from mlx_backend.engine.closing import Closer, special_tokens
 from mlx_backend.grammar import ConstraintError, describe_error, grammar_for
-from mlx_backend.types import Constraint
 
 __all__ = ["ConstraintError", "ConstraintFailed", "ConstraintProcessor", "GrammarCompiler", "compiler_for"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
+from mlx_backend.contract import SamplingParams, TokenLogprob, TopLogprob
 from mlx_backend.engine.sampling import GREEDY_BELOW, filter_logprobs
-from mlx_backend.types import SamplingParams, TokenLogprob, TopLogprob
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 

@@ -18,6 +18,7 @@ from mlx_lm.sample_utils import LogitsProcessor, Sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
 from mlx_backend.cache import CachedModel
+from mlx_backend.contract import Constraint, Generate, SamplingParams
 from mlx_backend.engine import faults
 from mlx_backend.engine.choice import ChoiceOutput
 from mlx_backend.engine.constrained import ConstraintError, ConstraintProcessor, compiler_for
@@ -27,7 +28,6 @@ from mlx_backend.engine.sampling import make_logits_processors, make_sampler
 from mlx_backend.engine.stops import StopMatcher
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import Constraint, Generate, SamplingParams
 
 
 @dataclass

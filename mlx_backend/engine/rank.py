@@ -4,7 +4,7 @@ JSON`, started by mlx_backend/client/group.py with the environment its backend n
 Every rank runs the same Batcher on its shard of the model, and every rank must make the same calls in the
 same order, or the collectives inside the model pair up wrongly (garbage, or a hang). So:
 - Rank 0 alone reads the gateway's commands. Each loop iteration it hands them to every rank inside one
-  all_sum (`Exchange.step`); then every rank submits, aborts and steps identically.
+  all_sum (`Lockstep.step`); then every rank submits, aborts and steps identically.
 - Each rank adds a digest of its batch state (`Batcher.digest`) to that same all_sum. Ranks that disagree
   exit at once (EXIT_DIVERGED): the gateway restarts the group, where going on would have hung it.
 - The tokens are rank 0's: each sampler's draw is all_summed from rank 0 (the others add zeros), so
@@ -44,12 +44,8 @@ from mlx_lm.generate import generation_stream
 from mlx_lm.sample_utils import Sampler
 
 from mlx_backend import __version__
-from mlx_backend.client.group import TOKEN_ENV
-from mlx_backend.engine import loader, sampling, worker
-from mlx_backend.engine.loader import LoadedArtifacts
-from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
-from mlx_backend.types import (
+from mlx_backend.contract import (
+    GROUP_TOKEN_ENV,
     Command,
     EngineConfig,
     Event,
@@ -61,6 +57,10 @@ from mlx_backend.types import (
     Ready,
     Wake,
 )
+from mlx_backend.engine import loader, sampling, worker
+from mlx_backend.engine.loader import LoadedArtifacts
+from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
 
 log = logging.getLogger("mlx_gateway.engine.rank")
 
@@ -81,7 +81,7 @@ _KINDS = {STEP: "step", BUDGET: "budget", RESOLVE: "resolve", VALIDATE: "validat
 _ERROR_CODES = list(EngineErrorCode)
 
 
-class Exchange:
+class Lockstep:
     """Rounds every rank enters in the same order. One round is one all_sum of a fixed-size int32 buffer: a
     section per rank (what round it is in, its state digest, a status and a value) and rank 0's payload
     (the commands of a step); a payload past the inline room takes one more all_sum of its exact size.
@@ -163,10 +163,10 @@ class GroupRegistry(ModelRegistry):
     """The registry the model cache resolves through on a rank: the local lookup, then an agreement round, so
     a model missing from one host fails its request on every rank alike."""
 
-    def __init__(self, exchange: Exchange, models_dirs: list[Path], hf_cache_dir: Path | None,
+    def __init__(self, lockstep: Lockstep, models_dirs: list[Path], hf_cache_dir: Path | None,
                  include_demo: bool) -> None:
         super().__init__(models_dirs, hf_cache_dir, include_demo)
-        self._exchange = exchange
+        self._lockstep = lockstep
 
     def resolve(self, model_id: str) -> ModelEntry:
         """The entry, with rank 0's fingerprint on every rank: the cache reloads a model when its files change,
@@ -179,7 +179,7 @@ class GroupRegistry(ModelRegistry):
         except EngineError as exc:
             error = exc
         mark = _fingerprint_mark(entry.fingerprint) if entry is not None else 0
-        agreed = self._exchange.agree(RESOLVE, model_id, error, mark)[0]
+        agreed = self._lockstep.agree(RESOLVE, model_id, error, mark)[0]
         assert entry is not None
         return dataclasses.replace(entry, fingerprint=(("rank 0", agreed, 0),))
 
@@ -194,8 +194,8 @@ class GroupModels:
     """The model cache's validate and load (ModelCache takes both), for a rank: the local step, then an
     agreement round, so every rank's cache makes the same decision."""
 
-    def __init__(self, exchange: Exchange, parallelism: str) -> None:
-        self._exchange = exchange
+    def __init__(self, lockstep: Lockstep, parallelism: str) -> None:
+        self._lockstep = lockstep
         self._parallelism = parallelism
 
     def validate(self, entry: ModelEntry) -> int:
@@ -203,7 +203,7 @@ class GroupModels:
             size, error = loader.validate(entry), None
         except EngineError as exc:
             size, error = 0, exc
-        sizes = self._exchange.agree(VALIDATE, entry.id, error, size)
+        sizes = self._lockstep.agree(VALIDATE, entry.id, error, size)
         if len(set(sizes)) > 1:  # every rank sees every size: they all refuse alike
             raise EngineError(EngineErrorCode.MODEL_LOAD_FAILED, f"The model '{entry.id}' differs between the "
                               "hosts of the engine group: its weights are " + ", ".join(
@@ -218,12 +218,12 @@ class GroupModels:
             artifacts = loader.load(entry, shard=self._shard)
         except EngineError as exc:
             error = exc
-        self._exchange.agree(LOAD, entry.id, error)
+        self._lockstep.agree(LOAD, entry.id, error)
         assert artifacts is not None
         return artifacts
 
     def _shard(self, model: Module, config: dict[str, Any]) -> None:
-        shard(model, config, self._exchange.group, self._parallelism)
+        shard(model, config, self._lockstep.group, self._parallelism)
 
 
 def shard(model: Module, config: dict[str, Any], group: Any, parallelism: str) -> None:
@@ -295,11 +295,11 @@ class _RankZeroEvents:
 
 
 class RankLoop:
-    def __init__(self, exchange: Exchange, batcher: Any, group_config: GroupConfig, inbox: queue.Queue[Command],
+    def __init__(self, lockstep: Lockstep, batcher: Any, group_config: GroupConfig, inbox: queue.Queue[Command],
                  wakes: queue.Queue[Command], channel: worker.Channel, events: _RankZeroEvents | None) -> None:
-        self.exchange = exchange
+        self.lockstep = lockstep
         self.batcher = batcher
-        self.rank = exchange.rank
+        self.rank = lockstep.rank
         self.tick_s = group_config.tick_s
         self.inbox = inbox
         self.wakes = wakes
@@ -320,7 +320,7 @@ class RankLoop:
             idle = not self.batcher.has_work()  # the same on every rank: their batchers are alike
             commands = self._take(idle)
             try:
-                commands = self.exchange.step(commands, self.batcher.digest())
+                commands = self.lockstep.step(commands, self.batcher.digest())
             except Diverged as exc:
                 log.error("%s; exiting so the gateway restarts the group", exc)
                 worker._exit(EXIT_DIVERGED)
@@ -377,7 +377,7 @@ def _rank_from_env() -> int:
 
 def _token() -> tuple[str, bool]:
     """The group's token, and whether it came on stdin (then stdin's EOF means the gateway is gone)."""
-    token = os.environ.pop(TOKEN_ENV, None)
+    token = os.environ.pop(GROUP_TOKEN_ENV, None)
     if token:
         return token, False
     return sys.stdin.readline().strip(), True
@@ -434,32 +434,32 @@ def main(address: str, config_json: str) -> int:
         log.error("the backend formed a group of %d with this process as rank %d; expected %d and %d",
                   group.size(), group.rank(), config.group.size, rank)
         worker._exit(EXIT_GROUP_BROKEN)
-    code = serve(channel, config, Exchange(group), inbox, wakes, source)
+    code = serve(channel, config, Lockstep(group), inbox, wakes, source)
     worker._exit(code)
     return code
 
 
-def serve(channel: worker.Channel, config: EngineConfig, exchange: Exchange, inbox: queue.Queue[Command],
+def serve(channel: worker.Channel, config: EngineConfig, lockstep: Lockstep, inbox: queue.Queue[Command],
           wakes: queue.Queue[Command], source: list[Callable[[], Event]]) -> int:
     from mlx_backend.cache import ModelCache, default_memory_budget
     from mlx_backend.engine.batcher import Batcher  # the heavy imports: mlx_lm, transformers
 
     group_config = config.group
     assert group_config is not None
-    rank = exchange.rank
+    rank = lockstep.rank
     # The group's budget: its smallest member's, once per rank (the shards are equal), the same on every rank.
     local_budget = config.memory_budget_bytes or default_memory_budget()
     with mx.stream(generation_stream):
-        budgets = [value for _, value in exchange.round(BUDGET, value=local_budget)[0]]
-    budget = min(budgets) * exchange.size
+        budgets = [value for _, value in lockstep.round(BUDGET, value=local_budget)[0]]
+    budget = min(budgets) * lockstep.size
     mx.random.seed(group_config.seed)
-    sampling.share_draws(rank_zero_draws(exchange.group))
+    sampling.share_draws(rank_zero_draws(lockstep.group))
     if group_config.parallelism == "pipeline":
         # Stages hold different layers, so their prefix caches weigh differently and would evict differently.
         config = msgspec.structs.replace(config, prompt_cache_bytes=0)
-    registry = GroupRegistry(exchange, [Path(d) for d in config.models_dirs],
+    registry = GroupRegistry(lockstep, [Path(d) for d in config.models_dirs],
                              Path(config.hf_cache_dir) if config.hf_cache_dir else None, config.include_demo_model)
-    models = GroupModels(exchange, group_config.parallelism)
+    models = GroupModels(lockstep, group_config.parallelism)
     cache = ModelCache(registry, budget, config.load_retry_backoff_s, validate=models.validate, load=models.load)
     events = _RankZeroEvents(channel) if rank == 0 else None
     batcher = Batcher(config, cache, events.emit if events else _drop)
@@ -468,10 +468,10 @@ def serve(channel: worker.Channel, config: EngineConfig, exchange: Exchange, inb
     else:
         source[0] = lambda: RankHeartbeat(rank, batcher.progress, cache.loading, batcher.active_memory_bytes)
     device = mx.default_device().type.name
-    log.info("group of %d ready on %s; memory budget %.2f GB (%d x the smallest rank's %.2f GB)", exchange.size,
-             device, budget / 1e9, exchange.size, min(budgets) / 1e9)
+    log.info("group of %d ready on %s; memory budget %.2f GB (%d x the smallest rank's %.2f GB)", lockstep.size,
+             device, budget / 1e9, lockstep.size, min(budgets) / 1e9)
     if rank == 0:
         channel.send(Ready(pid=os.getpid(), device=device, mlx_version=worker._version("mlx"),
                            mlx_lm_version=worker._version("mlx-lm")))
-    return RankLoop(exchange, batcher, group_config, inbox, wakes, channel, events).run()
+    return RankLoop(lockstep, batcher, group_config, inbox, wakes, channel, events).run()
 

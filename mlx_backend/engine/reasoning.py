@@ -32,7 +32,7 @@ from typing import Any, Literal
 import jinja2
 import jinja2.meta
 
-from mlx_backend.types import Generate, ReasoningControl
+from mlx_backend.contract import Generate, ReasoningControl
 
 HARMONY_CALL_START = "<tool_call>"  # what a harmony call becomes for the tool-call parser (HERMES' markers)
 HARMONY_CALL_END = "</tool_call>"

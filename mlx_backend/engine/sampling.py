@@ -15,7 +15,7 @@ from collections.abc import Callable
 import mlx.core as mx
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_top_k, apply_top_p, greedy_sampler
 
-from mlx_backend.types import SamplingParams
+from mlx_backend.contract import SamplingParams
 
 
 class SeededSampler:

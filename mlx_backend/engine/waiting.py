@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
+from mlx_backend.contract import Generate
 from mlx_backend.engine.plan import RequestPlan
-from mlx_backend.types import Generate
 
 PREFILL_BATCH = 8  # prompts prefilled together in one pass (BatchGenerator's prefill_batch_size, at most)
 

@@ -38,10 +38,7 @@ import mlx.core as mx
 import msgspec
 
 from mlx_backend import timeline
-from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     Command,
     CountPrompt,
@@ -58,6 +55,9 @@ from mlx_backend.types import (
     Shutdown,
     Started,
 )
+from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.ipc import ConnectionClosed, EngineSide
+from mlx_backend.registry import ModelRegistry
 
 if TYPE_CHECKING:
     from mlx_backend.control import Controls

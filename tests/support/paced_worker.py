@@ -28,8 +28,7 @@ from collections import deque
 import msgspec
 
 from mlx_backend import timeline
-from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     Command,
     Delta,
@@ -41,6 +40,7 @@ from mlx_backend.types import (
     Shutdown,
     Started,
 )
+from mlx_backend.ipc import ConnectionClosed, EngineSide
 
 
 def _busy(seconds: float) -> None:

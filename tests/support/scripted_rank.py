@@ -20,8 +20,7 @@ import msgspec
 
 from mlx_backend import __version__
 from mlx_backend.client.group import _version
-from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.types import (
+from mlx_backend.contract import (
     EngineConfig,
     Finished,
     Generate,
@@ -33,6 +32,7 @@ from mlx_backend.types import (
     Started,
     Wake,
 )
+from mlx_backend.ipc import ConnectionClosed, EngineSide
 
 
 def main() -> None:

@@ -14,10 +14,10 @@ import json
 import string
 from typing import Any
 
+from mlx_backend.contract import ChatMessage, Generate
 from mlx_backend.engine.reasoning import close_unwanted_reasoning, template_kwargs
 from mlx_backend.engine.tools.request import ToolRequest
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import ChatMessage, Generate
 
 _ALPHANUMERIC = string.ascii_letters + string.digits
 

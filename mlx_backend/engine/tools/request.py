@@ -13,11 +13,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_backend.contract import Generate
 from mlx_backend.engine.tools.families import Family, detect_family
 from mlx_backend.engine.tools.grammar import tool_grammar
 from mlx_backend.engine.tools.stream import ToolCallParser, new_call_id
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import Generate
 
 CHOICES = ("auto", "none", "required", "function")
 # The most calls one reply may make when the request sets no max_tool_calls and parallel calls are on:

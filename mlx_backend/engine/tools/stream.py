@@ -43,9 +43,9 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from mlx_backend.contract import ToolCallDelta
 from mlx_backend.engine.tools.families import Family
 from mlx_backend.engine.tools.jsonscan import WHITESPACE, JsonScanner, Step
-from mlx_backend.types import ToolCallDelta
 
 log = logging.getLogger(__name__)
 

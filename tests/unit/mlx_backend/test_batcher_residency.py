@@ -13,11 +13,7 @@ import pytest
 
 import mlx_backend.cache as cache_module
 from mlx_backend.cache import ModelCache
-from mlx_backend.control import Controls
-from mlx_backend.engine import loader
-from mlx_backend.engine.batcher import Batcher
-from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import (
+from mlx_backend.contract import (
     ChatMessage,
     Delta,
     EngineConfig,
@@ -32,6 +28,10 @@ from mlx_backend.types import (
     SamplingParams,
     Started,
 )
+from mlx_backend.control import Controls
+from mlx_backend.engine import loader
+from mlx_backend.engine.batcher import Batcher
+from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
 
 HELLO = (ChatMessage("user", "hello world"),)

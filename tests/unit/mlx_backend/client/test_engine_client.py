@@ -14,8 +14,7 @@ import pytest
 
 from mlx_backend.client.engine import EngineClient, EngineState, SupervisionPolicy
 from mlx_backend.client.engine_request import Interrupted
-from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.types import (
+from mlx_backend.contract import (
     EngineConfig,
     Finished,
     Generate,
@@ -23,6 +22,7 @@ from mlx_backend.types import (
     ModelEvent,
     SamplingParams,
 )
+from mlx_backend.errors import EngineError, EngineErrorCode
 
 pytestmark = pytest.mark.anyio
 _ids = itertools.count()

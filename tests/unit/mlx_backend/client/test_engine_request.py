@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from mlx_backend.client.engine_request import EngineRequest, Interrupted
-from mlx_backend.types import Delta, Finished, Started, ToolCallDelta
+from mlx_backend.contract import Delta, Finished, Started, ToolCallDelta
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,6 @@ from gateway.serve import group_spec
 from gateway.settings import Settings
 from mlx_backend.client.engine import EngineClient, EngineState, SupervisionPolicy
 from mlx_backend.client.group import (
-    TOKEN_ENV,
     GroupChannel,
     GroupProcess,
     GroupSpec,
@@ -27,9 +26,18 @@ from mlx_backend.client.group import (
     plan_launches,
     read_hostfile,
 )
+from mlx_backend.contract import (
+    GROUP_TOKEN_ENV,
+    EngineConfig,
+    Finished,
+    Generate,
+    GroupConfig,
+    Hello,
+    SamplingParams,
+    Started,
+)
 from mlx_backend.errors import EngineError
 from mlx_backend.ipc import ConnectionClosed, frame
-from mlx_backend.types import EngineConfig, Finished, Generate, GroupConfig, Hello, SamplingParams, Started
 from tests.unit.mlx_backend.client.test_engine_client import Recorder
 
 RANK_ARGV = ("-m", "mlx_backend.engine.worker", "--connect", "127.0.0.1:5000", "--config", "{}")
@@ -119,7 +127,7 @@ def test_mpi_is_one_mpirun_with_a_slots_hostfile_and_the_token_passed_by_name() 
     (launch,) = launches
     assert launch.rank == -1 and launch.new_session and not launch.token_on_stdin
     assert files.written["mpi-hostfile"] == "127.0.0.1 slots=2\nmac2 slots=1\n"
-    assert launch.argv == ("mpirun", "--output", ":raw", "--hostfile", "/private/mpi-hostfile", "-x", TOKEN_ENV,
+    assert launch.argv == ("mpirun", "--output", ":raw", "--hostfile", "/private/mpi-hostfile", "-x", GROUP_TOKEN_ENV,
                            "-x", "A=1", "--", sys.executable, *RANK_ARGV)
 
 

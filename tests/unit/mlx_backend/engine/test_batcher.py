@@ -11,10 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlx_backend.cache import ModelCache
-from mlx_backend.engine import loader
-from mlx_backend.engine.batcher import Batcher
-from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import (
+from mlx_backend.contract import (
     ChatMessage,
     Delta,
     EngineConfig,
@@ -26,6 +23,9 @@ from mlx_backend.types import (
     SamplingParams,
     Started,
 )
+from mlx_backend.engine import loader
+from mlx_backend.engine.batcher import Batcher
+from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
 
 HELLO = (ChatMessage("user", "hello world"),)
@@ -588,7 +588,7 @@ def test_a_required_tool_call_is_forced_and_comes_back_as_a_call_with_valid_argu
 
 
 def test_a_json_schema_constraint_gives_output_that_validates(family_dir: Path) -> None:
-    from mlx_backend.types import Constraint
+    from mlx_backend.contract import Constraint
 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
@@ -606,7 +606,7 @@ def test_a_json_schema_constraint_gives_output_that_validates(family_dir: Path) 
 
 
 def test_a_grammar_that_does_not_compile_is_an_invalid_request_naming_the_parameter(family_dir: Path) -> None:
-    from mlx_backend.types import Constraint
+    from mlx_backend.contract import Constraint
 
     h = Harness(family_dir)
     submit_command(h, "bad", "json", constraint=Constraint("lark", "start: <|no_such_special_token|>"))

@@ -7,12 +7,12 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_backend.contract import Delta, TokenLogprob
 from mlx_backend.engine.choice import ChoiceOutput
 from mlx_backend.engine.reasoning import ThinkingBudget, ThinkSplitter
 from mlx_backend.engine.stops import StopMatcher
 from mlx_backend.engine.tools import ToolCallParser
 from mlx_backend.engine.tools.families import HERMES
-from mlx_backend.types import Delta, TokenLogprob
 
 
 class Letters:

@@ -13,10 +13,10 @@ import mlx.core as mx
 import pytest
 from mlx_lm.sample_utils import greedy_sampler
 
+from mlx_backend.contract import ChatMessage, Constraint, Generate, SamplingParams
 from mlx_backend.engine.constrained import RESERVE_MARGIN, ConstraintProcessor
 from mlx_backend.engine.sampling import SeededSampler
 from mlx_backend.engine.tools import ToolRequest
-from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams
 from tests.support import tiny_models as tm
 from tests.unit.mlx_backend.engine.test_constrained import VOCAB, WIDTH, Loaded, run_batch, run_solo
 

@@ -19,6 +19,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel
 
+from mlx_backend.contract import Constraint
 from mlx_backend.demo import demo_model_path
 from mlx_backend.engine.constrained import (
     ConstraintError,
@@ -30,7 +31,6 @@ from mlx_backend.engine.constrained import (
 from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import json_value_for_lark
-from mlx_backend.types import Constraint
 from tests.support import tiny_models as tm
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import load_tokenizer
 
+from mlx_backend.contract import SamplingParams
 from mlx_backend.engine.logprobs import LOGPROB_FLOOR, TokenText, sampled_distribution, token_logprob
 from mlx_backend.engine.sampling import make_sampler
-from mlx_backend.types import SamplingParams
 from tests.support import tiny_models as tm
 
 

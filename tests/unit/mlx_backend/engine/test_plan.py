@@ -9,12 +9,12 @@ import time
 import pytest
 
 from mlx_backend.cache import CachedModel
+from mlx_backend.contract import ChatMessage, Constraint, Generate, SamplingParams
 from mlx_backend.engine.loader import load, validate
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.plan import plan_request
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams
 from tests.support import tiny_models as tm
 
 TOOLS = json.dumps([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])

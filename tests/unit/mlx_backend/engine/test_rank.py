@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from mlx_backend.contract import Delta, Failed
 from mlx_backend.engine.rank import GroupModels, GroupRegistry, _RankZeroEvents, shard
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import Delta, Failed
 from tests.support.server import free_port_pair
 from tests.support.tiny_models import make_tiny_model
 
@@ -135,20 +135,20 @@ class _Agreeing:
 
 def test_every_rank_resolves_a_model_with_rank_0s_fingerprint(tmp_path: Path) -> None:
     make_tiny_model(tmp_path / "tiny")
-    exchange = _Agreeing(12345)
-    registry = GroupRegistry(exchange, [tmp_path], None, False)  # type: ignore[arg-type]
+    lockstep = _Agreeing(12345)
+    registry = GroupRegistry(lockstep, [tmp_path], None, False)  # type: ignore[arg-type]
     entry = registry.resolve("tiny")
     assert entry.fingerprint == (("rank 0", 12345, 0),)
-    assert exchange.offered[0] > 0  # this rank's own mark went into the round
+    assert lockstep.offered[0] > 0  # this rank's own mark went into the round
     (tmp_path / "tiny" / "config.json").touch()  # this host's files changed; rank 0's did not
-    exchange.value = 12345
+    lockstep.value = 12345
     assert registry.resolve("tiny").fingerprint == entry.fingerprint
 
 
 def test_a_model_whose_files_differ_between_hosts_is_refused_on_every_rank(tmp_path: Path) -> None:
     make_tiny_model(tmp_path / "tiny")
-    exchange = _Agreeing(7)  # answers [7, this rank's size]: as if rank 0's copy weighed 7 bytes
+    lockstep = _Agreeing(7)  # answers [7, this rank's size]: as if rank 0's copy weighed 7 bytes
     entry = ModelRegistry([tmp_path], None, False).resolve("tiny")
     with pytest.raises(EngineError, match=r"differs between the hosts.*7 bytes on rank 0") as refused:
-        GroupModels(exchange, "tensor").validate(entry)  # type: ignore[arg-type]
+        GroupModels(lockstep, "tensor").validate(entry)  # type: ignore[arg-type]
     assert refused.value.code == EngineErrorCode.MODEL_LOAD_FAILED

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from mlx_lm.utils import load_tokenizer
 
+from mlx_backend.contract import ChatMessage, Constraint, Generate, ReasoningControl, SamplingParams, ToolCall
 from mlx_backend.engine.reasoning import (
     HARMONY_CALL_END,
     HARMONY_CALL_START,
@@ -18,7 +19,6 @@ from mlx_backend.engine.reasoning import (
     detect_reasoning,
 )
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
-from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, SamplingParams, ToolCall
 from tests.support import tiny_models
 
 

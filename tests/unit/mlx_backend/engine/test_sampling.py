@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.sample_utils import greedy_sampler
 
+from mlx_backend.contract import SamplingParams
 from mlx_backend.engine.sampling import LogitBiasProcessor, PenaltyProcessor, make_logits_processors, make_sampler
-from mlx_backend.types import SamplingParams
 
 LOGPROBS = mx.log(mx.array([[0.1, 0.2, 0.3, 0.4]]))
 
@@ -111,8 +111,8 @@ def test_a_100_bias_wins_a_greedy_draw_and_a_minus_100_bias_loses_it() -> None:
 
 def test_unseeded_requests_with_the_same_settings_share_one_sampler() -> None:
     # BatchGenerator batches sampling only when every row holds the very same sampler object.
+    from mlx_backend.contract import SamplingParams
     from mlx_backend.engine.sampling import make_sampler
-    from mlx_backend.types import SamplingParams
 
     a = make_sampler(SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9))
     b = make_sampler(SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9))

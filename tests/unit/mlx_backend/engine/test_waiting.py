@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mlx_backend.contract import Generate, SamplingParams
 from mlx_backend.engine.waiting import PREFILL_BATCH, WaitingRequests
-from mlx_backend.types import Generate, SamplingParams
 
 
 def command(rid: str, model: str = "m") -> Generate:

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from mlx_backend import ipc
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     ChatMessage,
     Command,

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlx_backend.contract import ToolCallDelta
 from mlx_backend.engine.tools import families
 from mlx_backend.engine.tools.families import Family
 from mlx_backend.engine.tools.stream import StreamOutput, ToolCallParser
-from mlx_backend.types import ToolCallDelta
 
 TOOL_NAMES = ("get_weather", "add", "noop")
 FAMILIES = (families.HERMES, families.LLAMA3_JSON, families.MISTRAL_JSON, families.MISTRAL_ARGS)

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from mlx_lm.sample_utils import make_sampler
 
+from mlx_backend.contract import ChatMessage, Generate, SamplingParams
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
-from mlx_backend.types import ChatMessage, Generate, SamplingParams
 from tests.unit.mlx_backend.engine.tools.replies import collect
 
 pytestmark = pytest.mark.slow

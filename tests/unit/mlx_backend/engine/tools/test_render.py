@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from mlx_backend.contract import ChatMessage, Generate, SamplingParams, ToolCall
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
 from mlx_backend.errors import EngineError
-from mlx_backend.types import ChatMessage, Generate, SamplingParams, ToolCall
 
 CALL_ID = "call_Ab3dEf6hIj9kLm2nOp5qRs8t"
 TOOLS = [

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from mlx_backend.contract import ChatMessage, Generate, SamplingParams, ToolCall
 from mlx_backend.engine.tools import ToolRequest, families
 from mlx_backend.engine.tools.request import CALL_LIMIT
 from mlx_backend.errors import EngineError
-from mlx_backend.types import ChatMessage, Generate, SamplingParams, ToolCall
 from tests.support import tiny_models
 from tests.unit.mlx_backend.engine.tools.conftest import load
 

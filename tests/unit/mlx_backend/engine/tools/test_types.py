@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from mlx_backend.types import ChatMessage, Command, Delta, Event, Generate, SamplingParams, ToolCall, ToolCallDelta
+from mlx_backend.contract import ChatMessage, Command, Delta, Event, Generate, SamplingParams, ToolCall, ToolCallDelta
 
 
 def test_tool_fields_round_trip() -> None:

@@ -1,4 +1,4 @@
-"""Messages between the gateway and the engine process, encoded with msgspec (msgpack) over a socket.
+"""The IPC contract: the messages between the gateway and the engine process, msgspec (msgpack) over a socket.
 
 Plain data only: this module imports neither MLX nor Litestar. Each message is a tagged Struct so one
 decoder per direction handles every kind.
@@ -66,6 +66,11 @@ class ReasoningControl(msgspec.Struct, frozen=True, omit_defaults=True):
     enabled: bool | None = None  # None: the template's default; False: answer without thinking
     effort: str | None = None  # "low" | "medium" | "high": for templates that read reasoning_effort (gpt-oss)
     budget_tokens: int | None = None  # thinking is closed (its end markup forced) after this many tokens
+
+
+# The environment variable a group's rank reads its connection token from (mpi only: mpirun forwards stdin to
+# rank 0 alone); the others read it from stdin.
+GROUP_TOKEN_ENV = "MLX_GATEWAY_GROUP_TOKEN"
 
 
 class GroupConfig(msgspec.Struct, frozen=True, omit_defaults=True):
