@@ -131,7 +131,7 @@ class LoadedModel(msgspec.Struct, frozen=True):
 
 
 class LoadProgress(msgspec.Struct, frozen=True):
-    """The load in progress (one at a time): see mlx_backend/engine/loading.py for the stages."""
+    """The load in progress (one at a time): see mlx_backend/engine/model_load.py for the stages."""
 
     model: str
     stage: str  # queued | reading | building | loading | warming

@@ -57,8 +57,8 @@ from mlx_backend.contract import (
     Ready,
     Wake,
 )
-from mlx_backend.engine import loader, sampling, worker
-from mlx_backend.engine.loader import LoadedArtifacts
+from mlx_backend.engine import model_check, sampling, worker
+from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
 
@@ -200,7 +200,7 @@ class GroupModels:
 
     def validate(self, entry: ModelEntry) -> int:
         try:
-            size, error = loader.validate(entry), None
+            size, error = model_check.validate(entry), None
         except EngineError as exc:
             size, error = 0, exc
         sizes = self._lockstep.agree(VALIDATE, entry.id, error, size)
@@ -215,7 +215,7 @@ class GroupModels:
         artifacts: LoadedArtifacts | None = None
         error: EngineError | None = None
         try:
-            artifacts = loader.load(entry, shard=self._shard)
+            artifacts = model_check.load(entry, shard=self._shard)
         except EngineError as exc:
             error = exc
         self._lockstep.agree(LOAD, entry.id, error)

@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import pytest
 
-from mlx_backend.engine import loader
+from mlx_backend.engine import model_check
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelEntry, make_entry
 from tests.support import tiny_models as tm
@@ -40,8 +40,8 @@ def no_heavy_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("weights or tokenizer were loaded before validation failed")
 
-    monkeypatch.setattr(loader, "load_model", forbidden)
-    monkeypatch.setattr(loader, "load_tokenizer", forbidden)
+    monkeypatch.setattr(model_check, "load_model", forbidden)
+    monkeypatch.setattr(model_check, "load_tokenizer", forbidden)
 
 
 CORRUPTIONS: list[tuple[str, Callable[[Path], object], EngineErrorCode, str]] = [
@@ -89,7 +89,7 @@ def test_corruption_is_caught_before_loading(
     damage(model)
     started = time.monotonic()
     with pytest.raises(EngineError) as info:
-        loader.load(entry_for(model))
+        model_check.load(entry_for(model))
     assert time.monotonic() - started < 1.0
     assert info.value.code == code
     assert "The model 'org/my-model' cannot be loaded" in info.value.message
@@ -104,18 +104,18 @@ def test_weights_the_server_may_not_read_are_a_load_failure(model: Path, monkeyp
             raise PermissionError(errno.EACCES, "Permission denied", str(file))
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "open", refuse, raising=False)
+    monkeypatch.setattr(model_check, "open", refuse, raising=False)
     with pytest.raises(EngineError) as info:
-        loader.load(entry_for(model))
+        model_check.load(entry_for(model))
     assert info.value.code == LOAD_FAILED
     assert "model.safetensors cannot be read (Permission denied)" in info.value.message
 
 
 def test_mismatched_shapes_fail_at_load_with_the_cause(model: Path) -> None:
     tm.mismatch_shapes(model)
-    loader.validate(entry_for(model))  # the headers are fine: only loading can tell
+    model_check.validate(entry_for(model))  # the headers are fine: only loading can tell
     with pytest.raises(EngineError) as info:
-        loader.load(entry_for(model))
+        model_check.load(entry_for(model))
     assert info.value.code == LOAD_FAILED
     assert "'org/my-model'" in info.value.message
     assert "shape" in info.value.message.lower()
@@ -129,20 +129,20 @@ def test_tokenizer_that_parses_but_cannot_load(model: Path, monkeypatch: pytest.
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("weights loaded although the tokenizer is broken")
 
-    monkeypatch.setattr(loader, "load_model", forbidden)
+    monkeypatch.setattr(model_check, "load_model", forbidden)
     with pytest.raises(EngineError) as info:
-        loader.load(entry_for(model))
+        model_check.load(entry_for(model))
     assert info.value.code == LOAD_FAILED
     assert "tokenizer is broken" in info.value.message
 
 
 def test_good_model_loads_with_size_from_headers(model: Path) -> None:
     entry = entry_for(model)
-    size = loader.validate(entry)
+    size = model_check.validate(entry)
     # float16 llama: embeddings (tied) + 2 layers; the headers' bytes, not the file size, held as float32 on
-    # the CPU (twice the bytes: mlx_backend/engine/loader.py, upcast_float16)
+    # the CPU (twice the bytes: mlx_backend/engine/model_check.py, upcast_float16)
     assert 0 < size // 2 < (model / "model.safetensors").stat().st_size < size
-    artifacts = loader.load(entry)
+    artifacts = model_check.load(entry)
     assert artifacts.size_bytes == size
     assert artifacts.context_length == 512
     assert artifacts.tokenizer.eos_token_ids
@@ -151,9 +151,9 @@ def test_good_model_loads_with_size_from_headers(model: Path) -> None:
 
 def test_remapped_model_type_is_supported(model: Path) -> None:
     tm.set_model_type(model, "mistral")  # mlx-lm maps mistral onto llama
-    assert loader.validate(entry_for(model)) > 0
+    assert model_check.validate(entry_for(model)) > 0
 
 
 def test_model_without_chat_template_still_loads(model: Path) -> None:
     tm.remove_chat_template(model)
-    assert not loader.load(entry_for(model)).tokenizer.has_chat_template
+    assert not model_check.load(entry_for(model)).tokenizer.has_chat_template

@@ -30,7 +30,7 @@ from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
 
-# Re-exported: mlx_backend.engine.loading calls them through this module, where tests replace them.
+# Re-exported: mlx_backend.engine.model_load calls them through this module, where tests replace them.
 from mlx_lm.utils import load_config as load_config
 from mlx_lm.utils import load_model as load_model
 from mlx_lm.utils import load_tokenizer as load_tokenizer
@@ -243,13 +243,13 @@ def _check_tokenizer(entry: ModelEntry) -> None:
 
 def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | None = None) -> LoadedArtifacts:
     """Validate, then load the tokenizer and the weights at once (no warm-up); any failure is an EngineError
-    naming the cause. The engine loads in pieces instead (mlx_backend/engine/loading.py), through the same steps.
+    naming the cause. The engine loads in pieces instead (mlx_backend/engine/model_load.py), through the same steps.
 
     `shard` (a group's rank: mlx_backend/engine/rank.py) cuts the lazily built model to this rank's part before any
     weight is read, so a rank reads and holds only its shard. A rank loads in one piece: every rank must make
     the same MLX calls in step, and pieces between steps would need the ranks to agree on each."""
     if shard is None:
-        from mlx_backend.engine.loading import StagedLoad
+        from mlx_backend.engine.model_load import StagedLoad
 
         return StagedLoad(entry, validate(entry), warmup=False).run()
     size = validate(entry)

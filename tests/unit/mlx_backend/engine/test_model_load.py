@@ -13,8 +13,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend.cache import ModelCache
-from mlx_backend.engine import loader, loading
-from mlx_backend.engine.loading import StagedLoad
+from mlx_backend.engine import model_check, model_load
+from mlx_backend.engine.model_load import StagedLoad
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.memory import kv_bytes_per_token, rounded_tokens
@@ -31,12 +31,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def staged(root: Path, name: str = "tiny", warmup: bool = False) -> StagedLoad:
     entry = ModelRegistry([root], None, False).resolve(name)
-    return StagedLoad(entry, loader.validate(entry), warmup=warmup)
+    return StagedLoad(entry, model_check.validate(entry), warmup=warmup)
 
 
 def file_tensor_bytes(path: Path) -> int:
     entry = ModelRegistry([path.parent], None, False).resolve(path.name)
-    return sum(loader._tensor_bytes(entry, f) for f in loader._weight_files(entry))
+    return sum(model_check._tensor_bytes(entry, f) for f in model_check._weight_files(entry))
 
 
 def drive(load: StagedLoad, budget_s: float = 0.0) -> tuple[list[str], int]:
@@ -78,14 +78,14 @@ def test_the_files_are_read_on_the_loader_thread_not_the_caller(
 ) -> None:
     reader_threads: set[str] = set()
     gate = threading.Event()
-    real_tokenizer = loader.load_tokenizer
+    real_tokenizer = model_check.load_tokenizer
 
     def slow_tokenizer(*args: object, **kwargs: object) -> object:
         reader_threads.add(threading.current_thread().name)
         gate.wait(10)
         return real_tokenizer(*args, **kwargs)  # type: ignore[no-untyped-call]
 
-    monkeypatch.setattr(loader, "load_tokenizer", slow_tokenizer)
+    monkeypatch.setattr(model_check, "load_tokenizer", slow_tokenizer)
     load = staged(models)
     started = time.monotonic()
     for _ in range(20):
@@ -127,7 +127,7 @@ def test_a_failing_warm_up_fails_the_load(models: Path, monkeypatch: pytest.Monk
 
 
 def test_cancel_stops_the_reading(models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_READ_BLOCK", 1024)
+    monkeypatch.setattr(model_load, "_READ_BLOCK", 1024)
     load = staged(models)
     load.cancel()
     load.wait_reading(10)
@@ -181,7 +181,7 @@ def test_other_dtypes_stay_as_the_checkpoint_has_them(dtype_models: Path, dtype:
 
 def test_a_device_that_does_not_upcast_keeps_float16(dtype_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU (here: the one function that decides, answering as on a GPU) keeps the checkpoint's float16."""
-    monkeypatch.setattr(loader, "upcasts_float16", lambda: False)
+    monkeypatch.setattr(model_check, "upcasts_float16", lambda: False)
     load = staged(dtype_models, "float16")
     artifacts = load.run()
     assert parameter_dtypes(artifacts.model) == {mx.float16}

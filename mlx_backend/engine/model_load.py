@@ -31,8 +31,8 @@ from typing import Any, Literal
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_backend.engine import loader
-from mlx_backend.engine.loader import LoadedArtifacts
+from mlx_backend.engine import model_check
+from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelEntry, context_length_of
 
@@ -69,7 +69,7 @@ class StagedLoad:
         self.warmup_s: float | None = None
         self.longest_piece: tuple[float, str] = (0.0, "")  # the MLX thread's longest call here, and its stage
         self.bytes_loaded = 0
-        self._files = loader._weight_files(entry)
+        self._files = model_check._weight_files(entry)
         self.bytes_total = sum(_file_size(f) for f in self._files)
         self.bytes_read = 0  # written by the loader thread only
         self._cancelled = threading.Event()
@@ -80,7 +80,7 @@ class StagedLoad:
         self._pending: list[tuple[str, Any]] = []  # parameters not yet evaluated
         self._file_bytes: dict[str, int] = {}  # parameter -> its bytes in the file (progress counts these)
         self._upcast = False  # some parameters were float16 and are now float32
-        self.float16_upcast = loader.upcasts_float16()  # on the CPU (mlx_backend/engine/loader.py says why)
+        self.float16_upcast = model_check.upcasts_float16()  # on the CPU (mlx_backend/engine/model_check.py says why)
         self._warm: Any = None  # the warm-up generation (a SoloGeneration), while it runs
         self._warm_tokens = 0
         # Started by the first `advance`, not here: the request that asked for the load has said so to the
@@ -101,13 +101,13 @@ class StagedLoad:
         entry = self.entry
         try:
             # Tokenizer first: it is cheap and often the broken part, so it fails before gigabytes are read.
-            config = loader.load_config(entry.path)
+            config = model_check.load_config(entry.path)
             try:
-                self._tokenizer = loader.load_tokenizer(  # type: ignore[no-untyped-call]
+                self._tokenizer = model_check.load_tokenizer(  # type: ignore[no-untyped-call]
                     entry.path, eos_token_ids=config.get("eos_token_id")
                 )
             except Exception as exc:
-                raise loader._fail(entry, f"its tokenizer is broken ({loader._describe(exc)}).") from exc
+                raise model_check._fail(entry, f"its tokenizer is broken ({model_check._describe(exc)}).") from exc
             _prepare_grammars(self._tokenizer)
             self._config = config
             buffer = bytearray(_READ_BLOCK)
@@ -125,10 +125,11 @@ class StagedLoad:
         except EngineError as exc:
             self._error = exc
         except OSError as exc:
-            self._error = loader._fail(entry, f"{exc.filename or 'a file'} cannot be read ({exc.strerror or exc}).")
+            cause = f"{exc.filename or 'a file'} cannot be read ({exc.strerror or exc})."
+            self._error = model_check._fail(entry, cause)
         except Exception as exc:
             log.warning("reading %s from %s failed", entry.id, entry.path, exc_info=True)
-            self._error = loader._fail(entry, f"{loader._describe(exc)}.")
+            self._error = model_check._fail(entry, f"{model_check._describe(exc)}.")
 
     # -- the MLX thread --------------------------------------------------------------------------------
 
@@ -186,7 +187,7 @@ class StagedLoad:
         except Exception as exc:  # shape mismatches, missing tensors, unsupported dtypes, I/O errors...
             log.warning("loading %s from %s failed", self.entry.id, self.entry.path, exc_info=True)
             self._drop()
-            raise loader._fail(self.entry, f"{loader._describe(exc)}.") from exc
+            raise model_check._fail(self.entry, f"{model_check._describe(exc)}.") from exc
         return self._artifacts()
 
     def run(self) -> LoadedArtifacts:
@@ -198,13 +199,13 @@ class StagedLoad:
                 return artifacts
 
     def _build(self) -> None:
-        model, config = loader.load_model(self.entry.path, lazy=True, trust_remote_code=False)
+        model, config = model_check.load_model(self.entry.path, lazy=True, trust_remote_code=False)
         self._model, self._config = model, config
         file_params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
         self._file_bytes = {name: array.nbytes for name, array in file_params}
         self._upcast = self.float16_upcast and any(a.dtype == mx.float16 for _, a in file_params)
         if self._upcast:
-            loader.upcast_float16(model)
+            model_check.upcast_float16(model)
         # Popped from the end: reversed so the pieces follow the module order (embeddings, layers, head).
         params: list[tuple[str, Any]] = tree_flatten(model.parameters())  # type: ignore[assignment]
         self._pending = list(reversed(params))
@@ -223,7 +224,8 @@ class StagedLoad:
             self._warm_tokens += 1
             self._warm.next_token(more=self._warm_tokens < _WARMUP_NEW_TOKENS)
         except Exception as exc:
-            raise loader._fail(self.entry, f"its warm-up generation failed ({loader._describe(exc)}).") from exc
+            cause = f"its warm-up generation failed ({model_check._describe(exc)})."
+            raise model_check._fail(self.entry, cause) from exc
         finally:
             self.warmup_s = (self.warmup_s or 0.0) + time.monotonic() - started
         if self._warm_tokens < _WARMUP_NEW_TOKENS:
