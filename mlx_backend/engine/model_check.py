@@ -1,4 +1,5 @@
-"""Check a model folder by hand, cheaply, before anything heavy; then load it with mlx-lm.
+"""Check a model folder by hand, cheaply (headers only), before anything heavy; and what every way of
+loading it shares: the failure's wording, the dtype weights are held in, mlx-lm's loading functions.
 
 Every failure is an EngineError naming the model and the cause: a broken folder must give the user a
 readable reason, never a stack trace, and must never take the engine down.
@@ -20,7 +21,6 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,14 @@ from mlx.nn.layers.base import Module
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import MODEL_ARCHITECTURE_REMAPPING, MODEL_REMAPPING
 
-# Re-exported: mlx_backend.engine.model_load calls them through this module, where tests replace them.
+# Re-exported (imported here, after the hub is switched off): mlx_backend.engine.model_load calls them
+# through this module, where tests replace them.
 from mlx_lm.utils import load_config as load_config
 from mlx_lm.utils import load_model as load_model
 from mlx_lm.utils import load_tokenizer as load_tokenizer
 
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.registry import ModelEntry, context_length_of
+from mlx_backend.registry import ModelEntry
 
 log = logging.getLogger("mlx_gateway.engine.loader")
 
@@ -60,7 +61,7 @@ class LoadedArtifacts:
     float16_upcast: bool = False  # float16 parameters are held and computed in float32 (`upcast_float16`)
 
 
-def _fail(
+def load_failure(
     entry: ModelEntry, cause: str, code: EngineErrorCode = EngineErrorCode.MODEL_LOAD_FAILED
 ) -> EngineError:
     message = f"The model '{entry.id}' cannot be loaded: {cause}"
@@ -98,7 +99,7 @@ def validate(entry: ModelEntry) -> int:
     config = _read_config(entry)
     _check_architecture(entry, config)
     upcast = upcasts_float16()
-    size = sum(_tensor_bytes(entry, f, upcast) for f in _weight_files(entry))
+    size = sum(_tensor_bytes(entry, f, upcast) for f in weight_files(entry))
     _check_tokenizer(entry)
     return size
 
@@ -108,17 +109,17 @@ def _read_json(entry: ModelEntry, name: str) -> object:
         with open(entry.path / name, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise _fail(entry, f"{name} is missing.") from None
+        raise load_failure(entry, f"{name} is missing.") from None
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, or absurdly nested
-        raise _fail(entry, f"{name} is not valid JSON ({_describe(exc)}).") from None
+        raise load_failure(entry, f"{name} is not valid JSON ({describe_exception(exc)}).") from None
     except OSError as exc:
-        raise _fail(entry, f"{name} cannot be read ({exc.strerror or exc}).") from None
+        raise load_failure(entry, f"{name} cannot be read ({exc.strerror or exc}).") from None
 
 
 def _read_config(entry: ModelEntry) -> dict[str, Any]:
     config = _read_json(entry, "config.json")
     if not isinstance(config, dict):
-        raise _fail(entry, "config.json is not a JSON object.")
+        raise load_failure(entry, "config.json is not a JSON object.")
     return config
 
 
@@ -126,9 +127,9 @@ def _check_architecture(entry: ModelEntry, config: dict[str, Any]) -> None:
     unsupported = EngineErrorCode.MODEL_UNSUPPORTED
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
-        raise _fail(entry, "config.json has no model_type.", unsupported)
+        raise load_failure(entry, "config.json has no model_type.", unsupported)
     if config.get("model_file") is not None:
-        raise _fail(entry, "it needs custom model code (model_file), which is never run here.", unsupported)
+        raise load_failure(entry, "it needs custom model code (model_file), which is never run here.", unsupported)
     # The same remapping mlx-lm applies, so aliases such as "mistral" -> "llama" pass.
     architectures = config.get("architectures") or ()
     if isinstance(architectures, str):
@@ -145,17 +146,17 @@ def _check_architecture(entry: ModelEntry, config: dict[str, Any]) -> None:
         except (ImportError, ValueError):
             found = False
     if not found:
-        raise _fail(entry, f"model_type '{model_type[:80]}' is not supported by this mlx-lm.", unsupported)
+        raise load_failure(entry, f"model_type '{model_type[:80]}' is not supported by this mlx-lm.", unsupported)
 
 
-def _weight_files(entry: ModelEntry) -> list[Path]:
+def weight_files(entry: ModelEntry) -> list[Path]:
     """The files mlx-lm will read (model*.safetensors); every shard an index names must be there."""
     try:
         files = sorted(p for p in entry.path.glob("model*.safetensors"))
     except OSError as exc:
-        raise _fail(entry, f"its folder cannot be read ({exc.strerror or exc}).") from None
+        raise load_failure(entry, f"its folder cannot be read ({exc.strerror or exc}).") from None
     if not files:
-        raise _fail(entry, "no weights (model*.safetensors) in its folder.")
+        raise load_failure(entry, "no weights (model*.safetensors) in its folder.")
     if (entry.path / "model.safetensors.index.json").exists():
         index = _read_json(entry, "model.safetensors.index.json")
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -163,7 +164,7 @@ def _weight_files(entry: ModelEntry) -> list[Path]:
             names = {p.name for p in files}
             missing = sorted({str(v) for v in weight_map.values()} - names)
             if missing:
-                raise _fail(entry, f"weight shard {missing[0]} is missing ({len(missing)} shards missing).")
+                raise load_failure(entry, f"weight shard {missing[0]} is missing ({len(missing)} shards missing).")
     return files
 
 
@@ -175,22 +176,22 @@ def _tensor_bytes(entry: ModelEntry, path: Path, upcast: bool = False) -> int:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise _fail(entry, f"{name} is truncated ({file_size} bytes, no header).")
+                raise load_failure(entry, f"{name} is truncated ({file_size} bytes, no header).")
             (header_len,) = struct.unpack("<Q", head)
             if header_len < 2 or header_len > MAX_HEADER_BYTES:
-                raise _fail(entry, f"{name} has a corrupt header (header length {header_len}).")
+                raise load_failure(entry, f"{name} has a corrupt header (header length {header_len}).")
             if 8 + header_len > file_size:
-                raise _fail(entry, f"{name} is truncated (its header needs {header_len} bytes, "
+                raise load_failure(entry, f"{name} is truncated (its header needs {header_len} bytes, "
                                    f"the file has {file_size}).")
             raw = f.read(header_len)
     except OSError as exc:
-        raise _fail(entry, f"{name} cannot be read ({exc.strerror or exc}).") from None
+        raise load_failure(entry, f"{name} cannot be read ({exc.strerror or exc}).") from None
     try:
         header = json.loads(raw.decode("utf-8").rstrip(" \0"))
     except (ValueError, RecursionError):
-        raise _fail(entry, f"{name} has a corrupt header (not JSON).") from None
+        raise load_failure(entry, f"{name} has a corrupt header (not JSON).") from None
     if not isinstance(header, dict):
-        raise _fail(entry, f"{name} has a corrupt header (not a JSON object).")
+        raise load_failure(entry, f"{name} has a corrupt header (not a JSON object).")
     data_size = file_size - 8 - header_len
     total = 0
     for tensor, info in header.items():
@@ -202,7 +203,7 @@ def _tensor_bytes(entry: ModelEntry, path: Path, upcast: bool = False) -> int:
 
 
 def _check_tensor(entry: ModelEntry, name: str, tensor: str, info: object, data_size: int) -> int:
-    bad = _fail(entry, f"{name} has a corrupt header (tensor '{tensor[:80]}').")
+    bad = load_failure(entry, f"{name} has a corrupt header (tensor '{tensor[:80]}').")
     if not isinstance(info, dict):
         raise bad
     offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
@@ -214,11 +215,11 @@ def _check_tensor(entry: ModelEntry, name: str, tensor: str, info: object, data_
     if begin > end:
         raise bad
     if end > data_size:
-        raise _fail(entry, f"{name} is truncated (tensor '{tensor[:80]}' ends at byte {end} of the data, "
+        raise load_failure(entry, f"{name} is truncated (tensor '{tensor[:80]}' ends at byte {end} of the data, "
                            f"the file holds {data_size}).")
     width = _DTYPE_BYTES.get(dtype)
     if width is not None and math.prod(shape) * width != end - begin:
-        raise _fail(entry, f"{name} has a corrupt header (tensor '{tensor[:80]}' does not fit its shape).")
+        raise load_failure(entry, f"{name} has a corrupt header (tensor '{tensor[:80]}' does not fit its shape).")
     return int(end - begin)
 
 
@@ -230,56 +231,14 @@ def _check_tokenizer(entry: ModelEntry) -> None:
     try:
         present = set(os.listdir(entry.path))
     except OSError as exc:
-        raise _fail(entry, f"its folder cannot be read ({exc.strerror or exc}).") from None
+        raise load_failure(entry, f"its folder cannot be read ({exc.strerror or exc}).") from None
     if not any(n in _TOKENIZER_MAIN_FILES or n.endswith(".tiktoken") for n in present):
-        raise _fail(entry, "its tokenizer is missing (no tokenizer.json, tokenizer.model or vocab.json).")
+        raise load_failure(entry, "its tokenizer is missing (no tokenizer.json, tokenizer.model or vocab.json).")
     for name in _TOKENIZER_JSON_FILES:
         if name in present and not isinstance(_read_json(entry, name), dict):
-            raise _fail(entry, f"{name} is not a JSON object.")
+            raise load_failure(entry, f"{name} is not a JSON object.")
 
 
-# -- loading -----------------------------------------------------------------------------------------
-
-
-def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | None = None) -> LoadedArtifacts:
-    """Validate, then load the tokenizer and the weights at once (no warm-up); any failure is an EngineError
-    naming the cause. The engine loads in pieces instead (mlx_backend/engine/model_load.py), through the same steps.
-
-    `shard` (a group's rank: mlx_backend/engine/rank.py) cuts the lazily built model to this rank's part before any
-    weight is read, so a rank reads and holds only its shard. A rank loads in one piece: every rank must make
-    the same MLX calls in step, and pieces between steps would need the ranks to agree on each."""
-    if shard is None:
-        from mlx_backend.engine.model_load import StagedLoad
-
-        return StagedLoad(entry, validate(entry), warmup=False).run()
-    size = validate(entry)
-    path = entry.path
-    try:
-        # Tokenizer first: it is cheap and often the broken part, so a bad tokenizer fails before gigabytes
-        # of weights are read. Custom code is never trusted.
-        config = load_config(path)
-        try:
-            tokenizer: TokenizerWrapper = load_tokenizer(  # type: ignore[no-untyped-call]
-                path, eos_token_ids=config.get("eos_token_id")
-            )
-        except Exception as exc:
-            raise _fail(entry, f"its tokenizer is broken ({_describe(exc)}).") from exc
-        model, config = load_model(path, lazy=True, trust_remote_code=False)
-        shard(model, config)
-        upcast = upcasts_float16()
-        if upcast:
-            upcast_float16(model)
-        mx.eval(model.parameters())  # lazy loads must fail here, not in the middle of a request
-    except EngineError:
-        raise
-    except Exception as exc:  # shape mismatches, missing tensors, unsupported dtypes, I/O errors...
-        log.warning("loading %s from %s failed", entry.id, path, exc_info=True)
-        raise _fail(entry, f"{_describe(exc)}.") from exc
-    context = entry.context_length or context_length_of(config)
-    log.info("loaded %s (%.1f MB, context %s)", entry.id, size / 1e6, context)
-    return LoadedArtifacts(model, tokenizer, config, size, context, upcast)
-
-
-def _describe(exc: BaseException) -> str:
+def describe_exception(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -25,16 +25,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
+from mlx.nn.layers.base import Module
 from mlx.utils import tree_flatten
 
 from mlx_backend.engine import model_check
 from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelEntry, context_length_of
+
+if TYPE_CHECKING:  # imported for real by model_check, once the hub is switched off
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 log = logging.getLogger("mlx_gateway.engine.loader")
 
@@ -69,7 +74,7 @@ class StagedLoad:
         self.warmup_s: float | None = None
         self.longest_piece: tuple[float, str] = (0.0, "")  # the MLX thread's longest call here, and its stage
         self.bytes_loaded = 0
-        self._files = model_check._weight_files(entry)
+        self._files = model_check.weight_files(entry)
         self.bytes_total = sum(_file_size(f) for f in self._files)
         self.bytes_read = 0  # written by the loader thread only
         self._cancelled = threading.Event()
@@ -107,7 +112,8 @@ class StagedLoad:
                     entry.path, eos_token_ids=config.get("eos_token_id")
                 )
             except Exception as exc:
-                raise model_check._fail(entry, f"its tokenizer is broken ({model_check._describe(exc)}).") from exc
+                cause = f"its tokenizer is broken ({model_check.describe_exception(exc)})."
+                raise model_check.load_failure(entry, cause) from exc
             _prepare_grammars(self._tokenizer)
             self._config = config
             buffer = bytearray(_READ_BLOCK)
@@ -126,10 +132,10 @@ class StagedLoad:
             self._error = exc
         except OSError as exc:
             cause = f"{exc.filename or 'a file'} cannot be read ({exc.strerror or exc})."
-            self._error = model_check._fail(entry, cause)
+            self._error = model_check.load_failure(entry, cause)
         except Exception as exc:
             log.warning("reading %s from %s failed", entry.id, entry.path, exc_info=True)
-            self._error = model_check._fail(entry, f"{model_check._describe(exc)}.")
+            self._error = model_check.load_failure(entry, f"{model_check.describe_exception(exc)}.")
 
     # -- the MLX thread --------------------------------------------------------------------------------
 
@@ -187,7 +193,7 @@ class StagedLoad:
         except Exception as exc:  # shape mismatches, missing tensors, unsupported dtypes, I/O errors...
             log.warning("loading %s from %s failed", self.entry.id, self.entry.path, exc_info=True)
             self._drop()
-            raise model_check._fail(self.entry, f"{model_check._describe(exc)}.") from exc
+            raise model_check.load_failure(self.entry, f"{model_check.describe_exception(exc)}.") from exc
         return self._artifacts()
 
     def run(self) -> LoadedArtifacts:
@@ -224,8 +230,8 @@ class StagedLoad:
             self._warm_tokens += 1
             self._warm.next_token(more=self._warm_tokens < _WARMUP_NEW_TOKENS)
         except Exception as exc:
-            cause = f"its warm-up generation failed ({model_check._describe(exc)})."
-            raise model_check._fail(self.entry, cause) from exc
+            cause = f"its warm-up generation failed ({model_check.describe_exception(exc)})."
+            raise model_check.load_failure(self.entry, cause) from exc
         finally:
             self.warmup_s = (self.warmup_s or 0.0) + time.monotonic() - started
         if self._warm_tokens < _WARMUP_NEW_TOKENS:
@@ -249,6 +255,47 @@ class StagedLoad:
         self._model = None
         self._pending = []
         self._warm = None
+
+
+# -- at once -------------------------------------------------------------------------------------------
+
+
+def load(entry: ModelEntry, shard: Callable[[Module, dict[str, Any]], None] | None = None) -> LoadedArtifacts:
+    """Validate, then load the tokenizer and the weights at once (no warm-up); any failure is an EngineError
+    naming the cause. The engine loads in pieces instead (`StagedLoad`), through the same steps.
+
+    `shard` (a group's rank: mlx_backend/engine/rank.py) cuts the lazily built model to this rank's part before any
+    weight is read, so a rank reads and holds only its shard. A rank loads in one piece: every rank must make
+    the same MLX calls in step, and pieces between steps would need the ranks to agree on each."""
+    if shard is None:
+        return StagedLoad(entry, model_check.validate(entry), warmup=False).run()
+    size = model_check.validate(entry)
+    path = entry.path
+    try:
+        # Tokenizer first: it is cheap and often the broken part, so a bad tokenizer fails before gigabytes
+        # of weights are read. Custom code is never trusted.
+        config = model_check.load_config(path)
+        try:
+            tokenizer: TokenizerWrapper = model_check.load_tokenizer(  # type: ignore[no-untyped-call]
+                path, eos_token_ids=config.get("eos_token_id")
+            )
+        except Exception as exc:
+            cause = f"its tokenizer is broken ({model_check.describe_exception(exc)})."
+            raise model_check.load_failure(entry, cause) from exc
+        model, config = model_check.load_model(path, lazy=True, trust_remote_code=False)
+        shard(model, config)
+        upcast = model_check.upcasts_float16()
+        if upcast:
+            model_check.upcast_float16(model)
+        mx.eval(model.parameters())  # lazy loads must fail here, not in the middle of a request
+    except EngineError:
+        raise
+    except Exception as exc:  # shape mismatches, missing tensors, unsupported dtypes, I/O errors...
+        log.warning("loading %s from %s failed", entry.id, path, exc_info=True)
+        raise model_check.load_failure(entry, f"{model_check.describe_exception(exc)}.") from exc
+    context = entry.context_length or context_length_of(config)
+    log.info("loaded %s (%.1f MB, context %s)", entry.id, size / 1e6, context)
+    return LoadedArtifacts(model, tokenizer, config, size, context, upcast)
 
 
 def _prepare_grammars(tokenizer: Any) -> None:

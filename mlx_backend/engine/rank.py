@@ -57,7 +57,16 @@ from mlx_backend.contract import (
     Ready,
     Wake,
 )
-from mlx_backend.engine import model_check, sampling, worker
+from mlx_backend.engine import model_check, model_load, sampling
+from mlx_backend.engine.channel import (
+    Channel,
+    exit_process,
+    package_version,
+    send_heartbeats,
+    set_process_name,
+    setup_logging,
+)
+from mlx_backend.engine.commands import apply_command
 from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
@@ -215,7 +224,7 @@ class GroupModels:
         artifacts: LoadedArtifacts | None = None
         error: EngineError | None = None
         try:
-            artifacts = model_check.load(entry, shard=self._shard)
+            artifacts = model_load.load(entry, shard=self._shard)
         except EngineError as exc:
             error = exc
         self._lockstep.agree(LOAD, entry.id, error)
@@ -275,7 +284,7 @@ class _RankZeroEvents:
     next round shows the group whole: when a rank dies mid-step, the collectives fail on rank 0 first, and
     those requests must end as the engine failing (ENGINE_UNAVAILABLE), not as a bug in one of them."""
 
-    def __init__(self, channel: worker.Channel) -> None:
+    def __init__(self, channel: Channel) -> None:
         self._channel = channel
         self._held: list[Event] = []
 
@@ -296,7 +305,7 @@ class _RankZeroEvents:
 
 class RankLoop:
     def __init__(self, lockstep: Lockstep, batcher: Any, group_config: GroupConfig, inbox: queue.Queue[Command],
-                 wakes: queue.Queue[Command], channel: worker.Channel, events: _RankZeroEvents | None) -> None:
+                 wakes: queue.Queue[Command], channel: Channel, events: _RankZeroEvents | None) -> None:
         self.lockstep = lockstep
         self.batcher = batcher
         self.rank = lockstep.rank
@@ -323,17 +332,17 @@ class RankLoop:
                 commands = self.lockstep.step(commands, self.batcher.digest())
             except Diverged as exc:
                 log.error("%s; exiting so the gateway restarts the group", exc)
-                worker._exit(EXIT_DIVERGED)
+                exit_process(EXIT_DIVERGED)
             except Exception as exc:
                 log.error("the engine group is broken (%s); exiting", exc)
-                worker._exit(EXIT_GROUP_BROKEN)
+                exit_process(EXIT_GROUP_BROKEN)
             if self.events:
                 self.events.release()
             if idle and not commands:
                 self.batcher.progress += 1  # an idle tick: the links between ranks work
             try:
                 for command in commands:
-                    if not worker.apply_command(self.batcher, command, send):
+                    if not apply_command(self.batcher, command, send):
                         return 0
                 self.batcher.step()
             except Exception as exc:  # as in worker.serve; a rank that diverges because of it stops at the next round
@@ -388,7 +397,7 @@ def _watch_stdin() -> None:
         while sys.stdin.buffer.read(4096):
             pass
     log.info("the gateway's pipe closed; exiting")
-    worker._exit(0)
+    exit_process(0)
 
 
 def _connect(address: str) -> socket.socket:
@@ -398,12 +407,8 @@ def _connect(address: str) -> socket.socket:
 
 def main(address: str, config_json: str) -> int:
     rank = _rank_from_env()
-    worker._setup_logging()
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(logging.Formatter(
-            f"engine[rank {rank}]: %(asctime)s %(levelname)s {worker.PROCESS_NAME}[%(process)d] %(name)s: "
-            "%(message)s"))
-    worker._set_process_name()
+    setup_logging(f"engine[rank {rank}]")
+    set_process_name()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway's to handle, as for one engine process
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = msgspec.json.decode(config_json, type=EngineConfig)
@@ -411,8 +416,8 @@ def main(address: str, config_json: str) -> int:
     token, on_stdin = _token()
     sock = _connect(address)
     sock.settimeout(None)
-    channel = worker.Channel(sock)
-    versions = worker._version("mlx"), worker._version("mlx-lm")
+    channel = Channel(sock)
+    versions = package_version("mlx"), package_version("mlx-lm")
     channel.send(Hello(rank, token, os.getpid(), socket.gethostname(), *versions, __version__))
     if on_stdin:
         threading.Thread(target=_watch_stdin, name="stdin-watch", daemon=True).start()
@@ -424,7 +429,7 @@ def main(address: str, config_json: str) -> int:
         (lambda: Heartbeat(0, 0, inbox.qsize(), None, (), (), 0, 0, 0)) if rank == 0
         else (lambda: RankHeartbeat(rank, 0, None, 0))
     ]
-    threading.Thread(target=worker._heartbeats, args=(channel, config.heartbeat_interval_s, source),
+    threading.Thread(target=send_heartbeats, args=(channel, config.heartbeat_interval_s, source),
                      name="heartbeat", daemon=True).start()
 
     log.info("joining a group of %d (%s backend, %s parallel)", config.group.size, config.group.backend,
@@ -433,13 +438,13 @@ def main(address: str, config_json: str) -> int:
     if group.size() != config.group.size or group.rank() != rank:
         log.error("the backend formed a group of %d with this process as rank %d; expected %d and %d",
                   group.size(), group.rank(), config.group.size, rank)
-        worker._exit(EXIT_GROUP_BROKEN)
+        exit_process(EXIT_GROUP_BROKEN)
     code = serve(channel, config, Lockstep(group), inbox, wakes, source)
-    worker._exit(code)
+    exit_process(code)
     return code
 
 
-def serve(channel: worker.Channel, config: EngineConfig, lockstep: Lockstep, inbox: queue.Queue[Command],
+def serve(channel: Channel, config: EngineConfig, lockstep: Lockstep, inbox: queue.Queue[Command],
           wakes: queue.Queue[Command], source: list[Callable[[], Event]]) -> int:
     from mlx_backend.cache import ModelCache, default_memory_budget
     from mlx_backend.engine.batcher import Batcher  # the heavy imports: mlx_lm, transformers
@@ -471,7 +476,7 @@ def serve(channel: worker.Channel, config: EngineConfig, lockstep: Lockstep, inb
     log.info("group of %d ready on %s; memory budget %.2f GB (%d x the smallest rank's %.2f GB)", lockstep.size,
              device, budget / 1e9, lockstep.size, min(budgets) / 1e9)
     if rank == 0:
-        channel.send(Ready(pid=os.getpid(), device=device, mlx_version=worker._version("mlx"),
-                           mlx_lm_version=worker._version("mlx-lm")))
+        channel.send(Ready(pid=os.getpid(), device=device, mlx_version=package_version("mlx"),
+                           mlx_lm_version=package_version("mlx-lm")))
     return RankLoop(lockstep, batcher, group_config, inbox, wakes, channel, events).run()
 

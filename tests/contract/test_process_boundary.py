@@ -83,3 +83,19 @@ def test_importing_the_gateway_and_the_client_side_loads_no_mlx() -> None:
 def test_the_import_check_sees_mlx_when_it_is_loaded() -> None:
     loaded = _loaded_after_importing(["mlx_backend.engine.sampling"])
     assert "mlx.core" in loaded and "mlx_lm" in loaded
+
+
+def _backend_imports() -> dict[str, set[str]]:
+    """Each mlx_backend module -> the mlx_backend modules it imports (at the top or inside a function)."""
+    modules = {".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): path
+               for path in BACKEND.rglob("*.py")}
+    return {name: {imported for imported in _imported_names(path) if imported in modules and imported != name}
+            for name, path in modules.items()}
+
+
+def test_no_two_backend_modules_import_each_other() -> None:
+    imports = _backend_imports()
+    assert "mlx_backend.engine.model_check" in imports["mlx_backend.engine.model_load"]  # the walk sees imports
+    pairs = sorted((a, b) for a, deps in imports.items() for b in deps
+                   if a < b and a in imports[b] and not b.startswith(a + "."))  # a package and its own module
+    assert pairs == []

@@ -19,29 +19,22 @@ forced call looks like the calls the model saw in its prompt, and whitespace can
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from mlx_backend.engine.tools.families import HARMONY, HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON
+from mlx_backend.engine.tools.families import HARMONY, HERMES, LLAMA3_JSON, MISTRAL_ARGS, MISTRAL_JSON, Family
 from mlx_backend.grammar import bounded, closed_objects
-
-if TYPE_CHECKING:
-    from mlx_backend.engine.tools.request import ToolRequest
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # A tool that declares no parameters takes none: "{}" (OpenAI's reading of an absent `parameters`).
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
-def tool_grammar(request: ToolRequest, tokenizer: Any) -> str | None:
-    choice = request.choice
-    if choice == "none" or (choice == "auto" and not request.strict) or not request.tools:
-        return None
-    forced = choice in ("required", "function")
-    tools = [t["function"] for t in request.tools if choice != "function" or t["function"]["name"] == request.function]
-    limit = request.call_limit  # the grammar ends after this many calls: a model cannot call forever
+def tool_grammar(family: Family, tools: list[dict[str, Any]], forced: bool, limit: int, tokenizer: Any) -> str | None:
+    """The grammar for calls of `tools` (their `function` definitions) in `family`'s format: `forced`, a call
+    must come (else free text first, and a call that opens is held to it); at most `limit` calls (the grammar
+    ends after them: a model cannot call forever). None for a family whose format cannot be forced."""
     one = limit == 1
     more = f"{{0,{limit - 1}}}"
-    family = request.family
     vocab = tokenizer.get_vocab()
 
     def token(text: str) -> str:

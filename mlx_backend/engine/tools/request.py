@@ -93,8 +93,14 @@ class ToolRequest:
                               drop_repeats=self.choice == "required")
 
     def grammar(self, tokenizer: Any) -> str | None:
-        """The Lark grammar (llguidance syntax) that constrains this reply, or None when nothing does."""
-        return tool_grammar(self, tokenizer)
+        """The Lark grammar (llguidance syntax) that constrains this reply, or None when nothing does
+        (tool_choice "none", or "auto" without a strict tool)."""
+        if self.choice == "none" or (self.choice == "auto" and not self.strict) or not self.tools:
+            return None
+        named = self.choice == "function"
+        functions = [t["function"] for t in self.tools if not named or t["function"]["name"] == self.function]
+        return tool_grammar(self.family, functions, self.choice in ("required", "function"), self.call_limit,
+                            tokenizer)
 
 
 def _parse_tools(text: str | None) -> list[dict[str, Any]]:

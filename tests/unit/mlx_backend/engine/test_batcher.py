@@ -23,7 +23,7 @@ from mlx_backend.contract import (
     SamplingParams,
     Started,
 )
-from mlx_backend.engine import model_check
+from mlx_backend.engine import model_load
 from mlx_backend.engine.batcher import Batcher
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
@@ -46,7 +46,7 @@ class Harness:
         self.events: list[Event] = []
         cfg = EngineConfig(**config)  # type: ignore[arg-type]
         # Loads at once (the engine's staged loads are tested in test_residency.py): one step starts a request.
-        cache = ModelCache(ModelRegistry([models_dir], None, False), 0, 30.0, load=model_check.load)
+        cache = ModelCache(ModelRegistry([models_dir], None, False), 0, 30.0, load=model_load.load)
         self.batcher = Batcher(cfg, cache, self.events.append)
 
     def submit(self, rid: str, model: str = "tiny", messages: tuple[ChatMessage, ...] | None = HELLO,

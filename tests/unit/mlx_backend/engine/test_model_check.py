@@ -12,7 +12,7 @@ from typing import IO, Any
 
 import pytest
 
-from mlx_backend.engine import model_check
+from mlx_backend.engine import model_check, model_load
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelEntry, make_entry
 from tests.support import tiny_models as tm
@@ -89,7 +89,7 @@ def test_corruption_is_caught_before_loading(
     damage(model)
     started = time.monotonic()
     with pytest.raises(EngineError) as info:
-        model_check.load(entry_for(model))
+        model_load.load(entry_for(model))
     assert time.monotonic() - started < 1.0
     assert info.value.code == code
     assert "The model 'org/my-model' cannot be loaded" in info.value.message
@@ -106,7 +106,7 @@ def test_weights_the_server_may_not_read_are_a_load_failure(model: Path, monkeyp
 
     monkeypatch.setattr(model_check, "open", refuse, raising=False)
     with pytest.raises(EngineError) as info:
-        model_check.load(entry_for(model))
+        model_load.load(entry_for(model))
     assert info.value.code == LOAD_FAILED
     assert "model.safetensors cannot be read (Permission denied)" in info.value.message
 
@@ -115,7 +115,7 @@ def test_mismatched_shapes_fail_at_load_with_the_cause(model: Path) -> None:
     tm.mismatch_shapes(model)
     model_check.validate(entry_for(model))  # the headers are fine: only loading can tell
     with pytest.raises(EngineError) as info:
-        model_check.load(entry_for(model))
+        model_load.load(entry_for(model))
     assert info.value.code == LOAD_FAILED
     assert "'org/my-model'" in info.value.message
     assert "shape" in info.value.message.lower()
@@ -131,7 +131,7 @@ def test_tokenizer_that_parses_but_cannot_load(model: Path, monkeypatch: pytest.
 
     monkeypatch.setattr(model_check, "load_model", forbidden)
     with pytest.raises(EngineError) as info:
-        model_check.load(entry_for(model))
+        model_load.load(entry_for(model))
     assert info.value.code == LOAD_FAILED
     assert "tokenizer is broken" in info.value.message
 
@@ -142,7 +142,7 @@ def test_good_model_loads_with_size_from_headers(model: Path) -> None:
     # float16 llama: embeddings (tied) + 2 layers; the headers' bytes, not the file size, held as float32 on
     # the CPU (twice the bytes: mlx_backend/engine/model_check.py, upcast_float16)
     assert 0 < size // 2 < (model / "model.safetensors").stat().st_size < size
-    artifacts = model_check.load(entry)
+    artifacts = model_load.load(entry)
     assert artifacts.size_bytes == size
     assert artifacts.context_length == 512
     assert artifacts.tokenizer.eos_token_ids
@@ -156,4 +156,4 @@ def test_remapped_model_type_is_supported(model: Path) -> None:
 
 def test_model_without_chat_template_still_loads(model: Path) -> None:
     tm.remove_chat_template(model)
-    assert not model_check.load(entry_for(model)).tokenizer.has_chat_template
+    assert not model_load.load(entry_for(model)).tokenizer.has_chat_template

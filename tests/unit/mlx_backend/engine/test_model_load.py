@@ -36,7 +36,7 @@ def staged(root: Path, name: str = "tiny", warmup: bool = False) -> StagedLoad:
 
 def file_tensor_bytes(path: Path) -> int:
     entry = ModelRegistry([path.parent], None, False).resolve(path.name)
-    return sum(model_check._tensor_bytes(entry, f) for f in model_check._weight_files(entry))
+    return sum(model_check._tensor_bytes(entry, f) for f in model_check.weight_files(entry))
 
 
 def drive(load: StagedLoad, budget_s: float = 0.0) -> tuple[list[str], int]:

@@ -295,7 +295,7 @@ def test_faults_need_permission(models_dir: Path) -> None:
 def test_the_mlx_threads_events_wait_for_the_passs_end_but_loading_and_started_go_at_once() -> None:
     import select
 
-    from mlx_backend.engine.worker import Channel
+    from mlx_backend.engine.channel import Channel
 
     ours, theirs = socket.socketpair()
     channel = Channel(theirs)
