@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mlx_backend.client.engine import EngineClient, EngineState, SupervisionPolicy
+from mlx_backend.client.engine import EngineClient, EngineState
 from mlx_backend.client.engine_request import Interrupted
+from mlx_backend.client.supervision import SupervisionPolicy
 from mlx_backend.contract import (
     EngineConfig,
     Finished,

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.serve import group_spec
 from gateway.settings import Settings
-from mlx_backend.client.engine import EngineClient, EngineState, SupervisionPolicy
+from mlx_backend.client.engine import EngineClient, EngineState
 from mlx_backend.client.group import (
     GroupChannel,
     GroupProcess,
@@ -26,6 +26,7 @@ from mlx_backend.client.group import (
     plan_launches,
     read_hostfile,
 )
+from mlx_backend.client.supervision import SupervisionPolicy
 from mlx_backend.contract import (
     GROUP_TOKEN_ENV,
     EngineConfig,
