@@ -79,7 +79,7 @@ def _status(argv: Sequence[str]) -> int:
 
 
 def _models(argv: Sequence[str]) -> int:
-    from gateway import admin_cli
+    from gateway.admin import cli as admin_cli
 
     return admin_cli.main(argv)
 

@@ -1,7 +1,7 @@
 """The gateway's state in one place: readiness, admission (bounded running + queue), drain, health.
 
 Handlers never talk to the engine directly: `GatewayRuntime.admit` checks capacity and hands the request
-to the engine inside an `Exchange` (gateway/exchange.py), which owns the rest of the request's life.
+to the engine inside an `Exchange` (gateway/serving/exchange.py), which owns the rest of the request's life.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from gateway import metrics
-from gateway.errors import ErrorKind, GatewayError
-from gateway.exchange import Ending, Exchange, Phase
-from gateway.group_health import group_health
-from gateway.protocol import (
+from gateway.chat.wire import (
     EngineHealth,
     Health,
     LoadProgress,
@@ -28,7 +25,10 @@ from gateway.protocol import (
     ModelList,
     ResidentModel,
 )
-from gateway.response_store import ResponseStore
+from gateway.errors import ErrorKind, GatewayError
+from gateway.health.group import group_health
+from gateway.responses.store import ResponseStore
+from gateway.serving.exchange import Ending, Exchange, Phase
 from gateway.settings import Settings
 from mlx_backend import __version__
 from mlx_backend.engine import ControlAction, Engine, EngineState, unavailable

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from gateway import status_page
+from gateway.chat.wire import Health, Model
+from gateway.health import status_page
 from gateway.lifecycle import GatewayRuntime
-from gateway.protocol import Health, Model
 from gateway.settings import Settings
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
@@ -117,7 +117,7 @@ def test_the_status_page_escapes_what_it_shows() -> None:
 
 
 def _engine() -> Any:
-    from gateway.protocol import EngineHealth
+    from gateway.chat.wire import EngineHealth
 
     return EngineHealth(state="up", pid=1, restarts=0, device="cpu", last_exit=None, seconds_since_progress=None)
 

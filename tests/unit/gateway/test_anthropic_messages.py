@@ -290,7 +290,7 @@ def test_an_internal_error_is_api_error_naming_the_request_id(make_client: Clien
     def explode(*_: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("gateway.convert_anthropic.message", explode)
+    monkeypatch.setattr("gateway.messages.convert.message", explode)
     response = make_client().post("/v1/messages", json=body(), headers={"x-request-id": "req-xyz"})
     message = anthropic_error(response, 500, "api_error")
     assert "req-xyz" in message and "boom" not in message

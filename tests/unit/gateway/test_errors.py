@@ -130,7 +130,7 @@ def test_internal_error_is_500_carrying_the_request_id(make_client: ClientFactor
     def explode(*_: Any) -> Any:  # a bug in the gateway itself
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("gateway.render.chat_completion", explode)
+    monkeypatch.setattr("gateway.chat.render.chat_completion", explode)
     client = make_client()
     response = client.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "req-abc"})
     error = error_of(response, 500)

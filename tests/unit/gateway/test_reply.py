@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.reply import CallBlock, Closed, Grew, Opened, Reply, TextBlock
+from gateway.serving.reply import CallBlock, Closed, Grew, Opened, Reply, TextBlock
 from mlx_backend.types import Delta, ToolCallDelta
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.protocol_responses import ResponseObject
-from gateway.response_store import ResponseStore
+from gateway.responses.store import ResponseStore
+from gateway.responses.wire import ResponseObject
 from mlx_backend.types import ChatMessage
 
 

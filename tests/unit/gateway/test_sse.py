@@ -1,4 +1,4 @@
-"""SSE framing (gateway/sse.py), and the per-token way a chat stream writes its text (`TextSlot`): the very
+"""SSE framing (gateway/serving/sse.py), and the per-token way a chat stream writes its text (`TextSlot`): the very
 bytes that building and encoding each chunk would give."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from gateway import sse
-from gateway.render import ResponseMeta, chat_delta_chunk
-from gateway.routes.chat import ChatRenderer
+from gateway.chat.render import ResponseMeta, chat_delta_chunk
+from gateway.chat.routes import ChatRenderer
+from gateway.serving import sse
 from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
 
 TEXTS = ["tok ", "", " ", 'say "hi"\n', "back\\slash\ttab", "\x00\x1f\x7f", "é ü ß", "日本語", "🦙🦙", "\ud7ff\ue000",

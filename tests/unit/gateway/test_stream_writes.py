@@ -1,4 +1,4 @@
-"""What a streamed chat completion writes, write by write (gateway/routes/generation.py `_stream`).
+"""What a streamed chat completion writes, write by write (gateway/serving/generation.py `_stream`).
 
 The app is driven with raw ASGI messages, so each `http.response.body` message the server would write is
 seen on its own: one event per token while the client keeps up, several deltas in one event when it fell

@@ -12,13 +12,13 @@ from litestar import Request, Response, post
 from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
-from gateway import convert_anthropic, error_handlers
-from gateway.convert_shared import in_api_terms
+from gateway import error_handlers, openapi_errors
 from gateway.errors import GatewayError
 from gateway.lifecycle import GatewayRuntime
-from gateway.protocol_anthropic import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
-from gateway.routes import responses
-from gateway.routes.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
+from gateway.messages import convert
+from gateway.messages.wire import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
+from gateway.serving.convert import in_api_terms
+from gateway.serving.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
 
 _ANTHROPIC_ERRORS = error_handlers.exception_handlers(error_handlers.anthropic_response)
 _OK = ResponseSpec(
@@ -36,25 +36,25 @@ _OK = ResponseSpec(
     description="Anthropic's Messages API: text, client tools (tool_use / tool_result), streaming events; "
                 "errors in Anthropic's shape. `x-api-key` is accepted as the API key.",
     tags=["Anthropic"],
-    responses={**responses.ANTHROPIC_GENERATION, 200: _OK},
+    responses={**openapi_errors.ANTHROPIC_GENERATION, 200: _OK},
     exception_handlers=_ANTHROPIC_ERRORS,
 )
 async def create_message(request: Request[Any, Any, Any], data: MessageCreateRequest) -> Response[Message] | Stream:
     runtime: GatewayRuntime = request.app.state.runtime
     request_id = exchange_id(request)
     runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
-    command = convert_anthropic.to_generate(data, request_id, runtime.settings.test_faults)
+    command = convert.to_generate(data, request_id, runtime.settings.test_faults)
     message_id = f"msg_{request_id}"
     try:
         exchange = await start(runtime, request, command)
     except GatewayError as exc:
-        raise in_api_terms(exc, convert_anthropic.ENGINE_FIELDS) from exc
+        raise in_api_terms(exc, convert.ENGINE_FIELDS) from exc
     if data.stream:
-        renderer = convert_anthropic.MessageStream(message_id, data.model, exchange.prompt_tokens,
+        renderer = convert.MessageStream(message_id, data.model, exchange.prompt_tokens,
                                                    exchange.cached_tokens)
         return streaming(exchange, stream_reply(exchange, renderer))
     reply, finished = await folded(exchange, fold_reply(exchange))
-    return Response(convert_anthropic.message(message_id, data.model, reply, finished))
+    return Response(convert.message(message_id, data.model, reply, finished))
 
 
 @post(
@@ -65,14 +65,14 @@ async def create_message(request: Request[Any, Any, Any], data: MessageCreateReq
     description="The prompt tokens the same request to /v1/messages would run with (its model's chat template, "
                 "tools included), counted by the engine without generating; loads the model if needed.",
     tags=["Anthropic"],
-    responses={**responses.ANTHROPIC_GENERATION, 200: ResponseSpec(CountTokensResponse, generate_examples=False)},
+    responses={**openapi_errors.ANTHROPIC_GENERATION, 200: ResponseSpec(CountTokensResponse, generate_examples=False)},
     exception_handlers=_ANTHROPIC_ERRORS,
 )
 async def count_message_tokens(request: Request[Any, Any, Any], data: CountTokensRequest) -> CountTokensResponse:
     runtime: GatewayRuntime = request.app.state.runtime
     runtime.resolve(data.model)
-    command = convert_anthropic.to_generate(data, exchange_id(request))
+    command = convert.to_generate(data, exchange_id(request))
     try:
         return CountTokensResponse(await runtime.count_prompt(command))
     except GatewayError as exc:
-        raise in_api_terms(exc, convert_anthropic.ENGINE_FIELDS) from exc
+        raise in_api_terms(exc, convert.ENGINE_FIELDS) from exc

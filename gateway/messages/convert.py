@@ -15,20 +15,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from gateway import sse
-from gateway.convert_shared import (
-    FunctionTool,
-    ToolChoice,
-    check_constraint_with_tools,
-    decode,
-    fault_of,
-    json_constraint,
-    sampling_params,
-    tool_fields,
-)
 from gateway.errors import GatewayError, invalid, unsupported
 from gateway.logs import request_id_var
-from gateway.protocol_anthropic import (
+from gateway.messages.wire import (
     ContentBlock,
     ContentBlockDeltaEvent,
     ContentBlockStartEvent,
@@ -65,9 +54,20 @@ from gateway.protocol_anthropic import (
     ToolUseBlock,
     ToolUseBlockParam,
 )
-from gateway.protocol_anthropic import ToolChoice as AnthropicToolChoice
-from gateway.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
-from gateway.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
+from gateway.messages.wire import ToolChoice as AnthropicToolChoice
+from gateway.serving import sse
+from gateway.serving.convert import (
+    FunctionTool,
+    ToolChoice,
+    check_constraint_with_tools,
+    decode,
+    fault_of,
+    json_constraint,
+    sampling_params,
+    tool_fields,
+)
+from gateway.serving.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
+from gateway.serving.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
 from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, ToolCall
 
 log = logging.getLogger("mlx_gateway")

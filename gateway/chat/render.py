@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from msgspec import UNSET
 
-from gateway.protocol import (
+from gateway.chat.wire import (
     AssistantReply,
     ChatChoice,
     ChatCompletion,

@@ -1,4 +1,4 @@
-"""Wire types of the admin API (gateway/routes/admin.py). Its answers are the OpenAI API's Model objects."""
+"""Wire types of the admin API (gateway/admin/routes.py). Its answers are the OpenAI API's Model objects."""
 
 from __future__ import annotations
 

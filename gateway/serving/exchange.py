@@ -18,9 +18,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import metrics
+from gateway.chat.render import usage_of
+from gateway.chat.wire import Usage
 from gateway.errors import ErrorKind, GatewayError
-from gateway.protocol import Usage
-from gateway.render import usage_of
 from mlx_backend.engine_request import EngineRequest, Interrupted
 from mlx_backend.errors import EngineError
 from mlx_backend.types import Delta, Finished, Generate, Loading, Started

@@ -1,5 +1,7 @@
-"""The admin API: load, unload, pin and unpin a model. Beside the OpenAI API, under the same API key.
+"""The models on this machine: `GET /v1/models[/{id}]` (answered from disk and the last heartbeat, never the
+engine) and the admin API.
 
+The admin API loads, unloads, pins and unpins a model, beside the OpenAI API, under the same API key.
 Each answers with the model as `GET /v1/models/{id}` describes it, once the command is done: a load (and a
 pin, which loads) answers when the model is ready to serve, warm-up included, or with the load's error
 (500 model_load_failed..., 429 when the memory is held by pinned models). An id the allow-list hides is a
@@ -10,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from litestar import Request, post
+from litestar import Request, get, post
 
-from gateway.admin_protocol import ModelAction
+from gateway import openapi_errors
+from gateway.admin.wire import ModelAction
+from gateway.chat.wire import Model, ModelList
 from gateway.lifecycle import GatewayRuntime
-from gateway.protocol import Model
-from gateway.routes import responses
 from mlx_backend.engine import ControlAction
 
 
@@ -25,27 +27,47 @@ async def _act(request: Request[Any, Any, Any], action: ControlAction, data: Mod
 
 
 @post("/admin/models/load", status_code=200, operation_id="adminLoadModel", tags=["Admin"],
-      summary="Load a model now; answers when it is ready", responses=responses.ADMIN)
+      summary="Load a model now; answers when it is ready", responses=openapi_errors.ADMIN)
 async def load_model(request: Request[Any, Any, Any], data: ModelAction) -> Model:
     return await _act(request, "load", data)
 
 
 @post("/admin/models/unload", status_code=200, operation_id="adminUnloadModel", tags=["Admin"],
-      summary="Unload a model now (and unpin it); 409 while it serves requests", responses=responses.ADMIN)
+      summary="Unload a model now (and unpin it); 409 while it serves requests", responses=openapi_errors.ADMIN)
 async def unload_model(request: Request[Any, Any, Any], data: ModelAction) -> Model:
     return await _act(request, "unload", data)
 
 
 @post("/admin/models/pin", status_code=200, operation_id="adminPinModel", tags=["Admin"],
-      summary="Load a model if needed and keep it: never idle-unloaded or evicted", responses=responses.ADMIN)
+      summary="Load a model if needed and keep it: never idle-unloaded or evicted", responses=openapi_errors.ADMIN)
 async def pin_model(request: Request[Any, Any, Any], data: ModelAction) -> Model:
     return await _act(request, "pin", data)
 
 
 @post("/admin/models/unpin", status_code=200, operation_id="adminUnpinModel", tags=["Admin"],
-      summary="Back to the keep-alive rules, counted from now", responses=responses.ADMIN)
+      summary="Back to the keep-alive rules, counted from now", responses=openapi_errors.ADMIN)
 async def unpin_model(request: Request[Any, Any, Any], data: ModelAction) -> Model:
     return await _act(request, "unpin", data)
 
 
 ROUTES = [load_model, unload_model, pin_model, unpin_model]
+
+
+@get("/v1/models", operation_id="listModels", summary="List the models on this machine", tags=["OpenAI"],
+     responses=openapi_errors.COMMON)
+async def list_models(request: Request[Any, Any, Any]) -> ModelList:
+    runtime: GatewayRuntime = request.app.state.runtime
+    return runtime.models()
+
+
+@get(
+    "/v1/models/{model_id:path}",
+    operation_id="retrieveModel",
+    summary="Describe one model",
+    description="Ids may contain one slash (`org/name`), as in the Hugging Face cache.",
+    tags=["OpenAI"],
+    responses=openapi_errors.MODEL_LOOKUP,
+)
+async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Model:
+    runtime: GatewayRuntime = request.app.state.runtime
+    return runtime.model(model_id.lstrip("/"))

@@ -11,7 +11,7 @@ import html
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.protocol import Health, Model
+from gateway.chat.wire import Health, Model
 
 REFRESH_S = 5
 

@@ -20,13 +20,14 @@ from litestar import Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from gateway import sse, test_script
+from gateway import test_script
+from gateway.chat.render import FoldedChoice, Folder, ResponseMeta
+from gateway.chat.wire import Usage
 from gateway.errors import GatewayError, internal
-from gateway.exchange import Exchange
 from gateway.lifecycle import GatewayRuntime, new_request_id
-from gateway.protocol import Usage
-from gateway.render import FoldedChoice, Folder, ResponseMeta
-from gateway.reply import Reply, Step
+from gateway.serving import sse
+from gateway.serving.exchange import Exchange
+from gateway.serving.reply import Reply, Step
 from mlx_backend import timeline
 from mlx_backend.types import Delta, Finished, Generate
 

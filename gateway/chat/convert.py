@@ -8,19 +8,7 @@ from __future__ import annotations
 
 from msgspec import UNSET
 
-from gateway.convert_shared import (
-    FunctionTool,
-    ToolChoice,
-    check_constraint_with_tools,
-    fault_of,
-    json_constraint,
-    logit_bias_of,
-    sampling_temperature,
-    stops_of,
-    tool_fields,
-)
-from gateway.errors import invalid, unsupported
-from gateway.protocol import (
+from gateway.chat.wire import (
     AssistantMessage,
     ChatCompletionRequest,
     CompletionRequest,
@@ -35,7 +23,19 @@ from gateway.protocol import (
     Tool,
     ToolMessage,
 )
-from gateway.reasoning import effort_control, template_kwargs_of, with_template_switch
+from gateway.errors import invalid, unsupported
+from gateway.serving.convert import (
+    FunctionTool,
+    ToolChoice,
+    check_constraint_with_tools,
+    fault_of,
+    json_constraint,
+    logit_bias_of,
+    sampling_temperature,
+    stops_of,
+    tool_fields,
+)
+from gateway.serving.reasoning import effort_control, template_kwargs_of, with_template_switch
 from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
 
 

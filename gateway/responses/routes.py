@@ -9,14 +9,14 @@ from litestar import HttpMethod, Request, Response, delete, get, post, route
 from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
-from gateway import convert_responses
-from gateway.convert_shared import in_api_terms
+from gateway import openapi_errors
 from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
-from gateway.protocol_responses import DeletedResponse, ResponseCreateRequest, ResponseObject
-from gateway.reply import Reply
-from gateway.routes import responses
-from gateway.routes.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
+from gateway.responses import convert
+from gateway.responses.wire import DeletedResponse, ResponseCreateRequest, ResponseObject
+from gateway.serving.convert import in_api_terms
+from gateway.serving.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
+from gateway.serving.reply import Reply
 
 log = logging.getLogger("mlx_gateway")
 
@@ -44,7 +44,7 @@ def _not_found(response_id: str) -> GatewayError:
     description="OpenAI's Responses API: text and function tools, structured output, typed streaming events, "
                 "`previous_response_id` over responses kept in memory.",
     tags=["OpenAI"],
-    responses={**responses.GENERATION, 200: _OK},
+    responses={**openapi_errors.GENERATION, 200: _OK},
 )
 async def create_response(
     request: Request[Any, Any, Any], data: ResponseCreateRequest
@@ -65,29 +65,30 @@ async def create_response(
                 "previous_response_id",
             )
         history = found
-    new_input = convert_responses.input_messages(data.input)
-    command = convert_responses.to_generate(data, request_id, history, new_input,
+    new_input = convert.input_messages(data.input)
+    command = convert.to_generate(data, request_id, history, new_input,
                                             runtime.settings.max_tokens_default, runtime.settings.test_faults)
     keep = data.store is not False and store.enabled
-    base = convert_responses.new_response(data, request_id, keep)
+    base = convert.new_response(data, request_id, keep)
 
     def done(response: ResponseObject, reply: Reply) -> None:
-        if keep and not store.put(response, (*new_input, convert_responses.turn_of(reply))):
+        if keep and not store.put(response, (*new_input, convert.turn_of(reply))):
             log.warning("response %s is larger than the whole response store; not kept", response.id)
 
     try:
         exchange = await start(runtime, request, command)
     except GatewayError as exc:
-        raise in_api_terms(exc, convert_responses.ENGINE_FIELDS) from exc
+        raise in_api_terms(exc, convert.ENGINE_FIELDS) from exc
     if data.stream:
-        return streaming(exchange, stream_reply(exchange, convert_responses.ResponseStream(base, done)))
+        return streaming(exchange, stream_reply(exchange, convert.ResponseStream(base, done)))
     reply, finished = await folded(exchange, fold_reply(exchange))
-    response = convert_responses.finished_response(base, reply, finished)
+    response = convert.finished_response(base, reply, finished)
     done(response, reply)
     return Response(response)
 
 
 _STORED = "/v1/responses/{response_id:str}"
+_NOT_FOUND = openapi_errors.error("No stored response with that id (code response_not_found)")
 
 
 @route(_STORED, http_method=[HttpMethod.OPTIONS], include_in_schema=False)
@@ -102,7 +103,7 @@ async def stored_response_options() -> Response[None]:
     operation_id="getResponse",
     summary="Retrieve a stored response",
     tags=["OpenAI"],
-    responses={**responses.COMMON, 404: responses.error("No stored response with that id (code response_not_found)")},
+    responses={**openapi_errors.COMMON, 404: _NOT_FOUND},
 )
 async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -> ResponseObject:
     runtime: GatewayRuntime = request.app.state.runtime
@@ -118,7 +119,7 @@ async def retrieve_response(request: Request[Any, Any, Any], response_id: str) -
     operation_id="deleteResponse",
     summary="Delete a stored response",
     tags=["OpenAI"],
-    responses={**responses.COMMON, 404: responses.error("No stored response with that id (code response_not_found)")},
+    responses={**openapi_errors.COMMON, 404: _NOT_FOUND},
 )
 async def delete_response(request: Request[Any, Any, Any], response_id: str) -> DeletedResponse:
     runtime: GatewayRuntime = request.app.state.runtime

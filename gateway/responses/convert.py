@@ -18,19 +18,8 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
-from gateway import sse
-from gateway.convert_shared import (
-    FunctionTool,
-    ToolChoice,
-    check_constraint_with_tools,
-    decode,
-    fault_of,
-    json_constraint,
-    sampling_params,
-    tool_fields,
-)
 from gateway.errors import GatewayError, invalid, unsupported
-from gateway.protocol_responses import (
+from gateway.responses.wire import (
     ContentPart,
     ContentPartEvent,
     FormatJsonObject,
@@ -71,8 +60,19 @@ from gateway.protocol_responses import (
     ResponseUsage,
     StreamEvent,
 )
-from gateway.reasoning import SUMMARIES, effort_control
-from gateway.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
+from gateway.serving import sse
+from gateway.serving.convert import (
+    FunctionTool,
+    ToolChoice,
+    check_constraint_with_tools,
+    decode,
+    fault_of,
+    json_constraint,
+    sampling_params,
+    tool_fields,
+)
+from gateway.serving.reasoning import SUMMARIES, effort_control
+from gateway.serving.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
 from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ToolCall
 
 _NOT_INPUT = {

@@ -6,8 +6,8 @@ from typing import Any
 
 from litestar.openapi import ResponseSpec
 
-from gateway.protocol import ErrorResponse
-from gateway.protocol_anthropic import AnthropicErrorResponse
+from gateway.chat.wire import ErrorResponse
+from gateway.messages.wire import AnthropicErrorResponse
 
 
 def error(description: str, body: type[Any] = ErrorResponse) -> ResponseSpec:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from gateway.protocol_responses import ResponseObject
+from gateway.responses.wire import ResponseObject
 from mlx_backend.types import ChatMessage
 
 
