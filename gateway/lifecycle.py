@@ -15,18 +15,10 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from gateway import metrics
-from gateway.chat.wire import (
-    EngineHealth,
-    Health,
-    LoadProgress,
-    MemoryHealth,
-    Model,
-    ModelError,
-    ModelList,
-    ResidentModel,
-)
+from gateway.admin.wire import LoadProgress, Model, ModelError, ModelList
 from gateway.errors import ErrorKind, GatewayError
 from gateway.health.group import group_health
+from gateway.health.wire import EngineHealth, Health, MemoryHealth, ResidentModel
 from gateway.responses.store import ResponseStore
 from gateway.serving.exchange import Ending, Exchange, Phase
 from gateway.settings import Settings

@@ -19,6 +19,7 @@ from litestar import Litestar
 from gateway import security
 from gateway.admin import wire as admin_wire
 from gateway.chat import wire as chat_wire
+from gateway.health import wire as health_wire
 from gateway.messages import wire as messages_wire
 from gateway.responses import wire as responses_wire
 from gateway.responses.convert import HOSTED_TOOLS
@@ -41,7 +42,7 @@ _STREAMS: dict[str, tuple[Any, str]] = {
                      "content_block_start / content_block_delta... / content_block_stop, message_delta, "
                      "message_stop; a failure after the headers is one `event: error`"),
 }
-_MODULES = (chat_wire, responses_wire, messages_wire, admin_wire)
+_MODULES = (chat_wire, responses_wire, messages_wire, admin_wire, health_wire)
 _SECURITY_SCHEMES = {
     "bearerKey": {"type": "http", "scheme": "bearer",
                   "description": "The API key, when the server is started with one (--api-key or "

@@ -15,8 +15,7 @@ from typing import Any
 from litestar import Request, get, post
 
 from gateway import openapi_errors
-from gateway.admin.wire import ModelAction
-from gateway.chat.wire import Model, ModelList
+from gateway.admin.wire import Model, ModelAction, ModelList
 from gateway.lifecycle import GatewayRuntime
 from mlx_backend.engine import ControlAction
 

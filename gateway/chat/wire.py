@@ -1,7 +1,8 @@
 """OpenAI wire types, as msgspec Structs ordered like OpenAI's reference.
 
 Requests forbid unknown fields: a parameter we do not know is a 400 naming it, never silently ignored.
-Parameters we know but do not support are declared so that `convert.check_supported` can name them.
+Parameters we know but do not support are declared so that `gateway/chat/convert.py`
+(`check_chat_supported`, `check_completion_supported`) can name them.
 This module imports neither MLX nor Litestar.
 """
 
@@ -323,53 +324,6 @@ class Completion(Struct, kw_only=True):
     system_fingerprint: str | UnsetType = UNSET  # a string or absent, never null (OpenAI's spec)
 
 
-class ModelError(Struct):
-    code: str
-    message: str
-    retry_after_s: float
-
-
-class LoadProgress(Struct):
-    """A model load in progress: queued (waiting for its turn or for memory), reading (files from disk, on a
-    thread beside the decoding), building, loading (tensors into memory between decode steps), warming."""
-
-    stage: str
-    bytes_read: int
-    bytes_loaded: int
-    bytes_total: int
-    elapsed_s: float
-
-
-class Model(Struct, kw_only=True):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    # Extras beyond OpenAI's schema, useful to a local user:
-    context_length: int | None = None
-    size_bytes: int = 0
-    source: str = "models_dir"
-    status: Literal["available", "loaded", "loading", "failed"] = "available"
-    loaded: bool = False
-    error: ModelError | None = None
-    # Residency (unix times): when it was loaded and last used, when it unloads if nobody uses it (null:
-    # pinned, busy, kept forever or not loaded), and the keep-alive that applies to it.
-    pinned: bool = False
-    keep_alive_s: float | None = None
-    loaded_at: float | None = None
-    last_used_at: float | None = None
-    expires_at: float | None = None
-    requests_running: int = 0
-    progress: LoadProgress | None = None  # while loading
-    load_s: float | None = None  # how long its last load took, warm-up included
-    warmup_s: float | None = None  # the warm-up generation's share (kernel compilation on a GPU)
-
-
-class ModelList(Struct):
-    data: list[Model]
-    object: Literal["list"] = "list"
-
-
 class ErrorDetail(Struct):
     message: str
     type: str
@@ -380,81 +334,3 @@ class ErrorDetail(Struct):
 class ErrorResponse(Struct):
     error: ErrorDetail
 
-
-# ---------------------------------------------------------------------------------------------------
-# Health
-
-
-class RankHealth(Struct):
-    rank: int
-    host: str  # as the group's settings name it
-    pid: int | None  # on its host, once it connected
-    state: Literal["starting", "up", "late", "exited"]  # late: its heartbeat is overdue
-    seconds_since_heartbeat: float | None
-    exit: str | None = None
-
-
-class GroupHealth(Struct):
-    """The engine as an MLX distributed group (docs/operations.md)."""
-
-    size: int
-    backend: str
-    parallelism: str
-    state: Literal["forming", "up", "broken"]
-    ranks: list[RankHealth]
-
-
-class EngineHealth(Struct):
-    state: str  # starting | up | restarting | down | stopped
-    pid: int | None  # rank 0's, for a group
-    restarts: int
-    device: str | None
-    last_exit: str | None
-    seconds_since_progress: float | None  # while it has work; null when idle
-    requests_running: int = 0  # as the engine itself counts them (last heartbeat)
-    requests_waiting: int = 0
-    group: GroupHealth | UnsetType = UNSET  # only when the engine is a distributed group
-
-
-class MemoryHealth(Struct):
-    """The engine's memory budget and what holds it; active_bytes is what MLX itself reports in use."""
-
-    budget_bytes: int
-    weights_bytes: int  # loaded models, and the load in progress
-    kv_cache_bytes: int  # reserved by running requests (prompt + max_tokens each)
-    prefix_cache_bytes: int
-    active_bytes: int
-
-
-class ResidentModel(Struct):
-    id: str
-    status: Literal["loaded", "loading"]
-    size_bytes: int
-    pinned: bool
-    requests_running: int
-    loaded_at: float | None
-    last_used_at: float | None
-    expires_at: float | None
-    progress: LoadProgress | None
-
-
-class Health(Struct):
-    status: Literal["ok", "starting", "degraded", "stalled", "draining", "engine_down"]
-    ready: bool
-    reason: str | None
-    models_loaded: int
-    models_available: int
-    requests_running: int
-    requests_waiting: int
-    engine: EngineHealth
-    uptime_s: float
-    version: str
-    models: list[ResidentModel] = []  # loaded and loading models
-    memory: MemoryHealth | None = None  # while the engine is up
-
-
-class Liveness(Struct):
-    status: Literal["alive", "engine_down"] = "alive"
-
-
-JSON_ENCODER = msgspec.json.Encoder()

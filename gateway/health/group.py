@@ -5,7 +5,7 @@ from __future__ import annotations
 from msgspec import UNSET, UnsetType
 
 from gateway import metrics
-from gateway.chat.wire import GroupHealth, RankHealth
+from gateway.health.wire import GroupHealth, RankHealth
 from mlx_backend.group import GroupStatus
 
 

@@ -17,8 +17,8 @@ from litestar import Request, Response, get
 from litestar.openapi import ResponseSpec
 
 from gateway import metrics, security
-from gateway.chat.wire import Health, Liveness
 from gateway.health import status_page
+from gateway.health.wire import Health, Liveness
 from gateway.lifecycle import GatewayRuntime
 
 

@@ -11,7 +11,8 @@ import html
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.chat.wire import Health, Model
+from gateway.admin.wire import Model
+from gateway.health.wire import Health
 
 REFRESH_S = 5
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gateway.chat.wire import JSON_ENCODER
+import msgspec
 
+JSON_ENCODER = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
 HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may buffer tokens
 

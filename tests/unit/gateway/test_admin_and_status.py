@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from gateway.chat.wire import Health, Model
+from gateway.admin.wire import Model
 from gateway.health import status_page
+from gateway.health.wire import Health
 from gateway.lifecycle import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.errors import EngineError, EngineErrorCode
@@ -117,7 +118,7 @@ def test_the_status_page_escapes_what_it_shows() -> None:
 
 
 def _engine() -> Any:
-    from gateway.chat.wire import EngineHealth
+    from gateway.health.wire import EngineHealth
 
     return EngineHealth(state="up", pid=1, restarts=0, device="cpu", last_exit=None, seconds_since_progress=None)
 
