@@ -332,7 +332,7 @@ def test_every_error_kind_has_an_anthropic_type_and_the_docs_say_which() -> None
 
     from gateway.errors import ANTHROPIC_TYPES, ErrorKind, GatewayError
 
-    doc = (Path(__file__).resolve().parents[3] / "docs" / "api.md").read_text()
+    doc = (Path(__file__).resolve().parents[4] / "docs" / "api.md").read_text()
     for kind in ErrorKind:
         spec = kind.value
         anthropic = GatewayError(kind, "m").anthropic_type
