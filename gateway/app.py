@@ -1,4 +1,6 @@
-"""`create_app`: routes, exception handlers, middleware and lifespan. Nothing else lives here."""
+"""The ASGI app: `create_app` (routes, exception handlers, lifespan), the middleware around every request
+(request id and access metrics, the body timeout, HEAD on GET routes), and `/openapi.json`. The routes live
+in each API's folder."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`mlx-gateway` command line: serve, models, watchdog, status, install-service, export-openapi."""
+"""`mlx-gateway` command line: serve, models, watchdog, status, service, export-openapi."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class Phase(enum.IntEnum):
 
 class Ending(enum.StrEnum):
     FINISHED = "finished"  # the engine ended it (stop, length)
-    FAILED = "failed"  # the engine could not serve it (load failure, context, engine lost...)
+    FAILED = "failed"  # the engine could not serve it (load failure, context, engine lost...), or a server bug
     TIMEOUT = "timeout"
     CLIENT_GONE = "client_gone"
     DRAINED = "drained"  # the drain deadline cut it short
@@ -196,6 +196,10 @@ class Exchange:
         self.stop_watching()
         self._on_end(self)
         self._record(was, error)
+
+    def fail(self, error: GatewayError) -> None:
+        """The server itself failed the request (a bug while rendering it): an error, never a cancellation."""
+        self.end(Ending.FAILED, error)
 
     def close(self) -> None:
         """The HTTP exchange is over (response sent, or failed): end the request if nothing else did."""

@@ -87,6 +87,11 @@ async def folded(exchange: Exchange, body: Awaitable[T]) -> T:
         timeline.record("Q", exchange.id, 0, int(exchange.arrived_at * 1e9))
     try:
         return await body
+    except GatewayError:
+        raise  # the engine's or the client's doing: the exchange already ended with its reason
+    except Exception:
+        exchange.fail(internal(exchange.id))  # a bug folding it; the app's handler answers the 500
+        raise
     finally:
         exchange.close()
 
@@ -141,7 +146,9 @@ async def _stream(
         yield sse.event(exc.body()) + sse.DONE
     except Exception:
         log.exception("stream failed")
-        yield sse.event(internal(meta.id).body()) + sse.DONE
+        error = internal(meta.id)
+        exchange.fail(error)
+        yield sse.event(error.body()) + sse.DONE
     finally:
         exchange.close()  # a client that left ends its request here (or in the response's background task)
 
@@ -193,7 +200,9 @@ async def stream_reply(exchange: Exchange, renderer: BlockRenderer) -> AsyncIter
             yield frame
     except Exception:
         log.exception("stream failed")
-        for frame in renderer.failure(reply, internal(exchange.id)):
+        error = internal(exchange.id)
+        exchange.fail(error)
+        for frame in renderer.failure(reply, error):
             yield frame
     finally:
         exchange.close()  # a client that left ends its request here (or in the response's background task)

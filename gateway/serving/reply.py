@@ -1,10 +1,11 @@
 """A reply as an ordered list of blocks (reasoning, text, or a tool call), built from the engine's deltas.
 
 The Responses API and the Messages API both present a reply as items or content blocks, each opened,
-filled and closed in turn; chat completions flattens it. `Reply.add` takes each engine Delta and says what
-happened as `Opened`, `Grew` and `Closed` steps, which a protocol renders as its own events; the finished
-`blocks` are the non-streaming body. Text that follows a call opens a new text block; the engine sends the
-pieces of one call together, so the block being filled is always the last one.
+filled and closed in turn (chat completions sends the deltas as they come: gateway/chat/render.py).
+`Reply.add` takes each engine Delta and says what happened as `Opened`, `Grew` and `Closed` steps, which a
+protocol renders as its own events; the finished `blocks` are the non-streaming body. Reasoning, text and
+each call are blocks of their own: text that follows a call opens a new text block. Only the last block is
+open; a late piece of a call already closed is kept in the body but cannot be streamed (it is logged).
 """
 
 from __future__ import annotations
