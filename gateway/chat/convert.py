@@ -30,13 +30,11 @@ from gateway.serving.convert import (
     check_constraint_with_tools,
     fault_of,
     json_constraint,
-    logit_bias_of,
-    sampling_temperature,
-    stops_of,
+    sampling_params,
     tool_fields,
 )
 from gateway.serving.reasoning import effort_control, template_kwargs_of, with_template_switch
-from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
+from mlx_backend.types import ChatMessage, Constraint, Generate, ToolCall
 
 
 def check_chat_supported(req: ChatCompletionRequest) -> None:
@@ -156,17 +154,11 @@ def chat_to_generate(
         req.max_tokens != req.max_completion_tokens
     ):
         raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one")
-    max_tokens = req.max_completion_tokens or req.max_tokens or default_max_tokens
-    params = SamplingParams(
-        max_tokens=max_tokens,
-        temperature=sampling_temperature(req.temperature, req.top_p),
-        top_p=1.0 if not req.top_p else req.top_p,
-        seed=req.seed,
-        stop=stops_of(req.stop),
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        logprobs=_logprobs(req.logprobs, req.top_logprobs),
-        logit_bias=logit_bias_of(req.logit_bias),
+    params = sampling_params(
+        req.max_completion_tokens or req.max_tokens or default_max_tokens, req.temperature, req.top_p,
+        stop=req.stop, seed=req.seed, presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty, logprobs=_logprobs(req.logprobs, req.top_logprobs),
+        logit_bias=req.logit_bias,
     )
     messages = tuple(_to_engine_message(m, i) for i, m in enumerate(req.messages))
     tools, choice = function_tools(req.tools), tool_choice_of(req.tool_choice)
@@ -189,16 +181,10 @@ def chat_to_generate(
 def completion_to_generate(req: CompletionRequest, request_id: str, allow_faults: bool = False) -> Generate:
     check_completion_supported(req)
     prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])
-    params = SamplingParams(
-        max_tokens=req.max_tokens or 16,
-        temperature=sampling_temperature(req.temperature, req.top_p),
-        top_p=1.0 if not req.top_p else req.top_p,
-        seed=req.seed,
-        stop=stops_of(req.stop),
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        logprobs=req.logprobs,
-        logit_bias=logit_bias_of(req.logit_bias),
+    params = sampling_params(
+        req.max_tokens or 16, req.temperature, req.top_p, stop=req.stop, seed=req.seed,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logprobs=req.logprobs,
+        logit_bias=req.logit_bias,
     )
     return Generate(request_id=request_id, model=req.model, params=params, prompt=prompt, n=req.n or 1,
                     fault=fault_of(req.user, allow_faults))

@@ -68,7 +68,7 @@ from gateway.serving.convert import (
 )
 from gateway.serving.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
 from gateway.serving.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
-from mlx_backend.types import ChatMessage, Finished, Generate, SamplingParams, ToolCall
+from mlx_backend.types import ChatMessage, Finished, Generate, ToolCall
 
 log = logging.getLogger("mlx_gateway")
 
@@ -257,7 +257,7 @@ def to_generate(
                                  stop=req.stop_sequences)
         user = req.metadata.user_id if req.metadata else None
     else:
-        params, user = SamplingParams(max_tokens=1), None
+        params, user = sampling_params(1), None  # counting only: nothing is generated
     effort = req.output_config.effort if req.output_config else None
     reasoning = anthropic_control(req.thinking, effort, params.max_tokens if isinstance(req, MessageCreateRequest)
                                   else 1 << 30)

@@ -108,19 +108,30 @@ def json_constraint(schema: dict[str, Any] | None, *, strict: bool, param: str) 
 
 def sampling_params(
     max_tokens: int,
-    temperature: float | None,
-    top_p: float | None,
+    temperature: float | None = None,
+    top_p: float | None = None,
     *,
     top_k: int | None = None,
-    stop: list[str] | None = None,
+    stop: str | list[str] | None = None,
+    seed: int | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logprobs: int | None = None,
+    logit_bias: object = None,
 ) -> SamplingParams:
-    """Chat's reading of the sampling parameters (top_p 0 is greedy, 1.0 the default temperature)."""
+    """The one reading of every API's sampling parameters, in chat's terms (top_p 0 is greedy, a missing
+    temperature is 1.0); `logit_bias` is OpenAI's {"token id": bias} object, checked here."""
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=sampling_temperature(temperature, top_p),
         top_p=top_p if top_p else 1.0,
         top_k=top_k or 0,
+        seed=seed,
         stop=stops_of(stop),
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logprobs=logprobs,
+        logit_bias=logit_bias_of(logit_bias),
     )
 
 
