@@ -17,7 +17,7 @@ from typing import Any
 from mlx_backend.reasoning import HarmonySplitter, Split, ThinkingBudget, ThinkSplitter
 from mlx_backend.stops import StopMatcher
 from mlx_backend.tools import ToolCallParser
-from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
+from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta, join_pieces
 
 
 class ChoiceOutput:
@@ -70,7 +70,7 @@ class ChoiceOutput:
             segment, calls, calls_done = parsed.content, parsed.tool_calls, parsed.done
             if finish_reason is not None and not calls_done:  # the end: decide whatever the parser holds
                 rest = self._parser.finish()
-                segment, calls = segment + rest.content, calls + rest.tool_calls
+                segment, calls = segment + rest.content, join_pieces(calls + rest.tool_calls)
         text, hit_stop = self._stops.feed(segment)
         if hit_stop:
             return self._delta(text, calls), "stop"

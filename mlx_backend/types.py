@@ -6,6 +6,7 @@ decoder per direction handles every kind.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import msgspec
@@ -257,6 +258,19 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     token_bytes: bytes
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+
+
+def join_pieces(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCallDelta, ...]:
+    """The one place tool-call pieces are joined: each run of one call's pieces (a piece that names no new
+    call continues the one before it) becomes one piece. The engine joins what one step parsed; a Delta the
+    gateway merged from several may hold a run, which each API joins or streams as it sends them."""
+    joined: list[tuple[int, str | None, str | None, list[str]]] = []
+    for piece in pieces:
+        if joined and joined[-1][0] == piece.index and piece.id is None:
+            joined[-1][3].append(piece.arguments)
+        else:
+            joined.append((piece.index, piece.id, piece.name, [piece.arguments]))
+    return tuple(ToolCallDelta(index, call_id, name, "".join(parts)) for index, call_id, name, parts in joined)
 
 
 class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):

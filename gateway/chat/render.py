@@ -32,7 +32,8 @@ from gateway.chat.wire import (
     TopLogprobEntry,
     Usage,
 )
-from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
+from gateway.serving.reply import Reply
+from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta, join_pieces
 
 
 class ResponseMeta:
@@ -60,19 +61,12 @@ def public_finish_reason(reason: str) -> str:
 
 
 @dataclass
-class _Call:
-    id: str = ""
-    name: str = ""
-    arguments: list[str] = field(default_factory=list)
-
-
-@dataclass
 class FoldedChoice:
-    """One choice's Deltas, gathered for a non-streamed answer."""
+    """One choice's Deltas, gathered for a non-streamed answer (its tool calls as a Reply gathers them)."""
 
     index: int
     text: list[str] = field(default_factory=list)
-    calls: dict[int, _Call] = field(default_factory=dict)
+    reply: Reply = field(default_factory=Reply)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = "stop"
     reasoning: list[str] = field(default_factory=list)
@@ -81,15 +75,11 @@ class FoldedChoice:
         self.text.append(delta.text)
         self.reasoning.append(delta.reasoning)
         self.logprobs.extend(delta.logprobs)
-        for piece in delta.tool_calls:
-            call = self.calls.setdefault(piece.index, _Call())
-            call.id = piece.id or call.id
-            call.name = piece.name or call.name
-            call.arguments.append(piece.arguments)
+        self.reply.add_calls(delta.tool_calls)
 
     def tool_calls(self) -> list[MessageToolCall]:
-        return [MessageToolCall(id=c.id, function=ToolCallFunction(c.name, "".join(c.arguments) or "{}"))
-                for _, c in sorted(self.calls.items())]
+        return [MessageToolCall(id=c.id, function=ToolCallFunction(c.name, c.arguments or "{}"))
+                for c in self.reply.calls]
 
 
 class Folder:
@@ -177,21 +167,11 @@ def chat_delta_chunk(meta: ResponseMeta, delta: Delta, logprobs: bool) -> ChatCo
 
 
 def _chunk_calls(pieces: tuple[ToolCallDelta, ...]) -> list[ChunkToolCall]:
-    """One entry per call in this chunk: a call's first piece names it (id, type, name), later pieces only
-    add argument text; pieces of one call that came together are joined."""
-    calls: list[ChunkToolCall] = []
-    for piece in pieces:
-        if calls and calls[-1].index == piece.index and piece.id is None:
-            previous = calls[-1].function
-            joined = (previous.arguments if previous.arguments is not UNSET else "") + piece.arguments
-            calls[-1] = ChunkToolCall(index=piece.index, id=calls[-1].id, type=calls[-1].type,
-                                      function=ChunkFunction(previous.name, joined))
-        elif piece.id is not None:
-            calls.append(ChunkToolCall(index=piece.index, id=piece.id, type="function",
-                                       function=ChunkFunction(piece.name or "", piece.arguments)))
-        else:
-            calls.append(ChunkToolCall(index=piece.index, function=ChunkFunction(arguments=piece.arguments)))
-    return calls
+    """One entry per call in this chunk (pieces of one call that came together are joined): a call's first
+    piece names it (id, type, name), later pieces only add argument text."""
+    return [ChunkToolCall(index=p.index, id=p.id, type="function", function=ChunkFunction(p.name or "", p.arguments))
+            if p.id is not None else ChunkToolCall(index=p.index, function=ChunkFunction(arguments=p.arguments))
+            for p in join_pieces(pieces)]
 
 
 def chat_closing_chunk(meta: ResponseMeta, index: int, finish_reason: str) -> ChatCompletionChunk:

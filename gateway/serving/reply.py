@@ -11,9 +11,10 @@ open; a late piece of a call already closed is kept in the body but cannot be st
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from mlx_backend.types import Delta
+from mlx_backend.types import Delta, ToolCallDelta
 
 log = logging.getLogger("mlx_gateway")
 
@@ -90,7 +91,14 @@ class Reply:
             if not (self._open and isinstance(self.blocks[-1], TextBlock)):
                 self._open_block(TextBlock(), steps)
             self._grow(len(self.blocks) - 1, delta.text, steps)
-        for piece in delta.tool_calls:
+        steps += self.add_calls(delta.tool_calls)
+        return steps
+
+    def add_calls(self, pieces: Iterable[ToolCallDelta]) -> list[Step]:
+        """Tool-call pieces: a piece with an id and a name opens a call, the others grow theirs (the one
+        place the gateway joins a call's pieces, for every API)."""
+        steps: list[Step] = []
+        for piece in pieces:
             if piece.id is not None and piece.name is not None:
                 self._open_block(CallBlock(piece.id, piece.name), steps)
                 self._calls[piece.index] = len(self.blocks) - 1
