@@ -8,55 +8,9 @@ from litestar import Request, Response, post
 from litestar.response import Stream
 
 from gateway import openapi_errors
-from gateway.chat import convert, render
-from gateway.chat.render import FoldedChoice, ResponseMeta
-from gateway.chat.wire import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    Usage,
-)
-from gateway.lifecycle import GatewayRuntime
-from gateway.serving import sse
-from gateway.serving.generation import exchange_id, respond
-from mlx_backend.types import Delta
-
-
-class ChatRenderer:
-    def __init__(self, logprobs: bool) -> None:
-        self.logprobs = logprobs
-        self._text_slots: dict[int, sse.TextSlot | None] = {}  # per choice: its plain text chunk's slot
-
-    def opening(self, meta: ResponseMeta, index: int) -> ChatCompletionChunk:
-        return render.chat_opening_chunk(meta, index)
-
-    def delta(self, meta: ResponseMeta, delta: Delta) -> ChatCompletionChunk | None:
-        return render.chat_delta_chunk(meta, delta, self.logprobs)
-
-    def delta_event(self, meta: ResponseMeta, delta: Delta) -> bytes | None:
-        """A Delta of plain text (the per-token case) fills its choice's slot: the same bytes as rendering
-        and encoding its chunk. Anything else in it (tool calls, logprobs, any field a Delta gains) differs
-        from the plain Delta below and takes the general way."""
-        if delta.text and delta == Delta(delta.request_id, delta.text, delta.tokens, index=delta.index):
-            if delta.index not in self._text_slots:
-                self._text_slots[delta.index] = sse.TextSlot.of(
-                    lambda text: sse.event(self.delta(meta, Delta(delta.request_id, text, 1, index=delta.index))))
-            slot = self._text_slots[delta.index]
-            if slot is not None:
-                return slot.event(delta.text)
-        chunk = self.delta(meta, delta)
-        return None if chunk is None else sse.event(chunk)
-
-    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> ChatCompletionChunk:
-        return render.chat_closing_chunk(meta, index, finish_reason)
-
-    def usage(self, meta: ResponseMeta, usage: Usage) -> ChatCompletionChunk:
-        return render.chat_usage_chunk(meta, usage)
-
-    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> ChatCompletion:
-        return render.chat_completion(meta, choices, usage, self.logprobs)
+from gateway.chat.adapter import chat_adapter, completion_adapter
+from gateway.chat.wire import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Completion, CompletionRequest
+from gateway.serving.generation import serve
 
 
 @post(
@@ -71,47 +25,8 @@ class ChatRenderer:
 async def create_chat_completion(
     request: Request[Any, Any, Any], data: ChatCompletionRequest
 ) -> Response[ChatCompletion] | Stream:
-    runtime: GatewayRuntime = request.app.state.runtime
-    request_id = exchange_id(request)
-    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
-    command = convert.chat_to_generate(
-        data, request_id, runtime.settings.max_tokens_default, runtime.settings.test_faults
-    )
-    meta = ResponseMeta(f"chatcmpl-{request_id}", data.model)
-    include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    renderer = ChatRenderer(logprobs=command.params.logprobs is not None)
-    return await respond(runtime, request, command, meta, renderer, stream=bool(data.stream),
-                         include_usage=include_usage)
-
-
-class CompletionRenderer:
-    def __init__(self, logprobs: bool) -> None:
-        self.logprobs = logprobs
-        self._offsets: dict[int, int] = {}  # per choice: where the next chunk's text starts
-
-    def opening(self, meta: ResponseMeta, index: int) -> None:
-        return None
-
-    def delta(self, meta: ResponseMeta, delta: Delta) -> Completion | None:
-        if not delta.text and not delta.logprobs:
-            return None
-        offset = self._offsets.get(delta.index, 0)
-        self._offsets[delta.index] = offset + len(delta.text)
-        logprobs = render.completion_logprobs(delta.logprobs, self.logprobs, offset)
-        return render.completion_chunk(meta, delta.index, delta.text, logprobs)
-
-    def delta_event(self, meta: ResponseMeta, delta: Delta) -> bytes | None:
-        chunk = self.delta(meta, delta)
-        return None if chunk is None else sse.event(chunk)
-
-    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Completion:
-        return render.completion_chunk(meta, index, "", finish_reason=render.public_finish_reason(finish_reason))
-
-    def usage(self, meta: ResponseMeta, usage: Usage) -> Completion:
-        return render.completion_usage_chunk(meta, usage)
-
-    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> Completion:
-        return render.completion(meta, choices, usage, self.logprobs)
+    return await serve(request, data.model, bool(data.stream),
+                       lambda runtime, request_id: chat_adapter(data, runtime.settings, request_id))
 
 
 @post(
@@ -124,12 +39,5 @@ class CompletionRenderer:
     responses={**openapi_errors.GENERATION, 200: openapi_errors.ok(Completion, Completion)},
 )
 async def create_completion(request: Request[Any, Any, Any], data: CompletionRequest) -> Response[Completion] | Stream:
-    runtime: GatewayRuntime = request.app.state.runtime
-    request_id = exchange_id(request)
-    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
-    command = convert.completion_to_generate(data, request_id, runtime.settings.test_faults)
-    meta = ResponseMeta(f"cmpl-{request_id}", data.model)
-    include_usage = bool(data.stream_options and data.stream_options.include_usage)
-    renderer = CompletionRenderer(logprobs=command.params.logprobs is not None)
-    return await respond(runtime, request, command, meta, renderer, stream=bool(data.stream),
-                         include_usage=include_usage)
+    return await serve(request, data.model, bool(data.stream),
+                       lambda runtime, request_id: completion_adapter(data, runtime.settings, request_id))

@@ -16,9 +16,10 @@ from gateway import error_handlers, openapi_errors
 from gateway.errors import GatewayError
 from gateway.lifecycle import GatewayRuntime
 from gateway.messages import convert
+from gateway.messages.adapter import MessageAdapter
 from gateway.messages.wire import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
 from gateway.serving.convert import in_api_terms
-from gateway.serving.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
+from gateway.serving.generation import exchange_id, serve
 
 _ANTHROPIC_ERRORS = error_handlers.exception_handlers(error_handlers.anthropic_response)
 _OK = ResponseSpec(
@@ -40,21 +41,8 @@ _OK = ResponseSpec(
     exception_handlers=_ANTHROPIC_ERRORS,
 )
 async def create_message(request: Request[Any, Any, Any], data: MessageCreateRequest) -> Response[Message] | Stream:
-    runtime: GatewayRuntime = request.app.state.runtime
-    request_id = exchange_id(request)
-    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
-    command = convert.to_generate(data, request_id, runtime.settings.test_faults)
-    message_id = f"msg_{request_id}"
-    try:
-        exchange = await start(runtime, request, command)
-    except GatewayError as exc:
-        raise in_api_terms(exc, convert.ENGINE_FIELDS) from exc
-    if data.stream:
-        renderer = convert.MessageStream(message_id, data.model, exchange.prompt_tokens,
-                                                   exchange.cached_tokens)
-        return streaming(exchange, stream_reply(exchange, renderer))
-    reply, finished = await folded(exchange, fold_reply(exchange))
-    return Response(convert.message(message_id, data.model, reply, finished))
+    return await serve(request, data.model, bool(data.stream),
+                       lambda runtime, request_id: MessageAdapter(data, runtime.settings, request_id))
 
 
 @post(

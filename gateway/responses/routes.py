@@ -12,11 +12,9 @@ from litestar.response import Stream
 from gateway import openapi_errors
 from gateway.errors import ErrorKind, GatewayError
 from gateway.lifecycle import GatewayRuntime
-from gateway.responses import convert
+from gateway.responses.adapter import ResponseAdapter
 from gateway.responses.wire import DeletedResponse, ResponseCreateRequest, ResponseObject
-from gateway.serving.convert import in_api_terms
-from gateway.serving.generation import exchange_id, fold_reply, folded, start, stream_reply, streaming
-from gateway.serving.reply import Reply
+from gateway.serving.generation import serve
 
 log = logging.getLogger("mlx_gateway")
 
@@ -49,42 +47,10 @@ def _not_found(response_id: str) -> GatewayError:
 async def create_response(
     request: Request[Any, Any, Any], data: ResponseCreateRequest
 ) -> Response[ResponseObject] | Stream:
-    runtime: GatewayRuntime = request.app.state.runtime
-    request_id = exchange_id(request)
-    runtime.resolve(data.model)  # 404 for an unknown model before judging its parameters
-    store = runtime.responses
-    history: tuple[Any, ...] = ()
-    if data.previous_response_id is not None:
-        found = store.conversation(data.previous_response_id)
-        if found is None:
-            raise GatewayError(
-                ErrorKind.PREVIOUS_RESPONSE_NOT_FOUND,
-                f"Previous response with id '{data.previous_response_id}' not found. Responses are kept in this "
-                "server's memory only (bounded by --responses-store-mb, least recently used forgotten first, "
-                "lost on restart); send the whole conversation as input instead.",
-                "previous_response_id",
-            )
-        history = found
-    new_input = convert.input_messages(data.input)
-    command = convert.to_generate(data, request_id, history, new_input,
-                                            runtime.settings.max_tokens_default, runtime.settings.test_faults)
-    keep = data.store is not False and store.enabled
-    base = convert.new_response(data, request_id, keep)
+    def adapt(runtime: GatewayRuntime, request_id: str) -> ResponseAdapter:
+        return ResponseAdapter(data, runtime.settings, runtime.responses, request_id)
 
-    def done(response: ResponseObject, reply: Reply) -> None:
-        if keep and not store.put(response, (*new_input, convert.turn_of(reply))):
-            log.warning("response %s is larger than the whole response store; not kept", response.id)
-
-    try:
-        exchange = await start(runtime, request, command)
-    except GatewayError as exc:
-        raise in_api_terms(exc, convert.ENGINE_FIELDS) from exc
-    if data.stream:
-        return streaming(exchange, stream_reply(exchange, convert.ResponseStream(base, done)))
-    reply, finished = await folded(exchange, fold_reply(exchange))
-    response = convert.finished_response(base, reply, finished)
-    done(response, reply)
-    return Response(response)
+    return await serve(request, data.model, bool(data.stream), adapt)
 
 
 _STORED = "/v1/responses/{response_id:str}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar
 
@@ -166,7 +166,7 @@ def stops_of(stop: str | list[str] | None) -> tuple[str, ...]:
     return stops
 
 
-def in_api_terms(error: GatewayError, fields: dict[str, str]) -> GatewayError:
+def in_api_terms(error: GatewayError, fields: Mapping[str, str]) -> GatewayError:
     """An engine error that names a chat field (the engine sees chat messages and chat's names), naming the
     field of the client's API instead: `fields` maps a pattern of chat's name to the API's. The param is the
     API's top-level field; the message says the same."""

@@ -18,8 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway import metrics
-from gateway.chat.render import usage_of
-from gateway.chat.wire import Usage
 from gateway.errors import ErrorKind, GatewayError
 from mlx_backend.engine_request import EngineRequest, Interrupted
 from mlx_backend.errors import EngineError
@@ -158,10 +156,6 @@ class Exchange:
             return GatewayError(ErrorKind.DRAINING, "The server is shutting down and the request had not started; "
                                                     "retry on another instance or later.")
         return GatewayError(ErrorKind.CLIENT_CLOSED, "The client closed the connection; the request was stopped.")
-
-    def usage(self) -> Usage:
-        """Tokens so far: the prompt once, every choice's completion tokens."""
-        return usage_of(self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens)
 
     # -- the client's connection --------------------------------------------------------------------------
 

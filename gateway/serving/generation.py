@@ -1,19 +1,24 @@
-"""What every generation route shares: run the request, then stream it or fold it into one body.
+"""The one serving path every generation route goes through (`serve`), with a small adapter per API.
 
-Stream and non-stream read one Exchange the same way (the non-stream path folds it). The request's start
-is awaited before any byte is sent (`start`), so admission, model-load and context-length failures are
-real HTTP errors; once SSE headers are out, a failure is an event in the API's own shape (chat: one
-`data: {"error": ...}` event, then `data: [DONE]`).
+A route hands `serve` its model, whether it streams, and a way to build its `Adapter` (the API's request
+converted to the engine's `Generate`, refusals by name); `serve` owns the rest: the 404 for an unknown model,
+admission into an `Exchange` (gateway/serving/exchange.py), the wait until the request runs, and then a
+stream or one body. The request's start is awaited before any byte is sent, so admission, model-load and
+context-length failures are real HTTP errors (in the API's own terms: `Adapter.engine_fields`); once SSE
+headers are out, a failure is an event in the API's own shape (chat: one `data: {"error": ...}` event, then
+`data: [DONE]`).
 
-Chat and legacy completions stream text (`respond`, a `Renderer`); the Responses and Messages APIs stream a
-reply of blocks, text and tool calls (`stream_reply` with a `BlockRenderer`, `fold_reply`).
+Replies come in two shapes. Chat and legacy completions send text per choice, n choices at once
+(gateway/chat/adapter.py); the Responses and Messages APIs send one reply of blocks, text and tool calls
+(`stream_reply` with a `BlockRenderer`, `fold_reply`, here). Stream and non-stream read one Exchange the
+same way (the non-stream path folds it).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from litestar import Request, Response
@@ -21,30 +26,18 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from gateway import test_script
-from gateway.chat.render import FoldedChoice, Folder, ResponseMeta
-from gateway.chat.wire import Usage
 from gateway.errors import GatewayError, internal
 from gateway.lifecycle import GatewayRuntime, new_request_id
 from gateway.serving import sse
+from gateway.serving.convert import in_api_terms
 from gateway.serving.exchange import Exchange
 from gateway.serving.reply import Reply, Step
 from mlx_backend import timeline
-from mlx_backend.types import Delta, Finished, Generate
+from mlx_backend.types import Finished, Generate
 
 T = TypeVar("T")
 
 log = logging.getLogger("mlx_gateway")
-
-
-class Renderer(Protocol):
-    """Chat and legacy completions differ only in the shape of what they send."""
-
-    def opening(self, meta: ResponseMeta, index: int) -> Any | None: ...
-    def delta_event(self, meta: ResponseMeta, delta: Delta) -> bytes | None:
-        """The SSE event of a Delta, ready to send; None: it carries nothing to send."""
-    def closing(self, meta: ResponseMeta, index: int, finish_reason: str) -> Any: ...
-    def usage(self, meta: ResponseMeta, usage: Usage) -> Any: ...
-    def whole(self, meta: ResponseMeta, choices: list[FoldedChoice], usage: Usage) -> Any: ...
 
 
 def exchange_id(request: Request[Any, Any, Any]) -> str:
@@ -96,76 +89,36 @@ async def folded(exchange: Exchange, body: Awaitable[T]) -> T:
         exchange.close()
 
 
-async def respond(
-    runtime: GatewayRuntime,
-    request: Request[Any, Any, Any],
-    command: Generate,
-    meta: ResponseMeta,
-    renderer: Renderer,
-    *,
-    stream: bool,
-    include_usage: bool,
+class Adapter(Protocol):
+    """What one API adds to the serving path: its engine command, the names its engine errors are told in
+    (chat's field patterns -> the API's, for `in_api_terms`), and its reply, streamed or whole."""
+
+    command: Generate
+    engine_fields: Mapping[str, str]
+
+    def stream(self, exchange: Exchange) -> AsyncIterator[bytes]:
+        """The SSE frames of the reply, ready to send."""
+
+    async def whole(self, exchange: Exchange) -> Any:
+        """The response body, once the reply is complete."""
+
+
+async def serve(
+    request: Request[Any, Any, Any], model: str, stream: bool, adapt: Callable[[GatewayRuntime, str], Adapter]
 ) -> Response[Any] | Stream:
-    exchange = await start(runtime, request, command)
-    if stream:
-        return streaming(exchange, _stream(exchange, meta, renderer, include_usage))
-    return Response(await folded(exchange, _fold(exchange, meta, renderer)))
-
-
-async def _stream(
-    exchange: Exchange, meta: ResponseMeta, renderer: Renderer, include_usage: bool
-) -> AsyncIterator[bytes]:
+    """Serve one generation request: `adapt(runtime, request_id)` converts it (refusals by name, after the
+    404 for an unknown model), then it runs, streamed or folded into one body."""
+    runtime: GatewayRuntime = request.app.state.runtime
+    request_id = exchange_id(request)
+    runtime.resolve(model)  # 404 for an unknown model before judging its parameters
+    adapter = adapt(runtime, request_id)
     try:
-        for index in range(exchange.command.n):
-            opening = renderer.opening(meta, index)
-            if opening is not None:
-                yield sse.event(opening)
-        texts = 0
-        tail = b""  # the last choice's closing chunk: it goes out with the usage chunk and [DONE], one write
-        while not exchange.complete:
-            event = await exchange.next()
-            if isinstance(event, Finished):
-                closing = sse.event(renderer.closing(meta, event.index, event.finish_reason))
-                if exchange.complete:
-                    tail = closing
-                else:
-                    yield closing
-            elif (data := renderer.delta_event(meta, event)) is not None:
-                if not timeline.ACTIVE:
-                    yield data
-                    continue
-                handed = timeline.now()
-                yield data  # Litestar sends it; we resume once its `send` has returned
-                timeline.record("H", exchange.id, texts, exchange.completion_tokens, handed, timeline.now())
-                texts += 1
-        if include_usage:
-            tail += sse.event(renderer.usage(meta, exchange.usage()))
-        yield tail + sse.DONE
+        exchange = await start(runtime, request, adapter.command)
     except GatewayError as exc:
-        log.warning("stream ended by error: %s", exc.message)
-        yield sse.event(exc.body()) + sse.DONE
-    except Exception:
-        log.exception("stream failed")
-        error = internal(meta.id)
-        exchange.fail(error)
-        yield sse.event(error.body()) + sse.DONE
-    finally:
-        exchange.close()  # a client that left ends its request here (or in the response's background task)
-
-
-async def _fold(exchange: Exchange, meta: ResponseMeta, renderer: Renderer) -> Any:
-    folder = Folder()
-    for index in range(exchange.command.n):
-        folder.choice(index)
-    while not exchange.complete:
-        event = await exchange.next()
-        if isinstance(event, Finished):
-            folder.choice(event.index).finish_reason = event.finish_reason
-        else:
-            folder.add(event)
-    if timeline.ACTIVE:
-        timeline.record("D", exchange.id, timeline.now())
-    return renderer.whole(meta, folder.ordered(), exchange.usage())
+        raise in_api_terms(exc, adapter.engine_fields) from exc
+    if stream:
+        return streaming(exchange, adapter.stream(exchange))
+    return Response(await folded(exchange, adapter.whole(exchange)))
 
 
 # -- replies of blocks (Responses API, Messages API) -----------------------------------------------------

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from gateway.chat.adapter import ChatRenderer
 from gateway.chat.render import ResponseMeta, chat_delta_chunk
-from gateway.chat.routes import ChatRenderer
 from gateway.serving import sse
 from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
 
