@@ -23,7 +23,6 @@ from gateway.admin.routes import list_models, retrieve_model
 from gateway.chat.routes import create_chat_completion, create_completion
 from gateway.errors import ErrorKind, GatewayError
 from gateway.health.routes import health, liveness, prometheus_metrics, readiness, status
-from gateway.lifecycle import GatewayRuntime
 from gateway.logs import request_id_var
 from gateway.messages.routes import count_message_tokens, create_message
 from gateway.responses.routes import (
@@ -32,6 +31,7 @@ from gateway.responses.routes import (
     retrieve_response,
     stored_response_options,
 )
+from gateway.runtime import GatewayRuntime
 from gateway.strict_body import StrictBody
 from mlx_backend import __version__
 

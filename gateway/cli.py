@@ -38,7 +38,7 @@ def openapi_document() -> bytes:
     """The OpenAPI document of the app as configured by default (no engine is started)."""
     from gateway import openapi
     from gateway.app import create_app
-    from gateway.lifecycle import GatewayRuntime
+    from gateway.runtime import GatewayRuntime
     from gateway.settings import Settings
     from mlx_backend.fake import FakeEngine
     from mlx_backend.registry import ModelRegistry

@@ -16,13 +16,13 @@ from litestar import Request, get, post
 
 from gateway import openapi_errors
 from gateway.admin.wire import Model, ModelAction, ModelList
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from mlx_backend.engine import ControlAction
 
 
 async def _act(request: Request[Any, Any, Any], action: ControlAction, data: ModelAction) -> Model:
     runtime: GatewayRuntime = request.app.state.runtime
-    return await runtime.control(action, data.model)
+    return await runtime.catalog.control(action, data.model)
 
 
 @post("/admin/models/load", status_code=200, operation_id="adminLoadModel", tags=["Admin"],
@@ -56,7 +56,7 @@ ROUTES = [load_model, unload_model, pin_model, unpin_model]
      responses=openapi_errors.COMMON)
 async def list_models(request: Request[Any, Any, Any]) -> ModelList:
     runtime: GatewayRuntime = request.app.state.runtime
-    return runtime.models()
+    return runtime.catalog.models()
 
 
 @get(
@@ -69,4 +69,4 @@ async def list_models(request: Request[Any, Any, Any]) -> ModelList:
 )
 async def retrieve_model(request: Request[Any, Any, Any], model_id: str) -> Model:
     runtime: GatewayRuntime = request.app.state.runtime
-    return runtime.model(model_id.lstrip("/"))
+    return runtime.catalog.model(model_id.lstrip("/"))

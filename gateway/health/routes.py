@@ -19,14 +19,14 @@ from litestar.openapi import ResponseSpec
 from gateway import metrics, security
 from gateway.health import status_page
 from gateway.health.wire import Health, Liveness
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 
 
 @get("/health", operation_id="health", summary="Status, readiness and model counts", tags=["Operations"],
      responses={503: ResponseSpec(Health, description="Not ready: the body says why")}, opt=security.PUBLIC)
 async def health(request: Request[Any, Any, Any]) -> Response[Health]:
     runtime: GatewayRuntime = request.app.state.runtime
-    report = runtime.health()
+    report = runtime.health.report()
     headers = {} if report.ready else {"Retry-After": "2"}
     return Response(report, status_code=200 if report.ready else 503, headers=headers)
 
@@ -36,7 +36,7 @@ async def health(request: Request[Any, Any, Any]) -> Response[Health]:
      responses={503: ResponseSpec(Liveness, description="The engine failed past its restart budget")})
 async def liveness(request: Request[Any, Any, Any]) -> Response[Liveness]:
     runtime: GatewayRuntime = request.app.state.runtime
-    if runtime.alive():
+    if runtime.health.alive():
         return Response(Liveness())
     return Response(Liveness(status="engine_down"), status_code=503)
 
@@ -52,7 +52,7 @@ async def readiness(request: Request[Any, Any, Any]) -> Response[Health]:
      media_type="text/plain", opt=security.METRICS)
 async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     runtime: GatewayRuntime = request.app.state.runtime
-    runtime.refresh_gauges()
+    runtime.health.refresh_gauges()
     body, content_type = metrics.render()
     return Response(body, media_type=content_type)
 
@@ -61,10 +61,10 @@ async def prometheus_metrics(request: Request[Any, Any, Any]) -> Response[bytes]
 async def status(request: Request[Any, Any, Any]) -> Response[str]:
     runtime: GatewayRuntime = request.app.state.runtime
     data = status_page.PageData(
-        health=runtime.health(),
-        models=runtime.models().data,
-        tokens_per_s=runtime.tokens_per_second(),
-        watchdog=runtime.watchdog_status(),
+        health=runtime.health.report(),
+        models=runtime.catalog.models().data,
+        tokens_per_s=runtime.health.tokens_per_second(),
+        watchdog=runtime.health.watchdog_status(),
         watchdog_configured=runtime.settings.watchdog_state_dir is not None,
         now=time.time(),
     )

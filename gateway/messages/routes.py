@@ -14,10 +14,10 @@ from litestar.response import Stream
 
 from gateway import error_handlers, openapi_errors
 from gateway.errors import GatewayError
-from gateway.lifecycle import GatewayRuntime
 from gateway.messages import convert
 from gateway.messages.adapter import MessageAdapter
 from gateway.messages.wire import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
+from gateway.runtime import GatewayRuntime
 from gateway.serving.convert import in_api_terms
 from gateway.serving.generation import exchange_id, serve
 
@@ -58,9 +58,9 @@ async def create_message(request: Request[Any, Any, Any], data: MessageCreateReq
 )
 async def count_message_tokens(request: Request[Any, Any, Any], data: CountTokensRequest) -> CountTokensResponse:
     runtime: GatewayRuntime = request.app.state.runtime
-    runtime.resolve(data.model)
+    runtime.catalog.resolve(data.model)
     command = convert.to_generate(data, exchange_id(request))
     try:
-        return CountTokensResponse(await runtime.count_prompt(command))
+        return CountTokensResponse(await runtime.admission.count_prompt(command))
     except GatewayError as exc:
         raise in_api_terms(exc, convert.ENGINE_FIELDS) from exc

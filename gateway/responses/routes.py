@@ -11,9 +11,9 @@ from litestar.response import Stream
 
 from gateway import openapi_errors
 from gateway.errors import ErrorKind, GatewayError
-from gateway.lifecycle import GatewayRuntime
 from gateway.responses.adapter import ResponseAdapter
 from gateway.responses.wire import DeletedResponse, ResponseCreateRequest, ResponseObject
+from gateway.runtime import GatewayRuntime
 from gateway.serving.generation import serve
 
 log = logging.getLogger("mlx_gateway")

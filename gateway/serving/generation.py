@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -27,7 +28,7 @@ from litestar.response import Stream
 
 from gateway import test_script
 from gateway.errors import GatewayError, internal
-from gateway.lifecycle import GatewayRuntime, new_request_id
+from gateway.runtime import GatewayRuntime
 from gateway.serving import sse
 from gateway.serving.convert import in_api_terms
 from gateway.serving.exchange import Exchange
@@ -38,6 +39,11 @@ from mlx_backend.types import Finished, Generate
 T = TypeVar("T")
 
 log = logging.getLogger("mlx_gateway")
+
+
+def new_request_id() -> str:
+    """Server-made and unique: a client's X-Request-Id is kept for logs, never used as a key."""
+    return uuid.uuid4().hex
 
 
 def exchange_id(request: Request[Any, Any, Any]) -> str:
@@ -53,7 +59,7 @@ async def start(runtime: GatewayRuntime, request: Request[Any, Any, Any], comman
     """Admit the request and wait until it runs: every failure up to here is a plain HTTP error."""
     if runtime.settings.test_faults and runtime.settings.test_script is not None:
         command = test_script.scripted(command, runtime.settings.test_script)
-    exchange = runtime.admit(command, time.monotonic())
+    exchange = runtime.admission.admit(command, time.monotonic())
     exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
     try:
         await exchange.started()  # admitted, model loaded, prompt fits
@@ -110,7 +116,7 @@ async def serve(
     404 for an unknown model), then it runs, streamed or folded into one body."""
     runtime: GatewayRuntime = request.app.state.runtime
     request_id = exchange_id(request)
-    runtime.resolve(model)  # 404 for an unknown model before judging its parameters
+    runtime.catalog.resolve(model)  # 404 for an unknown model before judging its parameters
     adapter = adapt(runtime, request_id)
     try:
         exchange = await start(runtime, request, adapter.command)

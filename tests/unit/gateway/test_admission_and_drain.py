@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from gateway.app import create_asgi_app
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
@@ -40,7 +40,7 @@ async def test_draining_refuses_new_work_with_503_and_health_says_so(models_dir:
     engine = FakeEngine()
     runtime = runtime_for(models_dir, engine)
     await engine.start()
-    await runtime.drain(timeout_s=1)
+    await runtime.admission.drain(timeout_s=1)
     transport = httpx.ASGITransport(app=create_asgi_app(runtime))
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         response = await client.post("/v1/chat/completions", json=chat_body())
@@ -58,12 +58,12 @@ async def test_drain_deadline_ends_streams_with_a_final_chunk_and_done(models_di
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
         stream = asyncio.create_task(client.post("/v1/chat/completions", json=chat_body(stream=True)))
         await asyncio.sleep(0.5)
-        await runtime.drain(timeout_s=0.3)
+        await runtime.admission.drain(timeout_s=0.3)
         response = await asyncio.wait_for(stream, 5)
     payloads = sse_payloads(response.text)
     assert payloads[-1] == "[DONE]"
     assert payloads[-2]["choices"][0]["finish_reason"] == "length"
-    assert runtime.health().requests_running == 0
+    assert runtime.health.report().requests_running == 0
 
 
 async def test_drain_deadline_ends_responses_and_messages_streams_cleanly_and_refuses_counts(models_dir: Path) -> None:
@@ -80,11 +80,11 @@ async def test_drain_deadline_ends_responses_and_messages_streams_cleanly_and_re
         messages = asyncio.create_task(client.post("/v1/messages", json={"model": "tiny", "max_tokens": 500,
                                                                         "messages": ask, "stream": True}))
         await asyncio.sleep(0.5)
-        await runtime.drain(timeout_s=0.3)
+        await runtime.admission.drain(timeout_s=0.3)
         final = check_responses_events(named_events((await asyncio.wait_for(responses, 5)).text))
         message = check_anthropic_events(named_events((await asyncio.wait_for(messages, 5)).text))
         count = await client.post("/v1/messages/count_tokens", json={"model": "tiny", "messages": ask})
     assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert message["stop_reason"] == "max_tokens"
     assert count.status_code == 503 and count.json()["error"]["type"] == "overloaded_error"
-    assert runtime.health().requests_running == 0
+    assert runtime.health.report().requests_running == 0

@@ -12,7 +12,7 @@ import pytest
 from gateway.admin.wire import Model
 from gateway.health import status_page
 from gateway.health.wire import Health
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
@@ -124,17 +124,18 @@ def _engine() -> Any:
 
 
 def test_tokens_per_second_is_the_token_counter_s_rate(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway import lifecycle, metrics
+    from gateway import metrics
+    from gateway.health import report
 
     clock = [1000.0]
-    monkeypatch.setattr(lifecycle.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(report.time, "monotonic", lambda: clock[0])
     runtime = GatewayRuntime(Settings(), FakeEngine(), ModelRegistry((), None, False))
-    assert runtime.tokens_per_second() is None  # one sample: no rate yet
+    assert runtime.health.tokens_per_second() is None  # one sample: no rate yet
     metrics.GENERATION_TOKENS.labels("rate-test").inc(50)
     clock[0] += 2.0
-    assert runtime.tokens_per_second() == pytest.approx(25.0)
+    assert runtime.health.tokens_per_second() == pytest.approx(25.0)
     clock[0] += 20.0  # quiet since: the burst is out of the window
-    assert runtime.tokens_per_second() == 0.0
+    assert runtime.health.tokens_per_second() == 0.0
     metrics.GENERATION_TOKENS.labels("rate-test").inc(30)
     clock[0] += 3.0
-    assert runtime.tokens_per_second() == pytest.approx(30 / 23)  # since the last sample before the window
+    assert runtime.health.tokens_per_second() == pytest.approx(30 / 23)  # since the last sample before the window

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.app import create_asgi_app
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
