@@ -7,7 +7,7 @@ decoder per direction handles every kind.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -147,6 +147,16 @@ class FailedModel(msgspec.Struct, frozen=True):
 
 
 # ---------------------------------------------------------------------------------------------------
+class ToolSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A function the model may call, checked by the gateway before it is sent (a non-empty name unique
+    among the request's tools; parameters a JSON Schema object the grammar can enforce)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # None: the function takes no arguments
+    strict: bool | None = None  # True: arguments held to the schema even when the model chooses to call
+
+
 # Gateway -> engine
 
 
@@ -157,8 +167,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the model's chat template
     prompt: str | None = None  # legacy completions: used as is
     constraint: Constraint | None = None  # response_format / forced tool call, enforced while decoding
-    # Tool calling (chat only). tools: JSON text of OpenAI's `tools` list, None or "[]" for none.
-    tools: str | None = None
+    tools: tuple[ToolSpec, ...] = ()  # tool calling (chat messages only); () for none
     tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call

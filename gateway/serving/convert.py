@@ -5,9 +5,9 @@ name them.
 Chat completions, the Responses API and Anthropic's Messages API say the same things in three shapes. Each
 protocol layer reads its shape into the plain values here (`FunctionTool`, `ToolChoice`) and gets the
 `Generate` fields from `tool_fields`; structured output becomes a `Constraint` through `json_constraint`.
-So the engine sees one convention (the JSON text of OpenAI chat's `tools` list), and the checks that need
-no model (names unique, a named tool among the tools, a schema that can be enforced) are made once, before
-any work, with the parameter path of the API the client speaks.
+So the engine sees one convention (typed `ToolSpec`s, carried across the process boundary as they are),
+and the checks that need no model (names unique, a named tool among the tools, a schema that can be
+enforced) are made once, here, before any work, with the parameter path of the API the client speaks.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import msgspec
 
 from gateway.errors import ErrorKind, GatewayError, invalid, unsupported
 from mlx_backend import grammar
-from mlx_backend.types import Constraint, SamplingParams
+from mlx_backend.types import Constraint, SamplingParams, ToolSpec
 
 T = TypeVar("T")
 
@@ -48,7 +48,7 @@ class ToolChoice:
 class ToolFields(TypedDict):
     """Keyword arguments for `Generate`."""
 
-    tools: str | None
+    tools: tuple[ToolSpec, ...]
     tool_choice: str
     tool_choice_name: str | None
     parallel_tool_calls: bool
@@ -68,7 +68,7 @@ def tool_fields(tools: Sequence[FunctionTool], choice: ToolChoice, parallel: boo
     if choice.mode == "function" and choice.name not in names:
         raise invalid(choice.param, f"The tool choice names {choice.name!r}, which is not one of the tools.")
     return ToolFields(
-        tools=json.dumps([_chat_tool(t) for t in tools]) if tools else None,
+        tools=tuple(ToolSpec(t.name, t.description, t.parameters, t.strict) for t in tools),
         tool_choice=choice.mode,
         tool_choice_name=choice.name if choice.mode == "function" else None,
         parallel_tool_calls=parallel,
@@ -82,17 +82,6 @@ def check_constraint_with_tools(tools: Sequence[FunctionTool], choice: ToolChoic
     if tools and choice.mode != "none":
         raise unsupported(param, "structured output cannot be combined with tools the model may call; send "
                                  "one of the two (or tool choice none)")
-
-
-def _chat_tool(tool: FunctionTool) -> dict[str, Any]:
-    function: dict[str, Any] = {"name": tool.name}
-    if tool.description is not None:
-        function["description"] = tool.description
-    if tool.parameters is not None:
-        function["parameters"] = tool.parameters
-    if tool.strict is not None:
-        function["strict"] = tool.strict
-    return {"type": "function", "function": function}
 
 
 def json_constraint(schema: dict[str, Any] | None, *, strict: bool, param: str) -> Constraint:

@@ -13,7 +13,7 @@ from litestar.testing import TestClient
 from mlx_backend.engine import EngineState
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
+from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall, ToolSpec
 from tests.support.event_order import check_anthropic_events, named_events
 from tests.unit.gateway.conftest import ClientFactory
 
@@ -166,8 +166,7 @@ def test_tool_choice_maps_onto_the_engine(make_client: ClientFactory, choice: An
     make_client(engine).post("/v1/messages", json=body(tools=[WEATHER], **extra))
     sent = engine.received[-1]
     assert (sent.tool_choice, sent.tool_choice_name, sent.parallel_tool_calls) == (mode, name, parallel)
-    assert json.loads(sent.tools or "") == [{"type": "function", "function": {
-        "name": "get_weather", "description": "Weather in a city", "parameters": WEATHER["input_schema"]}}]
+    assert sent.tools == (ToolSpec("get_weather", "Weather in a city", WEATHER["input_schema"]),)
 
 
 def test_sampling_parameters_top_k_included_reach_the_engine(make_client: ClientFactory) -> None:

@@ -11,7 +11,7 @@ from litestar.testing import TestClient
 
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
+from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall, ToolSpec
 from tests.support.event_order import check_responses_events, named_events
 from tests.unit.gateway.conftest import ClientFactory
 from tests.unit.gateway.test_errors import error_of
@@ -143,11 +143,8 @@ def test_function_tools_reach_the_engine_in_chats_shape_strict_by_default(make_c
     loose = {"type": "function", "name": "f", "strict": False}
     client.post("/v1/responses", json=body(tools=[WEATHER, loose], parallel_tool_calls=False))
     sent = engine.received[-1]
-    assert json.loads(sent.tools or "") == [
-        {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                          "parameters": WEATHER["parameters"], "strict": True}},
-        {"type": "function", "function": {"name": "f", "strict": False}},
-    ]
+    assert sent.tools == (ToolSpec("get_weather", "Weather in a city", WEATHER["parameters"], strict=True),
+                          ToolSpec("f", strict=False))
     assert (sent.tool_choice, sent.tool_choice_name, sent.parallel_tool_calls) == ("auto", None, False)
 
 
@@ -348,7 +345,7 @@ SUB_AGENTS = {"type": "namespace", "name": "multi_agent_v1", "description": "Too
 def test_namespace_tools_offer_their_functions_to_the_model(make_client: ClientFactory) -> None:
     engine = FakeEngine()
     make_client(engine).post("/v1/responses", json=body(tools=[WEATHER, SUB_AGENTS]))
-    offered = [t["function"]["name"] for t in json.loads(engine.received[-1].tools or "")]
+    offered = [t.name for t in engine.received[-1].tools]
     assert offered == ["get_weather", "spawn_agent", "close_agent"]
 
 
@@ -384,10 +381,10 @@ def test_hosted_tools_are_declared_but_not_offered(make_client: ClientFactory) -
     hosted = [{"type": "web_search", "external_web_access": False}, {"type": "file_search", "vector_store_ids": ["v"]}]
     response = client.post("/v1/responses", json=body(tools=[*hosted, WEATHER]))
     assert response.status_code == 200, response.text
-    assert [t["function"]["name"] for t in json.loads(engine.received[-1].tools or "")] == ["get_weather"]
+    assert [t.name for t in engine.received[-1].tools] == ["get_weather"]
     assert response.json()["tools"][0] == hosted[0]  # echoed as sent
     alone = client.post("/v1/responses", json=body(tools=hosted))
-    assert alone.status_code == 200 and engine.received[-1].tools is None
+    assert alone.status_code == 200 and engine.received[-1].tools == ()
 
 
 def test_codex_default_request_fields_are_accepted(make_client: ClientFactory) -> None:
