@@ -322,7 +322,7 @@ def message(message_id: str, model: str, reply: Reply, finished: Finished) -> Me
 
 
 class MessageStream:
-    """Anthropic's events for one streamed message (see protocol_anthropic for the order)."""
+    """Anthropic's events for one streamed message (see gateway/messages/wire.py for the order)."""
 
     def __init__(self, message_id: str, model: str, prompt_tokens: int, cached_tokens: int) -> None:
         self.message_id = message_id

@@ -1,7 +1,7 @@
 """Anthropic Messages API wire types (`POST /v1/messages`, `/v1/messages/count_tokens`), as msgspec Structs.
 
 Requests forbid unknown fields, so a parameter we do not know is a 400 naming it. Fields Anthropic defines
-that would change the output in ways we cannot honour are declared so that `convert_anthropic` can name
+that would change the output in ways we cannot honour are declared so that `gateway/messages/convert.py` can name
 them. This module imports neither MLX nor Litestar.
 """
 
@@ -88,7 +88,7 @@ class MessageParam(Struct, forbid_unknown_fields=True):
 
 class ToolParam(Struct, forbid_unknown_fields=True, kw_only=True):
     """A client tool (the model calls it, the client runs it). Server tools (`bash_...`, `web_search_...`)
-    have a versioned `type` and are refused by name in convert_anthropic."""
+    have a versioned `type` and are refused by name in gateway/messages/convert.py."""
 
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     input_schema: dict[str, Any]

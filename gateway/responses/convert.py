@@ -400,7 +400,7 @@ def turn_of(reply: Reply) -> ChatMessage:
 
 
 class ResponseStream:
-    """The typed events of one streamed response, with their sequence numbers (see protocol_responses)."""
+    """The typed events of one streamed response, with their sequence numbers (see gateway/responses/wire.py)."""
 
     def __init__(self, base: ResponseObject, on_done: Callable[[ResponseObject, Reply], None]) -> None:
         self.base = base

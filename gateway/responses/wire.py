@@ -1,7 +1,7 @@
 """OpenAI Responses API wire types (`POST /v1/responses`, `GET /v1/responses/{id}`), as msgspec Structs.
 
 Requests forbid unknown fields: a parameter we do not know is a 400 naming it. Input items and tools are
-read as plain objects here and each kind is checked in `convert_responses` (message items may omit their
+read as plain objects here and each kind is checked in `gateway/responses/convert.py` (message items may omit their
 `type`, so msgspec cannot tell them apart by a tag); the Structs below describe them for the OpenAPI
 document and are what the converter decodes each item into. This module imports neither MLX nor Litestar.
 """
@@ -18,7 +18,7 @@ TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
 
 # ---------------------------------------------------------------------------------------------------
-# Input items (decoded one by one in convert_responses)
+# Input items (decoded one by one in gateway/responses/convert.py)
 
 
 class InputText(Struct, tag="input_text", tag_field="type", forbid_unknown_fields=True):
