@@ -121,7 +121,10 @@ async def serve(
     try:
         exchange = await start(runtime, request, adapter.command)
     except GatewayError as exc:
-        raise in_api_terms(exc, adapter.engine_fields) from exc
+        told = in_api_terms(exc, adapter.engine_fields)
+        if told is exc:
+            raise
+        raise told from exc
     if stream:
         return streaming(exchange, adapter.stream(exchange))
     return Response(await folded(exchange, adapter.whole(exchange)))
