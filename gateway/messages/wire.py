@@ -88,7 +88,7 @@ class MessageParam(Struct, forbid_unknown_fields=True):
 
 class ToolParam(Struct, forbid_unknown_fields=True, kw_only=True):
     """A client tool (the model calls it, the client runs it). Server tools (`bash_...`, `web_search_...`)
-    have a versioned `type` and are refused by name in gateway/messages/convert.py."""
+    have a versioned `type` and are refused by name in convert_anthropic."""
 
     name: Annotated[str, Meta(min_length=1, max_length=128)]
     input_schema: dict[str, Any]
