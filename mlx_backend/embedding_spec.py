@@ -18,7 +18,7 @@ from typing import Any, Literal
 Pooling = Literal["cls", "mean", "last"]
 Family = Literal["encoder", "decoder"]
 
-# Encoders: the family served (mlx_backend/bert.py), and others known to be encoders, so that a chat request to
+# Encoders: the family served (mlx_backend/engine/bert.py), and others known to be encoders, so that a chat request to
 # one is refused by name and loading one says the architecture is not supported (rather than "not found").
 SERVED_ENCODERS = frozenset({"bert"})
 ENCODER_MODEL_TYPES = SERVED_ENCODERS | {

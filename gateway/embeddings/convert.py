@@ -9,7 +9,7 @@ import numpy as np
 from gateway.embeddings import token_ids
 from gateway.embeddings.wire import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.errors import invalid
-from mlx_backend.types import Embed, Embedded
+from mlx_backend.contract import Embed, Embedded
 
 MAX_INPUTS = 2048  # OpenAI's limit on one request's inputs
 

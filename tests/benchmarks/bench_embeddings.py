@@ -1,5 +1,5 @@
 """Embeddings per second through the gateway (a real `mlx-gateway serve`, HTTP, the engine process) beside the
-same model computed directly in one process (mlx_backend.embeddings: tokenize, padded forward passes, pool,
+same model computed directly in one process (mlx_backend.engine.embeddings: tokenize, padded forward passes, pool,
 normalise), for 1, 32 and 256 short inputs per request, one request at a time; and one input per request from
 `--clients` concurrent clients (whose requests the engine batches together).
 
@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import httpx
 
-from mlx_backend import loader
 from mlx_backend.embedding_spec import read_spec
-from mlx_backend.embeddings import embed, hidden_size, tokenize
+from mlx_backend.engine import model_load
+from mlx_backend.engine.embeddings import embed, hidden_size, tokenize
 from mlx_backend.registry import ModelRegistry
 from tests.support.server import ServerProcess
 from tests.support.tiny_embedding_models import make_tiny_bert
@@ -87,7 +87,7 @@ def main() -> None:
         root = Path(tmp) / "models"
         make_tiny_bert(root / MODEL, layers=args.layers, hidden=args.hidden, heads=args.hidden // 32,
                        intermediate=args.hidden * 4, context=512, vocab_size=30522)
-        artifacts = loader.load(ModelRegistry([root], None, False).resolve(MODEL))
+        artifacts = model_load.load(ModelRegistry([root], None, False).resolve(MODEL))
         spec = read_spec(root / MODEL)
         assert spec is not None
         width = hidden_size(artifacts.config)

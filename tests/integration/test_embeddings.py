@@ -23,9 +23,9 @@ import pytest
 import tiktoken
 
 from gateway.embeddings import token_ids
-from mlx_backend import loader
 from mlx_backend.embedding_spec import read_spec
-from mlx_backend.embeddings import check_dimensions, embed, hidden_size, tokenize
+from mlx_backend.engine import model_load
+from mlx_backend.engine.embeddings import check_dimensions, embed, hidden_size, tokenize
 from mlx_backend.registry import ModelRegistry
 from tests.support.server import ServerProcess
 from tests.support.tiny_embedding_models import make_tiny_bert, make_tiny_qwen3_embedding
@@ -85,7 +85,7 @@ def client(server: ServerProcess) -> openai.OpenAI:
 
 @cache
 def _loaded(root: Path, model_id: str) -> Any:
-    return loader.load(ModelRegistry([root], None, False).resolve(model_id))
+    return model_load.load(ModelRegistry([root], None, False).resolve(model_id))
 
 
 def direct(root: Path, model_id: str, texts: list[str], dimensions: int | None = None) -> np.ndarray[Any, Any]:
