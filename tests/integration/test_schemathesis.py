@@ -13,12 +13,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import StartServer
-from tests.support.schemathesis_hooks import SERVED_MODEL
+from tests.support.schemathesis_hooks import EMBEDDING_MODEL, SERVED_MODEL
+from tests.support.tiny_embedding_models import make_tiny_bert
 from tests.support.tiny_models import make_tiny_model
 
 OPENAPI = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 KEY = "sk-schemathesis"
-GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/embeddings")
 
 
 def _answered_200(metrics: str) -> dict[str, float]:
@@ -35,6 +36,7 @@ def _answered_200(metrics: str) -> dict[str, float]:
 def test_schemathesis_finds_no_failure_and_no_500(start_server: StartServer, tmp_path: Path) -> None:
     # A context no fuzzed prompt fills; the hooks keep each generation short (16 tokens, as the default here).
     make_tiny_model(tmp_path / "models" / SERVED_MODEL, chat_format="qwen2.5", context_length=4096)
+    make_tiny_bert(tmp_path / "models" / EMBEDDING_MODEL, context=512)
     server = start_server("--models-dir", str(tmp_path / "models"), "--api-key", KEY, "--max-tokens-default", "16")
     server.wait_ready()
     cli = shutil.which("schemathesis") or shutil.which("st")

@@ -14,6 +14,8 @@ from typing import Any
 import schemathesis
 
 SERVED_MODEL = "tiny"
+EMBEDDING_MODEL = "embedder"  # a tiny BERT (tests.support.tiny_embedding_models), 64 dimensions, 512 tokens
+EMBEDDING_DIMENSIONS = 64
 SERVED_VOCABULARY = 512  # tests.support.tiny_models' default: logit_bias may name only its token ids
 MAX_TOKENS = 16
 MAX_CHOICES = 2
@@ -27,7 +29,8 @@ def map_body(ctx: Any, body: Any) -> Any:
         return body
     body = dict(body)
     if isinstance(body.get("model"), str):
-        body["model"] = SERVED_MODEL
+        embeddings = ctx.operation is not None and ctx.operation.path == "/v1/embeddings"
+        body["model"] = EMBEDDING_MODEL if embeddings else SERVED_MODEL
     for limit, most in _CAPS.items():
         value = body.get(limit)
         integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 8.0 is 8
@@ -52,10 +55,15 @@ def filter_body(ctx: Any, body: Any) -> bool:
     that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON;
     structured output goes with no callable tools; logit_bias names tokens of the model; top_logprobs needs
     logprobs (chat); previous_response_id names a stored response; tool names are unique; a thinking budget is
-    less than max_tokens."""
+    less than max_tokens; embeddings: `dimensions` is the model's own (it is no Matryoshka model), and token ids
+    need tiktoken's cl100k_base file, which the fuzzed server has not."""
     if not isinstance(body, dict):
         return True
     path = ctx.operation.path if ctx.operation is not None else ""
+    if path == "/v1/embeddings":
+        given = body.get("input")
+        token_ids = isinstance(given, list) and any(not isinstance(v, str) for v in given)
+        return not token_ids and body.get("dimensions") in (None, EMBEDDING_DIMENSIONS)
     if path.startswith("/v1/messages") and isinstance(body.get("messages"), list):
         last = body["messages"][-1] if body["messages"] else None
         if isinstance(last, dict) and last.get("role") == "assistant":
