@@ -176,7 +176,9 @@ def embed(model: Module, spec: EmbeddingSpec, ids: list[list[int]], dimensions: 
           pacer: PrefillPacer | None = None) -> np.ndarray[Any, np.dtype[np.float32]]:
     """(inputs, dimensions) float32 vectors, in input order. `pacer` (the model's) sizes each pass to take about
     its piece time on this device, as prefill pieces are (mlx_backend/pacing.py): every pass moves the stall
-    clock's counter, so a large request on a busy CPU is never taken for a stalled engine."""
+    clock's counter, so a large request on a busy CPU is never taken for a stalled engine. A decoder's input
+    longer than a pass is run in pieces through a KV cache, as a prompt's prefill is; an encoder's cannot be
+    (its attention sees the whole input), so it passes whole."""
     out = np.empty((len(ids), dimensions), dtype=np.float32)
     lengths = [len(r) for r in ids]
     order = sorted(range(len(ids)), key=lambda i: lengths[i])
@@ -184,8 +186,12 @@ def embed(model: Module, spec: EmbeddingSpec, ids: list[list[int]], dimensions: 
         budget = pacer.size if pacer is not None else MAX_BATCH_TOKENS
         group, full = _take(order, lengths, budget, MAX_BATCH_ROWS)
         started = time.monotonic()
-        hidden, mask, lengths_in_pass = forward(model, spec, [ids[i] for i in group])
-        vectors = finish(pool(hidden, mask, lengths_in_pass, spec.pooling), dimensions, spec.normalize)
+        if spec.family == "decoder" and lengths[group[0]] > budget:
+            vectors = finish(_last_state_in_pieces(model, ids[group[0]], budget, progress), dimensions,
+                             spec.normalize)
+        else:
+            hidden, mask, lengths_in_pass = forward(model, spec, [ids[i] for i in group])
+            vectors = finish(pool(hidden, mask, lengths_in_pass, spec.pooling), dimensions, spec.normalize)
         mx.eval(vectors)
         out[group] = np.array(vectors, copy=False)
         if pacer is not None:
@@ -197,6 +203,21 @@ def embed(model: Module, spec: EmbeddingSpec, ids: list[list[int]], dimensions: 
                 pacer.observe(padded, took)
         progress()
     return out
+
+
+def _last_state_in_pieces(model: Module, row: list[int], piece: int, progress: Callable[[], None]) -> mx.array:
+    """A decoder's last hidden state for one long input, computed `piece` tokens at a time through a KV cache
+    (the causal mask offset by what the cache holds, as mlx-lm's prefill runs): (1, width)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    hidden: mx.array | None = None
+    for start in range(0, len(row), piece):
+        hidden = model.model(mx.array([row[start:start + piece]]), cache=cache)
+        mx.eval(hidden)
+        progress()
+    assert hidden is not None
+    return hidden[:, -1].astype(mx.float32)
 
 
 # -- the Embed commands (MLX thread) --------------------------------------------------------------------

@@ -306,3 +306,16 @@ def test_passes_are_paced_to_the_devices_speed_and_every_pass_moves_the_progress
     paced = embeddings.embed(artifacts.model, spec, ids, 64, lambda: passes.append(1), pacer)
     assert len(passes) > 1 and pacer.size > 16  # started small (16 tokens), grew with each quick pass
     np.testing.assert_allclose(paced, embeddings.embed(artifacts.model, spec, ids, 64), atol=2e-6)
+
+
+def test_a_decoders_input_longer_than_a_pass_runs_in_pieces_through_a_kv_cache(root: Path) -> None:
+    artifacts = load(root, "qwen3-embedding")
+    spec = read_spec(root / "qwen3-embedding")
+    assert spec is not None
+    text = " ".join(["the weather is fine and the river runs north"] * 6)
+    ids = embeddings.tokenize(artifacts.tokenizer, (text, "short"), None, "qwen3-embedding")
+    assert len(ids[0]) > 40
+    passes: list[int] = []
+    pieces = embeddings.embed(artifacts.model, spec, ids, 64, lambda: passes.append(1), PrefillPacer.fixed(16))
+    assert len(passes) >= len(ids[0]) // 16 + 1  # every piece moved the progress counter
+    np.testing.assert_allclose(pieces, embeddings.embed(artifacts.model, spec, ids, 64), atol=2e-5)
