@@ -5,12 +5,12 @@ join and leave the batch at any step. A request is one row per choice (n), each 
 logits processors and output bookkeeping (mlx_backend/plan.py decides them, mlx_backend/choice.py turns
 tokens into events). A lone request runs solo (mlx_backend/solo.py) and joins the batch when a second one
 arrives; the n choices of one request share one prefill. Finished requests leave their KV cache for the
-next turn (mlx_backend/prefix.py). The heartbeat thread only reads plain values published after each step.
-What is kept per request, row and model is in mlx_backend/rows.py; the queue of requests not yet started,
-in mlx_backend/waiting.py.
+next turn (mlx_backend/engine/residency/prefix.py). The heartbeat thread only reads plain values published
+after each step. What is kept per request, row and model is in mlx_backend/rows.py; the queue of requests not
+yet started, in mlx_backend/waiting.py.
 
-Models load in pieces between steps (mlx_backend/cache.py, loading.py): a request whose model is loading
-stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
+Models load in pieces between steps (mlx_backend/engine/residency/, loading.py): a request whose model is
+loading stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_backend import faults, timeline
-from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
+from mlx_backend.engine.residency.models import CachedModel, ModelCache
+from mlx_backend.engine.residency.prefix import PrefixCaches
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText
 from mlx_backend.pacing import PrefillPacer
 from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
-from mlx_backend.prefix import PrefixCaches
 from mlx_backend.rows import SOLO_UID, ModelState, Request, Row, Token
 from mlx_backend.solo import SoloGeneration, prefill
 from mlx_backend.tools import prompt_tokens

@@ -1,6 +1,6 @@
 """One request's channel from the engine to its owner in the gateway (gateway/exchange.py): its events in
 order, merged where a consumer fell behind, and `interrupt`, the one way to stop it early. The engine client
-(mlx_backend/engine.py) delivers into it; nothing here knows about processes.
+(mlx_backend/client/engine.py) delivers into it; nothing here knows about processes.
 """
 
 from __future__ import annotations

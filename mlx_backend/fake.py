@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 
-from mlx_backend.engine import ControlAction, EngineState, EngineStatus, unavailable
+from mlx_backend.client.engine import ControlAction, EngineState, EngineStatus, unavailable
 from mlx_backend.engine_request import EngineRequest
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.types import (

@@ -1,6 +1,6 @@
 """Prefill pieces sized to the device's measured speed, so a long prompt shows progress often.
 
-The gateway's stall clock (mlx_backend/engine.py) kills an engine whose progress counter stops moving while it
+The gateway's stall clock (mlx_backend/client/engine.py) kills an engine whose progress counter stops moving while it
 has work, and the counter moves once per prefill piece. A fixed piece of 2048 tokens takes ~50 ms on a GPU, but
 a minute on a busy 2-core CPU deep into an agent's 12k-token prompt (attention grows with the context): a
 healthy engine was killed there. So each model's pacer times the pieces it runs and sizes the next one to take

@@ -18,9 +18,9 @@ from mlx_lm.sample_utils import LogitsProcessor, Sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
 from mlx_backend import faults
-from mlx_backend.cache import CachedModel
 from mlx_backend.choice import ChoiceOutput
 from mlx_backend.constrained import ConstraintError, ConstraintProcessor, compiler_for
+from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText, token_logprob
 from mlx_backend.reasoning import ForcedTokens, budget_processor, detect_reasoning, opens_reasoning

@@ -441,7 +441,7 @@ def main(address: str, config_json: str) -> int:
 def serve(channel: worker.Channel, config: EngineConfig, exchange: Exchange, inbox: queue.Queue[Command],
           wakes: queue.Queue[Command], source: list[Callable[[], Event]]) -> int:
     from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
-    from mlx_backend.cache import ModelCache, default_memory_budget
+    from mlx_backend.engine.residency.models import ModelCache, default_memory_budget
 
     group_config = config.group
     assert group_config is not None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_backend.cache import CachedModel
+from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.logprobs import TokenText
 from mlx_backend.pacing import PrefillPacer
 from mlx_backend.plan import ChoicePlan

@@ -61,7 +61,7 @@ from mlx_backend.types import (
 
 if TYPE_CHECKING:
     from mlx_backend.batcher import Batcher
-    from mlx_backend.control import Controls
+    from mlx_backend.engine.control import Controls
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -183,9 +183,9 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                      name="heartbeat", daemon=True).start()
 
     from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
-    from mlx_backend.cache import ModelCache
-    from mlx_backend.control import Controls
-    from mlx_backend.residency import KeepAlive
+    from mlx_backend.engine.control import Controls
+    from mlx_backend.engine.residency.models import ModelCache
+    from mlx_backend.keep_alive import KeepAlive
 
     registry = ModelRegistry(
         [Path(d) for d in config.models_dirs],

@@ -29,8 +29,8 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_backend.batcher import Batcher
-from mlx_backend.cache import ModelCache
-from mlx_backend.engine import EngineClient
+from mlx_backend.client.engine import EngineClient
+from mlx_backend.engine.residency.models import ModelCache
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, ModelEvent, SamplingParams
 

@@ -21,7 +21,7 @@ from tests.support.server import ServerProcess
 from tests.support.tiny_models import make_tiny_model
 
 STALL_LIMIT_S = 2.0
-KILL_AFTER_S = STALL_LIMIT_S * 1.5  # mlx_backend/engine.py kills at limit + max(1, limit / 2)
+KILL_AFTER_S = STALL_LIMIT_S * 1.5  # mlx_backend/client/engine.py kills at limit + max(1, limit / 2)
 PROMPT_WORDS = 2000  # one token each (the word-level tokenizer): under one 2048-token piece
 
 

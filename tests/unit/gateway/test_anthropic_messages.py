@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from mlx_backend.engine import EngineState
+from mlx_backend.client.engine import EngineState
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.fake import FakeEngine
 from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall

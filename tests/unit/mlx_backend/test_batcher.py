@@ -12,7 +12,7 @@ import pytest
 
 from mlx_backend import loader
 from mlx_backend.batcher import Batcher
-from mlx_backend.cache import ModelCache
+from mlx_backend.engine.residency.models import ModelCache
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import (
     ChatMessage,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import mlx_backend.cache as cache_module
+import mlx_backend.engine.residency.models as cache_module
 from mlx_backend import loader
 from mlx_backend.batcher import Batcher
-from mlx_backend.cache import ModelCache
-from mlx_backend.control import Controls
+from mlx_backend.engine.control import Controls
+from mlx_backend.engine.residency.models import ModelCache
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import (
     ChatMessage,

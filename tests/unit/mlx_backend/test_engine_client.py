@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mlx_backend.engine import EngineClient, EngineState, SupervisionPolicy
+from mlx_backend.client.engine import EngineClient, EngineState, SupervisionPolicy
 from mlx_backend.engine_request import Interrupted
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.types import (

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.serve import group_spec
 from gateway.settings import Settings
-from mlx_backend.engine import EngineClient, EngineState, SupervisionPolicy
+from mlx_backend.client.engine import EngineClient, EngineState, SupervisionPolicy
 from mlx_backend.errors import EngineError
 from mlx_backend.group import (
     TOKEN_ENV,

@@ -13,10 +13,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend import loader, loading
-from mlx_backend.cache import ModelCache
+from mlx_backend.engine.residency.memory import kv_bytes_per_token, rounded_tokens
+from mlx_backend.engine.residency.models import ModelCache
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.loading import StagedLoad
-from mlx_backend.memory import kv_bytes_per_token, rounded_tokens
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.solo import SoloGeneration
 from tests.support import tiny_models as tm

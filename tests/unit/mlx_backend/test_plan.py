@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mlx_backend.cache import CachedModel
+from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.errors import EngineError
 from mlx_backend.loader import load, validate
 from mlx_backend.logprobs import TokenText

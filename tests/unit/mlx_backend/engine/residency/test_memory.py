@@ -3,7 +3,13 @@ reservations and what they leave free."""
 
 from __future__ import annotations
 
-from mlx_backend.memory import KV_STEP_TOKENS, MemoryLedger, batch_kv_bytes, kv_bytes_per_token, rounded_tokens
+from mlx_backend.engine.residency.memory import (
+    KV_STEP_TOKENS,
+    MemoryLedger,
+    batch_kv_bytes,
+    kv_bytes_per_token,
+    rounded_tokens,
+)
 
 LLAMA_1B = {"num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 2048,
             "torch_dtype": "bfloat16"}

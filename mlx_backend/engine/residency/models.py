@@ -1,12 +1,12 @@
 """Loaded models within a memory budget that counts everything: weights, the load in progress, the running
-requests' KV cache and the prefix cache (mlx_backend/memory.py).
+requests' KV cache and the prefix cache (mlx_backend/engine/residency/memory.py).
 
 Loads happen in pieces between decode steps (mlx_backend/loading.py), one at a time, in the order asked for:
 `acquire` answers None while a request's model is queued or loading, and the batcher asks again after the
 next step; `advance` runs the next piece. Room is made by trimming the prefix cache (it is only a cache),
 then by evicting idle, unpinned models, least recently used first; what running requests hold is waited
 for; what pinned models hold is never taken. An unused model unloads when its keep-alive runs out
-(mlx_backend/residency.py); a pinned one never does.
+(mlx_backend/keep_alive.py); a pinned one never does.
 
 A model too large for the budget is refused before its weights are read. A failure is re-raised as it was,
 without a new attempt, until `retry_backoff_s` passes or the model's files change (a user fixing a broken
@@ -30,12 +30,12 @@ from typing import Protocol
 import mlx.core as mx
 
 from mlx_backend import loader
+from mlx_backend.engine.residency.memory import MemoryLedger, batch_kv_bytes, kv_bytes_per_token
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.keep_alive import KeepAlive
 from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.loading import Progress, StagedLoad
-from mlx_backend.memory import MemoryLedger, batch_kv_bytes, kv_bytes_per_token
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
-from mlx_backend.residency import KeepAlive
 from mlx_backend.types import FailedModel, LoadedModel, LoadProgress, ModelEvent
 
 log = logging.getLogger("mlx_gateway.engine.cache")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from mlx_backend.cache import ModelCache
+from mlx_backend.engine.residency.models import ModelCache
 from mlx_backend.errors import EngineError
 from mlx_backend.types import Event, Heartbeat, ModelControl, ModelControlDone
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mlx_backend.cache import ModelCache, default_memory_budget
+from mlx_backend.engine.residency.models import ModelCache, default_memory_budget
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.registry import ModelEntry, ModelRegistry

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mlx_backend.cache import ModelCache
+from mlx_backend.engine.residency.models import ModelCache
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.keep_alive import KeepAlive
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.residency import KeepAlive
 from mlx_backend.types import ModelEvent
-from tests.unit.mlx_backend.test_cache import FakeLoader, add_model
+from tests.unit.mlx_backend.engine.residency.test_models import FakeLoader, add_model
 
 
 @pytest.fixture
@@ -219,7 +219,7 @@ def test_an_over_budget_prefix_cache_is_trimmed_between_steps(root: Path) -> Non
 def test_progress_of_the_load_in_progress_is_logged_every_few_seconds(
     root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import mlx_backend.cache as cache_module
+    import mlx_backend.engine.residency.models as cache_module
 
     monkeypatch.setattr(cache_module, "PROGRESS_LOG_S", 0.0)
     rig = Rig(root)
