@@ -38,7 +38,7 @@ import mlx.core as mx
 import msgspec
 
 from mlx_backend import timeline
-from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.errors import EngineErrorCode
 from mlx_backend.ipc import ConnectionClosed, EngineSide
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.types import (
@@ -62,6 +62,7 @@ from mlx_backend.types import (
 if TYPE_CHECKING:
     from mlx_backend.batcher import Batcher
     from mlx_backend.engine.control import Controls
+    from mlx_backend.engine.residency.load_queue import LoadOutcome
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -184,7 +185,7 @@ def serve(channel: Channel, config: EngineConfig) -> int:
 
     from mlx_backend.batcher import Batcher  # the heavy imports: mlx_lm, transformers
     from mlx_backend.engine.control import Controls
-    from mlx_backend.engine.residency.models import ModelCache
+    from mlx_backend.engine.residency.residency import Residency
     from mlx_backend.keep_alive import KeepAlive
 
     registry = ModelRegistry(
@@ -193,18 +194,18 @@ def serve(channel: Channel, config: EngineConfig) -> int:
         config.include_demo_model,
         allowed=config.allowed_models,
     )
-    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s,
-                       keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
-                       warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
-                       read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0)
-    cache.on_event = channel.emit
-    batcher = Batcher(config, cache, channel.emit)
-    controls = Controls(cache, channel.emit, batcher.busy_models, batcher.heartbeat)
+    batcher = Batcher(config, lambda events: Residency(
+        registry, config.memory_budget_bytes, config.load_retry_backoff_s, events=events,
+        prefix_cache_bytes=config.prompt_cache_bytes,
+        keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
+        warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
+        read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0,
+    ), channel.emit)
+    controls = Controls(batcher.residency, channel.emit, batcher.busy_models, batcher.heartbeat)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
-             device, *versions, cache.budget / 1e9, config.max_running)
+             device, *versions, batcher.residency.budget / 1e9, config.max_running)
     controls.preload(config.preload, config.pinned)
-    counts: list[Generate] = []  # prompts to count, waiting for their model's load
 
     while True:
         try:
@@ -219,10 +220,9 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                 while True:
                     commands.append(inbox.get_nowait())
             for command in commands:
-                if not apply_command(batcher, command, channel.emit, controls=controls, counts=counts):
+                if not apply_command(batcher, command, channel.emit, controls=controls):
                     return 0
             batcher.step()
-            counts[:] = [c for c in counts if not _answered(channel, count_prompt(batcher, c))]
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
             with contextlib.suppress(Exception):
@@ -237,13 +237,12 @@ def apply_command(
     send: Callable[[Event], None],
     *,
     controls: Controls | None = None,
-    counts: list[Generate] | None = None,
 ) -> bool:
     """Hand one command to the batcher (MLX thread); False once it was Shutdown (the batcher is then empty).
 
-    `controls` answers the admin API (a single engine: an engine group's ranks would have to agree on each
-    such decision, which they do not yet); `counts` keeps the prompt counts that wait for their model's load,
-    answered after each step; without it a count is answered at once."""
+    `controls` answers the admin API, and with it a prompt count waits for its model's load (a single engine:
+    an engine group's ranks would have to agree on each such decision, which they do not yet); without it a
+    count is answered at once."""
     if isinstance(command, Shutdown):
         log.info("shutdown requested: ending %d requests and freeing the models", batcher.running + batcher.waiting)
         batcher.shutdown()
@@ -259,35 +258,44 @@ def apply_command(
             send(ModelControlDone(command.request_id, EngineErrorCode.INVALID_REQUEST.value,
                                   "Loading, unloading and pinning models is not available for an engine group."))
     elif isinstance(command, CountPrompt):
-        if counts is not None:
-            counts.append(command.request)
+        count_prompt(batcher, command.request, send, wait=controls is not None)
+    return True
+
+
+def count_prompt(batcher: Batcher, command: Generate, send: Callable[[Event], None], *, wait: bool) -> None:
+    """Count the prompt `command` would run with, on the MLX thread (which owns the models). The count waits
+    for its model like a request (its load is asked for and happens between decode steps) and is sent when the
+    outcome comes; without `wait` it is answered at once, ENGINE_OVERLOADED while the model loads."""
+    from mlx_backend.engine.residency.load_queue import Waiter
+
+    rid = command.request_id
+    outcomes: list[LoadOutcome] = []
+
+    def deliver(outcome: LoadOutcome) -> None:
+        if wait:
+            send(_counted(command, outcome))
         else:
-            send(count_prompt(batcher, command.request) or Failed(
-                command.request.request_id, EngineErrorCode.ENGINE_OVERLOADED.value,
-                "The model is loading; count the prompt again shortly."))
-    return True
+            outcomes.append(outcome)
+
+    batcher.residency.wait_for(command.model, Waiter(rid, "count", deliver), batcher.busy_models())
+    if wait:
+        return
+    if outcomes:
+        send(_counted(command, outcomes[0]))
+        return
+    batcher.residency.forget_waiter(rid)
+    send(Failed(rid, EngineErrorCode.ENGINE_OVERLOADED.value, "The model is loading; count the prompt again shortly."))
 
 
-def _answered(channel: Channel, answer: PromptCount | Failed | None) -> bool:
-    if answer is None:
-        return False
-    channel.emit(answer)
-    return True
-
-
-def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | None:
-    """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache); None
-    while its model loads (the load is asked for, as a request would, and happens between decode steps)."""
+def _counted(command: Generate, outcome: LoadOutcome) -> PromptCount | Failed:
     from mlx_backend.tools import prompt_tokens
 
     rid = command.request_id
+    if outcome.error is not None:
+        return Failed(rid, outcome.error.code.value, outcome.error.message, outcome.error.param)
+    assert outcome.model is not None
     try:
-        cached = batcher.cache.acquire(command.model, batcher.busy_models(), waiter=rid)
-        if cached is None:
-            return None
-        return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))
-    except EngineError as exc:
-        return Failed(rid, exc.code.value, exc.message, exc.param)
+        return PromptCount(rid, len(prompt_tokens(command, outcome.model.artifacts.tokenizer)))
     except Exception as exc:
         log.exception("counting the prompt of %s failed", rid)
         return Failed(rid, EngineErrorCode.INTERNAL.value, f"Counting the prompt failed: {type(exc).__name__}")

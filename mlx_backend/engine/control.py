@@ -2,8 +2,9 @@
 models the engine was started with (preload, pinned).
 
 Every command is answered with ModelControlDone, after a heartbeat that already shows its effect, so the
-gateway's answer describes the model as it is now. A load (or a pin, which loads) is answered only once the
-model is ready, warm-up included, or with the error its load failed with.
+gateway's answer describes the model as it is now. A load (or a pin, which loads) waits for its model like
+any waiter (`Residency.wait_for`): it is answered when the outcome is delivered, at once when the model is
+loaded or cannot be, else once its load ends, warm-up included, with the error the load failed with if it did.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from mlx_backend.engine.residency.models import ModelCache
+from mlx_backend.engine.residency.load_queue import LoadOutcome, Waiter
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.errors import EngineError
 from mlx_backend.types import Event, Heartbeat, ModelControl, ModelControlDone
 
@@ -21,52 +23,46 @@ log = logging.getLogger("mlx_gateway.engine.control")
 class Controls:
     def __init__(
         self,
-        cache: ModelCache,
+        residency: Residency,
         emit: Callable[[Event], None],
         busy: Callable[[], set[str]],
         heartbeat: Callable[[], Heartbeat],
     ) -> None:
-        self._cache = cache
+        self._residency = residency
         self._emit = emit
         self._busy = busy
         self._heartbeat = heartbeat
-        self._waiting: dict[str, list[str]] = {}  # model id -> control request ids waiting for its load
-        cache.on_load_done = self._load_done
 
     def preload(self, preload: Sequence[str], pinned: Sequence[str]) -> None:
         """Queue the start-up models; a failure is logged and shows in the model list, never fatal."""
         for model_id in dict.fromkeys([*pinned, *preload]):
-            try:
-                self._cache.request_load(model_id, self._busy(), pin=model_id in pinned, reason="preload")
-            except EngineError as exc:
-                log.error("cannot preload model %s: %s", model_id, exc.message)
+            self._residency.wait_for(model_id, Waiter(f"preload:{model_id}", "preload", _preloaded), self._busy(),
+                                     pin=model_id in pinned)
 
     def handle(self, command: ModelControl) -> None:
-        busy = self._busy()
-        try:
-            if command.action in ("load", "pin"):
-                cached = self._cache.request_load(command.model, busy, pin=command.action == "pin")
-                if cached is None:
-                    self._waiting.setdefault(command.model, []).append(command.request_id)
-                    return
-            elif command.action == "unload":
-                self._cache.unload(command.model, busy)
-            else:
-                self._cache.registry.resolve(command.model)  # an unknown id is a 404, as everywhere
-                self._cache.unpin(command.model)
-        except EngineError as exc:
-            self._answer(command.request_id, exc)
+        if command.action in ("load", "pin"):
+            waiter = Waiter(command.request_id, "admin", lambda outcome: self._answer(command, outcome.error))
+            self._residency.wait_for(command.model, waiter, self._busy(), pin=command.action == "pin")
             return
-        log.info("operator: %s %s", command.action, command.model)
-        self._answer(command.request_id, None)
+        try:
+            if command.action == "unload":
+                self._residency.unload(command.model, self._busy())
+            else:
+                self._residency.unpin(command.model)
+        except EngineError as exc:
+            self._answer(command, exc)
+            return
+        self._answer(command, None)
 
-    def _load_done(self, model_id: str, error: EngineError | None) -> None:
-        for request_id in self._waiting.pop(model_id, []):
-            self._answer(request_id, error)
-
-    def _answer(self, request_id: str, error: EngineError | None) -> None:
+    def _answer(self, command: ModelControl, error: EngineError | None) -> None:
         self._emit(self._heartbeat())
         if error is None:
-            self._emit(ModelControlDone(request_id))
+            log.info("operator: %s %s", command.action, command.model)
+            self._emit(ModelControlDone(command.request_id))
         else:
-            self._emit(ModelControlDone(request_id, error.code.value, error.message))
+            self._emit(ModelControlDone(command.request_id, error.code.value, error.message))
+
+
+def _preloaded(outcome: LoadOutcome) -> None:
+    if outcome.error is not None:
+        log.error("cannot preload model %s: %s", outcome.model_id, outcome.error.message)
