@@ -100,6 +100,10 @@ class PendingLoad:
     def id(self) -> str:
         return self.entry.id
 
+    def wait(self, waiter: Waiter) -> None:
+        """Every waiter is registered here, whatever its kind; `LoadQueue._finish` delivers to each once."""
+        self.waiters.setdefault(waiter.id, waiter)
+
 
 @dataclass(frozen=True)
 class LoadSettings:

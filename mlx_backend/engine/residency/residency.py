@@ -90,17 +90,16 @@ class Residency:
             if pin:
                 self.models.pin(model_id)
             cached = self.models.current(entry, busy)
-            if cached is None:
-                pending = self.queue.enqueue(entry, waiter.kind if operator else "request")
+            pending = None if cached is not None else self.queue.enqueue(entry, waiter.kind if operator else "request")
         except EngineError as exc:
             waiter.deliver(LoadOutcome(model_id, None, exc))
             return
         if operator:
             self.models.changes += 1
-        if cached is not None:
+        if pending is None:
             waiter.deliver(LoadOutcome(model_id, cached, None))
         else:
-            pending.waiters[waiter.id] = waiter
+            pending.wait(waiter)
 
     def acquire(self, model_id: str, busy: Collection[str] = (), waiter: str | None = None) -> CachedModel | None:
         """The loaded model for a request, or None while its load is queued or running (ask again after the
@@ -117,7 +116,7 @@ class Residency:
                 return cached
             pending = self.queue.enqueue(entry, "request")
         if waiter is not None and waiter not in pending.waiters:
-            pending.waiters[waiter] = Waiter(waiter, "request", self._request_outcome(waiter))
+            pending.wait(Waiter(waiter, "request", self._request_outcome(waiter)))
         return None
 
     def _request_outcome(self, request_id: str) -> Callable[[LoadOutcome], None]:
