@@ -192,7 +192,7 @@ def _fingerprint_mark(fingerprint: Fingerprint) -> int:
 
 
 class GroupModels:
-    """The model cache's validate and load (ModelCache takes both), for a rank: the local step, then an
+    """Residency's validate and load (Residency takes both), for a rank: the local step, then an
     agreement round, so every rank's cache makes the same decision."""
 
     def __init__(self, exchange: Exchange, parallelism: str) -> None:
