@@ -12,10 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from mlx_backend.contract import Event, Heartbeat, ModelControl, ModelControlDone
 from mlx_backend.engine.residency.load_queue import LoadOutcome, Waiter
 from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Event, Heartbeat, ModelControl, ModelControlDone
 
 log = logging.getLogger("mlx_gateway.engine.control")
 

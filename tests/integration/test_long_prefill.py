@@ -1,5 +1,5 @@
 """A prompt whose prefill takes longer than the stall limit completes with the engine it started on: the engine
-sizes its prefill pieces to the device's speed (mlx_backend/pacing.py), so the stall clock sees progress
+sizes its prefill pieces to the device's speed (mlx_backend/engine/pacing.py), so the stall clock sees progress
 several times a second. The opposite, a truly stuck engine being killed, is test_engine_faults.py's
 `test_injected_stall_is_reported_as_stalled_and_the_engine_is_replaced`, on the same 2 s limit.
 

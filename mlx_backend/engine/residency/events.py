@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from mlx_backend.types import ModelEvent
+from mlx_backend.contract import ModelEvent
 
 
 class ResidencyEvents(Protocol):

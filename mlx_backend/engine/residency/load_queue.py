@@ -16,15 +16,15 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from mlx_backend import loader
+from mlx_backend.contract import LoadProgress, ModelEvent
+from mlx_backend.engine import model_check
+from mlx_backend.engine.model_check import LoadedArtifacts
+from mlx_backend.engine.model_load import Progress, StagedLoad
 from mlx_backend.engine.residency.events import ResidencyEvents
 from mlx_backend.engine.residency.memory import kv_bytes_per_token
 from mlx_backend.engine.residency.models import CachedModel, LoadedModels, gb
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.loader import LoadedArtifacts
-from mlx_backend.loading import Progress, StagedLoad
 from mlx_backend.registry import ModelEntry
-from mlx_backend.types import LoadProgress, ModelEvent
 
 log = logging.getLogger("mlx_gateway.engine.cache")
 
@@ -53,7 +53,7 @@ class Waiter:
 
 
 class Loader(Protocol):
-    """One load in progress: mlx_backend.loading.StagedLoad, or a one-shot stand-in in tests."""
+    """One load in progress: mlx_backend.engine.model_load.StagedLoad, or a one-shot stand-in in tests."""
 
     @property
     def progress(self) -> Progress: ...
@@ -110,15 +110,15 @@ class LoadSettings:
     warmup: bool = True
     prefill_step_size: int = 2048
     read_delay_s: float = 0.0  # test-only (fault injection): a slow disk
-    validate: Callable[[ModelEntry], int] | None = None  # None: mlx_backend.loader.validate
-    load: Callable[[ModelEntry], LoadedArtifacts] | None = None  # None: staged loads (mlx_backend.loading)
+    validate: Callable[[ModelEntry], int] | None = None  # None: mlx_backend.engine.model_check.validate
+    load: Callable[[ModelEntry], LoadedArtifacts] | None = None  # None: staged loads (mlx_backend.engine.model_load)
 
 
 class LoadQueue:
     def __init__(self, models: LoadedModels, settings: LoadSettings, events: ResidencyEvents) -> None:
         self._models = models
         self._settings = settings
-        self._validate = settings.validate or loader.validate
+        self._validate = settings.validate or model_check.validate
         self._events = events
         self._queue: deque[PendingLoad] = deque()  # the first one runs once it fits
         self.loading: str | None = None  # read by the heartbeat thread

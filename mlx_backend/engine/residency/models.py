@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from mlx_backend.contract import FailedModel, LoadedModel, ModelEvent
+from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.engine.residency.events import ResidencyEvents
 from mlx_backend.engine.residency.memory import MemoryLedger
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.keep_alive import KeepAlive
-from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
-from mlx_backend.types import FailedModel, LoadedModel, ModelEvent
 
 log = logging.getLogger("mlx_gateway.engine.cache")
 

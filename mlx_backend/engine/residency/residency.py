@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
+from mlx_backend.contract import FailedModel, LoadedModel, LoadProgress
+from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.engine.residency.events import ResidencyEvents
 from mlx_backend.engine.residency.load_queue import LoadOutcome, LoadQueue, LoadSettings, Waiter
 from mlx_backend.engine.residency.memory import MemoryLedger, batch_kv_bytes
@@ -26,9 +28,7 @@ from mlx_backend.engine.residency.models import CachedModel, LoadedModels, defau
 from mlx_backend.engine.residency.prefix import PrefixCaches
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.keep_alive import KeepAlive
-from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.registry import ModelEntry, ModelRegistry
-from mlx_backend.types import FailedModel, LoadedModel, LoadProgress
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from mlx_backend.contract import Event, Heartbeat, ModelControl, ModelControlDone
 from mlx_backend.engine.control import Controls
 from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import Event, Heartbeat, ModelControl, ModelControlDone
 from tests.unit.mlx_backend.engine.residency.test_models import FakeLoader, Recorder, add_model
 
 

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from mlx_backend.contract import ModelEvent
+from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.engine.residency.models import default_memory_budget
 from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.registry import ModelEntry, ModelRegistry
-from mlx_backend.types import ModelEvent
 from tests.support import tiny_models as tm
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from mlx_backend.contract import ModelEvent
 from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.keep_alive import KeepAlive
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import ModelEvent
 from tests.unit.mlx_backend.engine.residency.test_models import FakeLoader, add_model
 
 
