@@ -1,11 +1,12 @@
 """Embeddings on the MLX thread: embedding models built for the staged load, inputs batched into padded,
 attention-masked forward passes, pooled and normalised; and the Embed commands waiting for their model.
 
-An Embed is served like a generation request as far as residency goes: its model is acquired through the model
-cache (loaded in pieces, within the memory budget, kept alive, pinned, evicted like any), `Loading` tells the
-gateway a load runs for it. Once its model is there it runs at once, in one loop pass: its inputs are sorted by
-length and cut into forward passes of at most MAX_BATCH_TOKENS padded tokens (256 short inputs: one pass), each
-one moving the progress counter the gateway's stall clock watches.
+An Embed is served like a generation request as far as residency goes: its model is acquired through residency
+(mlx_backend/engine/residency/: loaded in pieces, within the memory budget, kept alive, pinned, evicted like
+any), `Loading` tells the gateway a load runs for it. Once its model is there it runs at once, in one loop pass,
+with the other requests for that model ready in the same pass: inputs sorted by length, cut into padded passes
+sized like prefill pieces (mlx_backend/engine/pacing.py), each one moving the progress counter the gateway's
+stall clock watches. (Other models' decoding waits for that loop pass: a known cost of a very large request.)
 
 Encoders (mlx_backend/engine/bert.py) see an attention mask; a decoder (Qwen3-Embedding, through mlx-lm's model) is
 right-padded: its attention is causal, so a real token never sees the padding after it, and the last real
@@ -32,7 +33,8 @@ from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 if TYPE_CHECKING:
-    from mlx_backend.cache import CachedModel, ModelCache
+    from mlx_backend.engine.residency.models import CachedModel
+    from mlx_backend.engine.residency.residency import Residency
 
 log = logging.getLogger("mlx_gateway.engine.embeddings")
 
@@ -226,9 +228,9 @@ def _last_state_in_pieces(model: Module, row: list[int], piece: int, progress: C
 class EmbedRequests:
     """Embed commands waiting for their model, answered in the loop pass their model is there."""
 
-    def __init__(self, cache: ModelCache, emit: Callable[[Event], None], progress: Callable[[], None],
+    def __init__(self, residency: Residency, emit: Callable[[Event], None], progress: Callable[[], None],
                  piece_s: float = 1.0) -> None:
-        self.cache = cache
+        self.cache = residency
         self.piece_s = piece_s  # a pass should take about this long (EngineConfig.prefill_piece_s; 0: fixed)
         self._pacers: dict[str, PrefillPacer] = {}  # per model: how many padded tokens make a pass
         self._emit = emit
@@ -314,7 +316,7 @@ class EmbedRequests:
         del self._waiting[rid]
         self._announced.discard(rid)
         self.cache.forget_waiter(rid)
-        self.cache.touch(command.model)  # its keep-alive counts from now
+        self.cache.request_done(rid, command.model)  # its keep-alive counts from now
         self._emit(answer)
 
 

@@ -16,15 +16,16 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models import qwen3
 
-from mlx_backend.cache import ModelCache
 from mlx_backend.contract import Embed, Embedded, Event, Failed, Loading, Started
 from mlx_backend.embedding_spec import EmbeddingSpec, read_spec
 from mlx_backend.engine import embeddings, model_check, model_load
 from mlx_backend.engine.pacing import PrefillPacer
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelRegistry
 from tests.support.tiny_embedding_models import make_tiny_bert, make_tiny_qwen3_embedding
 from tests.support.tiny_models import make_tiny_model
+from tests.unit.mlx_backend.engine.residency.test_models import Recorder
 
 SPEC_CLS = EmbeddingSpec("encoder", "bert", "cls", True, False)
 
@@ -211,18 +212,18 @@ def test_qwen3_embedding_is_the_last_tokens_state_of_mlx_lms_qwen3_and_padding_c
 
 
 @pytest.fixture
-def queue(root: Path) -> Iterator[tuple[embeddings.EmbedRequests, list[Event], ModelCache]]:
-    cache = ModelCache(ModelRegistry([root], None, False), 1 << 30, 30.0, warmup=False)
+def queue(root: Path) -> Iterator[tuple[embeddings.EmbedRequests, list[Event], Residency]]:
+    cache = Residency(ModelRegistry([root], None, False), 1 << 30, 30.0, events=Recorder(), warmup=False)
     events: list[Event] = []
     passes: list[int] = []
     yield embeddings.EmbedRequests(cache, events.append, lambda: passes.append(1)), events, cache
     cache.clear()
 
 
-def _run(queue: embeddings.EmbedRequests, cache: ModelCache) -> None:
+def _run(queue: embeddings.EmbedRequests, cache: Residency) -> None:
     """The worker's loop, reduced: a load's piece, then the waiting embeds (the load reads on its thread)."""
     deadline = time.monotonic() + 30
-    while len(queue) or cache.has_load_work:
+    while len(queue) or cache.is_loading():
         assert time.monotonic() < deadline, "the embeds were never answered"
         cache.advance((), idle=True)
         queue.step(())
@@ -230,7 +231,7 @@ def _run(queue: embeddings.EmbedRequests, cache: ModelCache) -> None:
 
 
 def test_an_embed_waits_for_its_models_load_then_is_answered_once(
-    queue: tuple[embeddings.EmbedRequests, list[Event], ModelCache]
+    queue: tuple[embeddings.EmbedRequests, list[Event], Residency]
 ) -> None:
     requests, events, cache = queue
     requests.submit(Embed("e1", "bge", ("hello", "world"), None))
@@ -248,7 +249,7 @@ def test_an_embed_waits_for_its_models_load_then_is_answered_once(
 
 
 def test_an_embed_aborted_while_its_model_loads_is_forgotten(
-    queue: tuple[embeddings.EmbedRequests, list[Event], ModelCache]
+    queue: tuple[embeddings.EmbedRequests, list[Event], Residency]
 ) -> None:
     requests, events, cache = queue
     requests.submit(Embed("e1", "qwen3-embedding", ("hello",), None))
@@ -260,7 +261,7 @@ def test_an_embed_aborted_while_its_model_loads_is_forgotten(
 
 
 def test_an_embed_of_a_chat_model_or_with_bad_dimensions_fails_with_its_reason(
-    queue: tuple[embeddings.EmbedRequests, list[Event], ModelCache]
+    queue: tuple[embeddings.EmbedRequests, list[Event], Residency]
 ) -> None:
     requests, events, cache = queue
     requests.submit(Embed("e1", "bge", ("x",), 8))
@@ -273,7 +274,7 @@ def test_an_embed_of_a_chat_model_or_with_bad_dimensions_fails_with_its_reason(
 
 
 def test_requests_ready_in_one_pass_share_their_models_forward_pass(root: Path) -> None:
-    cache = ModelCache(ModelRegistry([root], None, False), 1 << 30, 30.0, warmup=False)
+    cache = Residency(ModelRegistry([root], None, False), 1 << 30, 30.0, events=Recorder(), warmup=False)
     events: list[Event] = []
     passes: list[int] = []
     requests = embeddings.EmbedRequests(cache, events.append, lambda: passes.append(1), piece_s=0)  # fixed passes
