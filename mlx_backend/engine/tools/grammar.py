@@ -29,10 +29,15 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 _EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
+# llguidance reads a repetition count as a 32-bit signed number; a bound no reply could reach is no bound.
+MOST_REPEATS = 2**31 - 1
+
+
 def tool_grammar(family: Family, tools: list[dict[str, Any]], forced: bool, limit: int, tokenizer: Any) -> str | None:
     """The grammar for calls of `tools` (their `function` definitions) in `family`'s format: `forced`, a call
     must come (else free text first, and a call that opens is held to it); at most `limit` calls (the grammar
     ends after them: a model cannot call forever). None for a family whose format cannot be forced."""
+    limit = min(limit, MOST_REPEATS)
     one = limit == 1
     more = f"{{0,{limit - 1}}}"
     vocab = tokenizer.get_vocab()

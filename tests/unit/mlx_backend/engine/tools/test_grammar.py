@@ -293,3 +293,11 @@ def test_forced_arguments_are_bounded_where_the_schema_is_not(tokenizers: dict[s
     for _ in range(NESTING_LIMIT + 1):
         deep = [deep]
     assert not accepts(tokenizer, g, call_text(families.HERMES, [("log", {**arguments, "extra": deep})]))
+
+
+def test_a_max_tool_calls_no_reply_could_reach_is_no_error(tokenizers: dict[str, Any]) -> None:
+    """Found by schemathesis: max_tool_calls 9703393236790953984 made a grammar llguidance cannot read."""
+    forced = ToolRequest(families.HERMES, TOOLS, "required", None, True, 9703393236790953984)
+    tokenizer, g = tokenizers["qwen2.5"], grammar(tokenizers, "qwen2.5", forced)
+    calls = [("add", {"a": i, "b": i}) for i in range(CALL_LIMIT + 2)]
+    assert accepts(tokenizer, g, call_text(families.HERMES, calls))
