@@ -190,6 +190,8 @@ class EngineClient:
             process.channel.send(command)
         except (ConnectionClosed, OSError):
             raise self._unavailable() from None
+        except OverflowError:  # framed before anything is written: the engine saw nothing
+            raise _out_of_range() from None
         request = EngineRequest(rid, lambda r: self._abort(r, process), command.n)
         self._pending.add_request(request)
         return request
@@ -209,6 +211,9 @@ class EngineClient:
         except (ConnectionClosed, OSError):
             self._pending.forget_count(rid)
             raise self._unavailable() from None
+        except OverflowError:
+            self._pending.forget_count(rid)
+            raise _out_of_range() from None
         try:
             return await answer
         finally:
@@ -406,6 +411,12 @@ class EngineClient:
                         if isinstance(event, Loading):
                             self._watch.on_loading()
                         self._pending.route(event)
+
+
+def _out_of_range() -> EngineError:
+    """A request with an integer msgpack cannot carry (beyond 64 bits): the client's error, not the server's."""
+    return EngineError(EngineErrorCode.INVALID_REQUEST, "A number in the request is out of range: the engine "
+                       "takes integers of at most 64 bits.")
 
 
 def _stamp_received(event: Loading | Started | Delta | Finished | PromptCount | Failed | Embedded) -> None:

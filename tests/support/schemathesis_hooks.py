@@ -81,7 +81,8 @@ def filter_body(ctx: Any, body: Any) -> bool:
     if isinstance(fmt, dict) and fmt.get("type") != "text" and tools and choice != "none":
         return False
     thinking, limit = body.get("thinking"), body.get("max_tokens")
-    if isinstance(thinking, dict) and isinstance(limit, int) and not (thinking.get("budget_tokens") or 0) < limit:
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if isinstance(limit, int | float) and isinstance(budget, int | float) and not budget < limit:  # 8.0 is 8
         return False  # thinking.budget_tokens must be less than max_tokens
     if body.get("previous_response_id") is not None:  # names a stored response: none is, in a fuzzing run
         return False

@@ -241,6 +241,19 @@ async def test_count_prompt_is_answered_without_a_request(client: tuple[EngineCl
     assert engine.in_flight == 0
 
 
+async def test_an_integer_beyond_64_bits_is_the_requests_error_and_the_engine_sees_nothing(
+    client: tuple[EngineClient, Recorder]
+) -> None:
+    engine, _ = client
+    huge = Generate(request_id="huge", model="m", params=SamplingParams(max_tokens=4, top_k=10**30), prompt="x")
+    with pytest.raises(EngineError) as refused:
+        engine.submit(huge)
+    assert refused.value.code is EngineErrorCode.INVALID_REQUEST and engine.in_flight == 0
+    with pytest.raises(EngineError):
+        await engine.count_prompt(huge)
+    assert (await collect(engine, command("still fine")))[1].finish_reason  # the socket's framing is intact
+
+
 async def test_a_dead_engine_fails_a_pending_count(client: tuple[EngineClient, Recorder]) -> None:
     engine, _ = client
     with pytest.raises(EngineError) as failure:
