@@ -177,7 +177,7 @@ def embed(model: Module, spec: EmbeddingSpec, ids: list[list[int]], dimensions: 
           progress: Callable[[], None] = lambda: None,
           pacer: PrefillPacer | None = None) -> np.ndarray[Any, np.dtype[np.float32]]:
     """(inputs, dimensions) float32 vectors, in input order. `pacer` (the model's) sizes each pass to take about
-    its piece time on this device, as prefill pieces are (mlx_backend/pacing.py): every pass moves the stall
+    its piece time on this device, as prefill pieces are (mlx_backend/engine/pacing.py): every pass moves the stall
     clock's counter, so a large request on a busy CPU is never taken for a stalled engine. A decoder's input
     longer than a pass is run in pieces through a KV cache, as a prompt's prefill is; an encoder's cannot be
     (its attention sees the whole input), so it passes whole."""
