@@ -57,7 +57,7 @@ _SECURITY_SCHEMES = {
 # Rules for every generation route that no schema can state: the prompt must fit the model's context (400
 # context_length_exceeded), a tool choice names one of the tools, tool-call arguments are JSON text, logit_bias
 # names token ids of the model, structured output goes with no callable tools, top_logprobs needs logprobs,
-# tool names are unique.
+# tool names are unique; every integer, tool schemas' included, fits 64 bits (the engine's messages are msgpack).
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
                             "web_search_options, store: true, tool types other than function, image parts, "

@@ -27,7 +27,7 @@ _CAPS = {"max_tokens": MAX_TOKENS, "max_completion_tokens": MAX_TOKENS, "max_out
 def map_body(ctx: Any, body: Any) -> Any:
     if not isinstance(body, dict):
         return body
-    body = dict(body)
+    body = _within_64_bits(body)
     if isinstance(body.get("model"), str):
         embeddings = ctx.operation is not None and ctx.operation.path == "/v1/embeddings"
         body["model"] = EMBEDDING_MODEL if embeddings else SERVED_MODEL
@@ -38,7 +38,7 @@ def map_body(ctx: Any, body: Any) -> Any:
             body[limit] = most
     thinking = body.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if isinstance(budget, int) and budget >= MAX_TOKENS:
+    if isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= MAX_TOKENS:  # 8.0 is 8
         body["thinking"] = {**thinking, "budget_tokens": MAX_TOKENS - 1}  # below the capped max_tokens
     return body
 
@@ -80,6 +80,10 @@ def filter_body(ctx: Any, body: Any) -> bool:
     fmt = body.get("text", {}).get("format") if isinstance(body.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") != "text" and tools and choice != "none":
         return False
+    output = body.get("output_config")  # Anthropic's structured output
+    none = choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none")
+    if isinstance(output, dict) and output.get("format") is not None and tools and not none:
+        return False
     thinking, limit = body.get("thinking"), body.get("max_tokens")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
     if isinstance(limit, int | float) and isinstance(budget, int | float) and not budget < limit:  # 8.0 is 8
@@ -92,6 +96,20 @@ def filter_body(ctx: Any, body: Any) -> bool:
     if isinstance(bias, dict) and any(k.isdigit() and int(k) >= SERVED_VOCABULARY for k in bias):
         return False
     return all(_is_json(a) for a in _arguments(body))
+
+
+def _within_64_bits(node: Any) -> Any:
+    """Integers anywhere (tool schemas too) travel to the engine as msgpack, 64-bit: one beyond is a 400 by rule
+    (gateway/openapi.py), so a fuzzed one is brought to the nearest bound, keeping the case."""
+    if isinstance(node, dict):
+        return {k: _within_64_bits(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_within_64_bits(v) for v in node]
+    if isinstance(node, int) and not isinstance(node, bool):
+        return max(-(2**63), min(node, 2**63 - 1))
+    if isinstance(node, float) and node.is_integer() and not -(2**63) <= node < 2**63:  # read as an integer
+        return float(2**62) if node > 0 else float(-(2**62))
+    return node
 
 
 def _named(choice: Any) -> Any:
