@@ -15,11 +15,12 @@ stays waiting while the others decode, and a request starts only once its KV cac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -31,6 +32,7 @@ from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.logprobs import TokenText
+from mlx_backend.masks import plan_rows
 from mlx_backend.pacing import PrefillPacer
 from mlx_backend.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.prefix import PrefixCaches
@@ -427,10 +429,10 @@ class Batcher:
             self._step_solo(state, solo)
             return
         try:
-            _begin_constrained_step(state.generator)
             state.generator.prefill_step_size = state.pacer.size
             began = time.monotonic()
-            prompt_responses, responses = state.generator.next()
+            with _constrained_step(state.generator):
+                prompt_responses, responses = state.generator.next()
             state.pacer.observe(_prefilled(state, prompt_responses), time.monotonic() - began)
             timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         except Exception as exc:
@@ -563,19 +565,22 @@ class Batcher:
         self.cache.touch(state.cached.id)
 
 
-def _begin_constrained_step(generator: Any) -> None:
-    """Hand each constrained row the token this step feeds it, so their masks are computed together and
-    alongside the forward pass (ConstraintProcessor.begin_step). Reads two attributes of mlx-lm 0.32.2's
-    GenerationBatch (pinned; tests/unit/mlx_backend/test_batcher.py fails if they move): the rows'
-    processors, and the tokens sampled last step that this step feeds."""
+@contextlib.contextmanager
+def _constrained_step(generator: Any) -> Iterator[None]:
+    """Plan the coming step for the constrained rows of the batch: their masks are then computed together,
+    while the forward pass runs, and applied on the device (mlx_backend/masks.py). Reads two attributes of
+    mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/test_batcher.py fails if they move): the
+    rows' processors, and the tokens sampled last step that this step feeds (still lazy: nothing waits)."""
     batch = generator._generation_batch
     rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
             if isinstance(p, ConstraintProcessor) and p.started]
-    if not rows:
-        return
-    tokens = batch._next_tokens.tolist()
-    for row, processor in rows:
-        processor.begin_step(tokens[row])
+    if rows:
+        plan_rows(rows, batch._next_tokens)
+    try:
+        yield
+    finally:
+        for _, processor in rows:
+            processor.plan(None)  # a step that failed before asking leaves no plan behind
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
