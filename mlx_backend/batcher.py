@@ -431,7 +431,7 @@ class Batcher:
         try:
             state.generator.prefill_step_size = state.pacer.size
             began = time.monotonic()
-            with _constrained_step(state.generator):
+            with constrained_step(state.generator):
                 prompt_responses, responses = state.generator.next()
             state.pacer.observe(_prefilled(state, prompt_responses), time.monotonic() - began)
             timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
@@ -566,7 +566,7 @@ class Batcher:
 
 
 @contextlib.contextmanager
-def _constrained_step(generator: Any) -> Iterator[None]:
+def constrained_step(generator: Any) -> Iterator[None]:
     """Plan the coming step for the constrained rows of the batch: their masks are then computed together,
     while the forward pass runs, and applied on the device (mlx_backend/masks.py). Reads two attributes of
     mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/test_batcher.py fails if they move): the
