@@ -7,8 +7,9 @@ A step (of a batch, or of a request alone) goes, on the MLX thread:
    this waits for the previous step only; each row's matcher consumes its own;
 3. llguidance computes every row's bitmask in one call, into one preallocated int32 array (its own threads,
    the GIL released), while the device runs the forward pass;
-4. the bitmask goes to the device as it is (one bit a token) and is unpacked there; each row's logits are
-   masked with one `mx.where`. No per-row host round trip, no loop over the vocabulary in Python.
+4. the bitmask goes to the device as it is (one bit a token) and is unpacked there (on the CPU backend,
+   numpy unpacks it); each row's logits are masked with one `mx.where`. No per-row host round trip, no loop
+   over the vocabulary in Python.
 
 When a matcher advances: a matcher consumes exactly the tokens fed to the model. With one token in flight,
 the token a step samples is handed out while the next step already runs, and is consumed in the step that
@@ -34,7 +35,7 @@ from llguidance import LLExecutor, LLMatcher
 if TYPE_CHECKING:
     from mlx_backend.constrained import ConstraintProcessor
 
-__all__ = ["MaskStep", "allowed_tokens"]
+__all__ = ["MaskStep", "allowed_tokens", "fill_bitmask", "plan_rows"]
 
 _async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
 
@@ -100,8 +101,15 @@ def fill_bitmask(rows: list[tuple[LLMatcher, int]], bitmask: np.ndarray) -> None
 
 
 def allowed_tokens(bitmask: np.ndarray, width: int) -> mx.array:
-    """The bitmask (rows, words) as booleans (rows, width), unpacked on the device: bit b of word w is token
-    32 w + b (little-endian). Tokens past the bitmask (the embedding's padding) are not allowed."""
+    """The bitmask (rows, words) as booleans (rows, width): bit b of word w is token 32 w + b (little-endian).
+    Tokens past the bitmask (the embedding's padding) are not allowed. On a GPU the words go to the device
+    as they are and are unpacked there; on the CPU numpy unpacks them faster than MLX's CPU kernels."""
+    if mx.default_device().type == mx.cpu:
+        return unpacked_on_host(bitmask, width)
+    return unpacked_on_device(bitmask, width)
+
+
+def unpacked_on_device(bitmask: np.ndarray, width: int) -> mx.array:
     rows, words = bitmask.shape
     bits = (mx.array(bitmask)[:, :, None] >> mx.arange(32, dtype=mx.int32)) & 1
     flat = bits.reshape(rows, words * 32)
@@ -110,6 +118,11 @@ def allowed_tokens(bitmask: np.ndarray, width: int) -> mx.array:
     else:
         flat = mx.concatenate([flat, mx.zeros((rows, width - words * 32), dtype=flat.dtype)], axis=1)
     return flat.astype(mx.bool_)
+
+
+def unpacked_on_host(bitmask: np.ndarray, width: int) -> mx.array:
+    bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=width, bitorder="little")  # zeros past the words
+    return mx.array(bits.view(np.bool_))
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """A step's grammar masks, all rows at once (mlx_backend/masks.py): the batched path the batcher plans gives
 exactly the tokens of the per-row path, for rows with different grammars and samplers side by side; a row
-without a grammar is untouched; the bitmask unpacked on the device is llguidance's bitmask."""
+without a grammar is untouched; the bitmask unpacked (on the device, or by numpy on the CPU) is llguidance's bitmask."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend.batcher import constrained_step
 from mlx_backend.grammar import json_value_for_lark
-from mlx_backend.masks import MaskStep, allowed_tokens
+from mlx_backend.masks import MaskStep, unpacked_on_device, unpacked_on_host
 from mlx_backend.sampling import SeededSampler
 from tests.unit.mlx_backend.test_constrained import SCHEMAS, Loaded, assert_complete, bpe
 
@@ -97,11 +97,12 @@ def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
     assert with_neighbours[0] != without[0]  # the grammars did act on their own rows
 
 
+@pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
 @pytest.mark.parametrize("width", [64, 70, 96, 130])
-def test_the_bitmask_is_unpacked_on_the_device_bit_for_bit(width: int) -> None:
+def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[[np.ndarray, int], mx.array]) -> None:
     rng = np.random.default_rng(width)
     bitmask = rng.integers(-(2**31), 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)  # 96 tokens a row
     expected = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").astype(bool)[:, :width]
     if width > 96:  # the embedding's padding past the vocabulary: never allowed
         expected = np.concatenate([expected, np.zeros((3, width - 96), dtype=bool)], axis=1)
-    assert np.array_equal(np.array(allowed_tokens(bitmask, width)), expected)
+    assert np.array_equal(np.array(unpack(bitmask, width)), expected)
