@@ -7,7 +7,9 @@ pydantic schema, json_object, and the same schema as a Lark `%json` rule as forc
 each timed step feeds every row its next token, as decoding does. Per step:
 - `host`: the MLX thread's time from the step's start to the masked logits of every row being built (what
   a GPU waits for when it is longer than the forward pass): consume, masks, turning them into MLX arrays;
-- `total`: the same plus evaluating the masked logits (on a CPU this also counts what a GPU would do).
+- `total`: the same plus evaluating the masked logits (on a CPU this also counts what a GPU would do);
+- `host CPU`: the process's CPU time over the `host` part (all its threads: llguidance's, MLX's), which a
+  busy shared machine inflates less than the wall-clock figures.
 Run against another revision (`git archive REV | tar -x -C DIR`) with `--repo DIR`: a revision whose
 processors have `begin_step` is driven the way its batcher drove them (the token before the step, masks on
 worker threads, each row's mask turned into a bool array on the host); a later one with `plan_rows`
@@ -55,8 +57,8 @@ def main() -> None:
                 Constraint("lark", "start: " + json_value_for_lark(json.loads(SCHEMA.source)))]
     where = Path(constrained.__file__).parents[1]
     print(f"mlx_backend from {where} {args.label}; mlx {mx.__version__} on {mx.default_device()}")
-    print("| vocab | rows | way | host µs/step (median) | total µs/step (median) |")
-    print("| ---: | ---: | --- | ---: | ---: |")
+    print("| vocab | rows | way | host µs/step (median) | total µs/step (median) | host CPU µs/step (median) |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: |")
     for vocab in args.vocab.split(","):
         if vocab == "demo":
             from transformers import AutoTokenizer
@@ -72,13 +74,13 @@ def main() -> None:
         assert len(document) > args.steps + 8, "the document is too short for that many steps"
         for rows in (int(r) for r in args.rows.split(",")):
             for mode in modes:
-                host, total = _run(mx, constrained, compiler, grammars, document, rows, width, args.steps, mode)
-                print(f"| {vocab} ({compiler.tokenizer.vocab_size}) | {rows} | {mode} | {host:.0f} | {total:.0f} |",
-                      flush=True)
+                host, total, cpu = _run(mx, constrained, compiler, grammars, document, rows, width, args.steps, mode)
+                print(f"| {vocab} ({compiler.tokenizer.vocab_size}) | {rows} | {mode} | {host:.0f} | {total:.0f} "
+                      f"| {cpu:.0f} |", flush=True)
 
 
 def _run(mx: Any, constrained: Any, compiler: Any, grammars: list[Any], document: list[int], rows: int,
-         width: int, steps: int, mode: str) -> tuple[float, float]:
+         width: int, steps: int, mode: str) -> tuple[float, float, float]:
     span = len(document) - steps - 1
     starts = [(row * 11) % span for row in range(rows)]
     processors = []
@@ -92,11 +94,12 @@ def _run(mx: Any, constrained: Any, compiler: Any, grammars: list[Any], document
     context = mx.array(document[:8])  # what mlx-lm passes; a planned step does not read it
     host: list[float] = []
     total: list[float] = []
+    cpu: list[float] = []
     for step in range(steps):
         tokens = [document[start + step] for start in starts]
         fed = mx.array(tokens)
         mx.eval(fed)
-        began = time.perf_counter()
+        began, began_cpu = time.perf_counter(), time.process_time()
         if mode == "batched":
             from mlx_backend.masks import plan_rows
 
@@ -108,14 +111,15 @@ def _run(mx: Any, constrained: Any, compiler: Any, grammars: list[Any], document
         for row, processor in enumerate(processors):
             ctx = mx.concatenate([context, fed[row:row + 1]]) if mode == "per-row" else context
             outs.append(processor(ctx, logits[row:row + 1]))
-        built = time.perf_counter()
+        built, built_cpu = time.perf_counter(), time.process_time()
         mx.eval(outs)
         done = time.perf_counter()
         host.append(built - began)
         total.append(done - began)
+        cpu.append(built_cpu - began_cpu)
         for processor in processors:
             processor.raise_if_failed()
-    return statistics.median(host) * 1e6, statistics.median(total) * 1e6
+    return statistics.median(host) * 1e6, statistics.median(total) * 1e6, statistics.median(cpu) * 1e6
 
 
 if __name__ == "__main__":
