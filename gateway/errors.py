@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from gateway.protocol import ErrorDetail, ErrorResponse
-from gateway.protocol_anthropic import AnthropicErrorDetail, AnthropicErrorResponse
+from gateway.chat.wire import ErrorDetail, ErrorResponse
+from gateway.messages.wire import AnthropicErrorDetail, AnthropicErrorResponse
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 

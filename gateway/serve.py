@@ -20,15 +20,17 @@ from granian.server.embed import Server
 
 from gateway import logs, sdnotify, security
 from gateway.app import create_asgi_app
-from gateway.lifecycle import GatewayRuntime, MetricsObserver
+from gateway.health.engine_events import MetricsObserver
 from gateway.placement import pin_this_process, plan
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend import timeline
-from mlx_backend.engine import EngineClient, SupervisionPolicy
-from mlx_backend.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
+from mlx_backend.client.engine import EngineClient
+from mlx_backend.client.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
+from mlx_backend.client.supervision import SupervisionPolicy
+from mlx_backend.contract import EngineConfig, GroupConfig
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
 from mlx_backend.residency import parse_override
-from mlx_backend.types import EngineConfig, GroupConfig
 
 log = logging.getLogger("mlx_gateway")
 
@@ -177,7 +179,7 @@ async def _serve(settings: Settings) -> int:
         signalled.cancel()
         gave_up.cancel()
         sdnotify.stopping()
-        await runtime.drain(settings.drain_timeout_s)
+        await runtime.admission.drain(settings.drain_timeout_s)
         log.info("shutdown: stopping the HTTP server")
         server.stop()  # type: ignore[no-untyped-call]
 
@@ -205,7 +207,7 @@ async def _ready_then_ping(runtime: GatewayRuntime) -> None:
     sdnotify.ready()
     interval = sdnotify.watchdog_interval_s()
     while interval:
-        if not runtime.engine.status().stalled and runtime.alive():
+        if not runtime.engine.status().stalled and runtime.health.alive():
             sdnotify.watchdog_ping()
         await asyncio.sleep(interval / 3)
 

@@ -45,10 +45,15 @@ def main() -> None:
     sys.path.insert(0, str(args.repo))  # mlx_backend from the revision measured (bench_constrained put ours)
     for name in [m for m in sys.modules if m == "mlx_backend" or m.startswith("mlx_backend.")]:
         del sys.modules[name]
-    import mlx_backend.constrained as constrained
     from mlx_backend.demo import demo_model_path
     from mlx_backend.grammar import json_value_for_lark
-    from mlx_backend.types import Constraint
+
+    try:  # the engine's modules moved under mlx_backend/engine/ (issue 23): either layout can be measured
+        import mlx_backend.engine.constrained as constrained
+        from mlx_backend.contract import Constraint
+    except ImportError:
+        import mlx_backend.constrained as constrained  # type: ignore[no-redef]
+        from mlx_backend.types import Constraint  # type: ignore[no-redef]
     from tests.support import tiny_models as tm
 
     planned = hasattr(constrained.ConstraintProcessor, "plan")
@@ -101,7 +106,7 @@ def _run(mx: Any, constrained: Any, compiler: Any, grammars: list[Any], document
         mx.eval(fed)
         began, began_cpu = time.perf_counter(), time.process_time()
         if mode == "batched":
-            from mlx_backend.masks import plan_rows
+            from mlx_backend.engine.masks import plan_rows
 
             plan_rows(list(enumerate(processors)), fed)
         elif mode.startswith("before"):

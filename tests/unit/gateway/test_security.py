@@ -11,7 +11,7 @@ import pytest
 from litestar import Litestar
 
 from gateway.app import create_app
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.security import (
     LOOPBACK_HOSTS,
     HostPolicy,
@@ -25,7 +25,7 @@ from gateway.security import (
     warn_if_open,
 )
 from gateway.settings import Settings
-from mlx_backend.fake import FakeEngine
+from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
 from tests.unit.gateway.conftest import ClientFactory
 
