@@ -16,6 +16,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_backend.engine.batcher import constrained_step
 from mlx_backend.engine.masks import MaskStep, unpacked_on_device, unpacked_on_host
 from mlx_backend.engine.sampling import SeededSampler
+from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import json_value_for_lark
 from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, Loaded, assert_complete, bpe
 
@@ -106,3 +107,28 @@ def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[[np.nd
     if width > 96:  # the embedding's padding past the vocabulary: never allowed
         expected = np.concatenate([expected, np.zeros((3, width - 96), dtype=bool)], axis=1)
     assert np.array_equal(np.array(unpack(bitmask, width)), expected)
+
+
+def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(
+    bpe: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So reading that token waits for the previous step only, and the masks are computed while the forward
+    pass runs: each step after the first queues the fed token (1 token), then the forward pass (the logits)."""
+    import mlx_backend.engine.constrained as constrained
+    import mlx_backend.engine.masks as masks
+
+    queued: list[tuple[int, ...]] = []
+
+    def recording(*arrays: mx.array) -> None:
+        queued.extend(tuple(a.shape) for a in arrays)
+        mx.async_eval(*arrays)
+
+    monkeypatch.setattr(constrained, "_async_eval", recording)
+    monkeypatch.setattr(masks, "_async_eval", recording)
+    processor = bpe.processor("json_object")
+    generation = SoloGeneration(bpe.model, bpe.prompt(), None, 0, greedy_sampler, [processor], prefill_step_size=64)
+    for _ in range(6):
+        generation.next_token(more=True)
+    width = bpe.model.args.vocab_size
+    assert queued[0] == (1, width)  # the first step feeds the prompt: nothing to read
+    assert queued[1:] == [(1,), (1, width)] * (len(queued[1:]) // 2) and len(queued) >= 7
