@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from msgspec import UNSET
 
+from gateway import images
 from gateway.convert_shared import (
     FunctionTool,
     ToolChoice,
@@ -34,6 +35,7 @@ from gateway.protocol import (
     TextPart,
     Tool,
     ToolMessage,
+    UserMessage,
 )
 from gateway.reasoning import effort_control, template_kwargs_of, with_template_switch
 from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
@@ -118,7 +120,7 @@ def text_of(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None
     parts: list[str] = []
     for j, part in enumerate(content):
         if isinstance(part, ImageUrlPart):
-            raise unsupported(f"{param}[{j}]", "image input is not available; send text parts")
+            raise unsupported(f"{param}[{j}]", "images are taken in user messages only")
         parts.append(part.text)
     return "".join(parts)
 
@@ -138,6 +140,11 @@ def _to_engine_message(message: Message, index: int) -> ChatMessage:
         reasoning = message.reasoning_content or message.reasoning or None
         return ChatMessage(role="assistant", content=text_of(message.content, param), name=name, tool_calls=calls,
                            reasoning=reasoning if isinstance(reasoning, str) else None)
+    if isinstance(message, UserMessage) and not isinstance(message.content, str):
+        texts = [p for p in message.content if isinstance(p, TextPart)]
+        shown = tuple(images.from_url(p.image_url.url, f"{param}[{j}].image_url", p.image_url.detail)
+                      for j, p in enumerate(message.content) if isinstance(p, ImageUrlPart))
+        return ChatMessage(role="user", content=text_of(texts, param), name=name, images=shown)
     role = "system" if type(message).__name__ == "SystemMessage" else "user"
     return ChatMessage(role=role, content=text_of(message.content, param), name=name)
 

@@ -53,7 +53,10 @@ _SECURITY_SCHEMES = {
 # tool names are unique.
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
-                            "web_search_options, store: true, tool types other than function, image parts, "
+                            "web_search_options, store: true, tool types other than function, "
+                            "images outside user messages, image URLs other than base64 data URLs (or file:// "
+                            "under --image-dir: never http(s), nothing is fetched), images a model without vision "
+                            "is sent (400 images_not_supported), "
                             "tool_choice allowed_tools / custom, a tool_choice that forces a call without tools, "
                             "chat_template_kwargs setting what the server renders itself ("
                             + ", ".join(SERVER_TEMPLATE_KEYS) + ")",
@@ -62,9 +65,12 @@ _REFUSED = {
                      "text.verbosity other than medium, includes we cannot fill, item_reference input items, "
                      "built-in tools other than the hosted ones (" + ", ".join(sorted(HOSTED_TOOLS)) + ": "
                      "accepted and not offered to the model, since none can run here), a tool_choice that forces a "
-                     "hosted tool, image / file / audio input, a tool_choice that forces a call without tools",
+                     "hosted tool, file / audio input, images outside user messages or by file_id or http(s) URL "
+                     "(only base64 data URLs, or file:// under --image-dir), a tool_choice that forces a call "
+                     "without tools",
     "/v1/messages": "mcp_servers, context_management edits other than clear_thinking_*, container, diagnostics, "
-                    "server tools, image and document blocks, thinking blocks outside assistant turns, a "
+                    "server tools, document blocks, image blocks outside user turns or with a source other than "
+                    "base64, thinking blocks outside assistant turns, a "
                     "thinking.budget_tokens not less than max_tokens, thinking.display omitted, a last message "
                     "from the assistant (prefill), a tool_choice that forces a call without tools",
 }
@@ -72,7 +78,8 @@ _REFUSED = {
 # The same, for the fuzzers and code generators that read the schemas: the request schemas are narrowed to what
 # the server accepts (the decoder stays wider, so that a refusal names its parameter instead of failing to
 # decode). Blocks of these types are refused wherever they appear:
-_REFUSED_TYPES = {"ImageUrlPart", "InputImage", "InputFile", "InputAudio", "ImageBlockParam", "DocumentBlockParam"}
+_REFUSED_TYPES = {"InputFile", "InputAudio", "DocumentBlockParam"}
+_DETAIL = {"enum": ["auto", "low", "high", None]}  # gateway/images.py says what each does
 _NULL = {"type": "null"}
 _NONE = {"type": "array", "maxItems": 0}
 _DISPLAY = {"display": {"enum": ["summarized", None]}}
@@ -98,6 +105,9 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
         "store": {"enum": [False, None]},
     },
     "Tool": {"type": {"const": "function"}, "custom": None},
+    "ImageUrl": {"url": {"type": "string", "pattern": "^(data:image/[a-z]+;base64,|file:)"}, "detail": _DETAIL},
+    "InputImage": {"image_url": {"type": "string", "pattern": "^(data:image/[a-z]+;base64,|file:)"},
+                   "file_id": None, "detail": _DETAIL},
     "FunctionDefinition": {"name": {"type": "string", "minLength": 1}},
     "NamedToolChoice": {"type": {"const": "function"}, "custom": None, "allowed_tools": None},
     "CompletionRequest": {

@@ -37,8 +37,13 @@ class RefusalParam(Struct, tag="refusal", tag_field="type", forbid_unknown_field
     refusal: str
 
 
-class InputImage(Struct, tag="input_image", tag_field="type"):
-    """Accepted by the decoder only so the error can say that images are not supported."""
+class InputImage(Struct, tag="input_image", tag_field="type", forbid_unknown_fields=True):
+    """An image for a vision model (user messages only): a base64 data URL, or file:// under --image-dir
+    (gateway/images.py); `file_id` (the Files API) is refused."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: str | None = None  # auto | low | high
 
 
 class InputFile(Struct, tag="input_file", tag_field="type"):

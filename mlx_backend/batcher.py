@@ -26,7 +26,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_backend import faults, timeline
+from mlx_backend import faults, timeline, vision
 from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.errors import EngineError, EngineErrorCode
@@ -87,6 +87,12 @@ class Batcher:
             self._emit(Failed(rid, EngineErrorCode.INVALID_REQUEST.value, f"n must be between 1 and "
                               f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
+        try:
+            vision.refuse_images(command, self.cache.registry.resolve(command.model))
+        except EngineError as exc:  # an unknown model is left to the cache, which says so as for any request
+            if exc.code is EngineErrorCode.IMAGES_NOT_SUPPORTED:
+                self._emit(Failed(rid, exc.code.value, exc.message, exc.param))
+                return
         self._waiting.add(command, self._steps)
 
     def abort(self, request_id: str) -> None:
@@ -242,6 +248,9 @@ class Batcher:
                         self._emit(Loading(command.request_id, command.model))
                     continue
                 self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
+                if vision.takes_images(cached) and self._states.get(cached.id, None) and \
+                        self._states[cached.id].rows:
+                    continue  # a vision model serves one request at a time (mlx_backend/vision.py): its turn comes
                 if not self._start(command, cached, gathering):
                     break
             except EngineError as exc:
@@ -268,8 +277,7 @@ class Batcher:
         """Start a request on its loaded model; False while it stays waiting, for company (`_gathering`) or
         for its KV cache to fit. It is planned first, so a request that cannot run is refused at once."""
         state = self._state_for(cached)
-        plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text,
-                                                                             self.config.allow_fault_injection)
+        plan = self._waiting.plan_of(command.request_id) or self._plan(command, cached, state)
         rows = len(plan.choices)
         if gathering or not self.cache.reserve_kv(
             command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows
@@ -285,8 +293,25 @@ class Batcher:
             raise
         return True
 
+    def _plan(self, command: Generate, cached: CachedModel, state: ModelState) -> RequestPlan:
+        if not vision.takes_images(cached):
+            return plan_request(command, cached, state.token_text, self.config.allow_fault_injection)
+        tokens, pixels = vision.prompt_of(command, cached)  # the images' tokens in: counted in context and KV
+        plan = plan_request(command, cached, state.token_text, self.config.allow_fault_injection, prompt=tokens)
+        plan.pixels = pixels
+        return plan
+
     def _begin(self, command: Generate, cached: CachedModel, state: ModelState, plan: RequestPlan) -> None:
         tokens = plan.tokens
+        if plan.pixels is not None:  # a vision model: its own solo path, never the batch or the prefix cache
+            request = Request(command, len(tokens), 0)
+            row = Row(request, plan.choices[0], plan.max_tokens)
+            row.solo = vision.new_generation(cached, tokens, plan.pixels, plan.max_tokens, plan.choices[0])
+            request.rows = [row]
+            state.rows[row.uid] = row
+            self._where[command.request_id] = (state, request)
+            self._emit(Started(command.request_id, len(tokens), 0))
+            return
         shared_now = self._prefill_shared_prefix(command, cached, state, tokens)
         prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
@@ -514,6 +539,8 @@ class Batcher:
         self._end_row(state, row, ended, still_generating=response.finish_reason is None)
 
     def _keep_prefix(self, state: ModelState, row: Row, response: Token | Any) -> None:
+        if vision.takes_images(state.cached):
+            return  # an image's tokens do not say which image: nothing of a vision model's is reused
         if response.finish_reason is not None:  # the generator handed over its cache
             self._prefix.save(state.cached.id, response.prompt_cache, response.all_tokens)
         elif row.solo is not None:

@@ -29,7 +29,7 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from mlx_backend import loader
+from mlx_backend import loader, vision
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.loading import Progress, StagedLoad
@@ -453,6 +453,8 @@ class ModelCache:
                 return False
             pending.loader = (
                 _OneShot(self._load, pending.entry, pending.size) if self._load is not None
+                # A vision model loads in one piece, through mlx-vlm (mlx_backend/vision.py).
+                else _OneShot(vision.load, pending.entry, pending.size) if vision.serves(pending.entry)
                 else StagedLoad(pending.entry, pending.size, warmup=self.warmup,
                                 prefill_step_size=self.prefill_step_size, read_delay_s=self.read_delay_s)
             )

@@ -14,6 +14,7 @@ from mlx_backend.pacing import PrefillPacer
 from mlx_backend.plan import ChoicePlan
 from mlx_backend.solo import SoloGeneration
 from mlx_backend.types import Generate
+from mlx_backend.vision import VisionGeneration
 
 SOLO_UID = -1  # BatchGenerator's uids start at 0: a request running solo is keyed by this until it joins
 
@@ -42,7 +43,7 @@ class Row:
     plan: ChoicePlan
     max_tokens: int
     uid: int = SOLO_UID
-    solo: SoloGeneration | None = None  # set while the request runs alone, outside the batch
+    solo: SoloGeneration | VisionGeneration | None = None  # set while the request runs alone, outside the batch
     ended: bool = False
 
     @property

@@ -20,7 +20,7 @@ from litestar import Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from gateway import sse, test_script
+from gateway import images, sse, test_script
 from gateway.errors import GatewayError, internal
 from gateway.exchange import Exchange
 from gateway.lifecycle import GatewayRuntime, new_request_id
@@ -59,6 +59,8 @@ async def start(runtime: GatewayRuntime, request: Request[Any, Any, Any], comman
     """Admit the request and wait until it runs: every failure up to here is a plain HTTP error."""
     if runtime.settings.test_faults and runtime.settings.test_script is not None:
         command = test_script.scripted(command, runtime.settings.test_script)
+    settings = runtime.settings
+    command = images.resolve(command, settings.max_images, settings.max_image_bytes, settings.image_dir)
     exchange = runtime.admit(command, time.monotonic())
     exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
     try:

@@ -52,7 +52,7 @@ def filter_body(ctx: Any, body: Any) -> bool:
     that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON;
     structured output goes with no callable tools; logit_bias names tokens of the model; top_logprobs needs
     logprobs (chat); previous_response_id names a stored response; tool names are unique; a thinking budget is
-    less than max_tokens."""
+    less than max_tokens; an image is a real PNG, JPEG, GIF or WebP sent to a vision model."""
     if not isinstance(body, dict):
         return True
     path = ctx.operation.path if ctx.operation is not None else ""
@@ -82,7 +82,20 @@ def filter_body(ctx: Any, body: Any) -> bool:
     bias = body.get("logit_bias")
     if isinstance(bias, dict) and any(k.isdigit() and int(k) >= SERVED_VOCABULARY for k in bias):
         return False
+    if _has_image(body):  # an image must be real image bytes, for a vision model; the fuzzed model reads text
+        return False
     return all(_is_json(a) for a in _arguments(body))
+
+
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def _has_image(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_image(v) for v in node)
+    if not isinstance(node, dict):
+        return False
+    return node.get("type") in _IMAGE_PARTS or any(_has_image(v) for v in node.values())
 
 
 def _named(choice: Any) -> Any:
