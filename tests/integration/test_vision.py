@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,17 @@ def test_a_text_only_request_to_the_vision_model_is_served(client: openai.OpenAI
     reply = client.chat.completions.create(model=VLM, messages=[{"role": "user", "content": "hello"}],
                                            max_tokens=TOKENS, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage is not None
+
+
+def test_structured_output_is_enforced_with_an_image(client: openai.OpenAI) -> None:
+    """The request's grammar (and any penalties) run on the vision path as on the text path: the random model
+    writes JSON; at max_tokens the grammar's closing reserve has closed it."""
+    schema = {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"],
+              "additionalProperties": False}
+    reply = chat(client, data_url(png(10)), response_format={
+        "type": "json_schema", "json_schema": {"name": "picture", "schema": schema, "strict": True}},
+        frequency_penalty=0.5)
+    assert set(json.loads(reply.choices[0].message.content or "")) == {"colour"}
 
 
 def test_responses_api_sees_the_same_image_the_same_way(client: openai.OpenAI) -> None:
