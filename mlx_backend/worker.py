@@ -278,6 +278,7 @@ def _answered(channel: Channel, answer: PromptCount | Failed | None) -> bool:
 def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | None:
     """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache); None
     while its model loads (the load is asked for, as a request would, and happens between decode steps)."""
+    from mlx_backend import vision
     from mlx_backend.tools import prompt_tokens
 
     rid = command.request_id
@@ -285,6 +286,9 @@ def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | 
         cached = batcher.cache.acquire(command.model, batcher.busy_models(), waiter=rid)
         if cached is None:
             return None
+        vision.refuse_images(command, cached.entry)
+        if vision.takes_images(cached):  # its images' tokens counted too
+            return PromptCount(rid, len(vision.prompt_of(command, cached)[0]))
         return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))
     except EngineError as exc:
         return Failed(rid, exc.code.value, exc.message, exc.param)

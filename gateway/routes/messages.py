@@ -12,7 +12,7 @@ from litestar import Request, Response, post
 from litestar.openapi import ResponseSpec
 from litestar.response import Stream
 
-from gateway import convert_anthropic, error_handlers
+from gateway import convert_anthropic, error_handlers, images
 from gateway.convert_shared import in_api_terms
 from gateway.errors import GatewayError
 from gateway.lifecycle import GatewayRuntime
@@ -72,6 +72,8 @@ async def count_message_tokens(request: Request[Any, Any, Any], data: CountToken
     runtime: GatewayRuntime = request.app.state.runtime
     runtime.resolve(data.model)
     command = convert_anthropic.to_generate(data, exchange_id(request))
+    settings = runtime.settings
+    command = images.resolve(command, settings.max_images, settings.max_image_bytes, settings.image_dir)
     try:
         return CountTokensResponse(await runtime.count_prompt(command))
     except GatewayError as exc:

@@ -238,3 +238,13 @@ def test_a_file_url_outside_the_image_dir_is_refused(client: openai.OpenAI, imag
 def test_the_server_stays_up_after_the_refusals(server: ServerProcess, client: openai.OpenAI) -> None:
     assert chat(client, data_url(png(9))).choices[0].message.content
     assert httpx.get(server.base_url + "/health", timeout=10).json()["engine"]["restarts"] == 0
+
+
+def test_count_tokens_counts_the_images_tokens(client: openai.OpenAI, claude: anthropic.Anthropic) -> None:
+    content: Any = [{"type": "text", "text": "What is in this picture?"},
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                 "data": base64.b64encode(png(1, 112)).decode()}}]
+    counted = claude.messages.count_tokens(model=VLM, messages=[{"role": "user", "content": content}])
+    assert counted.input_tokens == chat(client, data_url(png(1, 112))).usage.prompt_tokens
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.count_tokens(model=TEXT_ONLY, messages=[{"role": "user", "content": content}])
