@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +87,7 @@ def chat(client: openai.OpenAI, *urls: str, model: str = VLM, text: str = "What 
     parts: list[Any] = [{"type": "text", "text": text}]
     parts += [{"type": "image_url", "image_url": {"url": url}} for url in urls]
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": parts}],
-                                          max_tokens=TOKENS, temperature=0, **kwargs)
+                                          **{"max_tokens": TOKENS, "temperature": 0, **kwargs})
 
 
 # -- the image reaches the model -------------------------------------------------------------------------
@@ -184,6 +186,42 @@ def test_langchain_chat_openai_with_an_image_message(server: ServerProcess, clie
 def test_a_file_url_under_the_image_dir_is_read(client: openai.OpenAI, image_dir: Path) -> None:
     inline = chat(client, data_url(png(1))).choices[0].message.content
     assert chat(client, (image_dir / "one.png").as_uri()).choices[0].message.content == inline
+
+
+def test_concurrent_requests_take_turns_and_each_gets_its_own_reply(client: openai.OpenAI) -> None:
+    """A vision model serves one request at a time: concurrent ones wait their turn (and a text model's request
+    runs beside them); each reply is the one it gets alone."""
+    alone = {seed: chat(client, data_url(png(seed))).choices[0].message.content for seed in (11, 12, 13)}
+    text_alone = client.chat.completions.create(model=TEXT_ONLY, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=TOKENS, temperature=0).choices[0].message.content
+    with ThreadPoolExecutor(4) as pool:
+        replies = {seed: pool.submit(lambda s: chat(client, data_url(png(s))).choices[0].message.content, seed)
+                   for seed in alone}
+        text = pool.submit(lambda: client.chat.completions.create(
+            model=TEXT_ONLY, messages=[{"role": "user", "content": "hi"}], max_tokens=TOKENS, temperature=0))
+        assert {seed: reply.result(timeout=120) for seed, reply in replies.items()} == alone
+        assert text.result(timeout=120).choices[0].message.content == text_alone
+
+
+def test_a_client_leaving_mid_stream_ends_its_request_and_frees_the_model(server: ServerProcess,
+                                                                          client: openai.OpenAI) -> None:
+    never_stop = {"0": -100, "2": -100}  # <|endoftext|> and <|im_end|>: it would run to max_tokens
+    stream = chat(client, data_url(png(14)), stream=True, max_tokens=3000, logit_bias=never_stop)
+    next(iter(stream))
+    stream.close()
+    started = time.monotonic()
+    assert chat(client, data_url(png(15))).choices[0].message.content  # its turn came: the model is free
+    # 3000 tokens take this model 10 s or more here; a reply tens of milliseconds long comes well within 8.
+    assert time.monotonic() - started < 8
+    deadline = time.monotonic() + 10  # the engine's next heartbeat says so
+    while _running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(server) == 0
+
+
+def _running(server: ServerProcess) -> int:
+    model = httpx.get(f"{server.base_url}/v1/models/{VLM}", timeout=10).json()
+    return int(model["requests_running"])
 
 
 # -- refusals, each a clear 400 --------------------------------------------------------------------------
