@@ -117,7 +117,9 @@ def prompt_of(command: Generate, cached: Any) -> tuple[list[int], Pixels]:
     decoded = [_decode(image, param) for param, image in images]
     text = tokenizer._tokenizer.decode(text_tokens, skip_special_tokens=False)
     try:
-        inputs = cached.artifacts.processor(text=[text], images=decoded, return_tensors="np", padding=False)
+        # The text is the template's whole prompt (BOS included where the template puts one): nothing is added.
+        inputs = cached.artifacts.processor(text=[text], images=decoded, return_tensors="np", padding=False,
+                                            add_special_tokens=False)
     except Exception as exc:  # the processor's own checks (e.g. an image too small for its patches)
         raise EngineError(EngineErrorCode.INVALID_IMAGE, f"The model's image processor refused the images: "
                           f"{type(exc).__name__}: {str(exc)[:300]}", "messages") from exc

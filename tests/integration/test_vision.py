@@ -1,8 +1,9 @@
-"""Images for a vision-language model, end to end: a real server, mlx-vlm in its engine, a tiny random Qwen2-VL
-(tests/support/tiny_vlm.py), the real `openai`, `anthropic` and `langchain-openai` clients.
+"""Images for vision-language models, end to end: a real server, mlx-vlm in its engine, tiny random Qwen2-VL and
+Gemma 3 models (tests/support/tiny_vlm.py), the real `openai`, `anthropic` and `langchain-openai` clients.
 
 A random model cannot see, so the proof that an image reaches the model is twofold: the prompt grows by the
-image's tokens (Qwen2-VL: one token per 28x28 pixels, plus its vision_start/vision_end markers), and under
+image's tokens (Qwen2-VL: one token per 28x28 pixels, plus its vision_start/vision_end markers; Gemma 3: a fixed
+count per image), and under
 greedy decoding the reply is the same for the same image and different for a different one, in all three
 APIs alike (they render the same prompt).
 """
@@ -29,9 +30,10 @@ from PIL import Image
 
 from tests.support.server import ServerProcess
 from tests.support.tiny_models import make_tiny_model
-from tests.support.tiny_vlm import make_tiny_qwen2_vl
+from tests.support.tiny_vlm import GEMMA3_IMAGE_TOKENS, make_tiny_gemma3, make_tiny_qwen2_vl
 
 VLM = "qwen2-vl"
+GEMMA3 = "gemma3"
 TEXT_ONLY = "tiny"
 MAX_IMAGE_BYTES = 60_000
 MAX_IMAGES = 3
@@ -40,8 +42,11 @@ GREEDY = {"temperature": 0}  # the anthropic SDK 2.x has no sampling arguments: 
 
 
 def png(seed: int, size: int = 56) -> bytes:
-    """Random pixels (a solid colour would leave a random model little to tell apart)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    """Blocks of random colours, 4x4 of them, plus noise: pictures a random model tells apart (noise alone averages
+    out in Gemma 3's pooling; a solid colour leaves little to tell)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (4, 4, 3)).repeat(-(-size // 4), axis=0).repeat(-(-size // 4), axis=1)
+    pixels = np.clip(blocks[:size, :size] + rng.integers(-20, 21, (size, size, 3)), 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "PNG")
     return out.getvalue()
@@ -62,6 +67,7 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Iterator[ServerProcess]:
     models = tmp_path_factory.mktemp("vision-models")
     make_tiny_qwen2_vl(models / VLM)
+    make_tiny_gemma3(models / GEMMA3)
     make_tiny_model(models / TEXT_ONLY)
     log = tmp_path_factory.mktemp("logs") / "server.log"
     server = ServerProcess(["--models-dir", str(models), "--max-tokens-default", str(TOKENS),
@@ -70,6 +76,12 @@ def server(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Iterato
     server.wait_ready()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=[VLM, GEMMA3])
+def family(request: pytest.FixtureRequest) -> str:
+    """The vision model a test runs on, one per family (Qwen2-VL, Gemma 3)."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +116,21 @@ def test_an_image_adds_its_tokens_to_the_prompt(client: openai.OpenAI) -> None:
     assert two == text_only + 2 * (2 + 4)
 
 
-def test_the_reply_depends_on_the_image_under_greedy_decoding(client: openai.OpenAI) -> None:
-    first = chat(client, data_url(png(1))).choices[0].message.content
-    again = chat(client, data_url(png(1))).choices[0].message.content
-    other = chat(client, data_url(png(2))).choices[0].message.content
+def test_gemma3_gives_every_image_the_same_tokens(client: openai.OpenAI) -> None:
+    """Gemma 3 resizes every image to one square and pools it to a fixed count of soft tokens (256; here 4),
+    framed by <start_of_image> and <end_of_image>."""
+    text_only = chat(client, model=GEMMA3).usage.prompt_tokens
+    small = chat(client, data_url(png(1, 56)), model=GEMMA3).usage.prompt_tokens
+    large = chat(client, data_url(png(1, 112)), model=GEMMA3).usage.prompt_tokens
+    two = chat(client, data_url(png(1)), data_url(png(2)), model=GEMMA3).usage.prompt_tokens
+    assert small == large >= text_only + GEMMA3_IMAGE_TOKENS + 2
+    assert two - small == small - text_only
+
+
+def test_the_reply_depends_on_the_image_under_greedy_decoding(client: openai.OpenAI, family: str) -> None:
+    first = chat(client, data_url(png(1)), model=family).choices[0].message.content
+    again = chat(client, data_url(png(1)), model=family).choices[0].message.content
+    other = chat(client, data_url(png(2)), model=family).choices[0].message.content
     assert first and first == again
     assert other != first
 
@@ -123,12 +146,12 @@ def test_low_detail_shrinks_a_large_image(client: openai.OpenAI) -> None:
     assert low.usage is not None and low.usage.prompt_tokens == chat(client, url, text="hi").usage.prompt_tokens
 
 
-def test_streaming_gives_the_same_reply_as_the_whole_answer(client: openai.OpenAI) -> None:
-    whole = chat(client, data_url(png(4))).choices[0].message.content
-    stream = chat(client, data_url(png(4)), stream=True, stream_options={"include_usage": True})
+def test_streaming_gives_the_same_reply_as_the_whole_answer(client: openai.OpenAI, family: str) -> None:
+    whole = chat(client, data_url(png(4)), model=family)
+    stream = chat(client, data_url(png(4)), model=family, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
-    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == chat(client).usage.prompt_tokens + 6
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_a_text_only_request_to_the_vision_model_is_served(client: openai.OpenAI) -> None:
@@ -148,35 +171,37 @@ def test_structured_output_is_enforced_with_an_image(client: openai.OpenAI) -> N
     assert set(json.loads(reply.choices[0].message.content or "")) == {"colour"}
 
 
-def test_responses_api_sees_the_same_image_the_same_way(client: openai.OpenAI) -> None:
-    expected = chat(client, data_url(png(5))).choices[0].message.content
+def test_responses_api_sees_the_same_image_the_same_way(client: openai.OpenAI, family: str) -> None:
+    expected = chat(client, data_url(png(5)), model=family).choices[0].message.content
     content: Any = [{"type": "input_text", "text": "What is in this picture?"},
                     {"type": "input_image", "image_url": data_url(png(5)), "detail": "auto"}]
-    response = client.responses.create(model=VLM, input=[{"role": "user", "content": content}],
+    response = client.responses.create(model=family, input=[{"role": "user", "content": content}],
                                        max_output_tokens=TOKENS, temperature=0)
     assert response.output_text == expected
-    streamed = client.responses.create(model=VLM, input=[{"role": "user", "content": content}],
+    streamed = client.responses.create(model=family, input=[{"role": "user", "content": content}],
                                        max_output_tokens=TOKENS, temperature=0, stream=True)
     text = "".join(e.delta for e in streamed if e.type == "response.output_text.delta")
     assert text == expected
 
 
-def test_messages_api_sees_the_same_image_the_same_way(client: openai.OpenAI, claude: anthropic.Anthropic) -> None:
-    expected = chat(client, data_url(png(6))).choices[0].message.content
+def test_messages_api_sees_the_same_image_the_same_way(client: openai.OpenAI, claude: anthropic.Anthropic,
+                                                      family: str) -> None:
+    expected = chat(client, data_url(png(6)), model=family).choices[0].message.content
     content: Any = [{"type": "text", "text": "What is in this picture?"},
                     {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                  "data": base64.b64encode(png(6)).decode()}}]
-    message = claude.messages.create(model=VLM, max_tokens=TOKENS, extra_body=GREEDY,
+    message = claude.messages.create(model=family, max_tokens=TOKENS, extra_body=GREEDY,
                                      messages=[{"role": "user", "content": content}])
     assert "".join(b.text for b in message.content if b.type == "text") == expected
-    with claude.messages.stream(model=VLM, max_tokens=TOKENS, extra_body=GREEDY,
+    with claude.messages.stream(model=family, max_tokens=TOKENS, extra_body=GREEDY,
                                 messages=[{"role": "user", "content": content}]) as stream:
         assert "".join(stream.text_stream) == expected
 
 
-def test_langchain_chat_openai_with_an_image_message(server: ServerProcess, client: openai.OpenAI) -> None:
-    expected = chat(client, data_url(png(7))).choices[0].message.content
-    model = ChatOpenAI(model=VLM, base_url=server.base_url + "/v1", api_key="unused",  # type: ignore[arg-type]
+def test_langchain_chat_openai_with_an_image_message(server: ServerProcess, client: openai.OpenAI,
+                                                     family: str) -> None:
+    expected = chat(client, data_url(png(7)), model=family).choices[0].message.content
+    model = ChatOpenAI(model=family, base_url=server.base_url + "/v1", api_key="unused",  # type: ignore[arg-type]
                        temperature=0, max_tokens=TOKENS, max_retries=0)
     message = HumanMessage(content=[{"type": "text", "text": "What is in this picture?"},
                                     {"type": "image_url", "image_url": {"url": data_url(png(7))}}])
@@ -278,11 +303,12 @@ def test_the_server_stays_up_after_the_refusals(server: ServerProcess, client: o
     assert httpx.get(server.base_url + "/health", timeout=10).json()["engine"]["restarts"] == 0
 
 
-def test_count_tokens_counts_the_images_tokens(client: openai.OpenAI, claude: anthropic.Anthropic) -> None:
+def test_count_tokens_counts_the_images_tokens(client: openai.OpenAI, claude: anthropic.Anthropic,
+                                              family: str) -> None:
     content: Any = [{"type": "text", "text": "What is in this picture?"},
                     {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                  "data": base64.b64encode(png(1, 112)).decode()}}]
-    counted = claude.messages.count_tokens(model=VLM, messages=[{"role": "user", "content": content}])
-    assert counted.input_tokens == chat(client, data_url(png(1, 112))).usage.prompt_tokens
+    counted = claude.messages.count_tokens(model=family, messages=[{"role": "user", "content": content}])
+    assert counted.input_tokens == chat(client, data_url(png(1, 112)), model=family).usage.prompt_tokens
     with pytest.raises(anthropic.BadRequestError):
         claude.messages.count_tokens(model=TEXT_ONLY, messages=[{"role": "user", "content": content}])

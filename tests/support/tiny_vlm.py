@@ -99,3 +99,72 @@ def make_tiny_qwen2_vl(path: Path, *, vocab_size: int = 1024, context_length: in
     }
     (path / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
     return path
+
+
+GEMMA3_SPECIAL = (
+    "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+    "<image_soft_token>",
+)
+_GEMMA3 = _Format("gemma3-it.jinja", GEMMA3_SPECIAL, "<bos>", "<eos>", ("<eos>", "<end_of_turn>"), True,
+                  unk="<unk>", pad="<pad>")
+GEMMA3_IMAGE_SIDE = 56  # every image is resized to this square (Gemma 3: 896)
+GEMMA3_IMAGE_TOKENS = 4  # per image, pooled from (56/14)^2 patches (Gemma 3: 256)
+
+
+def make_tiny_gemma3(path: Path, *, vocab_size: int = 1024, context_length: int = 4096, seed: int = 0) -> Path:
+    """Write a random Gemma 3 folder at `path`: a SigLIP vision tower, average pooling to a fixed number of tokens
+    per image, a Gemma 3 decoder with sliding and global layers; the family's chat template and special tokens
+    (on a byte-level BPE: Gemma's own tokenizer is SentencePiece, whose vocabulary a test need not have)."""
+    from mlx_vlm.models import gemma3
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _byte_level_bpe(_GEMMA3, vocab_size)
+    vocab = tokenizer.get_vocab()
+    fast = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>",
+                                   "<image_soft_token>"],
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+        model_max_length=context_length, chat_template=(CHAT_TEMPLATES_DIR / "gemma3-it.jinja").read_text(),
+        add_bos_token=True,
+    )
+    fast.save_pretrained(str(path), save_jinja_files=False)
+    text_config: dict[str, object] = {
+        "model_type": "gemma3_text", "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+        "vocab_size": vocab_size, "sliding_window": 64, "sliding_window_pattern": 2,
+        "mm_tokens_per_image": GEMMA3_IMAGE_TOKENS, "max_position_embeddings": context_length,
+        "rms_norm_eps": 1e-6, "rope_global_base_freq": 1000000.0, "rope_local_base_freq": 10000.0,
+    }
+    vision_config: dict[str, object] = {
+        "model_type": "siglip_vision_model", "hidden_size": 32, "num_hidden_layers": 1, "intermediate_size": 64,
+        "num_attention_heads": 2, "patch_size": PATCH, "image_size": GEMMA3_IMAGE_SIDE,
+    }
+    config: dict[str, object] = {
+        "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+        "text_config": text_config, "vision_config": vision_config,
+        "mm_tokens_per_image": GEMMA3_IMAGE_TOKENS, "image_token_index": vocab["<image_soft_token>"],
+        "boi_token_index": vocab["<start_of_image>"], "eoi_token_index": vocab["<end_of_image>"],
+        "eos_token_id": [vocab[t] for t in _GEMMA3.stop], "bos_token_id": vocab["<bos>"],
+        "pad_token_id": vocab["<pad>"], "vocab_size": vocab_size, "hidden_size": 64, "torch_dtype": "float32",
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    model_config = gemma3.ModelConfig.from_dict(json.loads(json.dumps(config)))
+    model_config.text_config = gemma3.TextConfig.from_dict(text_config)
+    model_config.vision_config = gemma3.VisionConfig.from_dict(vision_config)
+    model = gemma3.Model(model_config)
+    weights = {name: w * 4 if w.ndim > 1 else w  # as for Qwen2-VL: the output follows the pixels
+               for name, w in _random_weights(dict(tree_flatten(model.parameters())), mx.float32, seed).items()}
+    mx.save_safetensors(str(path / WEIGHTS_FILE), weights, {"format": "mlx"})
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+        "size": {"height": GEMMA3_IMAGE_SIDE, "width": GEMMA3_IMAGE_SIDE}, "resample": 2,
+        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_pan_and_scan": False,
+    }, indent=2) + "\n")
+    (path / "processor_config.json").write_text(json.dumps({
+        "image_seq_length": GEMMA3_IMAGE_TOKENS, "processor_class": "Gemma3Processor"}, indent=2) + "\n")
+    return path
