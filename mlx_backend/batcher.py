@@ -295,6 +295,7 @@ class Batcher:
 
     def _plan(self, command: Generate, cached: CachedModel, state: ModelState) -> RequestPlan:
         if not vision.takes_images(cached):
+            vision.refuse_images(command, cached.entry, sees=False)  # e.g. loaded as text by an engine group
             return plan_request(command, cached, state.token_text, self.config.allow_fault_injection)
         tokens, pixels = vision.prompt_of(command, cached)  # the images' tokens in: counted in context and KV
         plan = plan_request(command, cached, state.token_text, self.config.allow_fault_injection, prompt=tokens)

@@ -55,12 +55,17 @@ def takes_images(cached: Any) -> bool:
     return cached.artifacts.processor is not None
 
 
-def refuse_images(command: Generate, entry: ModelEntry) -> None:
-    """A text-only model sent images: a 400 naming the model (before it is loaded)."""
-    if not any(m.images for m in command.messages or ()) or serves(entry):
+def refuse_images(command: Generate, entry: ModelEntry, sees: bool | None = None) -> None:
+    """A model that will not see images sent some: a 400 naming the model. Before the load `sees` is what the
+    entry says (`serves`); once loaded, whether it was loaded with its vision tower (`takes_images`)."""
+    if not any(m.images for m in command.messages or ()) or (serves(entry) if sees is None else sees):
         return
-    why = (f"it is a vision-language model, but this server lacks mlx-vlm ({EXTRA})" if entry.vision
-           else "it is a text-only model")
+    if not entry.vision:
+        why = "it is a text-only model"
+    elif not loader.vision_available():
+        why = f"it is a vision-language model, but this server lacks mlx-vlm ({EXTRA})"
+    else:
+        why = "this engine serves it as text only (an engine group loads no vision tower)"
     raise EngineError(EngineErrorCode.IMAGES_NOT_SUPPORTED,
                       f"The model '{entry.id}' does not take images: {why}. Send text only, or pick a vision model.",
                       "messages")

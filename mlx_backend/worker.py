@@ -286,7 +286,7 @@ def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | 
         cached = batcher.cache.acquire(command.model, batcher.busy_models(), waiter=rid)
         if cached is None:
             return None
-        vision.refuse_images(command, cached.entry)
+        vision.refuse_images(command, cached.entry, sees=vision.takes_images(cached))
         if vision.takes_images(cached):  # its images' tokens counted too
             return PromptCount(rid, len(vision.prompt_of(command, cached)[0]))
         return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))

@@ -114,3 +114,11 @@ def test_n_above_one_is_refused_for_a_vision_model(vlm: Any) -> None:
     with pytest.raises(EngineError) as caught:
         vision.prompt_of(ask(n=2), vlm)
     assert caught.value.param == "n"
+
+
+def test_a_vision_model_loaded_as_text_refuses_images(folders: dict[str, Path]) -> None:
+    """An engine group loads a model through mlx-lm (text only): images sent to it are refused, not dropped."""
+    entry = make_entry("vlm", folders["vlm"], "models_dir")
+    with pytest.raises(EngineError) as caught:
+        vision.refuse_images(ask(ImageInput(png(56), "image/png")), entry, sees=False)
+    assert caught.value.code is EngineErrorCode.IMAGES_NOT_SUPPORTED and "as text only" in caught.value.message
