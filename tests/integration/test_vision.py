@@ -249,6 +249,21 @@ def _running(server: ServerProcess) -> int:
     return int(model["requests_running"])
 
 
+def test_a_vision_model_is_unloaded_loaded_and_pinned_like_any(server: ServerProcess, client: openai.OpenAI) -> None:
+    def admin(action: str) -> dict[str, Any]:
+        answer = httpx.post(f"{server.base_url}/admin/models/{action}", json={"model": VLM}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        return dict(answer.json())
+
+    reply = chat(client, data_url(png(16))).choices[0].message.content
+    assert admin("unload")["status"] == "available"
+    assert chat(client, data_url(png(16))).choices[0].message.content == reply  # loaded again for it
+    assert admin("unload")["status"] == "available"
+    loaded = admin("load")
+    assert loaded["status"] == "loaded" and loaded["size_bytes"] > 0
+    assert admin("pin")["pinned"] and not admin("unpin")["pinned"]
+
+
 # -- refusals, each a clear 400 --------------------------------------------------------------------------
 
 
