@@ -40,7 +40,7 @@ def openapi_document() -> bytes:
     from gateway.app import create_app
     from gateway.lifecycle import GatewayRuntime
     from gateway.settings import Settings
-    from mlx_backend.fake import FakeEngine
+    from mlx_backend.client.fake import FakeEngine
     from mlx_backend.registry import ModelRegistry
 
     settings = Settings(hf_cache=False, demo_model=False)

@@ -38,7 +38,7 @@ from gateway.protocol import (
     UserMessage,
 )
 from gateway.reasoning import effort_control, template_kwargs_of, with_template_switch
-from mlx_backend.types import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
+from mlx_backend.contract import ChatMessage, Constraint, Generate, SamplingParams, ToolCall
 
 
 def check_chat_supported(req: ChatCompletionRequest) -> None:

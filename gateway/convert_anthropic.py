@@ -68,7 +68,7 @@ from gateway.protocol_anthropic import (
 from gateway.protocol_anthropic import ToolChoice as AnthropicToolChoice
 from gateway.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
 from gateway.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
-from mlx_backend.types import ChatMessage, Finished, Generate, ImageInput, SamplingParams, ToolCall
+from mlx_backend.contract import ChatMessage, Finished, Generate, ImageInput, SamplingParams, ToolCall
 
 log = logging.getLogger("mlx_gateway")
 

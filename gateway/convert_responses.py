@@ -73,7 +73,7 @@ from gateway.protocol_responses import (
 )
 from gateway.reasoning import SUMMARIES, effort_control
 from gateway.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
-from mlx_backend.types import ChatMessage, Constraint, Finished, Generate, ImageInput, ToolCall
+from mlx_backend.contract import ChatMessage, Constraint, Finished, Generate, ImageInput, ToolCall
 
 _NOT_INPUT = {
     "item_reference": "item references are not supported: send the items themselves, or previous_response_id",

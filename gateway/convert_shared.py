@@ -22,7 +22,7 @@ import msgspec
 
 from gateway.errors import ErrorKind, GatewayError, invalid, unsupported
 from mlx_backend import grammar
-from mlx_backend.types import Constraint, SamplingParams
+from mlx_backend.contract import Constraint, SamplingParams
 
 T = TypeVar("T")
 

@@ -21,9 +21,9 @@ from gateway import metrics
 from gateway.errors import ErrorKind, GatewayError
 from gateway.protocol import Usage
 from gateway.render import usage_of
-from mlx_backend.engine_request import EngineRequest, Interrupted
+from mlx_backend.client.engine_request import EngineRequest, Interrupted
+from mlx_backend.contract import Delta, Finished, Generate, Loading, Started
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Delta, Finished, Generate, Loading, Started
 
 log = logging.getLogger("mlx_gateway.requests")
 

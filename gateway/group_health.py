@@ -6,7 +6,7 @@ from msgspec import UNSET, UnsetType
 
 from gateway import metrics
 from gateway.protocol import GroupHealth, RankHealth
-from mlx_backend.group import GroupStatus
+from mlx_backend.client.group import GroupStatus
 
 
 def group_health(status: GroupStatus | None) -> GroupHealth | UnsetType:

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 import msgspec
 
 from gateway.errors import ErrorKind, GatewayError
-from mlx_backend.types import ChatMessage, Generate, ImageInput
+from mlx_backend.contract import ChatMessage, Generate, ImageInput
 
 MEDIA_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 DETAILS = ("auto", "low", "high")

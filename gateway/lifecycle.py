@@ -31,11 +31,11 @@ from gateway.protocol import (
 from gateway.response_store import ResponseStore
 from gateway.settings import Settings
 from mlx_backend import __version__
-from mlx_backend.engine import ControlAction, Engine, EngineState, unavailable
+from mlx_backend.client.engine import ControlAction, Engine, EngineState, unavailable
+from mlx_backend.contract import Finished, Generate, Heartbeat, LoadedModel, ModelEvent
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelEntry, ModelRegistry
 from mlx_backend.residency import KeepAlive
-from mlx_backend.types import Finished, Generate, Heartbeat, LoadedModel, ModelEvent
 
 log = logging.getLogger("mlx_gateway")
 

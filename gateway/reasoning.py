@@ -1,4 +1,4 @@
-"""Each API's reasoning controls -> the engine's one `ReasoningControl` (mlx_backend/reasoning.py maps that
+"""Each API's reasoning controls -> the engine's one `ReasoningControl` (mlx_backend/engine/reasoning.py maps that
 onto what the model's chat template understands).
 
 Chat says `reasoning_effort` (and, as vLLM, llama.cpp and LM Studio do, `chat_template_kwargs`); the
@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from gateway.errors import invalid
-from mlx_backend.types import ReasoningControl
+from mlx_backend.contract import ReasoningControl
 
 # OpenAI's efforts (chat, Responses) and Anthropic's (output_config.effort) -> the three a template knows.
 _EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}

@@ -32,7 +32,7 @@ from gateway.protocol import (
     TopLogprobEntry,
     Usage,
 )
-from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
+from mlx_backend.contract import Delta, TokenLogprob, ToolCallDelta
 
 
 class ResponseMeta:

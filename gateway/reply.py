@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from mlx_backend.types import Delta
+from mlx_backend.contract import Delta
 
 log = logging.getLogger("mlx_gateway")
 

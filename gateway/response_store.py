@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import msgspec
 
 from gateway.protocol_responses import ResponseObject
-from mlx_backend.types import ChatMessage
+from mlx_backend.contract import ChatMessage
 
 
 @dataclass(frozen=True)

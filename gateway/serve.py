@@ -24,11 +24,12 @@ from gateway.lifecycle import GatewayRuntime, MetricsObserver
 from gateway.placement import pin_this_process, plan
 from gateway.settings import Settings
 from mlx_backend import timeline
-from mlx_backend.engine import EngineClient, SupervisionPolicy
-from mlx_backend.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
+from mlx_backend.client.engine import EngineClient
+from mlx_backend.client.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
+from mlx_backend.client.supervision import SupervisionPolicy
+from mlx_backend.contract import EngineConfig, GroupConfig
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
 from mlx_backend.residency import parse_override
-from mlx_backend.types import EngineConfig, GroupConfig
 
 log = logging.getLogger("mlx_gateway")
 

@@ -8,7 +8,7 @@ The script names what the engine should say instead: FILE holds a JSON list of r
 
 and the first rule whose `when` occurs in the request's newest input (its messages after the last
 assistant turn: the user's words, or a tool's result) makes the engine's sampling spell `say` with the
-model's own tokenizer (mlx_backend/faults.py, "emit:"), through the real detokenizer, reasoning splitter,
+model's own tokenizer (mlx_backend/engine/faults.py, "emit:"), through the real detokenizer, reasoning splitter,
 tool-call parser and wire. Sampling runs free after `say`, so a rule ends it with the family's end-of-turn
 token (Qwen's `<|im_end|>`). A request no rule matches runs the model as usual. The file is read again for
 every request, so a test can change the script while the server runs.
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import msgspec
 
-from mlx_backend.types import ChatMessage, Generate
+from mlx_backend.contract import ChatMessage, Generate
 
 log = logging.getLogger("mlx_gateway")
 
-EMIT_PREFIX = "emit:"  # mlx_backend/faults.py: sampling held to the text's tokens
+EMIT_PREFIX = "emit:"  # mlx_backend/engine/faults.py: sampling held to the text's tokens
 
 
 class Rule(msgspec.Struct, forbid_unknown_fields=True):

@@ -1,8 +1,5 @@
-"""The MLX engine: model registry and cache, loader, batching loop, and the engine process.
-
-Only `worker`, `batcher`, `cache`, `loader`, `sampling`, `solo` and `constrained` import MLX; they run in the
-engine process. The rest (`types`, `errors`, `registry`, `ipc`, `engine`, `process`, `fake`, `grammar`) is
-safe to import from the HTTP gateway, which must never touch MLX.
-"""
+"""The MLX backend, split by the process each part runs in: `client/` in the gateway process (never imports MLX),
+`engine/` in the engine process (MLX), and the modules at this level, which both import and which import no MLX:
+the IPC contract (`contract`), its framing (`ipc`), `errors`, `registry`, `grammar`, `timeline` (tests/contract)."""
 
 __version__ = "0.1.0"

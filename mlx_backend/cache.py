@@ -1,7 +1,7 @@
 """Loaded models within a memory budget that counts everything: weights, the load in progress, the running
 requests' KV cache and the prefix cache (mlx_backend/memory.py).
 
-Loads happen in pieces between decode steps (mlx_backend/loading.py), one at a time, in the order asked for:
+Loads happen in pieces between decode steps (mlx_backend/engine/model_load.py), one at a time, in the order asked for:
 `acquire` answers None while a request's model is queued or loading, and the batcher asks again after the
 next step; `advance` runs the next piece. Room is made by trimming the prefix cache (it is only a cache),
 then by evicting idle, unpinned models, least recently used first; what running requests hold is waited
@@ -29,14 +29,14 @@ from typing import Protocol
 
 import mlx.core as mx
 
-from mlx_backend import loader, vision
+from mlx_backend.contract import FailedModel, LoadedModel, LoadProgress, ModelEvent
+from mlx_backend.engine import model_check, vision
+from mlx_backend.engine.model_check import LoadedArtifacts
+from mlx_backend.engine.model_load import Progress, StagedLoad
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.loader import LoadedArtifacts
-from mlx_backend.loading import Progress, StagedLoad
 from mlx_backend.memory import MemoryLedger, batch_kv_bytes, kv_bytes_per_token
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
 from mlx_backend.residency import KeepAlive
-from mlx_backend.types import FailedModel, LoadedModel, LoadProgress, ModelEvent
 
 log = logging.getLogger("mlx_gateway.engine.cache")
 
@@ -67,7 +67,7 @@ class CachedModel:
 
 
 class Loader(Protocol):
-    """One load in progress: mlx_backend.loading.StagedLoad, or a one-shot stand-in in tests."""
+    """One load in progress: mlx_backend.engine.model_load.StagedLoad, or a one-shot stand-in in tests."""
 
     @property
     def progress(self) -> Progress: ...
@@ -151,7 +151,7 @@ class ModelCache:
         warmup: bool = True,
         prefill_step_size: int = 2048,
         read_delay_s: float = 0.0,
-        validate: Callable[[ModelEntry], int] = loader.validate,
+        validate: Callable[[ModelEntry], int] = model_check.validate,
         load: Callable[[ModelEntry], LoadedArtifacts] | None = None,
     ) -> None:
         self.registry = registry
@@ -162,7 +162,7 @@ class ModelCache:
         self.prefill_step_size = prefill_step_size
         self.read_delay_s = read_delay_s  # test-only (fault injection): a slow disk
         self._validate = validate
-        self._load = load  # None: staged loads (mlx_backend.loading)
+        self._load = load  # None: staged loads (mlx_backend.engine.model_load)
         self._models: dict[str, CachedModel] = {}
         self._failures: dict[str, _Failure] = {}
         self._queue: deque[PendingLoad] = deque()  # the first one runs once it fits
@@ -453,7 +453,7 @@ class ModelCache:
                 return False
             pending.loader = (
                 _OneShot(self._load, pending.entry, pending.size) if self._load is not None
-                # A vision model loads in one piece, through mlx-vlm (mlx_backend/vision.py).
+                # A vision model loads in one piece, through mlx-vlm (mlx_backend/engine/vision.py).
                 else _OneShot(vision.load, pending.entry, pending.size) if vision.serves(pending.entry)
                 else StagedLoad(pending.entry, pending.size, warmup=self.warmup,
                                 prefill_step_size=self.prefill_step_size, read_delay_s=self.read_delay_s)

@@ -12,8 +12,8 @@ import logging
 from collections.abc import Callable, Sequence
 
 from mlx_backend.cache import ModelCache
+from mlx_backend.contract import Event, Heartbeat, ModelControl, ModelControlDone
 from mlx_backend.errors import EngineError
-from mlx_backend.types import Event, Heartbeat, ModelControl, ModelControlDone
 
 log = logging.getLogger("mlx_gateway.engine.control")
 

@@ -2,7 +2,7 @@
 
 This module imports neither MLX nor a tokenizer, so the gateway process can call `validate` to turn a schema
 we cannot enforce into a 400 before any compute. The engine compiles the same grammar against the model's
-tokenizer (`mlx_backend/constrained.py`).
+tokenizer (`mlx_backend/engine/constrained.py`).
 
 What is enforced, for every JSON kind (json_object, json_schema, `json_value_for_lark` in a Lark grammar):
 - the output is one JSON value and nothing else: no whitespace before it, none after it; the model's EOS
@@ -34,7 +34,7 @@ from typing import Any
 
 from llguidance import LLMatcher
 
-from mlx_backend.types import Constraint
+from mlx_backend.contract import Constraint
 
 # Whitespace is matched once per place JSON allows it, so the bound holds there ("\n" + 20 spaces is
 # indent=4 at depth 5).

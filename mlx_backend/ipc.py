@@ -17,7 +17,7 @@ from typing import cast
 import msgspec
 
 from mlx_backend import timeline
-from mlx_backend.types import Command, Delta, Event, Failed, Finished
+from mlx_backend.contract import Command, Delta, Event, Failed, Finished
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a frame larger than this means a corrupt stream

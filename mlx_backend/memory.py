@@ -23,8 +23,8 @@ def kv_bytes_per_token(config: Mapping[str, Any], float16_upcast: bool = False) 
 
     From config.json's usual names (a `text_config` for multimodal checkpoints); the activations' dtype is the
     checkpoint's `torch_dtype` (quantized checkpoints keep their scales' float type there), float32 where float16
-    weights are held as float32 (`float16_upcast`, the CPU: mlx_backend/loader.py). 0 when the config does not
-    say enough: such a model's KV cache is then not budgeted (the engine logs it)."""
+    weights are held as float32 (`float16_upcast`, the CPU: mlx_backend/engine/model_check.py). 0 when the config
+    does not say enough: such a model's KV cache is then not budgeted (the engine logs it)."""
     scope: Mapping[str, Any] = config
     text = config.get("text_config")
     if isinstance(text, Mapping) and not _count(config, "num_hidden_layers", "n_layer", "num_layers"):

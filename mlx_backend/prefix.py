@@ -1,6 +1,6 @@
 """Prefix (KV) caches of finished requests, kept so that the next turn of a conversation skips the prefill of
-what it shares with an earlier request: one mlx-lm LRUPromptCache per loaded model, under one byte budget
-for all of them. MLX thread only; `nbytes` may be read from the heartbeat thread.
+what it shares with an earlier request: one `PromptStore` per loaded model, under one byte budget for all of
+them. MLX thread only; `nbytes` may be read from the heartbeat thread.
 """
 
 from __future__ import annotations
@@ -8,20 +8,20 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
-_KEY = "model"  # one LRUPromptCache per model, so one key inside each is enough
+from mlx_backend.engine.prompt_store import PromptStore
+
 _ENTRIES_PER_MODEL = 256
 
 
 class PrefixCaches:
     def __init__(self, budget_bytes: int) -> None:
         self._budget = budget_bytes
-        self._by_model: dict[str, Any] = {}  # model id -> LRUPromptCache
+        self._by_model: dict[str, PromptStore] = {}
 
     @property
     def nbytes(self) -> int:
-        return sum(int(c.nbytes) for c in list(self._by_model.values()))
+        return sum(c.nbytes for c in list(self._by_model.values()))
 
     def drop(self, model_id: str) -> None:
         self._by_model.pop(model_id, None)
@@ -32,23 +32,15 @@ class PrefixCaches:
         for cache in list(self._by_model.values()):
             if n_bytes <= 0:
                 return
-            before = int(cache.nbytes)
-            cache.trim_to(n_bytes=max(0, before - n_bytes))
-            n_bytes -= before - int(cache.nbytes)
+            before = cache.nbytes
+            cache.trim_to(max(0, before - n_bytes))
+            n_bytes -= before - cache.nbytes
 
     def fetch(self, model_id: str, tokens: list[int]) -> tuple[list[Any] | None, list[int]]:
         """A copy of the longest cached prefix of `tokens` and the tokens still to feed (never none: an
         exact hit is stepped back by one token, since the model must be fed something)."""
         cache = self._by_model.get(model_id)
-        if cache is None:
-            return None, tokens
-        prompt_cache, rest = cache.fetch_nearest_cache(_KEY, tokens)
-        if prompt_cache is not None and not rest:
-            if not can_trim_prompt_cache(prompt_cache):
-                return None, tokens
-            trim_prompt_cache(prompt_cache, 1)
-            rest = tokens[-1:]
-        return prompt_cache, rest
+        return cache.fetch(tokens) if cache is not None else (None, tokens)
 
     def save(self, model_id: str, prompt_cache: list[Any] | None, tokens: list[int] | None) -> None:
         """Keep a finished request's KV cache, keyed by every token in it; trim the other models' caches
@@ -58,13 +50,13 @@ class PrefixCaches:
         mx.eval([c.state for c in prompt_cache])  # detach it from the batch's arrays now
         cache = self._by_model.get(model_id)
         if cache is None:
-            cache = self._by_model[model_id] = LRUPromptCache(max_size=_ENTRIES_PER_MODEL, max_bytes=self._budget)
-        cache.insert_cache(_KEY, list(tokens), prompt_cache)
+            cache = self._by_model[model_id] = PromptStore(_ENTRIES_PER_MODEL)
+        cache.save(list(tokens), prompt_cache)
         over = self.nbytes - self._budget
         for other_id in sorted(self._by_model, key=lambda m: m == model_id):
             if over <= 0:
                 break
             other = self._by_model[other_id]
-            before = int(other.nbytes)
-            other.trim_to(n_bytes=max(0, before - over))
-            over -= before - int(other.nbytes)
+            before = other.nbytes
+            other.trim_to(max(0, before - over))
+            over -= before - other.nbytes

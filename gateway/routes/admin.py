@@ -16,7 +16,7 @@ from gateway.admin_protocol import ModelAction
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Model
 from gateway.routes import responses
-from mlx_backend.engine import ControlAction
+from mlx_backend.client.engine import ControlAction
 
 
 async def _act(request: Request[Any, Any, Any], action: ControlAction, data: ModelAction) -> Model:

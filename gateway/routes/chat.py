@@ -13,7 +13,7 @@ from gateway.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletion
 from gateway.render import FoldedChoice, ResponseMeta
 from gateway.routes import responses
 from gateway.routes.generation import exchange_id, respond
-from mlx_backend.types import Delta
+from mlx_backend.contract import Delta
 
 
 class ChatRenderer:

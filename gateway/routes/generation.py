@@ -28,7 +28,7 @@ from gateway.protocol import Usage
 from gateway.render import FoldedChoice, Folder, ResponseMeta
 from gateway.reply import Reply, Step
 from mlx_backend import timeline
-from mlx_backend.types import Delta, Finished, Generate
+from mlx_backend.contract import Delta, Finished, Generate
 
 T = TypeVar("T")
 

@@ -11,5 +11,5 @@ DEMO_MODEL_ID = "mlx-gateway-demo"
 
 
 def demo_model_path() -> Path:
-    """The folder holding the demo model (made by `python -m mlx_backend.demo.train`)."""
+    """The folder holding the demo model (made by `python -m mlx_backend.engine.demo_train`)."""
     return Path(__file__).resolve().parent / "model"

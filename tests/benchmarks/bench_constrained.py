@@ -47,11 +47,11 @@ from pydantic import BaseModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-import mlx_backend.constrained as constrained
-from mlx_backend.constrained import GrammarCompiler
+import mlx_backend.engine.constrained as constrained
+from mlx_backend.contract import Constraint
+from mlx_backend.engine.constrained import GrammarCompiler
+from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import grammar_for
-from mlx_backend.solo import SoloGeneration
-from mlx_backend.types import Constraint
 from tests.support import tiny_models as tm
 
 

@@ -1,6 +1,6 @@
 """Decode and prefill speed of one llama-shaped model computed in float16, bfloat16 and float32 on the CPU.
 
-Why the CPU engine upcasts half-precision weights (mlx_backend/loading.py, `compute_dtype`): MLX's CPU
+Why the CPU engine upcasts half-precision weights (mlx_backend/engine/model_load.py, `compute_dtype`): MLX's CPU
 kernels run float16 far slower than float32. Random weights (speed does not depend on the values); the
 dtypes take turns within each repetition, and the clock is the process's CPU time, so a busy machine (this one
 is shared) changes the figures less than wall time would; medians are printed.

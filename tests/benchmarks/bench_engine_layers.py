@@ -28,11 +28,11 @@ from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_backend.batcher import Batcher
 from mlx_backend.cache import ModelCache
-from mlx_backend.engine import EngineClient
+from mlx_backend.client.engine import EngineClient
+from mlx_backend.contract import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, ModelEvent, SamplingParams
+from mlx_backend.engine.batcher import Batcher
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, ModelEvent, SamplingParams
 
 PROMPT = " ".join(["the"] * 64)
 RUNS = 3  # each figure is the best of this many runs: a GPU's first passes over new shapes are slow

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime, MetricsObserver
 from gateway.settings import Settings
-from mlx_backend.engine import EngineClient
+from mlx_backend.client.engine import EngineClient
+from mlx_backend.contract import EngineConfig
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import EngineConfig
 
 MODEL = "mlx-gateway-demo"
 

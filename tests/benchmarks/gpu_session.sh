@@ -16,6 +16,8 @@
 #   bash tests/benchmarks/gpu_session.sh agent      # bench_agent: 12k-token system prompt, 6 growing turns, 4
 #                                                   # agents sharing a new system prompt; gateway, then
 #                                                   # mlx_lm.server (about 4 minutes with the model made)
+#   bash tests/benchmarks/gpu_session.sh profile    # py-spy on the engine and the gateway for 15 s of a long
+#                                                   # c=64 level: where each thread's time goes (~3 minutes)
 #
 # What comes back, in $OUT (3 or 4 files): session.log (every step, timestamped, as it happens),
 # summary.md (the tables, written as each step ends), session.tar.gz (every raw file: JSON results,
@@ -274,6 +276,42 @@ session_agent() {
   cp "$RUN/agent.json" "$OUT/agent.json" 2>/dev/null
 }
 
+# Where the engine's and the gateway's CPU time goes at c=64: py-spy (carried as a wheel) samples both
+# processes for PROFILE_S seconds in the middle of a long c=64 level, per thread (busy samples only).
+session_profile() {
+  note "# GPU session (profile): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
+  command -v py-spy > /dev/null || { log "py-spy is not installed (carry its wheel in p2)"; return 1; }
+  local level=${PROFILE_LEVEL:-64} seconds=${PROFILE_S:-15} engine="" gateway="" i
+  "$PY" tests/benchmarks/bench_serving.py --shape "$SHAPE" --servers gateway --skip-ceiling \
+    --concurrency "$level" --requests-per-client "${PROFILE_REQUESTS:-12}" --level-timeout 200 \
+    --startup-timeout 240 --gateway-args "${GATEWAY_ARGS:-}" --work-dir "$RUN/profile" \
+    --out "$RUN/profile.md" > "$RUN/profile-bench.out" 2> "$RUN/profile-bench.err" &
+  local bench=$!
+  for i in $(seq 1 240); do  # the engine process appears once the gateway starts it, as its child
+    gateway=$(pgrep -n -f "gateway.cli serve")
+    [ -n "$gateway" ] && engine=$(pgrep -n -P "$gateway" -f worker)
+    [ -n "$engine" ] && break
+    sleep 1
+  done
+  [ -z "$engine" ] && { log "no engine process appeared"; wait "$bench"; return 1; }
+  # The level starts after the model loads and one warm-up round: poll the bench's log for the level.
+  for i in $(seq 1 180); do grep -q "concurrency $level x" "$RUN/profile-bench.err" && break; sleep 1; done
+  sleep "${PROFILE_DELAY_S:-4}"
+  log "profiling engine $engine and gateway $gateway for ${seconds}s"
+  py-spy record -p "$engine" -d "$seconds" -r 200 --threads --nonblocking -f raw \
+    -o "$RUN/engine.folded" > "$RUN/py-spy-engine.log" 2>&1 &
+  py-spy record -p "$gateway" -d "$seconds" -r 200 --threads --nonblocking -f raw \
+    -o "$RUN/gateway.folded" > "$RUN/py-spy-gateway.log" 2>&1 &
+  wait "$bench"
+  wait
+  cp "$RUN"/*.folded "$OUT/" 2>/dev/null
+  tail -n 3 "$RUN"/py-spy-*.log >> "$OUT/session.log" 2>/dev/null
+  cat "$RUN/profile.md" >> "$OUT/summary.md" 2>/dev/null || note "(no table: see session.log)"
+  for f in "$RUN"/*.folded; do
+    [ -f "$f" ] && "$PY" tests/benchmarks/folded_top.py "$f" --seconds "$seconds" --rate 200 >> "$OUT/summary.md" 2>&1
+  done
+}
+
 log "gpu_session.sh $MODE: budget ${BUDGET_S}s, work in $RUN, results in $OUT"
 system_info
 if ! step check 120 bash -c check_mlx; then
@@ -291,6 +329,7 @@ case $MODE in
   serving) session_serving ;;
   streams) session_streams ;;
   agent) session_agent ;;
-  *) log "unknown mode $MODE (stream, serving, streams or agent)"; exit 2 ;;
+  profile) session_profile ;;
+  *) log "unknown mode $MODE (stream, serving, streams, agent or profile)"; exit 2 ;;
 esac
 log "done"

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway import serve
 from gateway.settings import parse_settings
-from mlx_backend.engine import EngineClient
+from mlx_backend.client.engine import EngineClient
 
 if __name__ == "__main__":
     serve.EngineClient = functools.partial(  # type: ignore[misc]

@@ -156,7 +156,7 @@ def test_a_system_message_mid_conversation_and_claude_codes_extras_are_served(cl
                                                                               model: str) -> None:
     """What Claude Code sends on every request: a system message after the first user turn, the clear-thinking
     context edit, `$schema` in a tool's input_schema, cache_control, the beta query. Both templates take a
-    system turn anywhere (the merge for templates that take one, first, is tests/unit/mlx_backend/tools/
+    system turn anywhere (the merge for templates that take one, first, is tests/unit/mlx_backend/engine/tools/
     test_render.py's, on Mistral's real template)."""
     tool = {"name": "get_weather", "description": "The weather in a city", "cache_control": {"type": "ephemeral"},
             "input_schema": {"$schema": "http://json-schema.org/draft-07/schema#", "type": "object",

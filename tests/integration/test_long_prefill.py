@@ -1,5 +1,5 @@
 """A prompt whose prefill takes longer than the stall limit completes with the engine it started on: the engine
-sizes its prefill pieces to the device's speed (mlx_backend/pacing.py), so the stall clock sees progress
+sizes its prefill pieces to the device's speed (mlx_backend/engine/pacing.py), so the stall clock sees progress
 several times a second. The opposite, a truly stuck engine being killed, is test_engine_faults.py's
 `test_injected_stall_is_reported_as_stalled_and_the_engine_is_replaced`, on the same 2 s limit.
 
@@ -21,7 +21,7 @@ from tests.support.server import ServerProcess
 from tests.support.tiny_models import make_tiny_model
 
 STALL_LIMIT_S = 2.0
-KILL_AFTER_S = STALL_LIMIT_S * 1.5  # mlx_backend/engine.py kills at limit + max(1, limit / 2)
+KILL_AFTER_S = STALL_LIMIT_S * 1.5  # mlx_backend/client/engine.py kills at limit + max(1, limit / 2)
 PROMPT_WORDS = 2000  # one token each (the word-level tokenizer): under one 2048-token piece
 
 

@@ -8,7 +8,7 @@ CPU work (detokenizing the last token, building the next step's graph), queues t
 step is hidden, as on a GPU; a CPU phase that is delayed past the step shows as a slower token.
 
 Every running request gets one Delta per step, as the batcher's rows do; PACED_FRAMES=step writes a
-step's frames in one sendall (what mlx_backend.worker does), =event one sendall per frame (what it did
+step's frames in one sendall (what mlx_backend.engine.worker does), =event one sendall per frame (what it did
 before). The timeline (`EngineConfig.trace_tokens`) is recorded as the real engine records it.
 
     python -m tests.support.paced_worker --fd N --config JSON    (started by EngineClient)
@@ -28,8 +28,7 @@ from collections import deque
 import msgspec
 
 from mlx_backend import timeline
-from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     Command,
     Delta,
@@ -41,6 +40,7 @@ from mlx_backend.types import (
     Shutdown,
     Started,
 )
+from mlx_backend.ipc import ConnectionClosed, EngineSide
 
 
 def _busy(seconds: float) -> None:

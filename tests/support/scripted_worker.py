@@ -21,8 +21,7 @@ import time
 
 import msgspec
 
-from mlx_backend.ipc import ConnectionClosed, EngineSide
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     CountPrompt,
     Delta,
@@ -39,6 +38,7 @@ from mlx_backend.types import (
     Shutdown,
     Started,
 )
+from mlx_backend.ipc import ConnectionClosed, EngineSide
 
 
 def main() -> None:

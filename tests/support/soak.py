@@ -364,7 +364,7 @@ def _go_quiet(port: int, data: bytes, wait_s: float) -> tuple[float, bytes]:
 
 def tensor_bytes(folder: Path) -> int:
     """The bytes of a model's tensors, as the engine's memory budget counts them on the CPU (safetensors headers;
-    float16 tensors twice, held as float32: mlx_backend/loader.py)."""
+    float16 tensors twice, held as float32: mlx_backend/engine/model_check.py)."""
     total = 0
     for path in folder.glob("model*.safetensors"):
         with path.open("rb") as f:

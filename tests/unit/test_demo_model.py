@@ -17,7 +17,7 @@ MAX_BYTES = 8 * 1024 * 1024
 @pytest.fixture(scope="module")
 def folder() -> Path:
     path = demo_model_path()
-    assert (path / "config.json").is_file(), "run `python -m mlx_backend.demo.train` to make the demo model"
+    assert (path / "config.json").is_file(), "run `python -m mlx_backend.engine.demo_train` to make the demo model"
     return path
 
 

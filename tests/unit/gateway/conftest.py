@@ -1,4 +1,4 @@
-"""HTTP-layer tests run the real app in-process against the scripted engine (mlx_backend.fake)."""
+"""HTTP-layer tests run the real app in-process against the scripted engine (mlx_backend.client.fake)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from litestar.testing import TestClient
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime
 from gateway.settings import Settings
-from mlx_backend.fake import FakeEngine
+from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
 
 ClientFactory = Callable[..., TestClient[Any]]

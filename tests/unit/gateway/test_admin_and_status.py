@@ -13,8 +13,8 @@ from gateway import status_page
 from gateway.lifecycle import GatewayRuntime
 from gateway.protocol import Health, Model
 from gateway.settings import Settings
+from mlx_backend.client.fake import FakeEngine
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
 from tests.unit.gateway.conftest import ClientFactory, chat_body
 

@@ -11,7 +11,7 @@ import pytest
 from gateway.app import create_asgi_app
 from gateway.lifecycle import GatewayRuntime
 from gateway.settings import Settings
-from mlx_backend.fake import FakeEngine
+from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
 from tests.unit.gateway.conftest import chat_body, sse_payloads
 

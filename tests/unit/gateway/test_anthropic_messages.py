@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from mlx_backend.engine import EngineState
+from mlx_backend.client.engine import EngineState
+from mlx_backend.client.fake import FakeEngine
+from mlx_backend.contract import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ChatMessage, Constraint, Generate, ReasoningControl, ToolCall
 from tests.support.event_order import check_anthropic_events, named_events
 from tests.unit.gateway.conftest import ClientFactory
 

@@ -14,7 +14,7 @@ import pytest
 from gateway.app import BodyTimeoutMiddleware, create_asgi_app
 from gateway.lifecycle import GatewayRuntime
 from gateway.settings import Settings
-from mlx_backend.fake import FakeEngine
+from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
 
 pytestmark = pytest.mark.anyio

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from mlx_backend.fake import FakeEngine
-from mlx_backend.types import ReasoningControl
+from mlx_backend.client.fake import FakeEngine
+from mlx_backend.contract import ReasoningControl
 from tests.unit.gateway.conftest import ClientFactory, chat_body, sse_payloads
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from gateway import images
 from gateway.errors import ErrorKind, GatewayError
-from mlx_backend.types import ChatMessage, Generate, ImageInput, SamplingParams
+from mlx_backend.contract import ChatMessage, Generate, ImageInput, SamplingParams
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32  # only the signature matters to the gateway; the engine decodes
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 32

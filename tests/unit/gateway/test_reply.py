@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.reply import CallBlock, Closed, Grew, Opened, Reply, TextBlock
-from mlx_backend.types import Delta, ToolCallDelta
+from mlx_backend.contract import Delta, ToolCallDelta
 
 
 def delta(text: str = "", *calls: ToolCallDelta) -> Delta:

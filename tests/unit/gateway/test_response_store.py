@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gateway.protocol_responses import ResponseObject
 from gateway.response_store import ResponseStore
-from mlx_backend.types import ChatMessage
+from mlx_backend.contract import ChatMessage
 
 
 def response(rid: str, previous: str | None = None) -> ResponseObject:

@@ -25,7 +25,7 @@ from gateway.security import (
     warn_if_open,
 )
 from gateway.settings import Settings
-from mlx_backend.fake import FakeEngine
+from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry
 from tests.unit.gateway.conftest import ClientFactory
 

@@ -10,7 +10,7 @@ import pytest
 from gateway import sse
 from gateway.render import ResponseMeta, chat_delta_chunk
 from gateway.routes.chat import ChatRenderer
-from mlx_backend.types import Delta, TokenLogprob, ToolCallDelta
+from mlx_backend.contract import Delta, TokenLogprob, ToolCallDelta
 
 TEXTS = ["tok ", "", " ", 'say "hi"\n', "back\\slash\ttab", "\x00\x1f\x7f", "é ü ß", "日本語", "🦙🦙", "\ud7ff\ue000",
          "</script>", "\u2028\u2029", "\ue000mlx-gateway-text-slot\ue001"]

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from gateway.test_script import newest_input, scripted
-from mlx_backend.types import ChatMessage, Generate, SamplingParams, ToolCall
+from mlx_backend.contract import ChatMessage, Generate, SamplingParams, ToolCall
 
 TURN = (ChatMessage("system", "You help."), ChatMessage("user", "run the marker command"),
         ChatMessage("assistant", "", tool_calls=(ToolCall("c1", "bash", "{}"),)),

@@ -12,12 +12,8 @@ from pathlib import Path
 import pytest
 
 import mlx_backend.cache as cache_module
-from mlx_backend import loader
-from mlx_backend.batcher import Batcher
 from mlx_backend.cache import ModelCache
-from mlx_backend.control import Controls
-from mlx_backend.registry import ModelRegistry
-from mlx_backend.types import (
+from mlx_backend.contract import (
     ChatMessage,
     Delta,
     EngineConfig,
@@ -32,6 +28,10 @@ from mlx_backend.types import (
     SamplingParams,
     Started,
 )
+from mlx_backend.control import Controls
+from mlx_backend.engine import model_check
+from mlx_backend.engine.batcher import Batcher
+from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
 
 HELLO = (ChatMessage("user", "hello world"),)
@@ -91,7 +91,7 @@ def test_a_stream_keeps_decoding_while_another_model_loads(
 ) -> None:
     monkeypatch.setattr(cache_module, "PIECE_S", 0.0)  # the smallest pieces: one tensor per step
     gate = threading.Event()
-    real = loader.load_tokenizer
+    real = model_check.load_tokenizer
 
     def held_tokenizer(*args: object, **kwargs: object) -> object:
         gate.wait(30)  # the loader thread is still reading
@@ -99,7 +99,7 @@ def test_a_stream_keeps_decoding_while_another_model_loads(
 
     engine.submit("a", max_tokens=400)
     engine.step_until(lambda: engine.deltas("a") > 0)
-    monkeypatch.setattr(loader, "load_tokenizer", held_tokenizer)
+    monkeypatch.setattr(model_check, "load_tokenizer", held_tokenizer)
     engine.submit("b", model="deep", max_tokens=3)
     per_step: list[tuple[str | None, int]] = []  # (the load's stage, a's deltas so far) after each step
     for _ in range(30):
@@ -128,8 +128,8 @@ def test_a_request_for_a_loaded_model_is_not_held_behind_a_load(
     engine.submit("warm", max_tokens=2)
     engine.step_until(lambda: engine.ended("warm"))
     gate = threading.Event()
-    real = loader.load_tokenizer
-    monkeypatch.setattr(loader, "load_tokenizer", lambda *a, **k: gate.wait(30) and real(*a, **k))
+    real = model_check.load_tokenizer
+    monkeypatch.setattr(model_check, "load_tokenizer", lambda *a, **k: gate.wait(30) and real(*a, **k))
     engine.submit("cold", model="deep", max_tokens=2)
     engine.submit("hot", max_tokens=2)  # behind the one that waits for its load, in order of arrival
     engine.step_until(lambda: engine.ended("hot"), timeout_s=10)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from mlx_backend.cache import ModelCache, default_memory_budget
+from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.loader import LoadedArtifacts
 from mlx_backend.registry import ModelEntry, ModelRegistry
 from tests.support import tiny_models as tm
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from mlx_backend.cache import ModelCache
+from mlx_backend.contract import ModelEvent
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import ModelRegistry
 from mlx_backend.residency import KeepAlive
-from mlx_backend.types import ModelEvent
 from tests.unit.mlx_backend.test_cache import FakeLoader, add_model
 
 

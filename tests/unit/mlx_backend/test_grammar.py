@@ -15,6 +15,7 @@ from llguidance import LLMatcher
 from openai.lib._pydantic import to_strict_json_schema
 from pydantic import BaseModel
 
+from mlx_backend.contract import Constraint
 from mlx_backend.grammar import (
     ARRAY_LIMIT,
     DECIMALS,
@@ -30,7 +31,6 @@ from mlx_backend.grammar import (
     json_value_for_lark,
     validate,
 )
-from mlx_backend.types import Constraint
 
 
 def schema(value: Any, *, strict: bool = False) -> Constraint:
@@ -169,7 +169,7 @@ def test_json_for_lark_accepts_boolean_schemas() -> None:
 def test_validate_imports_no_mlx() -> None:
     # The gateway imports this module; MLX must never load in the gateway process.
     code = (
-        "import sys, mlx_backend.grammar as g, mlx_backend.types as t;"
+        "import sys, mlx_backend.grammar as g, mlx_backend.contract as t;"
         "assert g.validate(t.Constraint('json_object')) is None;"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'numpy', 'transformers')))"
     )

@@ -8,8 +8,7 @@ import struct
 
 import pytest
 
-from mlx_backend.ipc import MAX_FRAME_BYTES, ConnectionClosed, EngineSide, GatewaySide, frame
-from mlx_backend.types import (
+from mlx_backend.contract import (
     Abort,
     ChatMessage,
     Constraint,
@@ -24,6 +23,7 @@ from mlx_backend.types import (
     Shutdown,
     Started,
 )
+from mlx_backend.ipc import MAX_FRAME_BYTES, ConnectionClosed, EngineSide, GatewaySide, frame
 
 pytestmark = pytest.mark.anyio
 

@@ -96,7 +96,7 @@ def test_without_tools_the_template_renders_what_the_ggufs_own_renders(loaded: t
 
 
 def test_with_tools_the_model_is_a_hermes_family_tool_caller(loaded: tuple[Any, Any]) -> None:
-    from mlx_backend.tools.families import detect_family
+    from mlx_backend.engine.tools.families import detect_family
 
     _, tokenizer = loaded
     detection = detect_family(tokenizer)

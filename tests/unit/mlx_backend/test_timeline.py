@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mlx_backend import timeline
+from mlx_backend.contract import Delta, Finished
 from mlx_backend.ipc import EngineSide
-from mlx_backend.types import Delta, Finished
 
 
 @pytest.fixture

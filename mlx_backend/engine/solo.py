@@ -1,0 +1,115 @@
+"""A request alone with its model, decoded the way `mlx_lm.stream_generate` decodes: a plain KV cache and one
+token in flight while the previous one is handed out.
+
+Through BatchGenerator a batch of one pays for the batch: a padded batch cache, masked attention and per-row
+bookkeeping. On a GPU, where a small model's step is a few milliseconds of kernel launches, that cost a lone
+stream a third or more of its speed. So a request that finds its model idle runs here, and moves into the
+batch (its KV cache with it, nothing recomputed) as soon as a second request for the model arrives.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
+from mlx_lm.sample_utils import LogitsProcessor, Sampler
+
+from mlx_backend import timeline
+from mlx_backend.engine.pacing import PrefillPacer
+
+# The library's untyped calls, given types once here.
+_async_eval: Callable[..., None] = mx.async_eval
+_token_buffer: Callable[[list[int]], Any] = TokenBuffer
+
+
+def prefill(
+    model: Any, tokens: list[int], prompt_cache: list[Any], pacer: PrefillPacer, on_chunk: Callable[[], None]
+) -> None:
+    """Run `tokens` into `prompt_cache` in pieces the pacer sizes (mlx_backend/engine/pacing.py); `on_chunk` after each
+    (progress for the stall clock: a long prompt is not a hang)."""
+    start = 0
+    while start < len(tokens):
+        piece = tokens[start:start + pacer.size]
+        began = time.monotonic()
+        model(mx.array(piece)[None], cache=prompt_cache)
+        mx.eval([c.state for c in prompt_cache])
+        pacer.observe(len(piece), time.monotonic() - began)
+        start += len(piece)
+        on_chunk()
+
+
+class SoloGeneration:
+    """Tokens of one request, one per `next_token` call; the first call also runs the prefill."""
+
+    def __init__(
+        self,
+        model: Any,
+        prompt: list[int],
+        prompt_cache: list[Any] | None,
+        cached_tokens: int,
+        sampler: Sampler,
+        logits_processors: list[LogitsProcessor] | None,
+        prefill_step_size: int,
+        on_prefill_chunk: Callable[[], None] = lambda: None,
+        pacer: PrefillPacer | None = None,  # None: fixed pieces of prefill_step_size
+    ) -> None:
+        self.model = model
+        self.sampler = sampler
+        self.logits_processors = logits_processors or []
+        self.prompt_cache: list[Any] = prompt_cache if prompt_cache is not None else make_prompt_cache(model)
+        self.tokens_in_cache: list[int] = prompt[:cached_tokens]  # exactly what the KV cache holds
+        self._rest = prompt[cached_tokens:]
+        self._pacer = pacer or PrefillPacer.fixed(prefill_step_size)
+        self._on_prefill_chunk = on_prefill_chunk
+        self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
+        self._pending: tuple[mx.array, mx.array] | None = None  # the next token and its logprobs, computing
+        self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
+        self.prefilled = 0  # prompt tokens the last `next_token` call prefilled (the first call's work)
+
+    def next_token(self, more: bool) -> int:
+        """The next token. With `more`, the one after it starts computing before this one is waited for
+        (the GPU never idles on Python); without, nothing more is fed and the cache ends before this token."""
+        self.prefilled = 0
+        if self._pending is None:
+            self.prefilled = len(self._rest)
+            self._pending = self._prefill()
+        token, self.logprobs = self._pending
+        self._pending = None
+        if more:
+            self._pending = self._feed(token)
+            _async_eval(*self._pending)
+        timeline.mark_launched()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
+        value = token.item()
+        assert isinstance(value, int)
+        if more:
+            self.tokens_in_cache.append(value)
+        return value
+
+    def _prefill(self) -> tuple[mx.array, mx.array]:
+        rest = self._rest
+        self._rest = []
+        if not rest:
+            raise ValueError("a solo generation needs at least one prompt token to feed")
+        head = rest[:-1]
+        prefill(self.model, head, self.prompt_cache, self._pacer, self._on_prefill_chunk)
+        if self._context is not None and head:
+            self._context.update_and_fetch(mx.array(head))
+        self.tokens_in_cache.extend(head)
+        first = self._feed(mx.array(rest[-1:]))
+        self.tokens_in_cache.append(rest[-1])
+        _async_eval(*first)
+        return first
+
+    def _feed(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
+        """Run `tokens` (1-D) after the cache; the next token and its logprobs, lazily. Logits processors
+        see every token so far, prompt included, as BatchGenerator shows them."""
+        logits = self.model(tokens[None], cache=self.prompt_cache)[:, -1, :]
+        if self._context is not None:
+            context = self._context.update_and_fetch(tokens)
+            for processor in self.logits_processors:
+                logits = processor(context, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return self.sampler(logprobs), logprobs[0]

@@ -1,0 +1,102 @@
+"""A lone request's decoding: the same tokens as mlx-lm's own generate_step, and a KV cache that holds exactly
+the tokens it says it holds (what joining the batch relies on)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import trim_prompt_cache
+from mlx_lm.sample_utils import greedy_sampler
+
+from mlx_backend.engine.pacing import PrefillPacer
+from mlx_backend.engine.sampling import PenaltyProcessor
+from mlx_backend.engine.solo import SoloGeneration
+from tests.support import tiny_models as tm
+
+PROMPT = list(range(5, 45))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    path = tm.make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    loaded, _ = load(str(path))
+    yield loaded
+
+
+def reference(model: Any, n: int, processors: list[Any] | None = None) -> list[int]:
+    steps = generate_step(mx.array(PROMPT), model, max_tokens=n, sampler=greedy_sampler,
+                          logits_processors=processors)
+    return [int(token) for token, _ in steps]
+
+
+def solo(model: Any, prompt_cache: list[Any] | None = None, cached: int = 0, **kwargs: Any) -> SoloGeneration:
+    kwargs.setdefault("sampler", greedy_sampler)
+    kwargs.setdefault("logits_processors", None)
+    kwargs.setdefault("prefill_step_size", 16)  # the 40-token prompt is prefilled in three chunks
+    return SoloGeneration(model, PROMPT, prompt_cache, cached, **kwargs)
+
+
+def test_greedy_tokens_are_generate_steps(model: Any) -> None:
+    generation = solo(model)
+    assert [generation.next_token(more=True) for _ in range(20)] == reference(model, 20)
+
+
+def test_penalties_see_the_same_context_as_in_generate_step(model: Any) -> None:
+    ours = solo(model, logits_processors=[PenaltyProcessor(2.0, 0.5, len(PROMPT))])
+    theirs = reference(model, 20, [PenaltyProcessor(2.0, 0.5, len(PROMPT))])
+    assert [ours.next_token(more=True) for _ in range(20)] == theirs
+
+
+def test_the_cache_holds_exactly_the_tokens_it_reports(model: Any) -> None:
+    generation = solo(model)
+    handed_out = [generation.next_token(more=True) for _ in range(6)]
+    # With `more`, every token handed out has been fed: the cache runs to the last one.
+    assert generation.tokens_in_cache == PROMPT + handed_out
+    last = generation.next_token(more=False)
+    # Without, the last token is handed out but not fed: the batch feeds it when the request joins.
+    assert generation.tokens_in_cache == PROMPT + handed_out
+    assert all(layer.offset == len(PROMPT) + len(handed_out) for layer in generation.prompt_cache)
+    assert [*handed_out, last] == reference(model, 7)
+
+
+def test_a_prefix_from_the_cache_is_not_recomputed(model: Any) -> None:
+    first = solo(model)
+    first.next_token(more=False)  # prefill only: the cache holds the prompt
+    trim_prompt_cache(first.prompt_cache, 1)  # as an exact prefix-cache hit is stepped back by one
+    generation = solo(model, prompt_cache=first.prompt_cache, cached=len(PROMPT) - 1)
+    assert generation.tokens_in_cache == PROMPT[:-1]
+    tokens = [generation.next_token(more=True) for _ in range(5)]
+    assert tokens == reference(model, 5)
+
+
+def test_an_empty_prompt_is_refused(model: Any) -> None:
+    with pytest.raises(ValueError):
+        SoloGeneration(model, [], None, 0, greedy_sampler, None, 16).next_token(more=True)
+
+
+class SlowPieces(PrefillPacer):
+    """A pacer whose clock says every piece took a second: it halves the pieces as a slow device would."""
+
+    def __init__(self) -> None:
+        super().__init__(max_tokens=32, piece_s=0.5)
+        self.size = 32
+        self.pieces: list[int] = []
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.pieces.append(tokens)
+        super().observe(tokens, 1.0)
+
+
+def test_a_paced_prefill_runs_in_the_pieces_its_pacer_sizes_with_progress_after_each(model: Any) -> None:
+    pacer = SlowPieces()
+    chunks: list[None] = []
+    generation = solo(model, pacer=pacer, on_prefill_chunk=lambda: chunks.append(None))
+    tokens = [generation.next_token(more=True) for _ in range(5)]
+    assert pacer.pieces == [32, 7]  # 39 tokens before the last: 32, then the pacer's 16 (only 7 were left)
+    assert len(chunks) == 2
+    assert tokens == reference(model, 5)  # piece sizes never change the result
