@@ -88,12 +88,13 @@ class Batcher:
             self._emit(Failed(rid, EngineErrorCode.INVALID_REQUEST.value, f"n must be between 1 and "
                               f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
-        try:
-            vision.refuse_images(command, self.cache.registry.resolve(command.model))
-        except EngineError as exc:  # an unknown model is left to the cache, which says so as for any request
-            if exc.code is EngineErrorCode.IMAGES_NOT_SUPPORTED:
-                self._emit(Failed(rid, exc.code.value, exc.message, exc.param))
-                return
+        if vision.has_images(command):  # a model that will not see them says so before it is loaded
+            try:
+                vision.refuse_images(command, self.cache.registry.resolve(command.model))
+            except EngineError as exc:  # an unknown model is left to the cache, which says so as for any request
+                if exc.code is EngineErrorCode.IMAGES_NOT_SUPPORTED:
+                    self._emit(Failed(rid, exc.code.value, exc.message, exc.param))
+                    return
         self._waiting.add(command, self._steps)
 
     def abort(self, request_id: str) -> None:

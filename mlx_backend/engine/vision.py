@@ -55,10 +55,14 @@ def takes_images(cached: Any) -> bool:
     return cached.artifacts.processor is not None
 
 
+def has_images(command: Generate) -> bool:
+    return any(m.images for m in command.messages or ())
+
+
 def refuse_images(command: Generate, entry: ModelEntry, sees: bool | None = None) -> None:
     """A model that will not see images sent some: a 400 naming the model. Before the load `sees` is what the
     entry says (`serves`); once loaded, whether it was loaded with its vision tower (`takes_images`)."""
-    if not any(m.images for m in command.messages or ()) or (serves(entry) if sees is None else sees):
+    if not has_images(command) or (serves(entry) if sees is None else sees):
         return
     if not entry.vision:
         why = "it is a text-only model"
