@@ -14,7 +14,7 @@ import base64
 import io
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -242,6 +242,33 @@ def test_a_client_leaving_mid_stream_ends_its_request_and_frees_the_model(server
     while _running(server) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _running(server) == 0
+
+
+def test_a_vision_request_past_the_timeout_ends_with_504_and_frees_the_model(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    make_tiny_qwen2_vl(tmp_path / "models" / VLM)
+    server = start_server("--models-dir", str(tmp_path / "models"), "--request-timeout-s", "3",
+                          "--preload-models", VLM)
+    server.wait_ready()
+    deadline = time.monotonic() + 60  # loaded first: the timeout below runs on decoding alone
+    while _status(server) != "loaded":
+        assert time.monotonic() < deadline, _status(server)
+        time.sleep(0.2)
+    short = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
+    chat(short, data_url(png(1)))
+    with pytest.raises(openai.APIStatusError) as caught:
+        chat(short, data_url(png(2)), max_tokens=3000, logit_bias={"0": -100, "2": -100})
+    assert caught.value.status_code == 504
+    deadline = time.monotonic() + 5
+    while _running(server) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _running(server) == 0
+    assert chat(short, data_url(png(3))).choices[0].message.content
+
+
+def _status(server: ServerProcess) -> str:
+    return str(httpx.get(f"{server.base_url}/v1/models/{VLM}", timeout=10).json()["status"])
 
 
 def _running(server: ServerProcess) -> int:
