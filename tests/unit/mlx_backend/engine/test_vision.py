@@ -122,3 +122,11 @@ def test_a_vision_model_loaded_as_text_refuses_images(folders: dict[str, Path]) 
     with pytest.raises(EngineError) as caught:
         vision.refuse_images(ask(ImageInput(png(56), "image/png")), entry, sees=False)
     assert caught.value.code is EngineErrorCode.IMAGES_NOT_SUPPORTED and "as text only" in caught.value.message
+
+
+@pytest.mark.parametrize(("fmt", "media_type"), [("JPEG", "image/jpeg"), ("GIF", "image/gif"), ("WEBP", "image/webp")])
+def test_jpeg_gif_and_webp_are_decoded_like_png(vlm: Any, fmt: str, media_type: str) -> None:
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png(56))).save(out, fmt)
+    _, pixels = vision.prompt_of(ask(ImageInput(out.getvalue(), media_type)), vlm)
+    assert pixels.image_tokens == 4
