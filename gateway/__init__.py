@@ -1,1 +1,1 @@
-"""The HTTP side of mlx-gateway: OpenAI-compatible routes, errors, metrics, lifecycle, CLI. Never imports MLX."""
+"""The HTTP side of mlx-gateway: a folder per API, the serving path, health, errors, metrics, CLI. Never imports MLX."""

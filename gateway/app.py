@@ -1,4 +1,6 @@
-"""`create_app`: routes, exception handlers, middleware and lifespan. Nothing else lives here."""
+"""The ASGI app: `create_app` (routes, exception handlers, lifespan), the middleware around every request
+(request id and access metrics, the body timeout, HEAD on GET routes), and `/openapi.json`. The routes live
+in each API's folder."""
 
 from __future__ import annotations
 
@@ -16,22 +18,20 @@ from litestar.config.cors import CORSConfig
 from litestar.openapi import OpenAPIConfig
 
 from gateway import error_handlers, metrics, openapi, security
+from gateway.admin import routes as admin_routes
+from gateway.admin.routes import list_models, retrieve_model
+from gateway.chat.routes import create_chat_completion, create_completion
 from gateway.errors import ErrorKind, GatewayError
-from gateway.lifecycle import GatewayRuntime
+from gateway.health.routes import health, liveness, prometheus_metrics, readiness, status
 from gateway.logs import request_id_var
-from gateway.routes import admin
-from gateway.routes.chat import create_chat_completion
-from gateway.routes.completions import create_completion
-from gateway.routes.health import health, liveness, prometheus_metrics, readiness
-from gateway.routes.messages import count_message_tokens, create_message
-from gateway.routes.models import list_models, retrieve_model
-from gateway.routes.responses_api import (
+from gateway.messages.routes import count_message_tokens, create_message
+from gateway.responses.routes import (
     create_response,
     delete_response,
     retrieve_response,
     stored_response_options,
 )
-from gateway.routes.status import status
+from gateway.runtime import GatewayRuntime
 from gateway.strict_body import StrictBody
 from mlx_backend import __version__
 
@@ -169,7 +169,7 @@ def create_app(runtime: GatewayRuntime) -> Litestar:
         route_handlers=[create_chat_completion, create_completion, create_response, stored_response_options,
                         retrieve_response, delete_response, create_message, count_message_tokens, list_models,
                         retrieve_model, health, liveness, readiness, prometheus_metrics, openapi_json, status,
-                        *admin.ROUTES],
+                        *admin_routes.ROUTES],
         lifespan=[lifespan],
         exception_handlers=error_handlers.exception_handlers(error_handlers.openai_response),
         guards=security.guards(settings),

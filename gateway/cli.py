@@ -1,4 +1,4 @@
-"""`mlx-gateway` command line: serve, models, watchdog, status, install-service, export-openapi."""
+"""`mlx-gateway` command line: serve, models, watchdog, status, service, export-openapi."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def openapi_document() -> bytes:
     """The OpenAPI document of the app as configured by default (no engine is started)."""
     from gateway import openapi
     from gateway.app import create_app
-    from gateway.lifecycle import GatewayRuntime
+    from gateway.runtime import GatewayRuntime
     from gateway.settings import Settings
     from mlx_backend.client.fake import FakeEngine
     from mlx_backend.registry import ModelRegistry
@@ -79,7 +79,7 @@ def _status(argv: Sequence[str]) -> int:
 
 
 def _models(argv: Sequence[str]) -> int:
-    from gateway import admin_cli
+    from gateway.admin import cli as admin_cli
 
     return admin_cli.main(argv)
 

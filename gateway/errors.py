@@ -13,8 +13,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-from gateway.protocol import ErrorDetail, ErrorResponse
-from gateway.protocol_anthropic import AnthropicErrorDetail, AnthropicErrorResponse
+from gateway.chat.wire import ErrorDetail, ErrorResponse
+from gateway.messages.wire import AnthropicErrorDetail, AnthropicErrorResponse
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 
@@ -32,7 +32,7 @@ class ErrorKind(enum.Enum):
     CONTEXT_LENGTH_EXCEEDED = ErrorSpec(400, "invalid_request_error", "context_length_exceeded")
     # The request's KV cache (prompt + max_tokens) could never fit the memory budget beside its model.
     MEMORY_BUDGET_EXCEEDED = ErrorSpec(400, "invalid_request_error", "memory_budget_exceeded")
-    INVALID_IMAGE = ErrorSpec(400, "invalid_request_error", "invalid_image")  # gateway/images.py's refusals
+    INVALID_IMAGE = ErrorSpec(400, "invalid_request_error", "invalid_image")  # gateway/serving/images.py's refusals
     IMAGES_NOT_SUPPORTED = ErrorSpec(400, "invalid_request_error", "images_not_supported")  # a text-only model
     HOST_NOT_ALLOWED = ErrorSpec(400, "invalid_request_error", "host_not_allowed")  # DNS rebinding guard
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "invalid_api_key")

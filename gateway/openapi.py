@@ -16,28 +16,33 @@ from typing import Any
 import msgspec
 from litestar import Litestar
 
-from gateway import admin_protocol, protocol, protocol_anthropic, protocol_responses, security
-from gateway.convert_responses import HOSTED_TOOLS
-from gateway.reasoning import ANTHROPIC_EFFORTS, OPENAI_EFFORTS, SERVER_TEMPLATE_KEYS, SUMMARIES
+from gateway import security
+from gateway.admin import wire as admin_wire
+from gateway.chat import wire as chat_wire
+from gateway.health import wire as health_wire
+from gateway.messages import wire as messages_wire
+from gateway.responses import wire as responses_wire
+from gateway.responses.convert import HOSTED_TOOLS
+from gateway.serving.reasoning import ANTHROPIC_EFFORTS, OPENAI_EFFORTS, SERVER_TEMPLATE_KEYS, SUMMARIES
 
 _REF = "#/components/schemas/{name}"
 _OPENAI_STREAM = ("`data: <{chunk}>` events, then `data: [DONE]`; a failure after the headers is one "
                   "`data: <ErrorResponse>` event, then `data: [DONE]`")
 # Each streaming route's events: (the types a `data:` line carries, how the stream is framed).
 _STREAMS: dict[str, tuple[Any, str]] = {
-    "/v1/chat/completions": (protocol.ChatCompletionChunk | protocol.ErrorResponse,
+    "/v1/chat/completions": (chat_wire.ChatCompletionChunk | chat_wire.ErrorResponse,
                              _OPENAI_STREAM.format(chunk="ChatCompletionChunk")),
-    "/v1/completions": (protocol.Completion | protocol.ErrorResponse, _OPENAI_STREAM.format(chunk="Completion")),
-    "/v1/responses": (protocol_responses.StreamEvent,
+    "/v1/completions": (chat_wire.Completion | chat_wire.ErrorResponse, _OPENAI_STREAM.format(chunk="Completion")),
+    "/v1/responses": (responses_wire.StreamEvent,
                       "`event: <type>` + `data: <event>` pairs, each with its sequence_number from 0: "
                       "response.created, response.in_progress, each output item's events, then one of "
                       "response.completed, response.incomplete or response.failed; no `[DONE]`"),
-    "/v1/messages": (protocol_anthropic.StreamEvent | protocol_anthropic.AnthropicErrorResponse,
+    "/v1/messages": (messages_wire.StreamEvent | messages_wire.AnthropicErrorResponse,
                      "`event: <type>` + `data: <event>` pairs: message_start, ping, each content block's "
                      "content_block_start / content_block_delta... / content_block_stop, message_delta, "
                      "message_stop; a failure after the headers is one `event: error`"),
 }
-_MODULES = (protocol, protocol_responses, protocol_anthropic, admin_protocol)
+_MODULES = (chat_wire, responses_wire, messages_wire, admin_wire, health_wire)
 _SECURITY_SCHEMES = {
     "bearerKey": {"type": "http", "scheme": "bearer",
                   "description": "The API key, when the server is started with one (--api-key or "
@@ -79,7 +84,7 @@ _REFUSED = {
 # the server accepts (the decoder stays wider, so that a refusal names its parameter instead of failing to
 # decode). Blocks of these types are refused wherever they appear:
 _REFUSED_TYPES = {"InputFile", "InputAudio", "DocumentBlockParam"}
-_DETAIL = {"enum": ["auto", "low", "high", None]}  # gateway/images.py says what each does
+_DETAIL = {"enum": ["auto", "low", "high", None]}  # gateway/serving/images.py says what each does
 _NULL = {"type": "null"}
 _NONE = {"type": "array", "maxItems": 0}
 _DISPLAY = {"display": {"enum": ["summarized", None]}}

@@ -20,8 +20,9 @@ from granian.server.embed import Server
 
 from gateway import logs, sdnotify, security
 from gateway.app import create_asgi_app
-from gateway.lifecycle import GatewayRuntime, MetricsObserver
+from gateway.health.engine_events import MetricsObserver
 from gateway.placement import pin_this_process, plan
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend import timeline
 from mlx_backend.client.engine import EngineClient
@@ -178,7 +179,7 @@ async def _serve(settings: Settings) -> int:
         signalled.cancel()
         gave_up.cancel()
         sdnotify.stopping()
-        await runtime.drain(settings.drain_timeout_s)
+        await runtime.admission.drain(settings.drain_timeout_s)
         log.info("shutdown: stopping the HTTP server")
         server.stop()  # type: ignore[no-untyped-call]
 
@@ -206,7 +207,7 @@ async def _ready_then_ping(runtime: GatewayRuntime) -> None:
     sdnotify.ready()
     interval = sdnotify.watchdog_interval_s()
     while interval:
-        if not runtime.engine.status().stalled and runtime.alive():
+        if not runtime.engine.status().stalled and runtime.health.alive():
             sdnotify.watchdog_ping()
         await asyncio.sleep(interval / 3)
 

@@ -106,7 +106,7 @@ class Settings:
     max_images: int = field(default=8, metadata={"help": "the most images one request may carry (0: none)"})
     image_dir: Path | None = field(
         default=None, metadata={"help": "file:// image URLs may name files under this folder (symlinks resolved); "
-                                        "unset: file:// images are refused (gateway/images.py)"}
+                                        "unset: file:// images are refused (gateway/serving/images.py)"}
     )
     header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
     body_timeout_s: float = field(

@@ -15,8 +15,8 @@ import msgspec
 from litestar.dto import AbstractDTO, DTOConfig
 from litestar.typing import FieldDefinition
 
-from gateway.convert_shared import invalid_field
 from gateway.errors import ErrorKind, GatewayError
+from gateway.serving.convert import invalid_field
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator

@@ -6,7 +6,8 @@ decoder per direction handles every kind.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterable
+from typing import Any, Literal
 
 import msgspec
 
@@ -51,7 +52,7 @@ class ToolCall(msgspec.Struct, frozen=True):
 
 
 class ImageInput(msgspec.Struct, frozen=True, omit_defaults=True):
-    """An image of a user message, as the client sent it (gateway/images.py checked the kind and the size); the
+    """An image of a user message, as the client sent it (gateway/serving/images.py checked the kind and the size); the
     engine decodes it (mlx_backend/engine/vision.py). `path`: a local file the gateway reads into `data` before the
     command leaves it (never sent to the engine)."""
 
@@ -163,6 +164,16 @@ class FailedModel(msgspec.Struct, frozen=True):
 
 
 # ---------------------------------------------------------------------------------------------------
+class ToolSpec(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A function the model may call, checked by the gateway before it is sent (a non-empty name unique
+    among the request's tools; parameters a JSON Schema object the grammar can enforce)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # None: the function takes no arguments
+    strict: bool | None = None  # True: arguments held to the schema even when the model chooses to call
+
+
 # Gateway -> engine
 
 
@@ -173,8 +184,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the model's chat template
     prompt: str | None = None  # legacy completions: used as is
     constraint: Constraint | None = None  # response_format / forced tool call, enforced while decoding
-    # Tool calling (chat only). tools: JSON text of OpenAI's `tools` list, None or "[]" for none.
-    tools: str | None = None
+    tools: tuple[ToolSpec, ...] = ()  # tool calling (chat messages only); () for none
     tool_choice: str = "auto"  # "auto" | "none" | "required" | "function" (then tool_choice_name names it)
     tool_choice_name: str | None = None
     parallel_tool_calls: bool = True  # False: at most one call
@@ -274,6 +284,19 @@ class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
     token_bytes: bytes
     logprob: float
     top: tuple[TopLogprob, ...] = ()
+
+
+def join_pieces(pieces: Iterable[ToolCallDelta]) -> tuple[ToolCallDelta, ...]:
+    """The one place tool-call pieces are joined: each run of one call's pieces (a piece that names no new
+    call continues the one before it) becomes one piece. The engine joins what one step parsed; a Delta the
+    gateway merged from several may hold a run, which each API joins or streams as it sends them."""
+    joined: list[tuple[int, str | None, str | None, list[str]]] = []
+    for piece in pieces:
+        if joined and joined[-1][0] == piece.index and piece.id is None:
+            joined[-1][3].append(piece.arguments)
+        else:
+            joined.append((piece.index, piece.id, piece.name, [piece.arguments]))
+    return tuple(ToolCallDelta(index, call_id, name, "".join(parts)) for index, call_id, name, parts in joined)
 
 
 class Delta(msgspec.Struct, frozen=True, tag="delta", omit_defaults=True):

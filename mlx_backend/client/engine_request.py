@@ -1,4 +1,4 @@
-"""One request's channel from the engine to its owner in the gateway (gateway/exchange.py): its events in
+"""One request's channel from the engine to its owner in the gateway (gateway/serving/exchange.py): its events in
 order, merged where a consumer fell behind, and `interrupt`, the one way to stop it early. The engine client
 (mlx_backend/client/engine.py) delivers into it; nothing here knows about processes.
 """

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from mlx_backend.contract import Delta, TokenLogprob, ToolCallDelta
+from mlx_backend.contract import Delta, TokenLogprob, ToolCallDelta, join_pieces
 from mlx_backend.engine.reasoning import HarmonySplitter, Split, ThinkingBudget, ThinkSplitter
 from mlx_backend.engine.stops import StopMatcher
 from mlx_backend.engine.tools import ToolCallParser
@@ -70,7 +70,7 @@ class ChoiceOutput:
             segment, calls, calls_done = parsed.content, parsed.tool_calls, parsed.done
             if finish_reason is not None and not calls_done:  # the end: decide whatever the parser holds
                 rest = self._parser.finish()
-                segment, calls = segment + rest.content, calls + rest.tool_calls
+                segment, calls = segment + rest.content, join_pieces(calls + rest.tool_calls)
         text, hit_stop = self._stops.feed(segment)
         if hit_stop:
             return self._delta(text, calls), "stop"

@@ -26,7 +26,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from gateway.app import create_asgi_app
-from gateway.lifecycle import GatewayRuntime, MetricsObserver
+from gateway.health.engine_events import MetricsObserver
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.client.engine import EngineClient
 from mlx_backend.contract import EngineConfig

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from gateway import protocol_anthropic, protocol_responses
+from gateway.messages import wire as messages_wire
+from gateway.responses import wire as responses_wire
 from tests.support import conformance
 from tests.support.conformance import SCENARIOS, Body, Scenario
 from tests.support.server import ServerProcess
@@ -80,9 +81,9 @@ def _seen(answers: dict[str, list[Body]], api: str) -> list[Body]:
 
 def test_every_responses_event_and_item_type_was_checked(answers: dict[str, list[Body]]) -> None:
     bodies = _seen(answers, "responses")
-    assert _types(protocol_responses.StreamEvent) <= {b.event for b in bodies}
+    assert _types(responses_wire.StreamEvent) <= {b.event for b in bodies}
     outputs = [i for b in bodies if b.event is None and b.status == 200 for i in b.data["output"]]
-    assert _types(protocol_responses.OutputItem) <= {i["type"] for i in outputs}
+    assert _types(responses_wire.OutputItem) <= {i["type"] for i in outputs}
     assert any(i["type"] == "function_call" and i.get("namespace") for i in outputs), "a call naming its namespace"
     parts = {b.data["part"]["type"] for b in bodies if b.event == "response.content_part.added"}
     assert {"output_text", "reasoning_text"} <= parts
@@ -90,11 +91,11 @@ def test_every_responses_event_and_item_type_was_checked(answers: dict[str, list
 
 def test_every_messages_event_block_and_delta_type_was_checked(answers: dict[str, list[Body]]) -> None:
     bodies = _seen(answers, "messages")
-    assert _types(protocol_anthropic.StreamEvent) | {"error"} <= {b.event for b in bodies}
+    assert _types(messages_wire.StreamEvent) | {"error"} <= {b.event for b in bodies}
     blocks = {b.data["content_block"]["type"] for b in bodies if b.event == "content_block_start"}
-    assert _types(protocol_anthropic.ContentBlock) <= blocks
+    assert _types(messages_wire.ContentBlock) <= blocks
     deltas = {b.data["delta"]["type"] for b in bodies if b.event == "content_block_delta"}
-    delta_union = typing.get_type_hints(protocol_anthropic.ContentBlockDeltaEvent)["delta"]
+    delta_union = typing.get_type_hints(messages_wire.ContentBlockDeltaEvent)["delta"]
     assert _types(delta_union) <= deltas
 
 

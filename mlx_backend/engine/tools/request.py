@@ -1,19 +1,18 @@
 """A request's tool calling, decided once: the model's family, the tools, tool_choice, parallel calls.
 
-`ToolRequest.from_command` validates what the gateway sent against what the model can do and raises an
-EngineError (invalid_request, so a 400) naming the model when it cannot; then the batcher asks it for the
-prompt (render.encode_prompt), the grammar that forces calls (for the constrained-decoding processor) and
-the parser that reads calls out of the generated text.
+`ToolRequest.from_command` checks what the gateway sent (the tools themselves were checked there) against
+what the model can do, and raises an EngineError (invalid_request, so a 400) naming the model when it
+cannot; then the batcher asks it for the prompt (render.encode_prompt), the grammar that forces calls (for
+the constrained-decoding processor) and the parser that reads calls out of the generated text.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_backend.contract import Generate
+from mlx_backend.contract import Generate, ToolSpec
 from mlx_backend.engine.tools.families import Family, detect_family
 from mlx_backend.engine.tools.grammar import tool_grammar
 from mlx_backend.engine.tools.stream import ToolCallParser, new_call_id
@@ -55,7 +54,7 @@ class ToolRequest:
     @classmethod
     def from_command(cls, command: Generate, tokenizer: Any) -> ToolRequest | None:
         """None when the request neither offers tools nor carries earlier tool calls."""
-        tools = _parse_tools(command.tools)
+        tools = [_openai_tool(spec) for spec in command.tools]
         history = any(m.tool_calls for m in command.messages or ())
         choice = command.tool_choice
         if choice not in CHOICES:
@@ -103,32 +102,16 @@ class ToolRequest:
                             tokenizer)
 
 
-def _parse_tools(text: str | None) -> list[dict[str, Any]]:
-    if not text:
-        return []
-    try:
-        tools = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _invalid(f"tools is not valid JSON: {exc}", "tools") from exc
-    if not isinstance(tools, list):
-        raise _invalid("tools must be a list.", "tools")
-    names: set[str] = set()
-    for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
-            raise _invalid(f'tools[{i}] must be {{"type": "function", "function": {{...}}}}.', f"tools[{i}]")
-        name = function.get("name")
-        if not isinstance(name, str) or not name:
-            raise _invalid(f"tools[{i}].function.name must be a non-empty string.", f"tools[{i}].function.name")
-        if name in names:
-            raise _invalid(f"tools[{i}].function.name {name!r} is used by another tool too.",
-                           f"tools[{i}].function.name")
-        names.add(name)
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise _invalid(f"tools[{i}].function.parameters must be a JSON Schema object.",
-                           f"tools[{i}].function.parameters")
-    return tools
+def _openai_tool(spec: ToolSpec) -> dict[str, Any]:
+    """A tool as OpenAI's chat `tools` list holds it: what chat templates are given."""
+    function: dict[str, Any] = {"name": spec.name}
+    if spec.description is not None:
+        function["description"] = spec.description
+    if spec.parameters is not None:
+        function["parameters"] = spec.parameters
+    if spec.strict is not None:
+        function["strict"] = spec.strict
+    return {"type": "function", "function": function}
 
 
 def _choice_text(command: Generate) -> str:

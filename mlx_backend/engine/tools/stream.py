@@ -43,7 +43,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from mlx_backend.contract import ToolCallDelta
+from mlx_backend.contract import ToolCallDelta, join_pieces
 from mlx_backend.engine.tools.families import Family
 from mlx_backend.engine.tools.jsonscan import WHITESPACE, JsonScanner, Step
 
@@ -686,27 +686,20 @@ class _CallReader:
 
 
 class _Out:
-    """What one feed sends: content pieces, and tool-call pieces with one call's argument text joined."""
+    """What one feed sends: content pieces, and tool-call pieces (joined as every Delta's are)."""
 
     def __init__(self) -> None:
         self.content: list[str] = []
-        self._calls: list[tuple[int, str | None, str | None, list[str]]] = []
+        self._calls: list[ToolCallDelta] = []
 
     def add(self, delta: ToolCallDelta) -> None:
-        if self._calls and self._calls[-1][0] == delta.index and delta.id is None:
-            self._calls[-1][3].append(delta.arguments)
-        else:
-            self._calls.append((delta.index, delta.id, delta.name, [delta.arguments]))
+        self._calls.append(delta)
 
     def add_arguments(self, index: int, text: str) -> None:
-        if self._calls and self._calls[-1][0] == index:
-            self._calls[-1][3].append(text)
-        else:
-            self._calls.append((index, None, None, [text]))
+        self._calls.append(ToolCallDelta(index, arguments=text))
 
     def take(self, done: bool) -> StreamOutput:
-        deltas = tuple(ToolCallDelta(i, call_id, name, "".join(parts)) for i, call_id, name, parts in self._calls)
-        output = StreamOutput("".join(self.content), deltas, done)
+        output = StreamOutput("".join(self.content), join_pieces(self._calls), done)
         self.content, self._calls = [], []
         return output
 

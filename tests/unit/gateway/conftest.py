@@ -11,7 +11,7 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway.app import create_asgi_app
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry

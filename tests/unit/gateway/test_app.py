@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.app import BodyTimeoutMiddleware, create_asgi_app
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
 from mlx_backend.client.fake import FakeEngine
 from mlx_backend.registry import ModelRegistry

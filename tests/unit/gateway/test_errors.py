@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
+from gateway import metrics
 from mlx_backend.client.fake import FakeEngine
 from mlx_backend.errors import EngineError, EngineErrorCode
 from tests.unit.gateway.conftest import ClientFactory, chat_body
@@ -128,13 +129,34 @@ def test_internal_error_is_500_carrying_the_request_id(make_client: ClientFactor
     def explode(*_: Any) -> Any:  # a bug in the gateway itself
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("gateway.render.chat_completion", explode)
+    monkeypatch.setattr("gateway.chat.render.chat_completion", explode)
     client = make_client()
     response = client.post("/v1/chat/completions", json=chat_body(), headers={"x-request-id": "req-abc"})
     error = error_of(response, 500)
     assert response.headers["x-request-id"] == "req-abc"
     assert "req-abc" in error["message"] and "boom" not in error["message"]
     assert any(getattr(r, "request_id", None) == "req-abc" and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_an_internal_error_is_recorded_as_an_error_not_a_cancellation(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stream: bool
+) -> None:
+    def explode(*_: Any) -> Any:  # a bug in the gateway while the engine still generates
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("gateway.chat.render.chat_delta_chunk" if stream else "gateway.chat.render.Folder.add", explode)
+    cancelled = metrics.REQUESTS_CANCELLED._value.get()
+    failed = metrics.REQUESTS_FINISHED.labels("tiny", "error")._value.get()
+    response = make_client().post("/v1/chat/completions", json=chat_body(stream=stream, max_tokens=50))
+    if stream:
+        assert response.status_code == 200 and '"type":"server_error"' in response.text.replace(" ", "")
+    else:
+        error_of(response, 500)
+    ends = [r for r in caplog.records if r.name == "mlx_gateway.requests"]
+    assert len(ends) == 1 and "error (failed)" in ends[0].getMessage() and ends[0].levelno == logging.WARNING
+    assert metrics.REQUESTS_CANCELLED._value.get() == cancelled
+    assert metrics.REQUESTS_FINISHED.labels("tiny", "error")._value.get() == failed + 1
 
 
 def test_api_key_guards_v1_routes_but_not_health(make_client: ClientFactory) -> None:

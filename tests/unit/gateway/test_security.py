@@ -11,7 +11,7 @@ import pytest
 from litestar import Litestar
 
 from gateway.app import create_app
-from gateway.lifecycle import GatewayRuntime
+from gateway.runtime import GatewayRuntime
 from gateway.security import (
     LOOPBACK_HOSTS,
     HostPolicy,

@@ -27,6 +27,7 @@ from mlx_backend.engine import model_load
 from mlx_backend.engine.batcher import Batcher
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
+from tests.support.tool_specs import specs
 
 HELLO = (ChatMessage("user", "hello world"),)
 
@@ -575,7 +576,7 @@ def test_a_required_tool_call_is_forced_and_comes_back_as_a_call_with_valid_argu
     h = Harness(family_dir)
     if not alone:
         submit_command(h, "other", model, params={"max_tokens": 40, "temperature": 0.0})
-    submit_command(h, "call", model, tools=json.dumps(WEATHER), tool_choice="required")
+    submit_command(h, "call", model, tools=specs(WEATHER), tool_choice="required")
     h.run()
     end = h.end("call")
     assert isinstance(end, Finished) and end.finish_reason == "tool_calls"
@@ -684,7 +685,7 @@ def test_constrained_rows_in_a_batch_get_their_tokens_before_the_step(
     h = Harness(family_dir)
     submit_command(h, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
     for i in range(3):
-        submit_command(h, f"call{i}", "qwen", tools=json.dumps(WEATHER), tool_choice="required",
+        submit_command(h, f"call{i}", "qwen", tools=specs(WEATHER), tool_choice="required",
                        parallel_tool_calls=False, params={"max_tokens": 200, "temperature": 1.0, "seed": i})
     h.run()
     assert begun  # the batch path took the tokens before the steps

@@ -18,6 +18,7 @@ from mlx_backend.engine.constrained import RESERVE_MARGIN, ConstraintProcessor
 from mlx_backend.engine.sampling import SeededSampler
 from mlx_backend.engine.tools import ToolRequest
 from tests.support import tiny_models as tm
+from tests.support.tool_specs import specs
 from tests.unit.mlx_backend.engine.test_constrained import VOCAB, WIDTH, Loaded, run_batch, run_solo
 
 pytestmark = pytest.mark.slow
@@ -127,7 +128,7 @@ def test_sampled_outputs_close_too(bpe: Loaded) -> None:
 
 def forced_call(loaded: Loaded, max_tokens: int, choice: str = "function") -> tuple[str, ConstraintProcessor]:
     command = Generate("r", "m", SamplingParams(max_tokens), messages=(ChatMessage("user", "Weather in Paris?"),),
-                       tools=json.dumps([WEATHER_TOOL]), tool_choice=choice,
+                       tools=specs([WEATHER_TOOL]), tool_choice=choice,
                        tool_choice_name="get_weather" if choice == "function" else None)
     request = ToolRequest.from_command(command, loaded.tokenizer)
     assert request is not None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 
 import pytest
@@ -17,8 +16,9 @@ from mlx_backend.engine.plan import plan_request
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
+from tests.support.tool_specs import specs
 
-TOOLS = json.dumps([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
+TOOLS = specs([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
 HI = (ChatMessage("user", "hi"),)
 
 

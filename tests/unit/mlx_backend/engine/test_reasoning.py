@@ -20,6 +20,7 @@ from mlx_backend.engine.reasoning import (
 )
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
 from tests.support import tiny_models
+from tests.support.tool_specs import specs
 
 
 def run(splitter: ThinkSplitter | HarmonySplitter, pieces: list[str]) -> tuple[str, str]:
@@ -187,7 +188,7 @@ TOOL_TURN = (
                 reasoning="I should look it up."),
     ChatMessage("tool", "sunny", tool_call_id="call_1"),
 )
-TOOLS = json.dumps([{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+TOOLS = specs([{"type": "function", "function": {"name": "get_weather", "description": "Weather",
                                                       "parameters": {"type": "object"}}}])
 
 

@@ -24,6 +24,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_backend.contract import ChatMessage, Generate, SamplingParams
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
+from tests.support.tool_specs import specs
 from tests.unit.mlx_backend.engine.tools.replies import collect
 
 pytestmark = pytest.mark.slow
@@ -62,7 +63,7 @@ def test_a_forced_random_model_s_reply_streams_back_as_calls(model_dirs: dict[st
                                                             name: str | None, parallel: bool) -> None:
     model, tokenizer = mlx_lm.load(str(model_dirs[fmt]))[:2]
     command = Generate("r", fmt, SamplingParams(120), messages=(ChatMessage("user", "Weather in Paris?"),),
-                       tools=json.dumps(TOOLS), tool_choice=choice, tool_choice_name=name, parallel_tool_calls=parallel)
+                       tools=specs(TOOLS), tool_choice=choice, tool_choice_name=name, parallel_tool_calls=parallel)
     request = ToolRequest.from_command(command, tokenizer)
     assert request is not None
     prompt = encode_prompt(command, tokenizer, request)
@@ -100,7 +101,7 @@ def test_auto_with_strict_tools_gives_text_or_valid_calls_and_never_markup(model
     model, tokenizer = mlx_lm.load(str(model_dirs[fmt]))[:2]
     strict = [{"type": "function", "function": {**t["function"], "strict": True}} for t in TOOLS]
     command = Generate("r", fmt, SamplingParams(60), messages=(ChatMessage("user", "Weather in Paris?"),),
-                       tools=json.dumps(strict))
+                       tools=specs(strict))
     request = ToolRequest.from_command(command, tokenizer)
     assert request is not None
     prompt = encode_prompt(command, tokenizer, request)

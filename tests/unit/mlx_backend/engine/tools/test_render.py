@@ -11,6 +11,7 @@ import pytest
 from mlx_backend.contract import ChatMessage, Generate, SamplingParams, ToolCall
 from mlx_backend.engine.tools import ToolRequest, encode_prompt
 from mlx_backend.errors import EngineError
+from tests.support.tool_specs import specs
 
 CALL_ID = "call_Ab3dEf6hIj9kLm2nOp5qRs8t"
 TOOLS = [
@@ -28,7 +29,7 @@ CONVERSATION = (
 
 
 def command(messages: tuple[ChatMessage, ...] = CONVERSATION, **options: Any) -> Generate:
-    return Generate("r1", "tiny-model", SamplingParams(16), messages=messages, tools=json.dumps(TOOLS), **options)
+    return Generate("r1", "tiny-model", SamplingParams(16), messages=messages, tools=specs(TOOLS), **options)
 
 
 def render(tokenizer: Any, cmd: Generate) -> str:

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import msgspec
 
-from mlx_backend.contract import ChatMessage, Command, Delta, Event, Generate, SamplingParams, ToolCall, ToolCallDelta
+from mlx_backend.contract import (
+    ChatMessage,
+    Command,
+    Delta,
+    Event,
+    Generate,
+    SamplingParams,
+    ToolCall,
+    ToolCallDelta,
+    ToolSpec,
+)
 
 
 def test_tool_fields_round_trip() -> None:
@@ -13,7 +23,7 @@ def test_tool_fields_round_trip() -> None:
         messages=(ChatMessage("user", "Weather?"),
                   ChatMessage("assistant", "", tool_calls=(ToolCall("call_1", "get_weather", '{"city": "Oslo"}'),)),
                   ChatMessage("tool", "rain", tool_call_id="call_1")),
-        tools='[{"type": "function", "function": {"name": "get_weather"}}]',
+        tools=(ToolSpec("get_weather"), ToolSpec("f", "does f", {"type": "object"}, strict=True)),
         tool_choice="function", tool_choice_name="get_weather", parallel_tool_calls=False,
     )
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(generate), type=Command) == generate

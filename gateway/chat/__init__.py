@@ -1,0 +1,2 @@
+"""OpenAI chat completions and legacy completions: wire types, conversion to the engine's Generate,
+rendering, routes."""

@@ -1,0 +1,1 @@
+"""/health, /metrics and the status page: what the server reports about itself."""

@@ -1,0 +1,1 @@
+"""Anthropic's Messages API: wire types, conversion, routes (errors in Anthropic's shape)."""

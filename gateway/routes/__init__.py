@@ -1,1 +1,0 @@
-"""Thin HTTP handlers: decode -> convert -> engine -> wrap."""
