@@ -16,6 +16,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
+ToolCallLimit = Annotated[int, Meta(le=1_000_000)]  # bounded: the engine's IPC carries 64-bit integers
 
 # ---------------------------------------------------------------------------------------------------
 # Input items (decoded one by one in gateway/responses/convert.py)
@@ -192,7 +193,7 @@ class ResponseCreateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     background: bool | None = None
     reasoning: Reasoning | None = None
     top_logprobs: int | None = None
-    max_tool_calls: int | None = None
+    max_tool_calls: ToolCallLimit | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     context_management: list[dict[str, Any]] | None = None
