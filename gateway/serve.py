@@ -29,8 +29,8 @@ from mlx_backend.client.engine import EngineClient
 from mlx_backend.client.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
 from mlx_backend.client.supervision import SupervisionPolicy
 from mlx_backend.contract import EngineConfig, GroupConfig
+from mlx_backend.keep_alive import parse_override
 from mlx_backend.registry import ModelRegistry, default_hf_cache_dir
-from mlx_backend.residency import parse_override
 
 log = logging.getLogger("mlx_gateway")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.placement import plan
-from mlx_backend.residency import parse_override
+from mlx_backend.keep_alive import parse_override
 
 ENV_PREFIX = "MLX_GATEWAY_"
 

@@ -103,7 +103,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     models_dirs: tuple[str, ...] = ()
     hf_cache_dir: str | None = None  # None: the local Hugging Face cache is not searched
     include_demo_model: bool = True
-    memory_budget_bytes: int = 0  # 0: derive from the machine (see mlx_backend.cache)
+    memory_budget_bytes: int = 0  # 0: derive from the machine (see mlx_backend.engine.residency.models)
     max_running: int = 32  # requests decoded together in one batch
     prefill_step_size: int = 2048  # the largest prefill piece
     # Prefill pieces are sized to take about this long on this device (mlx_backend/engine/pacing.py), so the stall
@@ -116,7 +116,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change
     allow_fault_injection: bool = False  # test-only: honours Generate.fault
-    # Residency (mlx_backend/residency.py): how long an unused model stays loaded, in seconds (0: unload when
+    # Residency (mlx_backend/keep_alive.py): how long an unused model stays loaded, in seconds (0: unload when
     # its last request ends; -1: until evicted), and per-model overrides as (id or glob, seconds).
     keep_alive_s: float = 1800.0
     model_keep_alive: tuple[tuple[str, float], ...] = ()

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.residency import matches
+from mlx_backend.keep_alive import matches
 
 DEMO_MODEL_ID = "mlx-gateway-demo"  # same value as mlx_backend.demo.DEMO_MODEL_ID
 BUNDLED_MODEL_ID = "smollm2-135m-instruct"  # same value as mlx_backend.smollm2.MODEL_ID

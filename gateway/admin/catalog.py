@@ -14,8 +14,8 @@ from gateway.settings import Settings
 from mlx_backend.client.engine import ControlAction, Engine
 from mlx_backend.contract import Heartbeat, LoadedModel
 from mlx_backend.errors import EngineError
+from mlx_backend.keep_alive import KeepAlive
 from mlx_backend.registry import ModelEntry, ModelRegistry
-from mlx_backend.residency import KeepAlive
 
 log = logging.getLogger("mlx_gateway")
 

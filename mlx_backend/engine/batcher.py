@@ -5,12 +5,14 @@ join and leave the batch at any step. A request is one row per choice (n), each 
 logits processors and output bookkeeping (mlx_backend/engine/plan.py decides them, mlx_backend/engine/choice.py turns
 tokens into events). A lone request runs solo (mlx_backend/engine/solo.py) and joins the batch when a second one
 arrives; the n choices of one request share one prefill. Finished requests leave their KV cache for the
-next turn (mlx_backend/prefix.py). The heartbeat thread only reads plain values published after each step.
-What is kept per request, row and model is in mlx_backend/engine/rows.py; the queue of requests not yet started,
-in mlx_backend/engine/waiting.py.
+next turn (mlx_backend/engine/residency/prefix.py). The heartbeat thread only reads plain values published
+after each step. What is kept per request, row and model is in mlx_backend/engine/rows.py; the queue of
+requests not yet started, in mlx_backend/engine/waiting.py.
 
-Models load in pieces between steps (mlx_backend/cache.py, loading.py): a request whose model is loading
-stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
+Models load in pieces between steps (mlx_backend/engine/residency/, model_load.py): a request whose model is
+loading stays waiting while the others decode, and a request starts only once its KV cache fits the memory budget.
+The batcher builds its `Residency` and is its `ResidencyEvents`: told when a model goes, it lets go of its
+generator first.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_backend import timeline
-from mlx_backend.cache import CachedModel, ModelCache
 from mlx_backend.contract import (
     EngineConfig,
     Event,
@@ -36,6 +37,7 @@ from mlx_backend.contract import (
     Generate,
     Heartbeat,
     Loading,
+    ModelEvent,
     Started,
 )
 from mlx_backend.engine import faults, vision
@@ -43,12 +45,14 @@ from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.plan import ChoicePlan, RequestPlan, plan_request
+from mlx_backend.engine.residency.events import ResidencyEvents
+from mlx_backend.engine.residency.models import CachedModel
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.engine.rows import SOLO_UID, ModelState, Request, Row, Token
 from mlx_backend.engine.solo import SoloGeneration, prefill
 from mlx_backend.engine.tools import prompt_tokens
 from mlx_backend.engine.waiting import PREFILL_BATCH, WaitingRequests
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.prefix import PrefixCaches
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
 
@@ -57,15 +61,15 @@ SHARED_PREFIX_MIN_TOKENS = 512
 
 
 class Batcher:
-    def __init__(self, config: EngineConfig, cache: ModelCache, emit: Callable[[Event], None]) -> None:
+    def __init__(self, config: EngineConfig, residency: Callable[[ResidencyEvents], Residency],
+                 emit: Callable[[Event], None]) -> None:
+        """`residency` builds the batcher's Residency, given the events it sends (the batcher)."""
         self.config = config
-        self.cache = cache
         self._emit = emit
         self._waiting = WaitingRequests()
         self._steps = 0
         self._states: dict[str, ModelState] = {}
         self._where: dict[str, tuple[ModelState, Request]] = {}  # request id -> where it runs
-        self._prefix = PrefixCaches(config.prompt_cache_bytes)
         self._waiting_tokens: dict[str, list[int]] = {}  # waiting request id -> its prompt, once tokenized
         # Published for the heartbeat thread: plain values, replaced (never mutated) by the MLX thread.
         self.progress = 0
@@ -73,8 +77,16 @@ class Batcher:
         self.prompt_cache_bytes = 0
         self._running_by_model: dict[str, int] = {}
         self._reported_changes = 0
-        cache.on_evict = self._drop_model
-        cache.trim_prefix = self._trim_prefix
+        self.residency = residency(self)
+        self._prefix = self.residency.prefix
+
+    # -- what residency tells (ResidencyEvents) ----------------------------------------------------------
+
+    def model_event(self, event: ModelEvent) -> None:
+        self._emit(event)
+
+    def model_dropped(self, model_id: str) -> None:
+        self._drop_model(model_id)
 
     # -- commands (MLX thread) ---------------------------------------------------------------------------
 
@@ -90,7 +102,7 @@ class Batcher:
             return
         if vision.has_images(command):  # a model that will not see them says so before it is loaded
             try:
-                vision.refuse_images(command, self.cache.registry.resolve(command.model))
+                vision.refuse_images(command, self.residency.models.registry.resolve(command.model))
             except EngineError as exc:  # an unknown model is left to the cache, which says so as for any request
                 if exc.code is EngineErrorCode.IMAGES_NOT_SUPPORTED:
                     self._emit(Failed(rid, exc.code.value, exc.message, exc.param))
@@ -113,14 +125,14 @@ class Batcher:
             self._publish()
 
     def has_work(self) -> bool:
-        return bool(self._waiting) or bool(self._where) or self.cache.has_load_work
+        return bool(self._waiting) or bool(self._where) or self.residency.is_loading()
 
     def idle_timeout(self) -> float | None:
         """How long the MLX thread may wait for a command: 0 while requests decode or wait for anything but a
         load, else until the load or the next keep-alive needs it (None: forever)."""
-        if self._where or any(not self.cache.is_loading(c.model) for c in self._waiting):
+        if self._where or any(not self.residency.is_loading(c.model) for c in self._waiting):
             return 0.0
-        return self.cache.seconds_until_due(self.busy_models())
+        return self.residency.seconds_until_due(self.busy_models())
 
     def busy_models(self) -> set[str]:
         """Models with requests in flight: never evicted, unloaded or reloaded under them."""
@@ -145,7 +157,7 @@ class Batcher:
             self._emit(Finished(command.request_id, "abort", 0, 0, 0))
         for rid in list(self._where):
             self.abort(rid)
-        self.cache.clear()  # calls _drop_model for each model
+        self.residency.clear()  # calls model_dropped for each model
         self._states.clear()
         mx.clear_cache()
         self._publish()
@@ -167,15 +179,13 @@ class Batcher:
         return len(self._waiting)
 
     def heartbeat(self) -> Heartbeat:
-        loaded, failed = self.cache.snapshot(self._running_by_model)
-        load, queued = self.cache.load_progress()
-        ledger = self.cache.ledger
+        models = self.residency.report(self._running_by_model)
         return Heartbeat(
-            progress=self.progress, running=self.running, waiting=self.waiting, loading=self.cache.loading,
-            loaded=loaded, failed=failed, memory_budget_bytes=self.cache.budget,
+            progress=self.progress, running=self.running, waiting=self.waiting, loading=models.loading,
+            loaded=models.loaded, failed=models.failed, memory_budget_bytes=models.memory_budget_bytes,
             active_memory_bytes=self.active_memory_bytes, prompt_cache_bytes=self.prompt_cache_bytes,
-            load=load, queued_loads=queued, weights_bytes=ledger.weights_bytes + ledger.loading,
-            kv_bytes=ledger.kv_bytes(),
+            load=models.load, queued_loads=models.queued_loads, weights_bytes=models.weights_bytes,
+            kv_bytes=models.kv_bytes,
         )
 
     def digest(self) -> int:
@@ -185,7 +195,7 @@ class Batcher:
         for rid, (state, request) in sorted(self._where.items()):
             counts = ",".join(str(r.plan.output.completion_tokens) for r in request.rows if not r.ended)
             parts.append(f"{rid}@{state.cached.id}:{request.cached_tokens}:{counts}")
-        parts.append(str(self.cache.used_bytes))
+        parts.append(str(self.residency.weights_bytes))
         return zlib.crc32("|".join(parts).encode()) & 0x7FFF_FFFF
 
     def _has_fault(self, fault: str) -> bool:
@@ -194,19 +204,15 @@ class Batcher:
     def _heartbeat_if_changed(self) -> None:
         """An extra heartbeat when models were loaded, evicted or failed, so the gateway's view is fresh
         by the time the request that caused it gets its answer."""
-        if self.cache.changes != self._reported_changes:
-            self._reported_changes = self.cache.changes
+        if self.residency.changes != self._reported_changes:
+            self._reported_changes = self.residency.changes
             self._publish()
             self._emit(self.heartbeat())
 
     def _publish(self) -> None:
         self._running_by_model = {m: s.requests for m, s in self._states.items() if s.rows}
-        self._measure_prefix()
-        self.active_memory_bytes = mx.get_active_memory()
-
-    def _measure_prefix(self) -> None:
         self.prompt_cache_bytes = self._prefix.nbytes
-        self.cache.ledger.prefix_bytes = self.prompt_cache_bytes
+        self.active_memory_bytes = mx.get_active_memory()
 
     def _made_progress(self) -> None:
         self.progress += 1
@@ -222,11 +228,11 @@ class Batcher:
         back (first come, first served). Between two passes, the model load in progress gets its piece, so a
         request whose load ends in this step starts in this step."""
         busy = self.busy_models()
-        changes = self.cache.changes
+        changes = self.residency.changes
         self._start_waiting(busy)
-        if self.cache.advance(busy, idle=not self._where):
+        if self.residency.advance(busy, idle=not self._where):
             self.progress += 1
-        if self.cache.changes != changes:
+        if self.residency.changes != changes:
             self._heartbeat_if_changed()
             self._start_waiting(busy)
 
@@ -244,7 +250,7 @@ class Batcher:
             if self._rows_running() + command.n > self.config.max_running:
                 break
             try:
-                cached = self.cache.acquire(command.model, busy, waiter=command.request_id)
+                cached = self.residency.acquire(command.model, busy, waiter=command.request_id)
                 if cached is None:  # its model is loading (stays counted as waiting)
                     if self._waiting.first_time_loading(command.request_id):
                         self._emit(Loading(command.request_id, command.model))
@@ -268,12 +274,7 @@ class Batcher:
     def _leave_waiting(self, command: Generate) -> None:
         self._waiting.remove(command)
         self._waiting_tokens.pop(command.request_id, None)
-        self.cache.forget_waiter(command.request_id)
-
-    def _trim_prefix(self, n_bytes: int) -> None:
-        """Free about `n_bytes` of prefix cache: the memory budget needs them for weights or a KV cache."""
-        self._prefix.trim(n_bytes)
-        self._measure_prefix()
+        self.residency.forget_waiter(command.request_id)
 
     def _start(self, command: Generate, cached: CachedModel, gathering: bool) -> bool:
         """Start a request on its loaded model; False while it stays waiting, for company (`_gathering`) or
@@ -281,7 +282,7 @@ class Batcher:
         state = self._state_for(cached)
         plan = self._waiting.plan_of(command.request_id) or self._plan(command, cached, state)
         rows = len(plan.choices)
-        if gathering or not self.cache.reserve_kv(
+        if gathering or not self.residency.reserve_kv(
             command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows
         ):
             self._waiting.keep_plan(command.request_id, plan)  # not tokenized and compiled again while it waits
@@ -291,7 +292,7 @@ class Batcher:
         try:
             self._begin(command, cached, state, plan)
         except BaseException:
-            self.cache.release_kv(command.request_id)
+            self.residency.request_done(command.request_id, cached.id)
             raise
         return True
 
@@ -373,7 +374,6 @@ class Batcher:
         prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(cached.artifacts.model)
         prefill(cached.artifacts.model, rest, prompt_cache, state.pacer, self._made_progress)
         self._prefix.save(cached.id, prompt_cache, tokens[:shared])
-        self._measure_prefix()
         log.info("request %s: prefilled %d prompt tokens it shares with %d waiting requests, once for all",
                  command.request_id, len(rest), len(others))
         return len(rest)
@@ -437,10 +437,9 @@ class Batcher:
         return state
 
     def _drop_model(self, model_id: str, reason: str = "The model was unloaded.") -> None:
-        """Let go of a model's generator and prefix cache (the cache is evicting or reloading it)."""
+        """Let go of a model's generator and prefix cache (residency is evicting or reloading it)."""
         state = self._states.pop(model_id, None)
         self._prefix.drop(model_id)
-        self._measure_prefix()
         if state is None:
             return
         for request in {id(r.request): r.request for r in state.rows.values()}.values():
@@ -500,7 +499,6 @@ class Batcher:
         if sum(c.nbytes for c in solo.prompt_cache) > self.config.prompt_cache_bytes // 2:
             return  # a copy that large would only push the rest out of the prefix cache (or not fit at all)
         self._prefix.save(state.cached.id, copy.deepcopy(solo.prompt_cache), list(solo.tokens_in_cache))
-        self._measure_prefix()
 
     def _fail_decoding(self, state: ModelState, row: Row, exc: Exception) -> None:
         if isinstance(exc, ConstraintFailed):
@@ -589,8 +587,7 @@ class Batcher:
 
     def _done(self, state: ModelState, request: Request) -> None:
         """A request is over: its KV reservation goes back, and its model's keep-alive counts from now."""
-        self.cache.release_kv(request.rid)
-        self.cache.touch(state.cached.id)
+        self.residency.request_done(request.rid, state.cached.id)
 
 
 def _begin_constrained_step(generator: Any) -> None:

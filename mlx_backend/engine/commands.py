@@ -22,8 +22,9 @@ from mlx_backend.contract import (
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 if TYPE_CHECKING:
-    from mlx_backend.control import Controls
     from mlx_backend.engine.batcher import Batcher
+    from mlx_backend.engine.control import Controls
+    from mlx_backend.engine.residency.load_queue import LoadOutcome
 
 log = logging.getLogger("mlx_gateway.engine")
 
@@ -34,13 +35,12 @@ def apply_command(
     send: Callable[[Event], None],
     *,
     controls: Controls | None = None,
-    counts: list[Generate] | None = None,
 ) -> bool:
     """Hand one command to the batcher (MLX thread); False once it was Shutdown (the batcher is then empty).
 
-    `controls` answers the admin API (a single engine: an engine group's ranks would have to agree on each
-    such decision, which they do not yet); `counts` keeps the prompt counts that wait for their model's load,
-    answered after each step; without it a count is answered at once."""
+    `controls` answers the admin API, and with it a prompt count waits for its model's load (a single engine:
+    an engine group's ranks would have to agree on each such decision, which they do not yet); without it a
+    count is answered at once."""
     if isinstance(command, Shutdown):
         log.info("shutdown requested: ending %d requests and freeing the models", batcher.running + batcher.waiting)
         batcher.shutdown()
@@ -56,26 +56,45 @@ def apply_command(
             send(ModelControlDone(command.request_id, EngineErrorCode.INVALID_REQUEST.value,
                                   "Loading, unloading and pinning models is not available for an engine group."))
     elif isinstance(command, CountPrompt):
-        if counts is not None:
-            counts.append(command.request)
-        else:
-            send(count_prompt(batcher, command.request) or Failed(
-                command.request.request_id, EngineErrorCode.ENGINE_OVERLOADED.value,
-                "The model is loading; count the prompt again shortly."))
+        count_prompt(batcher, command.request, send, wait=controls is not None)
     return True
 
 
-def count_prompt(batcher: Batcher, command: Generate) -> PromptCount | Failed | None:
-    """The prompt `command` would run with, counted, on the MLX thread (which owns the model cache); None
-    while its model loads (the load is asked for, as a request would, and happens between decode steps)."""
+def count_prompt(batcher: Batcher, command: Generate, send: Callable[[Event], None], *, wait: bool) -> None:
+    """Count the prompt `command` would run with, on the MLX thread (which owns the models). The count waits
+    for its model like a request (its load is asked for and happens between decode steps) and is sent when the
+    outcome comes; without `wait` it is answered at once, ENGINE_OVERLOADED while the model loads."""
+    from mlx_backend.engine.residency.load_queue import Waiter
+
+    rid = command.request_id
+    outcomes: list[LoadOutcome] = []
+
+    def deliver(outcome: LoadOutcome) -> None:
+        if wait:
+            send(_counted(command, outcome))
+        else:
+            outcomes.append(outcome)
+
+    batcher.residency.wait_for(command.model, Waiter(rid, "count", deliver), batcher.busy_models())
+    if wait:
+        return
+    if outcomes:
+        send(_counted(command, outcomes[0]))
+        return
+    batcher.residency.forget_waiter(rid)
+    send(Failed(rid, EngineErrorCode.ENGINE_OVERLOADED.value, "The model is loading; count the prompt again shortly."))
+
+
+def _counted(command: Generate, outcome: LoadOutcome) -> PromptCount | Failed:
     from mlx_backend.engine import vision
     from mlx_backend.engine.tools import prompt_tokens
 
     rid = command.request_id
+    if outcome.error is not None:
+        return Failed(rid, outcome.error.code.value, outcome.error.message, outcome.error.param)
+    assert outcome.model is not None
     try:
-        cached = batcher.cache.acquire(command.model, batcher.busy_models(), waiter=rid)
-        if cached is None:
-            return None
+        cached = outcome.model
         vision.refuse_images(command, cached.entry, sees=vision.takes_images(cached))
         if vision.takes_images(cached):  # its images' tokens counted too
             return PromptCount(rid, len(vision.prompt_of(command, cached)[0]))

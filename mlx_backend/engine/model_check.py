@@ -78,7 +78,7 @@ def load_failure(
 # smollm2-135m shape likewise, see docs/benchmarks.md), and float16 -> float32 is exact. bfloat16 decodes near
 # float32's speed at half the memory and stays as it is. A GPU keeps the checkpoint's dtypes. The memory ledger
 # counts what is held: float16 tensors at twice their file size, and the KV cache in float32
-# (mlx_backend/memory.py, kv_bytes_per_token).
+# (mlx_backend/engine/residency/memory.py, kv_bytes_per_token).
 
 
 def upcasts_float16() -> bool:

@@ -17,13 +17,13 @@ import msgspec
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
 
-from mlx_backend.cache import CachedModel
 from mlx_backend.contract import Constraint, Generate, SamplingParams
 from mlx_backend.engine import faults
 from mlx_backend.engine.choice import ChoiceOutput
 from mlx_backend.engine.constrained import ConstraintError, ConstraintProcessor, compiler_for
 from mlx_backend.engine.logprobs import TokenText, token_logprob
 from mlx_backend.engine.reasoning import ForcedTokens, budget_processor, detect_reasoning, opens_reasoning
+from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.engine.sampling import make_logits_processors, make_sampler
 from mlx_backend.engine.stops import StopMatcher
 from mlx_backend.engine.tools import ToolRequest, encode_prompt

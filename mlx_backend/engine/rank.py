@@ -53,6 +53,7 @@ from mlx_backend.contract import (
     GroupConfig,
     Heartbeat,
     Hello,
+    ModelEvent,
     RankHeartbeat,
     Ready,
     Wake,
@@ -68,6 +69,7 @@ from mlx_backend.engine.channel import (
 )
 from mlx_backend.engine.commands import apply_command
 from mlx_backend.engine.model_check import LoadedArtifacts
+from mlx_backend.engine.residency.events import ResidencyEvents
 from mlx_backend.errors import EngineError, EngineErrorCode
 from mlx_backend.registry import Fingerprint, ModelEntry, ModelRegistry
 
@@ -200,7 +202,7 @@ def _fingerprint_mark(fingerprint: Fingerprint) -> int:
 
 
 class GroupModels:
-    """The model cache's validate and load (ModelCache takes both), for a rank: the local step, then an
+    """Residency's validate and load (Residency takes both), for a rank: the local step, then an
     agreement round, so every rank's cache makes the same decision."""
 
     def __init__(self, lockstep: Lockstep, parallelism: str) -> None:
@@ -444,10 +446,25 @@ def main(address: str, config_json: str) -> int:
     return code
 
 
+class _GroupResidencyEvents:
+    """A group's residency events: the batcher lets go of a model that goes; the models' comings and goings
+    are not sent to the gateway (a group never has sent them)."""
+
+    def __init__(self, batcher: ResidencyEvents) -> None:
+        self._batcher = batcher
+
+    def model_event(self, event: ModelEvent) -> None:
+        return None
+
+    def model_dropped(self, model_id: str) -> None:
+        self._batcher.model_dropped(model_id)
+
+
 def serve(channel: Channel, config: EngineConfig, lockstep: Lockstep, inbox: queue.Queue[Command],
           wakes: queue.Queue[Command], source: list[Callable[[], Event]]) -> int:
-    from mlx_backend.cache import ModelCache, default_memory_budget
     from mlx_backend.engine.batcher import Batcher  # the heavy imports: mlx_lm, transformers
+    from mlx_backend.engine.residency.models import default_memory_budget
+    from mlx_backend.engine.residency.residency import Residency
 
     group_config = config.group
     assert group_config is not None
@@ -465,13 +482,16 @@ def serve(channel: Channel, config: EngineConfig, lockstep: Lockstep, inbox: que
     registry = GroupRegistry(lockstep, [Path(d) for d in config.models_dirs],
                              Path(config.hf_cache_dir) if config.hf_cache_dir else None, config.include_demo_model)
     models = GroupModels(lockstep, group_config.parallelism)
-    cache = ModelCache(registry, budget, config.load_retry_backoff_s, validate=models.validate, load=models.load)
     events = _RankZeroEvents(channel) if rank == 0 else None
-    batcher = Batcher(config, cache, events.emit if events else _drop)
+    batcher = Batcher(config, lambda batcher_events: Residency(
+        registry, budget, config.load_retry_backoff_s, events=_GroupResidencyEvents(batcher_events),
+        prefix_cache_bytes=config.prompt_cache_bytes, validate=models.validate, load=models.load,
+    ), events.emit if events else _drop)
     if rank == 0:
         source[0] = batcher.heartbeat
     else:
-        source[0] = lambda: RankHeartbeat(rank, batcher.progress, cache.loading, batcher.active_memory_bytes)
+        source[0] = lambda: RankHeartbeat(rank, batcher.progress, batcher.residency.queue.loading,
+                                          batcher.active_memory_bytes)
     device = mx.default_device().type.name
     log.info("group of %d ready on %s; memory budget %.2f GB (%d x the smallest rank's %.2f GB)", lockstep.size,
              device, budget / 1e9, lockstep.size, min(budgets) / 1e9)

@@ -8,11 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlx_backend.cache import CachedModel
 from mlx_backend.contract import Generate
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.plan import ChoicePlan
+from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.engine.vision import VisionGeneration
 

@@ -39,10 +39,7 @@ from mlx_backend.contract import (
     Command,
     EngineConfig,
     Event,
-    Failed,
-    Generate,
     Heartbeat,
-    PromptCount,
     Ready,
 )
 from mlx_backend.engine.channel import (
@@ -53,7 +50,7 @@ from mlx_backend.engine.channel import (
     set_process_name,
     setup_logging,
 )
-from mlx_backend.engine.commands import apply_command, count_prompt
+from mlx_backend.engine.commands import apply_command
 from mlx_backend.registry import ModelRegistry
 
 log = logging.getLogger("mlx_gateway.engine")
@@ -83,10 +80,10 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     threading.Thread(target=send_heartbeats, args=(channel, config.heartbeat_interval_s, source),
                      name="heartbeat", daemon=True).start()
 
-    from mlx_backend.cache import ModelCache
-    from mlx_backend.control import Controls
     from mlx_backend.engine.batcher import Batcher  # the heavy imports: mlx_lm, transformers
-    from mlx_backend.residency import KeepAlive
+    from mlx_backend.engine.control import Controls
+    from mlx_backend.engine.residency.residency import Residency
+    from mlx_backend.keep_alive import KeepAlive
 
     registry = ModelRegistry(
         [Path(d) for d in config.models_dirs],
@@ -94,18 +91,18 @@ def serve(channel: Channel, config: EngineConfig) -> int:
         config.include_demo_model,
         allowed=config.allowed_models,
     )
-    cache = ModelCache(registry, config.memory_budget_bytes, config.load_retry_backoff_s,
-                       keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
-                       warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
-                       read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0)
-    cache.on_event = channel.emit
-    batcher = Batcher(config, cache, channel.emit)
-    controls = Controls(cache, channel.emit, batcher.busy_models, batcher.heartbeat)
+    batcher = Batcher(config, lambda events: Residency(
+        registry, config.memory_budget_bytes, config.load_retry_backoff_s, events=events,
+        prefix_cache_bytes=config.prompt_cache_bytes,
+        keep_alive=KeepAlive(config.keep_alive_s, config.model_keep_alive),
+        warmup=_warmup(config.warmup, device), prefill_step_size=config.prefill_step_size,
+        read_delay_s=config.test_read_delay_s if config.allow_fault_injection else 0.0,
+    ), channel.emit)
+    controls = Controls(batcher.residency, channel.emit, batcher.busy_models, batcher.heartbeat)
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
-             device, *versions, cache.budget / 1e9, config.max_running)
+             device, *versions, batcher.residency.budget / 1e9, config.max_running)
     controls.preload(config.preload, config.pinned)
-    counts: list[Generate] = []  # prompts to count, waiting for their model's load
 
     while True:
         try:
@@ -120,23 +117,15 @@ def serve(channel: Channel, config: EngineConfig) -> int:
                 while True:
                     commands.append(inbox.get_nowait())
             for command in commands:
-                if not apply_command(batcher, command, channel.emit, controls=controls, counts=counts):
+                if not apply_command(batcher, command, channel.emit, controls=controls):
                     return 0
             batcher.step()
-            counts[:] = [c for c in counts if not _answered(channel, count_prompt(batcher, c))]
         except Exception as exc:  # a bug outside any one request: end what is running, keep serving
             log.exception("unexpected error in the MLX loop")
             with contextlib.suppress(Exception):
                 batcher.fail_all(f"The engine hit an internal error: {type(exc).__name__}: {exc}")
         finally:
             channel.flush()  # this pass's events, in one write
-
-
-def _answered(channel: Channel, answer: PromptCount | Failed | None) -> bool:
-    if answer is None:
-        return False
-    channel.emit(answer)
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

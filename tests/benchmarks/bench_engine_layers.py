@@ -28,10 +28,10 @@ from mlx_lm import load, stream_generate
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_backend.cache import ModelCache
 from mlx_backend.client.engine import EngineClient
 from mlx_backend.contract import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, ModelEvent, SamplingParams
 from mlx_backend.engine.batcher import Batcher
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.registry import ModelRegistry
 
 PROMPT = " ".join(["the"] * 64)
@@ -68,8 +68,10 @@ def warm_batcher(model_dir: Path, config: EngineConfig, max_tokens: int) -> tupl
     """A Batcher on the model, after one request as long as the measured ones (the load, the kernels of every
     cache size); events collect in the list."""
     events: list[Event] = []
-    cache = ModelCache(ModelRegistry([model_dir.parent], None, False), 0, 30.0)
-    batcher = Batcher(config, cache, events.append)
+    registry = ModelRegistry([model_dir.parent], None, False)
+    batcher = Batcher(config, lambda residency_events: Residency(
+        registry, 0, 30.0, events=residency_events, prefix_cache_bytes=config.prompt_cache_bytes,
+    ), events.append)
     batcher.submit(Generate("warm", model_dir.name, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                             prompt=PROMPT))
     while batcher.has_work():

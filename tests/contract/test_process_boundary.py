@@ -12,15 +12,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 BACKEND = REPO / "mlx_backend"
 FORBIDDEN = ("mlx", "mlx_lm", "mlx_backend.engine")
-# Still at the top level, importing MLX, until the residency work (issue 23) moves them into engine/: drop each
-# name here when its file moves (test_the_files_awaiting_their_move_are_still_there says when).
-AWAITING_MOVE = frozenset({"cache.py", "control.py", "prefix.py"})
 
 
 def _modules_outside_engine() -> list[Path]:
-    return sorted(path for path in BACKEND.rglob("*.py")
-                  if "engine" not in path.relative_to(BACKEND).parts[:1]
-                  and not (path.parent == BACKEND and path.name in AWAITING_MOVE))
+    return sorted(path for path in BACKEND.rglob("*.py") if "engine" not in path.relative_to(BACKEND).parts[:1])
 
 
 def _imported_names(path: Path) -> list[str]:
@@ -50,11 +45,6 @@ def test_the_ast_check_catches_an_mlx_import(tmp_path: Path) -> None:
     module.write_text("def f():\n    import mlx.core as mx\n    from mlx_backend.engine import worker\n")
     assert [name for name in _imported_names(module) if _forbidden(name)] == [
         "mlx.core", "mlx_backend.engine", "mlx_backend.engine.worker"]
-
-
-def test_the_files_awaiting_their_move_are_still_there() -> None:
-    moved = sorted(name for name in AWAITING_MOVE if not (BACKEND / name).is_file())
-    assert moved == [], f"moved out of mlx_backend/: drop {moved} from AWAITING_MOVE"
 
 
 def _loaded_after_importing(modules: list[str]) -> list[str]:

@@ -28,7 +28,7 @@ import httpx
 import openai
 import pytest
 
-from mlx_backend.memory import kv_bytes_per_token, rounded_tokens
+from mlx_backend.engine.residency.memory import kv_bytes_per_token, rounded_tokens
 from tests.support.server import ServerProcess
 from tests.support.soak import (
     Ledger,

@@ -69,7 +69,7 @@ def test_the_first_request_after_a_quiet_spell_longer_than_every_timeout_is_serv
                           "--header-timeout-s", "1", "--request-timeout-s", "3")
     server.wait_ready()
     client = sdk(server)
-    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    warm(server)  # the model's load on a busy machine may take longer than the 3 s request timeout
     time.sleep(4)  # past the stall kill point (1.5 s), the header timeout, the request timeout
     # One second of decoding (the "slow" fault paces the steps), so the supervisor judges it while it runs.
     stream = client.chat.completions.create(stream=True, **SLOW | {"max_tokens": 20})  # type: ignore[call-overload]

@@ -1,5 +1,5 @@
 """The admin API, the allow-list and the status page at the HTTP layer, against the scripted engine (the real
-engine's side is tests/unit/mlx_backend/test_batcher_residency.py and tests/integration/test_residency.py)."""
+engine's side is tests/unit/mlx_backend/engine/test_batcher_residency.py and tests/integration/test_residency.py)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from mlx_backend.cache import ModelCache
 from mlx_backend.contract import (
     ChatMessage,
     Delta,
@@ -20,11 +19,13 @@ from mlx_backend.contract import (
     Finished,
     Generate,
     Heartbeat,
+    ModelEvent,
     SamplingParams,
     Started,
 )
 from mlx_backend.engine import model_load
 from mlx_backend.engine.batcher import Batcher
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
 from tests.support.tool_specs import specs
@@ -47,8 +48,10 @@ class Harness:
         self.events: list[Event] = []
         cfg = EngineConfig(**config)  # type: ignore[arg-type]
         # Loads at once (the engine's staged loads are tested in test_residency.py): one step starts a request.
-        cache = ModelCache(ModelRegistry([models_dir], None, False), 0, 30.0, load=model_load.load)
-        self.batcher = Batcher(cfg, cache, self.events.append)
+        registry = ModelRegistry([models_dir], None, False)
+        self.batcher = Batcher(cfg, lambda events: Residency(
+            registry, 0, 30.0, events=events, prefix_cache_bytes=cfg.prompt_cache_bytes, load=model_load.load,
+        ), self.events.append)
 
     def submit(self, rid: str, model: str = "tiny", messages: tuple[ChatMessage, ...] | None = HELLO,
                prompt: str | None = None, fault: str | None = None, **params: object) -> None:
@@ -437,7 +440,9 @@ def test_a_load_or_a_load_failure_sends_a_heartbeat_before_the_answer(h: Harness
     h.submit("a", max_tokens=2)
     h.submit("b", model="broken")
     h.run()
-    kinds = [type(e).__name__ for e in h.events if getattr(e, "request_id", "a") == "a"]
+    # (the batcher now sends residency's ModelEvents on the same stream, as the engine always did)
+    kinds = [type(e).__name__ for e in h.events
+             if getattr(e, "request_id", "a") == "a" and not isinstance(e, ModelEvent)]
     assert kinds[:3] == ["Loading", "Heartbeat", "Started"]  # the request hears its model is loading first
     beat = next(e for e in h.events if isinstance(e, Heartbeat))
     assert [m.id for m in beat.loaded] == ["tiny"]

@@ -12,14 +12,15 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import greedy_sampler
 
-from mlx_backend.cache import ModelCache
 from mlx_backend.engine import model_check, model_load
 from mlx_backend.engine.model_load import StagedLoad
+from mlx_backend.engine.residency.memory import kv_bytes_per_token, rounded_tokens
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.errors import EngineError, EngineErrorCode
-from mlx_backend.memory import kv_bytes_per_token, rounded_tokens
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
+from tests.unit.mlx_backend.engine.residency.test_models import Recorder
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +191,7 @@ def test_a_device_that_does_not_upcast_keeps_float16(dtype_models: Path, monkeyp
 
 
 def test_the_ledger_counts_the_float32_weights_and_kv_cache_of_an_upcast_model(dtype_models: Path) -> None:
-    cache = ModelCache(ModelRegistry([dtype_models], None, False), 1 << 30, 30.0)
+    cache = Residency(ModelRegistry([dtype_models], None, False), 1 << 30, 30.0, events=Recorder())
     model = cache.get("float16")
     assert cache.ledger.weights["float16"] == resident_bytes(model.artifacts.model)
     config = model.artifacts.config

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from mlx_backend.cache import CachedModel
 from mlx_backend.contract import ChatMessage, Constraint, Generate, SamplingParams
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.model_check import validate
 from mlx_backend.engine.model_load import load
 from mlx_backend.engine.plan import plan_request
+from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.errors import EngineError
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm

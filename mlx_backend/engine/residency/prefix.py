@@ -9,7 +9,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_backend.engine.prompt_store import PromptStore
+from mlx_backend.engine.residency.prompt_store import PromptStore
 
 _ENTRIES_PER_MODEL = 256
 

@@ -1,6 +1,6 @@
-"""The model cache's residency rules, with a counting fake loader: loads asked for and answered later, idle
-unload by keep-alive, pins, the operator's commands, and the memory budget that includes the KV cache and
-the prefix cache."""
+"""Residency's rules, with a counting fake loader: loads asked for and answered later (every kind of waiter hears
+the outcome once), idle unload by keep-alive, pins, the operator's commands, and the memory budget that includes
+the KV cache and the prefix cache (trimmed by residency itself, no batcher involved)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from mlx_backend.cache import ModelCache
-from mlx_backend.contract import ModelEvent
+from mlx_backend.engine.residency.load_queue import LoadOutcome, Waiter, WaiterKind
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.errors import EngineError, EngineErrorCode
+from mlx_backend.keep_alive import KeepAlive
 from mlx_backend.registry import ModelRegistry
-from mlx_backend.residency import KeepAlive
-from tests.unit.mlx_backend.test_cache import FakeLoader, add_model
+from tests.unit.mlx_backend.engine.residency.test_models import FakeLoader, Recorder, add_model
 
 
 @pytest.fixture
@@ -24,22 +24,48 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
+class FakePrefix:
+    """A prefix cache that gives back what is asked."""
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self.trimmed: list[int] = []
+
+    def trim(self, n_bytes: int) -> None:
+        self.trimmed.append(n_bytes)
+        self.nbytes = max(0, self.nbytes - n_bytes)
+
+    def drop(self, model_id: str) -> None:
+        return None
+
+
 class Rig:
     def __init__(self, root: Path, budget: int = 250, keep_alive: KeepAlive | None = None) -> None:
         self.fake = FakeLoader()
-        self.cache = ModelCache(ModelRegistry([root], None, False), budget, 30.0, keep_alive=keep_alive,
-                                validate=self.fake.validate, load=self.fake.load)
-        self.events: list[ModelEvent] = []
-        self.done: list[tuple[str, EngineError | None]] = []
-        self.trimmed: list[int] = []
-        self.cache.on_event = self.events.append
-        self.cache.on_load_done = lambda model_id, error: self.done.append((model_id, error))
+        self.recorder = Recorder()
+        self.cache = Residency(ModelRegistry([root], None, False), budget, 30.0, events=self.recorder,
+                               keep_alive=keep_alive, validate=self.fake.validate, load=self.fake.load)
+        self.events = self.recorder.events
+        self.prefix = FakePrefix()
+        self.cache.ledger.prefix = self.prefix
+        self.trimmed = self.prefix.trimmed
+        self.outcomes: list[tuple[str, str, EngineError | None]] = []  # (waiter, model, error), as delivered
 
-        def trim(n: int) -> None:  # a prefix cache that gives back what is asked
-            self.trimmed.append(n)
-            self.cache.ledger.prefix_bytes = max(0, self.cache.ledger.prefix_bytes - n)
+    def wait(self, model_id: str, kind: WaiterKind = "admin", *, pin: bool = False) -> list[LoadOutcome]:
+        """Wait for a model as `kind` does; the outcomes delivered at once (none while it loads)."""
+        waiter_id = f"{kind}-{len(self.outcomes)}-{model_id}"
+        now: list[LoadOutcome] = []
 
-        self.cache.trim_prefix = trim
+        def deliver(outcome: LoadOutcome) -> None:
+            now.append(outcome)
+            self.outcomes.append((waiter_id, outcome.model_id, outcome.error))
+
+        self.cache.wait_for(model_id, Waiter(waiter_id, kind, deliver), set(), pin=pin)
+        return list(now)
+
+    @property
+    def done(self) -> list[tuple[str, EngineError | None]]:
+        return [(model_id, error) for _, model_id, error in self.outcomes]
 
     def load(self, model_id: str, busy: set[str] | None = None) -> None:
         """As the batcher does: ask, step, ask again."""
@@ -48,7 +74,7 @@ class Rig:
         assert self.cache.acquire(model_id, busy or set(), waiter="w") is not None
 
     def loaded(self) -> list[str]:
-        return sorted(m.id for m in self.cache.snapshot({})[0])
+        return sorted(m.id for m in self.cache.report({}).loaded)
 
 
 def test_a_load_is_answered_after_a_step_and_its_waiters_hear_its_failure(root: Path) -> None:
@@ -56,7 +82,8 @@ def test_a_load_is_answered_after_a_step_and_its_waiters_hear_its_failure(root: 
     rig = Rig(root)
     assert rig.cache.acquire("a", set(), waiter="r1") is None  # asked for, not loaded yet
     assert rig.cache.acquire("a", set(), waiter="r2") is None  # the same load, not a second one
-    assert rig.cache.load_progress()[1] == ("a",)  # queued, not started
+    assert rig.wait("a", "count") == []  # a prompt count waits for the same load
+    assert rig.cache.report({}).queued_loads == ("a",)  # queued, not started
     rig.cache.advance(set(), idle=True)
     assert rig.cache.acquire("a", set(), waiter="r1") is not None
     assert rig.fake.loads == ["a"]
@@ -75,13 +102,13 @@ def test_an_unused_model_unloads_when_its_keep_alive_runs_out(root: Path) -> Non
     rig.load("a")
     rig.load("b")
     assert rig.cache.seconds_until_due(set()) == pytest.approx(0.2, abs=0.05)
-    expires = {m.id: m.expires_at for m in rig.cache.snapshot({})[0]}
+    expires = {m.id: m.expires_at for m in rig.cache.report({}).loaded}
     assert expires["a"] == pytest.approx(time.time() + 0.2, abs=0.1) and expires["b"] is None
     rig.cache.advance({"a"}, idle=False)
     time.sleep(0.25)
     rig.cache.advance({"a"}, idle=False)  # busy: never unloaded under its requests
     assert rig.loaded() == ["a", "b"]
-    rig.cache.touch("a")  # its last request ended now
+    rig.cache.models.touch("a")  # its last request ended now
     rig.cache.advance(set(), idle=True)
     assert rig.loaded() == ["a", "b"]
     time.sleep(0.25)
@@ -97,14 +124,14 @@ def test_keep_alive_zero_unloads_as_soon_as_the_last_request_ends(root: Path) ->
     rig.load("a")
     rig.cache.advance({"a"}, idle=False)
     assert rig.loaded() == ["a"]
-    rig.cache.touch("a")
+    rig.cache.models.touch("a")
     rig.cache.advance(set(), idle=True)
     assert rig.loaded() == []
 
 
 def test_a_pinned_model_is_never_idle_unloaded_or_evicted(root: Path) -> None:
     rig = Rig(root, keep_alive=KeepAlive(0.0, (("b", -1.0), ("c", -1.0))))  # a alone would go at once
-    assert rig.cache.request_load("a", set(), pin=True) is None
+    assert rig.wait("a", pin=True) == []
     rig.cache.advance(set(), idle=True)
     assert rig.done == [("a", None)]
     rig.cache.advance(set(), idle=True)
@@ -114,14 +141,14 @@ def test_a_pinned_model_is_never_idle_unloaded_or_evicted(root: Path) -> None:
     rig.load("c", busy=set())
     assert rig.loaded() == ["a", "c"]
     assert ("b", "unloaded", "evicted") in [(e.model, e.kind, e.reason) for e in rig.events]
-    snapshot = {m.id: m for m in rig.cache.snapshot({})[0]}
+    snapshot = {m.id: m for m in rig.cache.report({}).loaded}
     assert snapshot["a"].pinned and snapshot["a"].expires_at is None
 
 
 def test_memory_held_by_pinned_models_is_an_overload_not_a_wait(root: Path) -> None:
     rig = Rig(root, budget=200)
     for model_id in ("a", "b"):
-        rig.cache.request_load(model_id, set(), pin=True)
+        rig.wait(model_id, pin=True)
         rig.cache.advance(set(), idle=True)
     assert rig.cache.acquire("c", set(), waiter="r") is None
     rig.cache.advance(set(), idle=True)
@@ -149,21 +176,20 @@ def test_a_load_waits_while_running_requests_hold_the_memory(root: Path) -> None
 
 def test_the_operator_loads_unloads_and_unpins(root: Path) -> None:
     rig = Rig(root)
-    assert rig.cache.request_load("a", set()) is None
+    assert rig.wait("a") == []
     rig.cache.advance(set(), idle=True)
-    assert rig.cache.request_load("a", set(), pin=True) is not None  # already loaded: pinned at once
-    assert "a" in rig.cache.pins
+    assert [o.model is not None for o in rig.wait("a", pin=True)] == [True]  # already loaded: pinned at once
+    assert "a" in rig.cache.models.pins
     with pytest.raises(EngineError) as info:
         rig.cache.unload("a", {"a"})
     assert info.value.code == EngineErrorCode.MODEL_BUSY
     rig.cache.unload("a", set())
-    assert rig.loaded() == [] and "a" not in rig.cache.pins
+    assert rig.loaded() == [] and "a" not in rig.cache.models.pins
     assert rig.events[-1].reason == "requested"
     rig.cache.unload("a", set())  # not loaded: nothing to do, no error
-    with pytest.raises(EngineError) as info:
-        rig.cache.request_load("nope", set())
-    assert info.value.code == EngineErrorCode.MODEL_NOT_FOUND
-    rig.cache.request_load("b", set())
+    (not_found,) = rig.wait("nope")  # told at once, the one way outcomes come
+    assert not_found.error is not None and not_found.error.code == EngineErrorCode.MODEL_NOT_FOUND
+    rig.wait("b")
     with pytest.raises(EngineError) as info:
         rig.cache.unload("b", set())  # still loading
     assert info.value.code == EngineErrorCode.MODEL_BUSY
@@ -181,7 +207,7 @@ def test_a_request_that_can_never_fit_is_refused_one_that_can_later_waits(root: 
         rig.cache.reserve_kv("many", "a", 256, set(), rows=5)  # n = 5 rows never fit either
     assert rig.cache.reserve_kv("r1", "a", 2 * 256, set())  # half the room
     assert not rig.cache.reserve_kv("r2", "a", 3 * 256, {"a"})  # 2 rows x 768 > the room: wait for r1
-    rig.cache.release_kv("r1")
+    rig.cache.request_done("r1", "a")
     assert rig.cache.reserve_kv("r2", "a", 3 * 256, set())
     assert rig.cache.ledger.kv_bytes() == 3 * 256 * 10
 
@@ -191,7 +217,7 @@ def test_room_comes_from_the_prefix_cache_first_then_idle_models(root: Path) -> 
     rig.load("a")
     rig.load("b")
     rig.cache.ledger.add_model("a", 100, per_token=10)
-    rig.cache.ledger.prefix_bytes = 1000
+    rig.prefix.nbytes = 1000
     assert rig.cache.reserve_kv("r", "a", 256, {"a"})  # 2560 needed, 1560 free: the prefix cache gives 1000
     assert rig.trimmed == [1000] and rig.loaded() == ["a", "b"]
     assert not rig.cache.reserve_kv("s", "a", 256, {"a"})  # a second row waits for r: b's 100 would not do
@@ -210,7 +236,7 @@ def test_room_for_a_kv_cache_comes_from_idle_models_too(root: Path) -> None:
 def test_an_over_budget_prefix_cache_is_trimmed_between_steps(root: Path) -> None:
     rig = Rig(root, budget=250)
     rig.load("a")
-    rig.cache.ledger.prefix_bytes = 300  # 100 + 300 > 250
+    rig.prefix.nbytes = 300  # 100 + 300 > 250
     rig.cache.advance(set(), idle=True)
     assert rig.trimmed == [150]
     assert rig.cache.ledger.free == 0
@@ -219,9 +245,9 @@ def test_an_over_budget_prefix_cache_is_trimmed_between_steps(root: Path) -> Non
 def test_progress_of_the_load_in_progress_is_logged_every_few_seconds(
     root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import mlx_backend.cache as cache_module
+    import mlx_backend.engine.residency.load_queue as load_queue
 
-    monkeypatch.setattr(cache_module, "PROGRESS_LOG_S", 0.0)
+    monkeypatch.setattr(load_queue, "PROGRESS_LOG_S", 0.0)
     rig = Rig(root)
     rig.cache.acquire("a", set())
     with caplog.at_level("INFO", logger="mlx_gateway.engine.cache"):

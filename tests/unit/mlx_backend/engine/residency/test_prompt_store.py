@@ -7,7 +7,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from mlx_backend.engine.prompt_store import PromptStore, shared_prefix
+from mlx_backend.engine.residency.prompt_store import PromptStore, shared_prefix
 
 
 def kv_cache(tokens: list[int], layers: int = 2) -> list[Any]:

@@ -6,13 +6,16 @@ so a batch never grows past what was admitted. mlx-lm's batch cache is one recta
 (rows x longest row, left-padded, grown in steps of 256 tokens), so a model's reservation is its row count
 times its longest row, not the sum of the rows: one long request in a batch of short ones costs every row
 the long length, and the ledger says so.
+
+The prefix cache is the ledger's to trim: it is only a cache, the first thing given up when weights or a KV
+cache need room (mlx_backend/engine/residency/prefix.py holds it; the ledger sees its bytes and can trim it).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 KV_STEP_TOKENS = 256  # mlx-lm's KVCache / BatchKVCache grow their arrays in steps of this many tokens
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -67,14 +70,35 @@ def _rows_of(reserved: dict[str, tuple[int, int]]) -> list[int]:
     return [tokens for tokens, rows in reserved.values() for _ in range(rows)]
 
 
+class PrefixCache(Protocol):
+    """The prefix cache as the budget sees it: what it holds, and a way to give some of it back."""
+
+    @property
+    def nbytes(self) -> int: ...
+    def trim(self, n_bytes: int) -> None: ...
+    def drop(self, model_id: str) -> None: ...
+
+
+class NoPrefixCache:
+    """No prefix cache (an engine group's ranks, tests of the rules): it holds nothing."""
+
+    nbytes = 0
+
+    def trim(self, n_bytes: int) -> None:
+        return None
+
+    def drop(self, model_id: str) -> None:
+        return None
+
+
 class MemoryLedger:
     """Who holds the budget. Used by the MLX thread; the heartbeat thread reads the totals (plain ints)."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, prefix: PrefixCache | None = None) -> None:
         self.budget = budget
+        self.prefix: PrefixCache = prefix if prefix is not None else NoPrefixCache()
         self.weights: dict[str, int] = {}  # loaded model id -> bytes
         self.loading = 0  # bytes reserved for the load in progress
-        self.prefix_bytes = 0  # the prefix cache, as the batcher last measured it
         self._per_token: dict[str, int] = {}  # model id -> KV bytes per token and row
         self._rows: dict[str, dict[str, tuple[int, int]]] = {}  # model id -> request id -> (tokens, rows)
         self._model_of: dict[str, str] = {}  # request id -> model id
@@ -124,6 +148,20 @@ class MemoryLedger:
 
     def rows(self, model_id: str) -> int:
         return len(_rows_of(self._rows.get(model_id, {})))
+
+    # -- the prefix cache -----------------------------------------------------------------------------------
+
+    @property
+    def prefix_bytes(self) -> int:
+        return self.prefix.nbytes
+
+    def trim_prefix(self, n_bytes: int) -> None:
+        """Give back about `n_bytes` of prefix cache (weights or a KV cache need them)."""
+        self.prefix.trim(n_bytes)
+
+    def drop_prefix(self, model_id: str) -> None:
+        """A model goes: its prefix cache goes with it."""
+        self.prefix.drop(model_id)
 
     # -- totals ----------------------------------------------------------------------------------------
 

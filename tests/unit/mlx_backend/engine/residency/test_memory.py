@@ -3,10 +3,30 @@ reservations and what they leave free."""
 
 from __future__ import annotations
 
-from mlx_backend.memory import KV_STEP_TOKENS, MemoryLedger, batch_kv_bytes, kv_bytes_per_token, rounded_tokens
+from mlx_backend.engine.residency.memory import (
+    KV_STEP_TOKENS,
+    MemoryLedger,
+    batch_kv_bytes,
+    kv_bytes_per_token,
+    rounded_tokens,
+)
 
 LLAMA_1B = {"num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 2048,
             "torch_dtype": "bfloat16"}
+
+
+class Prefix:
+    """A prefix cache holding `nbytes`, giving back what it is asked for."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.dropped: list[str] = []
+
+    def trim(self, n_bytes: int) -> None:
+        self.nbytes = max(0, self.nbytes - n_bytes)
+
+    def drop(self, model_id: str) -> None:
+        self.dropped.append(model_id)
 
 
 def test_kv_bytes_per_token_is_keys_and_values_of_every_layer() -> None:
@@ -43,9 +63,9 @@ def test_the_batch_cache_is_rows_times_the_longest_row_in_whole_steps() -> None:
 
 
 def test_reservations_and_what_they_leave_free() -> None:
-    ledger = MemoryLedger(budget=10_000_000)
+    prefix = Prefix(500_000)
+    ledger = MemoryLedger(budget=10_000_000, prefix=prefix)
     ledger.add_model("m", 4_000_000, per_token=1000)
-    ledger.prefix_bytes = 500_000
     assert ledger.free == 5_500_000
     assert ledger.kv_increase("m", 300) == 512 * 1000
     ledger.reserve("a", "m", 300)
@@ -69,3 +89,20 @@ def test_alone_bytes_is_the_weights_and_its_own_rows() -> None:
     assert ledger.alone_bytes("m", 10, rows=3) == 4000 + 3 * 256 * 2
     ledger.remove_model("m")
     assert ledger.weights_bytes == 0 and ledger.per_token("m") == 0
+
+
+def test_the_ledger_owns_the_prefix_cache_s_bytes_and_trims_it_itself() -> None:
+    prefix = Prefix(300)
+    ledger = MemoryLedger(budget=1000, prefix=prefix)
+    ledger.add_model("m", 800, per_token=0)
+    assert ledger.prefix_bytes == 300 and ledger.free == -100  # read from the cache, never copied in
+    ledger.trim_prefix(-ledger.free)
+    assert prefix.nbytes == 200 and ledger.free == 0
+    ledger.drop_prefix("m")
+    assert prefix.dropped == ["m"]
+
+
+def test_without_a_prefix_cache_it_holds_nothing() -> None:
+    ledger = MemoryLedger(budget=1000)
+    ledger.trim_prefix(500)
+    assert ledger.prefix_bytes == 0 and ledger.free == 1000

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import mlx_backend.cache as cache_module
-from mlx_backend.cache import ModelCache
+import mlx_backend.engine.residency.load_queue as load_queue
 from mlx_backend.contract import (
     ChatMessage,
     Delta,
@@ -28,9 +27,10 @@ from mlx_backend.contract import (
     SamplingParams,
     Started,
 )
-from mlx_backend.control import Controls
 from mlx_backend.engine import model_check
 from mlx_backend.engine.batcher import Batcher
+from mlx_backend.engine.control import Controls
+from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
 
@@ -49,8 +49,11 @@ class Engine:
     def __init__(self, models_dir: Path, budget: int = 0, **config: object) -> None:
         self.events: list[Event] = []
         cfg = EngineConfig(**config)  # type: ignore[arg-type]
-        self.cache = ModelCache(ModelRegistry([models_dir], None, False), budget, 30.0, warmup=False)
-        self.batcher = Batcher(cfg, self.cache, self.events.append)
+        registry = ModelRegistry([models_dir], None, False)
+        self.batcher = Batcher(cfg, lambda events: Residency(
+            registry, budget, 30.0, events=events, prefix_cache_bytes=cfg.prompt_cache_bytes, warmup=False,
+        ), self.events.append)
+        self.cache = self.batcher.residency
         self.controls = Controls(self.cache, self.events.append, self.batcher.busy_models, self.batcher.heartbeat)
 
     def submit(self, rid: str, model: str = "tiny", **params: object) -> None:
@@ -89,7 +92,7 @@ def engine(models_dir: Path) -> Iterator[Engine]:
 def test_a_stream_keeps_decoding_while_another_model_loads(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cache_module, "PIECE_S", 0.0)  # the smallest pieces: one tensor per step
+    monkeypatch.setattr(load_queue, "PIECE_S", 0.0)  # the smallest pieces: one tensor per step
     gate = threading.Event()
     real = model_check.load_tokenizer
 
@@ -104,7 +107,7 @@ def test_a_stream_keeps_decoding_while_another_model_loads(
     per_step: list[tuple[str | None, int]] = []  # (the load's stage, a's deltas so far) after each step
     for _ in range(30):
         engine.batcher.step()
-        load = engine.cache.load_progress()[0]
+        load = engine.cache.report({}).load
         per_step.append((load.stage if load else None, engine.deltas("a")))
     assert all(stage == "reading" for stage, _ in per_step)
     assert per_step[-1][1] - per_step[0][1] >= 25  # a token (almost) every step while the files are read
@@ -113,7 +116,7 @@ def test_a_stream_keeps_decoding_while_another_model_loads(
     while not any(isinstance(e, Started) for e in engine.of("b")):
         before = engine.deltas("a")
         engine.batcher.step()
-        load = engine.cache.load_progress()[0]
+        load = engine.cache.report({}).load
         per_step.append((load.stage if load else None, engine.deltas("a") - before))
     loading_steps = [made for stage, made in per_step[30:] if stage == "loading"]
     assert len(loading_steps) > 50  # the tensors went in over many steps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_backend.residency import KeepAlive, matches, parse_override
+from mlx_backend.keep_alive import KeepAlive, matches, parse_override
 
 
 def test_overrides_by_id_or_glob_first_match_wins() -> None:
