@@ -1,4 +1,4 @@
-"""Loads, one at a time, in the order asked for, in pieces between decode steps (mlx_backend/loading.py), and
+"""Loads, one at a time, in the order asked for, in pieces between decode steps (mlx_backend/engine/model_load.py), and
 whoever waits for them.
 
 Every kind of waiter (a request, an operator's command, a prompt count, a start-up preload) is a `Waiter`

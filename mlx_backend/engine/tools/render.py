@@ -1,6 +1,6 @@
 """Prompt token ids for a request: chat messages (and tools) through the model's own chat template.
 
-`encode_prompt` is what the batcher calls for every request (it replaces batcher._encode): without tools it
+`encode_prompt` is what the batcher calls for every request: without tools it
 renders exactly as before; with tools, or with earlier tool calls in the conversation, it converts the
 messages to what chat templates expect (Hugging Face's convention) and passes the tool definitions as
 `tools=`. A model whose template has no tool support is refused by name, never given a prompt that
