@@ -1,4 +1,4 @@
-"""Constraints (`types.Constraint`) as llguidance grammars, and the cheap check the gateway runs on them.
+"""Constraints (`contract.Constraint`) as llguidance grammars, and the cheap check the gateway runs on them.
 
 This module imports neither MLX nor a tokenizer, so the gateway process can call `validate` to turn a schema
 we cannot enforce into a 400 before any compute. The engine compiles the same grammar against the model's

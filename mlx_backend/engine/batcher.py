@@ -41,7 +41,7 @@ from mlx_backend.contract import (
     ModelEvent,
     Started,
 )
-from mlx_backend.engine import faults
+from mlx_backend.engine import faults, vision
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.masks import plan_rows
@@ -102,6 +102,13 @@ class Batcher:
             self._emit(Failed(rid, EngineErrorCode.INVALID_REQUEST.value, f"n must be between 1 and "
                               f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
+        if vision.has_images(command):  # a model that will not see them says so before it is loaded
+            try:
+                vision.refuse_images(command, self.residency.models.registry.resolve(command.model))
+            except EngineError as exc:  # an unknown model is left to the cache, which says so as for any request
+                if exc.code is EngineErrorCode.IMAGES_NOT_SUPPORTED:
+                    self._emit(Failed(rid, exc.code.value, exc.message, exc.param))
+                    return
         self._waiting.add(command, self._steps)
 
     def abort(self, request_id: str) -> None:
@@ -251,6 +258,9 @@ class Batcher:
                         self._emit(Loading(command.request_id, command.model))
                     continue
                 self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
+                serving = self._states.get(cached.id)
+                if vision.takes_images(cached) and serving is not None and serving.rows:
+                    continue  # a vision model serves one request at a time (engine/vision.py): its turn comes
                 if not self._start(command, cached, gathering):
                     break
             except EngineError as exc:
@@ -272,8 +282,7 @@ class Batcher:
         """Start a request on its loaded model; False while it stays waiting, for company (`_gathering`) or
         for its KV cache to fit. It is planned first, so a request that cannot run is refused at once."""
         state = self._state_for(cached)
-        plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text,
-                                                                             self.config.allow_fault_injection)
+        plan = self._waiting.plan_of(command.request_id) or self._plan(command, cached, state)
         rows = len(plan.choices)
         if gathering or not self.residency.reserve_kv(
             command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows
@@ -289,8 +298,26 @@ class Batcher:
             raise
         return True
 
+    def _plan(self, command: Generate, cached: CachedModel, state: ModelState) -> RequestPlan:
+        if not vision.takes_images(cached):
+            vision.refuse_images(command, cached.entry, sees=False)  # e.g. loaded as text by an engine group
+            return plan_request(command, cached, state.token_text, self.config.allow_fault_injection)
+        tokens, pixels = vision.prompt_of(command, cached)  # the images' tokens in: counted in context and KV
+        plan = plan_request(command, cached, state.token_text, self.config.allow_fault_injection, prompt=tokens)
+        plan.pixels = pixels
+        return plan
+
     def _begin(self, command: Generate, cached: CachedModel, state: ModelState, plan: RequestPlan) -> None:
         tokens = plan.tokens
+        if plan.pixels is not None:  # a vision model: its own solo path, never the batch or the prefix cache
+            request = Request(command, len(tokens), 0)
+            row = Row(request, plan.choices[0], plan.max_tokens)
+            row.solo = vision.new_generation(cached, tokens, plan.pixels, plan.max_tokens, plan.choices[0])
+            request.rows = [row]
+            state.rows[row.uid] = row
+            self._where[command.request_id] = (state, request)
+            self._emit(Started(command.request_id, len(tokens), 0))
+            return
         shared_now = self._prefill_shared_prefix(command, cached, state, tokens)
         prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
@@ -515,6 +542,8 @@ class Batcher:
         self._end_row(state, row, ended, still_generating=response.finish_reason is None)
 
     def _keep_prefix(self, state: ModelState, row: Row, response: Token | Any) -> None:
+        if vision.takes_images(state.cached):
+            return  # an image's tokens do not say which image: nothing of a vision model's is reused
         if response.finish_reason is not None:  # the generator handed over its cache
             self._prefix.save(state.cached.id, response.prompt_cache, response.all_tokens)
         elif row.solo is not None:

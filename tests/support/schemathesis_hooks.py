@@ -35,7 +35,7 @@ def map_body(ctx: Any, body: Any) -> Any:
             body[limit] = most
     thinking = body.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if isinstance(budget, int) and budget >= MAX_TOKENS:
+    if isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= MAX_TOKENS:  # 8.0 too
         body["thinking"] = {**thinking, "budget_tokens": MAX_TOKENS - 1}  # below the capped max_tokens
     return body
 
@@ -52,7 +52,8 @@ def filter_body(ctx: Any, body: Any) -> bool:
     that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON;
     structured output goes with no callable tools; logit_bias names tokens of the model; top_logprobs needs
     logprobs (chat); previous_response_id names a stored response; tool names are unique; a thinking budget is
-    less than max_tokens."""
+    less than max_tokens; an image is a real PNG, JPEG, GIF or WebP sent to a vision model; a tool's parameters
+    hold no integer beyond 64 bits."""
     if not isinstance(body, dict):
         return True
     path = ctx.operation.path if ctx.operation is not None else ""
@@ -73,7 +74,9 @@ def filter_body(ctx: Any, body: Any) -> bool:
     if isinstance(fmt, dict) and fmt.get("type") != "text" and tools and choice != "none":
         return False
     thinking, limit = body.get("thinking"), body.get("max_tokens")
-    if isinstance(thinking, dict) and isinstance(limit, int) and not (thinking.get("budget_tokens") or 0) < limit:
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (limit, budget))
+    if numbers and not budget < limit:  # type: ignore[operator]  # 8.0 is a valid integer to the server too
         return False  # thinking.budget_tokens must be less than max_tokens
     if body.get("previous_response_id") is not None:  # names a stored response: none is, in a fuzzing run
         return False
@@ -82,7 +85,30 @@ def filter_body(ctx: Any, body: Any) -> bool:
     bias = body.get("logit_bias")
     if isinstance(bias, dict) and any(k.isdigit() and int(k) >= SERVED_VOCABULARY for k in bias):
         return False
+    if _has_huge_integer(body.get("tools")):  # the engine's IPC carries 64-bit integers
+        return False
+    if _has_image(body):  # an image must be real image bytes, for a vision model; the fuzzed model reads text
+        return False
     return all(_is_json(a) for a in _arguments(body))
+
+
+def _has_huge_integer(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_huge_integer(v) for v in node)
+    if isinstance(node, dict):
+        return any(_has_huge_integer(v) for v in node.values())
+    return isinstance(node, int) and not -(2**63) <= node < 2**64
+
+
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def _has_image(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_image(v) for v in node)
+    if not isinstance(node, dict):
+        return False
+    return node.get("type") in _IMAGE_PARTS or any(_has_image(v) for v in node.values())
 
 
 def _named(choice: Any) -> Any:

@@ -3,7 +3,7 @@
 The batcher's part, per request:
 
     tools = ToolRequest.from_command(command, tokenizer)   # None without tools; EngineError if unsupported
-    tokens = encode_prompt(command, tokenizer, tools)      # replaces batcher._encode
+    tokens = encode_prompt(command, tokenizer, tools)
     # == prompt_tokens(command, tokenizer), which CountPrompt counts: keep the two the same
     grammar = tools.grammar(tokenizer) if tools else None  # Lark text for the constrained-decoding processor
     parser = tools.parser() if tools else None             # feed() each decoded segment; finish() at the end
