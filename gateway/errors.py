@@ -32,6 +32,8 @@ class ErrorKind(enum.Enum):
     CONTEXT_LENGTH_EXCEEDED = ErrorSpec(400, "invalid_request_error", "context_length_exceeded")
     # The request's KV cache (prompt + max_tokens) could never fit the memory budget beside its model.
     MEMORY_BUDGET_EXCEEDED = ErrorSpec(400, "invalid_request_error", "memory_budget_exceeded")
+    INVALID_IMAGE = ErrorSpec(400, "invalid_request_error", "invalid_image")  # gateway/serving/images.py's refusals
+    IMAGES_NOT_SUPPORTED = ErrorSpec(400, "invalid_request_error", "images_not_supported")  # a text-only model
     HOST_NOT_ALLOWED = ErrorSpec(400, "invalid_request_error", "host_not_allowed")  # DNS rebinding guard
     UNAUTHORIZED = ErrorSpec(401, "authentication_error", "invalid_api_key")
     ROUTE_NOT_FOUND = ErrorSpec(404, "invalid_request_error", "not_found")
@@ -86,6 +88,8 @@ _FROM_ENGINE: dict[EngineErrorCode, ErrorKind] = {
     EngineErrorCode.MEMORY_BUDGET_EXCEEDED: ErrorKind.MEMORY_BUDGET_EXCEEDED,
     EngineErrorCode.MODEL_BUSY: ErrorKind.MODEL_BUSY,
     EngineErrorCode.REQUEST_TIMEOUT: ErrorKind.TIMEOUT,
+    EngineErrorCode.INVALID_IMAGE: ErrorKind.INVALID_IMAGE,
+    EngineErrorCode.IMAGES_NOT_SUPPORTED: ErrorKind.IMAGES_NOT_SUPPORTED,
     EngineErrorCode.INTERNAL: ErrorKind.INTERNAL,
 }
 

@@ -57,23 +57,31 @@ _SECURITY_SCHEMES = {
 # Rules for every generation route that no schema can state: the prompt must fit the model's context (400
 # context_length_exceeded), a tool choice names one of the tools, tool-call arguments are JSON text, logit_bias
 # names token ids of the model, structured output goes with no callable tools, top_logprobs needs logprobs,
-# tool names are unique; every integer, tool schemas' included, fits 64 bits (the engine's messages are msgpack).
+# tool names are unique.
+_HUGE_INTEGERS = "integers beyond 64 bits in a tool's parameters (the engine's IPC carries 64-bit integers)"
 _REFUSED = {
     "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
-                            "web_search_options, store: true, tool types other than function, image parts, "
+                            "web_search_options, store: true, tool types other than function, "
+                            "images outside user messages, image URLs other than base64 data URLs (or file:// "
+                            "under --image-dir: never http(s), nothing is fetched), images a model without vision "
+                            "is sent (400 images_not_supported), "
                             "tool_choice allowed_tools / custom, a tool_choice that forces a call without tools, "
                             "chat_template_kwargs setting what the server renders itself ("
-                            + ", ".join(SERVER_TEMPLATE_KEYS) + ")",
+                            + ", ".join(SERVER_TEMPLATE_KEYS) + "), " + _HUGE_INTEGERS,
     "/v1/completions": "best_of > 1, echo, suffix, token-id prompts, more than one prompt",
     "/v1/responses": "background: true, top_logprobs, conversation, prompt, context_management, truncation: auto, "
                      "text.verbosity other than medium, includes we cannot fill, item_reference input items, "
                      "built-in tools other than the hosted ones (" + ", ".join(sorted(HOSTED_TOOLS)) + ": "
                      "accepted and not offered to the model, since none can run here), a tool_choice that forces a "
-                     "hosted tool, image / file / audio input, a tool_choice that forces a call without tools",
+                     "hosted tool, file / audio input, images outside user messages or by file_id or http(s) URL "
+                     "(only base64 data URLs, or file:// under --image-dir), a tool_choice that forces a call "
+                     "without tools, " + _HUGE_INTEGERS,
     "/v1/messages": "mcp_servers, context_management edits other than clear_thinking_*, container, diagnostics, "
-                    "server tools, image and document blocks, thinking blocks outside assistant turns, a "
+                    "server tools, document blocks, image blocks outside user turns or with a source other than "
+                    "base64, thinking blocks outside assistant turns, a "
                     "thinking.budget_tokens not less than max_tokens, thinking.display omitted, a last message "
-                    "from the assistant (prefill), a tool_choice that forces a call without tools",
+                    "from the assistant (prefill), a tool_choice that forces a call without tools, "
+                    + _HUGE_INTEGERS,
     "/v1/embeddings": "a chat model, dimensions other than the model's own for a model not trained for shortened "
                       "vectors (Matryoshka), an input longer than the model's context, token ids while the "
                       "server has no cl100k_base file in tiktoken's cache",
@@ -82,7 +90,8 @@ _REFUSED = {
 # The same, for the fuzzers and code generators that read the schemas: the request schemas are narrowed to what
 # the server accepts (the decoder stays wider, so that a refusal names its parameter instead of failing to
 # decode). Blocks of these types are refused wherever they appear:
-_REFUSED_TYPES = {"ImageUrlPart", "InputImage", "InputFile", "InputAudio", "ImageBlockParam", "DocumentBlockParam"}
+_REFUSED_TYPES = {"InputFile", "InputAudio", "DocumentBlockParam"}
+_DETAIL = {"enum": ["auto", "low", "high", None]}  # gateway/serving/images.py says what each does
 _NULL = {"type": "null"}
 _NONE = {"type": "array", "maxItems": 0}
 _DISPLAY = {"display": {"enum": ["summarized", None]}}
@@ -108,6 +117,9 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
         "store": {"enum": [False, None]},
     },
     "Tool": {"type": {"const": "function"}, "custom": None},
+    "ImageUrl": {"url": {"type": "string", "pattern": "^(data:image/[a-z]+;base64,|file:)"}, "detail": _DETAIL},
+    "InputImage": {"image_url": {"type": "string", "pattern": "^(data:image/[a-z]+;base64,|file:)"},
+                   "file_id": None, "detail": _DETAIL},
     "FunctionDefinition": {"name": {"type": "string", "minLength": 1}},
     "NamedToolChoice": {"type": {"const": "function"}, "custom": None, "allowed_tools": None},
     "CompletionRequest": {
@@ -117,7 +129,7 @@ _ACCEPTED: dict[str, dict[str, Any]] = {
     },
     "ResponseCreateRequest": {
         "background": {"enum": [False, None]}, "top_logprobs": {"enum": [0, None]},
-        "max_tool_calls": {"anyOf": [{"type": "integer", "minimum": 1}, _NULL]},
+        "max_tool_calls": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1_000_000}, _NULL]},
         "conversation": _NULL, "prompt": _NULL, "context_management": {"anyOf": [_NONE, _NULL]},
         "truncation": {"enum": ["disabled", None]},
         "include": {"anyOf": [{"type": "array", "items": {"type": "string",

@@ -99,6 +99,15 @@ class Settings:
                                         "lost on restart; 0 stores none"}
     )
     max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"help": "larger request bodies get 413"})
+    max_image_bytes: int = field(
+        default=5 * 1024 * 1024, metadata={"help": "the largest image a request may carry, bytes once decoded from "
+                                                   "base64 (max_body_bytes bounds the whole body too)"}
+    )
+    max_images: int = field(default=8, metadata={"help": "the most images one request may carry (0: none)"})
+    image_dir: Path | None = field(
+        default=None, metadata={"help": "file:// image URLs may name files under this folder (symlinks resolved); "
+                                        "unset: file:// images are refused (gateway/serving/images.py)"}
+    )
     header_timeout_s: float = field(default=10.0, metadata={"help": "a client must send its headers in time"})
     body_timeout_s: float = field(
         default=10.0, metadata={"help": "a client may pause this long while sending its body, else 408 (0: no limit)"}

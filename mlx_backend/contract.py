@@ -51,6 +51,17 @@ class ToolCall(msgspec.Struct, frozen=True):
     arguments: str  # JSON text of an object, as OpenAI sends it ("" is taken as {})
 
 
+class ImageInput(msgspec.Struct, frozen=True, omit_defaults=True):
+    """An image of a user message, as the client sent it (gateway/serving/images.py checked the kind and the size); the
+    engine decodes it (mlx_backend/engine/vision.py). `path`: a local file the gateway reads into `data` before the
+    command leaves it (never sent to the engine)."""
+
+    data: bytes
+    media_type: str  # image/png | image/jpeg | image/gif | image/webp
+    path: str | None = None
+    detail: str = "auto"  # "low": shrunk to fit 512x512 before the model's processor; "auto" | "high": as is
+
+
 class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     role: str  # system | user | assistant | tool
     content: str  # "" for an assistant message that only calls tools (OpenAI's content: null)
@@ -58,6 +69,7 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     tool_call_id: str | None = None  # role "tool": the call this message answers
     tool_calls: tuple[ToolCall, ...] = ()  # role "assistant": the calls it made
     reasoning: str | None = None  # role "assistant": its reasoning, for templates that render it (or drop it)
+    images: tuple[ImageInput, ...] = ()  # role "user": shown to a vision model before the message's text
 
 
 class ReasoningControl(msgspec.Struct, frozen=True, omit_defaults=True):

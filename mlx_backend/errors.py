@@ -20,6 +20,8 @@ class EngineErrorCode(enum.StrEnum):
     MEMORY_BUDGET_EXCEEDED = "memory_budget_exceeded"  # a request whose KV cache could never fit the budget
     MODEL_BUSY = "model_busy"  # an operator's unload of a model that is serving or loading
     REQUEST_TIMEOUT = "request_timeout"  # the request ran past the gateway's request timeout
+    INVALID_IMAGE = "invalid_image"  # an image that cannot be decoded or is too large once decoded
+    IMAGES_NOT_SUPPORTED = "images_not_supported"  # images sent to a model that takes text only
     INTERNAL = "internal_error"
 
 

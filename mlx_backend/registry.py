@@ -61,6 +61,7 @@ class ModelEntry:
     size_bytes: int  # sum of *.safetensors sizes
     fingerprint: Fingerprint  # changes when config, weights or tokenizer files change
     kind: Literal["chat", "embedding"] = "chat"  # embedding: served by /v1/embeddings only (embedding_spec.py)
+    vision: bool = False  # a vision-language model (`is_vision_config`): served through mlx-vlm when installed
 
 
 def default_hf_cache_dir() -> Path:
@@ -179,12 +180,22 @@ def context_length_of(config: dict[str, Any]) -> int | None:
 
 
 def read_context_length(folder: Path) -> int | None:
+    config = _read_config(folder)
+    return context_length_of(config) if config is not None else None
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
     try:
         with open(folder / "config.json", encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError, RecursionError):  # unreadable, not JSON, absurdly nested
         return None
-    return context_length_of(config) if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
+
+
+def is_vision_config(config: dict[str, Any]) -> bool:
+    """A vision-language checkpoint: its config has a vision tower (Qwen2/2.5/3-VL, Gemma 3, SmolVLM, Pixtral...)."""
+    return isinstance(config.get("vision_config"), dict)
 
 
 def make_entry(model_id: str, folder: Path, source: Source) -> ModelEntry:
@@ -193,15 +204,17 @@ def make_entry(model_id: str, folder: Path, source: Source) -> ModelEntry:
         created = int(folder.stat().st_mtime)
     except OSError:
         created = 0
+    config = _read_config(folder)
     return ModelEntry(
         id=model_id,
         path=folder,
         source=source,
         created=created,
-        context_length=read_context_length(folder),
+        context_length=context_length_of(config) if config is not None else None,
         size_bytes=sum(st.st_size for name, st in files if name.endswith(".safetensors")),
         fingerprint=tuple((name, st.st_size, st.st_mtime_ns) for name, st in files),
         kind="embedding" if is_embedding_model(folder) else "chat",
+        vision=config is not None and is_vision_config(config),
     )
 
 

@@ -19,7 +19,7 @@ if command -v apt-get >/dev/null 2>&1; then
   fi
 fi
 
-python3 -m pip install -q -e ".[test]"
+python3 -m pip install -q -e ".[test,vision]"  # vision: mlx-vlm, for the image tests (tests/integration/test_vision.py)
 
 # The coding agents tests/integration/test_agent_clis.py drives (Codex CLI, Claude Code, opencode), at the
 # exact versions pinned in tests/agent_clis/package.json (each pins its platform binaries exactly), into that

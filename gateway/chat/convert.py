@@ -22,8 +22,10 @@ from gateway.chat.wire import (
     TextPart,
     Tool,
     ToolMessage,
+    UserMessage,
 )
 from gateway.errors import invalid, unsupported
+from gateway.serving import images
 from gateway.serving.convert import (
     FunctionTool,
     ToolChoice,
@@ -108,17 +110,12 @@ def constraint_of(response_format: ResponseFormat | None) -> Constraint | None:
     return None
 
 
-def text_of(content: str | list[TextPart] | list[TextPart | ImageUrlPart] | None, param: str) -> str:
+def text_of(content: str | list[TextPart] | None, param: str) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    parts: list[str] = []
-    for j, part in enumerate(content):
-        if isinstance(part, ImageUrlPart):
-            raise unsupported(f"{param}[{j}]", "image input is not available; send text parts")
-        parts.append(part.text)
-    return "".join(parts)
+    return "".join(part.text for part in content)
 
 
 # -- chat completions -----------------------------------------------------------------------------------
@@ -136,8 +133,14 @@ def _to_engine_message(message: Message, index: int) -> ChatMessage:
         reasoning = message.reasoning_content or message.reasoning or None
         return ChatMessage(role="assistant", content=text_of(message.content, param), name=name, tool_calls=calls,
                            reasoning=reasoning if isinstance(reasoning, str) else None)
-    role = "system" if type(message).__name__ == "SystemMessage" else "user"
-    return ChatMessage(role=role, content=text_of(message.content, param), name=name)
+    if isinstance(message, UserMessage):
+        if isinstance(message.content, str):
+            return ChatMessage(role="user", content=message.content, name=name)
+        texts = [p for p in message.content if isinstance(p, TextPart)]
+        shown = tuple(images.from_url(p.image_url.url, f"{param}[{j}].image_url", p.image_url.detail)
+                      for j, p in enumerate(message.content) if isinstance(p, ImageUrlPart))
+        return ChatMessage(role="user", content=text_of(texts, param), name=name, images=shown)
+    return ChatMessage(role="system", content=text_of(message.content, param), name=name)
 
 
 def _logprobs(logprobs: bool | None, top_logprobs: int | None) -> int | None:

@@ -32,10 +32,15 @@ class TextPart(Struct, tag="text", tag_field="type", forbid_unknown_fields=True)
     text: str
 
 
-class ImageUrlPart(Struct, tag="image_url", tag_field="type"):
-    """Accepted by the decoder only so the error can say that images are not supported."""
+class ImageUrl(Struct, forbid_unknown_fields=True):
+    url: str  # a base64 data URL, or file:// under --image-dir; never fetched (gateway/serving/images.py)
+    detail: str | None = None  # auto | low | high
 
-    image_url: dict[str, Any]
+
+class ImageUrlPart(Struct, tag="image_url", tag_field="type", forbid_unknown_fields=True):
+    """An image for a vision model (user messages only)."""
+
+    image_url: ImageUrl
 
 
 class SystemMessage(Struct, tag="system", tag_field="role", forbid_unknown_fields=True):

@@ -55,7 +55,7 @@ from gateway.messages.wire import (
     ToolUseBlockParam,
 )
 from gateway.messages.wire import ToolChoice as AnthropicToolChoice
-from gateway.serving import sse
+from gateway.serving import images, sse
 from gateway.serving.convert import (
     FunctionTool,
     ToolChoice,
@@ -68,7 +68,7 @@ from gateway.serving.convert import (
 )
 from gateway.serving.reasoning import ANTHROPIC_EFFORTS, anthropic_control, effort_control
 from gateway.serving.reply import Block, CallBlock, Closed, Grew, Opened, ReasoningBlock, Reply, Step
-from mlx_backend.contract import ChatMessage, Finished, Generate, ToolCall
+from mlx_backend.contract import ChatMessage, Finished, Generate, ImageInput, ToolCall
 
 log = logging.getLogger("mlx_gateway")
 
@@ -152,10 +152,13 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
     texts: list[str] = []
     calls: list[ToolCall] = []
     thoughts: list[str] = []
+    shown: list[ImageInput] = []
     for j, block in enumerate(message.content):
         where = f"{param}.content[{j}]"
         if isinstance(block, TextBlockParam):
             texts.append(block.text)
+        elif isinstance(block, ImageBlockParam) and message.role == "user":
+            shown.append(images.from_anthropic_source(block.source, f"{where}.source"))
         elif isinstance(block, ThinkingBlockParam | RedactedThinkingBlockParam):
             if message.role != "assistant":
                 raise invalid(where, "thinking blocks belong in assistant messages.")
@@ -168,22 +171,22 @@ def _turn(message: MessageParam, param: str) -> list[ChatMessage]:
         elif isinstance(block, ToolResultBlockParam):
             if message.role != "user":
                 raise invalid(where, "tool_result blocks belong in user messages.")
-            if texts:  # text before a result stays before it
-                out.append(ChatMessage("user", "".join(texts)))
-                texts = []
+            if texts or shown:  # text before a result stays before it
+                out.append(ChatMessage("user", "".join(texts), images=tuple(shown)))
+                texts, shown = [], []
             out.append(ChatMessage("tool", _result_text(block, where), tool_call_id=block.tool_use_id))
         else:
             raise unsupported(where, _UNSUPPORTED_BLOCKS[type(block)])
     if message.role == "assistant":
         out.append(ChatMessage("assistant", "".join(texts), tool_calls=tuple(calls),
                                reasoning="\n\n".join(thoughts) or None))
-    elif texts:
-        out.append(ChatMessage("user", "".join(texts)))
+    elif texts or shown:
+        out.append(ChatMessage("user", "".join(texts), images=tuple(shown)))
     return out
 
 
 _UNSUPPORTED_BLOCKS: dict[type, str] = {
-    ImageBlockParam: "image input is not available; send text",
+    ImageBlockParam: "images are taken in user messages only",
     DocumentBlockParam: "document input is not available; send text",
 }
 
@@ -209,7 +212,7 @@ def _append(out: list[ChatMessage], message: ChatMessage) -> None:
         content = "\n\n".join(t for t in (last.content, message.content) if t)
         reasoning = "\n\n".join(t for t in (last.reasoning, message.reasoning) if t) or None
         out[-1] = ChatMessage(last.role, content, tool_calls=last.tool_calls + message.tool_calls,
-                              reasoning=reasoning)
+                              reasoning=reasoning, images=last.images + message.images)
     else:
         out.append(message)
 

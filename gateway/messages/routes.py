@@ -18,6 +18,7 @@ from gateway.messages import convert
 from gateway.messages.adapter import MessageAdapter
 from gateway.messages.wire import CountTokensRequest, CountTokensResponse, Message, MessageCreateRequest
 from gateway.runtime import GatewayRuntime
+from gateway.serving import images
 from gateway.serving.convert import in_api_terms
 from gateway.serving.generation import exchange_id, serve
 
@@ -60,6 +61,8 @@ async def count_message_tokens(request: Request[Any, Any, Any], data: CountToken
     runtime: GatewayRuntime = request.app.state.runtime
     runtime.catalog.resolve(data.model)
     command = convert.to_generate(data, exchange_id(request))
+    settings = runtime.settings
+    command = images.resolve(command, settings.max_images, settings.max_image_bytes, settings.image_dir)
     try:
         return CountTokensResponse(await runtime.admission.count_prompt(command))
     except GatewayError as exc:

@@ -26,10 +26,11 @@ class TextBlockParam(Struct, tag="text", tag_field="type", forbid_unknown_fields
     citations: list[dict[str, Any]] | None = None  # citations an earlier reply carried: not shown to the model
 
 
-class ImageBlockParam(Struct, tag="image", tag_field="type"):
-    """Accepted by the decoder only so the error can say that images are not supported."""
+class ImageBlockParam(Struct, tag="image", tag_field="type", forbid_unknown_fields=True):
+    """An image for a vision model (user messages): `source` base64 (gateway/serving/images.py; a url is refused)."""
 
     source: dict[str, Any]
+    cache_control: dict[str, Any] | None = None  # accepted: the prefix cache is automatic
 
 
 class DocumentBlockParam(Struct, tag="document", tag_field="type"):

@@ -60,7 +60,7 @@ from gateway.responses.wire import (
     ResponseUsage,
     StreamEvent,
 )
-from gateway.serving import sse
+from gateway.serving import images, sse
 from gateway.serving.convert import (
     FunctionTool,
     ToolChoice,
@@ -73,7 +73,7 @@ from gateway.serving.convert import (
 )
 from gateway.serving.reasoning import SUMMARIES, effort_control
 from gateway.serving.reply import Block, CallBlock, Grew, Opened, ReasoningBlock, Reply, Step, TextBlock
-from mlx_backend.contract import ChatMessage, Constraint, Finished, Generate, ToolCall
+from mlx_backend.contract import ChatMessage, Constraint, Finished, Generate, ImageInput, ToolCall
 
 _NOT_INPUT = {
     "item_reference": "item references are not supported: send the items themselves, or previous_response_id",
@@ -128,12 +128,14 @@ def input_messages(value: str | list[dict[str, Any]]) -> tuple[ChatMessage, ...]
         kind = raw.get("type", "message")
         if kind == "message":
             item = decode(raw, MessageItem, param)
-            text = _text(item.content, f"{param}.content")
+            shown = _images(item.content, f"{param}.content") if item.role == "user" else ()
+            text = _text(item.content, f"{param}.content", images_shown=bool(shown))
             if item.role == "assistant":
                 turn.add_text(text, messages)
             else:
                 turn.flush(messages)
-                messages.append(ChatMessage("system" if item.role in ("system", "developer") else "user", text))
+                role = "system" if item.role in ("system", "developer") else "user"
+                messages.append(ChatMessage(role, text, images=shown))
         elif kind == "function_call":
             call = decode(raw, FunctionCallItem, param)
             turn.calls.append(ToolCall(call.call_id, call.name, call.arguments))
@@ -186,14 +188,35 @@ def _reasoning_text(item: ReasoningItemParam) -> str:
     return "\n\n".join(part.text for part in item.summary)
 
 
-def _text(content: str | list[ContentPart], param: str) -> str:
+def _images(content: str | list[ContentPart], param: str) -> tuple[ImageInput, ...]:
+    """A user message's images (gateway/serving/images.py decides what is taken)."""
+    if isinstance(content, str):
+        return ()
+    found = []
+    for j, part in enumerate(content):
+        if not isinstance(part, InputImage):
+            continue
+        if part.file_id is not None:
+            raise images.refused(f"{param}[{j}].file_id", "The Files API is not available: send the image as a "
+                                                           "base64 data URL in image_url.")
+        if part.image_url is None:
+            raise images.refused(f"{param}[{j}].image_url", "An input_image needs image_url (a base64 data URL).")
+        found.append(images.from_url(part.image_url, f"{param}[{j}].image_url", part.detail))
+    return tuple(found)
+
+
+def _text(content: str | list[ContentPart], param: str, images_shown: bool = False) -> str:
     if isinstance(content, str):
         return content
     parts: list[str] = []
     for j, part in enumerate(content):
         if isinstance(part, InputText | OutputTextParam):
             parts.append(part.text)
-        elif isinstance(part, InputImage | InputFile | InputAudio):
+        elif isinstance(part, InputImage) and images_shown:
+            continue  # taken by _images
+        elif isinstance(part, InputImage):
+            raise unsupported(f"{param}[{j}]", "images are taken in user messages only")
+        elif isinstance(part, InputFile | InputAudio):
             kind = {InputImage: "image", InputFile: "file", InputAudio: "audio"}[type(part)]
             raise unsupported(f"{param}[{j}]", f"{kind} input is not available; send text")
         else:

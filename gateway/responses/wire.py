@@ -16,6 +16,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(ge=0.0, le=1.0)]
 MaxTokens = Annotated[int, Meta(ge=1, le=1_000_000)]
+ToolCallLimit = Annotated[int, Meta(le=1_000_000)]  # bounded: the engine's IPC carries 64-bit integers
 
 # ---------------------------------------------------------------------------------------------------
 # Input items (decoded one by one in gateway/responses/convert.py)
@@ -37,8 +38,13 @@ class RefusalParam(Struct, tag="refusal", tag_field="type", forbid_unknown_field
     refusal: str
 
 
-class InputImage(Struct, tag="input_image", tag_field="type"):
-    """Accepted by the decoder only so the error can say that images are not supported."""
+class InputImage(Struct, tag="input_image", tag_field="type", forbid_unknown_fields=True):
+    """An image for a vision model (user messages only): a base64 data URL, or file:// under --image-dir
+    (gateway/serving/images.py); `file_id` (the Files API) is refused."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+    detail: str | None = None  # auto | low | high
 
 
 class InputFile(Struct, tag="input_file", tag_field="type"):
@@ -187,7 +193,7 @@ class ResponseCreateRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     background: bool | None = None
     reasoning: Reasoning | None = None
     top_logprobs: int | None = None
-    max_tool_calls: int | None = None
+    max_tool_calls: ToolCallLimit | None = None
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     context_management: list[dict[str, Any]] | None = None

@@ -62,6 +62,8 @@ def tool_fields(tools: Sequence[FunctionTool], choice: ToolChoice, parallel: boo
             raise invalid(f"{tool.param}.name", "A tool's name must not be empty.")
         if tool.name in names:
             raise invalid(f"{tool.param}.name", f"The tool name {tool.name!r} is used by another tool too.")
+        if not _travels(tool.parameters):
+            raise invalid(f"{tool.param}.parameters", "The tool's parameters hold an integer beyond 64 bits.")
         names.add(tool.name)
     if choice.mode in ("required", "function") and not tools:
         raise invalid(choice.param, "A tool choice that forces a call needs tools.")
@@ -73,6 +75,15 @@ def tool_fields(tools: Sequence[FunctionTool], choice: ToolChoice, parallel: boo
         tool_choice_name=choice.name if choice.mode == "function" else None,
         parallel_tool_calls=parallel,
     )
+
+
+def _travels(value: object) -> bool:
+    """Whether the engine's IPC (msgpack: 64-bit integers) can carry it; JSON allows integers of any size."""
+    try:
+        msgspec.msgpack.encode(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def check_constraint_with_tools(tools: Sequence[FunctionTool], choice: ToolChoice, param: str) -> None:

@@ -29,7 +29,7 @@ from litestar.response import Stream
 from gateway import test_script
 from gateway.errors import GatewayError, internal
 from gateway.runtime import GatewayRuntime
-from gateway.serving import sse
+from gateway.serving import images, sse
 from gateway.serving.convert import in_api_terms
 from gateway.serving.exchange import Exchange
 from gateway.serving.reply import Reply, Step
@@ -59,6 +59,8 @@ async def start(runtime: GatewayRuntime, request: Request[Any, Any, Any], comman
     """Admit the request and wait until it runs: every failure up to here is a plain HTTP error."""
     if runtime.settings.test_faults and runtime.settings.test_script is not None:
         command = test_script.scripted(command, runtime.settings.test_script)
+    settings = runtime.settings
+    command = images.resolve(command, settings.max_images, settings.max_image_bytes, settings.image_dir)
     exchange = runtime.admission.admit(command, time.monotonic())
     exchange.watch_disconnect(request.receive)  # a client leaving while queued or loading is noticed too
     try:

@@ -17,11 +17,12 @@ generator first.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -40,9 +41,10 @@ from mlx_backend.contract import (
     ModelEvent,
     Started,
 )
-from mlx_backend.engine import faults
+from mlx_backend.engine import faults, vision
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
+from mlx_backend.engine.masks import plan_rows
 from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.engine.residency.events import ResidencyEvents
@@ -100,6 +102,13 @@ class Batcher:
             self._emit(Failed(rid, EngineErrorCode.INVALID_REQUEST.value, f"n must be between 1 and "
                               f"{self.config.max_running} (the batch size) on this server.", "n"))
             return
+        if vision.has_images(command):  # a model that will not see them says so before it is loaded
+            try:
+                vision.refuse_images(command, self.residency.models.registry.resolve(command.model))
+            except EngineError as exc:  # an unknown model is left to the cache, which says so as for any request
+                if exc.code is EngineErrorCode.IMAGES_NOT_SUPPORTED:
+                    self._emit(Failed(rid, exc.code.value, exc.message, exc.param))
+                    return
         self._waiting.add(command, self._steps)
 
     def abort(self, request_id: str) -> None:
@@ -249,6 +258,9 @@ class Batcher:
                         self._emit(Loading(command.request_id, command.model))
                     continue
                 self._heartbeat_if_changed()  # a reload or an eviction just happened: the gateway hears first
+                serving = self._states.get(cached.id)
+                if vision.takes_images(cached) and serving is not None and serving.rows:
+                    continue  # a vision model serves one request at a time (engine/vision.py): its turn comes
                 if not self._start(command, cached, gathering):
                     break
             except EngineError as exc:
@@ -270,8 +282,7 @@ class Batcher:
         """Start a request on its loaded model; False while it stays waiting, for company (`_gathering`) or
         for its KV cache to fit. It is planned first, so a request that cannot run is refused at once."""
         state = self._state_for(cached)
-        plan = self._waiting.plan_of(command.request_id) or plan_request(command, cached, state.token_text,
-                                                                             self.config.allow_fault_injection)
+        plan = self._waiting.plan_of(command.request_id) or self._plan(command, cached, state)
         rows = len(plan.choices)
         if gathering or not self.residency.reserve_kv(
             command.request_id, cached.id, len(plan.tokens) + plan.max_tokens, self.busy_models(), rows
@@ -287,8 +298,26 @@ class Batcher:
             raise
         return True
 
+    def _plan(self, command: Generate, cached: CachedModel, state: ModelState) -> RequestPlan:
+        if not vision.takes_images(cached):
+            vision.refuse_images(command, cached.entry, sees=False)  # e.g. loaded as text by an engine group
+            return plan_request(command, cached, state.token_text, self.config.allow_fault_injection)
+        tokens, pixels = vision.prompt_of(command, cached)  # the images' tokens in: counted in context and KV
+        plan = plan_request(command, cached, state.token_text, self.config.allow_fault_injection, prompt=tokens)
+        plan.pixels = pixels
+        return plan
+
     def _begin(self, command: Generate, cached: CachedModel, state: ModelState, plan: RequestPlan) -> None:
         tokens = plan.tokens
+        if plan.pixels is not None:  # a vision model: its own solo path, never the batch or the prefix cache
+            request = Request(command, len(tokens), 0)
+            row = Row(request, plan.choices[0], plan.max_tokens)
+            row.solo = vision.new_generation(cached, tokens, plan.pixels, plan.max_tokens, plan.choices[0])
+            request.rows = [row]
+            state.rows[row.uid] = row
+            self._where[command.request_id] = (state, request)
+            self._emit(Started(command.request_id, len(tokens), 0))
+            return
         shared_now = self._prefill_shared_prefix(command, cached, state, tokens)
         prompt_cache, rest = self._prefix.fetch(cached.id, tokens)
         cached_tokens = len(tokens) - len(rest)
@@ -427,10 +456,10 @@ class Batcher:
             self._step_solo(state, solo)
             return
         try:
-            _begin_constrained_step(state.generator)
             state.generator.prefill_step_size = state.pacer.size
             began = time.monotonic()
-            prompt_responses, responses = state.generator.next()
+            with constrained_step(state.generator):
+                prompt_responses, responses = state.generator.next()
             state.pacer.observe(_prefilled(state, prompt_responses), time.monotonic() - began)
             timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)
         except Exception as exc:
@@ -513,6 +542,8 @@ class Batcher:
         self._end_row(state, row, ended, still_generating=response.finish_reason is None)
 
     def _keep_prefix(self, state: ModelState, row: Row, response: Token | Any) -> None:
+        if vision.takes_images(state.cached):
+            return  # an image's tokens do not say which image: nothing of a vision model's is reused
         if response.finish_reason is not None:  # the generator handed over its cache
             self._prefix.save(state.cached.id, response.prompt_cache, response.all_tokens)
         elif row.solo is not None:
@@ -561,19 +592,22 @@ class Batcher:
         self.residency.request_done(request.rid, state.cached.id)
 
 
-def _begin_constrained_step(generator: Any) -> None:
-    """Hand each constrained row the token this step feeds it, so their masks are computed together and
-    alongside the forward pass (ConstraintProcessor.begin_step). Reads two attributes of mlx-lm 0.32.2's
-    GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_batcher.py fails if they move): the rows'
-    processors, and the tokens sampled last step that this step feeds."""
+@contextlib.contextmanager
+def constrained_step(generator: Any) -> Iterator[None]:
+    """Plan the coming step for the constrained rows of the batch: their masks are then computed together,
+    while the forward pass runs, and applied on the device (mlx_backend/engine/masks.py). Reads two attributes of
+    mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_batcher.py fails if they move): the
+    rows' processors, and the tokens sampled last step that this step feeds (still lazy: nothing waits)."""
     batch = generator._generation_batch
     rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
             if isinstance(p, ConstraintProcessor) and p.started]
-    if not rows:
-        return
-    tokens = batch._next_tokens.tolist()
-    for row, processor in rows:
-        processor.begin_step(tokens[row])
+    if rows:
+        plan_rows(rows, batch._next_tokens)
+    try:
+        yield
+    finally:
+        for _, processor in rows:
+            processor.plan(None)  # a step that failed before asking leaves no plan behind
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

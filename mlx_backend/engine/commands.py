@@ -20,7 +20,7 @@ from mlx_backend.contract import (
     PromptCount,
     Shutdown,
 )
-from mlx_backend.errors import EngineErrorCode
+from mlx_backend.errors import EngineError, EngineErrorCode
 
 if TYPE_CHECKING:
     from mlx_backend.engine.batcher import Batcher
@@ -96,6 +96,7 @@ def count_prompt(batcher: Batcher, command: Generate, send: Callable[[Event], No
 
 
 def _counted(command: Generate, outcome: LoadOutcome) -> PromptCount | Failed:
+    from mlx_backend.engine import vision
     from mlx_backend.engine.tools import prompt_tokens
 
     rid = command.request_id
@@ -103,7 +104,13 @@ def _counted(command: Generate, outcome: LoadOutcome) -> PromptCount | Failed:
         return Failed(rid, outcome.error.code.value, outcome.error.message, outcome.error.param)
     assert outcome.model is not None
     try:
-        return PromptCount(rid, len(prompt_tokens(command, outcome.model.artifacts.tokenizer)))
+        cached = outcome.model
+        vision.refuse_images(command, cached.entry, sees=vision.takes_images(cached))
+        if vision.takes_images(cached):  # its images' tokens counted too
+            return PromptCount(rid, len(vision.prompt_of(command, cached)[0]))
+        return PromptCount(rid, len(prompt_tokens(command, cached.artifacts.tokenizer)))
+    except EngineError as exc:
+        return Failed(rid, exc.code.value, exc.message, exc.param)
     except Exception as exc:
         log.exception("counting the prompt of %s failed", rid)
         return Failed(rid, EngineErrorCode.INTERNAL.value, f"Counting the prompt failed: {type(exc).__name__}")

@@ -11,10 +11,10 @@ is the token just sampled, still lazy) and the logits (1, width) of the next. Th
 and consumes nothing; each later call consumes the last token. The processor object must move with its
 request (solo -> batch hand-off keeps the same list), which is what makes counting calls correct.
 
-Speed: a call reads the sampled token, starts the forward pass (`mx.async_eval(logits)`: it does not depend
-on the mask) and computes the mask on the CPU meanwhile. That overlaps fully for a solo request and for the
-first constrained row of a batch; a later row's token context is queued behind that forward pass, so its
-mask is computed after it (docs/benchmarks.md, "Constrained decoding", has the figures).
+Speed: the masks of a step are computed while its forward pass runs, every constrained row's in one call,
+and applied on the device (`mlx_backend/engine/masks.py`, which also says when a matcher advances). The batcher
+plans each batch step for all its constrained rows (`plan`); a call that was not planned is a step of its
+own row.
 
 The closing reserve: given the request's max_tokens, the processor closes what is open before the budget
 runs out. In the last RESERVE_WINDOW tokens it asks `mlx_backend/engine/closing.py` how many tokens closing the
@@ -31,12 +31,9 @@ Grammar semantics (what JSON is allowed, strict vs non-strict) live in `mlx_back
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance
@@ -47,6 +44,7 @@ from llguidance import LLMatcher, LLTokenizer
 
 from mlx_backend.contract import Constraint
 from mlx_backend.engine.closing import Closer, special_tokens
+from mlx_backend.engine.masks import MaskStep
 from mlx_backend.grammar import ConstraintError, describe_error, grammar_for
 
 __all__ = ["ConstraintError", "ConstraintFailed", "ConstraintProcessor", "GrammarCompiler", "compiler_for"]
@@ -81,7 +79,11 @@ class GrammarCompiler:
             raise ConstraintError(f"Structured output is not available for this model's tokenizer: {exc}") from None
         self.words = (self.tokenizer.vocab_size + 31) // 32  # the bitmask's 32-bit words
         self._lock = threading.Lock()  # guards the caches below
-        self._eos_only: dict[int, mx.array] = {}  # logits width -> the mask that allows only EOS
+        eos = np.zeros((self.words,), dtype=np.uint32)
+        for token in self.eos_token_ids:
+            eos[token // 32] |= np.uint32(1 << (token % 32))
+        self.eos_words = eos.view(np.int32)  # the bitmask that allows only EOS
+        self._bitmask = np.zeros((8, self.words), dtype=np.int32)  # a step's masks: (rows, words), reused
         # grammar -> a matcher that has consumed nothing: a request gets a copy (microseconds), where
         # compiling a bounded schema takes milliseconds and agents send the same schema every time
         self._matchers: dict[str, LLMatcher] = {}
@@ -104,14 +106,12 @@ class GrammarCompiler:
                 del self._matchers[next(iter(self._matchers))]
         return ConstraintProcessor(pristine.deep_copy(), self, max_tokens)
 
-    def eos_only(self, width: int) -> mx.array:
-        with self._lock:
-            mask = self._eos_only.get(width)
-            if mask is None:
-                allowed = np.zeros(width, dtype=np.bool_)
-                allowed[[t for t in self.eos_token_ids if t < width]] = True
-                mask = self._eos_only[width] = mx.array(allowed)
-            return mask
+    def bitmask(self, rows: int) -> np.ndarray:
+        """Room for `rows` masks (MLX thread: one step at a time; a step's masks go to the device before the
+        next step asks)."""
+        if len(self._bitmask) < rows:
+            self._bitmask = np.zeros((max(rows, 2 * len(self._bitmask)), self.words), dtype=np.int32)
+        return self._bitmask[:rows]
 
 
 _compilers: weakref.WeakKeyDictionary[Any, GrammarCompiler] = weakref.WeakKeyDictionary()
@@ -139,15 +139,14 @@ class ConstraintProcessor:
 
     def __init__(self, matcher: LLMatcher, compiler: GrammarCompiler, max_tokens: int | None = None) -> None:
         self._matcher = matcher
-        self._compiler = compiler
+        self.compiler = compiler
         self._max_tokens = max_tokens
         self._guided = False  # closing is near: each token is chosen so that the output can still close
         self.closed_by_reserve = False  # the reserve overruled the model: the request ends for "length"
         self._plan_after = 0  # tokens consumed before the reserve plans again
-        self._bitmask = np.zeros((compiler.words,), dtype=np.int32)
         self._started = False
         self._error: str | None = None
-        self._next_mask: Future[None] | None = None  # begun by `begin_step`, computing on a worker thread
+        self._step: MaskStep | None = None  # the batch step the batcher planned for this row's next call
         self.tokens = 0  # tokens consumed (the generated ones)
 
     @property
@@ -155,38 +154,49 @@ class ConstraintProcessor:
         """Whether it has been called once: from then on each step feeds it the token sampled before."""
         return self._started
 
-    def begin_step(self, token: int) -> None:
-        """The batch path: the batcher knows the token this step feeds before the step runs. Consume it and
-        compute the next mask on a worker thread (llguidance drops the GIL), so the masks of every
-        constrained row are computed at once, and while the forward pass runs: the call below only waits."""
-        self._consume(token)
-        self._next_mask = _workers().submit(self._compute_mask)
+    def plan(self, step: MaskStep | None) -> None:
+        """The batch path: this row's next call is part of `step`, which computes every row's mask at once
+        (None: forget a plan the step did not use)."""
+        self._step = step
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
-        width = logits.shape[-1]
-        begun = self._next_mask
-        if begun is not None:
-            self._next_mask = None
-            _async_eval(logits)  # the forward pass runs while the worker finishes the mask
-            begun.result()
-            return self._apply(logits, width)
-        if self._started:
-            # The token sampled in the previous step; waiting for it waits for nothing else yet.
-            token = tokens[-1].item()
-            assert isinstance(token, int)
+        step, self._step = self._step, None
+        if step is None:  # not planned: a step of this row alone
+            fed = None
+            if self._started:
+                fed = tokens[-1:]  # the token sampled in the previous step, which this step feeds
+                _async_eval(fed)  # queued before the forward pass: reading it does not wait for that
+            step = MaskStep([self], fed, [0])
+        return step.masked(self, logits)
+
+    # The step's parts, in order (mlx_backend/engine/masks.py): prepare, then check the mask, then finish.
+
+    def prepare(self, token: int | None) -> LLMatcher | None:
+        """Consume the token this step feeds (None: the first step, which feeds the prompt) and see whether
+        closing is near. The matcher whose mask the step needs; None once failed (only EOS is allowed)."""
+        if self._started and token is not None:
             self._consume(token)
         self._started = True
-        # Start the forward pass now (the mask does not depend on it) and compute the mask meanwhile.
-        _async_eval(logits)
-        self._compute_mask()
-        return self._apply(logits, width)
+        left = None if self._max_tokens is None else self._max_tokens - self.tokens
+        if self._error is None and left is not None and left <= RESERVE_WINDOW and not self._guided:
+            self._guided = self._closing_is_near(left)
+        return None if self._error is not None else self._matcher
 
-    def _apply(self, logits: mx.array, width: int) -> mx.array:
-        masked = mx.where(self._mask_array(width), logits, -mx.inf)
+    def check(self, words: np.ndarray) -> bool:
+        """Whether the mask the matcher wrote (`words`) is one to apply; False once failed (EOS only)."""
+        if self._error is None:
+            if self._matcher.is_error():
+                self._fail(_first_line(self._matcher.get_error()))
+            elif not words.any():
+                self._fail("no token can continue the output")
+        return self._error is None
+
+    def finish(self, masked: mx.array, logits: mx.array) -> mx.array:
+        """The logits to sample from: `masked`, or once closing is near, the one token chosen to close."""
         if not self._guided or self._error is not None:
             return masked
         token = self._guide(masked)
-        return mx.where(mx.arange(width) == token, logits, -mx.inf)
+        return mx.where(mx.arange(logits.shape[-1]) == token, logits, -mx.inf)
 
     # Both describe the tokens fed back so far: a token is consumed when it is fed to the model, one step
     # after it was handed out; the EOS that follows a complete output is what ends the request.
@@ -214,23 +224,11 @@ class ConstraintProcessor:
         if not self._matcher.consume_token(token):
             self._fail(_first_line(self._matcher.get_error()) or f"token {token} was not allowed")
 
-    def _compute_mask(self) -> None:
-        """The tokens allowed next, into the bitmask (any thread: it touches only this request's state)."""
-        left = None if self._max_tokens is None else self._max_tokens - self.tokens
-        if self._error is None and left is not None and left <= RESERVE_WINDOW and not self._guided:
-            self._guided = self._closing_is_near(left)
-        if self._error is None:
-            self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
-            if self._matcher.is_error():
-                self._fail(_first_line(self._matcher.get_error()))
-            elif not self._bitmask.any():
-                self._fail("no token can continue the output")
-
     def _closing_is_near(self, left: int) -> bool:
         """Whether the budget left is down to what closing the output takes, plus the margin."""
         if self.tokens < self._plan_after or self._matcher.is_accepting():
             return False
-        plan = self._compiler.closer.closing(self._matcher, RESERVE_WINDOW)
+        plan = self.compiler.closer.closing(self._matcher, RESERVE_WINDOW)
         if plan is None:  # more than the window takes to close (a long minLength): guiding would not help
             self._plan_after = self.tokens + 8
             return False
@@ -253,8 +251,8 @@ class ConstraintProcessor:
         values: list[float] = masked[0][top].tolist()  # type: ignore[assignment]
         tokens: list[int] = top.tolist()  # type: ignore[assignment]
         ranked = [t for v, t in sorted(zip(values, tokens, strict=True), reverse=True) if v != -float("inf")]
-        eos = set(self._compiler.eos_token_ids)
-        closer = self._compiler.closer
+        eos = set(self.compiler.eos_token_ids)
+        closer = self.compiler.closer
         choice = None
         for token in ranked:
             if token in eos or closer.closes_after(self._matcher, token, left - 1):
@@ -262,25 +260,13 @@ class ConstraintProcessor:
                 break
         if choice is None:
             plan = closer.plan(self._matcher, left)
-            choice = plan[0] if plan else self._compiler.eos_token_ids[0]
+            choice = plan[0] if plan else self.compiler.eos_token_ids[0]
         if not ranked or choice != ranked[0]:
             self.closed_by_reserve = True  # the model's own choice was overruled: the budget cut it
         return choice
 
-    def _mask_array(self, width: int) -> mx.array:
-        """The bitmask as a bool array of the logits' width (MLX thread)."""
-        if self._error is not None:
-            return self._compiler.eos_only(width)
-        # Bit i of the little-endian words is token i; `count` pads with zeros (disallowed) or cuts to width.
-        return mx.array(np.unpackbits(self._bitmask.view(np.uint8), count=width, bitorder="little").view(np.bool_))
-
     def _fail(self, message: str) -> None:
         self._error = message
-
-
-@functools.cache
-def _workers() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="grammar-mask")
 
 
 def _first_line(message: str) -> str:

@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+import functools
 import importlib.util
 import json
 import logging
@@ -60,6 +61,7 @@ class LoadedArtifacts:
     size_bytes: int  # tensor bytes held in memory: the safetensors headers' sizes, float16 doubled on the CPU
     context_length: int | None
     float16_upcast: bool = False  # float16 parameters are held and computed in float32 (`upcast_float16`)
+    processor: Any = None  # a vision model's image processor (mlx-vlm's; mlx_backend/engine/vision.py); None: text only
 
 
 def load_failure(
@@ -124,6 +126,21 @@ def _read_config(entry: ModelEntry) -> dict[str, Any]:
     return config
 
 
+@functools.cache
+def vision_available() -> bool:
+    """Whether mlx-vlm (the optional extra) is installed, found without importing it."""
+    return importlib.util.find_spec("mlx_vlm") is not None
+
+
+def _check_vision_architecture(entry: ModelEntry, model_type: str) -> None:
+    """A vision model is served by mlx-vlm (mlx_backend/engine/vision.py): it must have code for this model_type."""
+    spec = importlib.util.find_spec("mlx_vlm")
+    roots = list(spec.submodule_search_locations or ()) if spec is not None else []
+    if not roots or not model_type.isidentifier() or not (Path(roots[0]) / "models" / model_type).is_dir():
+        raise load_failure(entry, f"model_type '{model_type[:80]}' is not supported by this mlx-vlm.",
+                    EngineErrorCode.MODEL_UNSUPPORTED)
+
+
 def _check_architecture(entry: ModelEntry, config: dict[str, Any]) -> None:
     unsupported = EngineErrorCode.MODEL_UNSUPPORTED
     model_type = config.get("model_type")
@@ -137,6 +154,9 @@ def _check_architecture(entry: ModelEntry, config: dict[str, Any]) -> None:
 
         if (reason := supported(spec)) is not None:
             raise load_failure(entry, reason, unsupported)
+        return
+    if entry.vision and vision_available():
+        _check_vision_architecture(entry, model_type)
         return
     # The same remapping mlx-lm applies, so aliases such as "mistral" -> "llama" pass.
     architectures = config.get("architectures") or ()

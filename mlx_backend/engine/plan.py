@@ -44,15 +44,18 @@ class RequestPlan:
     tokens: list[int]
     max_tokens: int
     choices: list[ChoicePlan]
+    pixels: Any = None  # a vision model's processed images and their model inputs (mlx_backend/engine/vision.py)
 
 
 def plan_request(
-    command: Generate, cached: CachedModel, token_text: TokenText, allow_faults: bool = False
+    command: Generate, cached: CachedModel, token_text: TokenText, allow_faults: bool = False,
+    prompt: list[int] | None = None,
 ) -> RequestPlan:
+    """`prompt`: the prompt's tokens when the caller made them (a vision model's, its images' tokens in)."""
     tokenizer: Any = cached.artifacts.tokenizer
     param = "messages" if command.messages is not None else "prompt"
     tools = ToolRequest.from_command(command, tokenizer)
-    tokens = encode_prompt(command, tokenizer, tools)
+    tokens = prompt if prompt is not None else encode_prompt(command, tokenizer, tools)
     context = cached.artifacts.context_length
     if context is not None and len(tokens) >= context:
         raise EngineError(

@@ -14,6 +14,7 @@ from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.plan import ChoicePlan
 from mlx_backend.engine.residency.models import CachedModel
 from mlx_backend.engine.solo import SoloGeneration
+from mlx_backend.engine.vision import VisionGeneration
 
 SOLO_UID = -1  # BatchGenerator's uids start at 0: a request running solo is keyed by this until it joins
 
@@ -42,7 +43,7 @@ class Row:
     plan: ChoicePlan
     max_tokens: int
     uid: int = SOLO_UID
-    solo: SoloGeneration | None = None  # set while the request runs alone, outside the batch
+    solo: SoloGeneration | VisionGeneration | None = None  # set while the request runs alone, outside the batch
     ended: bool = False
 
     @property

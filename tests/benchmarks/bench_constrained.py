@@ -14,7 +14,8 @@ Tables:
    applying it to (1, width) float16 logits; plus one-off costs (llguidance tokenizer, compiling the schema).
 2. a decode step of a random model of that vocabulary, alone (SoloGeneration): unconstrained, constrained,
    and constrained without starting the forward pass before the mask (what the overlap buys).
-3. a batch of 8 rows in BatchGenerator with 0, 1 and 8 constrained rows (per step).
+3. a batch of 8 rows in BatchGenerator with 0, 1 and 8 constrained rows (per step), stepped as the batcher
+   steps it (`constrained_step`: the constrained rows' masks computed together).
 4. masks for N rows one by one vs llguidance's parallel executor.
 """
 
@@ -48,7 +49,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import mlx_backend.engine.constrained as constrained
+import mlx_backend.engine.masks as masks
 from mlx_backend.contract import Constraint
+from mlx_backend.engine.batcher import constrained_step
 from mlx_backend.engine.constrained import GrammarCompiler
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import grammar_for
@@ -216,7 +219,8 @@ def _batch_step_ms(model: Any, prompt: list[int], processors: list[list[Any]], s
         generator.next()
     start = time.perf_counter()
     for _ in range(steps):
-        generator.next()
+        with constrained_step(generator):  # as the batcher steps it: the rows' masks planned together
+            generator.next()
     elapsed = time.perf_counter() - start
     generator.close()
     return elapsed / steps * 1e3
@@ -234,12 +238,12 @@ def decode_rows(vocab_size: int, tokenizer: Tokenizer, steps: int) -> dict[str, 
 
         rows = {"solo plain": solo_step_ms(model, prompt, list, steps),
                 "solo constrained": solo_step_ms(model, prompt, one, steps)}
-        real_async_eval = constrained._async_eval
-        constrained._async_eval = lambda *arrays: None  # the mask first, then the forward pass
+        real_async_eval = masks._async_eval
+        masks._async_eval = lambda *arrays: None  # the mask first, then the forward pass
         try:
             rows["solo constrained, no overlap"] = solo_step_ms(model, prompt, one, steps)
         finally:
-            constrained._async_eval = real_async_eval
+            masks._async_eval = real_async_eval
         for constrained_rows in (0, 1, 8):
             def make(n: int = constrained_rows) -> list[list[Any]]:
                 return [one() if i < n else [] for i in range(8)]

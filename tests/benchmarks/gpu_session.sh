@@ -16,6 +16,11 @@
 #   bash tests/benchmarks/gpu_session.sh agent      # bench_agent: 12k-token system prompt, 6 growing turns, 4
 #                                                   # agents sharing a new system prompt; gateway, then
 #                                                   # mlx_lm.server (about 4 minutes with the model made)
+#   bash tests/benchmarks/gpu_session.sh constrained  # issue 22: bench_constrained_serving, json_schema and a
+#                                                   # forced tool call beside unconstrained at c=1 and c=8,
+#                                                   # median of 3 rounds (a Qwen2.5-format model of the
+#                                                   # shape; about 3 minutes with the model made);
+#                                                   # BEFORE_REV=<git revision> runs that revision too
 #   bash tests/benchmarks/gpu_session.sh profile    # py-spy on the engine and the gateway for 15 s of a long
 #                                                   # c=64 level: where each thread's time goes (~3 minutes)
 #
@@ -25,7 +30,8 @@
 # Every step has a deadline inside the call's budget; a failing step is logged and the next one runs;
 # the EXIT trap packs whatever exists. Environment: BUDGET_S (default 560), GATEWAY_ARGS (extra
 # `mlx-gateway serve` arguments for the serving runs), SERVING_RUNS (default 3); for a dry run on a CPU:
-# SHAPE=tiny TOKENS=400,64 ALLOW_CPU=1 (and LEVELS=1,8 SERVING_ESTIMATE_S=60 for serving).
+# SHAPE=tiny TOKENS=400,64 ALLOW_CPU=1 (and LEVELS=1,8 SERVING_ESTIMATE_S=60 for serving; REPEATS=1 for
+# constrained).
 set -u
 MODE=${1:-stream}
 START=$(date +%s)
@@ -40,7 +46,7 @@ MODEL=/tmp/mlx-gateway-bench/models/bench-$SHAPE
 TOKENS=${TOKENS:-512,128}
 mkdir -p "$OUT" "$RUN"
 PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PY MODEL SHAPE ALLOW_CPU
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PY MODEL SHAPE ALLOW_CPU WORK
 export BENCH_PIDS_FILE=$RUN/started-pids  # every server the benches start (own process groups)
 
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/session.log" >&2; }
@@ -276,6 +282,44 @@ session_agent() {
   cp "$RUN/agent.json" "$OUT/agent.json" 2>/dev/null
 }
 
+make_constrained_model() {
+  $PY - <<PY
+import sys
+sys.path.insert(0, "tests/benchmarks")
+from bench_constrained_serving import make_model
+from pathlib import Path
+print(make_model("$SHAPE", Path("$WORK/constrained-models")))
+PY
+}
+export -f make_constrained_model
+
+session_constrained() {
+  note "# GPU session (constrained): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
+  local before="" which repo limit
+  mkdir -p "$WORK/constrained-models"
+  step constrained-model 300 bash -c make_constrained_model || { note "The Qwen-format model could not be made."; return 1; }
+  if [ -n "${BEFORE_REV:-}" ]; then
+    before=$WORK/before-$BEFORE_REV
+    rm -rf "$before" && mkdir -p "$before" && git archive "$BEFORE_REV" | tar -x -C "$before" \
+      || { log "BEFORE_REV=$BEFORE_REV could not be archived; this revision only"; before=""; }
+  fi
+  for which in now ${before:+before}; do
+    repo=$PWD limit=$(( $(left) - 30 ))
+    [ -n "$before" ] && [ "$which" = now ] && limit=$(( ($(left) - 30) / 2 ))
+    [ "$which" = before ] && repo=$before
+    mkdir -p "$RUN/constrained-$which"
+    ln -sfn "$WORK/constrained-models" "$RUN/constrained-$which/models"  # the model is made once
+    step "constrained-$which" "$limit" env PYTHONPATH="$repo" "$PY" "$repo/tests/benchmarks/bench_constrained_serving.py" \
+      --shape "$SHAPE" --concurrency "${LEVELS:-1,8}" --repeat "${REPEATS:-3}" \
+      --requests-per-client "${REQUESTS_PER_CLIENT:-2}" --work-dir "$RUN/constrained-$which" \
+      --out "$RUN/constrained-$which.md"
+    note "## $which: $( [ "$which" = before ] && echo "$BEFORE_REV" || git log -1 --format=%h 2>/dev/null)" ""
+    cat "$RUN/constrained-$which.md" >> "$OUT/summary.md" 2>/dev/null || note "(no table: see session.log)"
+    cp "$RUN/constrained-$which.json" "$OUT/" 2>/dev/null
+    note ""
+  done
+}
+
 # Where the engine's and the gateway's CPU time goes at c=64: py-spy (carried as a wheel) samples both
 # processes for PROFILE_S seconds in the middle of a long c=64 level, per thread (busy samples only).
 session_profile() {
@@ -320,7 +364,7 @@ if ! step check 120 bash -c check_mlx; then
   exit 1
 fi
 log "$(cat "$RUN/check.out")"
-if ! step model 240 bash -c make_model; then
+if [ "$MODE" != constrained ] && ! step model 240 bash -c make_model; then
   note "The benchmark model could not be made (see session.log)."
   exit 1
 fi
@@ -329,7 +373,8 @@ case $MODE in
   serving) session_serving ;;
   streams) session_streams ;;
   agent) session_agent ;;
+  constrained) session_constrained ;;
   profile) session_profile ;;
-  *) log "unknown mode $MODE (stream, serving, streams, agent or profile)"; exit 2 ;;
+  *) log "unknown mode $MODE (stream, serving, streams, agent, constrained or profile)"; exit 2 ;;
 esac
 log "done"

@@ -38,7 +38,7 @@ def map_body(ctx: Any, body: Any) -> Any:
             body[limit] = most
     thinking = body.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= MAX_TOKENS:  # 8.0 is 8
+    if isinstance(budget, int | float) and not isinstance(budget, bool) and budget >= MAX_TOKENS:  # 8.0 too
         body["thinking"] = {**thinking, "budget_tokens": MAX_TOKENS - 1}  # below the capped max_tokens
     return body
 
@@ -55,8 +55,9 @@ def filter_body(ctx: Any, body: Any) -> bool:
     that forces a call needs tools, and one that names a tool names one of them; tool-call arguments are JSON;
     structured output goes with no callable tools; logit_bias names tokens of the model; top_logprobs needs
     logprobs (chat); previous_response_id names a stored response; tool names are unique; a thinking budget is
-    less than max_tokens; embeddings: `dimensions` is the model's own (it is no Matryoshka model), and token ids
-    need tiktoken's cl100k_base file, which the fuzzed server has not."""
+    less than max_tokens; an image is a real PNG, JPEG, GIF or WebP sent to a vision model; a tool's parameters
+    hold no integer beyond 64 bits; embeddings: `dimensions` is the model's own (it is no Matryoshka model), and
+    token ids need tiktoken's cl100k_base file, which the fuzzed server has not."""
     if not isinstance(body, dict):
         return True
     path = ctx.operation.path if ctx.operation is not None else ""
@@ -86,7 +87,8 @@ def filter_body(ctx: Any, body: Any) -> bool:
         return False
     thinking, limit = body.get("thinking"), body.get("max_tokens")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if isinstance(limit, int | float) and isinstance(budget, int | float) and not budget < limit:  # 8.0 is 8
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (limit, budget))
+    if numbers and not budget < limit:  # type: ignore[operator]  # 8.0 is a valid integer to the server too
         return False  # thinking.budget_tokens must be less than max_tokens
     if body.get("previous_response_id") is not None:  # names a stored response: none is, in a fuzzing run
         return False
@@ -95,14 +97,18 @@ def filter_body(ctx: Any, body: Any) -> bool:
     bias = body.get("logit_bias")
     if isinstance(bias, dict) and any(k.isdigit() and int(k) >= SERVED_VOCABULARY for k in bias):
         return False
+    if _has_huge_integer(body.get("tools")):  # the engine's IPC carries 64-bit integers
+        return False
+    if _has_image(body):  # an image must be real image bytes, for a vision model; the fuzzed model reads text
+        return False
     return all(_is_json(a) for a in _arguments(body))
 
 
 def _within_64_bits(node: Any) -> Any:
-    """Integers anywhere (tool schemas too) travel to the engine as msgpack, 64-bit: one beyond is a 400 by rule
-    (gateway/openapi.py), so a fuzzed one is brought to the nearest bound, keeping the case."""
+    """Integers anywhere travel to the engine as msgpack, 64-bit: one beyond is a 400 by rule, so a fuzzed one is
+    brought to the nearest bound, keeping the case (tool parameters are filtered instead: `_has_huge_integer`)."""
     if isinstance(node, dict):
-        return {k: _within_64_bits(v) for k, v in node.items()}
+        return {k: v if k == "parameters" else _within_64_bits(v) for k, v in node.items()}
     if isinstance(node, list):
         return [_within_64_bits(v) for v in node]
     if isinstance(node, int) and not isinstance(node, bool):
@@ -110,6 +116,25 @@ def _within_64_bits(node: Any) -> Any:
     if isinstance(node, float) and node.is_integer() and not -(2**63) <= node < 2**63:  # read as an integer
         return float(2**62) if node > 0 else float(-(2**62))
     return node
+
+
+def _has_huge_integer(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_huge_integer(v) for v in node)
+    if isinstance(node, dict):
+        return any(_has_huge_integer(v) for v in node.values())
+    return isinstance(node, int) and not -(2**63) <= node < 2**64
+
+
+_IMAGE_PARTS = ("image_url", "input_image", "image")
+
+
+def _has_image(node: Any) -> bool:
+    if isinstance(node, list):
+        return any(_has_image(v) for v in node)
+    if not isinstance(node, dict):
+        return False
+    return node.get("type") in _IMAGE_PARTS or any(_has_image(v) for v in node.values())
 
 
 def _named(choice: Any) -> Any:

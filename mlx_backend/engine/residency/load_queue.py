@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from mlx_backend.contract import LoadProgress, ModelEvent
-from mlx_backend.engine import model_check
+from mlx_backend.engine import model_check, vision
 from mlx_backend.engine.model_check import LoadedArtifacts
 from mlx_backend.engine.model_load import Progress, StagedLoad
 from mlx_backend.engine.residency.events import ResidencyEvents
@@ -230,6 +230,8 @@ class LoadQueue:
                 return False
             pending.loader = (
                 _OneShot(settings.load, pending.entry, pending.size) if settings.load is not None
+                # A vision model loads in one piece, through mlx-vlm (mlx_backend/engine/vision.py).
+                else _OneShot(vision.load, pending.entry, pending.size) if vision.serves(pending.entry)
                 else StagedLoad(pending.entry, pending.size, warmup=settings.warmup,
                                 prefill_step_size=settings.prefill_step_size, read_delay_s=settings.read_delay_s)
             )

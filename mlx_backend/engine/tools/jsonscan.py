@@ -8,12 +8,14 @@ this scanner has accepted them, so what reaches the client is always a prefix of
 from __future__ import annotations
 
 import enum
+import re
 
 WHITESPACE = frozenset(" \t\n\r")
 _DIGITS = frozenset("0123456789")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _ESCAPES = frozenset('"\\/bfnrt')
 _LITERALS = ("true", "false", "null")
+_PLAIN = re.compile(r'[^"\\\x00-\x1f]*')  # string content that changes no state: no quote, escape, control
 
 
 class Step(enum.Enum):
@@ -63,6 +65,14 @@ class JsonScanner:
     @property
     def in_string(self) -> bool:
         return self._state in (_S.STRING, _S.ESCAPE, _S.UNICODE)
+
+    def plain_run(self, text: str, start: int) -> int:
+        """How many characters of `text` from `start` are plain content of the string being read (no quote,
+        backslash or control character): feeding them one by one would only accept them."""
+        if self._state is not _S.STRING or self.failed:
+            return 0
+        match = _PLAIN.match(text, start)
+        return match.end() - start if match else 0
 
     def feed(self, ch: str) -> Step:
         """One character; after an ERROR every later character is an ERROR too."""

@@ -103,13 +103,21 @@ def one_system_turn(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | No
 
 def _plain(m: ChatMessage) -> dict[str, Any]:
     return (
-        {"role": m.role, "content": m.content}
+        {"role": m.role, "content": _content(m)}
         | ({"name": m.name} if m.name is not None else {})
         | ({"tool_call_id": m.tool_call_id} if m.tool_call_id is not None else {})
         # An earlier turn's reasoning, under the names templates read: Qwen3 and GLM `reasoning_content`
         # (rendered for the turns after the last user message), gpt-oss `thinking` (kept for tool turns).
         | ({"reasoning_content": m.reasoning, "thinking": m.reasoning} if m.reasoning else {})
     )
+
+
+def _content(m: ChatMessage) -> str | list[dict[str, str]]:
+    """A message with images is a list of parts, the images first, as vision templates take them (Hugging Face's
+    `{"type": "image"}` parts; the processor puts the pixels where each one renders: mlx_backend/engine/vision.py)."""
+    if not m.images:
+        return m.content
+    return [{"type": "image"} for _ in m.images] + ([{"type": "text", "text": m.content}] if m.content else [])
 
 
 def _with_tools(m: ChatMessage, index: int, ids: Any) -> dict[str, Any]:

@@ -250,6 +250,11 @@ class ToolCallParser:
                 if len(buf) - i < len(start) and start.startswith(buf[i:]) and not final:
                     break
             if call is not None:
+                run = 0 if self._bare and not self.calls and start else call.plain_run(buf, i)
+                if run:  # the middle of a string (a long argument): taken at once, not a character at a time
+                    call.feed_plain(buf[i:i + run])
+                    i += run
+                    continue
                 status = call.feed(ch)
                 if status is _Status.FAIL:  # this character is not the call's: decided below
                     self._consume(i)
@@ -570,6 +575,22 @@ class _CallReader:
         if not self.ignored and self._member(ch) is _Status.FAIL:
             self.ignored = True
         return _Status.COMPLETE if step is Step.DONE else _Status.MORE
+
+    def plain_run(self, text: str, start: int) -> int:
+        """How many characters of `text` from `start` only continue the string being read (`feed_plain`)."""
+        run = self._whole.plain_run(text, start)
+        if run and not self.ignored:
+            started = self._at is _At.KEY or (self._at is _At.VALUE and bool(self._text))
+            run = min(run, self._scanner.plain_run(text, start)) if started else 0
+        return run
+
+    def feed_plain(self, run: str) -> None:
+        """`run` (from `plain_run`), as `feed` would take it a character at a time."""
+        if self.ignored:
+            return
+        self._text += run
+        if self._at is _At.VALUE and self._role == "args" and not self._arguments_char(run):
+            self.ignored = True
 
     def _member(self, ch: str) -> _Status:
         at = self._at

@@ -675,25 +675,25 @@ def test_n_beyond_the_batch_is_refused_by_name(h: Harness) -> None:
     assert isinstance(failed, Failed) and failed.param == "n"
 
 
-def test_constrained_rows_in_a_batch_get_their_tokens_before_the_step(
+def test_constrained_rows_in_a_batch_get_their_masks_in_one_step_computation(
     family_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each batch step hands every constrained row its token first (their masks are then computed together,
-    beside the forward pass): several constrained rows and a plain one decode correctly side by side. This
+    """Each batch step plans every constrained row's mask together (computed at once, beside the forward
+    pass, mlx_backend/masks.py): several constrained rows and a plain one decode correctly side by side. This
     reads mlx-lm's GenerationBatch internals; if they move, this fails."""
-    from mlx_backend.engine.constrained import ConstraintProcessor
+    from mlx_backend.engine.masks import MaskStep
 
-    begun: list[int] = []
-    original = ConstraintProcessor.begin_step
-    monkeypatch.setattr(ConstraintProcessor, "begin_step",
-                        lambda self, token: (begun.append(token), original(self, token))[1])
+    rows_per_step: list[int] = []
+    original = MaskStep._compute
+    monkeypatch.setattr(MaskStep, "_compute",
+                        lambda self, width: (rows_per_step.append(len(self._rows)), original(self, width))[1])
     h = Harness(family_dir)
     submit_command(h, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
     for i in range(3):
         submit_command(h, f"call{i}", "qwen", tools=specs(WEATHER), tool_choice="required",
                        parallel_tool_calls=False, params={"max_tokens": 200, "temperature": 1.0, "seed": i})
     h.run()
-    assert begun  # the batch path took the tokens before the steps
+    assert max(rows_per_step) == 3  # the three constrained rows' masks in one computation
     for i in range(3):
         end = h.end(f"call{i}")
         assert isinstance(end, Finished) and end.finish_reason == "tool_calls"

@@ -90,3 +90,36 @@ def test_nested_depth_and_strings_are_tracked() -> None:
 def test_an_error_is_final() -> None:
     scanner = JsonScanner()
     assert [scanner.feed(ch) for ch in "{{}"] == [Step.MORE, Step.ERROR, Step.ERROR]
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=containers, ascii_only=st.booleans())
+def test_a_plain_run_is_exactly_what_feeding_one_character_at_a_time_would_accept_and_change_nothing(
+    value: object, ascii_only: bool
+) -> None:
+    """`plain_run` (the tool parser takes a long argument's text at once): wherever the scanner stands, the
+    characters it names are accepted one by one without leaving the string; the next one is a quote, a
+    backslash or a control character (or the text ends)."""
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    scanner = JsonScanner()
+    for i, ch in enumerate(text):
+        run = scanner.plain_run(text, i)
+        probe = JsonScanner()
+        for earlier in text[:i]:
+            probe.feed(earlier)
+        for plain in text[i:i + run]:
+            assert probe.feed(plain) is Step.MORE and probe.in_string
+        assert run == 0 or i + run == len(text) or text[i + run] in '"\\' or ord(text[i + run]) < 0x20
+        scanner.feed(ch)
+
+
+def test_no_plain_run_outside_a_string_or_inside_an_escape() -> None:
+    scanner = JsonScanner()
+    for ch in '{"a':
+        scanner.feed(ch)
+    assert scanner.plain_run('{"abc"', 2) == 3  # "abc" up to the closing quote
+    scanner.feed("\\")
+    assert scanner.plain_run('n more', 0) == 0  # an escape is read a character at a time
+    outside = JsonScanner()
+    outside.feed("[")
+    assert outside.plain_run("123", 0) == 0

@@ -1,0 +1,134 @@
+"""A step's grammar masks, all rows at once (mlx_backend/engine/masks.py): the batched path the batcher plans gives
+exactly the tokens of the per-row path, for rows with different grammars and samplers side by side; a row
+without a grammar is untouched; the bitmask unpacked (on the device, or by numpy on the CPU) is llguidance's bitmask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import greedy_sampler
+
+from mlx_backend.engine.batcher import constrained_step
+from mlx_backend.engine.masks import MaskStep, unpacked_on_device, unpacked_on_host
+from mlx_backend.engine.sampling import SeededSampler
+from mlx_backend.engine.solo import SoloGeneration
+from mlx_backend.grammar import json_value_for_lark
+from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, Loaded, assert_complete, bpe
+
+__all__ = ["bpe"]  # the model fixture, shared with test_constrained.py
+
+pytestmark = pytest.mark.slow
+
+TOOL_ARGUMENTS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                  "required": ["city", "days"], "additionalProperties": False}
+
+
+def rows(loaded: Loaded) -> list[tuple[list[int], list[Any], Any]]:
+    """Fresh (prompt, processors, sampler) for five rows: four grammars and samplers, one row without any."""
+    return [
+        (loaded.prompt(), [loaded.processor("json_schema", SCHEMAS["nested objects"])], greedy_sampler),
+        (loaded.prompt("Tell me a story."), [], greedy_sampler),
+        (loaded.prompt(), [loaded.processor("json_object")], SeededSampler(0.8, 1.0, seed=3)),
+        (loaded.prompt(), [loaded.processor("json_schema", SCHEMAS["array of enums"])],
+         SeededSampler(1.0, 1.0, seed=4)),
+        (loaded.prompt(), [loaded.processor("lark", f'start: <|tool|> "<call>" {json_value_for_lark(TOOL_ARGUMENTS)} '
+                                                    '"</call>"')], greedy_sampler),
+    ]
+
+
+def decode(loaded: Loaded, requests: list[tuple[list[int], list[Any], Any]], planned: bool,
+           max_tokens: int = 120) -> list[tuple[list[int], str]]:
+    """Each row's tokens and finish reason through one BatchGenerator, each step planned as the batcher plans
+    it (`planned`), or with every constrained row a step of its own."""
+    generator: Any = BatchGenerator(loaded.model, stop_tokens=[[t] for t in sorted(loaded.eos)])
+    try:
+        uids = generator.insert([p for p, _, _ in requests], max_tokens=[max_tokens] * len(requests),
+                                samplers=[s for _, _, s in requests], logits_processors=[p for _, p, _ in requests])
+        tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+        finished: dict[int, str] = {}
+        while len(finished) < len(uids):
+            if planned:
+                with constrained_step(generator):
+                    responses = generator.next()[1]
+            else:
+                responses = generator.next()[1]
+            for response in responses:
+                tokens[response.uid].append(response.token)
+                if response.finish_reason is not None:
+                    finished[response.uid] = response.finish_reason
+    finally:
+        generator.close()
+    return [(tokens[uid], finished[uid]) for uid in uids]
+
+
+def count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every MaskStep that computes masks, in order."""
+    sizes: list[int] = []
+    compute: Callable[[MaskStep, int], mx.array] = MaskStep._compute
+    monkeypatch.setattr(MaskStep, "_compute",
+                        lambda self, width: (sizes.append(len(self._rows)), compute(self, width))[1])
+    return sizes
+
+
+def test_the_batched_path_gives_the_tokens_of_the_per_row_path(bpe: Loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = count_steps(monkeypatch)
+    per_row_requests = rows(bpe)
+    per_row = decode(bpe, per_row_requests, planned=False)
+    assert set(sizes) == {1}  # nobody planned: each row a step of its own
+    sizes.clear()
+    batched_requests = rows(bpe)
+    batched = decode(bpe, batched_requests, planned=True)
+    assert max(sizes) == 4  # the four constrained rows' masks in one computation
+    assert batched == per_row
+    for (tokens, reason), (_, processors, _) in zip(batched, batched_requests, strict=True):
+        if processors:
+            assert_complete(bpe, tokens, reason, processors[0])  # each grammar held, to its EOS
+
+
+def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
+    with_neighbours = decode(bpe, rows(bpe), planned=True)
+    without = decode(bpe, [(prompt, [], sampler) for prompt, _, sampler in rows(bpe)], planned=True)
+    assert with_neighbours[1] == without[1]
+    assert with_neighbours[0] != without[0]  # the grammars did act on their own rows
+
+
+@pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
+@pytest.mark.parametrize("width", [64, 70, 96, 130])
+def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[[np.ndarray, int], mx.array]) -> None:
+    rng = np.random.default_rng(width)
+    bitmask = rng.integers(-(2**31), 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)  # 96 tokens a row
+    expected = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").astype(bool)[:, :width]
+    if width > 96:  # the embedding's padding past the vocabulary: never allowed
+        expected = np.concatenate([expected, np.zeros((3, width - 96), dtype=bool)], axis=1)
+    assert np.array_equal(np.array(unpack(bitmask, width)), expected)
+
+
+def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(
+    bpe: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """So reading that token waits for the previous step only, and the masks are computed while the forward
+    pass runs: each step after the first queues the fed token (1 token), then the forward pass (the logits)."""
+    import mlx_backend.engine.constrained as constrained
+    import mlx_backend.engine.masks as masks
+
+    queued: list[tuple[int, ...]] = []
+
+    def recording(*arrays: mx.array) -> None:
+        queued.extend(tuple(a.shape) for a in arrays)
+        mx.async_eval(*arrays)
+
+    monkeypatch.setattr(constrained, "_async_eval", recording)
+    monkeypatch.setattr(masks, "_async_eval", recording)
+    processor = bpe.processor("json_object")
+    generation = SoloGeneration(bpe.model, bpe.prompt(), None, 0, greedy_sampler, [processor], prefill_step_size=64)
+    for _ in range(6):
+        generation.next_token(more=True)
+    width = bpe.model.args.vocab_size
+    assert queued[0] == (1, width)  # the first step feeds the prompt: nothing to read
+    assert queued[1:] == [(1,), (1, width)] * (len(queued[1:]) // 2) and len(queued) >= 7
