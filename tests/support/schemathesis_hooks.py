@@ -162,8 +162,10 @@ def _arguments(node: Any) -> list[Any]:
 
 
 def _is_json(text: str) -> bool:
+    """Tool-call arguments: JSON text of an object ("" is taken as {})."""
+    if text == "":
+        return True
     try:
-        json.loads(text)
+        return isinstance(json.loads(text), dict)
     except ValueError:
         return False
-    return True
