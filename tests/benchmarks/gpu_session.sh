@@ -211,12 +211,19 @@ PY
   summarize_system
 }
 
+# The tree of revision $1 into folder $2: from git, or (the device's copy of .git can be older than the
+# working tree it carries) from .gpu-carry/before-$1.tar.gz, made here by `git archive $1 | gzip`.
+before_tree() {
+  git archive "$1" 2>/dev/null | tar -x -C "$2" 2>/dev/null && return 0
+  [ -f ".gpu-carry/before-$1.tar.gz" ] && tar -xzf ".gpu-carry/before-$1.tar.gz" -C "$2"
+}
+
 session_streams() {
   note "# GPU session (streams): $(date -u)" "" "Repository: $(git log -1 --format='%h %s' 2>/dev/null)" ""
   local before="" which repo limit
   if [ -n "${BEFORE_REV:-}" ]; then
     before=$WORK/before-$BEFORE_REV
-    rm -rf "$before" && mkdir -p "$before" && git archive "$BEFORE_REV" | tar -x -C "$before" \
+    rm -rf "$before" && mkdir -p "$before" && before_tree "$BEFORE_REV" "$before" \
       || { log "BEFORE_REV=$BEFORE_REV could not be archived; this revision only"; before=""; }
   fi
   for which in ${before:+before} now; do
@@ -300,7 +307,7 @@ session_constrained() {
   step constrained-model 300 bash -c make_constrained_model || { note "The Qwen-format model could not be made."; return 1; }
   if [ -n "${BEFORE_REV:-}" ]; then
     before=$WORK/before-$BEFORE_REV
-    rm -rf "$before" && mkdir -p "$before" && git archive "$BEFORE_REV" | tar -x -C "$before" \
+    rm -rf "$before" && mkdir -p "$before" && before_tree "$BEFORE_REV" "$before" \
       || { log "BEFORE_REV=$BEFORE_REV could not be archived; this revision only"; before=""; }
   fi
   for which in now ${before:+before}; do
