@@ -249,7 +249,7 @@ def test_a_vision_request_past_the_timeout_ends_with_504_and_frees_the_model(
 ) -> None:
     make_tiny_qwen2_vl(tmp_path / "models" / VLM)
     server = start_server("--models-dir", str(tmp_path / "models"), "--request-timeout-s", "3",
-                          "--preload-models", VLM)
+                          "--preload-models", VLM, "--test-faults")
     server.wait_ready()
     deadline = time.monotonic() + 60  # loaded first: the timeout below runs on decoding alone
     while _status(server) != "loaded":
@@ -258,7 +258,8 @@ def test_a_vision_request_past_the_timeout_ends_with_504_and_frees_the_model(
     short = openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0)
     chat(short, data_url(png(1)))
     with pytest.raises(openai.APIStatusError) as caught:
-        chat(short, data_url(png(2)), max_tokens=3000, logit_bias={"0": -100, "2": -100})
+        # Paced at ~20 steps/s ("slow" fault): 3000 tokens would take minutes, on any machine.
+        chat(short, data_url(png(2)), max_tokens=3000, logit_bias={"0": -100, "2": -100}, user="fault:slow")
     assert caught.value.status_code == 504
     deadline = time.monotonic() + 5
     while _running(server) and time.monotonic() < deadline:
