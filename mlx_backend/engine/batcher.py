@@ -41,7 +41,7 @@ from mlx_backend.contract import (
     ModelEvent,
     Started,
 )
-from mlx_backend.engine import faults, vision
+from mlx_backend.engine import batch_cache, faults, vision
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.masks import plan_rows
@@ -66,6 +66,7 @@ class Batcher:
     def __init__(self, config: EngineConfig, residency: Callable[[ResidencyEvents], Residency],
                  emit: Callable[[Event], None]) -> None:
         """`residency` builds the batcher's Residency, given the events it sends (the batcher)."""
+        batch_cache.install()  # rows leave the batch without waiting for the device
         self.config = config
         self._emit = emit
         self._waiting = WaitingRequests()

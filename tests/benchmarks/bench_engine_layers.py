@@ -97,13 +97,13 @@ def timed_batcher(model_dir: Path, batch: int, max_tokens: int, prompt_cache_byt
 
 
 def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: int,
-                          rounds: int) -> tuple[float, float]:
+                          rounds: int, prefill_batch: int = 8) -> tuple[float, float]:
     """BatchGenerator alone in a closed loop: client i sends its first request at step i (arrivals staggered,
     as HTTP clients' are), then its next one as soon as one ends, `rounds` in all.
     (tok/s, median ms from insert to first token)."""
     prompt = tokenizer.encode(PROMPT)
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=max(clients, 1),
-                               prefill_batch_size=min(8, clients))
+                               prefill_batch_size=min(prefill_batch, clients))
     left = {c: rounds for c in range(clients)}
     owner: dict[int, int] = {}
     asked: dict[int, float] = {}

@@ -5,6 +5,7 @@ them. MLX thread only; `nbytes` may be read from the heartbeat thread.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -12,6 +13,7 @@ import mlx.core as mx
 from mlx_backend.engine.residency.prompt_store import PromptStore
 
 _ENTRIES_PER_MODEL = 256
+_async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
 
 
 class PrefixCaches:
@@ -47,7 +49,9 @@ class PrefixCaches:
         first, then this one's, to stay within the budget."""
         if not prompt_cache or not tokens or self._budget <= 0:
             return
-        mx.eval([c.state for c in prompt_cache])  # detach it from the batch's arrays now
+        # Detach it from the batch's arrays (else it holds the whole batch's cache): queued, not waited for,
+        # since a wait here would idle the device while the next step is built (engine/batch_cache.py).
+        _async_eval([c.state for c in prompt_cache])
         cache = self._by_model.get(model_id)
         if cache is None:
             cache = self._by_model[model_id] = PromptStore(_ENTRIES_PER_MODEL)

@@ -1,0 +1,125 @@
+"""What a continuous batch loses to its device waits, in one process and with no HTTP.
+
+    python tests/benchmarks/bench_batch_step.py --shape llama-3.2-1b [--clients 8,32,64] [--repeat 2]
+
+Clients in a closed loop (client i sends its first request at step i, then its next as soon as one ends,
+`--rounds` each), driven through mlx-lm's BatchGenerator and through our Batcher, beside the one-wave ceiling
+(every prompt at once, `batch_generate`'s way) at the same batch size. Variants, run interleaved:
+- `mlx-lm filter`: mlx-lm 0.32.2's BatchKVCache.filter, which waits for the step in flight when a row leaves;
+- `filter`: mlx_backend/engine/batch_cache.py's filter, which does not;
+- `+ prefill N`: prompts prefilled together per pass (BatchGenerator's prefill_batch_size; ours is PREFILL_BATCH);
+- `+ async prompt` (this benchmark only, to size the gain): the last prefill pass queued instead of waited for.
+Each figure is the median of `--repeat` runs; ratios are to the one-wave ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import mlx.core as mx
+from mlx_lm import load
+
+from mlx_backend.engine import batch_cache
+from mlx_backend.engine import batcher as batcher_module
+from tests.benchmarks.bench_engine_layers import (
+    closed_loop_batcher,
+    closed_loop_generator,
+    timed_batch_generator,
+    timed_stream_generate,
+)
+from tests.benchmarks.bench_models import SHAPES, ensure_model
+
+mlx_lm_generate = importlib.import_module("mlx_lm.generate")  # the module (mlx_lm.generate is also a function)
+
+
+class _QueuedMx:
+    """mlx.core as mlx-lm's prompt pass sees it under `async_prompt`: eval queues, clear_cache waits for later."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(mx, name)
+
+    eval = staticmethod(mx.async_eval)
+
+    @staticmethod
+    def clear_cache() -> None:
+        pass
+
+
+@contextlib.contextmanager
+def variant(mlx_lm_filter: bool, prefill: int, async_prompt: bool) -> Iterator[None]:
+    (batch_cache.uninstall if mlx_lm_filter else batch_cache.install)()
+    saved_prefill = batcher_module.PREFILL_BATCH
+    batcher_module.PREFILL_BATCH = prefill
+    original_prompt = mlx_lm_generate.PromptProcessingBatch.prompt
+
+    def queued_prompt(self: Any, tokens: list[list[int]]) -> None:
+        mlx_lm_generate.mx = _QueuedMx()
+        try:
+            original_prompt(self, tokens)
+        finally:
+            mlx_lm_generate.mx = mx
+
+    if async_prompt:
+        mlx_lm_generate.PromptProcessingBatch.prompt = queued_prompt  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        mlx_lm_generate.PromptProcessingBatch.prompt = original_prompt  # type: ignore[method-assign]
+        batcher_module.PREFILL_BATCH = saved_prefill
+        batch_cache.install()
+
+
+def median_of(repeat: int, run: Callable[..., tuple[float, float]], *args: Any) -> tuple[float, float]:
+    results = [run(*args) for _ in range(repeat)]
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp/mlx-gateway-bench/models"))
+    parser.add_argument("--clients", default="8,32,64")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--prefill", default="8,32", help="prefill batch sizes to compare")
+    parser.add_argument("--gather-steps", type=int, default=2, help="our Batcher's prefill_gather_steps")
+    args = parser.parse_args()
+    folder = ensure_model(args.shape, args.model_dir)
+    model, tokenizer = load(str(folder))
+    print(f"# {args.shape} on {mx.default_device()}, {args.max_tokens} new tokens, {args.rounds} requests per "
+          f"client, greedy; median of {args.repeat}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+          flush=True)
+    timed_stream_generate(model, tokenizer, 16)
+    timed_batch_generator(model, tokenizer, 8, 16)
+    prefills = [int(p) for p in args.prefill.split(",")]
+    variants = [("mlx-lm filter, prefill 8", True, 8, False)]
+    variants += [(f"filter, prefill {p}", False, p, False) for p in prefills]
+    variants += [(f"filter, prefill {p}, async prompt", False, p, True) for p in prefills]
+    print("\n| clients | variant | driver | tok/s | ratio to one wave | TTFT p50 ms |\n|---:|---|---|---:|---:|---:|",
+          flush=True)
+    for clients in [int(c) for c in args.clients.split(",")]:
+        wave = max(timed_batch_generator(model, tokenizer, clients, args.max_tokens) for _ in range(3))
+        print(f"| {clients} | one wave (batch_generate's way) | BatchGenerator | {wave:.0f} | 1.00 | - |", flush=True)
+        for name, mlx_lm_filter, prefill, async_prompt in variants:
+            with variant(mlx_lm_filter, prefill, async_prompt):
+                raw = median_of(args.repeat, closed_loop_generator, model, tokenizer, clients, args.max_tokens,
+                                args.rounds, prefill)
+                ours = median_of(args.repeat, closed_loop_batcher, folder, clients, args.max_tokens, args.rounds,
+                                 args.gather_steps)
+            for driver, (rate, ttft) in (("BatchGenerator", raw), ("our Batcher", ours)):
+                print(f"| {clients} | {name} | {driver} | {rate:.0f} | {rate / wave:.2f} | {ttft:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
