@@ -81,6 +81,7 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         memory_budget_bytes=settings.memory_budget_bytes,
         max_running=settings.max_running,
         prefill_gather_steps=settings.prefill_gather_steps,
+        prefill_batch=settings.prefill_batch,
         prefill_piece_s=prefill_piece_s(settings.stall_timeout_s),
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,

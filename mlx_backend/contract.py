@@ -112,6 +112,7 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     # While a batch decodes, a request that arrives waits up to this many steps for others to arrive, so that
     # their prompts are prefilled in one pass (mlx_backend/engine/batcher.py, `_gathering`); 0: each starts at once.
     prefill_gather_steps: int = 2
+    prefill_batch: int = 0  # prompts prefilled together in one pass; 0: the device's default (engine/batcher.py)
     prompt_cache_bytes: int = 1 << 30  # prefix (KV) cache kept for reuse across requests
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change

@@ -53,10 +53,15 @@ from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.engine.rows import SOLO_UID, ModelState, Request, Row, Token
 from mlx_backend.engine.solo import SoloGeneration, prefill
 from mlx_backend.engine.tools import prompt_tokens
-from mlx_backend.engine.waiting import PREFILL_BATCH, WaitingRequests
+from mlx_backend.engine.waiting import WaitingRequests
 from mlx_backend.errors import EngineError, EngineErrorCode
 
 log = logging.getLogger("mlx_gateway.engine.batcher")
+
+# Prompts prefilled together in one pass, unless configured: on a GPU a pass over 32 short prompts costs little
+# more than one over 8 (the weights are read once either way), and each pass stalls every running row once.
+PREFILL_BATCH_CPU = 8
+PREFILL_BATCH_GPU = 32
 
 # Waiting requests that share a prompt prefix this long (agents with one system prompt) have it prefilled once.
 SHARED_PREFIX_MIN_TOKENS = 512
@@ -68,6 +73,8 @@ class Batcher:
         """`residency` builds the batcher's Residency, given the events it sends (the batcher)."""
         batch_cache.install()  # rows leave the batch without waiting for the device
         self.config = config
+        self._prefill_batch = config.prefill_batch or (
+            PREFILL_BATCH_GPU if mx.default_device().type == mx.gpu else PREFILL_BATCH_CPU)
         self._emit = emit
         self._waiting = WaitingRequests()
         self._steps = 0
@@ -244,7 +251,7 @@ class Batcher:
         prefill pass of its own, so requests arriving within `prefill_gather_steps` steps of the first one
         start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once.
         Counted in steps, not seconds, so a group's ranks decide alike."""
-        company = min(PREFILL_BATCH, self.config.max_running - self._rows_running())  # what could join now
+        company = min(self._prefill_batch, self.config.max_running - self._rows_running())  # what could join now
         return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps, company)
 
     def _start_waiting(self, busy: set[str]) -> None:
@@ -358,7 +365,7 @@ class Batcher:
         prefilled here (0: nothing worth sharing)."""
         if len(tokens) < SHARED_PREFIX_MIN_TOKENS or self.config.prompt_cache_bytes <= 0:
             return 0
-        others = [c for c in self._waiting if c.model == command.model and c is not command][:PREFILL_BATCH]
+        others = [c for c in self._waiting if c.model == command.model and c is not command][:self._prefill_batch]
         shared = 0
         for other in others:
             other_tokens = self._waiting_tokens.get(other.request_id)
@@ -430,7 +437,7 @@ class Batcher:
             cached.artifacts.model,
             stop_tokens=[[t] for t in sorted(tokenizer.eos_token_ids)],
             completion_batch_size=self.config.max_running,
-            prefill_batch_size=min(PREFILL_BATCH, self.config.max_running),
+            prefill_batch_size=min(self._prefill_batch, self.config.max_running),
             prefill_step_size=self.config.prefill_step_size,
         )
         piece_s = 0.0 if self.config.group is not None else self.config.prefill_piece_s  # ranks run alike

@@ -13,8 +13,6 @@ from collections.abc import Iterator
 from mlx_backend.contract import Generate
 from mlx_backend.engine.plan import RequestPlan
 
-PREFILL_BATCH = 8  # prompts prefilled together in one pass (BatchGenerator's prefill_batch_size, at most)
-
 
 class WaitingRequests:
     def __init__(self) -> None:

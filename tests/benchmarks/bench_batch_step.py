@@ -7,8 +7,9 @@ Clients in a closed loop (client i sends its first request at step i, then its n
 (every prompt at once, `batch_generate`'s way) at the same batch size. Variants, run interleaved:
 - `mlx-lm filter`: mlx-lm 0.32.2's BatchKVCache.filter, which waits for the step in flight when a row leaves;
 - `filter`: mlx_backend/engine/batch_cache.py's filter, which does not;
-- `+ prefill N`: prompts prefilled together per pass (BatchGenerator's prefill_batch_size; ours is PREFILL_BATCH);
-- `+ async prompt` (this benchmark only, to size the gain): the last prefill pass queued instead of waited for.
+- `prefill N`: prompts prefilled together per pass (BatchGenerator's prefill_batch_size, our `--prefill-batch`);
+- `+ async prompt` (this benchmark only, to size the gain; with the largest prefill batch): the prompt pass
+  queued instead of waited for.
 Each figure is the median of `--repeat` runs; ratios are to the one-wave ceiling.
 """
 
@@ -30,7 +31,6 @@ import mlx.core as mx
 from mlx_lm import load
 
 from mlx_backend.engine import batch_cache
-from mlx_backend.engine import batcher as batcher_module
 from tests.benchmarks.bench_engine_layers import (
     closed_loop_batcher,
     closed_loop_generator,
@@ -56,10 +56,8 @@ class _QueuedMx:
 
 
 @contextlib.contextmanager
-def variant(mlx_lm_filter: bool, prefill: int, async_prompt: bool) -> Iterator[None]:
+def variant(mlx_lm_filter: bool, async_prompt: bool) -> Iterator[None]:
     (batch_cache.uninstall if mlx_lm_filter else batch_cache.install)()
-    saved_prefill = batcher_module.PREFILL_BATCH
-    batcher_module.PREFILL_BATCH = prefill
     original_prompt = mlx_lm_generate.PromptProcessingBatch.prompt
 
     def queued_prompt(self: Any, tokens: list[list[int]]) -> None:
@@ -75,7 +73,6 @@ def variant(mlx_lm_filter: bool, prefill: int, async_prompt: bool) -> Iterator[N
         yield
     finally:
         mlx_lm_generate.PromptProcessingBatch.prompt = original_prompt  # type: ignore[method-assign]
-        batcher_module.PREFILL_BATCH = saved_prefill
         batch_cache.install()
 
 
@@ -105,18 +102,18 @@ def main() -> None:
     prefills = [int(p) for p in args.prefill.split(",")]
     variants = [("mlx-lm filter, prefill 8", True, 8, False)]
     variants += [(f"filter, prefill {p}", False, p, False) for p in prefills]
-    variants += [(f"filter, prefill {p}, async prompt", False, p, True) for p in prefills]
+    variants += [(f"filter, prefill {prefills[-1]}, async prompt", False, prefills[-1], True)]
     print("\n| clients | variant | driver | tok/s | ratio to one wave | TTFT p50 ms |\n|---:|---|---|---:|---:|---:|",
           flush=True)
     for clients in [int(c) for c in args.clients.split(",")]:
         wave = max(timed_batch_generator(model, tokenizer, clients, args.max_tokens) for _ in range(3))
         print(f"| {clients} | one wave (batch_generate's way) | BatchGenerator | {wave:.0f} | 1.00 | - |", flush=True)
         for name, mlx_lm_filter, prefill, async_prompt in variants:
-            with variant(mlx_lm_filter, prefill, async_prompt):
+            with variant(mlx_lm_filter, async_prompt):
                 raw = median_of(args.repeat, closed_loop_generator, model, tokenizer, clients, args.max_tokens,
                                 args.rounds, prefill)
                 ours = median_of(args.repeat, closed_loop_batcher, folder, clients, args.max_tokens, args.rounds,
-                                 args.gather_steps)
+                                 args.gather_steps, prefill)
             for driver, (rate, ttft) in (("BatchGenerator", raw), ("our Batcher", ours)):
                 print(f"| {clients} | {name} | {driver} | {rate:.0f} | {rate / wave:.2f} | {ttft:.1f} |", flush=True)
 

@@ -136,10 +136,10 @@ def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: 
 
 
 def closed_loop_batcher(model_dir: Path, clients: int, max_tokens: int, rounds: int,
-                        gather_steps: int = 0) -> tuple[float, float]:
+                        gather_steps: int = 0, prefill_batch: int = 0) -> tuple[float, float]:
     """Our Batcher in the same closed loop (no IPC): (tok/s, median ms from submit to first token)."""
     config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(clients, 1), prompt_cache_bytes=0,
-                          prefill_gather_steps=gather_steps)
+                          prefill_gather_steps=gather_steps, prefill_batch=prefill_batch)
     batcher, events = warm_batcher(model_dir, config, max_tokens)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     left = {c: rounds for c in range(clients)}

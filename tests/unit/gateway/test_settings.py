@@ -55,7 +55,8 @@ def test_every_setting_is_documented() -> None:
         assert f"MLX_GATEWAY_{field.name.upper()}" in doc, field.name
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_running", 0), ("max_queue", -1), ("prefill_gather_steps", -1)])
+@pytest.mark.parametrize(("field", "value"), [("max_running", 0), ("max_queue", -1), ("prefill_gather_steps", -1),
+                                            ("prefill_batch", -1)])
 def test_counts_out_of_range_are_refused_naming_the_setting(field: str, value: int) -> None:
     with pytest.raises(ValueError, match=field):
         Settings(**{field: value}).check()  # type: ignore[arg-type]

@@ -254,14 +254,20 @@ def test_a_request_that_cannot_run_is_refused_at_once_even_while_arrivals_gather
     h.batcher.shutdown()
 
 
-def test_a_full_prefill_batch_of_arrivals_starts_without_waiting(models_dir: Path) -> None:
-    h = Harness(models_dir, prefill_gather_steps=1000)
+@pytest.mark.parametrize("configured, prefill_batch", [(0, 8), (3, 3)])  # 0: the CPU's default
+def test_a_full_prefill_batch_of_arrivals_starts_without_waiting(models_dir: Path, configured: int,
+                                                                 prefill_batch: int) -> None:
+    h = Harness(models_dir, prefill_gather_steps=1000, prefill_batch=configured)
     h.submit("a", max_tokens=40)
     h.batcher.step()
-    for i in range(8):  # a prefill batch's worth
+    for i in range(prefill_batch - 1):
         h.submit(f"r{i}", max_tokens=5)
     h.batcher.step()
-    assert (h.batcher.running, h.batcher.waiting) == (9, 0)
+    assert h.batcher.waiting == prefill_batch - 1  # one short of a prefill batch: they wait for company
+    h.submit("last", max_tokens=5)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (prefill_batch + 1, 0)
+    assert h.batcher._states["tiny"].generator.prefill_batch_size == prefill_batch
     h.run()
     h.batcher.shutdown()
 

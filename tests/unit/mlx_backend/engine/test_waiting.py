@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from mlx_backend.contract import Generate, SamplingParams
-from mlx_backend.engine.waiting import PREFILL_BATCH, WaitingRequests
+from mlx_backend.engine.waiting import WaitingRequests
 
 
 def command(rid: str, model: str = "m") -> Generate:
@@ -62,9 +62,9 @@ def test_the_oldest_arrival_gathers_company_through_the_given_steps_or_until_eno
     assert waiting.gathering(step=14, gather_steps=4, company=8)  # steps 11 to 14: four steps of waiting
     assert not waiting.gathering(step=15, gather_steps=4, company=8)
     assert not waiting.gathering(step=11, gather_steps=4, company=1)  # one free slot: nobody else could join
-    for i in range(PREFILL_BATCH - 1):
+    for i in range(8 - 1):
         waiting.add(command(f"r{i}"), step=11)
-    assert not waiting.gathering(step=12, gather_steps=4, company=PREFILL_BATCH)
+    assert not waiting.gathering(step=12, gather_steps=4, company=8)
 
 
 def test_take_all_empties_the_queue_and_its_memory() -> None:
