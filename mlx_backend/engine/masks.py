@@ -86,7 +86,9 @@ class MaskStep:
 
     def masked(self, row: MaskRow, logits: mx.array) -> mx.array:
         """`row`'s logits (1, width) with -inf wherever its grammar allows no token."""
-        allowed = self._allowed_tokens(logits)[self._positions[self._slot[id(row)]]]
+        allowed = self._allowed_tokens(logits)
+        if self._size > 1:
+            allowed = allowed[self._positions[self._slot[id(row)]]]
         return row.finish(mx.where(allowed, logits, -mx.inf), logits)
 
     def apply(self, logits: mx.array, finishing: Sequence[MaskRow]) -> mx.array:
@@ -114,9 +116,11 @@ class MaskStep:
             fed = self._fed.tolist()  # type: ignore[assignment]  # waits for the previous step only
         compiler = self._rows[0].compiler
         bitmask = compiler.bitmask(self._size)
-        plain = np.ones((self._size,), dtype=np.bool_)
-        plain[self._positions] = False
-        bitmask[plain] = -1  # every bit: every token
+        plain: np.ndarray | None = None  # rows without a grammar, if any
+        if len(self._rows) < self._size:
+            plain = np.ones((self._size,), dtype=np.bool_)
+            plain[self._positions] = False
+            bitmask[plain] = -1  # every bit: every token
         live: list[tuple[LLMatcher, int]] = []
         for row, i in zip(self._rows, self._positions, strict=True):
             matcher = row.prepare(None if fed is None else fed[i])

@@ -2,9 +2,11 @@
 process, the two ways taking turns (a script, not a test).
 
     python tests/benchmarks/bench_constrained_step.py [--vocab 512,32000] [--rows 8] [--steps 60] [--rounds 3]
+        [--hidden 64 --layers 2]
 
-A random llama (hidden 64, 2 layers: a CPU's step as short as it gets, so what the host adds shows; the
-synthetic vocabularies of bench_constrained.py), json_object rows (a random model keeps one going for as many
+A random llama (by default hidden 64, 2 layers: a CPU's step as short as it gets, so what the host adds shows;
+on a GPU, `--vocab 152064 --hidden 2048 --layers 16` is about the 1B shape; the synthetic vocabularies of
+bench_constrained.py), json_object rows (a random model keeps one going for as many
 steps as needed), greedy. Ways:
 - `batch, per-row`: the step planned (one mask computation for every row) but each row's processor called by
   mlx-lm's per-row loop (a slice, a token-context update, a `where` per row, then a concatenation): what
@@ -49,9 +51,12 @@ from tests.support import tiny_models as tm
 Sample = tuple[float, float]  # wall s, CPU s
 
 
-def tiny_model(folder: Path, vocab_size: int) -> tuple[Any, Any]:
+def tiny_model(folder: Path, vocab_size: int, hidden: int = 64, layers: int = 2) -> tuple[Any, Any]:
     width = -(-vocab_size // 128) * 128  # embeddings padded to a multiple of 128, as checkpoints often are
-    tm.make_tiny_model(folder, vocab_size=width, tokenizer="bpe", tokenizer_vocab_size=512)
+    heads = max(4, hidden // 64)
+    tm.make_tiny_model(folder, vocab_size=width, tokenizer="bpe", tokenizer_vocab_size=512, hidden_size=hidden,
+                       num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
+                       intermediate_size=2 * hidden if hidden <= 64 else 4 * hidden, dtype="bfloat16")
     tm._save_tokenizer(folder, synthetic_tokenizer(vocab_size), 512)
     model, wrapper = load(str(folder))[:2]
     return model, wrapper
@@ -104,11 +109,11 @@ def solo_steps(model: Any, prompt: list[int], processors: list[Any], steps: int,
     return samples
 
 
-def measure(vocab: int, rows: int, steps: int, rounds: int) -> dict[str, list[Sample]]:
+def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers: int) -> dict[str, list[Sample]]:
     any_object = Constraint("json_object")
     prompt = list(range(10, 74))
     with tempfile.TemporaryDirectory() as folder:
-        model, wrapper = tiny_model(Path(folder), vocab)
+        model, wrapper = tiny_model(Path(folder), vocab, hidden, layers)
         compiler = constrained.compiler_for(wrapper)
 
         def grammars(n: int) -> list[list[Any]]:
@@ -135,13 +140,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
     args = parser.parse_args()
-    print(f"mlx {mx.__version__} on {mx.default_device()}; {args.rows} rows, {args.steps} steps x {args.rounds} "
-          "rounds, the ways taking turns")
+    print(f"mlx {mx.__version__} on {mx.default_device()}; hidden {args.hidden}, {args.layers} layers, bf16; "
+          f"{args.rows} rows, {args.steps} steps x {args.rounds} rounds, the ways taking turns")
     print("| vocab | way | wall µs/step (median) | CPU µs/step (median) |")
     print("| ---: | --- | ---: | ---: |")
     for vocab in (int(v) for v in args.vocab.split(",")):
-        for way, taken in measure(vocab, args.rows, args.steps, args.rounds).items():
+        for way, taken in measure(vocab, args.rows, args.steps, args.rounds, args.hidden, args.layers).items():
             wall = statistics.median(s[0] for s in taken) * 1e6
             cpu = statistics.median(s[1] for s in taken) * 1e6
             print(f"| {vocab} | {way} | {wall:.0f} | {cpu:.0f} |", flush=True)
