@@ -602,8 +602,8 @@ def constrained_step(generator: Any) -> Iterator[None]:
     `MaskedForward` that masks the logits it returns, and the rows whose only processor is their grammar have
     their processors set aside (restored after): with no other processor in the batch, mlx-lm takes its path
     without a per-row loop. Rows with penalties or a logit bias keep theirs, grammar last, as before (their row
-    of the mask is applied twice: the same logits). Those rows' token contexts are then no longer kept, so
-    every later step of their batch must be planned here (the batcher's only way to step).
+    of the mask is applied twice: the same logits). mlx-lm keeps no token context for a row set aside, so once
+    planned, every later step of a batch must be planned here too (the batcher's only way to step).
 
     Reads mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_masks.py fails if it
     moves): the rows' uids and processors, the tokens sampled last step that this step feeds (still lazy:
