@@ -620,7 +620,7 @@ def constrained_step(generator: Any) -> Iterator[None]:
     for i, _ in alone:
         batch.logits_processors[i] = ()
     model = batch.model
-    batch.model = MaskedForward(model, step, [p for _, p in alone])
+    batch.model = forward = MaskedForward(model, step, [p for _, p in alone])
     try:
         yield
     finally:
@@ -630,6 +630,9 @@ def constrained_step(generator: Any) -> Iterator[None]:
                 batch.logits_processors[i] = set_aside[uid]
         for _, processor in rows:
             processor.plan(None)  # a step that failed before asking leaves no plan behind
+    if not forward.spent:  # loudly: the rows set aside would have sampled tokens their grammars forbid
+        raise RuntimeError("mlx-lm's generation step did not call the model it was given: constrained rows "
+                           "went unmasked (mlx_backend/engine/batcher.py, constrained_step)")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

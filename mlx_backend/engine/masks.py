@@ -145,6 +145,10 @@ class MaskedForward:
         self._step: MaskStep | None = step
         self._finishing = list(finishing)
 
+    @property
+    def spent(self) -> bool:
+        return self._step is None
+
     def __call__(self, *args: object, **kwargs: object) -> mx.array:
         logits = self._model(*args, **kwargs)
         step, self._step = self._step, None

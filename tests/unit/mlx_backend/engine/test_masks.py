@@ -175,6 +175,24 @@ def test_a_planned_step_masks_the_batch_in_one_op_without_a_per_row_loop(
     assert calls[id(after_penalties)] == len(decoded[4][0]) + 1  # a call a step: its penalties need their loop
 
 
+def test_a_planned_step_whose_model_is_never_called_fails_loudly_and_puts_everything_back(bpe: Loaded) -> None:
+    """Should mlx-lm's step stop calling the model it is given, the rows set aside would sample unmasked: the
+    step fails instead (the batcher then fails its requests), and the batch is left as it was."""
+    processor = bpe.compiler.processor(Constraint("json_object"))
+    generator: Any = BatchGenerator(bpe.model, stop_tokens=[[t] for t in sorted(bpe.eos)])
+    try:
+        generator.insert([bpe.prompt()], max_tokens=[50], logits_processors=[[processor]])
+        while not generator._generation_batch.uids:
+            generator.next()
+        batch = generator._generation_batch
+        model, processors = batch.model, list(batch.logits_processors)
+        with pytest.raises(RuntimeError, match="unmasked"), constrained_step(generator):
+            pass  # no step: the model was never called
+        assert batch.model is model and batch.logits_processors == processors and processor._step is None
+    finally:
+        generator.close()
+
+
 def test_a_request_alone_with_only_a_grammar_keeps_no_token_context(
     bpe: Loaded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
