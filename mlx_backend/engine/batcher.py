@@ -607,7 +607,8 @@ def constrained_step(generator: Any) -> Iterator[None]:
 
     Reads mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_masks.py fails if it
     moves): the rows' uids and processors, the tokens sampled last step that this step feeds (still lazy:
-    nothing waits), and the model its step calls (the prompt batch, and a new row's first step, call theirs)."""
+    nothing waits), and the model its step calls (the prompt batch, and a new row's first step, call theirs).
+    A step that never called that model fails, rather than let the rows set aside sample unmasked."""
     batch = generator._generation_batch
     rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
             if isinstance(p, ConstraintProcessor) and p.started]

@@ -119,7 +119,15 @@ def test_the_batched_path_gives_the_tokens_of_the_per_row_path(bpe: Loaded, monk
             assert_complete(bpe, tokens, reason, processors[0])  # each grammar held, to its EOS
 
 
-def test_the_batch_wide_path_gives_the_per_row_tokens_beside_plain_rows_and_penalties(bpe: Loaded) -> None:
+@pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
+def test_the_batch_wide_path_gives_the_per_row_tokens_beside_plain_rows_and_penalties(
+    bpe: Loaded, unpack: Callable[..., mx.array], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of unpacking the bitmask (a GPU's, and the CPU's), the model's logits wider than the
+    vocabulary (the padding: never allowed with a grammar, untouched without)."""
+    import mlx_backend.engine.masks as masks
+
+    monkeypatch.setattr(masks, "allowed_tokens", unpack)
     requests = greedy_rows(bpe)
     batch_wide = decode(bpe, requests, planned=True)
     assert batch_wide == decode(bpe, greedy_rows(bpe), planned=False)
