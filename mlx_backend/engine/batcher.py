@@ -44,7 +44,7 @@ from mlx_backend.contract import (
 from mlx_backend.engine import batch_cache, faults, vision
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
-from mlx_backend.engine.masks import plan_rows
+from mlx_backend.engine.masks import MaskedForward, plan_rows
 from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.plan import ChoicePlan, RequestPlan, plan_request
 from mlx_backend.engine.residency.events import ResidencyEvents
@@ -603,19 +603,45 @@ class Batcher:
 @contextlib.contextmanager
 def constrained_step(generator: Any) -> Iterator[None]:
     """Plan the coming step for the constrained rows of the batch: their masks are then computed together,
-    while the forward pass runs, and applied on the device (mlx_backend/engine/masks.py). Reads two attributes of
-    mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_batcher.py fails if they move): the
-    rows' processors, and the tokens sampled last step that this step feeds (still lazy: nothing waits)."""
+    while the forward pass runs, and applied to the whole batch's logits in one op (mlx_backend/engine/masks.py).
+
+    mlx-lm's step calls the processors row by row (a slice, a token-context update and a call per row, then a
+    concatenation) as soon as any row has one. So for this step the generation batch's model is a
+    `MaskedForward` that masks the logits it returns, and the rows whose only processor is their grammar have
+    their processors set aside (restored after): with no other processor in the batch, mlx-lm takes its path
+    without a per-row loop. Rows with penalties or a logit bias keep theirs, grammar last, as before (their row
+    of the mask is applied twice: the same logits). mlx-lm keeps no token context for a row set aside, so once
+    planned, every later step of a batch must be planned here too (the batcher's only way to step).
+
+    Reads mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_masks.py fails if it
+    moves): the rows' uids and processors, the tokens sampled last step that this step feeds (still lazy:
+    nothing waits), and the model its step calls (the prompt batch, and a new row's first step, call theirs).
+    A step that never called that model fails, rather than let the rows set aside sample unmasked."""
     batch = generator._generation_batch
     rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
             if isinstance(p, ConstraintProcessor) and p.started]
-    if rows:
-        plan_rows(rows, batch._next_tokens)
+    if not rows:
+        yield
+        return
+    step = plan_rows(rows, batch._next_tokens)
+    alone = [(i, p) for i, p in rows if tuple(batch.logits_processors[i]) == (p,)]
+    set_aside = {batch.uids[i]: batch.logits_processors[i] for i, _ in alone}
+    for i, _ in alone:
+        batch.logits_processors[i] = ()
+    model = batch.model
+    batch.model = forward = MaskedForward(model, step, [p for _, p in alone])
     try:
         yield
     finally:
+        batch.model = model
+        for i, uid in enumerate(batch.uids):  # rows that ended are gone, rows that joined come after
+            if uid in set_aside:
+                batch.logits_processors[i] = set_aside[uid]
         for _, processor in rows:
             processor.plan(None)  # a step that failed before asking leaves no plan behind
+    if not forward.spent:  # loudly: the rows set aside would have sampled tokens their grammars forbid
+        raise RuntimeError("mlx-lm's generation step did not call the model it was given: constrained rows "
+                           "went unmasked (mlx_backend/engine/batcher.py, constrained_step)")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

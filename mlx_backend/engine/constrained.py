@@ -8,7 +8,9 @@
 The processor follows mlx-lm's calling convention (`BatchGenerator`'s `GenerationBatch._step`, and
 `SoloGeneration._feed`): once per generated token, with every token so far (prompt included; the last one
 is the token just sampled, still lazy) and the logits (1, width) of the next. The first call sees the prompt
-and consumes nothing; each later call consumes the last token. The processor object must move with its
+and consumes nothing; each later call consumes the last token, and reads no other (so a request alone passes
+only the tokens its step feeds). A batch step the batcher planned may not call it at all: its mask is then
+applied with the whole batch's (mlx_backend/engine/masks.py). The processor object must move with its
 request (solo -> batch hand-off keeps the same list), which is what makes counting calls correct.
 
 Speed: the masks of a step are computed while its forward pass runs, every constrained row's in one call,
@@ -163,8 +165,8 @@ class ConstraintProcessor:
         step, self._step = self._step, None
         if step is None:  # not planned: a step of this row alone
             fed = None
-            if self._started:
-                fed = tokens[-1:]  # the token sampled in the previous step, which this step feeds
+            if self._started:  # the token sampled in the previous step, which this step feeds
+                fed = tokens if tokens.shape[0] == 1 else tokens[-1:]  # a request alone passes just that token
                 _async_eval(fed)  # queued before the forward pass: reading it does not wait for that
             step = MaskStep([self], fed, [0])
         return step.masked(self, logits)
@@ -191,9 +193,14 @@ class ConstraintProcessor:
                 self._fail("no token can continue the output")
         return self._error is None
 
+    @property
+    def guides(self) -> bool:
+        """Whether `finish` replaces this step's masked logits (closing is near)."""
+        return self._guided and self._error is None
+
     def finish(self, masked: mx.array, logits: mx.array) -> mx.array:
         """The logits to sample from: `masked`, or once closing is near, the one token chosen to close."""
-        if not self._guided or self._error is not None:
+        if not self.guides:
             return masked
         token = self._guide(masked)
         return mx.where(mx.arange(logits.shape[-1]) == token, logits, -mx.inf)

@@ -20,6 +20,13 @@ request (its EOS, or the one that uses up max_tokens) is handed out and never fe
 The batcher plans a batch's step (`MaskStep` over the rows whose processors have started) before it runs it;
 a processor that was not planned (a request alone, a row's first step, mlx-lm driven directly) makes a step
 of its own row (`ConstraintProcessor.__call__`).
+
+The whole batch at once: a step's masks are one (batch, width) matrix, all true for a row without a grammar,
+and `MaskStep.apply` masks the batch's logits with one `mx.where`. The batcher hands mlx-lm's generation step
+a `MaskedForward` model that does this to the forward pass's last logits, and lets the rows whose only
+processor is their grammar skip mlx-lm's per-row processor loop for that step (batcher.constrained_step);
+a row that also has penalties or a logit bias keeps that loop, where its processor applies its own row of
+the same matrix (after them).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import mlx.core as mx
 import numpy as np
 from llguidance import LLExecutor, LLMatcher
 
-__all__ = ["MaskStep", "allowed_tokens", "fill_bitmask", "plan_rows"]
+__all__ = ["MaskStep", "MaskedForward", "allowed_tokens", "fill_bitmask", "plan_rows"]
 
 _async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
 
@@ -57,47 +64,97 @@ class MaskRow(Protocol):
 
     def check(self, words: np.ndarray) -> bool: ...
 
+    @property
+    def guides(self) -> bool: ...  # after `check`: whether `finish` changes this step's masked logits
+
     def finish(self, masked: mx.array, logits: mx.array) -> mx.array: ...
 
 
 class MaskStep:
     """The masks of one step's constrained rows. `fed` holds the tokens the step feeds (lazy: the previous
-    step's samples), `positions[i]` the place of row i's token in it; None for a first step (the prompt is
-    fed: nothing to consume). The first row to ask (`masked`) computes every row's mask."""
+    step's samples), `positions[i]` the place of row i in the batch (and of its token in `fed`); `fed` is None
+    for a first step (the prompt is fed: nothing to consume). The first to ask (`masked` or `apply`) computes
+    every row's mask, as one (batch, width) matrix: rows without a grammar allow every token."""
 
     def __init__(self, rows: Sequence[MaskRow], fed: mx.array | None, positions: Sequence[int]) -> None:
         self._rows = list(rows)
         self._slot = {id(row): i for i, row in enumerate(self._rows)}
         self._fed = fed
         self._positions = list(positions)
+        self._size = fed.shape[0] if fed is not None else max(self._positions) + 1  # the batch's rows
         self._allowed: mx.array | None = None
 
     def masked(self, row: MaskRow, logits: mx.array) -> mx.array:
         """`row`'s logits (1, width) with -inf wherever its grammar allows no token."""
+        allowed = self._allowed_tokens(logits)
+        if self._size > 1:
+            allowed = allowed[self._positions[self._slot[id(row)]]]
+        return row.finish(mx.where(allowed, logits, -mx.inf), logits)
+
+    def apply(self, logits: mx.array, finishing: Sequence[MaskRow]) -> mx.array:
+        """The batch's logits (batch, width), every row's mask applied in one `mx.where`. The rows in
+        `finishing` are not called in this step (their processors stand aside): their `finish` is asked here,
+        and only costs a row of its own once closing is near."""
+        masked = mx.where(self._allowed_tokens(logits), logits, -mx.inf)
+        guided = {self._positions[self._slot[id(row)]]: row for row in finishing if row.guides}
+        if not guided:
+            return masked
+        pieces = [masked[i:i + 1] for i in range(self._size)]
+        for i, row in guided.items():
+            pieces[i] = row.finish(pieces[i], logits[i:i + 1])
+        return mx.concatenate(pieces, axis=0)
+
+    def _allowed_tokens(self, logits: mx.array) -> mx.array:
         if self._allowed is None:
             _async_eval(logits)  # the forward pass of the whole batch (a row's logits are a slice of it)
             self._allowed = self._compute(logits.shape[-1])
-        masked = mx.where(self._allowed[self._slot[id(row)]], logits, -mx.inf)
-        return row.finish(masked, logits)
+        return self._allowed
 
     def _compute(self, width: int) -> mx.array:
         fed: list[int] | None = None
         if self._fed is not None:
             fed = self._fed.tolist()  # type: ignore[assignment]  # waits for the previous step only
         compiler = self._rows[0].compiler
-        bitmask = compiler.bitmask(len(self._rows))
+        bitmask = compiler.bitmask(self._size)
+        plain: np.ndarray | None = None  # rows without a grammar, if any
+        if len(self._rows) < self._size:
+            plain = np.ones((self._size,), dtype=np.bool_)
+            plain[self._positions] = False
+            bitmask[plain] = -1  # every bit: every token
         live: list[tuple[LLMatcher, int]] = []
-        for i, row in enumerate(self._rows):
-            matcher = row.prepare(None if fed is None else fed[self._positions[i]])
+        for row, i in zip(self._rows, self._positions, strict=True):
+            matcher = row.prepare(None if fed is None else fed[i])
             if matcher is None:
                 bitmask[i] = compiler.eos_words
             else:
                 live.append((matcher, i))
         fill_bitmask(live, bitmask)
-        for i, row in enumerate(self._rows):
+        for row, i in zip(self._rows, self._positions, strict=True):
             if not row.check(bitmask[i]):
                 bitmask[i] = compiler.eos_words
-        return allowed_tokens(bitmask, width)
+        return allowed_tokens(bitmask, width, plain)
+
+
+class MaskedForward:
+    """The model for one generation step of a batch: called as the model, it returns logits whose last
+    position has `step`'s masks applied (`MaskStep.apply`). Spent after one call: any later call is the
+    model's own."""
+
+    def __init__(self, model: Callable[..., mx.array], step: MaskStep, finishing: Sequence[MaskRow]) -> None:
+        self._model = model
+        self._step: MaskStep | None = step
+        self._finishing = list(finishing)
+
+    @property
+    def spent(self) -> bool:
+        return self._step is None
+
+    def __call__(self, *args: object, **kwargs: object) -> mx.array:
+        logits = self._model(*args, **kwargs)
+        step, self._step = self._step, None
+        if step is None:
+            return logits
+        return step.apply(logits[:, -1, :], self._finishing)[:, None, :]
 
 
 def plan_rows(rows: Sequence[tuple[int, MaskRow]], fed: mx.array) -> MaskStep:
@@ -120,29 +177,37 @@ def fill_bitmask(rows: list[tuple[LLMatcher, int]], bitmask: np.ndarray) -> None
         _executor().unsafe_compute_mask_ptr(rows, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
 
 
-def allowed_tokens(bitmask: np.ndarray, width: int) -> mx.array:
+def allowed_tokens(bitmask: np.ndarray, width: int, plain: np.ndarray | None = None) -> mx.array:
     """The bitmask (rows, words) as booleans (rows, width): bit b of word w is token 32 w + b (little-endian).
-    Tokens past the bitmask (the embedding's padding) are not allowed. On a GPU the words go to the device
+    Tokens past the bitmask (the embedding's padding) are not allowed, except in the `plain` rows (a bool per
+    row: a row without a grammar, its words all ones, allows every token). On a GPU the words go to the device
     as they are and are unpacked there; on the CPU numpy unpacks them faster than MLX's CPU kernels."""
     if mx.default_device().type == mx.cpu:
-        return unpacked_on_host(bitmask, width)
-    return unpacked_on_device(bitmask, width)
+        return unpacked_on_host(bitmask, width, plain)
+    return unpacked_on_device(bitmask, width, plain)
 
 
-def unpacked_on_device(bitmask: np.ndarray, width: int) -> mx.array:
+def unpacked_on_device(bitmask: np.ndarray, width: int, plain: np.ndarray | None = None) -> mx.array:
     rows, words = bitmask.shape
-    bits = (mx.array(bitmask)[:, :, None] >> mx.arange(32, dtype=mx.int32)) & 1
-    flat = bits.reshape(rows, words * 32)
+    flat = ((mx.array(bitmask)[:, :, None] & _bits()) != 0).reshape(rows, words * 32)  # two kernels
     if words * 32 >= width:
-        flat = flat[:, :width]
-    else:
-        flat = mx.concatenate([flat, mx.zeros((rows, width - words * 32), dtype=flat.dtype)], axis=1)
-    return flat.astype(mx.bool_)
+        return flat[:, :width]
+    fill = np.zeros((rows,), dtype=np.bool_) if plain is None else plain
+    past = mx.broadcast_to(mx.array(fill)[:, None], (rows, width - words * 32))
+    return mx.concatenate([flat, past], axis=1)
 
 
-def unpacked_on_host(bitmask: np.ndarray, width: int) -> mx.array:
+def unpacked_on_host(bitmask: np.ndarray, width: int, plain: np.ndarray | None = None) -> mx.array:
     bits = np.unpackbits(bitmask.view(np.uint8), axis=1, count=width, bitorder="little")  # zeros past the words
+    if plain is not None:
+        bits[plain] = 1
     return mx.array(bits.view(np.bool_))
+
+
+@functools.cache
+def _bits() -> mx.array:
+    """Bit b of a word, for b in 0..31, as int32 (bit 31 is the sign)."""
+    return mx.array((np.uint32(1) << np.arange(32, dtype=np.uint32)).view(np.int32))
 
 
 @functools.cache

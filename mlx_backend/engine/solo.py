@@ -18,6 +18,7 @@ from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 from mlx_backend import timeline
+from mlx_backend.engine.constrained import ConstraintProcessor
 from mlx_backend.engine.pacing import PrefillPacer
 
 # The library's untyped calls, given types once here.
@@ -64,7 +65,10 @@ class SoloGeneration:
         self._rest = prompt[cached_tokens:]
         self._pacer = pacer or PrefillPacer.fixed(prefill_step_size)
         self._on_prefill_chunk = on_prefill_chunk
-        self._context = _token_buffer(self.tokens_in_cache) if self.logits_processors else None
+        # Every token so far, for processors that read them (penalties); a grammar reads only the token a step
+        # feeds, so a request whose only processor is its grammar keeps no context (a buffer update a step).
+        needs_context = any(not isinstance(p, ConstraintProcessor) for p in self.logits_processors)
+        self._context = _token_buffer(self.tokens_in_cache) if needs_context else None
         self._pending: tuple[mx.array, mx.array] | None = None  # the next token and its logprobs, computing
         self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
         self.prefilled = 0  # prompt tokens the last `next_token` call prefilled (the first call's work)
@@ -105,10 +109,10 @@ class SoloGeneration:
 
     def _feed(self, tokens: mx.array) -> tuple[mx.array, mx.array]:
         """Run `tokens` (1-D) after the cache; the next token and its logprobs, lazily. Logits processors
-        see every token so far, prompt included, as BatchGenerator shows them."""
+        see every token so far, prompt included, as BatchGenerator shows them (grammars alone: `tokens`)."""
         logits = self.model(tokens[None], cache=self.prompt_cache)[:, -1, :]
-        if self._context is not None:
-            context = self._context.update_and_fetch(tokens)
+        if self.logits_processors:
+            context = tokens if self._context is None else self._context.update_and_fetch(tokens)
             for processor in self.logits_processors:
                 logits = processor(context, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)

@@ -13,7 +13,10 @@ each timed step feeds every row its next token, as decoding does. Per step:
 Run against another revision (`git archive REV | tar -x -C DIR`) with `--repo DIR`: a revision whose
 processors have `begin_step` is driven the way its batcher drove them (the token before the step, masks on
 worker threads, each row's mask turned into a bool array on the host); a later one with `plan_rows`
-(mlx_backend/masks.py), and, as `per-row`, with each row a step of its own (a processor nobody planned).
+(mlx_backend/masks.py): as `batched`, each row's processor called (a slice, a `where`, and the concatenation
+mlx-lm's per-row loop makes), as `batch-wide` (a revision with `MaskStep.apply`) the whole batch's logits
+masked in one op as the batcher's planned step does, and, as `per-row`, each row a step of its own (a
+processor nobody planned).
 `demo` is the demo model's vocabulary (2048 tokens); a number is a synthetic byte-level vocabulary of that
 size (bench_constrained.py's).
 """
@@ -58,6 +61,8 @@ def main() -> None:
 
     planned = hasattr(constrained.ConstraintProcessor, "plan")
     modes = ["batched", "per-row"] if planned else ["before: begin_step"]
+    if hasattr(constrained.ConstraintProcessor, "guides"):  # MaskStep.apply: the whole batch in one op
+        modes.insert(0, "batch-wide")
     grammars = [SCHEMA, Constraint("json_object"),
                 Constraint("lark", "start: " + json_value_for_lark(json.loads(SCHEMA.source)))]
     where = Path(constrained.__file__).parents[1]
@@ -105,17 +110,22 @@ def _run(mx: Any, constrained: Any, compiler: Any, grammars: list[Any], document
         fed = mx.array(tokens)
         mx.eval(fed)
         began, began_cpu = time.perf_counter(), time.process_time()
-        if mode == "batched":
+        if mode in ("batched", "batch-wide"):
             from mlx_backend.engine.masks import plan_rows
 
-            plan_rows(list(enumerate(processors)), fed)
+            planned_step = plan_rows(list(enumerate(processors)), fed)
         elif mode.startswith("before"):
             for processor, token in zip(processors, tokens, strict=True):
                 processor.begin_step(token)
-        outs = []
-        for row, processor in enumerate(processors):
-            ctx = mx.concatenate([context, fed[row:row + 1]]) if mode == "per-row" else context
-            outs.append(processor(ctx, logits[row:row + 1]))
+        if mode == "batch-wide":
+            outs = [planned_step.apply(logits, processors)]
+        else:
+            outs = []
+            for row, processor in enumerate(processors):
+                ctx = mx.concatenate([context, fed[row:row + 1]]) if mode == "per-row" else context
+                outs.append(processor(ctx, logits[row:row + 1]))
+            if mode != "per-row":
+                outs = [mx.concatenate(outs, axis=0)]  # as mlx-lm's per-row loop ends
         built, built_cpu = time.perf_counter(), time.process_time()
         mx.eval(outs)
         done = time.perf_counter()

@@ -1,9 +1,12 @@
 """A step's grammar masks, all rows at once (mlx_backend/engine/masks.py): the batched path the batcher plans gives
-exactly the tokens of the per-row path, for rows with different grammars and samplers side by side; a row
-without a grammar is untouched; the bitmask unpacked (on the device, or by numpy on the CPU) is llguidance's bitmask."""
+exactly the tokens of the per-row path, for rows with different grammars and samplers side by side, rows with
+penalties and rows the closing reserve guides; it masks the whole batch in one op, so mlx-lm's step runs no
+per-row processor loop; a row without a grammar is untouched; the bitmask unpacked (on the device, or by numpy
+on the CPU) is llguidance's bitmask."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -11,11 +14,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
+from mlx_backend.contract import Constraint
 from mlx_backend.engine.batcher import constrained_step
+from mlx_backend.engine.constrained import ConstraintProcessor
 from mlx_backend.engine.masks import MaskStep, unpacked_on_device, unpacked_on_host
-from mlx_backend.engine.sampling import SeededSampler
+from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import json_value_for_lark
 from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, Loaded, assert_complete, bpe
@@ -39,6 +45,28 @@ def rows(loaded: Loaded) -> list[tuple[list[int], list[Any], Any]]:
          SeededSampler(1.0, 1.0, seed=4)),
         (loaded.prompt(), [loaded.processor("lark", f'start: <|tool|> "<call>" {json_value_for_lark(TOOL_ARGUMENTS)} '
                                                     '"</call>"')], greedy_sampler),
+    ]
+
+
+def greedy_rows(loaded: Loaded, max_tokens: int | None = None) -> list[tuple[list[int], list[Any], Any]]:
+    """Fresh greedy rows: three grammars alone (a budget of `max_tokens` gives them the closing reserve), a
+    plain row, a plain row with penalties, and a grammar after penalties."""
+    def grammar(kind: str, source: Any = "") -> ConstraintProcessor:
+        text = source if isinstance(source, str) else json.dumps(source)
+        return loaded.compiler.processor(Constraint(kind, text, strict=True), max_tokens)  # type: ignore[arg-type]
+
+    def penalties(prompt: list[int]) -> PenaltyProcessor:
+        return PenaltyProcessor(presence=1.5, frequency=1.0, prompt_tokens=len(prompt))
+
+    story, answer = loaded.prompt("Tell me a story."), loaded.prompt()
+    return [
+        (answer, [grammar("json_schema", SCHEMAS["nested objects"])], greedy_sampler),
+        (story, [], greedy_sampler),
+        (answer, [grammar("json_object")], greedy_sampler),
+        (story, [penalties(story)], greedy_sampler),
+        (answer, [penalties(answer), grammar("json_schema", SCHEMAS["array of enums"])], greedy_sampler),
+        (answer, [grammar("lark", f'start: <|tool|> "<call>" {json_value_for_lark(TOOL_ARGUMENTS)} "</call>"')],
+         greedy_sampler),
     ]
 
 
@@ -91,6 +119,106 @@ def test_the_batched_path_gives_the_tokens_of_the_per_row_path(bpe: Loaded, monk
             assert_complete(bpe, tokens, reason, processors[0])  # each grammar held, to its EOS
 
 
+@pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
+def test_the_batch_wide_path_gives_the_per_row_tokens_beside_plain_rows_and_penalties(
+    bpe: Loaded, unpack: Callable[..., mx.array], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of unpacking the bitmask (a GPU's, and the CPU's), the model's logits wider than the
+    vocabulary (the padding: never allowed with a grammar, untouched without)."""
+    import mlx_backend.engine.masks as masks
+
+    monkeypatch.setattr(masks, "allowed_tokens", unpack)
+    requests = greedy_rows(bpe)
+    batch_wide = decode(bpe, requests, planned=True)
+    assert batch_wide == decode(bpe, greedy_rows(bpe), planned=False)
+    for (tokens, reason), (_, processors, _) in zip(batch_wide, requests, strict=True):
+        if processors and isinstance(processors[-1], ConstraintProcessor):
+            assert_complete(bpe, tokens, reason, processors[-1])
+
+
+def test_rows_the_closing_reserve_guides_get_the_per_row_tokens(bpe: Loaded) -> None:
+    """A budget too short for the random model to close by itself: the last tokens are chosen by the reserve
+    (`finish`), which the batch-wide step asks for the rows whose processors stood aside."""
+    requests = greedy_rows(bpe, max_tokens=24)
+    batch_wide = decode(bpe, requests, planned=True, max_tokens=24)
+    assert batch_wide == decode(bpe, greedy_rows(bpe, max_tokens=24), planned=False, max_tokens=24)
+    alone = [processors[0] for _, processors, _ in requests if len(processors) == 1
+             and isinstance(processors[0], ConstraintProcessor)]
+    assert any(p.closed_by_reserve for p in alone)  # the reserve did choose tokens in the batch-wide step
+
+
+def test_a_planned_step_masks_the_batch_in_one_op_without_a_per_row_loop(
+    bpe: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row whose only processor is its grammar is called once, for its first step (its prompt is fed, in a
+    batch of its own): every later step masks it with the whole batch's logits (`MaskStep.apply`) and mlx-lm
+    updates no row's token context. A grammar after penalties is still called at every step."""
+    calls: dict[int, int] = {}
+    call = ConstraintProcessor.__call__
+    monkeypatch.setattr(ConstraintProcessor, "__call__",
+                        lambda self, tokens, logits: (calls.__setitem__(id(self), calls.get(id(self), 0) + 1),
+                                                      call(self, tokens, logits))[1])
+    applied: list[int] = []
+    apply = MaskStep.apply
+    monkeypatch.setattr(MaskStep, "apply",
+                        lambda self, logits, finishing: (applied.append(logits.shape[0]),
+                                                         apply(self, logits, finishing))[1])
+    updates: list[int] = []
+    update = TokenBuffer.update_and_fetch
+    monkeypatch.setattr(TokenBuffer, "update_and_fetch",
+                        lambda self, tokens: (updates.append(1), update(self, tokens))[1])
+    requests = [r for r in greedy_rows(bpe) if all(isinstance(p, ConstraintProcessor) for p in r[1])]
+    decoded = decode(bpe, requests, planned=True)
+    constrained = [processors[0] for _, processors, _ in requests if processors]
+    assert [calls[id(p)] for p in constrained] == [1] * len(constrained)
+    assert len(updates) == len(constrained)  # each one's first step only
+    longest = max(len(tokens) for (tokens, _), (_, processors, _) in zip(decoded, requests, strict=True) if processors)
+    # Each step after the first (mlx-lm hands a token out in the step that feeds it), the whole batch at once.
+    assert len(applied) == longest and applied[0] == len(requests)
+
+    calls.clear()
+    mixed = greedy_rows(bpe)
+    decoded = decode(bpe, mixed, planned=True)
+    after_penalties = mixed[4][1][-1]
+    assert calls[id(after_penalties)] == len(decoded[4][0]) + 1  # a call a step: its penalties need their loop
+
+
+def test_a_planned_step_whose_model_is_never_called_fails_loudly_and_puts_everything_back(bpe: Loaded) -> None:
+    """Should mlx-lm's step stop calling the model it is given, the rows set aside would sample unmasked: the
+    step fails instead (the batcher then fails its requests), and the batch is left as it was."""
+    processor = bpe.compiler.processor(Constraint("json_object"))
+    generator: Any = BatchGenerator(bpe.model, stop_tokens=[[t] for t in sorted(bpe.eos)])
+    try:
+        generator.insert([bpe.prompt()], max_tokens=[50], logits_processors=[[processor]])
+        while not generator._generation_batch.uids:
+            generator.next()
+        batch = generator._generation_batch
+        model, processors = batch.model, list(batch.logits_processors)
+        with pytest.raises(RuntimeError, match="unmasked"), constrained_step(generator):
+            pass  # no step: the model was never called
+        assert batch.model is model and batch.logits_processors == processors and processor._step is None
+    finally:
+        generator.close()
+
+
+def test_a_request_alone_with_only_a_grammar_keeps_no_token_context(
+    bpe: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grammar reads only the token a step feeds: no buffer of every token so far is updated each step, and
+    the tokens are the batch's."""
+    updates: list[int] = []
+    update = TokenBuffer.update_and_fetch
+    monkeypatch.setattr(TokenBuffer, "update_and_fetch",
+                        lambda self, tokens: (updates.append(1), update(self, tokens))[1])
+    request = greedy_rows(bpe)[0]
+    generation = SoloGeneration(bpe.model, request[0], None, 0, greedy_sampler, request[1], prefill_step_size=64)
+    tokens: list[int] = []
+    while not tokens or tokens[-1] not in bpe.eos:
+        tokens.append(generation.next_token(more=True))
+    assert updates == []
+    assert (tokens, "stop") == decode(bpe, [greedy_rows(bpe)[0]], planned=True)[0]
+
+
 def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
     with_neighbours = decode(bpe, rows(bpe), planned=True)
     without = decode(bpe, [(prompt, [], sampler) for prompt, _, sampler in rows(bpe)], planned=True)
@@ -100,13 +228,17 @@ def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
 
 @pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
 @pytest.mark.parametrize("width", [64, 70, 96, 130])
-def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[[np.ndarray, int], mx.array]) -> None:
+def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[..., mx.array]) -> None:
     rng = np.random.default_rng(width)
     bitmask = rng.integers(-(2**31), 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)  # 96 tokens a row
     expected = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").astype(bool)[:, :width]
     if width > 96:  # the embedding's padding past the vocabulary: never allowed
         expected = np.concatenate([expected, np.zeros((3, width - 96), dtype=bool)], axis=1)
     assert np.array_equal(np.array(unpack(bitmask, width)), expected)
+    plain = np.array([False, True, False])  # a row without a grammar: its words all ones, and every token past
+    bitmask[1] = -1
+    expected[1] = True
+    assert np.array_equal(np.array(unpack(bitmask, width, plain)), expected)
 
 
 def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(

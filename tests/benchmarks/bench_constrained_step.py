@@ -1,0 +1,158 @@
+"""One constrained decode step, the way the engine takes it now against the way it took it before, in one
+process, the two ways taking turns (a script, not a test).
+
+    python tests/benchmarks/bench_constrained_step.py [--vocab 512,32000] [--rows 8] [--steps 60] [--rounds 3]
+        [--hidden 64 --layers 2]
+
+A random llama (by default hidden 64, 2 layers: a CPU's step as short as it gets, so what the host adds shows;
+on a GPU, `--vocab 152064 --hidden 2048 --layers 16` is about the 1B shape; the synthetic vocabularies of
+bench_constrained.py), json_object rows (a random model keeps one going for as many
+steps as needed), greedy. Ways:
+- `batch, per-row`: the step planned (one mask computation for every row) but each row's processor called by
+  mlx-lm's per-row loop (a slice, a token-context update, a `where` per row, then a concatenation): what
+  `constrained_step` did before the batch-wide path;
+- `batch, batch-wide`: `constrained_step` now: one `where` over the whole batch's logits, no per-row loop;
+- `batch, plain`: the same rows without grammars (mlx-lm's own path), the floor;
+- `solo, context` / `solo, no context`: a request alone, with the token buffer a grammar used to be passed /
+  with only the token its step feeds (now), and `solo, plain`.
+Per step: wall µs and the process's CPU µs (all threads), median over every step of every round. On a CPU the
+step is mostly the model's compute; on a GPU the step is short and what the host adds shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import mlx.core as mx
+from bench_constrained import synthetic_tokenizer
+from mlx_lm import load
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import TokenBuffer
+from mlx_lm.sample_utils import greedy_sampler
+
+from mlx_backend.contract import Constraint
+from mlx_backend.engine import constrained
+from mlx_backend.engine.batcher import constrained_step
+from mlx_backend.engine.masks import plan_rows
+from mlx_backend.engine.solo import SoloGeneration
+from tests.support import tiny_models as tm
+
+Sample = tuple[float, float]  # wall s, CPU s
+
+
+def tiny_model(folder: Path, vocab_size: int, hidden: int = 64, layers: int = 2) -> tuple[Any, Any]:
+    width = -(-vocab_size // 128) * 128  # embeddings padded to a multiple of 128, as checkpoints often are
+    heads = max(4, hidden // 64)
+    tm.make_tiny_model(folder, vocab_size=width, tokenizer="bpe", tokenizer_vocab_size=512, hidden_size=hidden,
+                       num_layers=layers, num_heads=heads, num_kv_heads=max(1, heads // 4),
+                       intermediate_size=2 * hidden if hidden <= 64 else 4 * hidden, dtype="bfloat16")
+    tm._save_tokenizer(folder, synthetic_tokenizer(vocab_size), 512)
+    model, wrapper = load(str(folder))[:2]
+    return model, wrapper
+
+
+@contextlib.contextmanager
+def planned_per_row(generator: Any) -> Iterator[None]:
+    """The step planned, its processors left to mlx-lm's per-row loop (constrained_step before)."""
+    batch = generator._generation_batch
+    rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
+            if isinstance(p, constrained.ConstraintProcessor) and p.started]
+    if rows:
+        plan_rows(rows, batch._next_tokens)
+    try:
+        yield
+    finally:
+        for _, processor in rows:
+            processor.plan(None)
+
+
+def batch_steps(model: Any, prompt: list[int], processors: list[list[Any]], steps: int,
+                step: Callable[[Any], contextlib.AbstractContextManager[None]]) -> list[Sample]:
+    generator: Any = BatchGenerator(model, stop_tokens=[])
+    generator.insert([prompt] * len(processors), max_tokens=[steps + 8] * len(processors),
+                     samplers=[greedy_sampler] * len(processors), logits_processors=processors)
+    for _ in range(4):  # prefill and warm-up
+        with step(generator):
+            generator.next()
+    samples = []
+    for _ in range(steps):
+        began, began_cpu = time.perf_counter(), time.process_time()
+        with step(generator):
+            generator.next()
+        samples.append((time.perf_counter() - began, time.process_time() - began_cpu))
+    generator.close()
+    return samples
+
+
+def solo_steps(model: Any, prompt: list[int], processors: list[Any], steps: int, context: bool) -> list[Sample]:
+    generation = SoloGeneration(model, prompt, None, 0, greedy_sampler, processors, prefill_step_size=512)
+    if context and processors:
+        generation._context = TokenBuffer(list(generation.tokens_in_cache))  # as every processor had it before
+    for _ in range(3):
+        generation.next_token(more=True)
+    samples = []
+    for _ in range(steps):
+        began, began_cpu = time.perf_counter(), time.process_time()
+        generation.next_token(more=True)
+        samples.append((time.perf_counter() - began, time.process_time() - began_cpu))
+    return samples
+
+
+def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers: int) -> dict[str, list[Sample]]:
+    any_object = Constraint("json_object")
+    prompt = list(range(10, 74))
+    with tempfile.TemporaryDirectory() as folder:
+        model, wrapper = tiny_model(Path(folder), vocab, hidden, layers)
+        compiler = constrained.compiler_for(wrapper)
+
+        def grammars(n: int) -> list[list[Any]]:
+            return [[compiler.processor(any_object)] for _ in range(n)]
+
+        ways: dict[str, Callable[[], list[Sample]]] = {
+            "batch, plain": lambda: batch_steps(model, prompt, [[] for _ in range(rows)], steps, constrained_step),
+            "batch, per-row": lambda: batch_steps(model, prompt, grammars(rows), steps, planned_per_row),
+            "batch, batch-wide": lambda: batch_steps(model, prompt, grammars(rows), steps, constrained_step),
+            "solo, plain": lambda: solo_steps(model, prompt, [], steps, context=False),
+            "solo, context": lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=True),
+            "solo, no context": lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=False),
+        }
+        samples: dict[str, list[Sample]] = {way: [] for way in ways}
+        for _ in range(rounds):
+            for way, run in ways.items():
+                samples[way].extend(run())
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", default="512,32000")
+    parser.add_argument("--rows", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    print(f"mlx {mx.__version__} on {mx.default_device()}; hidden {args.hidden}, {args.layers} layers, bf16; "
+          f"{args.rows} rows, {args.steps} steps x {args.rounds} rounds, the ways taking turns")
+    print("| vocab | way | wall µs/step (median) | CPU µs/step (median) |")
+    print("| ---: | --- | ---: | ---: |")
+    for vocab in (int(v) for v in args.vocab.split(",")):
+        for way, taken in measure(vocab, args.rows, args.steps, args.rounds, args.hidden, args.layers).items():
+            wall = statistics.median(s[0] for s in taken) * 1e6
+            cpu = statistics.median(s[1] for s in taken) * 1e6
+            print(f"| {vocab} | {way} | {wall:.0f} | {cpu:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
