@@ -54,10 +54,12 @@ class ChatOpenAIOnAGateway(ChatModelIntegrationTests):
         make_tiny_model(models / OVERRIDE_MODEL)
         log = tmp_path_factory.mktemp("logs") / "server.log"
         server = ServerProcess(self.server_args(models, request), log).start()
-        self.wait_until_serving(server)
-        type(self).server = server
-        yield server
-        server.stop()
+        try:
+            self.wait_until_serving(server)
+            type(self).server = server
+            yield server
+        finally:
+            server.stop()
 
     @property
     def chat_model_class(self) -> type[ChatOpenAI]:
