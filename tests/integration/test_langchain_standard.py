@@ -12,78 +12,33 @@ such parts are tested in tests/unit/gateway/test_errors.py and the API tests.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
-from langchain_openai import ChatOpenAI
-from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from mlx_backend.demo import DEMO_MODEL_ID
-from tests.support.server import ServerProcess
-from tests.support.tiny_models import make_tiny_model
+from tests.support.langchain_standard import ChatOpenAIOnAGateway
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
-
-_server: dict[str, ServerProcess] = {}
 
 NEEDS_A_TRAINED_MODEL = "needs a model that understands the prompt; the demo model is 2M parameters of nonsense"
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
+class TestChatOpenAIOnMlxGateway(ChatOpenAIOnAGateway):
+    served_model = DEMO_MODEL_ID
+    chat_params: ClassVar[dict[str, Any]] = {"temperature": 0.7, "seed": 1, "max_tokens": 400}
 
-
-@pytest.fixture(scope="module", autouse=True)
-async def one_event_loop_for_the_module(anyio_backend: str) -> AsyncIterator[None]:
-    """ChatOpenAI caches its async HTTP client across model instances, so every async test must run on the
-    same event loop; a module-scoped async fixture keeps anyio's runner (and its loop) alive between them."""
-    yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    log: Path = tmp_path_factory.mktemp("logs") / "server.log"
-    models = tmp_path_factory.mktemp("models")
-    make_tiny_model(models / "tiny")  # the other model the model-override tests switch to
-    server = ServerProcess(["--demo-model", "--models-dir", str(models), "--max-tokens-default", "128"], log).start()
-    server.wait_ready()
-    _server["demo"] = server
-    yield server
-    server.stop()
-
-
-class TestChatOpenAIOnMlxGateway(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatOpenAI]:
-        return ChatOpenAI
-
-    @property
-    def chat_model_params(self) -> dict[str, Any]:
-        return {"model": DEMO_MODEL_ID, "base_url": _server["demo"].base_url + "/v1", "api_key": "unused",
-                "max_retries": 0, "temperature": 0.7, "seed": 1, "max_tokens": 400, "stream_usage": True}
+    def server_args(self, models: Path, request: pytest.FixtureRequest) -> list[str]:
+        return ["--demo-model", "--models-dir", str(models), "--max-tokens-default", "128"]
 
     @property
     def has_tool_choice(self) -> bool:
         return True
 
     @property
-    def supports_json_mode(self) -> bool:
-        return True
-
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
-
-    @property
     def supports_image_inputs(self) -> bool:
         return False
-
-    @property
-    def model_override_value(self) -> str:
-        return "tiny"
 
     # -- tests that need a trained model ------------------------------------------------------------------
 

@@ -13,8 +13,6 @@ import pytest
 from mlx_backend.contract import (
     ChatMessage,
     Delta,
-    EngineConfig,
-    Event,
     Failed,
     Finished,
     Generate,
@@ -23,79 +21,20 @@ from mlx_backend.contract import (
     SamplingParams,
     Started,
 )
-from mlx_backend.engine import model_load
-from mlx_backend.engine.batcher import Batcher
-from mlx_backend.engine.residency.residency import Residency
-from mlx_backend.registry import ModelRegistry
 from tests.support import tiny_models as tm
+from tests.support.batcher_harness import HELLO, BatcherHarness
 from tests.support.tool_specs import specs
-
-HELLO = (ChatMessage("user", "hello world"),)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    tm.make_tiny_model(root / "tiny")
-    tm.make_tiny_model(root / "long", context_length=2048)  # room for an agent-like system prompt
-    tm.remove_chat_template(tm.copy_model(root / "tiny", root / "plain"))
-    tm.mismatch_shapes(tm.copy_model(root / "tiny", root / "broken"))
-    return root
-
-
-class Harness:
-    def __init__(self, models_dir: Path, **config: object) -> None:
-        self.events: list[Event] = []
-        cfg = EngineConfig(**config)  # type: ignore[arg-type]
-        # Loads at once (the engine's staged loads are tested in test_residency.py): one step starts a request.
-        registry = ModelRegistry([models_dir], None, False)
-        self.batcher = Batcher(cfg, lambda events: Residency(
-            registry, 0, 30.0, events=events, prefix_cache_bytes=cfg.prompt_cache_bytes, load=model_load.load,
-        ), self.events.append)
-
-    def submit(self, rid: str, model: str = "tiny", messages: tuple[ChatMessage, ...] | None = HELLO,
-               prompt: str | None = None, fault: str | None = None, **params: object) -> None:
-        params.setdefault("max_tokens", 12)
-        params.setdefault("temperature", 0.0)
-        sampling = SamplingParams(**params)  # type: ignore[arg-type]
-        if prompt is not None:
-            messages = None
-        self.batcher.submit(Generate(rid, model, sampling, messages=messages, prompt=prompt, fault=fault))
-
-    def run(self, max_steps: int = 2000) -> None:
-        for _ in range(max_steps):
-            if not self.batcher.has_work():
-                return
-            self.batcher.step()
-        raise AssertionError("the batcher did not finish")
-
-    def of(self, rid: str) -> list[Event]:
-        kinds = Started | Delta | Finished | Failed
-        return [e for e in self.events if isinstance(e, kinds) and e.request_id == rid]
-
-    def text(self, rid: str) -> str:
-        return "".join(e.text for e in self.of(rid) if isinstance(e, Delta))
-
-    def end(self, rid: str) -> Finished | Failed:
-        last = self.of(rid)[-1]
-        assert isinstance(last, Finished | Failed)
-        return last
-
-    def started(self, rid: str) -> Started:
-        first = self.of(rid)[0]
-        assert isinstance(first, Started)
-        return first
 
 
 @pytest.fixture
-def h(models_dir: Path) -> Iterator[Harness]:
+def h(models_dir: Path) -> Iterator[BatcherHarness]:
     # Arrivals start in the very step they can: these tests count steps (gathering has tests of its own).
-    harness = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+    harness = BatcherHarness(models_dir, max_running=4, prefill_gather_steps=0)
     yield harness
     harness.batcher.shutdown()
 
 
-def check_well_formed(h: Harness, rid: str) -> Finished:
+def check_well_formed(h: BatcherHarness, rid: str) -> Finished:
     events = h.of(rid)
     assert isinstance(events[0], Started)
     assert all(isinstance(e, Delta) for e in events[1:-1])
@@ -106,7 +45,7 @@ def check_well_formed(h: Harness, rid: str) -> Finished:
     return end
 
 
-def test_chat_generation(h: Harness) -> None:
+def test_chat_generation(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=10)
     h.run()
     end = check_well_formed(h, "a")
@@ -116,7 +55,7 @@ def test_chat_generation(h: Harness) -> None:
     assert h.batcher.heartbeat().progress > 10
 
 
-def test_legacy_prompt_and_max_tokens(h: Harness) -> None:
+def test_legacy_prompt_and_max_tokens(h: BatcherHarness) -> None:
     h.submit("a", prompt="the quick brown fox", max_tokens=7)
     h.run()
     end = check_well_formed(h, "a")
@@ -124,7 +63,7 @@ def test_legacy_prompt_and_max_tokens(h: Harness) -> None:
     assert end.prompt_tokens == 5  # BOS + four words
 
 
-def test_stop_string_spanning_tokens_is_cut_and_never_emitted(h: Harness) -> None:
+def test_stop_string_spanning_tokens_is_cut_and_never_emitted(h: BatcherHarness) -> None:
     h.submit("free", max_tokens=20, presence_penalty=100.0)  # distinct words: every boundary differs
     h.run()
     pieces = [e.text for e in h.of("free") if isinstance(e, Delta) and e.text]
@@ -141,7 +80,7 @@ def test_stop_string_spanning_tokens_is_cut_and_never_emitted(h: Harness) -> Non
 
 
 def test_eos_token_ends_with_stop_and_is_not_emitted(models_dir: Path, tmp_path: Path) -> None:
-    h = Harness(models_dir)
+    h = BatcherHarness(models_dir)
     h.submit("probe", max_tokens=3, presence_penalty=100.0)  # three different words
     h.run()
     words = h.text("probe").split()
@@ -152,7 +91,7 @@ def test_eos_token_ends_with_stop_and_is_not_emitted(models_dir: Path, tmp_path:
     config = json.loads((folder / "config.json").read_text())
     config["eos_token_id"] = [third]
     (folder / "config.json").write_text(json.dumps(config))
-    h2 = Harness(tmp_path)
+    h2 = BatcherHarness(tmp_path)
     h2.submit("a", model="eos", max_tokens=50, presence_penalty=100.0)
     h2.run()
     end = check_well_formed(h2, "a")
@@ -162,7 +101,7 @@ def test_eos_token_ends_with_stop_and_is_not_emitted(models_dir: Path, tmp_path:
     h2.batcher.shutdown()
 
 
-def test_abort_running_request(h: Harness) -> None:
+def test_abort_running_request(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=400)
     for _ in range(5):
         h.batcher.step()
@@ -178,7 +117,7 @@ def test_abort_running_request(h: Harness) -> None:
 
 
 def test_waiting_queue_and_abort_while_waiting(models_dir: Path) -> None:
-    h = Harness(models_dir, max_running=1)
+    h = BatcherHarness(models_dir, max_running=1)
     h.submit("a", max_tokens=30)
     h.submit("b", max_tokens=5)
     h.submit("c", max_tokens=5)
@@ -194,7 +133,7 @@ def test_waiting_queue_and_abort_while_waiting(models_dir: Path) -> None:
     h.batcher.shutdown()
 
 
-def test_concurrent_requests_join_the_running_batch(h: Harness) -> None:
+def test_concurrent_requests_join_the_running_batch(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=40)
     for _ in range(5):
         h.batcher.step()
@@ -211,7 +150,7 @@ def test_concurrent_requests_join_the_running_batch(h: Harness) -> None:
 
 
 def test_while_a_batch_decodes_arrivals_gather_for_a_few_steps_then_start_together(models_dir: Path) -> None:
-    h = Harness(models_dir, prefill_gather_steps=3)
+    h = BatcherHarness(models_dir, prefill_gather_steps=3)
     h.submit("a", max_tokens=40)
     h.batcher.step()
     assert h.batcher.running == 1  # an idle engine starts a lone arrival at once
@@ -229,7 +168,7 @@ def test_while_a_batch_decodes_arrivals_gather_for_a_few_steps_then_start_togeth
 
 
 def test_arrivals_that_fill_the_free_slots_start_without_waiting(models_dir: Path) -> None:
-    h = Harness(models_dir, prefill_gather_steps=1000, max_running=3)
+    h = BatcherHarness(models_dir, prefill_gather_steps=1000, max_running=3)
     h.submit("a", max_tokens=40)
     h.batcher.step()
     h.submit("b", max_tokens=5)
@@ -243,7 +182,7 @@ def test_arrivals_that_fill_the_free_slots_start_without_waiting(models_dir: Pat
 
 
 def test_a_request_that_cannot_run_is_refused_at_once_even_while_arrivals_gather(models_dir: Path) -> None:
-    h = Harness(models_dir, prefill_gather_steps=1000)
+    h = BatcherHarness(models_dir, prefill_gather_steps=1000)
     h.submit("a", max_tokens=40)
     h.batcher.step()
     h.submit("too-long", prompt="hello " * 600)
@@ -257,7 +196,7 @@ def test_a_request_that_cannot_run_is_refused_at_once_even_while_arrivals_gather
 @pytest.mark.parametrize("configured, prefill_batch", [(0, 8), (3, 3)])  # 0: the CPU's default
 def test_a_full_prefill_batch_of_arrivals_starts_without_waiting(models_dir: Path, configured: int,
                                                                  prefill_batch: int) -> None:
-    h = Harness(models_dir, prefill_gather_steps=1000, prefill_batch=configured)
+    h = BatcherHarness(models_dir, prefill_gather_steps=1000, prefill_batch=configured)
     h.submit("a", max_tokens=40)
     h.batcher.step()
     for i in range(prefill_batch - 1):
@@ -272,7 +211,7 @@ def test_a_full_prefill_batch_of_arrivals_starts_without_waiting(models_dir: Pat
     h.batcher.shutdown()
 
 
-def test_batched_greedy_matches_alone(h: Harness) -> None:
+def test_batched_greedy_matches_alone(h: BatcherHarness) -> None:
     h.submit("alone", max_tokens=15, prompt="the quick brown fox")
     h.run()
     h.submit("x", max_tokens=15, prompt="hello model code")
@@ -281,7 +220,7 @@ def test_batched_greedy_matches_alone(h: Harness) -> None:
     assert h.text("together") == h.text("alone")
 
 
-def test_a_lone_request_runs_solo_outside_the_batch(h: Harness) -> None:
+def test_a_lone_request_runs_solo_outside_the_batch(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=10)
     h.batcher.step()
     state = h.batcher._states["tiny"]
@@ -292,7 +231,7 @@ def test_a_lone_request_runs_solo_outside_the_batch(h: Harness) -> None:
     assert state.solo_row is None and not state.rows
 
 
-def test_requests_arriving_together_go_straight_to_the_batch(h: Harness) -> None:
+def test_requests_arriving_together_go_straight_to_the_batch(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=10)
     h.submit("b", max_tokens=10)
     h.batcher.step()
@@ -305,7 +244,7 @@ def test_requests_arriving_together_go_straight_to_the_batch(h: Harness) -> None
     "params", [{}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}], ids=["greedy", "penalties"]
 )
 def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
-    h: Harness, steps_alone: int, params: dict[str, float]
+    h: BatcherHarness, steps_alone: int, params: dict[str, float]
 ) -> None:
     h.submit("alone", max_tokens=30, prompt="the quick brown fox", **params)
     h.run()
@@ -324,7 +263,7 @@ def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
     check_well_formed(h, "newcomer")
 
 
-def test_a_solo_request_ended_by_its_last_token_at_the_join_does_not_enter_the_batch(h: Harness) -> None:
+def test_a_solo_request_ended_by_its_last_token_at_the_join_does_not_enter_the_batch(h: BatcherHarness) -> None:
     h.submit("short", max_tokens=2, prompt="the quick brown fox")
     h.batcher.step()  # the first token; the second (its last) is in flight
     h.submit("next", max_tokens=3)
@@ -334,7 +273,7 @@ def test_a_solo_request_ended_by_its_last_token_at_the_join_does_not_enter_the_b
     check_well_formed(h, "next")
 
 
-def test_a_request_that_joined_from_solo_leaves_its_cache_for_the_next_turn(h: Harness) -> None:
+def test_a_request_that_joined_from_solo_leaves_its_cache_for_the_next_turn(h: BatcherHarness) -> None:
     h.submit("t1", max_tokens=8)
     h.batcher.step()
     h.submit("other", max_tokens=3, prompt="unrelated words")
@@ -345,7 +284,7 @@ def test_a_request_that_joined_from_solo_leaves_its_cache_for_the_next_turn(h: H
     assert h.started("t2").cached_tokens >= h.started("t1").prompt_tokens
 
 
-def test_context_length_exceeded(h: Harness) -> None:
+def test_context_length_exceeded(h: BatcherHarness) -> None:
     h.submit("p", prompt="hello " * 600)
     h.submit("m", messages=(ChatMessage("user", "world " * 600),))
     h.run()
@@ -359,7 +298,7 @@ def test_context_length_exceeded(h: Harness) -> None:
     assert isinstance(h.end("edge"), Failed)
 
 
-def test_max_tokens_is_clamped_to_the_context(h: Harness) -> None:
+def test_max_tokens_is_clamped_to_the_context(h: BatcherHarness) -> None:
     h.submit("a", prompt="hello " * 505, max_tokens=100)  # 506 prompt tokens, 6 left
     h.run()
     end = check_well_formed(h, "a")
@@ -367,7 +306,7 @@ def test_max_tokens_is_clamped_to_the_context(h: Harness) -> None:
     assert end.completion_tokens <= 6
 
 
-def test_same_seed_same_text(h: Harness) -> None:
+def test_same_seed_same_text(h: BatcherHarness) -> None:
     for rid in ("s1", "s2"):
         h.submit(rid, max_tokens=20, temperature=1.0, seed=1234)
         h.run()
@@ -377,7 +316,7 @@ def test_same_seed_same_text(h: Harness) -> None:
     assert h.text("s1") != h.text("other")
 
 
-def test_penalties_change_greedy_output(h: Harness) -> None:
+def test_penalties_change_greedy_output(h: BatcherHarness) -> None:
     h.submit("plain", max_tokens=30)
     h.submit("penalised", max_tokens=30, presence_penalty=100.0)
     h.run()
@@ -386,7 +325,7 @@ def test_penalties_change_greedy_output(h: Harness) -> None:
     assert len(set(penalised)) == len(penalised)
 
 
-def test_second_turn_reuses_the_prefix_cache(h: Harness) -> None:
+def test_second_turn_reuses_the_prefix_cache(h: BatcherHarness) -> None:
     h.submit("t1", max_tokens=8)
     h.run()
     first = h.started("t1")
@@ -401,7 +340,7 @@ def test_second_turn_reuses_the_prefix_cache(h: Harness) -> None:
     assert h.batcher.heartbeat().prompt_cache_bytes > 0
 
 
-def test_exact_repeat_of_a_cached_prompt(h: Harness) -> None:
+def test_exact_repeat_of_a_cached_prompt(h: BatcherHarness) -> None:
     h.submit("a", prompt="hello world", max_tokens=3)
     h.run()
     tokens_so_far = "hello world " + h.text("a")
@@ -411,7 +350,7 @@ def test_exact_repeat_of_a_cached_prompt(h: Harness) -> None:
     assert h.started("b").cached_tokens == h.started("b").prompt_tokens - 1
 
 
-def test_chat_template_that_rejects_messages_is_invalid_request(h: Harness) -> None:
+def test_chat_template_that_rejects_messages_is_invalid_request(h: BatcherHarness) -> None:
     h.submit("a", messages=(ChatMessage("robot", "beep"),))
     h.run()
     (failed,) = h.of("a")
@@ -420,13 +359,13 @@ def test_chat_template_that_rejects_messages_is_invalid_request(h: Harness) -> N
     assert "unknown role" in failed.message
 
 
-def test_model_without_chat_template_gets_a_plain_transcript(h: Harness) -> None:
+def test_model_without_chat_template_gets_a_plain_transcript(h: BatcherHarness) -> None:
     h.submit("a", model="plain", max_tokens=4)
     h.run()
     assert check_well_formed(h, "a").prompt_tokens > 3
 
 
-def test_model_failures_are_per_request(h: Harness) -> None:
+def test_model_failures_are_per_request(h: BatcherHarness) -> None:
     h.submit("missing", model="nope")
     h.submit("broken", model="broken")
     h.submit("broken-again", model="broken")
@@ -442,7 +381,7 @@ def test_model_failures_are_per_request(h: Harness) -> None:
     assert [f.id for f in failed] == ["broken"]
 
 
-def test_a_load_or_a_load_failure_sends_a_heartbeat_before_the_answer(h: Harness) -> None:
+def test_a_load_or_a_load_failure_sends_a_heartbeat_before_the_answer(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=2)
     h.submit("b", model="broken")
     h.run()
@@ -458,7 +397,7 @@ def test_a_load_or_a_load_failure_sends_a_heartbeat_before_the_answer(h: Harness
 
 
 def test_raise_fault_ends_only_its_request(models_dir: Path) -> None:
-    h = Harness(models_dir, allow_fault_injection=True)
+    h = BatcherHarness(models_dir, allow_fault_injection=True)
     h.submit("ok", max_tokens=10)
     h.submit("bad", max_tokens=10, fault="raise")
     h.run()
@@ -472,7 +411,7 @@ def test_raise_fault_ends_only_its_request(models_dir: Path) -> None:
 
 
 def test_slow_fault_paces_the_steps(models_dir: Path) -> None:
-    h = Harness(models_dir, allow_fault_injection=True)
+    h = BatcherHarness(models_dir, allow_fault_injection=True)
     h.submit("warm", max_tokens=2)
     h.run()
     h.submit("slow", max_tokens=6, fault="slow")
@@ -483,14 +422,14 @@ def test_slow_fault_paces_the_steps(models_dir: Path) -> None:
     h.batcher.shutdown()
 
 
-def test_faults_are_ignored_unless_allowed(h: Harness) -> None:
+def test_faults_are_ignored_unless_allowed(h: BatcherHarness) -> None:
     h.submit("a", max_tokens=3, fault="raise")
     h.run()
     check_well_formed(h, "a")
 
 
 def test_a_failing_generator_step_ends_its_requests_and_recovers(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
+    h: BatcherHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h.submit("a", max_tokens=50)
     h.submit("a2", max_tokens=50)  # two at once: the batch, not solo
@@ -510,7 +449,7 @@ def test_a_failing_generator_step_ends_its_requests_and_recovers(
     check_well_formed(h, "b")
 
 
-def test_a_failing_solo_step_ends_its_request_and_recovers(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_solo_step_ends_its_request_and_recovers(h: BatcherHarness, monkeypatch: pytest.MonkeyPatch) -> None:
     h.submit("a", max_tokens=50)
     h.batcher.step()
     solo = h.batcher._states["tiny"].solo_row
@@ -530,7 +469,7 @@ def test_a_failing_solo_step_ends_its_request_and_recovers(h: Harness, monkeypat
 
 
 def test_shutdown_aborts_everything_and_frees_models(models_dir: Path) -> None:
-    h = Harness(models_dir, max_running=1)
+    h = BatcherHarness(models_dir, max_running=1)
     h.submit("a", max_tokens=100)
     h.submit("b", max_tokens=100)
     h.batcher.step()
@@ -561,13 +500,13 @@ def family_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def submit_command(h: Harness, rid: str, model: str, **fields: object) -> None:
+def submit_command(h: BatcherHarness, rid: str, model: str, **fields: object) -> None:
     params = SamplingParams(**fields.pop("params", {"max_tokens": 200, "temperature": 0.0}))  # type: ignore[arg-type]
     messages = fields.pop("messages", (ChatMessage("user", "What is the weather in Paris?"),))
     h.batcher.submit(Generate(rid, model, params, messages=messages, **fields))  # type: ignore[arg-type]
 
 
-def calls_of(h: Harness, rid: str) -> dict[int, dict[str, str]]:
+def calls_of(h: BatcherHarness, rid: str) -> dict[int, dict[str, str]]:
     calls: dict[int, dict[str, str]] = {}
     for event in h.of(rid):
         if isinstance(event, Delta):
@@ -584,7 +523,7 @@ def calls_of(h: Harness, rid: str) -> dict[int, dict[str, str]]:
 def test_a_required_tool_call_is_forced_and_comes_back_as_a_call_with_valid_arguments(
     family_dir: Path, model: str, alone: bool
 ) -> None:
-    h = Harness(family_dir)
+    h = BatcherHarness(family_dir)
     if not alone:
         submit_command(h, "other", model, params={"max_tokens": 40, "temperature": 0.0})
     submit_command(h, "call", model, tools=specs(WEATHER), tool_choice="required")
@@ -605,7 +544,7 @@ def test_a_json_schema_constraint_gives_output_that_validates(family_dir: Path) 
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                                "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
               "required": ["name", "tags"], "additionalProperties": False}
-    h = Harness(family_dir)
+    h = BatcherHarness(family_dir)
     for i, seed in enumerate([1, 2, 3]):
         submit_command(h, f"json{i}", "json", params={"max_tokens": 300, "temperature": 1.0, "seed": seed},
                        constraint=Constraint("json_schema", json.dumps(schema), strict=True))
@@ -620,7 +559,7 @@ def test_a_json_schema_constraint_gives_output_that_validates(family_dir: Path) 
 def test_a_grammar_that_does_not_compile_is_an_invalid_request_naming_the_parameter(family_dir: Path) -> None:
     from mlx_backend.contract import Constraint
 
-    h = Harness(family_dir)
+    h = BatcherHarness(family_dir)
     submit_command(h, "bad", "json", constraint=Constraint("lark", "start: <|no_such_special_token|>"))
     h.run()
     failed = h.end("bad")
@@ -629,7 +568,7 @@ def test_a_grammar_that_does_not_compile_is_an_invalid_request_naming_the_parame
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_logprobs_come_one_per_generated_token_with_the_asked_number_of_rivals(
-    h: Harness, temperature: float
+    h: BatcherHarness, temperature: float
 ) -> None:
     h.submit("lp", max_tokens=10, temperature=temperature, seed=3, logprobs=4)
     h.run()
@@ -646,7 +585,7 @@ def test_logprobs_come_one_per_generated_token_with_the_asked_number_of_rivals(
     assert "".join(e.token_bytes.decode(errors="replace") for e in entries).strip() != ""
 
 
-def test_n_choices_share_one_prefill_and_each_finish_with_its_index(h: Harness) -> None:
+def test_n_choices_share_one_prefill_and_each_finish_with_its_index(h: BatcherHarness) -> None:
     h.batcher.submit(Generate("n3", "tiny", SamplingParams(max_tokens=8, temperature=1.0, seed=7),
                               messages=HELLO, n=3))
     h.run()
@@ -662,7 +601,7 @@ def test_n_choices_share_one_prefill_and_each_finish_with_its_index(h: Harness) 
     assert h.text("alone") == texts[0]
 
 
-def test_greedy_choices_are_identical_and_abort_ends_all_of_them(h: Harness) -> None:
+def test_greedy_choices_are_identical_and_abort_ends_all_of_them(h: BatcherHarness) -> None:
     h.batcher.submit(Generate("g", "tiny", SamplingParams(max_tokens=6, temperature=0.0), messages=HELLO, n=2))
     h.run()
     texts = {"".join(e.text for e in h.of("g") if isinstance(e, Delta) and e.index == i) for i in range(2)}
@@ -675,7 +614,7 @@ def test_greedy_choices_are_identical_and_abort_ends_all_of_them(h: Harness) -> 
     assert isinstance(h.end("long"), Finished) and h.end("long").finish_reason == "abort"  # type: ignore[union-attr]
 
 
-def test_n_beyond_the_batch_is_refused_by_name(h: Harness) -> None:
+def test_n_beyond_the_batch_is_refused_by_name(h: BatcherHarness) -> None:
     h.batcher.submit(Generate("big", "tiny", SamplingParams(max_tokens=2), messages=HELLO, n=10_000))
     failed = h.end("big")
     assert isinstance(failed, Failed) and failed.param == "n"
@@ -693,7 +632,7 @@ def test_constrained_rows_in_a_batch_get_their_masks_in_one_step_computation(
     original = MaskStep._compute
     monkeypatch.setattr(MaskStep, "_compute",
                         lambda self, width: (rows_per_step.append(len(self._rows)), original(self, width))[1])
-    h = Harness(family_dir)
+    h = BatcherHarness(family_dir)
     submit_command(h, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
     for i in range(3):
         submit_command(h, f"call{i}", "qwen", tools=specs(WEATHER), tool_choice="required",
@@ -705,7 +644,7 @@ def test_constrained_rows_in_a_batch_get_their_masks_in_one_step_computation(
         assert isinstance(end, Finished) and end.finish_reason == "tool_calls"
         (call,) = calls_of(h, f"call{i}").values()
         assert set(json.loads(call["arguments"])) == {"city", "days"}
-    alone = Harness(family_dir)
+    alone = BatcherHarness(family_dir)
     submit_command(alone, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
     alone.run()
     assert h.text("plain") == alone.text("plain")  # constrained neighbours change nothing for it
@@ -721,7 +660,7 @@ def agent(i: int) -> tuple[ChatMessage, ...]:
 
 
 def test_requests_arriving_together_with_one_long_system_prompt_prefill_it_once(models_dir: Path) -> None:
-    h = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+    h = BatcherHarness(models_dir, max_running=4, prefill_gather_steps=0)
     for i in range(3):
         h.submit(f"agent{i}", model="long", messages=agent(i), max_tokens=6)
     h.run()
@@ -731,7 +670,7 @@ def test_requests_arriving_together_with_one_long_system_prompt_prefill_it_once(
     texts = [h.text(f"agent{i}") for i in range(3)]
     h.batcher.shutdown()
     for i in range(3):  # the same tokens as each request alone, with nothing cached
-        alone = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+        alone = BatcherHarness(models_dir, max_running=4, prefill_gather_steps=0)
         alone.submit("a", model="long", messages=agent(i), max_tokens=6)
         alone.run()
         assert alone.text("a") == texts[i]
@@ -739,7 +678,7 @@ def test_requests_arriving_together_with_one_long_system_prompt_prefill_it_once(
 
 
 def test_requests_arriving_during_a_long_solo_prefill_start_from_its_prompt(models_dir: Path) -> None:
-    h = Harness(models_dir, max_running=4, prefill_gather_steps=0)
+    h = BatcherHarness(models_dir, max_running=4, prefill_gather_steps=0)
     h.submit("first", model="long", messages=agent(0), max_tokens=6)
     h.batcher.step()  # alone: its whole prompt is prefilled in this step, before the next one is read
     h.submit("second", model="long", messages=agent(1), max_tokens=6)

@@ -5,92 +5,35 @@ budget, and the operator's commands are answered once done."""
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import mlx_backend.engine.residency.load_queue as load_queue
 from mlx_backend.contract import (
-    ChatMessage,
-    Delta,
-    EngineConfig,
-    Event,
     Failed,
     Finished,
-    Generate,
     Heartbeat,
     Loading,
     ModelControl,
     ModelControlDone,
-    SamplingParams,
     Started,
 )
 from mlx_backend.engine import model_check
-from mlx_backend.engine.batcher import Batcher
 from mlx_backend.engine.control import Controls
-from mlx_backend.engine.residency.residency import Residency
-from mlx_backend.registry import ModelRegistry
-from tests.support import tiny_models as tm
-
-HELLO = (ChatMessage("user", "hello world"),)
-
-
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    tm.make_tiny_model(root / "tiny")
-    tm.make_tiny_model(root / "deep", num_layers=12, seed=1)  # ~110 tensors: many pieces
-    return root
-
-
-class Engine:
-    def __init__(self, models_dir: Path, budget: int = 0, **config: object) -> None:
-        self.events: list[Event] = []
-        cfg = EngineConfig(**config)  # type: ignore[arg-type]
-        registry = ModelRegistry([models_dir], None, False)
-        self.batcher = Batcher(cfg, lambda events: Residency(
-            registry, budget, 30.0, events=events, prefix_cache_bytes=cfg.prompt_cache_bytes, warmup=False,
-        ), self.events.append)
-        self.cache = self.batcher.residency
-        self.controls = Controls(self.cache, self.events.append, self.batcher.busy_models, self.batcher.heartbeat)
-
-    def submit(self, rid: str, model: str = "tiny", **params: object) -> None:
-        params.setdefault("max_tokens", 12)
-        params.setdefault("temperature", 0.0)
-        self.batcher.submit(Generate(rid, model, SamplingParams(**params), messages=HELLO))  # type: ignore[arg-type]
-
-    def step_until(self, done: Callable[[], bool], timeout_s: float = 30.0) -> None:
-        """Step as the worker does (a load that only reads on its thread is waited on briefly)."""
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            if time.monotonic() > deadline:
-                raise AssertionError("not done in time")
-            wait = self.batcher.idle_timeout()
-            if wait:
-                time.sleep(wait)
-            self.batcher.step()
-
-    def of(self, rid: str) -> list[Event]:
-        return [e for e in self.events if getattr(e, "request_id", None) == rid]
-
-    def ended(self, rid: str) -> bool:
-        return any(isinstance(e, Finished | Failed) for e in self.of(rid))
-
-    def deltas(self, rid: str) -> int:
-        return sum(1 for e in self.of(rid) if isinstance(e, Delta))
+from tests.support.batcher_harness import BatcherHarness
 
 
 @pytest.fixture
-def engine(models_dir: Path) -> Iterator[Engine]:
-    running = Engine(models_dir, max_running=4)
+def engine(models_dir: Path) -> Iterator[BatcherHarness]:
+    running = BatcherHarness(models_dir, staged_loads=True, max_running=4)
     yield running
     running.batcher.shutdown()
 
 
 def test_a_stream_keeps_decoding_while_another_model_loads(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: BatcherHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(load_queue, "PIECE_S", 0.0)  # the smallest pieces: one tensor per step
     gate = threading.Event()
@@ -107,16 +50,16 @@ def test_a_stream_keeps_decoding_while_another_model_loads(
     per_step: list[tuple[str | None, int]] = []  # (the load's stage, a's deltas so far) after each step
     for _ in range(30):
         engine.batcher.step()
-        load = engine.cache.report({}).load
+        load = engine.residency.report({}).load
         per_step.append((load.stage if load else None, engine.deltas("a")))
     assert all(stage == "reading" for stage, _ in per_step)
     assert per_step[-1][1] - per_step[0][1] >= 25  # a token (almost) every step while the files are read
-    assert isinstance(engine.of("b")[0], Loading)
+    assert isinstance(engine.events_of("b")[0], Loading)
     gate.set()
     while not any(isinstance(e, Started) for e in engine.of("b")):
         before = engine.deltas("a")
         engine.batcher.step()
-        load = engine.cache.report({}).load
+        load = engine.residency.report({}).load
         per_step.append((load.stage if load else None, engine.deltas("a") - before))
     loading_steps = [made for stage, made in per_step[30:] if stage == "loading"]
     assert len(loading_steps) > 50  # the tensors went in over many steps
@@ -126,7 +69,7 @@ def test_a_stream_keeps_decoding_while_another_model_loads(
 
 
 def test_a_request_for_a_loaded_model_is_not_held_behind_a_load(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+    engine: BatcherHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine.submit("warm", max_tokens=2)
     engine.step_until(lambda: engine.ended("warm"))
@@ -143,19 +86,19 @@ def test_a_request_for_a_loaded_model_is_not_held_behind_a_load(
 
 
 def test_the_kv_cache_is_admitted_against_the_memory_budget(models_dir: Path) -> None:
-    probe = Engine(models_dir)
-    probe.cache.get("tiny")
-    weights, per_token = probe.cache.ledger.weights["tiny"], probe.cache.ledger.per_token("tiny")
+    probe = BatcherHarness(models_dir, staged_loads=True)
+    probe.residency.get("tiny")
+    weights, per_token = probe.residency.ledger.weights["tiny"], probe.residency.ledger.per_token("tiny")
     # tiny: 2 layers, 2 KV heads, head dim 16; float16 weights computed in float32 on the CPU (4 bytes)
     assert per_token == 2 * 2 * 2 * 16 * 4
     # The budget holds the weights and one row of 256 tokens.
-    engine = Engine(models_dir, budget=weights + 256 * per_token, max_running=4)
+    engine = BatcherHarness(models_dir, staged_loads=True, budget=weights + 256 * per_token, max_running=4)
     try:
         engine.submit("huge", max_tokens=400)  # prompt + 400 > 256 tokens: could never fit
         engine.submit("a", max_tokens=20)
         engine.submit("b", max_tokens=20)  # fits alone, not beside a: waits for it
         engine.step_until(lambda: all(engine.ended(r) for r in ("huge", "a", "b")))
-        huge = engine.of("huge")
+        huge = engine.events_of("huge")
         assert [type(e) for e in huge if not isinstance(e, Loading)] == [Failed]
         assert isinstance(huge[-1], Failed) and huge[-1].code == "memory_budget_exceeded"
         assert huge[-1].param == "max_tokens"
@@ -163,12 +106,14 @@ def test_the_kv_cache_is_admitted_against_the_memory_budget(models_dir: Path) ->
         b_start = engine.events.index(next(e for e in engine.of("b") if isinstance(e, Started)))
         assert a_end < b_start
         assert isinstance(engine.of("b")[-1], Finished)
-        assert engine.cache.ledger.kv_bytes() == 0
+        assert engine.residency.ledger.kv_bytes() == 0
     finally:
         engine.batcher.shutdown()
 
 
-def test_the_operator_commands_are_answered_once_done(engine: Engine) -> None:
+def test_the_operator_commands_are_answered_once_done(engine: BatcherHarness) -> None:
+    controls = Controls(engine.residency, engine.events.append, engine.batcher.busy_models, engine.batcher.heartbeat)
+
     def answer(rid: str) -> ModelControlDone:
         done = [e for e in engine.events if isinstance(e, ModelControlDone) and e.request_id == rid]
         assert len(done) == 1
@@ -176,20 +121,20 @@ def test_the_operator_commands_are_answered_once_done(engine: Engine) -> None:
         assert isinstance(before, Heartbeat)  # the gateway sees the effect before the answer
         return done[0]
 
-    engine.controls.handle(ModelControl("c1", "pin", "deep"))
+    controls.handle(ModelControl("c1", "pin", "deep"))
     assert not [e for e in engine.events if isinstance(e, ModelControlDone)]  # not before it is loaded
     engine.step_until(lambda: any(isinstance(e, ModelControlDone) for e in engine.events))
     assert answer("c1").code is None
     assert [m.pinned for m in engine.batcher.heartbeat().loaded if m.id == "deep"] == [True]
-    engine.controls.handle(ModelControl("c2", "load", "nope"))
+    controls.handle(ModelControl("c2", "load", "nope"))
     assert answer("c2").code == "model_not_found"
     engine.submit("busy", model="deep", max_tokens=200)
     engine.step_until(lambda: engine.deltas("busy") > 0)
-    engine.controls.handle(ModelControl("c3", "unload", "deep"))
+    controls.handle(ModelControl("c3", "unload", "deep"))
     assert answer("c3").code == "model_busy"
     engine.batcher.abort("busy")
-    engine.controls.handle(ModelControl("c4", "unpin", "deep"))
+    controls.handle(ModelControl("c4", "unpin", "deep"))
     assert answer("c4").code is None
-    engine.controls.handle(ModelControl("c5", "unload", "deep"))
+    controls.handle(ModelControl("c5", "unload", "deep"))
     assert answer("c5").code is None
     assert [m.id for m in engine.batcher.heartbeat().loaded] == []
