@@ -85,7 +85,7 @@ class Settings:
     )
     prefill_batch: int = field(
         default=0, metadata={"help": "prompts prefilled together in one pass while a batch decodes (0: 8 on a CPU, "
-                                     "32 on a GPU, where one wide pass costs little more than a narrow one)"}
+                                     "32 on a GPU: a burst of arrivals in fewer passes)"}
     )
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "a request running longer is ended"})
