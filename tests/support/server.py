@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -24,11 +25,14 @@ def free_port() -> int:
 
 
 def free_port_pair() -> int:
-    """A free port whose next one is free too (a ring group of two ranks listens on both)."""
+    """A free port whose next one is free too (a ring group of two ranks listens on both), taken below the
+    system's ephemeral range: a port the OS hands out later (the server's own, from `free_port`, or any socket
+    bound to port 0) can then never be one of the two."""
+    lowest_ephemeral = 32768
+    with contextlib.suppress(OSError, ValueError):
+        lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+        port = random.randrange(10_000, lowest_ephemeral - 1)
         with socket.socket() as a, socket.socket() as b:
             try:
                 a.bind(("127.0.0.1", port))
