@@ -32,14 +32,6 @@ class TestChatOpenAIOnMlxGateway(ChatOpenAIOnAGateway):
     def server_args(self, models: Path, request: pytest.FixtureRequest) -> list[str]:
         return ["--demo-model", "--models-dir", str(models), "--max-tokens-default", "128"]
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False
-
     # -- tests that need a trained model ------------------------------------------------------------------
 
     @pytest.mark.xfail(strict=True, reason=NEEDS_A_TRAINED_MODEL + ": forced with tool_choice 'any' (required, "

@@ -55,14 +55,6 @@ class TestChatOpenAIOnSmolLM2(
         server.wait_ready(timeout_s=120)
         warm_up(server)
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
-
-    @property
-    def supports_image_inputs(self) -> bool:
-        return False
-
     # -- what this 135M model does not do (bundled template, run of 2026-12-07: 32 passed, 10 xfailed, 7 skipped) --
     # (the structured-output tests and json mode: the base class above, with the reasons above)
 

@@ -75,6 +75,14 @@ class ChatOpenAIOnAGateway(ChatModelIntegrationTests):
         return True
 
     @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def supports_image_inputs(self) -> bool:
+        return False  # a vision model's class says True
+
+    @property
     def returns_usage_metadata(self) -> bool:
         return True
 
