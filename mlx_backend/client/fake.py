@@ -110,16 +110,20 @@ class FakeEngine:
             if command.model in self.failures:
                 request.deliver(self.failures[command.model])
                 return
-            if command.model not in self.loaded:
-                request.deliver(Loading(rid, command.model))
-                await asyncio.sleep(self.load_delay_s)
-            self.loaded[command.model] = time.time()
+            await self._load(command.model, request)
             tokens = sum(len(t.split()) for t in command.inputs)
             request.deliver(Started(rid, tokens, 0))
             width = command.dimensions or 8
             request.deliver(Embedded(rid, b"".join(fake_vector(t, width) for t in command.inputs), width, tokens))
         finally:
             self._tasks.pop(rid, None)
+
+    async def _load(self, model: str, request: EngineRequest) -> None:
+        """The model in use from now: first loaded (Loading, then the load's delay) unless it already is."""
+        if model not in self.loaded:
+            request.deliver(Loading(request.request_id, model))
+            await asyncio.sleep(self.load_delay_s)
+        self.loaded[model] = time.time()
 
     def _abort(self, request_id: str) -> None:
         task = self._tasks.pop(request_id, None)
@@ -141,10 +145,7 @@ class FakeEngine:
                     "messages" if command.messages is not None else "prompt",
                 ))
                 return
-            if command.model not in self.loaded:
-                request.deliver(Loading(rid, command.model))
-                await asyncio.sleep(self.load_delay_s)
-            self.loaded[command.model] = time.time()
+            await self._load(command.model, request)
             request.deliver(Started(rid, prompt_tokens, 0))
             text = self.reply(command)
             cut, stop = min(((text.find(s), s) for s in command.params.stop if s in text), default=(-1, None))
