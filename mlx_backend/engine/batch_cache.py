@@ -1,14 +1,21 @@
-"""A batch's KV cache that lets rows leave without waiting for the device.
+"""A batch's KV cache that rows join and leave without waiting for the device.
 
 In continuous batching rows finish at different steps, so a row leaves the batch at most steps. mlx-lm 0.32.2's
 `BatchKVCache.filter` (pinned) then reads the batch's left padding back from the device: it indexes the padding
 (a new lazy array) and calls `tolist()` on it. That read is queued behind the step already in flight, so the
 Python thread waits for the whole forward pass, and the device then idles while the next step's graph is built:
 one bubble per leaving row. (A one-wave benchmark never sees it: all rows leave at once, at the end.)
-
 `filter_without_waiting` reads the padding as it stands, which an earlier step already computed, and does the
-rest on the host: the same keys, values, offsets and padding as mlx-lm's filter, with no wait. `install()` puts
-it in place of mlx-lm's method; the engine calls it once, when the batcher is made.
+rest on the host: the same keys, values, offsets and padding as mlx-lm's filter, with no wait.
+
+Rows join through a prompt pass, and mlx-lm's `PromptProcessingBatch.prompt` waits for each pass (`mx.eval`)
+and then empties MLX's buffer cache (`mx.clear_cache`), so the next steps allocate their buffers again. On a
+GPU, `prompt_without_waiting` queues the pass instead: the running rows' next step is built while it runs. It
+first waits for the pass queued before it on the same prompts, so at most one pass is ever ahead of the host:
+the prefill pacer (engine/pacing.py) keeps measuring pieces, one late, and no backlog can hide from the stall
+clock. On a CPU the engine keeps mlx-lm's pass (pieces there take seconds: each is waited for and timed).
+
+`install(gpu=...)` puts both in place of mlx-lm's methods; the engine calls it once, when the batcher is made.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ from __future__ import annotations
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache
 
-__all__ = ["filter_without_waiting", "install"]
+__all__ = ["filter_without_waiting", "install", "prompt_without_waiting"]
 
 _MLX_LM_FILTER = BatchKVCache.filter
+_MLX_LM_PROMPT = PromptProcessingBatch.prompt
+_async_eval: Any = mx.async_eval  # untyped in mlx
 
 
 def filter_without_waiting(cache: Any, batch_indices: list[int]) -> None:
@@ -39,11 +49,42 @@ def filter_without_waiting(cache: Any, batch_indices: list[int]) -> None:
     cache._idx -= shift
 
 
-def install() -> None:
-    """Make every BatchKVCache filter without waiting (idempotent)."""
+def prompt_without_waiting(batch: Any, tokens: list[list[int]]) -> None:
+    """Run one piece of each row's prompt (`tokens`, one list per row of `batch`, a PromptProcessingBatch) into
+    the batch's caches, queued: the caches hold the result lazily. Shorter pieces are padded on the right, and
+    the caches move that padding to the left, as for mlx-lm's pass."""
+    if len(tokens) != len(batch.uids):
+        raise ValueError(f"{len(tokens)} prompt pieces for a batch of {len(batch.uids)} rows")
+    if not tokens:
+        return
+    mx.eval([c.state for c in batch.prompt_cache])  # the pass queued before this one: one pass ahead at most
+    for held, piece in zip(batch.tokens, tokens, strict=True):
+        held.extend(piece)  # the tokens each row's cache holds
+    lengths = [len(piece) for piece in tokens]
+    longest = max(lengths)
+    right = [longest - n for n in lengths]
+    padded = any(right)
+    if padded:
+        for cache in batch.prompt_cache:
+            cache.prepare(lengths=lengths, right_padding=right)
+    inputs = mx.array([piece + [0] * pad for piece, pad in zip(tokens, right, strict=True)])
+    for start in range(0, longest, batch.prefill_step_size):
+        batch.model(inputs[:, start:start + batch.prefill_step_size], cache=batch.prompt_cache)
+    if padded:
+        for cache in batch.prompt_cache:
+            cache.finalize()
+    _async_eval([c.state for c in batch.prompt_cache])
+
+
+def install(gpu: bool) -> None:
+    """Rows leave every BatchKVCache without waiting; on a GPU (`gpu`) they also join without waiting for their
+    prompt pass (idempotent)."""
     BatchKVCache.filter = filter_without_waiting  # type: ignore[method-assign]
+    prompt: Any = prompt_without_waiting if gpu else _MLX_LM_PROMPT
+    PromptProcessingBatch.prompt = prompt  # type: ignore[method-assign]
 
 
 def uninstall() -> None:
-    """mlx-lm's own filter back (benchmarks compare the two)."""
+    """mlx-lm's own filter and prompt pass back (benchmarks compare them)."""
     BatchKVCache.filter = _MLX_LM_FILTER  # type: ignore[method-assign]
+    PromptProcessingBatch.prompt = _MLX_LM_PROMPT  # type: ignore[method-assign]

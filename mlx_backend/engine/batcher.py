@@ -71,7 +71,7 @@ class Batcher:
     def __init__(self, config: EngineConfig, residency: Callable[[ResidencyEvents], Residency],
                  emit: Callable[[Event], None]) -> None:
         """`residency` builds the batcher's Residency, given the events it sends (the batcher)."""
-        batch_cache.install()  # rows leave the batch without waiting for the device
+        batch_cache.install(gpu=mx.default_device().type == mx.gpu)  # rows join and leave without device waits
         self.config = config
         self._prefill_batch = config.prefill_batch or (
             PREFILL_BATCH_GPU if mx.default_device().type == mx.gpu else PREFILL_BATCH_CPU)
@@ -249,9 +249,12 @@ class Batcher:
     def _gathering(self) -> bool:
         """Whether arrivals wait for company: while a batch decodes, every start costs each running row a
         prefill pass of its own, so requests arriving within `prefill_gather_steps` steps of the first one
-        start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once.
+        start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once, and
+        as many arrivals as there are rows running start at once too: the pass then costs the few running rows
+        less than waiting costs the many arrivals (clients that came back together, to a lone solo row).
         Counted in steps, not seconds, so a group's ranks decide alike."""
-        company = min(self._prefill_batch, self.config.max_running - self._rows_running())  # what could join now
+        running = self._rows_running()
+        company = min(self._prefill_batch, self.config.max_running - running, max(1, running))
         return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps, company)
 
     def _start_waiting(self, busy: set[str]) -> None:

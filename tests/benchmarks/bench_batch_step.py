@@ -5,11 +5,11 @@
 Clients in a closed loop (client i sends its first request at step i, then its next as soon as one ends,
 `--rounds` each), driven through mlx-lm's BatchGenerator and through our Batcher, beside the one-wave ceiling
 (every prompt at once, `batch_generate`'s way) at the same batch size. Variants, run interleaved:
-- `mlx-lm filter`: mlx-lm 0.32.2's BatchKVCache.filter, which waits for the step in flight when a row leaves;
-- `filter`: mlx_backend/engine/batch_cache.py's filter, which does not;
+- `mlx-lm's filter and prompt pass`: mlx-lm 0.32.2's BatchKVCache.filter, which waits for the step in flight
+  when a row leaves, and its prompt pass, which waits for each pass;
+- `our filter`: mlx_backend/engine/batch_cache.py's filter, which does not wait (mlx-lm's prompt pass);
 - `prefill N`: prompts prefilled together per pass (BatchGenerator's prefill_batch_size, our `--prefill-batch`);
-- `+ async prompt` (this benchmark only, to size the gain; with the largest prefill batch): the prompt pass
-  queued instead of waited for.
+- `prompt pass queued`: batch_cache.py's prompt pass too (the engine's way on a GPU).
 Each figure is the median of `--repeat` runs; ratios are to the one-wave ceiling.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import statistics
 import sys
 import time
@@ -39,41 +38,21 @@ from tests.benchmarks.bench_engine_layers import (
 )
 from tests.benchmarks.bench_models import SHAPES, ensure_model
 
-mlx_lm_generate = importlib.import_module("mlx_lm.generate")  # the module (mlx_lm.generate is also a function)
-
-
-class _QueuedMx:
-    """mlx.core as mlx-lm's prompt pass sees it under `async_prompt`: eval queues, clear_cache waits for later."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(mx, name)
-
-    eval = staticmethod(mx.async_eval)
-
-    @staticmethod
-    def clear_cache() -> None:
-        pass
-
 
 @contextlib.contextmanager
-def variant(mlx_lm_filter: bool, async_prompt: bool) -> Iterator[None]:
-    (batch_cache.uninstall if mlx_lm_filter else batch_cache.install)()
-    original_prompt = mlx_lm_generate.PromptProcessingBatch.prompt
-
-    def queued_prompt(self: Any, tokens: list[list[int]]) -> None:
-        mlx_lm_generate.mx = _QueuedMx()
-        try:
-            original_prompt(self, tokens)
-        finally:
-            mlx_lm_generate.mx = mx
-
-    if async_prompt:
-        mlx_lm_generate.PromptProcessingBatch.prompt = queued_prompt  # type: ignore[method-assign]
+def variant(filter_: bool, queued_prompt: bool) -> Iterator[None]:
+    """mlx-lm's own methods, or ours (batch_cache.py): the filter, and the prompt pass queued. The Batcher made
+    inside keeps the variant: its own `install` is held off meanwhile."""
+    install = batch_cache.install
+    batch_cache.uninstall()
+    if filter_:
+        install(gpu=queued_prompt)
+    batch_cache.install = lambda gpu: None  # type: ignore[assignment]
     try:
         yield
     finally:
-        mlx_lm_generate.PromptProcessingBatch.prompt = original_prompt  # type: ignore[method-assign]
-        batch_cache.install()
+        batch_cache.install = install  # type: ignore[assignment]
+        install(gpu=mx.default_device().type == mx.gpu)
 
 
 def median_of(repeat: int, run: Callable[..., tuple[float, float]], *args: Any) -> tuple[float, float]:
@@ -100,16 +79,16 @@ def main() -> None:
     timed_stream_generate(model, tokenizer, 16)
     timed_batch_generator(model, tokenizer, 8, 16)
     prefills = [int(p) for p in args.prefill.split(",")]
-    variants = [("mlx-lm filter, prefill 8", True, 8, False)]
-    variants += [(f"filter, prefill {p}", False, p, False) for p in prefills]
-    variants += [(f"filter, prefill {prefills[-1]}, async prompt", False, prefills[-1], True)]
+    variants = [(f"mlx-lm's filter and prompt pass, prefill {prefills[-1]}", False, prefills[-1], False)]
+    variants += [(f"our filter, prefill {p}", True, p, False) for p in prefills]
+    variants += [(f"our filter, prefill {prefills[-1]}, prompt pass queued", True, prefills[-1], True)]
     print("\n| clients | variant | driver | tok/s | ratio to one wave | TTFT p50 ms |\n|---:|---|---|---:|---:|---:|",
           flush=True)
     for clients in [int(c) for c in args.clients.split(",")]:
         wave = max(timed_batch_generator(model, tokenizer, clients, args.max_tokens) for _ in range(3))
         print(f"| {clients} | one wave (batch_generate's way) | BatchGenerator | {wave:.0f} | 1.00 | - |", flush=True)
-        for name, mlx_lm_filter, prefill, async_prompt in variants:
-            with variant(mlx_lm_filter, async_prompt):
+        for name, filter_, prefill, queued_prompt in variants:
+            with variant(filter_, queued_prompt):
                 raw = median_of(args.repeat, closed_loop_generator, model, tokenizer, clients, args.max_tokens,
                                 args.rounds, prefill)
                 ours = median_of(args.repeat, closed_loop_batcher, folder, clients, args.max_tokens, args.rounds,

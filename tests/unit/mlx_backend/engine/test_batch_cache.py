@@ -1,29 +1,29 @@
-"""Rows leave a batch's KV cache without a device wait (mlx_backend/engine/batch_cache.py): the filter keeps exactly
-what mlx-lm's own filter keeps, for any rows and paddings, and a batch whose rows finish at different steps
-generates the same tokens with either filter."""
+"""Rows join and leave a batch's KV cache without a device wait (mlx_backend/engine/batch_cache.py): the filter
+keeps exactly what mlx-lm's own filter keeps, for any rows and paddings; the queued prompt pass leaves the caches
+as mlx-lm's pass does, padded or not; and a batch whose rows join and finish at different steps generates the
+same tokens either way."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import pytest
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import BatchKVCache
+from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from mlx_backend.engine import batch_cache
 from tests.support import tiny_models as tm
 
 
 @pytest.fixture(autouse=True)
-def _restore_filter() -> Iterator[None]:
-    installed = BatchKVCache.filter
+def _restore_methods() -> Iterator[None]:
+    installed = BatchKVCache.filter, PromptProcessingBatch.prompt
     yield
-    BatchKVCache.filter = installed
+    BatchKVCache.filter, PromptProcessingBatch.prompt = installed  # type: ignore[method-assign]
 
 
 def cache_with(left_padding: list[int], length: int, seed: int) -> BatchKVCache:
@@ -74,11 +74,50 @@ def test_an_empty_cache_filters_its_offsets_and_padding() -> None:
         (theirs.offset.tolist(), theirs.left_padding.tolist(), theirs._idx)
 
 
-def test_install_replaces_mlx_lms_filter_and_uninstall_brings_it_back() -> None:
-    batch_cache.install()
+def test_install_replaces_the_filter_everywhere_and_the_prompt_pass_on_a_gpu_only() -> None:
+    batch_cache.install(gpu=False)
     assert BatchKVCache.filter is batch_cache.filter_without_waiting
+    assert PromptProcessingBatch.prompt is batch_cache._MLX_LM_PROMPT  # a CPU's pieces are waited for and timed
+    batch_cache.install(gpu=True)
+    assert PromptProcessingBatch.prompt is batch_cache.prompt_without_waiting
     batch_cache.uninstall()
     assert BatchKVCache.filter is batch_cache._MLX_LM_FILTER
+    assert PromptProcessingBatch.prompt is batch_cache._MLX_LM_PROMPT
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    model, _ = load(str(tm.make_tiny_model(tmp_path_factory.mktemp("m") / "tiny", dtype="float32")))
+    return model
+
+
+def prompt_batch(model: Any, rows: int, step: int = 2048) -> PromptProcessingBatch:
+    return PromptProcessingBatch(model, list(range(rows)), [make_prompt_cache(model) for _ in range(rows)],
+                                 prefill_step_size=step)
+
+
+def batch_state(batch: PromptProcessingBatch) -> list[Any]:
+    return [batch.tokens] + [state(c) for c in batch.prompt_cache]
+
+
+@pytest.mark.parametrize("pieces, step", [
+    ([[3, 4, 5], [6, 7, 8]], 2048),  # same lengths: no padding
+    ([[3, 4, 5, 9, 9], [6], [7, 7, 7]], 2048),  # padded on the right, moved to the left
+    ([[3, 4, 5, 9, 9, 2, 2], [6, 1]], 3),  # a piece longer than the step runs in several model calls
+])
+def test_the_queued_prompt_pass_fills_the_caches_as_mlx_lms_pass_does(
+    tiny: Any, pieces: list[list[int]], step: int
+) -> None:
+    ours, theirs = prompt_batch(tiny, len(pieces), step), prompt_batch(tiny, len(pieces), step)
+    for _ in range(2):  # a second piece on top of the first: the pass queued before is waited for first
+        batch_cache.prompt_without_waiting(ours, [list(p) for p in pieces])
+        batch_cache._MLX_LM_PROMPT(theirs, [list(p) for p in pieces])
+        assert batch_state(ours) == batch_state(theirs)
+
+
+def test_a_prompt_pass_needs_one_piece_per_row(tiny: Any) -> None:
+    with pytest.raises(ValueError, match="2 prompt pieces for a batch of 3 rows"):
+        batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1], [2]])
 
 
 def staggered_tokens(model: Any) -> dict[int, list[int]]:
@@ -99,10 +138,10 @@ def staggered_tokens(model: Any) -> dict[int, list[int]]:
     return out
 
 
-def test_a_batch_whose_rows_come_and_go_generates_the_same_tokens(tmp_path: Path) -> None:
-    model, _ = load(str(tm.make_tiny_model(tmp_path / "tiny", dtype="float32")))
+@pytest.mark.parametrize("gpu", [False, True])
+def test_a_batch_whose_rows_come_and_go_generates_the_same_tokens(tiny: Any, gpu: bool) -> None:
     batch_cache.uninstall()
-    expected = staggered_tokens(model)
-    batch_cache.install()
-    assert staggered_tokens(model) == expected
+    expected = staggered_tokens(tiny)
+    batch_cache.install(gpu=gpu)
+    assert staggered_tokens(tiny) == expected
     assert [len(t) for t in expected.values()] == [4 + 3 * i for i in range(6)]

@@ -149,34 +149,58 @@ def test_concurrent_requests_join_the_running_batch(h: BatcherHarness) -> None:
     assert order.index("b") < len(order) - 1 - order[::-1].index("a")
 
 
+def start_batch(h: BatcherHarness, rows: int, max_tokens: int = 40) -> None:
+    """`rows` requests that arrive together at an idle engine: they start at once, in one batch."""
+    for i in range(rows):
+        h.submit(f"running{i}", max_tokens=max_tokens)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (rows, 0)
+
+
 def test_while_a_batch_decodes_arrivals_gather_for_a_few_steps_then_start_together(models_dir: Path) -> None:
     h = BatcherHarness(models_dir, prefill_gather_steps=3)
-    h.submit("a", max_tokens=40)
-    h.batcher.step()
-    assert h.batcher.running == 1  # an idle engine starts a lone arrival at once
+    start_batch(h, 3)
     h.submit("b", max_tokens=10)
     h.batcher.step()
     h.submit("c", max_tokens=10)
     for _ in range(2):
         h.batcher.step()
-        assert (h.batcher.running, h.batcher.waiting) == (1, 2)  # b waits 3 steps for company; c has come
+        assert (h.batcher.running, h.batcher.waiting) == (3, 2)  # b waits 3 steps for company; c has come
     h.batcher.step()  # the step after b's three: both start, one prefill pass between them
-    assert (h.batcher.running, h.batcher.waiting) == (3, 0)
+    assert (h.batcher.running, h.batcher.waiting) == (5, 0)
     h.run()
-    assert [check_well_formed(h, r).finish_reason for r in "abc"] == ["length"] * 3
+    assert [check_well_formed(h, r).finish_reason for r in "bc"] == ["length"] * 2
+    h.batcher.shutdown()
+
+
+def test_as_many_arrivals_as_rows_running_start_at_once(models_dir: Path) -> None:
+    h = BatcherHarness(models_dir, prefill_gather_steps=1000)
+    h.submit("a", max_tokens=40)
+    h.batcher.step()
+    assert h.batcher.running == 1  # an idle engine starts a lone arrival at once (solo)
+    h.submit("b", max_tokens=10)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (2, 0)  # one arrival, one row running: no waiting
+    h.submit("c", max_tokens=10)
+    h.batcher.step()
+    assert h.batcher.waiting == 1  # one arrival, two rows running: it waits for company
+    h.submit("d", max_tokens=10)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (4, 0)  # two arrivals, two rows running: both start
+    h.run()
+    assert [check_well_formed(h, r).finish_reason for r in "abcd"] == ["length"] * 4
     h.batcher.shutdown()
 
 
 def test_arrivals_that_fill_the_free_slots_start_without_waiting(models_dir: Path) -> None:
-    h = BatcherHarness(models_dir, prefill_gather_steps=1000, max_running=3)
-    h.submit("a", max_tokens=40)
-    h.batcher.step()
+    h = BatcherHarness(models_dir, prefill_gather_steps=1000, max_running=5)
+    start_batch(h, 3)
     h.submit("b", max_tokens=5)
     h.batcher.step()
     assert h.batcher.waiting == 1  # two slots are free: b waits for one more
     h.submit("c", max_tokens=5)
     h.batcher.step()
-    assert (h.batcher.running, h.batcher.waiting) == (3, 0)
+    assert (h.batcher.running, h.batcher.waiting) == (5, 0)
     h.run()
     h.batcher.shutdown()
 
@@ -197,15 +221,14 @@ def test_a_request_that_cannot_run_is_refused_at_once_even_while_arrivals_gather
 def test_a_full_prefill_batch_of_arrivals_starts_without_waiting(models_dir: Path, configured: int,
                                                                  prefill_batch: int) -> None:
     h = BatcherHarness(models_dir, prefill_gather_steps=1000, prefill_batch=configured)
-    h.submit("a", max_tokens=40)
-    h.batcher.step()
+    start_batch(h, prefill_batch + 1)
     for i in range(prefill_batch - 1):
         h.submit(f"r{i}", max_tokens=5)
     h.batcher.step()
     assert h.batcher.waiting == prefill_batch - 1  # one short of a prefill batch: they wait for company
     h.submit("last", max_tokens=5)
     h.batcher.step()
-    assert (h.batcher.running, h.batcher.waiting) == (prefill_batch + 1, 0)
+    assert (h.batcher.running, h.batcher.waiting) == (2 * prefill_batch + 1, 0)
     assert h.batcher._states["tiny"].generator.prefill_batch_size == prefill_batch
     h.run()
     h.batcher.shutdown()
