@@ -29,7 +29,8 @@
 # timelines, server logs, GPU clocks, /proc and cgroup snapshots), serving-median.md (serving only).
 # Every step has a deadline inside the call's budget; a failing step is logged and the next one runs;
 # the EXIT trap packs whatever exists. Environment: BUDGET_S (default 560), GATEWAY_ARGS (extra
-# `mlx-gateway serve` arguments for the serving runs), SERVING_RUNS (default 3); for a dry run on a CPU:
+# `mlx-gateway serve` arguments for the serving runs), SERVING_RUNS (default 3), SERVERS (serving's servers,
+# default mlx_lm,gateway); for a dry run on a CPU:
 # SHAPE=tiny TOKENS=400,64 ALLOW_CPU=1 (and LEVELS=1,8 SERVING_ESTIMATE_S=60 for serving; REPEATS=1 for
 # constrained).
 set -u
@@ -257,7 +258,7 @@ session_serving() {
     name=run-$(date +%Y%m%d-%H%M%S)
     began=$(date +%s)
     step "serving-$name" $(( $(left) - 20 )) "$PY" tests/benchmarks/bench_serving.py --shape "$SHAPE" \
-      --servers mlx_lm,gateway --concurrency "${LEVELS:-1,8,32,64,256}" --requests-per-client 2 \
+      --servers "${SERVERS:-mlx_lm,gateway}" --concurrency "${LEVELS:-1,8,32,64,256}" --requests-per-client 2 \
       --level-timeout 120 --startup-timeout 240 --ceiling-timeout 240 --gateway-args "${GATEWAY_ARGS:-}" \
       --work-dir "$RUN/$name" --out "$dir/$name.md"
     took=$(( $(date +%s) - began ))
