@@ -43,7 +43,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support from this checkout
     import mlx.core as mx
-    from bench_constrained import DOCUMENT, SCHEMA, fast_tokenizer, synthetic_tokenizer
+    from bench_constrained import DOCUMENT, fast_tokenizer, schema, synthetic_tokenizer
 
     sys.path.insert(0, str(args.repo))  # mlx_backend from the revision measured (bench_constrained put ours)
     for name in [m for m in sys.modules if m == "mlx_backend" or m.startswith("mlx_backend.")]:
@@ -63,8 +63,8 @@ def main() -> None:
     modes = ["batched", "per-row"] if planned else ["before: begin_step"]
     if hasattr(constrained.ConstraintProcessor, "guides"):  # MaskStep.apply: the whole batch in one op
         modes.insert(0, "batch-wide")
-    grammars = [SCHEMA, Constraint("json_object"),
-                Constraint("lark", "start: " + json_value_for_lark(json.loads(SCHEMA.source)))]
+    grammars = [schema(), Constraint("json_object"),
+                Constraint("lark", "start: " + json_value_for_lark(json.loads(schema().source)))]
     where = Path(constrained.__file__).parents[1]
     print(f"mlx_backend from {where} {args.label}; mlx {mx.__version__} on {mx.default_device()}")
     print("| vocab | rows | way | host µs/step (median) | total µs/step (median) | host CPU µs/step (median) |")

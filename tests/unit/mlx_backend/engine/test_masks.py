@@ -7,7 +7,9 @@ on the CPU) is llguidance's bitmask."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -227,7 +229,7 @@ def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
 
 
 @pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
-@pytest.mark.parametrize("width", [64, 70, 96, 130])
+@pytest.mark.parametrize("width", [64, 70, 96, 128, 130])
 def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[..., mx.array]) -> None:
     rng = np.random.default_rng(width)
     bitmask = rng.integers(-(2**31), 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)  # 96 tokens a row
@@ -239,6 +241,19 @@ def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[..., m
     bitmask[1] = -1
     expected[1] = True
     assert np.array_equal(np.array(unpack(bitmask, width, plain)), expected)
+
+
+def test_on_a_device_the_unpacked_bitmask_is_one_gather_and_views(tmp_path: Path) -> None:
+    """On CUDA each op of the step is a kernel launch the host pays for: the words (a vocabulary a whole
+    number of words, as Llama 3's 128256 tokens are) become the step's booleans through one gather, the
+    rest being views of its result."""
+    bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, size=(2, 4008), dtype=np.int64).astype(np.int32)
+    unpacked = unpacked_on_device(bitmask, 128256)
+    mx.export_to_dot(str(tmp_path / "unpack.dot"), unpacked)
+    ops = sorted(re.findall(r'label ="([^"]+)"', (tmp_path / "unpack.dot").read_text()))
+    assert ops == ["Gather", "Squeeze", "View bool"]
+    expected = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    assert np.array_equal(np.array(unpacked), expected)
 
 
 def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(
