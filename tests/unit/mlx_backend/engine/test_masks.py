@@ -26,7 +26,7 @@ from mlx_backend.engine.masks import MaskStep, unpacked_on_device, unpacked_on_h
 from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import json_value_for_lark
-from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, Loaded, assert_complete, bpe
+from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, WIDTH, Loaded, allowed, assert_complete, bpe
 
 __all__ = ["bpe"]  # the model fixture, shared with test_constrained.py
 
@@ -219,6 +219,21 @@ def test_a_request_alone_with_only_a_grammar_keeps_no_token_context(
         tokens.append(generation.next_token(more=True))
     assert updates == []
     assert (tokens, "stop") == decode(bpe, [greedy_rows(bpe)[0]], planned=True)[0]
+
+
+def test_in_a_batch_step_a_rejected_token_fails_its_own_row_only(bpe: Loaded) -> None:
+    """The rows' matchers consume their tokens in one call: the one whose token its grammar rejects allows only
+    EOS from then on, and the others go on as alone."""
+    rejecting, going_on, alone = (bpe.processor("json_object") for _ in range(3))
+    prompt = bpe.prompt()
+    for processor in (rejecting, going_on, alone):
+        processor(mx.array(prompt), mx.zeros((1, WIDTH)))  # the first step: the prompt, nothing consumed
+    bad, good = bpe.compiler.tokenizer.tokenize_str("x")[0], bpe.compiler.tokenizer.tokenize_str("{")[0]
+    masked = MaskStep([rejecting, going_on], mx.array([bad, good]), [0, 1]).apply(mx.zeros((2, WIDTH)), [])
+    assert allowed(masked[0:1]) == bpe.eos
+    assert allowed(masked[1:2]) == allowed(alone(mx.array([good]), mx.zeros((1, WIDTH)))) != bpe.eos
+    assert rejecting.error is not None and going_on.error is None
+    assert (rejecting.tokens, going_on.tokens) == (1, 1)
 
 
 def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
