@@ -172,8 +172,7 @@ def fill_bitmask(rows: list[tuple[LLMatcher, int]], bitmask: np.ndarray) -> None
     mask), in one call that releases the GIL; several rows on llguidance's threads."""
     if len(rows) == 1:
         matcher, i = rows[0]
-        row_bytes = bitmask.strides[0]
-        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + i * row_bytes, row_bytes)
+        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + i * bitmask.strides[0], bitmask.shape[1] * 4)
     elif rows:
         _executor().unsafe_compute_mask_ptr(rows, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
 
