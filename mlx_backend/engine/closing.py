@@ -61,6 +61,28 @@ class Closer:
     def plan(self, matcher: LLMatcher, limit: int) -> list[int]:
         """Tokens that take `matcher`'s output (not changed) to one the grammar accepts, at most `limit` of
         them; shorter than that and not accepted only when nothing could be found."""
+        return self._plan(matcher, limit)[0]
+
+    def closing(self, matcher: LLMatcher, limit: int) -> list[int] | None:
+        """The plan, if it closes the output within `limit` tokens; else None."""
+        plan, closes = self._plan(matcher, limit)
+        return plan if plan and closes else None
+
+    def closes_after(self, matcher: LLMatcher, token: int, budget: int) -> bool:
+        """Whether, after `token`, `matcher`'s output (not changed) can be closed within `budget` tokens."""
+        copy = matcher.deep_copy()
+        if not copy.consume_token(token):
+            return False
+        if copy.is_accepting():
+            return True
+        if budget <= 0:
+            return False
+        plan, closes = self._plan(copy, budget)
+        return bool(plan) and closes
+
+    def _plan(self, matcher: LLMatcher, limit: int) -> tuple[list[int], bool]:
+        """The plan, and whether the output is accepted after it (read off the copy the plan was found on:
+        a plan is cut where a token fails, so replaying it on another copy would end where this one did)."""
         copy = matcher.deep_copy()
         plan: list[int] = []
         while len(plan) < limit and not copy.is_accepting() and not copy.is_error():
@@ -74,25 +96,7 @@ class Closer:
             if token is None or not copy.consume_token(token):
                 break
             plan.append(token)
-        return plan
-
-    def closing(self, matcher: LLMatcher, limit: int) -> list[int] | None:
-        """The plan, if it closes the output within `limit` tokens; else None."""
-        plan = self.plan(matcher, limit)
-        copy = matcher.deep_copy()
-        return plan if plan and copy.consume_tokens(plan) and copy.is_accepting() else None
-
-    def closes_after(self, matcher: LLMatcher, token: int, budget: int) -> bool:
-        """Whether, after `token`, `matcher`'s output (not changed) can be closed within `budget` tokens."""
-        copy = matcher.deep_copy()
-        if not copy.consume_token(token):
-            return False
-        if copy.is_accepting():
-            return True
-        if budget <= 0:
-            return False
-        plan = self.plan(copy, budget)
-        return bool(plan) and bool(copy.consume_tokens(plan)) and bool(copy.is_accepting())
+        return plan, bool(copy.is_accepting()) and not copy.is_error()
 
     def _next(self, matcher: LLMatcher) -> int | None:
         in_string = self._backslash is not None and matcher.validate_tokens([self._backslash]) == 1

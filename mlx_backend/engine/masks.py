@@ -78,9 +78,9 @@ class MaskStep:
 
     def __init__(self, rows: Sequence[MaskRow], fed: mx.array | None, positions: Sequence[int]) -> None:
         self._rows = list(rows)
-        self._slot = {id(row): i for i, row in enumerate(self._rows)}
-        self._fed = fed
         self._positions = list(positions)
+        self._position = {id(row): i for row, i in zip(self._rows, self._positions, strict=True)}
+        self._fed = fed
         self._size = fed.shape[0] if fed is not None else max(self._positions) + 1  # the batch's rows
         self._allowed: mx.array | None = None
 
@@ -88,7 +88,7 @@ class MaskStep:
         """`row`'s logits (1, width) with -inf wherever its grammar allows no token."""
         allowed = self._allowed_tokens(logits)
         if self._size > 1:
-            allowed = allowed[self._positions[self._slot[id(row)]]]
+            allowed = allowed[self._position[id(row)]]
         return row.finish(mx.where(allowed, logits, -mx.inf), logits)
 
     def apply(self, logits: mx.array, finishing: Sequence[MaskRow]) -> mx.array:
@@ -96,7 +96,7 @@ class MaskStep:
         `finishing` are not called in this step (their processors stand aside): their `finish` is asked here,
         and only costs a row of its own once closing is near."""
         masked = mx.where(self._allowed_tokens(logits), logits, -mx.inf)
-        guided = {self._positions[self._slot[id(row)]]: row for row in finishing if row.guides}
+        guided = {self._position[id(row)]: row for row in finishing if row.guides}
         if not guided:
             return masked
         pieces = [masked[i:i + 1] for i in range(self._size)]
@@ -172,7 +172,7 @@ def fill_bitmask(rows: list[tuple[LLMatcher, int]], bitmask: np.ndarray) -> None
     mask), in one call that releases the GIL; several rows on llguidance's threads."""
     if len(rows) == 1:
         matcher, i = rows[0]
-        matcher.unsafe_compute_mask_ptr(bitmask[i].ctypes.data, bitmask[i].nbytes)
+        matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data + i * bitmask.strides[0], bitmask.shape[1] * 4)
     elif rows:
         _executor().unsafe_compute_mask_ptr(rows, bitmask.ctypes.data, bitmask.shape[1] * 4, bitmask.shape[0])
 
@@ -188,13 +188,21 @@ def allowed_tokens(bitmask: np.ndarray, width: int, plain: np.ndarray | None = N
 
 
 def unpacked_on_device(bitmask: np.ndarray, width: int, plain: np.ndarray | None = None) -> mx.array:
+    """One gather, and views: each byte of the words picks its 8 booleans from a 256-entry table (each entry
+    8 bytes of 0/1, read as one uint64), and the result is read as booleans. On CUDA every op is a kernel
+    launch the host pays for; a gather over the batch's bytes costs the device next to nothing."""
     rows, words = bitmask.shape
-    flat = ((mx.array(bitmask)[:, :, None] & _bits()) != 0).reshape(rows, words * 32)  # two kernels
-    if words * 32 >= width:
-        return flat[:, :width]
-    fill = np.zeros((rows,), dtype=np.bool_) if plain is None else plain
-    past = mx.broadcast_to(mx.array(fill)[:, None], (rows, width - words * 32))
-    return mx.concatenate([flat, past], axis=1)
+    span = -(-width // 32)  # the words that cover the logits
+    if span > words:  # the embedding's padding past the vocabulary: allowed only in the plain rows
+        padded = np.zeros((rows, span), dtype=np.int32)
+        padded[:, :words] = bitmask
+        if plain is not None:
+            padded[plain, words:] = -1
+        bitmask = padded
+    elif span < words:
+        bitmask = np.ascontiguousarray(bitmask[:, :span])
+    allowed = mx.view(_byte_bits()[mx.array(bitmask.view(np.uint8))], mx.bool_)  # (rows, 32 span)
+    return allowed if span * 32 == width else allowed[:, :width]
 
 
 def unpacked_on_host(bitmask: np.ndarray, width: int, plain: np.ndarray | None = None) -> mx.array:
@@ -205,9 +213,10 @@ def unpacked_on_host(bitmask: np.ndarray, width: int, plain: np.ndarray | None =
 
 
 @functools.cache
-def _bits() -> mx.array:
-    """Bit b of a word, for b in 0..31, as int32 (bit 31 is the sign)."""
-    return mx.array((np.uint32(1) << np.arange(32, dtype=np.uint32)).view(np.int32))
+def _byte_bits() -> mx.array:
+    """Entry b: the 8 bits of byte b, lowest first, as 8 bytes of 0 or 1 read as one little-endian uint64."""
+    bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
+    return mx.array(bits.view(np.uint64)[:, 0])
 
 
 @functools.cache

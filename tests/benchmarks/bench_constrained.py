@@ -22,6 +22,7 @@ Tables:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import statistics
@@ -43,8 +44,6 @@ from llguidance.numpy import fill_next_token_bitmask_par
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import greedy_sampler
-from openai.lib._pydantic import to_strict_json_schema
-from pydantic import BaseModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -58,22 +57,29 @@ from mlx_backend.grammar import grammar_for
 from tests.support import tiny_models as tm
 
 
-class Address(BaseModel):
-    street: str
-    city: str
-    postcode: str | None
+@functools.cache
+def schema() -> Constraint:
+    """The strict json_schema constraint of a pydantic model, as the openai client sends it. Imported here, not
+    at the top: the GPU machine has no openai package, and bench_constrained_step.py imports this module."""
+    from openai.lib._pydantic import to_strict_json_schema
+    from pydantic import BaseModel
+
+    class Address(BaseModel):
+        street: str
+        city: str
+        postcode: str | None
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        email: str
+        tags: list[str]
+        address: Address
+        score: float
+
+    return Constraint("json_schema", json.dumps(to_strict_json_schema(Person)), strict=True)
 
 
-class Person(BaseModel):
-    name: str
-    age: int
-    email: str
-    tags: list[str]
-    address: Address
-    score: float
-
-
-SCHEMA = Constraint("json_schema", json.dumps(to_strict_json_schema(Person)), strict=True)
 DOCUMENT = json.dumps({
     "name": "Ada Lovelace", "age": 36, "email": "ada@example.org", "tags": ["mathematics", "poetry", "engines"],
     "address": {"street": "12 St James's Square", "city": "London", "postcode": None}, "score": 98.5,
@@ -115,7 +121,7 @@ def timed(fn: Callable[..., Any], *args: Any) -> float:
 
 def mask_steps(compiler: GrammarCompiler, width: int) -> dict[str, float]:
     """Median microseconds per token of each part, over the document's tokens."""
-    matcher = LLMatcher(compiler.tokenizer, grammar_for(SCHEMA), log_level=0)
+    matcher = LLMatcher(compiler.tokenizer, grammar_for(schema()), log_level=0)
     assert not matcher.is_error(), matcher.get_error()
     tokens = compiler.tokenizer.tokenize_str(DOCUMENT)
     words = compiler.words
@@ -167,7 +173,7 @@ def mask_steps(compiler: GrammarCompiler, width: int) -> dict[str, float]:
     assert not matcher.is_error(), matcher.get_error()
 
     # The whole processor call (consume, mask, convert, apply, eval), as decoding makes it.
-    processor = compiler.processor(SCHEMA)
+    processor = compiler.processor(schema())
     prompt = [1, 2, 3]
     mx.eval(processor(mx.array(prompt), logits))
 
@@ -264,7 +270,7 @@ def parallel_masks(compiler: GrammarCompiler, rows: int, repeats: int = 20) -> t
     def matchers() -> list[LLMatcher]:
         made = []
         for start in starts:
-            matcher = LLMatcher(compiler.tokenizer, grammar_for(SCHEMA), log_level=0)
+            matcher = LLMatcher(compiler.tokenizer, grammar_for(schema()), log_level=0)
             matcher.consume_tokens(tokens[:start])
             made.append(matcher)
         return made
@@ -308,7 +314,7 @@ def main() -> None:
         eos = [fast.convert_tokens_to_ids(tm.EOS)]
         build = min(timed(GrammarCompiler, fast, eos) for _ in range(3))
         compiler = GrammarCompiler(fast, eos)
-        compile_s = min(timed(compiler.processor, SCHEMA) for _ in range(5))
+        compile_s = min(timed(compiler.processor, schema()) for _ in range(5))
         one_off[size] = {"tokenizer ms": build * 1e3, "compile ms": compile_s * 1e3}
         width = -(-size // 128) * 128
         per_token[size] = mask_steps(compiler, width)

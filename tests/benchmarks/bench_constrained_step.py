@@ -2,7 +2,7 @@
 process, the two ways taking turns (a script, not a test).
 
     python tests/benchmarks/bench_constrained_step.py [--vocab 512,32000] [--rows 8] [--steps 60] [--rounds 3]
-        [--hidden 64 --layers 2]
+        [--hidden 64 --layers 2] [--unpack device] [--ways solo,batch]
 
 A random llama (by default hidden 64, 2 layers: a CPU's step as short as it gets, so what the host adds shows;
 on a GPU, `--vocab 152064 --hidden 2048 --layers 16` is about the 1B shape; the synthetic vocabularies of
@@ -15,14 +15,21 @@ steps as needed), greedy. Ways:
 - `batch, plain`: the same rows without grammars (mlx-lm's own path), the floor;
 - `solo, context` / `solo, no context`: a request alone, with the token buffer a grammar used to be passed /
   with only the token its step feeds (now), and `solo, plain`.
-Per step: wall µs and the process's CPU µs (all threads), median over every step of every round. On a CPU the
-step is mostly the model's compute; on a GPU the step is short and what the host adds shows.
+Per step: wall µs, the process's CPU µs (all threads) and the MLX thread's CPU µs (the thread that builds the
+graph and calls llguidance for a row alone; MLX's CPU kernels and llguidance's executor run on other threads):
+median over every step of every round. On a CPU the step is mostly the model's compute; on a GPU the step is
+short and the MLX thread's host work is what it waits for: the third column is the figure to watch.
+`--unpack device` unpacks the bitmask the way a GPU does (masks.unpacked_on_device) instead of numpy's CPU way.
+After the table: the MLX primitives a constrained step adds to the graph (the processor's, or the batch-wide
+step's, over logits already computed), each a node MLX evaluates and, on CUDA, some a kernel launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import re
 import statistics
 import sys
 import tempfile
@@ -42,13 +49,22 @@ from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend.contract import Constraint
-from mlx_backend.engine import constrained
+from mlx_backend.engine import constrained, masks
 from mlx_backend.engine.batcher import constrained_step
 from mlx_backend.engine.masks import plan_rows
 from mlx_backend.engine.solo import SoloGeneration
 from tests.support import tiny_models as tm
 
-Sample = tuple[float, float]  # wall s, CPU s
+Sample = tuple[float, float, float]  # wall s, process CPU s, MLX thread CPU s
+
+
+def clock() -> Sample:
+    return time.perf_counter(), time.process_time(), time.thread_time()
+
+
+def since(began: Sample) -> Sample:
+    now = clock()
+    return now[0] - began[0], now[1] - began[1], now[2] - began[2]
 
 
 def tiny_model(folder: Path, vocab_size: int, hidden: int = 64, layers: int = 2) -> tuple[Any, Any]:
@@ -87,10 +103,10 @@ def batch_steps(model: Any, prompt: list[int], processors: list[list[Any]], step
             generator.next()
     samples = []
     for _ in range(steps):
-        began, began_cpu = time.perf_counter(), time.process_time()
+        began = clock()
         with step(generator):
             generator.next()
-        samples.append((time.perf_counter() - began, time.process_time() - began_cpu))
+        samples.append(since(began))
     generator.close()
     return samples
 
@@ -103,13 +119,14 @@ def solo_steps(model: Any, prompt: list[int], processors: list[Any], steps: int,
         generation.next_token(more=True)
     samples = []
     for _ in range(steps):
-        began, began_cpu = time.perf_counter(), time.process_time()
+        began = clock()
         generation.next_token(more=True)
-        samples.append((time.perf_counter() - began, time.process_time() - began_cpu))
+        samples.append(since(began))
     return samples
 
 
-def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers: int) -> dict[str, list[Sample]]:
+def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers: int,
+            kinds: set[str]) -> tuple[dict[str, list[Sample]], dict[str, str]]:
     any_object = Constraint("json_object")
     prompt = list(range(10, 74))
     with tempfile.TemporaryDirectory() as folder:
@@ -127,11 +144,34 @@ def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers:
             "solo, context": lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=True),
             "solo, no context": lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=False),
         }
+        ways = {way: run for way, run in ways.items() if way.split(",")[0] in kinds}
         samples: dict[str, list[Sample]] = {way: [] for way in ways}
         for _ in range(rounds):
             for way, run in ways.items():
                 samples[way].extend(run())
-    return samples
+        added = {f"{kind}, {'1 row' if kind == 'solo' else f'{rows} rows'}": added_ops(
+            prompt, [p for [p] in grammars(1 if kind == "solo" else rows)], kind, model.args.vocab_size)
+            for kind in sorted(kinds)}
+    return samples, added
+
+
+def added_ops(prompt: list[int], processors: list[Any], kind: str, width: int) -> str:
+    """The primitives a constrained step adds to the graph of logits already computed: `solo`, the processor
+    called as a request alone calls it; `batch`, the batch-wide step (masks.MaskStep.apply)."""
+    logits = mx.random.normal((len(processors), width)).astype(mx.bfloat16)
+    fed = mx.array(prompt[:len(processors)])
+    mx.eval(logits, fed)
+    for processor in processors:  # the first step (the prompt's) consumes nothing: count a later one
+        mx.eval(processor(mx.array(prompt[:4]), logits[:1]))
+    if kind == "solo":
+        out = processors[0](fed[:1], logits)
+    else:
+        out = masks.plan_rows(list(enumerate(processors)), fed).apply(logits, processors)
+    with tempfile.TemporaryDirectory() as folder:
+        dot = Path(folder) / "step.dot"
+        mx.export_to_dot(str(dot), out)
+        names = collections.Counter(re.findall(r'label ="([^"]+)"', dot.read_text()))
+    return f"{sum(names.values())} ({', '.join(f'{n} {k}' if n > 1 else k for k, n in sorted(names.items()))})"
 
 
 def main() -> None:
@@ -142,16 +182,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--unpack", choices=["auto", "device"], default="auto")
+    parser.add_argument("--ways", default="solo,batch", help="solo, batch or both")
     args = parser.parse_args()
+    if args.unpack == "device":
+        masks.allowed_tokens = masks.unpacked_on_device  # what a GPU runs
     print(f"mlx {mx.__version__} on {mx.default_device()}; hidden {args.hidden}, {args.layers} layers, bf16; "
-          f"{args.rows} rows, {args.steps} steps x {args.rounds} rounds, the ways taking turns")
-    print("| vocab | way | wall µs/step (median) | CPU µs/step (median) |")
-    print("| ---: | --- | ---: | ---: |")
+          f"{args.rows} rows, {args.steps} steps x {args.rounds} rounds, the ways taking turns; unpack {args.unpack}")
+    print("| vocab | way | wall µs/step | process CPU µs/step | MLX thread CPU µs/step |")
+    print("| ---: | --- | ---: | ---: | ---: |")
     for vocab in (int(v) for v in args.vocab.split(",")):
-        for way, taken in measure(vocab, args.rows, args.steps, args.rounds, args.hidden, args.layers).items():
-            wall = statistics.median(s[0] for s in taken) * 1e6
-            cpu = statistics.median(s[1] for s in taken) * 1e6
-            print(f"| {vocab} | {way} | {wall:.0f} | {cpu:.0f} |", flush=True)
+        samples, added = measure(vocab, args.rows, args.steps, args.rounds, args.hidden, args.layers,
+                                 set(args.ways.split(",")))
+        for way, taken in samples.items():
+            wall, cpu, thread = (statistics.median(s[k] for s in taken) * 1e6 for k in range(3))
+            print(f"| {vocab} | {way} | {wall:.0f} | {cpu:.0f} | {thread:.0f} |", flush=True)
+        for step, ops in added.items():
+            print(f"MLX primitives a constrained step adds ({vocab}, {step}): {ops}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The host time of one decode step's grammar masks, for N constrained rows (a script, not a test).
 
-    python tests/benchmarks/bench_mask_stage.py [--rows 1,8,32] [--vocab demo,152064] [--steps 40]
+    python tests/benchmarks/bench_mask_stage.py [--rows 1,8,32] [--vocab demo,152064] [--steps 40] [--unpack device]
 
 No model runs: each row is a request at its own place in a JSON document (three grammars in turn: a strict
 pydantic schema, json_object, and the same schema as a Lark `%json` rule as forced tool calls have), and
@@ -39,11 +39,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[2])
     parser.add_argument("--label", default="")
+    parser.add_argument("--unpack", choices=["auto", "device"], default="auto",
+                        help="device: unpack the bitmask the way a GPU does (masks.unpacked_on_device), on this CPU")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.support from this checkout
     import mlx.core as mx
-    from bench_constrained import DOCUMENT, SCHEMA, fast_tokenizer, synthetic_tokenizer
+    from bench_constrained import DOCUMENT, fast_tokenizer, schema, synthetic_tokenizer
 
     sys.path.insert(0, str(args.repo))  # mlx_backend from the revision measured (bench_constrained put ours)
     for name in [m for m in sys.modules if m == "mlx_backend" or m.startswith("mlx_backend.")]:
@@ -53,6 +55,10 @@ def main() -> None:
 
     try:  # the engine's modules moved under mlx_backend/engine/ (issue 23): either layout can be measured
         import mlx_backend.engine.constrained as constrained
+        import mlx_backend.engine.masks as masks
+
+        if args.unpack == "device":
+            masks.allowed_tokens = masks.unpacked_on_device
         from mlx_backend.contract import Constraint
     except ImportError:
         import mlx_backend.constrained as constrained  # type: ignore[no-redef]
@@ -63,10 +69,10 @@ def main() -> None:
     modes = ["batched", "per-row"] if planned else ["before: begin_step"]
     if hasattr(constrained.ConstraintProcessor, "guides"):  # MaskStep.apply: the whole batch in one op
         modes.insert(0, "batch-wide")
-    grammars = [SCHEMA, Constraint("json_object"),
-                Constraint("lark", "start: " + json_value_for_lark(json.loads(SCHEMA.source)))]
+    grammars = [schema(), Constraint("json_object"),
+                Constraint("lark", "start: " + json_value_for_lark(json.loads(schema().source)))]
     where = Path(constrained.__file__).parents[1]
-    print(f"mlx_backend from {where} {args.label}; mlx {mx.__version__} on {mx.default_device()}")
+    print(f"mlx_backend from {where} {args.label}; mlx {mx.__version__} on {mx.default_device()}; unpack {args.unpack}")
     print("| vocab | rows | way | host µs/step (median) | total µs/step (median) | host CPU µs/step (median) |")
     print("| ---: | ---: | --- | ---: | ---: | ---: |")
     for vocab in args.vocab.split(","):

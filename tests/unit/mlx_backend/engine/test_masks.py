@@ -7,7 +7,9 @@ on the CPU) is llguidance's bitmask."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -24,7 +26,7 @@ from mlx_backend.engine.masks import MaskStep, unpacked_on_device, unpacked_on_h
 from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import json_value_for_lark
-from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, Loaded, assert_complete, bpe
+from tests.unit.mlx_backend.engine.test_constrained import SCHEMAS, WIDTH, Loaded, allowed, assert_complete, bpe
 
 __all__ = ["bpe"]  # the model fixture, shared with test_constrained.py
 
@@ -219,6 +221,21 @@ def test_a_request_alone_with_only_a_grammar_keeps_no_token_context(
     assert (tokens, "stop") == decode(bpe, [greedy_rows(bpe)[0]], planned=True)[0]
 
 
+def test_in_a_batch_step_a_rejected_token_fails_its_own_row_only(bpe: Loaded) -> None:
+    """The rows' matchers consume their tokens in one call: the one whose token its grammar rejects allows only
+    EOS from then on, and the others go on as alone."""
+    rejecting, going_on, alone = (bpe.processor("json_object") for _ in range(3))
+    prompt = bpe.prompt()
+    for processor in (rejecting, going_on, alone):
+        processor(mx.array(prompt), mx.zeros((1, WIDTH)))  # the first step: the prompt, nothing consumed
+    bad, good = bpe.compiler.tokenizer.tokenize_str("x")[0], bpe.compiler.tokenizer.tokenize_str("{")[0]
+    masked = MaskStep([rejecting, going_on], mx.array([bad, good]), [0, 1]).apply(mx.zeros((2, WIDTH)), [])
+    assert allowed(masked[0:1]) == bpe.eos
+    assert allowed(masked[1:2]) == allowed(alone(mx.array([good]), mx.zeros((1, WIDTH)))) != bpe.eos
+    assert rejecting.error is not None and going_on.error is None
+    assert (rejecting.tokens, going_on.tokens) == (1, 1)
+
+
 def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
     with_neighbours = decode(bpe, rows(bpe), planned=True)
     without = decode(bpe, [(prompt, [], sampler) for prompt, _, sampler in rows(bpe)], planned=True)
@@ -227,7 +244,7 @@ def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
 
 
 @pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
-@pytest.mark.parametrize("width", [64, 70, 96, 130])
+@pytest.mark.parametrize("width", [64, 70, 96, 128, 130])
 def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[..., mx.array]) -> None:
     rng = np.random.default_rng(width)
     bitmask = rng.integers(-(2**31), 2**31, size=(3, 3), dtype=np.int64).astype(np.int32)  # 96 tokens a row
@@ -239,6 +256,19 @@ def test_the_bitmask_is_unpacked_bit_for_bit(width: int, unpack: Callable[..., m
     bitmask[1] = -1
     expected[1] = True
     assert np.array_equal(np.array(unpack(bitmask, width, plain)), expected)
+
+
+def test_on_a_device_the_unpacked_bitmask_is_one_gather_and_views(tmp_path: Path) -> None:
+    """On CUDA each op of the step is a kernel launch the host pays for: the words (a vocabulary a whole
+    number of words, as Llama 3's 128256 tokens are) become the step's booleans through one gather, the
+    rest being views of its result."""
+    bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, size=(2, 4008), dtype=np.int64).astype(np.int32)
+    unpacked = unpacked_on_device(bitmask, 128256)
+    mx.export_to_dot(str(tmp_path / "unpack.dot"), unpacked)
+    ops = sorted(re.findall(r'label ="([^"]+)"', (tmp_path / "unpack.dot").read_text()))
+    assert ops == ["Gather", "Squeeze", "View bool"]
+    expected = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    assert np.array_equal(np.array(unpacked), expected)
 
 
 def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(
