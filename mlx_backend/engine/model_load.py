@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
+import numpy as np
 from mlx.nn.layers.base import Module
 from mlx.utils import tree_flatten
 
@@ -243,6 +244,7 @@ class StagedLoad:
         if self._warm_tokens < _WARMUP_NEW_TOKENS:
             return False
         self._warm = None
+        _warm_up_grammar_masks()
         mx.clear_cache()
         return True
 
@@ -325,3 +327,11 @@ def _file_size(path: Any) -> int:
         return int(path.stat().st_size)
     except OSError:
         return 0
+
+
+def _warm_up_grammar_masks() -> None:
+    """Unpack one grammar mask on the device (engine/masks.py): on CUDA its gather is a kernel compiled on first
+    use, which the first constrained request would otherwise wait for."""
+    from mlx_backend.engine import masks  # imports llguidance
+
+    mx.eval(masks.unpacked_on_device(np.zeros((1, 1), dtype=np.int32), 32))
