@@ -10,10 +10,12 @@ rest on the host: the same keys, values, offsets and padding as mlx-lm's filter,
 
 Rows join through a prompt pass, and mlx-lm's `PromptProcessingBatch.prompt` waits for each pass (`mx.eval`)
 and then empties MLX's buffer cache (`mx.clear_cache`), so the next steps allocate their buffers again. On a
-GPU, `prompt_without_waiting` queues the pass instead: the running rows' next step is built while it runs. It
-first waits for the pass queued before it on the same prompts, so at most one pass is ever ahead of the host:
-the prefill pacer (engine/pacing.py) keeps measuring pieces, one late, and no backlog can hide from the stall
-clock. On a CPU the engine keeps mlx-lm's pass (pieces there take seconds: each is waited for and timed).
+GPU, `prompt_without_waiting` queues a short pass instead (short prompts joining a batch, or a chat's new
+turn after its prefix-cache hit): the running rows' next step is built while it runs. It first waits for the
+pass queued before it on the same prompts, so at most one pass is ever ahead of the host. A pass of longer
+pieces (a long prompt in the pacer's pieces: engine/pacing.py) stays mlx-lm's: waited for, so the pacer times
+it and no backlog hides from the stall clock, and followed by emptying the cache, so its large buffers go
+back. On a CPU the engine keeps mlx-lm's pass for every piece (pieces there take seconds).
 
 `install(gpu=...)` puts both in place of mlx-lm's methods; the engine calls it once, when the batcher is made.
 """
@@ -31,6 +33,13 @@ __all__ = ["filter_without_waiting", "install", "prompt_without_waiting"]
 _MLX_LM_FILTER = BatchKVCache.filter
 _MLX_LM_PROMPT = PromptProcessingBatch.prompt
 _async_eval: Any = mx.async_eval  # untyped in mlx
+
+# A pass is queued when no piece in it is longer than this, nor the pass (rows x the longest piece) than that.
+# Where the pacer grows pieces past it (16, 64, 256, 1024...) they are waited for and timed: a queued piece is
+# one the pacer would have let through anyway, short even on a slow device. Where one wait per pass matters is
+# short passes: a 64-token join on an H100 is a few milliseconds, and the wait then idles the device as long.
+QUEUED_PIECE_MAX_TOKENS = 256
+QUEUED_PASS_MAX_TOKENS = 8192
 
 
 def filter_without_waiting(cache: Any, batch_indices: list[int]) -> None:
@@ -52,16 +61,20 @@ def filter_without_waiting(cache: Any, batch_indices: list[int]) -> None:
 def prompt_without_waiting(batch: Any, tokens: list[list[int]]) -> None:
     """Run one piece of each row's prompt (`tokens`, one list per row of `batch`, a PromptProcessingBatch) into
     the batch's caches, queued: the caches hold the result lazily. Shorter pieces are padded on the right, and
-    the caches move that padding to the left, as for mlx-lm's pass."""
+    the caches move that padding to the left, as for mlx-lm's pass. A longer pass (QUEUED_PIECE_MAX_TOKENS,
+    QUEUED_PASS_MAX_TOKENS) is mlx-lm's."""
     if len(tokens) != len(batch.uids):
         raise ValueError(f"{len(tokens)} prompt pieces for a batch of {len(batch.uids)} rows")
     if not tokens:
+        return
+    longest = max(len(piece) for piece in tokens)
+    if longest > QUEUED_PIECE_MAX_TOKENS or len(tokens) * longest > QUEUED_PASS_MAX_TOKENS:
+        _MLX_LM_PROMPT(batch, tokens)
         return
     mx.eval([c.state for c in batch.prompt_cache])  # the pass queued before this one: one pass ahead at most
     for held, piece in zip(batch.tokens, tokens, strict=True):
         held.extend(piece)  # the tokens each row's cache holds
     lengths = [len(piece) for piece in tokens]
-    longest = max(lengths)
     right = [longest - n for n in lengths]
     padded = any(right)
     if padded:

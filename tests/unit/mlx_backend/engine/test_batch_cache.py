@@ -115,6 +115,20 @@ def test_the_queued_prompt_pass_fills_the_caches_as_mlx_lms_pass_does(
         assert batch_state(ours) == batch_state(theirs)
 
 
+def test_a_pass_of_long_pieces_or_many_tokens_is_mlx_lms_own(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces past the pacer's short ones are waited for (and timed); so is a very wide pass."""
+    passes: list[list[list[int]]] = []
+    monkeypatch.setattr(batch_cache, "_MLX_LM_PROMPT", lambda batch, tokens: passes.append(tokens))
+    monkeypatch.setattr(batch_cache, "QUEUED_PIECE_MAX_TOKENS", 4)
+    monkeypatch.setattr(batch_cache, "QUEUED_PASS_MAX_TOKENS", 8)
+    short = prompt_batch(tiny, 2)
+    batch_cache.prompt_without_waiting(short, [[1, 2, 3, 4], [5]])  # pieces of 4 at most, 2 x 4 tokens: queued
+    assert passes == [] and short.tokens == [[1, 2, 3, 4], [5]]
+    batch_cache.prompt_without_waiting(prompt_batch(tiny, 2), [[1, 2, 3, 4, 5], [6]])  # a piece of 5
+    batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1, 2, 3], [4], [5]])  # 3 x 3 = 9 tokens
+    assert passes == [[[1, 2, 3, 4, 5], [6]], [[1, 2, 3], [4], [5]]]
+
+
 def test_a_prompt_pass_needs_one_piece_per_row(tiny: Any) -> None:
     with pytest.raises(ValueError, match="2 prompt pieces for a batch of 3 rows"):
         batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1], [2]])
