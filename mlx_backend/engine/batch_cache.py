@@ -10,42 +10,42 @@ rest on the host: the same keys, values, offsets and padding as mlx-lm's filter,
 
 Rows join through a prompt pass, and mlx-lm's `PromptProcessingBatch.prompt` waits for each pass (`mx.eval`)
 and then empties MLX's buffer cache (`mx.clear_cache`), so the next steps allocate their buffers again. On a
-GPU, `prompt_without_waiting` queues a short pass instead (short prompts joining a batch, or a chat's new
-turn after its prefix-cache hit): the running rows' next step is built while it runs. It first waits for the
-pass queued before it on the same prompts, so at most one pass is ever ahead of the host. A pass of longer
-pieces (a long prompt in the pacer's pieces: engine/pacing.py) stays mlx-lm's: waited for, so the pacer times
-it and no backlog hides from the stall clock, and followed by emptying the cache, so its large buffers go
-back. On a CPU the engine keeps mlx-lm's pass for every piece (pieces there take seconds).
+GPU, `prompt_without_waiting` queues the pass that ends its prompts (every piece shorter than the prefill
+pacer's piece: whole short prompts, a chat's new turn after its prefix-cache hit, a long prompt's tail): the
+running rows' next step is built while it runs, and the rows' first-token pass follows it on the device. A
+pass of full pieces (a long prompt, paced: engine/pacing.py) stays mlx-lm's: waited for, so the pacer times
+it, and followed by emptying the cache, so its large buffers go back. No backlog builds up: each row has one
+last piece, and the next decode step waits for what was queued before it. On a CPU the engine keeps mlx-lm's
+pass for every piece (pieces there take seconds).
 
 `install(gpu=...)` puts both in place of mlx-lm's methods; the engine calls it once, when the batcher is made.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache
 
-__all__ = ["filter_without_waiting", "install", "prompt_without_waiting"]
+__all__ = ["filter_without_waiting", "install", "pieces_of", "prompt_without_waiting"]
 
 _MLX_LM_FILTER = BatchKVCache.filter
 _MLX_LM_PROMPT = PromptProcessingBatch.prompt
 _async_eval: Any = mx.async_eval  # untyped in mlx
 
-# A pass is queued when no piece in it is longer than this, nor the pass (rows x the longest piece) than that.
-# Where the pacer grows pieces past it (16, 64, 256, 1024...) they are waited for and timed: a queued piece is
-# one the pacer would have let through anyway, short even on a slow device. Where one wait per pass matters is
-# short passes: a 64-token join on an H100 is a few milliseconds, and the wait then idles the device as long.
-QUEUED_PIECE_MAX_TOKENS = 256
-QUEUED_PASS_MAX_TOKENS = 8192
+QUEUED_PASS_MAX_TOKENS = 8192  # rows x the longest piece: a wider pass is waited for, and its buffers go back
+
+_piece_tokens: int | None = None  # the prefill pacer's piece in the step being run (`pieces_of`)
 
 
 def filter_without_waiting(cache: Any, batch_indices: list[int]) -> None:
     """Keep only the rows `batch_indices` of `cache` (a BatchKVCache), then drop the padding columns every kept
     row has on its left."""
-    padding = cache.left_padding.tolist()  # computed by an earlier step: nothing to wait for
+    padding = cache.left_padding.tolist()  # in a decoding batch, computed by an earlier step: no wait
     kept = [padding[i] for i in batch_indices]
     shift = min(kept, default=0)
     if cache.keys is not None:
@@ -58,20 +58,32 @@ def filter_without_waiting(cache: Any, batch_indices: list[int]) -> None:
     cache._idx -= shift
 
 
+@contextlib.contextmanager
+def pieces_of(tokens: int) -> Iterator[None]:
+    """The generation step run inside cuts prompts into pieces of `tokens` (the pacer's size, which the batcher
+    gives mlx-lm's generator for the step): a piece shorter than that is its prompt's last."""
+    global _piece_tokens
+    _piece_tokens = tokens
+    try:
+        yield
+    finally:
+        _piece_tokens = None
+
+
 def prompt_without_waiting(batch: Any, tokens: list[list[int]]) -> None:
     """Run one piece of each row's prompt (`tokens`, one list per row of `batch`, a PromptProcessingBatch) into
     the batch's caches, queued: the caches hold the result lazily. Shorter pieces are padded on the right, and
-    the caches move that padding to the left, as for mlx-lm's pass. A longer pass (QUEUED_PIECE_MAX_TOKENS,
-    QUEUED_PASS_MAX_TOKENS) is mlx-lm's."""
+    the caches move that padding to the left, as for mlx-lm's pass. A pass with a full piece (more of its
+    prompt to come) or wider than QUEUED_PASS_MAX_TOKENS is mlx-lm's."""
     if len(tokens) != len(batch.uids):
         raise ValueError(f"{len(tokens)} prompt pieces for a batch of {len(batch.uids)} rows")
     if not tokens:
         return
     longest = max(len(piece) for piece in tokens)
-    if longest > QUEUED_PIECE_MAX_TOKENS or len(tokens) * longest > QUEUED_PASS_MAX_TOKENS:
+    piece = _piece_tokens or batch.prefill_step_size
+    if longest >= piece or len(tokens) * longest > QUEUED_PASS_MAX_TOKENS:
         _MLX_LM_PROMPT(batch, tokens)
         return
-    mx.eval([c.state for c in batch.prompt_cache])  # the pass queued before this one: one pass ahead at most
     for held, piece in zip(batch.tokens, tokens, strict=True):
         held.extend(piece)  # the tokens each row's cache holds
     lengths = [len(piece) for piece in tokens]

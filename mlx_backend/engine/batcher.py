@@ -253,7 +253,7 @@ class Batcher:
         as many arrivals as there are rows running start at once too: the pass then costs the few running rows
         less than waiting costs the many arrivals (clients that came back together, to a lone solo row).
         Counted in steps, not seconds, so a group's ranks decide alike."""
-        running = self._rows_running()
+        running = self._rows_running()  # rows, as the company (a request asks for n)
         company = min(self._prefill_batch, self.config.max_running - running, max(1, running))
         return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps, company)
 
@@ -469,7 +469,7 @@ class Batcher:
         try:
             state.generator.prefill_step_size = state.pacer.size
             began = time.monotonic()
-            with constrained_step(state.generator):
+            with constrained_step(state.generator), batch_cache.pieces_of(state.pacer.size):
                 prompt_responses, responses = state.generator.next()
             state.pacer.observe(_prefilled(state, prompt_responses), time.monotonic() - began)
             timeline.mark_sampled()  # benchmark timeline: a no-op unless on (mlx_backend/timeline.py)

@@ -77,8 +77,8 @@ class WaitingRequests:
 
     def gathering(self, step: int, gather_steps: int, company: int) -> bool:
         """Whether the oldest arrival should wait for company (the caller knows a batch is decoding): through
-        the `gather_steps` steps after the one it arrived in, unless `company` requests (as many as could
-        start together now) are already here."""
-        if not gather_steps or not self._queue or len(self._queue) >= company:
+        the `gather_steps` steps after the one it arrived in, unless `company` rows (a request asks for n) are
+        already here."""
+        if not gather_steps or not self._queue or sum(c.n for c in self._queue) >= company:
             return False
         return step - self._arrived[self._queue[0].request_id] <= gather_steps

@@ -6,7 +6,7 @@ same tokens either way."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -103,30 +103,53 @@ def batch_state(batch: PromptProcessingBatch) -> list[Any]:
 @pytest.mark.parametrize("pieces, step", [
     ([[3, 4, 5], [6, 7, 8]], 2048),  # same lengths: no padding
     ([[3, 4, 5, 9, 9], [6], [7, 7, 7]], 2048),  # padded on the right, moved to the left
-    ([[3, 4, 5, 9, 9, 2, 2], [6, 1]], 3),  # a piece longer than the step runs in several model calls
+    ([[3, 4, 5, 9, 9, 2, 2], [6, 1]], 3),  # a piece longer than the batch's step runs in several model calls
 ])
 def test_the_queued_prompt_pass_fills_the_caches_as_mlx_lms_pass_does(
-    tiny: Any, pieces: list[list[int]], step: int
+    tiny: Any, pieces: list[list[int]], step: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    asked = mlx_lm_passes(monkeypatch)
     ours, theirs = prompt_batch(tiny, len(pieces), step), prompt_batch(tiny, len(pieces), step)
-    for _ in range(2):  # a second piece on top of the first: the pass queued before is waited for first
-        batch_cache.prompt_without_waiting(ours, [list(p) for p in pieces])
+    for _ in range(2):  # a second piece on top of the first
+        with batch_cache.pieces_of(16):  # every piece shorter than the pacer's: the prompts end here
+            batch_cache.prompt_without_waiting(ours, [list(p) for p in pieces])
         batch_cache._MLX_LM_PROMPT(theirs, [list(p) for p in pieces])
         assert batch_state(ours) == batch_state(theirs)
+    assert len(asked) == 2  # only the two passes of `theirs`: ours ran queued
 
 
-def test_a_pass_of_long_pieces_or_many_tokens_is_mlx_lms_own(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pieces past the pacer's short ones are waited for (and timed); so is a very wide pass."""
+def mlx_lm_passes(monkeypatch: pytest.MonkeyPatch) -> list[list[list[int]]]:
+    """The passes handed to mlx-lm's own prompt pass from now on (the original still runs them)."""
     passes: list[list[list[int]]] = []
-    monkeypatch.setattr(batch_cache, "_MLX_LM_PROMPT", lambda batch, tokens: passes.append(tokens))
-    monkeypatch.setattr(batch_cache, "QUEUED_PIECE_MAX_TOKENS", 4)
+    original = batch_cache._MLX_LM_PROMPT
+
+    def recorded(batch: Any, tokens: list[list[int]]) -> None:
+        passes.append([list(t) for t in tokens])
+        original(batch, tokens)
+
+    monkeypatch.setattr(batch_cache, "_MLX_LM_PROMPT", recorded)
+    return passes
+
+
+def test_a_pass_with_more_of_its_prompts_to_come_or_too_wide_is_mlx_lms_own(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full piece (the pacer's size: more of a long prompt follows) is waited for and timed; so is a very wide
+    pass. A pass whose pieces all end their prompts is queued."""
+    passes = mlx_lm_passes(monkeypatch)
     monkeypatch.setattr(batch_cache, "QUEUED_PASS_MAX_TOKENS", 8)
-    short = prompt_batch(tiny, 2)
-    batch_cache.prompt_without_waiting(short, [[1, 2, 3, 4], [5]])  # pieces of 4 at most, 2 x 4 tokens: queued
-    assert passes == [] and short.tokens == [[1, 2, 3, 4], [5]]
-    batch_cache.prompt_without_waiting(prompt_batch(tiny, 2), [[1, 2, 3, 4, 5], [6]])  # a piece of 5
-    batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1, 2, 3], [4], [5]])  # 3 x 3 = 9 tokens
-    assert passes == [[[1, 2, 3, 4, 5], [6]], [[1, 2, 3], [4], [5]]]
+    with batch_cache.pieces_of(4):
+        batch_cache.prompt_without_waiting(prompt_batch(tiny, 2), [[1, 2, 3], [5]])  # tails: queued
+        batch_cache.prompt_without_waiting(prompt_batch(tiny, 2), [[1, 2, 3, 4], [6]])  # a full piece of 4
+        batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1, 2, 3], [4], [5]])  # 3 x 3 = 9 tokens
+    assert passes == [[[1, 2, 3, 4], [6]], [[1, 2, 3], [4], [5]]]
+
+
+def test_outside_a_paced_step_the_batchs_own_step_is_the_piece(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    passes = mlx_lm_passes(monkeypatch)
+    batch_cache.prompt_without_waiting(prompt_batch(tiny, 1, step=3), [[1, 2]])  # shorter than 3: queued
+    batch_cache.prompt_without_waiting(prompt_batch(tiny, 1, step=3), [[1, 2, 3]])
+    assert passes == [[[1, 2, 3]]]
 
 
 def test_a_prompt_pass_needs_one_piece_per_row(tiny: Any) -> None:
@@ -152,10 +175,49 @@ def staggered_tokens(model: Any) -> dict[int, list[int]]:
     return out
 
 
+def paired_tokens(model: Any) -> dict[int, list[int]]:
+    """Greedy tokens of rows that join two at a time with prompts of different lengths, cut in pieces of 4: padded
+    passes, full pieces and tails, rows joining while others still prefill or decode."""
+    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=4,
+                               prefill_step_size=4)
+    out: dict[int, list[int]] = {}
+    pairs = [([[7 + i] * (2 + 5 * i), [9 + i] * (3 + 3 * i)], [6 + 2 * i, 9 - i]) for i in range(3)]
+    while pairs or generator._generation_batch.uids or generator._unprocessed_sequences or \
+            generator._prompt_batch.uids:
+        if pairs:
+            prompts, max_tokens = pairs.pop(0)
+            for uid in generator.insert(prompts, max_tokens=max_tokens):
+                out[uid] = []
+        _, responses = generator.next()
+        for r in responses:
+            out[r.uid].append(r.token)
+    generator.close()
+    return out
+
+
+@pytest.mark.parametrize("tokens_of", [staggered_tokens, paired_tokens])
 @pytest.mark.parametrize("gpu", [False, True])
-def test_a_batch_whose_rows_come_and_go_generates_the_same_tokens(tiny: Any, gpu: bool) -> None:
+def test_a_batch_whose_rows_come_and_go_generates_the_same_tokens(
+    tiny: Any, gpu: bool, tokens_of: Callable[[Any], dict[int, list[int]]]
+) -> None:
     batch_cache.uninstall()
-    expected = staggered_tokens(tiny)
+    expected = tokens_of(tiny)
     batch_cache.install(gpu=gpu)
-    assert staggered_tokens(tiny) == expected
-    assert [len(t) for t in expected.values()] == [4 + 3 * i for i in range(6)]
+    assert tokens_of(tiny) == expected
+    assert all(expected.values())
+
+
+def test_the_paired_run_takes_both_prompt_passes(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run above, with ours installed, queues some passes and leaves the full pieces to mlx-lm's pass."""
+    batch_cache.install(gpu=True)
+    passes = mlx_lm_passes(monkeypatch)
+    every: list[int] = []
+    ours = batch_cache.prompt_without_waiting
+
+    def counted(batch: Any, tokens: list[list[int]]) -> None:
+        every.append(len(tokens))
+        ours(batch, tokens)
+
+    monkeypatch.setattr(PromptProcessingBatch, "prompt", counted)
+    paired_tokens(tiny)
+    assert passes and len(every) > len(passes)

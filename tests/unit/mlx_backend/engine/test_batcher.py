@@ -207,10 +207,10 @@ def test_arrivals_that_fill_the_free_slots_start_without_waiting(models_dir: Pat
 
 def test_a_request_that_cannot_run_is_refused_at_once_even_while_arrivals_gather(models_dir: Path) -> None:
     h = BatcherHarness(models_dir, prefill_gather_steps=1000)
-    h.submit("a", max_tokens=40)
-    h.batcher.step()
+    start_batch(h, 3)
     h.submit("too-long", prompt="hello " * 600)
     h.submit("nowhere", model="missing")
+    assert h.batcher._gathering()  # two arrivals, three rows running: they would wait for company
     h.batcher.step()
     assert h.end("too-long").code == "context_length_exceeded"  # type: ignore[union-attr]
     assert h.end("nowhere").code == "model_not_found"  # type: ignore[union-attr]

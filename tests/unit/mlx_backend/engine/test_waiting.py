@@ -9,8 +9,8 @@ from mlx_backend.contract import Generate, SamplingParams
 from mlx_backend.engine.waiting import WaitingRequests
 
 
-def command(rid: str, model: str = "m") -> Generate:
-    return Generate(rid, model, SamplingParams(max_tokens=1), prompt="x")
+def command(rid: str, model: str = "m", n: int = 1) -> Generate:
+    return Generate(rid, model, SamplingParams(max_tokens=1), prompt="x", n=n)
 
 
 def test_requests_come_out_in_arrival_order_and_may_be_removed_while_iterating() -> None:
@@ -65,6 +65,14 @@ def test_the_oldest_arrival_gathers_company_through_the_given_steps_or_until_eno
     for i in range(8 - 1):
         waiting.add(command(f"r{i}"), step=11)
     assert not waiting.gathering(step=12, gather_steps=4, company=8)
+
+
+def test_company_counts_rows_a_request_with_n_choices_brings_n() -> None:
+    waiting = WaitingRequests()
+    waiting.add(command("a", n=3), step=10)
+    assert waiting.gathering(step=11, gather_steps=4, company=4)  # 3 rows of 4
+    waiting.add(command("b"), step=11)
+    assert not waiting.gathering(step=11, gather_steps=4, company=4)
 
 
 def test_take_all_empties_the_queue_and_its_memory() -> None:
