@@ -250,11 +250,13 @@ class Batcher:
         """Whether arrivals wait for company: while a batch decodes, every start costs each running row a
         prefill pass of its own, so requests arriving within `prefill_gather_steps` steps of the first one
         start together (one pass for up to a prefill batch of prompts). An idle engine starts one at once, and
-        as many arrivals as there are rows running start at once too: the pass then costs the few running rows
-        less than waiting costs the many arrivals (clients that came back together, to a lone solo row).
+        as many arrivals as there are rows running (two at least) start at once too: the pass then costs the
+        few running rows less than waiting costs the many arrivals (clients that came back together, to a lone
+        solo row). A lone arrival still waits for company: agents sharing a long system prompt arrive a step
+        or two apart, and prefill it once when they start together (`_prefill_shared_prefix`).
         Counted in steps, not seconds, so a group's ranks decide alike."""
         running = self._rows_running()  # rows, as the company (a request asks for n)
-        company = min(self._prefill_batch, self.config.max_running - running, max(1, running))
+        company = min(self._prefill_batch, self.config.max_running - running, max(2, running))
         return bool(self._where) and self._waiting.gathering(self._steps, self.config.prefill_gather_steps, company)
 
     def _start_waiting(self, busy: set[str]) -> None:

@@ -178,17 +178,21 @@ def test_as_many_arrivals_as_rows_running_start_at_once(models_dir: Path) -> Non
     h.submit("a", max_tokens=40)
     h.batcher.step()
     assert h.batcher.running == 1  # an idle engine starts a lone arrival at once (solo)
-    h.submit("b", max_tokens=10)
+    h.submit("b", max_tokens=30)
     h.batcher.step()
-    assert (h.batcher.running, h.batcher.waiting) == (2, 0)  # one arrival, one row running: no waiting
-    h.submit("c", max_tokens=10)
+    assert h.batcher.waiting == 1  # a lone arrival waits for company, even beside a lone row
+    h.submit("c", max_tokens=30)
     h.batcher.step()
-    assert h.batcher.waiting == 1  # one arrival, two rows running: it waits for company
+    assert (h.batcher.running, h.batcher.waiting) == (3, 0)  # two arrivals, one row running: they start
     h.submit("d", max_tokens=10)
+    h.submit("e", max_tokens=10)
     h.batcher.step()
-    assert (h.batcher.running, h.batcher.waiting) == (4, 0)  # two arrivals, two rows running: both start
+    assert h.batcher.waiting == 2  # two arrivals, three rows running: they wait for company
+    h.submit("f", max_tokens=10)
+    h.batcher.step()
+    assert (h.batcher.running, h.batcher.waiting) == (6, 0)  # three arrivals, three rows running
     h.run()
-    assert [check_well_formed(h, r).finish_reason for r in "abcd"] == ["length"] * 4
+    assert [check_well_formed(h, r).finish_reason for r in "abcdef"] == ["length"] * 6
     h.batcher.shutdown()
 
 
