@@ -81,8 +81,8 @@ class Settings:
     max_queue: int = field(default=128, metadata={"help": "requests waiting for a batch slot; beyond: 429"})
     prefill_gather_steps: int = field(
         default=2, metadata={"help": "while a batch decodes, an arriving request may wait this many decode steps "
-                                     "for others, so their prompts are prefilled in one pass; as many arrivals as "
-                                     "rows running start at once (0: start at once)"}
+                                     "for others, so their prompts are prefilled in one pass; two or more arrivals, "
+                                     "as many as the rows running, start at once (0: start at once)"}
     )
     prefill_batch: int = field(
         default=0, metadata={"help": "prompts prefilled together in one pass while a batch decodes (0: 8 on a CPU, "
