@@ -331,7 +331,11 @@ def _file_size(path: Any) -> int:
 
 def _warm_up_grammar_masks() -> None:
     """Unpack one grammar mask on the device (engine/masks.py): on CUDA its gather is a kernel compiled on first
-    use, which the first constrained request would otherwise wait for."""
+    use, which the first constrained request would otherwise wait for. A failure here is only logged: the model
+    serves, and a constrained request that meets the same failure gets its own error."""
     from mlx_backend.engine import masks  # imports llguidance
 
-    mx.eval(masks.unpacked_on_device(np.zeros((1, 1), dtype=np.int32), 32))
+    try:
+        mx.eval(masks.unpacked_on_device(np.zeros((1, 1), dtype=np.int32), 32))
+    except Exception as exc:
+        log.warning("warming up grammar masks failed (constrained requests may fail): %s", exc)

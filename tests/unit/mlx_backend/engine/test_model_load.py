@@ -8,11 +8,12 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import greedy_sampler
 
-from mlx_backend.engine import model_check, model_load
+from mlx_backend.engine import masks, model_check, model_load
 from mlx_backend.engine.model_load import StagedLoad
 from mlx_backend.engine.residency.memory import kv_bytes_per_token, rounded_tokens
 from mlx_backend.engine.residency.residency import Residency
@@ -61,6 +62,30 @@ def test_the_stages_in_order_and_one_tensor_per_piece_at_the_smallest_budget(mod
     assert progress.stage == "done"
     assert progress.bytes_read == progress.bytes_total == (models / "tiny" / "model.safetensors").stat().st_size
     assert progress.bytes_loaded == file_tensor_bytes(models / "tiny")  # file bytes, as bytes_total counts
+
+
+def test_the_warm_up_compiles_the_grammar_mask_unpack_and_a_failure_there_only_warns(
+    models: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    unpacked: list[int] = []
+    real = masks.unpacked_on_device
+
+    def recorded(bitmask: np.ndarray, width: int, plain: np.ndarray | None = None) -> mx.array:
+        unpacked.append(width)
+        return real(bitmask, width, plain)
+
+    monkeypatch.setattr(masks, "unpacked_on_device", recorded)
+    drive(staged(models, warmup=True), budget_s=10.0)
+    assert unpacked == [32]  # one mask unpacked on the device, once the warm-up generation is over
+
+    def broken(bitmask: object, width: int, plain: object = None) -> mx.array:
+        raise RuntimeError("no gather kernel here")
+
+    monkeypatch.setattr(masks, "unpacked_on_device", broken)
+    load = staged(models, warmup=True)
+    drive(load, budget_s=10.0)
+    assert load.progress.stage == "done" and load.advance(0) is not None  # the model still loads
+    assert "no gather kernel here" in caplog.text
 
 
 def test_a_generous_budget_takes_few_pieces_and_the_model_generates(models: Path) -> None:
