@@ -27,9 +27,7 @@ step's, over logits already computed), each a node MLX evaluates and, on CUDA, s
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
-import re
 import statistics
 import sys
 import tempfile
@@ -43,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlx.core as mx
 from bench_constrained import synthetic_tokenizer
+from bench_constrained_host import primitives
 from mlx_lm import load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import TokenBuffer
@@ -167,11 +166,7 @@ def added_ops(prompt: list[int], processors: list[Any], kind: str, width: int) -
         out = processors[0](fed[:1], logits)
     else:
         out = masks.plan_rows(list(enumerate(processors)), fed).apply(logits, processors)
-    with tempfile.TemporaryDirectory() as folder:
-        dot = Path(folder) / "step.dot"
-        mx.export_to_dot(str(dot), out)
-        names = collections.Counter(re.findall(r'label ="([^"]+)"', dot.read_text()))
-    return f"{sum(names.values())} ({', '.join(f'{n} {k}' if n > 1 else k for k, n in sorted(names.items()))})"
+    return primitives(out)
 
 
 def main() -> None:

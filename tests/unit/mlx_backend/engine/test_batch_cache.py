@@ -157,35 +157,14 @@ def test_a_prompt_pass_needs_one_piece_per_row(tiny: Any) -> None:
         batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1], [2]])
 
 
-def staggered_tokens(model: Any) -> dict[int, list[int]]:
-    """Greedy tokens of rows that join at different steps and finish at different steps (every finish filters)."""
-    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=2)
-    prompts = [[5 + i] * (3 + 2 * i) for i in range(6)]
+def generated(generator: BatchGenerator, arrivals: list[tuple[list[list[int]], list[int]]]) -> dict[int, list[int]]:
+    """Greedy tokens per row: one arrival (prompts, their max_tokens) inserted at each step, then steps until every
+    row is done."""
     out: dict[int, list[int]] = {}
-    waiting = list(enumerate(prompts))
-    while waiting or generator._generation_batch.uids or generator._unprocessed_sequences:
-        if waiting:
-            i, prompt = waiting.pop(0)
-            (uid,) = generator.insert([prompt], max_tokens=[4 + 3 * i])
-            out[uid] = []
-        _, responses = generator.next()
-        for r in responses:
-            out[r.uid].append(r.token)
-    generator.close()
-    return out
-
-
-def paired_tokens(model: Any) -> dict[int, list[int]]:
-    """Greedy tokens of rows that join two at a time with prompts of different lengths, cut in pieces of 4: padded
-    passes, full pieces and tails, rows joining while others still prefill or decode."""
-    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=4,
-                               prefill_step_size=4)
-    out: dict[int, list[int]] = {}
-    pairs = [([[7 + i] * (2 + 5 * i), [9 + i] * (3 + 3 * i)], [6 + 2 * i, 9 - i]) for i in range(3)]
-    while pairs or generator._generation_batch.uids or generator._unprocessed_sequences or \
+    while arrivals or generator._generation_batch.uids or generator._unprocessed_sequences or \
             generator._prompt_batch.uids:
-        if pairs:
-            prompts, max_tokens = pairs.pop(0)
+        if arrivals:
+            prompts, max_tokens = arrivals.pop(0)
             for uid in generator.insert(prompts, max_tokens=max_tokens):
                 out[uid] = []
         _, responses = generator.next()
@@ -195,16 +174,34 @@ def paired_tokens(model: Any) -> dict[int, list[int]]:
     return out
 
 
-@pytest.mark.parametrize("tokens_of", [staggered_tokens, paired_tokens])
+def staggered_tokens(model: Any) -> dict[int, list[int]]:
+    """Greedy tokens of rows that join at different steps and finish at different steps (every finish filters)."""
+    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=2)
+    return generated(generator, [([[5 + i] * (3 + 2 * i)], [4 + 3 * i]) for i in range(6)])
+
+
+def paired_tokens(model: Any) -> dict[int, list[int]]:
+    """Greedy tokens of rows that join two at a time with prompts of different lengths, cut in pieces of 4: padded
+    passes, full pieces and tails, rows joining while others still prefill or decode."""
+    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=4,
+                               prefill_step_size=4)
+    return generated(generator, [([[7 + i] * (2 + 5 * i), [9 + i] * (3 + 3 * i)], [6 + 2 * i, 9 - i])
+                                 for i in range(3)])
+
+
+@pytest.mark.parametrize("tokens_of, lengths", [
+    (staggered_tokens, [4 + 3 * i for i in range(6)]),
+    (paired_tokens, [n for i in range(3) for n in (6 + 2 * i, 9 - i)]),
+])
 @pytest.mark.parametrize("gpu", [False, True])
 def test_a_batch_whose_rows_come_and_go_generates_the_same_tokens(
-    tiny: Any, gpu: bool, tokens_of: Callable[[Any], dict[int, list[int]]]
+    tiny: Any, gpu: bool, tokens_of: Callable[[Any], dict[int, list[int]]], lengths: list[int]
 ) -> None:
     batch_cache.uninstall()
     expected = tokens_of(tiny)
     batch_cache.install(gpu=gpu)
     assert tokens_of(tiny) == expected
-    assert all(expected.values())
+    assert [len(t) for t in expected.values()] == lengths  # no stop tokens: every row runs to its max_tokens
 
 
 def test_the_paired_run_takes_both_prompt_passes(tiny: Any, monkeypatch: pytest.MonkeyPatch) -> None:
