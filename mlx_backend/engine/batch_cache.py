@@ -80,8 +80,8 @@ def prompt_without_waiting(batch: Any, tokens: list[list[int]]) -> None:
     if not tokens:
         return
     longest = max(len(piece) for piece in tokens)
-    piece = _piece_tokens or batch.prefill_step_size
-    if longest >= piece or len(tokens) * longest > QUEUED_PASS_MAX_TOKENS:
+    piece_size = _piece_tokens or batch.prefill_step_size
+    if longest >= piece_size or len(tokens) * longest > QUEUED_PASS_MAX_TOKENS:
         _MLX_LM_PROMPT(batch, tokens)
         return
     for held, piece in zip(batch.tokens, tokens, strict=True):

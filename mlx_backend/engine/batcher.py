@@ -71,10 +71,10 @@ class Batcher:
     def __init__(self, config: EngineConfig, residency: Callable[[ResidencyEvents], Residency],
                  emit: Callable[[Event], None]) -> None:
         """`residency` builds the batcher's Residency, given the events it sends (the batcher)."""
-        batch_cache.install(gpu=mx.default_device().type == mx.gpu)  # rows join and leave without device waits
+        gpu = mx.default_device().type == mx.gpu
+        batch_cache.install(gpu=gpu)  # rows join and leave without device waits
         self.config = config
-        self._prefill_batch = config.prefill_batch or (
-            PREFILL_BATCH_GPU if mx.default_device().type == mx.gpu else PREFILL_BATCH_CPU)
+        self._prefill_batch = config.prefill_batch or (PREFILL_BATCH_GPU if gpu else PREFILL_BATCH_CPU)
         self._emit = emit
         self._waiting = WaitingRequests()
         self._steps = 0
