@@ -12,7 +12,7 @@ Rows join through a prompt pass, and mlx-lm's `PromptProcessingBatch.prompt` wai
 and then empties MLX's buffer cache (`mx.clear_cache`), so the next steps allocate their buffers again. On a
 GPU, `prompt_without_waiting` queues the pass that ends its prompts (every piece shorter than the prefill
 pacer's piece: whole short prompts, a chat's new turn after its prefix-cache hit, a long prompt's tail): the
-running rows' next step is built while it runs, and the rows' first-token pass follows it on the device. A
+running rows' next step, which the new rows join (engine/joining.py), is built while it runs. A
 pass of full pieces (a long prompt, paced: engine/pacing.py) stays mlx-lm's: waited for, so the pacer times
 it, and followed by emptying the cache, so its large buffers go back. No backlog builds up: each row has one
 last piece, and the next decode step waits for what was queued before it. On a CPU the engine keeps mlx-lm's

@@ -41,7 +41,7 @@ from mlx_backend.contract import (
     ModelEvent,
     Started,
 )
-from mlx_backend.engine import batch_cache, faults, vision
+from mlx_backend.engine import batch_cache, faults, joining, vision
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
 from mlx_backend.engine.masks import MaskedForward, plan_rows
@@ -445,6 +445,7 @@ class Batcher:
             prefill_batch_size=min(self._prefill_batch, self.config.max_running),
             prefill_step_size=self.config.prefill_step_size,
         )
+        joining.join_in_step(generator)  # a new row's first token comes from the batch's step, not a pass
         piece_s = 0.0 if self.config.group is not None else self.config.prefill_piece_s  # ranks run alike
         pacer = PrefillPacer(self.config.prefill_step_size, piece_s)
         state = ModelState(cached, generator, TokenText(tokenizer), pacer)
@@ -620,7 +621,9 @@ def constrained_step(generator: Any) -> Iterator[None]:
 
     Reads mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_masks.py fails if it
     moves): the rows' uids and processors, the tokens sampled last step that this step feeds (still lazy:
-    nothing waits), and the model its step calls (the prompt batch, and a new row's first step, call theirs).
+    nothing waits), and the model its step calls (the prompt batch calls its own). Rows that join in the
+    step (engine/joining.py) come after the planned ones, their processors not set aside: a grammar's first
+    step is its own.
     A step that never called that model fails, rather than let the rows set aside sample unmasked."""
     batch = generator._generation_batch
     rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()

@@ -94,7 +94,9 @@ class MaskStep:
     def apply(self, logits: mx.array, finishing: Sequence[MaskRow]) -> mx.array:
         """The batch's logits (batch, width), every row's mask applied in one `mx.where`. The rows in
         `finishing` are not called in this step (their processors stand aside): their `finish` is asked here,
-        and only costs a row of its own once closing is near."""
+        and only costs a row of its own once closing is near. Rows that joined the batch after the step was
+        planned come last (engine/joining.py) and have no mask of this step's."""
+        self._size = logits.shape[0]
         masked = mx.where(self._allowed_tokens(logits), logits, -mx.inf)
         guided = {self._position[id(row)]: row for row in finishing if row.guides}
         if not guided:

@@ -22,6 +22,7 @@ from mlx_lm.sample_utils import greedy_sampler
 from mlx_backend.contract import Constraint
 from mlx_backend.engine.batcher import constrained_step
 from mlx_backend.engine.constrained import ConstraintProcessor
+from mlx_backend.engine.joining import join_in_step
 from mlx_backend.engine.masks import MaskStep, unpacked_on_device, unpacked_on_host
 from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
@@ -73,16 +74,25 @@ def greedy_rows(loaded: Loaded, max_tokens: int | None = None) -> list[tuple[lis
 
 
 def decode(loaded: Loaded, requests: list[tuple[list[int], list[Any], Any]], planned: bool,
-           max_tokens: int = 120) -> list[tuple[list[int], str]]:
+           max_tokens: int = 120, one_a_step: bool = False) -> list[tuple[list[int], str]]:
     """Each row's tokens and finish reason through one BatchGenerator, each step planned as the batcher plans
-    it (`planned`), or with every constrained row a step of its own."""
+    it (`planned`, with rows joining in the step as in the batcher: engine/joining.py), or with every
+    constrained row a step of its own; the rows all at once, or `one_a_step`."""
     generator: Any = BatchGenerator(loaded.model, stop_tokens=[[t] for t in sorted(loaded.eos)])
+    if planned:
+        join_in_step(generator)
+    waiting = [[request] for request in requests] if one_a_step else [requests]
     try:
-        uids = generator.insert([p for p, _, _ in requests], max_tokens=[max_tokens] * len(requests),
-                                samplers=[s for _, _, s in requests], logits_processors=[p for _, p, _ in requests])
-        tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+        uids: list[int] = []
+        tokens: dict[int, list[int]] = {}
         finished: dict[int, str] = {}
-        while len(finished) < len(uids):
+        while waiting or len(finished) < len(uids):
+            if waiting:
+                arriving = waiting.pop(0)
+                uids += generator.insert([p for p, _, _ in arriving], max_tokens=[max_tokens] * len(arriving),
+                                         samplers=[s for _, _, s in arriving],
+                                         logits_processors=[p for _, p, _ in arriving])
+                tokens.update({uid: [] for uid in uids if uid not in tokens})
             if planned:
                 with constrained_step(generator):
                     responses = generator.next()[1]
@@ -119,6 +129,13 @@ def test_the_batched_path_gives_the_tokens_of_the_per_row_path(bpe: Loaded, monk
     for (tokens, reason), (_, processors, _) in zip(batched, batched_requests, strict=True):
         if processors:
             assert_complete(bpe, tokens, reason, processors[0])  # each grammar held, to its EOS
+
+
+def test_rows_joining_a_planned_batch_one_a_step_get_the_tokens_of_the_per_row_path(bpe: Loaded) -> None:
+    """A row joins after the step was planned, in the step itself: it has no mask of that step's (its grammar's
+    first step is its own), and the planned rows keep theirs."""
+    per_row = decode(bpe, rows(bpe), planned=False, one_a_step=True)
+    assert decode(bpe, rows(bpe), planned=True, one_a_step=True) == per_row
 
 
 @pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])

@@ -1,0 +1,160 @@
+"""A new row's first token comes from the batch's next step, not from a forward pass of its own.
+
+mlx-lm 0.32.2's BatchGenerator (pinned) prefills a prompt but its last token, then, when the row moves to
+decoding, runs one more forward pass over the moving rows alone (`PromptProcessingBatch.generate`, whose
+`GenerationBatch` steps once as it is made) to feed that last token and sample the first token. On a GPU a
+small model's step costs about the same for one row as for sixty-four (it is kernel launches), so that pass
+cost every running row a step: each join took two passes, the prompt and the first token.
+
+Here the moving rows join the generation batch with their last prompt token as the token they feed, and the
+batch's next step feeds it beside the running rows' tokens: one pass per join (the prompt's). The order of a
+generator step becomes: queued requests enter the prompt batch, rows whose prompt is in but its last token
+join the generation batch, the generation step runs (running and joining rows), then the next prompt pieces.
+A joining row's first token is sampled in the same step as before, and handed out one step later as before
+(one token in flight); the step that feeds its prompt token gives no response for it, and counts nothing
+against its max_tokens or stop sequences (`JoiningBatch.next`).
+
+`join_in_step(generator)` puts this on one BatchGenerator (the engine's, as the batcher makes it); others,
+such as the benchmarks' stock generator, stay mlx-lm's.
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+
+__all__ = ["JoiningBatch", "join_in_step"]
+
+_CLEAR_CACHE_EVERY = 512  # generation steps between emptying MLX's buffer cache, as mlx-lm's generator does
+
+
+class JoiningBatch(GenerationBatch):
+    """mlx-lm's generation batch, whose rows may be joining: fed their last prompt token in the next step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._making = True  # mlx-lm's constructor steps a batch that has rows: a joining batch waits
+        super().__init__(*args, **kwargs)
+        self._making = False
+        self._joining = [True] * len(self.uids)
+        self._next_logprobs = [_NO_LOGPROBS] * len(self.uids)  # nothing was sampled before the prompt token
+
+    @classmethod
+    def moving(cls, prompts: PromptProcessingBatch, last_tokens: list[int]) -> JoiningBatch:
+        """The rows of `prompts` (their caches hold all of each prompt but `last_tokens`), about to join."""
+        return cls(prompts.model, prompts.uids, mx.array(last_tokens, dtype=mx.uint32), prompts.prompt_cache,
+                   prompts.tokens, prompts.samplers, prompts.fallback_sampler, prompts.logits_processors,
+                   prompts.stop_sequences, prompts.max_tokens)
+
+    def _step(self) -> tuple[list[int], list[mx.array]]:
+        if self._making:
+            return [], []
+        return super()._step()
+
+    def extend(self, batch: Any) -> None:
+        joining = batch._joining if isinstance(batch, JoiningBatch) else [False] * len(batch.uids)
+        if self._next_tokens is not None and batch._next_tokens is not None:
+            batch._next_tokens = batch._next_tokens.astype(self._next_tokens.dtype)  # sampled tokens' type
+        super().extend(batch)  # type: ignore[no-untyped-call]
+        self._joining.extend(joining)
+
+    def filter(self, keep: list[int]) -> None:
+        super().filter(keep)
+        self._joining = [self._joining[i] for i in keep]
+
+    def next(self) -> list[Any]:
+        """One step: the token each running row fed (sampled the step before) as its response, with the
+        finish reason mlx-lm gives it; a joining row feeds its prompt's last token and answers nothing."""
+        if not self.uids:
+            return []
+        joining, self._joining = self._joining, [False] * len(self.uids)
+        tokens, logprobs = self._step()
+        keep: list[int] = []
+        responses = []
+        for i, uid in enumerate(self.uids):
+            if joining[i]:
+                keep.append(i)
+                continue
+            self._num_tokens[i] += 1
+            reason = "length" if self._num_tokens[i] >= self.max_tokens[i] else None
+            if self._matchers[i].advance(tokens[i]):
+                reason = "stop"
+            ended = reason is not None
+            responses.append(self.Response(uid=uid, token=tokens[i], logprobs=logprobs[i], finish_reason=reason,
+                                           prompt_cache=self.extract_cache(i) if ended else None,
+                                           all_tokens=self.tokens[i] if ended else None))
+            if not ended:
+                keep.append(i)
+        if len(keep) < len(self.uids):
+            self.filter(keep)
+        return responses
+
+
+_NO_LOGPROBS = mx.zeros((1,))  # a joining row's place in the logprobs of the step before it joined
+
+
+def _next(generator: Any) -> tuple[list[Any], list[Any]]:
+    """One generator step (BatchGenerator._next's place), with joining rows fed in the generation step."""
+    prompts: Any = generator._prompt_batch  # PromptProcessingBatch (untyped)
+    decoding: JoiningBatch = generator._generation_batch
+    processing: list[Any] = generator._currently_processing  # per prompt row: [segments, done, total]
+    counters = generator._counters
+    prompt_responses: list[Any] = []
+
+    full = len(decoding) >= generator.completion_batch_size  # as mlx-lm: decoding takes it all, no prompts
+    room = min(generator.prefill_batch_size - len(prompts), generator.completion_batch_size - len(decoding),
+               len(generator._unprocessed_sequences))
+    if not full and room > 0:
+        prompts.extend(generator._make_batch(room))
+
+    moving = [i for i, row in enumerate(processing) if not full and len(row[0]) == 1 and len(row[0][0]) == 1]
+    if moving:
+        last_tokens = [processing[i][0][0][0] for i in moving]
+        for i in moving:
+            total = processing[i][2]
+            prompt_responses.append(PromptProcessingBatch.Response(prompts.uids[i], (total, total), True, True))
+        generator._currently_processing = processing = [p for i, p in enumerate(processing) if i not in moving]
+        decoding.extend(JoiningBatch.moving(prompts.split(moving), last_tokens))
+
+    responses: list[Any] = []
+    if len(decoding) > 0:
+        began = time.perf_counter()
+        responses = decoding.next()
+        counters.decode_time += time.perf_counter() - began
+        counters.generation_tokens += len(responses)
+        counters.generation_steps += 1
+        if counters.generation_steps % _CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+    if full:
+        return prompt_responses, responses
+
+    pieces: list[list[int]] = []
+    for i, row in enumerate(processing):
+        segments = row[0]
+        piece = segments[0][:generator.prefill_step_size]
+        segments[0] = segments[0][len(piece):]
+        ended_segment = not segments[0]
+        if ended_segment:
+            segments.pop(0)
+        row[1] += len(piece)
+        pieces.append(piece)
+        prompt_responses.append(PromptProcessingBatch.Response(prompts.uids[i], (row[1], row[2]), ended_segment,
+                                                               False))
+    if pieces:
+        counters.prompt_tokens += sum(len(p) for p in pieces)
+        began = time.perf_counter()
+        prompts.prompt(pieces)
+        counters.prompt_time += time.perf_counter() - began
+    return prompt_responses, responses
+
+
+def join_in_step(generator: Any) -> None:
+    """Rows of `generator` (a BatchGenerator with no requests yet) join its generation step from now on."""
+    stock = generator._generation_batch
+    if stock.uids or generator._prompt_batch.uids or generator._unprocessed_sequences:
+        raise ValueError("join_in_step needs a generator with no requests yet")
+    generator._generation_batch = JoiningBatch.empty(stock.model, stock.fallback_sampler)
+    generator._next = types.MethodType(_next, generator)

@@ -1,0 +1,146 @@
+"""Rows join the batch's step (mlx_backend/engine/joining.py): a generator whose new rows feed their last prompt
+token in the batch's next step gives every row the tokens, finish reasons and logprobs of mlx-lm's own
+generator, whether rows arrive alone, in pairs, mid-prefill or mid-decode, end at their first token, stop, or
+are removed while joining; and it runs one forward pass fewer per join."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from mlx_lm.generate import BatchGenerator
+
+from mlx_backend.engine import batch_cache, joining
+from tests.support import tiny_models as tm
+
+Arrival = tuple[list[list[int]], list[int]]  # prompts inserted at one step, and their max_tokens
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Iterator[Any]:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        model, _ = load(str(tm.make_tiny_model(Path(folder) / "tiny", dtype="float32")))
+        yield model
+
+
+@dataclass
+class Run:
+    """What a generator answered, per uid, and the forward passes it took."""
+
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list[float]] = field(default_factory=dict)
+    reasons: dict[int, str] = field(default_factory=dict)
+    passes: list[tuple[int, int]] = field(default_factory=list)  # (rows, tokens per row) of each model call
+
+
+def run(model: Any, arrivals: list[Arrival], join: bool, remove: dict[int, int] | None = None,
+        **options: Any) -> Run:
+    """Insert one arrival per step, then step until every row is done; `remove` {step: uid} removes a row then."""
+    result = Run()
+    model_class = type(model)
+    forward = model_class.__call__
+
+    def counted(self: Any, inputs: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        result.passes.append((inputs.shape[0], inputs.shape[1]))
+        return forward(self, inputs, *args, **kwargs)
+
+    model_class.__call__ = counted
+    generator: Any = BatchGenerator(model, stop_tokens=options.pop("stop_tokens", []), **options)
+    if join:
+        joining.join_in_step(generator)
+    pending = list(arrivals)
+    step = 0
+    try:
+        while pending or generator._generation_batch.uids or generator._unprocessed_sequences or \
+                generator._prompt_batch.uids:
+            if pending:
+                prompts, max_tokens = pending.pop(0)
+                for uid in generator.insert(prompts, max_tokens=max_tokens):
+                    result.tokens[uid], result.logprobs[uid] = [], []
+            if remove and step in remove:
+                generator.remove([remove[step]])
+            for response in generator.next()[1]:
+                result.tokens[response.uid].append(response.token)
+                result.logprobs[response.uid].append(response.logprobs[response.token].item())
+                if response.finish_reason is not None:
+                    result.reasons[response.uid] = response.finish_reason
+            step += 1
+    finally:
+        generator.close()
+        model_class.__call__ = forward
+    return result
+
+
+def assert_same(ours: Run, theirs: Run) -> None:
+    assert ours.tokens == theirs.tokens
+    assert ours.reasons == theirs.reasons
+    for uid, values in theirs.logprobs.items():
+        assert ours.logprobs[uid] == pytest.approx(values, abs=1e-4)
+
+
+STAGGERED = [([[5 + i] * (3 + 2 * i)], [4 + 3 * i]) for i in range(6)]  # one arrival a step, each its own length
+PAIRED = [([[7 + i] * (2 + 5 * i), [9 + i] * (3 + 3 * i)], [6 + 2 * i, 9 - i]) for i in range(3)]
+
+
+@pytest.mark.parametrize("arrivals, options", [
+    (STAGGERED, {"completion_batch_size": 8, "prefill_batch_size": 2}),
+    (PAIRED, {"completion_batch_size": 8, "prefill_batch_size": 4, "prefill_step_size": 4}),  # pieces of 4
+    ([([[3], [4, 4]], [5, 5]), ([[6]], [3])], {}),  # one-token prompts: they join in the step they arrive
+], ids=["staggered", "paired in pieces", "one-token prompts"])
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu pass", "queued pass"])
+def test_rows_joining_in_the_step_get_mlx_lms_tokens_and_logprobs(
+    tiny: Any, arrivals: list[Arrival], options: dict[str, Any], gpu: bool
+) -> None:
+    batch_cache.install(gpu=gpu)
+    try:
+        theirs = run(tiny, arrivals, join=False, **options)
+        ours = run(tiny, arrivals, join=True, **options)
+    finally:
+        batch_cache.install(gpu=False)
+    assert_same(ours, theirs)
+    assert sum(len(t) for t in ours.tokens.values()) == sum(sum(m) for _, m in arrivals)  # all ran to max_tokens
+
+
+def test_each_join_into_a_decoding_batch_takes_one_pass_fewer(tiny: Any) -> None:
+    """STAGGERED's six rows join one at a time: the first finds nothing decoding (its first step is the pass
+    that feeds its last prompt token, as mlx-lm's first-token pass was), the other five join running rows."""
+    options = {"completion_batch_size": 8, "prefill_batch_size": 2}
+    theirs = run(tiny, STAGGERED, join=False, **options)
+    ours = run(tiny, STAGGERED, join=True, **options)
+    prompt_passes = [p for p in theirs.passes if p[1] > 1]
+    assert [p for p in ours.passes if p[1] > 1] == prompt_passes == [(1, 2 + 2 * i) for i in range(6)]
+    assert len(theirs.passes) - len(ours.passes) == 5
+
+
+def test_a_row_can_end_at_its_first_token_by_length_or_by_a_stop_token(tiny: Any) -> None:
+    arrivals: list[Arrival] = [([[5] * 4, [6] * 3], [6, 1]), ([[7] * 5], [6])]  # max_tokens 1 in the pair
+    first = run(tiny, arrivals, join=False).tokens[2][0]  # the late row's first token, made its stop token
+    theirs = run(tiny, arrivals, join=False, stop_tokens=[[first]])
+    ours = run(tiny, arrivals, join=True, stop_tokens=[[first]])
+    assert_same(ours, theirs)
+    assert ours.reasons[1] == "length" and ours.tokens[1] == theirs.tokens[1] and len(ours.tokens[1]) == 1
+    assert ours.reasons[2] == "stop" and ours.tokens[2] == [first]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3], ids=["queued", "in its prompt pass", "first token in flight"])
+def test_removing_a_row_as_it_joins_leaves_the_others_their_tokens(tiny: Any, step: int) -> None:
+    arrivals: list[Arrival] = [([[5] * 4], [8]), ([[6] * 3, [7] * 6], [8, 8])]
+    theirs = run(tiny, arrivals, join=False, remove={step: 1})
+    ours = run(tiny, arrivals, join=True, remove={step: 1})
+    assert ours.tokens == theirs.tokens
+    assert len(ours.tokens[0]) == len(ours.tokens[2]) == 8
+
+
+def test_only_a_generator_without_requests_can_be_made_to_join_in_the_step(tiny: Any) -> None:
+    generator: Any = BatchGenerator(tiny, stop_tokens=[])
+    generator.insert([[1, 2, 3]], max_tokens=[2])
+    with pytest.raises(ValueError, match="no requests yet"):
+        joining.join_in_step(generator)
+    generator.close()
