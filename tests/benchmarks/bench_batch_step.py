@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mlx.core as mx
 from mlx_lm import load
 
-from mlx_backend.engine import batch_cache
+from mlx_backend.engine import batch_cache, joining
 from tests.benchmarks.bench_engine_layers import (
     closed_loop_batcher,
     closed_loop_generator,
@@ -40,24 +40,27 @@ from tests.benchmarks.bench_models import SHAPES, ensure_model
 
 
 @contextlib.contextmanager
-def variant(filter_: bool, queued_prompt: bool) -> Iterator[None]:
-    """mlx-lm's own methods, or ours (batch_cache.py): the filter, and the prompt pass queued. The Batcher made
-    inside keeps the variant: its own `install` is held off meanwhile."""
-    install = batch_cache.install
+def variant(filter_: bool, queued_prompt: bool, join: bool) -> Iterator[None]:
+    """mlx-lm's own methods, or ours: the filter, the prompt pass queued (batch_cache.py), new rows joining the
+    step (joining.py). The Batcher made inside keeps the variant: its own installs are held off meanwhile."""
+    install, join_in_step = batch_cache.install, joining.join_in_step
     batch_cache.uninstall()
     if filter_:
         install(gpu=queued_prompt)
     batch_cache.install = lambda gpu: None  # type: ignore[assignment]
+    if not join:
+        joining.join_in_step = lambda generator: None
     try:
         yield
     finally:
-        batch_cache.install = install  # type: ignore[assignment]
+        batch_cache.install, joining.join_in_step = install, join_in_step  # type: ignore[assignment]
         install(gpu=mx.default_device().type == mx.gpu)
 
 
-def median_of(repeat: int, run: Callable[..., tuple[float, float]], *args: Any) -> tuple[float, float]:
+def median_of(repeat: int, run: Callable[..., tuple[float, float, int]], *args: Any) -> tuple[float, float, int]:
+    """Medians of tok/s and TTFT; the passes of the first run (the loop is the same every run)."""
     results = [run(*args) for _ in range(repeat)]
-    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results), results[0][2]
 
 
 def main() -> None:
@@ -79,22 +82,27 @@ def main() -> None:
     timed_stream_generate(model, tokenizer, 16)
     timed_batch_generator(model, tokenizer, 8, 16)
     prefills = [int(p) for p in args.prefill.split(",")]
-    variants = [(f"mlx-lm's filter and prompt pass, prefill {prefills[-1]}", False, prefills[-1], False)]
-    variants += [(f"our filter, prefill {p}", True, p, False) for p in prefills]
-    variants += [(f"our filter, prefill {prefills[-1]}, prompt pass queued", True, prefills[-1], True)]
-    print("\n| clients | variant | driver | tok/s | ratio to one wave | TTFT p50 ms |\n|---:|---|---|---:|---:|---:|",
-          flush=True)
+    last = prefills[-1]
+    variants = [(f"mlx-lm's filter and prompt pass, prefill {last}", False, last, False, False)]
+    variants += [(f"our filter, prefill {p}", True, p, False, False) for p in prefills]
+    variants += [(f"our filter, prefill {last}, prompt pass queued", True, last, True, False)]
+    variants += [(f"our filter, prefill {last}, prompt pass queued, rows join the step", True, last, True, True)]
+    print("\n| clients | variant | driver | tok/s | ratio to one wave | TTFT p50 ms | passes per 100 tokens |"
+          "\n|---:|---|---|---:|---:|---:|---:|", flush=True)
     for clients in [int(c) for c in args.clients.split(",")]:
         wave = max(timed_batch_generator(model, tokenizer, clients, args.max_tokens) for _ in range(3))
-        print(f"| {clients} | one wave (batch_generate's way) | BatchGenerator | {wave:.0f} | 1.00 | - |", flush=True)
-        for name, filter_, prefill, queued_prompt in variants:
-            with variant(filter_, queued_prompt):
+        tokens = clients * args.rounds * args.max_tokens
+        print(f"| {clients} | one wave (batch_generate's way) | BatchGenerator | {wave:.0f} | 1.00 | - | - |",
+              flush=True)
+        for name, filter_, prefill, queued_prompt, join in variants:
+            with variant(filter_, queued_prompt, join):
                 raw = median_of(args.repeat, closed_loop_generator, model, tokenizer, clients, args.max_tokens,
-                                args.rounds, prefill)
-                ours = median_of(args.repeat, closed_loop_batcher, folder, clients, args.max_tokens, args.rounds,
-                                 args.gather_steps, prefill)
-            for driver, (rate, ttft) in (("BatchGenerator", raw), ("our Batcher", ours)):
-                print(f"| {clients} | {name} | {driver} | {rate:.0f} | {rate / wave:.2f} | {ttft:.1f} |", flush=True)
+                                args.rounds, prefill, join)
+                ours = median_of(args.repeat, closed_loop_batcher, folder, model, clients, args.max_tokens,
+                                 args.rounds, args.gather_steps, prefill)
+            for driver, (rate, ttft, passes) in (("BatchGenerator", raw), ("our Batcher", ours)):
+                print(f"| {clients} | {name} | {driver} | {rate:.0f} | {rate / wave:.2f} | {ttft:.1f} | "
+                      f"{100 * passes / tokens:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

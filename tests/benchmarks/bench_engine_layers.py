@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_backend.client.engine import EngineClient
 from mlx_backend.contract import Delta, EngineConfig, Event, Finished, Generate, Heartbeat, ModelEvent, SamplingParams
+from mlx_backend.engine import joining
 from mlx_backend.engine.batcher import Batcher
 from mlx_backend.engine.residency.residency import Residency
 from mlx_backend.registry import ModelRegistry
@@ -96,14 +98,35 @@ def timed_batcher(model_dir: Path, batch: int, max_tokens: int, prompt_cache_byt
     return sum(e.tokens for e in events if isinstance(e, Delta)) / elapsed
 
 
+@contextlib.contextmanager
+def counted_passes(model: Any) -> Iterator[list[int]]:
+    """Counts the forward passes of every model of `model`'s class while the block runs (one number: on a GPU
+    a small model's pass costs about the same whatever it feeds, so passes per token say what a step costs)."""
+    model_class = type(model)
+    forward = model_class.__call__
+    count = [0]
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return forward(self, *args, **kwargs)
+
+    model_class.__call__ = counted
+    try:
+        yield count
+    finally:
+        model_class.__call__ = forward
+
+
 def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: int,
-                          rounds: int, prefill_batch: int = 8) -> tuple[float, float]:
+                          rounds: int, prefill_batch: int = 8, join: bool = False) -> tuple[float, float, int]:
     """BatchGenerator alone in a closed loop: client i sends its first request at step i (arrivals staggered,
-    as HTTP clients' are), then its next one as soon as one ends, `rounds` in all.
-    (tok/s, median ms from insert to first token)."""
+    as HTTP clients' are), then its next one as soon as one ends, `rounds` in all; `join`: new rows join the
+    batch's step (engine/joining.py). (tok/s, median ms from insert to first token, forward passes)."""
     prompt = tokenizer.encode(PROMPT)
     generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=max(clients, 1),
                                prefill_batch_size=min(prefill_batch, clients))
+    if join:
+        joining.join_in_step(generator)
     left = {c: rounds for c in range(clients)}
     owner: dict[int, int] = {}
     asked: dict[int, float] = {}
@@ -116,28 +139,30 @@ def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: 
         owner[uid], asked[uid] = client, time.perf_counter()
 
     start = time.perf_counter()
-    while owner or started < clients:
-        if started < clients:
-            ask(started)
-            started += 1
-        _, responses = generator.next()
-        now = time.perf_counter()
-        for r in responses:
-            produced += 1
-            if (when := asked.pop(r.uid, None)) is not None:
-                ttft.append(now - when)
-            if r.finish_reason is not None:
-                client = owner.pop(r.uid)
-                if left[client]:
-                    ask(client)
+    with counted_passes(model) as passes:
+        while owner or started < clients:
+            if started < clients:
+                ask(started)
+                started += 1
+            _, responses = generator.next()
+            now = time.perf_counter()
+            for r in responses:
+                produced += 1
+                if (when := asked.pop(r.uid, None)) is not None:
+                    ttft.append(now - when)
+                if r.finish_reason is not None:
+                    client = owner.pop(r.uid)
+                    if left[client]:
+                        ask(client)
     elapsed = time.perf_counter() - start
     generator.close()
-    return produced / elapsed, 1000 * statistics.median(ttft)
+    return produced / elapsed, 1000 * statistics.median(ttft), passes[0]
 
 
-def closed_loop_batcher(model_dir: Path, clients: int, max_tokens: int, rounds: int,
-                        gather_steps: int = 0, prefill_batch: int = 0) -> tuple[float, float]:
-    """Our Batcher in the same closed loop (no IPC): (tok/s, median ms from submit to first token)."""
+def closed_loop_batcher(model_dir: Path, model: Any, clients: int, max_tokens: int, rounds: int,
+                        gather_steps: int = 0, prefill_batch: int = 0) -> tuple[float, float, int]:
+    """Our Batcher in the same closed loop (no IPC): (tok/s, median ms from submit to first token, forward
+    passes: `model` is of the class whose passes are counted)."""
     config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(clients, 1), prompt_cache_bytes=0,
                           prefill_gather_steps=gather_steps, prefill_batch=prefill_batch)
     batcher, events = warm_batcher(model_dir, config, max_tokens)
@@ -154,25 +179,26 @@ def closed_loop_batcher(model_dir: Path, clients: int, max_tokens: int, rounds: 
         batcher.submit(Generate(rid, model_dir.name, params, prompt=PROMPT))
 
     start = time.perf_counter()
-    while batcher.has_work() or started < clients:
-        if started < clients:
-            ask(started)
-            started += 1
-        batcher.step()
-        now = time.perf_counter()
-        for event in events:
-            if isinstance(event, Delta):
-                produced += event.tokens
-                if (asked := submitted.pop(event.request_id, None)) is not None:
-                    ttft.append(now - asked)
-            elif isinstance(event, Finished):
-                client = int(event.request_id[1:].split("-")[0])
-                if left[client]:
-                    ask(client)
-        events.clear()
+    with counted_passes(model) as passes:
+        while batcher.has_work() or started < clients:
+            if started < clients:
+                ask(started)
+                started += 1
+            batcher.step()
+            now = time.perf_counter()
+            for event in events:
+                if isinstance(event, Delta):
+                    produced += event.tokens
+                    if (asked := submitted.pop(event.request_id, None)) is not None:
+                        ttft.append(now - asked)
+                elif isinstance(event, Finished):
+                    client = int(event.request_id[1:].split("-")[0])
+                    if left[client]:
+                        ask(client)
+            events.clear()
     elapsed = time.perf_counter() - start
     batcher.shutdown()
-    return produced / elapsed, 1000 * statistics.median(ttft)
+    return produced / elapsed, 1000 * statistics.median(ttft), passes[0]
 
 
 class _Quiet:
@@ -234,13 +260,17 @@ def main() -> None:
     if args.closed_loop:
         for clients in [int(b) for b in args.batch_sizes.split(",")]:
             wave = best_of(timed_batch_generator, model, tokenizer, clients, args.max_tokens)
-            raw, raw_ttft = closed_loop_generator(model, tokenizer, clients, args.max_tokens, args.rounds)
+            tokens = clients * args.rounds * args.max_tokens
+            raw, raw_ttft, raw_passes = closed_loop_generator(model, tokenizer, clients, args.max_tokens, args.rounds)
             print(f"clients {clients}: one wave {wave:.1f} tok/s; closed loop: BatchGenerator {raw:.1f} tok/s "
-                  f"({raw / wave:.2f}, TTFT p50 {raw_ttft:.1f} ms)", flush=True)
+                  f"({raw / wave:.2f}, TTFT p50 {raw_ttft:.1f} ms, {100 * raw_passes / tokens:.1f} passes per "
+                  f"100 tokens)", flush=True)
             for gather in [int(g) for g in args.gather_steps.split(",")]:
-                ours, ours_ttft = closed_loop_batcher(args.model, clients, args.max_tokens, args.rounds, gather)
+                ours, ours_ttft, ours_passes = closed_loop_batcher(args.model, model, clients, args.max_tokens,
+                                                                   args.rounds, gather)
                 print(f"  our Batcher, gathering {gather} steps: {ours:.1f} tok/s ({ours / wave:.2f}, "
-                      f"TTFT p50 {ours_ttft:.1f} ms)", flush=True)
+                      f"TTFT p50 {ours_ttft:.1f} ms, {100 * ours_passes / tokens:.1f} passes per 100 tokens)",
+                      flush=True)
         return
     print(f"{'layer':<28}{'batch':>6}{'tok/s':>10}")
     alone = best_of(timed_stream_generate, model, tokenizer, args.max_tokens)
