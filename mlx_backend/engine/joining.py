@@ -15,7 +15,9 @@ A joining row's first token is sampled in the same step as before, and handed ou
 against its max_tokens or stop sequences (`JoiningBatch.next`).
 
 `join_in_step(generator)` puts this on one BatchGenerator (the engine's, as the batcher makes it); others,
-such as the benchmarks' stock generator, stay mlx-lm's.
+such as the benchmarks' stock generator, stay mlx-lm's. It reads mlx-lm 0.32.2's internals (pinned:
+tests/unit/mlx_backend/engine/test_joining.py fails when the version moves). The generator's counters count a
+joining row's first step as decode time, where mlx-lm's first-token pass was counted nowhere.
 """
 
 from __future__ import annotations
@@ -104,7 +106,10 @@ def _next(generator: Any) -> tuple[list[Any], list[Any]]:
     counters = generator._counters
     prompt_responses: list[Any] = []
 
-    full = len(decoding) >= generator.completion_batch_size  # as mlx-lm: decoding takes it all, no prompts
+    # A generator whose decoding rows fill it takes no prompts in. mlx-lm decides after its step (finished rows
+    # gone), this before it: queued rows wait one step longer at capacity. The engine never gets there (the
+    # batcher starts rows only up to max_running, the generator's completion_batch_size).
+    full = len(decoding) >= generator.completion_batch_size
     room = min(generator.prefill_batch_size - len(prompts), generator.completion_batch_size - len(decoding),
                len(generator._unprocessed_sequences))
     if not full and room > 0:
@@ -128,7 +133,7 @@ def _next(generator: Any) -> tuple[list[Any], list[Any]]:
         counters.generation_steps += 1
         if counters.generation_steps % _CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
-    if full:
+    if len(decoding) >= generator.completion_batch_size:
         return prompt_responses, responses
 
     pieces: list[list[int]] = []

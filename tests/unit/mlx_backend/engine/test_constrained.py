@@ -4,6 +4,8 @@ come out exactly as they would alone."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from pydantic import BaseModel
 
 from mlx_backend.contract import Constraint
 from mlx_backend.demo import demo_model_path
+from mlx_backend.engine.batcher import constrained_step
 from mlx_backend.engine.constrained import (
     ConstraintError,
     ConstraintFailed,
@@ -28,6 +31,7 @@ from mlx_backend.engine.constrained import (
     GrammarCompiler,
     compiler_for,
 )
+from mlx_backend.engine.joining import join_in_step
 from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
 from mlx_backend.grammar import json_value_for_lark
@@ -276,9 +280,12 @@ def test_a_constrained_row_decodes_the_same_alone_and_in_a_batch(bpe: Loaded) ->
     assert rows[1] == alone
 
 
-def test_joining_the_batch_from_solo_keeps_the_grammar_in_step(bpe: Loaded) -> None:
+@pytest.mark.parametrize("engines_way", [False, True], ids=["mlx-lm's generator", "joining, planned, with company"])
+def test_joining_the_batch_from_solo_keeps_the_grammar_in_step(bpe: Loaded, engines_way: bool) -> None:
     """As the batcher hands a solo request over: its in-flight token becomes a one-token prompt, and the same
-    processor object goes with it (so it consumes that token on its next call)."""
+    processor object goes with it (so it consumes that token on its next call). The engine's way: the row joins
+    the step (engine/joining.py) of a batch whose steps are planned (batcher.constrained_step), beside another
+    grammar row already decoding."""
     schema = SCHEMAS["nested objects"]
     for handed_over_after in (1, 3, 8):
         processor = bpe.processor("json_schema", schema)
@@ -286,15 +293,26 @@ def test_joining_the_batch_from_solo_keeps_the_grammar_in_step(bpe: Loaded) -> N
         tokens = [solo.next_token(more=True) for _ in range(handed_over_after - 1)]
         tokens.append(solo.next_token(more=False))
         generator: Any = BatchGenerator(bpe.model, stop_tokens=[[t] for t in sorted(bpe.eos)])
+        step: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext
+        if engines_way:
+            join_in_step(generator)
+            step = functools.partial(constrained_step, generator)
+            generator.insert([bpe.prompt("Hi")], max_tokens=[MAX_TOKENS], samplers=[greedy_sampler],
+                             logits_processors=[[bpe.processor("json_schema", SCHEMAS["array of enums"])]])
+            for _ in range(4):
+                with step():
+                    generator.next()
         (uid,) = generator.insert([[tokens[-1]]], max_tokens=[MAX_TOKENS], caches=[solo.prompt_cache],
                                   all_tokens=[solo.tokens_in_cache], samplers=[greedy_sampler],
                                   logits_processors=[solo.logits_processors])
         reason = None
         while reason is None:
-            for response in generator.next()[1]:
-                assert response.uid == uid
-                tokens.append(response.token)
-                reason = response.finish_reason
+            with step():
+                responses = generator.next()[1]
+            for response in responses:
+                if response.uid == uid:
+                    tokens.append(response.token)
+                    reason = response.finish_reason
         generator.close()
         jsonschema.validate(json.loads(assert_complete(bpe, tokens, reason, processor)), schema)
         assert tokens == run_solo(bpe, (bpe.prompt(), [bpe.processor("json_schema", schema)], greedy_sampler))[0]

@@ -1,20 +1,25 @@
 """Rows join the batch's step (mlx_backend/engine/joining.py): a generator whose new rows feed their last prompt
-token in the batch's next step gives every row the tokens, finish reasons and logprobs of mlx-lm's own
-generator, whether rows arrive alone, in pairs, mid-prefill or mid-decode, end at their first token, stop, or
-are removed while joining; and it runs one forward pass fewer per join."""
+token in the batch's next step gives every row the tokens, finish reasons, logprobs and final caches of
+mlx-lm's own generator, whether rows arrive alone, in pairs, mid-prefill or mid-decode, carry penalties, a
+logit bias or their own sampler, run in a bounded cache, end at their first token, stop, or are removed
+around their join; and it runs one forward pass fewer per join into a decoding batch."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import mlx_lm
 import pytest
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator
+from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
+from mlx_lm.models.cache import BatchKVCache
 
+from mlx_backend.contract import SamplingParams
 from mlx_backend.engine import batch_cache, joining
+from mlx_backend.engine.sampling import SeededSampler, make_logits_processors
 from tests.support import tiny_models as tm
 
 Arrival = tuple[list[list[int]], list[int]]  # prompts inserted at one step, and their max_tokens
@@ -30,6 +35,13 @@ def tiny() -> Iterator[Any]:
         yield model
 
 
+@pytest.fixture(autouse=True)
+def _restore_methods() -> Iterator[None]:
+    installed = BatchKVCache.filter, PromptProcessingBatch.prompt
+    yield
+    BatchKVCache.filter, PromptProcessingBatch.prompt = installed  # type: ignore[method-assign]
+
+
 @dataclass
 class Run:
     """What a generator answered, per uid, and the forward passes it took."""
@@ -37,12 +49,17 @@ class Run:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     logprobs: dict[int, list[float]] = field(default_factory=dict)
     reasons: dict[int, str] = field(default_factory=dict)
+    finals: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)  # all_tokens, cache lengths
     passes: list[tuple[int, int]] = field(default_factory=list)  # (rows, tokens per row) of each model call
 
 
+Extras = Callable[[list[list[int]]], dict[str, Any]]  # an arrival's prompts -> more insert() arguments
+
+
 def run(model: Any, arrivals: list[Arrival], join: bool, remove: dict[int, int] | None = None,
-        **options: Any) -> Run:
-    """Insert one arrival per step, then step until every row is done; `remove` {step: uid} removes a row then."""
+        extras: Extras | None = None, **options: Any) -> Run:
+    """Insert one arrival per step (with `extras(prompts)`), then step until every row is done; `remove`
+    {step: uid} removes a row then."""
     result = Run()
     model_class = type(model)
     forward = model_class.__call__
@@ -62,7 +79,7 @@ def run(model: Any, arrivals: list[Arrival], join: bool, remove: dict[int, int] 
                 generator._prompt_batch.uids:
             if pending:
                 prompts, max_tokens = pending.pop(0)
-                for uid in generator.insert(prompts, max_tokens=max_tokens):
+                for uid in generator.insert(prompts, max_tokens=max_tokens, **(extras(prompts) if extras else {})):
                     result.tokens[uid], result.logprobs[uid] = [], []
             if remove and step in remove:
                 generator.remove([remove[step]])
@@ -71,6 +88,8 @@ def run(model: Any, arrivals: list[Arrival], join: bool, remove: dict[int, int] 
                 result.logprobs[response.uid].append(response.logprobs[response.token].item())
                 if response.finish_reason is not None:
                     result.reasons[response.uid] = response.finish_reason
+                    result.finals[response.uid] = (list(response.all_tokens),
+                                                   [c.size() for c in response.prompt_cache])
             step += 1
     finally:
         generator.close()
@@ -81,6 +100,7 @@ def run(model: Any, arrivals: list[Arrival], join: bool, remove: dict[int, int] 
 def assert_same(ours: Run, theirs: Run) -> None:
     assert ours.tokens == theirs.tokens
     assert ours.reasons == theirs.reasons
+    assert ours.finals == theirs.finals  # what the prefix cache would keep of each finished row
     for uid, values in theirs.logprobs.items():
         assert ours.logprobs[uid] == pytest.approx(values, abs=1e-4)
 
@@ -89,21 +109,34 @@ STAGGERED = [([[5 + i] * (3 + 2 * i)], [4 + 3 * i]) for i in range(6)]  # one ar
 PAIRED = [([[7 + i] * (2 + 5 * i), [9 + i] * (3 + 3 * i)], [6 + 2 * i, 9 - i]) for i in range(3)]
 
 
+def penalties_and_bias(prompts: list[list[int]]) -> dict[str, Any]:
+    """Every row penalized, every other one biased toward token 3 (each row's processors are its own)."""
+    params = [SamplingParams(max_tokens=50, temperature=0.0, presence_penalty=1.5, frequency_penalty=0.7,
+                             logit_bias=((3, 5.0),) if i % 2 else ()) for i in range(len(prompts))]
+    return {"logits_processors": [make_logits_processors(params[i], len(prompt)) for i, prompt in enumerate(prompts)]}
+
+
+def seeded_and_shared(prompts: list[list[int]]) -> dict[str, Any]:
+    """Rows with their own seeded sampler beside rows on the generator's shared one."""
+    return {"samplers": [SeededSampler(1.0, 1.0, seed=99 + len(p)) if len(p) % 4 == 1 else None for p in prompts]}
+
+
 @pytest.mark.parametrize("arrivals, options", [
     (STAGGERED, {"completion_batch_size": 8, "prefill_batch_size": 2}),
     (PAIRED, {"completion_batch_size": 8, "prefill_batch_size": 4, "prefill_step_size": 4}),  # pieces of 4
     ([([[3], [4, 4]], [5, 5]), ([[6]], [3])], {}),  # one-token prompts: they join in the step they arrive
-], ids=["staggered", "paired in pieces", "one-token prompts"])
+    (STAGGERED, {"completion_batch_size": 8, "prefill_batch_size": 2, "extras": penalties_and_bias}),
+    (STAGGERED, {"completion_batch_size": 8, "prefill_batch_size": 2, "extras": seeded_and_shared}),
+    (PAIRED, {"prefill_batch_size": 4, "prefill_step_size": 4, "max_kv_size": 6}),  # rotating caches
+], ids=["staggered", "paired in pieces", "one-token prompts", "penalties and bias", "own samplers",
+        "bounded cache"])
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu pass", "queued pass"])
-def test_rows_joining_in_the_step_get_mlx_lms_tokens_and_logprobs(
+def test_rows_joining_in_the_step_get_mlx_lms_tokens_logprobs_and_caches(
     tiny: Any, arrivals: list[Arrival], options: dict[str, Any], gpu: bool
 ) -> None:
     batch_cache.install(gpu=gpu)
-    try:
-        theirs = run(tiny, arrivals, join=False, **options)
-        ours = run(tiny, arrivals, join=True, **options)
-    finally:
-        batch_cache.install(gpu=False)
+    theirs = run(tiny, arrivals, join=False, **options)
+    ours = run(tiny, arrivals, join=True, **options)
     assert_same(ours, theirs)
     assert sum(len(t) for t in ours.tokens.values()) == sum(sum(m) for _, m in arrivals)  # all ran to max_tokens
 
@@ -130,12 +163,14 @@ def test_a_row_can_end_at_its_first_token_by_length_or_by_a_stop_token(tiny: Any
 
 
 @pytest.mark.parametrize("step", [1, 2, 3], ids=["queued", "in its prompt pass", "first token in flight"])
-def test_removing_a_row_as_it_joins_leaves_the_others_their_tokens(tiny: Any, step: int) -> None:
+def test_removing_a_row_around_its_join_leaves_the_others_their_tokens(tiny: Any, step: int) -> None:
+    """Removal happens between steps, where no row is halfway into the batch: a row is removed while queued,
+    while its prompt is in the prompt batch, or right after the step that fed its last prompt token."""
     arrivals: list[Arrival] = [([[5] * 4], [8]), ([[6] * 3, [7] * 6], [8, 8])]
     theirs = run(tiny, arrivals, join=False, remove={step: 1})
     ours = run(tiny, arrivals, join=True, remove={step: 1})
-    assert ours.tokens == theirs.tokens
-    assert len(ours.tokens[0]) == len(ours.tokens[2]) == 8
+    assert_same(ours, theirs)
+    assert len(ours.tokens[0]) == len(ours.tokens[2]) == 8 and 1 not in ours.reasons
 
 
 def test_only_a_generator_without_requests_can_be_made_to_join_in_the_step(tiny: Any) -> None:
@@ -144,3 +179,9 @@ def test_only_a_generator_without_requests_can_be_made_to_join_in_the_step(tiny:
     with pytest.raises(ValueError, match="no requests yet"):
         joining.join_in_step(generator)
     generator.close()
+
+
+def test_the_mlx_lm_it_was_written_against_is_the_one_installed() -> None:
+    """joining.py replaces BatchGenerator._next and reads its private state (_currently_processing, _make_batch,
+    _counters) and GenerationBatch's constructor, which steps itself: re-read them before moving the pin."""
+    assert mlx_lm.__version__ == "0.32.2"
