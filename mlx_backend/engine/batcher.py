@@ -63,6 +63,10 @@ log = logging.getLogger("mlx_gateway.engine.batcher")
 PREFILL_BATCH_CPU = 8
 PREFILL_BATCH_GPU = 32
 
+# On a GPU a lone request's uncached prompt up to this long is fed in one pass that also gives its first token
+# (stream_generate's way): a pass costs about a step there, and the logits of 512 positions little.
+SOLO_ONE_PASS_TOKENS_GPU = 512
+
 # Waiting requests that share a prompt prefix this long (agents with one system prompt) have it prefilled once.
 SHARED_PREFIX_MIN_TOKENS = 512
 
@@ -75,6 +79,7 @@ class Batcher:
         batch_cache.install(gpu=gpu)  # rows join and leave without device waits
         self.config = config
         self._prefill_batch = config.prefill_batch or (PREFILL_BATCH_GPU if gpu else PREFILL_BATCH_CPU)
+        self._solo_one_pass_tokens = SOLO_ONE_PASS_TOKENS_GPU if gpu else 0
         self._emit = emit
         self._waiting = WaitingRequests()
         self._steps = 0
@@ -344,7 +349,7 @@ class Batcher:
             row = Row(request, choice, plan.max_tokens)
             row.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, choice.sampler,
                                       choice.processors, self.config.prefill_step_size, self._made_progress,
-                                      state.pacer)
+                                      state.pacer, self._solo_one_pass_tokens)
             rows = [row]
         elif len(plan.choices) == 1:
             rows = [self._insert(state, request, plan.choices[0], plan.max_tokens, [rest], prompt_cache,

@@ -56,7 +56,12 @@ class SoloGeneration:
         prefill_step_size: int,
         on_prefill_chunk: Callable[[], None] = lambda: None,
         pacer: PrefillPacer | None = None,  # None: fixed pieces of prefill_step_size
+        one_pass_tokens: int = 0,
     ) -> None:
+        """A prompt whose uncached rest is at most `one_pass_tokens` long is fed in one pass that also gives
+        the first token (mlx-lm's stream_generate does so); a longer one (or any, with 0) is prefilled in
+        paced pieces, then its last token is fed for the first token. The one pass computes the logits of
+        every position it feeds: cheap on a GPU, where it saves a pass and a wait; not on a CPU."""
         self.model = model
         self.sampler = sampler
         self.logits_processors = logits_processors or []
@@ -65,6 +70,7 @@ class SoloGeneration:
         self._rest = prompt[cached_tokens:]
         self._pacer = pacer or PrefillPacer.fixed(prefill_step_size)
         self._on_prefill_chunk = on_prefill_chunk
+        self._one_pass_tokens = one_pass_tokens
         # Every token so far, for processors that read them (penalties); a grammar reads only the token a step
         # feeds, so a request whose only processor is its grammar keeps no context (a buffer update a step).
         needs_context = any(not isinstance(p, ConstraintProcessor) for p in self.logits_processors)
@@ -97,6 +103,12 @@ class SoloGeneration:
         self._rest = []
         if not rest:
             raise ValueError("a solo generation needs at least one prompt token to feed")
+        if len(rest) <= self._one_pass_tokens:
+            first = self._feed(mx.array(rest))
+            self.tokens_in_cache.extend(rest)
+            _async_eval(*first)
+            self._on_prefill_chunk()
+            return first
         head = rest[:-1]
         prefill(self.model, head, self.prompt_cache, self._pacer, self._on_prefill_chunk)
         if self._context is not None and head:

@@ -94,10 +94,12 @@ def run_batch(loaded: Loaded, requests: list[Request], max_tokens: int = MAX_TOK
     return [(tokens[uid], finished[uid]) for uid in uids]
 
 
-def run_solo(loaded: Loaded, request: Request, max_tokens: int = MAX_TOKENS) -> tuple[list[int], str]:
+def run_solo(loaded: Loaded, request: Request, max_tokens: int = MAX_TOKENS,
+             one_pass_tokens: int = 0) -> tuple[list[int], str]:
     """The request decoded alone by SoloGeneration, ended as the batcher ends it."""
     prompt, processors, sampler = request
-    generation = SoloGeneration(loaded.model, prompt, None, 0, sampler, processors, prefill_step_size=64)
+    generation = SoloGeneration(loaded.model, prompt, None, 0, sampler, processors, prefill_step_size=64,
+                                one_pass_tokens=one_pass_tokens)
     tokens: list[int] = []
     while True:
         last = len(tokens) + 1 == max_tokens
@@ -269,6 +271,17 @@ def test_an_unconstrained_row_is_untouched_by_a_constrained_neighbour(bpe: Loade
                          max_tokens=40)
     assert together[1] == alone
     assert together[0][0] != alone[0]  # the constraint did act on its own row
+
+
+def test_a_request_alone_whose_prompt_is_one_pass_keeps_its_grammar(bpe: Loaded) -> None:
+    """On a GPU a short prompt and the first token are one pass (solo.py): the grammar's first step is that
+    pass's, and the tokens are those of a prompt prefilled in pieces."""
+    schema = SCHEMAS["nested objects"]
+    pieces = run_solo(bpe, (bpe.prompt(), [bpe.processor("json_schema", schema)], greedy_sampler))
+    processor = bpe.processor("json_schema", schema)
+    one_pass = run_solo(bpe, (bpe.prompt(), [processor], greedy_sampler), one_pass_tokens=10_000)
+    assert one_pass == pieces
+    jsonschema.validate(json.loads(assert_complete(bpe, *one_pass, processor)), schema)
 
 
 def test_a_constrained_row_decodes_the_same_alone_and_in_a_batch(bpe: Loaded) -> None:

@@ -100,3 +100,46 @@ def test_a_paced_prefill_runs_in_the_pieces_its_pacer_sizes_with_progress_after_
     assert pacer.pieces == [32, 7]  # 39 tokens before the last: 32, then the pacer's 16 (only 7 were left)
     assert len(chunks) == 2
     assert tokens == reference(model, 5)  # piece sizes never change the result
+
+
+def fed_lengths(model: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The tokens each forward pass of `model`'s class feeds, in order."""
+    lengths: list[int] = []
+    forward = type(model).__call__
+
+    def counted(self: Any, inputs: mx.array, *args: Any, **kwargs: Any) -> mx.array:
+        lengths.append(inputs.shape[1])
+        return forward(self, inputs, *args, **kwargs)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(type(model), "__call__", counted)
+    return lengths
+
+
+@pytest.mark.parametrize("penalties", [False, True])
+def test_a_short_prompt_is_fed_in_one_pass_that_gives_the_first_token(
+    model: Any, monkeypatch: pytest.MonkeyPatch, penalties: bool
+) -> None:
+    """On a GPU (the batcher's SOLO_ONE_PASS_TOKENS_GPU) a prompt within `one_pass_tokens` is one pass, as in
+    stream_generate: the same tokens, the same cache, penalties seeing the same context."""
+    def processors() -> list[Any] | None:
+        return [PenaltyProcessor(2.0, 0.5, len(PROMPT))] if penalties else None
+
+    lengths = fed_lengths(model, monkeypatch)
+    chunks: list[None] = []
+    generation = solo(model, logits_processors=processors(), one_pass_tokens=len(PROMPT),
+                      on_prefill_chunk=lambda: chunks.append(None))
+    tokens = [generation.next_token(more=True) for _ in range(6)]
+    assert lengths == [len(PROMPT)] + [1] * 6  # the prompt and its first token in one pass, then a token a pass
+    assert len(chunks) == 1  # progress for the stall clock
+    assert generation.tokens_in_cache == PROMPT + tokens
+    monkeypatch.undo()
+    assert tokens == reference(model, 6, processors())
+
+
+def test_a_prompt_longer_than_one_pass_is_prefilled_in_pieces(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    lengths = fed_lengths(model, monkeypatch)
+    generation = solo(model, one_pass_tokens=len(PROMPT) - 1)
+    tokens = [generation.next_token(more=True) for _ in range(3)]
+    assert lengths == [16, 16, 7, 1] + [1] * 3  # 16-token pieces, the last prompt token, then a token a pass
+    monkeypatch.undo()
+    assert tokens == reference(model, 3)
