@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,46 +161,69 @@ def closed_loop_generator(model: Any, tokenizer: Any, clients: int, max_tokens: 
     return produced / elapsed, 1000 * statistics.median(ttft), passes[0]
 
 
-def closed_loop_batcher(model_dir: Path, model: Any, clients: int, max_tokens: int, rounds: int,
-                        gather_steps: int = 0, prefill_batch: int = 0) -> tuple[float, float, int]:
-    """Our Batcher in the same closed loop (no IPC): (tok/s, median ms from submit to first token, forward
-    passes: `model` is of the class whose passes are counted)."""
-    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(clients, 1), prompt_cache_bytes=0,
-                          prefill_gather_steps=gather_steps, prefill_batch=prefill_batch)
-    batcher, events = warm_batcher(model_dir, config, max_tokens)
+@dataclass
+class ClosedLoop:
+    """What a closed loop of clients on our Batcher made."""
+
+    tokens: int
+    seconds: float
+    steps: int
+    passes: int  # forward passes of the model
+    ttft_s: list[float]  # per request, submit to first token
+    ttft_steps: list[int]
+
+
+def drive_closed_loop(batcher: Batcher, events: list[Event], model_name: str, model: Any, clients: int,
+                      max_tokens: int, rounds: int, asks_at: Callable[[int, int], int]) -> ClosedLoop:
+    """Clients in a closed loop on `batcher` (no IPC), `rounds` requests each: client c asks first at step
+    asks_at(c, rounds), and again asks_at(c, requests left) steps after its last token. `model` is of the class
+    whose passes are counted."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     left = {c: rounds for c in range(clients)}
-    submitted: dict[str, float] = {}
-    ttft: list[float] = []
-    produced = started = 0
-
-    def ask(client: int) -> None:
-        left[client] -= 1
-        rid = f"c{client}-{left[client]}"
-        submitted[rid] = time.perf_counter()
-        batcher.submit(Generate(rid, model_dir.name, params, prompt=PROMPT))
-
+    due: dict[int, list[int]] = collections.defaultdict(list)  # step -> clients asking then
+    for client in range(clients):
+        due[asks_at(client, rounds)].append(client)
+    asked: dict[str, tuple[float, int]] = {}
+    result = ClosedLoop(0, 0.0, 0, 0, [], [])
     start = time.perf_counter()
     with counted_passes(model) as passes:
-        while batcher.has_work() or started < clients:
-            if started < clients:
-                ask(started)
-                started += 1
+        while batcher.has_work() or any(due.values()):
+            for client in due.pop(result.steps, []):
+                left[client] -= 1
+                rid = f"c{client}-{left[client]}"
+                asked[rid] = (time.perf_counter(), result.steps)
+                batcher.submit(Generate(rid, model_name, params, prompt=PROMPT))
             batcher.step()
+            result.steps += 1
             now = time.perf_counter()
             for event in events:
                 if isinstance(event, Delta):
-                    produced += event.tokens
-                    if (asked := submitted.pop(event.request_id, None)) is not None:
-                        ttft.append(now - asked)
+                    result.tokens += event.tokens
+                    if (when := asked.pop(event.request_id, None)) is not None:
+                        result.ttft_s.append(now - when[0])
+                        result.ttft_steps.append(result.steps - when[1])
                 elif isinstance(event, Finished):
                     client = int(event.request_id[1:].split("-")[0])
                     if left[client]:
-                        ask(client)
+                        due[result.steps + asks_at(client, left[client])].append(client)
             events.clear()
-    elapsed = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start
+    result.passes = passes[0]
+    return result
+
+
+def closed_loop_batcher(model_dir: Path, model: Any, clients: int, max_tokens: int, rounds: int,
+                        gather_steps: int = 0, prefill_batch: int = 0) -> tuple[float, float, int]:
+    """Our Batcher in the same closed loop as closed_loop_generator (no IPC): (tok/s, median ms from submit to
+    first token, forward passes: `model` is of the class whose passes are counted)."""
+    config = EngineConfig(models_dirs=(str(model_dir.parent),), max_running=max(clients, 1), prompt_cache_bytes=0,
+                          prefill_gather_steps=gather_steps, prefill_batch=prefill_batch)
+    batcher, events = warm_batcher(model_dir, config, max_tokens)
+    # the first requests one a step, each next one as soon as the last ended
+    loop = drive_closed_loop(batcher, events, model_dir.name, model, clients, max_tokens, rounds,
+                             lambda client, left: client if left == rounds else 0)
     batcher.shutdown()
-    return produced / elapsed, 1000 * statistics.median(ttft), passes[0]
+    return loop.tokens / loop.seconds, 1000 * statistics.median(loop.ttft_s), loop.passes
 
 
 class _Quiet:

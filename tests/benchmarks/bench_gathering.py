@@ -14,7 +14,6 @@ Counted in steps, so the figures do not depend on this machine's speed or load.
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import sys
 import tempfile
@@ -25,11 +24,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_engine_layers import PROMPT, counted_passes, warm_batcher
+from bench_engine_layers import drive_closed_loop, warm_batcher
 from bench_models import SHAPES, ensure_model
 from mlx_lm import load
 
-from mlx_backend.contract import Delta, EngineConfig, Finished, Generate, SamplingParams
+from mlx_backend.contract import EngineConfig
 from mlx_backend.engine.batcher import Batcher
 
 
@@ -47,35 +46,9 @@ def closed_loop(folder: Path, model: Any, clients: int, max_tokens: int, rounds:
     batcher, events = warm_batcher(folder, config, max_tokens)
     if older_rule:
         batcher._gathering = lambda: full_prefill_batch(batcher)  # type: ignore[method-assign]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    left = {c: rounds for c in range(clients)}
-    due: dict[int, list[int]] = collections.defaultdict(list)  # step -> clients asking then
-    asked: dict[str, int] = {}
-    ttft: list[int] = []
-    produced = step = 0
-    for client in range(clients):
-        due[delay(client, rounds)].append(client)
-    with counted_passes(model) as passes:
-        while batcher.has_work() or any(due.values()):
-            for client in due.pop(step, []):
-                left[client] -= 1
-                rid = f"c{client}-{left[client]}"
-                asked[rid] = step
-                batcher.submit(Generate(rid, folder.name, params, prompt=PROMPT))
-            batcher.step()
-            step += 1
-            for event in events:
-                if isinstance(event, Delta):
-                    produced += event.tokens
-                    if (when := asked.pop(event.request_id, None)) is not None:
-                        ttft.append(step - when)
-                elif isinstance(event, Finished):
-                    client = int(event.request_id[1:].split("-")[0])
-                    if left[client]:
-                        due[step + delay(client, left[client])].append(client)
-            events.clear()
+    loop = drive_closed_loop(batcher, events, folder.name, model, clients, max_tokens, rounds, delay)
     batcher.shutdown()
-    return 100 * passes[0] / produced, statistics.median(ttft), step
+    return 100 * loop.passes / loop.tokens, statistics.median(loop.ttft_steps), loop.steps
 
 
 def main() -> None:
