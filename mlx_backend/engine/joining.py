@@ -32,6 +32,7 @@ from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 __all__ = ["JoiningBatch", "join_in_step"]
 
 _CLEAR_CACHE_EVERY = 512  # generation steps between emptying MLX's buffer cache, as mlx-lm's generator does
+_NO_LOGPROBS = mx.zeros((1,))  # a joining row's place in the logprobs of the step before it joined
 
 
 class JoiningBatch(GenerationBatch):
@@ -47,6 +48,7 @@ class JoiningBatch(GenerationBatch):
     @classmethod
     def moving(cls, prompts: PromptProcessingBatch, last_tokens: list[int]) -> JoiningBatch:
         """The rows of `prompts` (their caches hold all of each prompt but `last_tokens`), about to join."""
+        # uint32, as sampled tokens are: the batch's tokens stay one type when the two are concatenated
         return cls(prompts.model, prompts.uids, mx.array(last_tokens, dtype=mx.uint32), prompts.prompt_cache,
                    prompts.tokens, prompts.samplers, prompts.fallback_sampler, prompts.logits_processors,
                    prompts.stop_sequences, prompts.max_tokens)
@@ -58,8 +60,6 @@ class JoiningBatch(GenerationBatch):
 
     def extend(self, batch: Any) -> None:
         joining = batch._joining if isinstance(batch, JoiningBatch) else [False] * len(batch.uids)
-        if self._next_tokens is not None and batch._next_tokens is not None:
-            batch._next_tokens = batch._next_tokens.astype(self._next_tokens.dtype)  # sampled tokens' type
         super().extend(batch)  # type: ignore[no-untyped-call]
         self._joining.extend(joining)
 
@@ -95,9 +95,6 @@ class JoiningBatch(GenerationBatch):
         return responses
 
 
-_NO_LOGPROBS = mx.zeros((1,))  # a joining row's place in the logprobs of the step before it joined
-
-
 def _next(generator: Any) -> tuple[list[Any], list[Any]]:
     """One generator step (BatchGenerator._next's place), with joining rows fed in the generation step."""
     prompts: Any = generator._prompt_batch  # PromptProcessingBatch (untyped)
@@ -115,7 +112,7 @@ def _next(generator: Any) -> tuple[list[Any], list[Any]]:
     if not full and room > 0:
         prompts.extend(generator._make_batch(room))
 
-    moving = [i for i, row in enumerate(processing) if not full and len(row[0]) == 1 and len(row[0][0]) == 1]
+    moving = [] if full else [i for i, row in enumerate(processing) if len(row[0]) == 1 and len(row[0][0]) == 1]
     if moving:
         last_tokens = [processing[i][0][0][0] for i in moving]
         for i in moving:
