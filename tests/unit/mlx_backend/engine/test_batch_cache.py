@@ -12,11 +12,12 @@ from typing import Any
 import mlx.core as mx
 import pytest
 from mlx_lm import load
-from mlx_lm.generate import BatchGenerator, PromptProcessingBatch
+from mlx_lm.generate import PromptProcessingBatch
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from mlx_backend.engine import batch_cache
 from tests.support import tiny_models as tm
+from tests.support.generator_runs import PAIRED, STAGGERED, run
 
 
 @pytest.fixture(autouse=True)
@@ -157,36 +158,15 @@ def test_a_prompt_pass_needs_one_piece_per_row(tiny: Any) -> None:
         batch_cache.prompt_without_waiting(prompt_batch(tiny, 3), [[1], [2]])
 
 
-def generated(generator: BatchGenerator, arrivals: list[tuple[list[list[int]], list[int]]]) -> dict[int, list[int]]:
-    """Greedy tokens per row: one arrival (prompts, their max_tokens) inserted at each step, then steps until every
-    row is done."""
-    out: dict[int, list[int]] = {}
-    while arrivals or generator._generation_batch.uids or generator._unprocessed_sequences or \
-            generator._prompt_batch.uids:
-        if arrivals:
-            prompts, max_tokens = arrivals.pop(0)
-            for uid in generator.insert(prompts, max_tokens=max_tokens):
-                out[uid] = []
-        _, responses = generator.next()
-        for r in responses:
-            out[r.uid].append(r.token)
-    generator.close()
-    return out
-
-
 def staggered_tokens(model: Any) -> dict[int, list[int]]:
     """Greedy tokens of rows that join at different steps and finish at different steps (every finish filters)."""
-    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=2)
-    return generated(generator, [([[5 + i] * (3 + 2 * i)], [4 + 3 * i]) for i in range(6)])
+    return run(model, STAGGERED, join=False, completion_batch_size=8, prefill_batch_size=2).tokens
 
 
 def paired_tokens(model: Any) -> dict[int, list[int]]:
     """Greedy tokens of rows that join two at a time with prompts of different lengths, cut in pieces of 4: padded
     passes, full pieces and tails, rows joining while others still prefill or decode."""
-    generator = BatchGenerator(model, stop_tokens=[], completion_batch_size=8, prefill_batch_size=4,
-                               prefill_step_size=4)
-    return generated(generator, [([[7 + i] * (2 + 5 * i), [9 + i] * (3 + 3 * i)], [6 + 2 * i, 9 - i])
-                                 for i in range(3)])
+    return run(model, PAIRED, join=False, completion_batch_size=8, prefill_batch_size=4, prefill_step_size=4).tokens
 
 
 @pytest.mark.parametrize("tokens_of, lengths", [
