@@ -2,7 +2,7 @@
 applied on the device.
 
 A step (of a batch, or of a request alone) goes, on the MLX thread:
-1. the forward pass starts (`mx.async_eval(logits)`): it needs the tokens the step feeds, not the masks;
+1. the forward pass is queued (`mx.async_eval(logits)`): it needs the tokens the step feeds, not the masks;
 2. those tokens are read: they were sampled by the previous step and queued before this forward pass, so
    this waits for the previous step only; each row's matcher consumes its own;
 3. llguidance computes every row's bitmask in one call, into one preallocated int32 array (its own threads,
@@ -10,6 +10,10 @@ A step (of a batch, or of a request alone) goes, on the MLX thread:
 4. the bitmask goes to the device as it is (one bit a token) and is unpacked there (on the CPU backend,
    numpy unpacks it); each row's logits are masked with one `mx.where`. No per-row host round trip, no loop
    over the vocabulary in Python.
+On a GPU, 2 and 3 run on the mask thread during 1: queueing a small model's pass is the host launching a few
+hundred kernels, most of a step's host time, with the GIL released; the tokens are read just before (the
+previous step has ended by then: the host built this step's whole graph since). So the grammar's host work
+hides behind the launch instead of adding to it (`MaskStep._compute`).
 
 When a matcher advances: a matcher consumes exactly the tokens fed to the model. With one token in flight,
 the token a step samples is handed out while the next step already runs, and is consumed in the step that
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import mlx.core as mx
@@ -108,14 +113,32 @@ class MaskStep:
 
     def _allowed_tokens(self, logits: mx.array) -> mx.array:
         if self._allowed is None:
-            _async_eval(logits)  # the forward pass of the whole batch (a row's logits are a slice of it)
-            self._allowed = self._compute(logits.shape[-1])
+            self._allowed = self._compute(logits)
         return self._allowed
 
-    def _compute(self, width: int) -> mx.array:
-        fed: list[int] | None = None
-        if self._fed is not None:
-            fed = self._fed.tolist()  # type: ignore[assignment]  # waits for the previous step only
+    def _compute(self, logits: mx.array) -> mx.array:
+        """Every row's mask, computed while the forward pass runs. On a GPU, beside its launch: the tokens the
+        step feeds are read first (the previous step's samples, on the host by now: the step built its whole
+        graph since they were queued), the mask thread computes the masks from them, and this thread meanwhile
+        queues the forward pass (`mx.async_eval` releases the GIL; on a GPU it is most of the step's host
+        work, a launch per kernel). On the CPU, after it: reading the tokens before queueing the pass would
+        keep MLX's CPU stream idle until they are computed, and the cores a thread would use are the model's."""
+        if not beside_the_launch():
+            _async_eval(logits)  # the forward pass of the whole batch (a row's logits are a slice of it)
+            bitmask, plain = self._bitmask(self._fed_tokens())
+        else:
+            masks = _mask_thread().submit(self._bitmask, self._fed_tokens())
+            _async_eval(logits)
+            bitmask, plain = masks.result()
+        return allowed_tokens(bitmask, logits.shape[-1], plain)
+
+    def _fed_tokens(self) -> list[int] | None:
+        """The tokens the step feeds (waits for the previous step only); None for a first step."""
+        return None if self._fed is None else self._fed.tolist()  # type: ignore[return-value]
+
+    def _bitmask(self, fed: list[int] | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """The step's bitmask (rows, words), and which rows have no grammar (None: every row has one). Each row's
+        matcher first consumes the token the step feeds it. The mask thread: no MLX here."""
         compiler = self._rows[0].compiler
         bitmask = compiler.bitmask(self._size)
         plain: np.ndarray | None = None  # rows without a grammar, if any
@@ -134,7 +157,7 @@ class MaskStep:
         for row, i in zip(self._rows, self._positions, strict=True):
             if not row.check(bitmask[i]):
                 bitmask[i] = compiler.eos_words
-        return allowed_tokens(bitmask, width, plain)
+        return bitmask, plain
 
 
 class MaskedForward:
@@ -219,6 +242,18 @@ def _byte_bits() -> mx.array:
     """Entry b: the 8 bits of byte b, lowest first, as 8 bytes of 0 or 1 read as one little-endian uint64."""
     bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
     return mx.array(bits.view(np.uint64)[:, 0])
+
+
+BESIDE_THE_LAUNCH: bool | None = None  # masks computed beside the forward pass's launch; None: on a GPU
+
+
+def beside_the_launch() -> bool:
+    return mx.default_device().type == mx.gpu if BESIDE_THE_LAUNCH is None else BESIDE_THE_LAUNCH
+
+
+@functools.cache
+def _mask_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
 
 
 @functools.cache

@@ -14,7 +14,9 @@ steps as needed), greedy. Ways:
 - `batch, batch-wide`: `constrained_step` now: one `where` over the whole batch's logits, no per-row loop;
 - `batch, plain`: the same rows without grammars (mlx-lm's own path), the floor;
 - `solo, context` / `solo, no context`: a request alone, with the token buffer a grammar used to be passed /
-  with only the token its step feeds (now), and `solo, plain`.
+  with only the token its step feeds (now), and `solo, plain`;
+- `..., masks beside the launch`: the same step with the masks computed on the mask thread while the forward
+  pass is queued (what a GPU runs); the other ways compute them after it, on the MLX thread (the CPU's order).
 Per step: wall µs, the process's CPU µs (all threads) and the MLX thread's CPU µs (the thread that builds the
 graph and calls llguidance for a row alone; MLX's CPU kernels and llguidance's executor run on other threads):
 median over every step of every round. On a CPU the step is mostly the model's compute; on a GPU the step is
@@ -124,6 +126,26 @@ def solo_steps(model: Any, prompt: list[int], processors: list[Any], steps: int,
     return samples
 
 
+def ordered(beside_the_launch: bool, run: Callable[[], list[Sample]]) -> Callable[[], list[Sample]]:
+    """`run` with the step's masks computed after the forward pass is queued (the CPU's order), or beside its
+    launch on the mask thread (a GPU's): masks.MaskStep._compute."""
+    def measured() -> list[Sample]:
+        masks.BESIDE_THE_LAUNCH = beside_the_launch
+        try:
+            return run()
+        finally:
+            masks.BESIDE_THE_LAUNCH = None
+    return measured
+
+
+def after(run: Callable[[], list[Sample]]) -> Callable[[], list[Sample]]:
+    return ordered(False, run)
+
+
+def beside(run: Callable[[], list[Sample]]) -> Callable[[], list[Sample]]:
+    return ordered(True, run)
+
+
 def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers: int,
             kinds: set[str]) -> tuple[dict[str, list[Sample]], dict[str, str]]:
     any_object = Constraint("json_object")
@@ -137,11 +159,15 @@ def measure(vocab: int, rows: int, steps: int, rounds: int, hidden: int, layers:
 
         ways: dict[str, Callable[[], list[Sample]]] = {
             "batch, plain": lambda: batch_steps(model, prompt, [[] for _ in range(rows)], steps, constrained_step),
-            "batch, per-row": lambda: batch_steps(model, prompt, grammars(rows), steps, planned_per_row),
-            "batch, batch-wide": lambda: batch_steps(model, prompt, grammars(rows), steps, constrained_step),
+            "batch, per-row": after(lambda: batch_steps(model, prompt, grammars(rows), steps, planned_per_row)),
+            "batch, batch-wide": after(lambda: batch_steps(model, prompt, grammars(rows), steps, constrained_step)),
+            "batch, batch-wide, masks beside the launch": beside(
+                lambda: batch_steps(model, prompt, grammars(rows), steps, constrained_step)),
             "solo, plain": lambda: solo_steps(model, prompt, [], steps, context=False),
-            "solo, context": lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=True),
-            "solo, no context": lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=False),
+            "solo, context": after(lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=True)),
+            "solo, no context": after(lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=False)),
+            "solo, no context, masks beside the launch": beside(
+                lambda: solo_steps(model, prompt, grammars(1)[0], steps, context=False)),
         }
         ways = {way: run for way, run in ways.items() if way.split(",")[0] in kinds}
         samples: dict[str, list[Sample]] = {way: [] for way in ways}

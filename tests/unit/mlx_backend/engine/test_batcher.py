@@ -658,7 +658,7 @@ def test_constrained_rows_in_a_batch_get_their_masks_in_one_step_computation(
     rows_per_step: list[int] = []
     original = MaskStep._compute
     monkeypatch.setattr(MaskStep, "_compute",
-                        lambda self, width: (rows_per_step.append(len(self._rows)), original(self, width))[1])
+                        lambda self, logits: (rows_per_step.append(len(self._rows)), original(self, logits))[1])
     h = BatcherHarness(family_dir)
     submit_command(h, "plain", "qwen", params={"max_tokens": 30, "temperature": 0.0})
     for i in range(3):

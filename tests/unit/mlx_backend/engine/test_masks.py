@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from mlx_lm.models.cache import TokenBuffer
 from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend.contract import Constraint
+from mlx_backend.engine import masks
 from mlx_backend.engine.batcher import constrained_step
 from mlx_backend.engine.constrained import ConstraintProcessor
 from mlx_backend.engine.joining import join_in_step
@@ -36,6 +39,12 @@ pytestmark = pytest.mark.slow
 TOOL_ARGUMENTS = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
                   "required": ["city", "days"], "additionalProperties": False}
+
+
+@pytest.fixture(params=[False, True], ids=["masks after the launch", "masks beside the launch"])
+def mask_order(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both orders of a step (masks.MaskStep._compute): the CPU's, and a GPU's (the mask thread)."""
+    monkeypatch.setattr(masks, "BESIDE_THE_LAUNCH", request.param)
 
 
 def rows(loaded: Loaded) -> list[tuple[list[int], list[Any], Any]]:
@@ -110,13 +119,15 @@ def decode(loaded: Loaded, requests: list[tuple[list[int], list[Any], Any]], pla
 def count_steps(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The rows of every MaskStep that computes masks, in order."""
     sizes: list[int] = []
-    compute: Callable[[MaskStep, int], mx.array] = MaskStep._compute
-    monkeypatch.setattr(MaskStep, "_compute",
-                        lambda self, width: (sizes.append(len(self._rows)), compute(self, width))[1])
+    bitmask: Callable[[MaskStep, list[int] | None], Any] = MaskStep._bitmask
+    monkeypatch.setattr(MaskStep, "_bitmask", lambda self, fed: (sizes.append(len(self._rows)), bitmask(self, fed))[1])
     return sizes
 
 
-def test_the_batched_path_gives_the_tokens_of_the_per_row_path(bpe: Loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.usefixtures("mask_order")
+def test_the_batched_path_gives_the_tokens_of_the_per_row_path(
+    bpe: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sizes = count_steps(monkeypatch)
     per_row_requests = rows(bpe)
     per_row = decode(bpe, per_row_requests, planned=False)
@@ -131,21 +142,23 @@ def test_the_batched_path_gives_the_tokens_of_the_per_row_path(bpe: Loaded, monk
             assert_complete(bpe, tokens, reason, processors[0])  # each grammar held, to its EOS
 
 
-def test_rows_joining_a_planned_batch_one_a_step_get_the_tokens_of_the_per_row_path(bpe: Loaded) -> None:
+@pytest.mark.usefixtures("mask_order")
+def test_rows_joining_a_planned_batch_one_a_step_get_the_tokens_of_the_per_row_path(
+    bpe: Loaded
+) -> None:
     """A row joins after the step was planned, in the step itself: it has no mask of that step's (its grammar's
     first step is its own), and the planned rows keep theirs."""
     per_row = decode(bpe, rows(bpe), planned=False, one_a_step=True)
     assert decode(bpe, rows(bpe), planned=True, one_a_step=True) == per_row
 
 
+@pytest.mark.usefixtures("mask_order")
 @pytest.mark.parametrize("unpack", [unpacked_on_device, unpacked_on_host], ids=["device", "host"])
 def test_the_batch_wide_path_gives_the_per_row_tokens_beside_plain_rows_and_penalties(
     bpe: Loaded, unpack: Callable[..., mx.array], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Both ways of unpacking the bitmask (a GPU's, and the CPU's), the model's logits wider than the
     vocabulary (the padding: never allowed with a grammar, untouched without)."""
-    import mlx_backend.engine.masks as masks
-
     monkeypatch.setattr(masks, "allowed_tokens", unpack)
     requests = greedy_rows(bpe)
     batch_wide = decode(bpe, requests, planned=True)
@@ -155,7 +168,10 @@ def test_the_batch_wide_path_gives_the_per_row_tokens_beside_plain_rows_and_pena
             assert_complete(bpe, tokens, reason, processors[-1])
 
 
-def test_rows_the_closing_reserve_guides_get_the_per_row_tokens(bpe: Loaded) -> None:
+@pytest.mark.usefixtures("mask_order")
+def test_rows_the_closing_reserve_guides_get_the_per_row_tokens(
+    bpe: Loaded
+) -> None:
     """A budget too short for the random model to close by itself: the last tokens are chosen by the reserve
     (`finish`), which the batch-wide step asks for the rows whose processors stood aside."""
     requests = greedy_rows(bpe, max_tokens=24)
@@ -238,7 +254,10 @@ def test_a_request_alone_with_only_a_grammar_keeps_no_token_context(
     assert (tokens, "stop") == decode(bpe, [greedy_rows(bpe)[0]], planned=True)[0]
 
 
-def test_in_a_batch_step_a_rejected_token_fails_its_own_row_only(bpe: Loaded) -> None:
+@pytest.mark.usefixtures("mask_order")
+def test_in_a_batch_step_a_rejected_token_fails_its_own_row_only(
+    bpe: Loaded
+) -> None:
     """The rows' matchers consume their tokens in one call: the one whose token its grammar rejects allows only
     EOS from then on, and the others go on as alone."""
     rejecting, going_on, alone = (bpe.processor("json_object") for _ in range(3))
@@ -294,7 +313,6 @@ def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(
     """So reading that token waits for the previous step only, and the masks are computed while the forward
     pass runs: each step after the first queues the fed token (1 token), then the forward pass (the logits)."""
     import mlx_backend.engine.constrained as constrained
-    import mlx_backend.engine.masks as masks
 
     queued: list[tuple[int, ...]] = []
 
@@ -311,3 +329,42 @@ def test_a_request_alone_queues_the_token_it_feeds_before_its_forward_pass(
     width = bpe.model.args.vocab_size
     assert queued[0] == (1, width)  # the first step feeds the prompt: nothing to read
     assert queued[1:] == [(1,), (1, width)] * (len(queued[1:]) // 2) and len(queued) >= 7
+
+
+@pytest.mark.parametrize("beside", [True, False], ids=["on a GPU", "on the CPU"])
+def test_on_a_gpu_the_masks_are_computed_on_the_mask_thread_while_the_forward_pass_is_queued(
+    bpe: Loaded, beside: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU's step: the grammar's host work hides behind the launch of the forward pass (queueing it releases
+    the GIL). The CPU's: the pass is queued first, then the masks are computed on the MLX thread. Queueing is
+    made slow here (as a launch of hundreds of kernels is), so which one ends first says which order ran."""
+    monkeypatch.setattr(masks, "BESIDE_THE_LAUNCH", beside)
+    events: list[tuple[str, str]] = []
+    bitmask = MaskStep._bitmask
+
+    def recording_bitmask(self: MaskStep, fed: list[int] | None) -> Any:
+        result = bitmask(self, fed)
+        events.append(("masks computed", threading.current_thread().name))
+        return result
+
+    def slow_queue(*arrays: mx.array) -> None:
+        if arrays[0].ndim == 2:  # the logits: the forward pass
+            time.sleep(0.05)
+            events.append(("forward pass queued", threading.current_thread().name))
+        mx.async_eval(*arrays)
+
+    monkeypatch.setattr(MaskStep, "_bitmask", recording_bitmask)
+    monkeypatch.setattr(masks, "_async_eval", slow_queue)
+    decoded = decode(bpe, [r for r in greedy_rows(bpe) if r[1]][:3], planned=True, max_tokens=8)
+    assert all(len(tokens) == 8 or reason == "stop" for tokens, reason in decoded)
+    steps = [events[i:i + 2] for i in range(0, len(events), 2)]
+    assert len(steps) >= 7 and len(events) % 2 == 0
+    mlx_thread = threading.current_thread().name
+    for step in steps:
+        (first, first_thread), (second, second_thread) = step
+        if beside:
+            assert (first, second) == ("masks computed", "forward pass queued")
+            assert first_thread.startswith("grammar-masks") and second_thread == mlx_thread
+        else:
+            assert (first, second) == ("forward pass queued", "masks computed")
+            assert first_thread == second_thread == mlx_thread
