@@ -109,8 +109,8 @@ class GrammarCompiler:
         return ConstraintProcessor(pristine.deep_copy(), self, max_tokens)
 
     def bitmask(self, rows: int) -> np.ndarray:
-        """Room for `rows` masks (MLX thread: one step at a time; a step's masks go to the device before the
-        next step asks)."""
+        """Room for `rows` masks (one step at a time, on the MLX thread or, on a GPU, the mask thread; a step's
+        masks go to the device before the next step asks)."""
         if len(self._bitmask) < rows:
             self._bitmask = np.zeros((max(rows, 2 * len(self._bitmask)), self.words), dtype=np.int32)
         return self._bitmask[:rows]

@@ -1,19 +1,22 @@
 """One decode step's grammar masks: every constrained row's at once, computed while the forward pass runs and
 applied on the device.
 
-A step (of a batch, or of a request alone) goes, on the MLX thread:
+A step (of a batch, or of a request alone) goes, on the CPU all on the MLX thread:
 1. the forward pass is queued (`mx.async_eval(logits)`): it needs the tokens the step feeds, not the masks;
 2. those tokens are read: they were sampled by the previous step and queued before this forward pass, so
    this waits for the previous step only; each row's matcher consumes its own;
 3. llguidance computes every row's bitmask in one call, into one preallocated int32 array (its own threads,
-   the GIL released), while the device runs the forward pass;
+   the GIL released), while the device runs the forward pass (on a GPU: while it is launched, below);
 4. the bitmask goes to the device as it is (one bit a token) and is unpacked there (on the CPU backend,
    numpy unpacks it); each row's logits are masked with one `mx.where`. No per-row host round trip, no loop
    over the vocabulary in Python.
-On a GPU, 2 and 3 run on the mask thread during 1: queueing a small model's pass is the host launching a few
-hundred kernels, most of a step's host time, with the GIL released; the tokens are read just before (the
-previous step has ended by then: the host built this step's whole graph since). So the grammar's host work
-hides behind the launch instead of adding to it (`MaskStep._compute`).
+On a GPU the order differs, so that the grammar's host work hides behind the launch instead of adding to it
+(`MaskStep._compute`): queueing a small model's pass is the host launching a few hundred kernels, most of a
+step's host time, and `mx.async_eval` releases the GIL meanwhile. So the MLX thread reads the tokens first
+(the previous step has usually ended by then: the host built this step's whole graph since they were queued),
+the mask thread consumes them and computes the bitmask (2 and 3) while the MLX thread queues the pass (1), and
+4 follows. Where the device is the slower side (a large model), reading first idles it only until the first
+of this step's kernels is launched: from then on the launches stay ahead of it again.
 
 When a matcher advances: a matcher consumes exactly the tokens fed to the model. With one token in flight,
 the token a step samples is handed out while the next step already runs, and is consumed in the step that
@@ -118,18 +121,20 @@ class MaskStep:
 
     def _compute(self, logits: mx.array) -> mx.array:
         """Every row's mask, computed while the forward pass runs. On a GPU, beside its launch: the tokens the
-        step feeds are read first (the previous step's samples, on the host by now: the step built its whole
-        graph since they were queued), the mask thread computes the masks from them, and this thread meanwhile
-        queues the forward pass (`mx.async_eval` releases the GIL; on a GPU it is most of the step's host
-        work, a launch per kernel). On the CPU, after it: reading the tokens before queueing the pass would
-        keep MLX's CPU stream idle until they are computed, and the cores a thread would use are the model's."""
+        step feeds are read first (the previous step's samples, usually on the host by now), the mask thread
+        computes the masks from them, and this thread meanwhile queues the forward pass (`mx.async_eval`
+        releases the GIL; on a GPU it is most of the step's host work, a launch per kernel). On the CPU, after
+        it: reading the tokens before queueing the pass would keep MLX's CPU stream idle until they are
+        computed, and the cores a thread would use are the model's."""
         if not beside_the_launch():
             _async_eval(logits)  # the forward pass of the whole batch (a row's logits are a slice of it)
             bitmask, plain = self._bitmask(self._fed_tokens())
         else:
             masks = _mask_thread().submit(self._bitmask, self._fed_tokens())
-            _async_eval(logits)
-            bitmask, plain = masks.result()
+            try:
+                _async_eval(logits)
+            finally:  # should the launch fail, the matchers are not left advancing behind the caller's back
+                bitmask, plain = masks.result()
         return allowed_tokens(bitmask, logits.shape[-1], plain)
 
     def _fed_tokens(self) -> list[int] | None:

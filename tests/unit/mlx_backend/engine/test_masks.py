@@ -337,20 +337,26 @@ def test_on_a_gpu_the_masks_are_computed_on_the_mask_thread_while_the_forward_pa
 ) -> None:
     """A GPU's step: the grammar's host work hides behind the launch of the forward pass (queueing it releases
     the GIL). The CPU's: the pass is queued first, then the masks are computed on the MLX thread. Queueing is
-    made slow here (as a launch of hundreds of kernels is), so which one ends first says which order ran."""
+    made slow here (as a launch of hundreds of kernels is), so which one ends first says which order ran, and
+    whether the masks were computed while the launch was under way says they overlapped."""
     monkeypatch.setattr(masks, "BESIDE_THE_LAUNCH", beside)
-    events: list[tuple[str, str]] = []
+    events: list[tuple[str, str, bool]] = []  # what, on which thread, whether a launch was under way
+    launching = threading.Event()
     bitmask = MaskStep._bitmask
 
     def recording_bitmask(self: MaskStep, fed: list[int] | None) -> Any:
+        if beside:
+            launching.wait(timeout=2)  # the launch starts while the masks are computed
         result = bitmask(self, fed)
-        events.append(("masks computed", threading.current_thread().name))
+        events.append(("masks computed", threading.current_thread().name, launching.is_set()))
         return result
 
     def slow_queue(*arrays: mx.array) -> None:
         if arrays[0].ndim == 2:  # the logits: the forward pass
+            launching.set()
             time.sleep(0.05)
-            events.append(("forward pass queued", threading.current_thread().name))
+            events.append(("forward pass queued", threading.current_thread().name, launching.is_set()))
+            launching.clear()
         mx.async_eval(*arrays)
 
     monkeypatch.setattr(MaskStep, "_bitmask", recording_bitmask)
@@ -360,11 +366,47 @@ def test_on_a_gpu_the_masks_are_computed_on_the_mask_thread_while_the_forward_pa
     steps = [events[i:i + 2] for i in range(0, len(events), 2)]
     assert len(steps) >= 7 and len(events) % 2 == 0
     mlx_thread = threading.current_thread().name
-    for step in steps:
-        (first, first_thread), (second, second_thread) = step
+    for (first, first_thread, first_launching), (second, second_thread, _) in steps:
         if beside:
             assert (first, second) == ("masks computed", "forward pass queued")
+            assert first_launching  # computed while the launch was under way
             assert first_thread.startswith("grammar-masks") and second_thread == mlx_thread
         else:
             assert (first, second) == ("forward pass queued", "masks computed")
             assert first_thread == second_thread == mlx_thread
+
+
+@pytest.mark.parametrize(("device", "beside"), [(mx.gpu, True), (mx.cpu, False)], ids=["GPU", "CPU"])
+def test_the_masks_go_beside_the_launch_on_a_gpu_only(
+    device: mx.DeviceType, beside: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(masks, "BESIDE_THE_LAUNCH", None)
+    monkeypatch.setattr(masks.mx, "default_device", lambda: mx.Device(device))
+    assert masks.beside_the_launch() is beside
+
+
+def test_on_a_gpu_a_launch_that_fails_leaves_no_mask_work_running(bpe: Loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error reaches the caller once the mask thread is done: no matcher advances behind its back."""
+    processor = bpe.processor("json_object")
+    processor(mx.array(bpe.prompt()), mx.zeros((1, WIDTH)))  # the first step: the prompt, nothing consumed
+    monkeypatch.setattr(masks, "BESIDE_THE_LAUNCH", True)
+    done: list[int] = []
+    bitmask = MaskStep._bitmask
+
+    def slow_bitmask(self: MaskStep, fed: list[int] | None) -> Any:
+        time.sleep(0.05)
+        result = bitmask(self, fed)
+        done.append(processor.tokens)
+        return result
+
+    def failing_launch(*arrays: mx.array) -> None:
+        if arrays[0].ndim == 2:
+            raise RuntimeError("out of memory")
+        mx.async_eval(*arrays)
+
+    monkeypatch.setattr(MaskStep, "_bitmask", slow_bitmask)
+    monkeypatch.setattr(masks, "_async_eval", failing_launch)
+    token = bpe.compiler.tokenizer.tokenize_str("{")[0]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        MaskStep([processor], mx.array([token]), [0]).apply(mx.zeros((1, WIDTH)), [])
+    assert done == [1]
