@@ -1,6 +1,7 @@
-"""Would llguidance's mask hide behind the MLX thread's Python work on a second thread? (A script, not a test.)
+"""Would llguidance's mask hide behind the MLX thread's work on a second thread? (A script, not a test.)
 
     python tests/benchmarks/bench_mask_thread.py [--vocab 128256] [--steps 2000] [--python-work 300,1500]
+        [--gil-free-work 300,1500]
 
 Per step: the matcher consumes a token and computes its next-token bitmask (bench_constrained_serving.py's
 grammar, a JSON string that never ends, fed the tokens of a long text), beside some pure-Python work that
@@ -8,6 +9,11 @@ stands for what the MLX thread does meanwhile (building the next step's graph, h
 one after the other on one thread, or the mask on a one-thread pool while this thread does its Python work,
 then waiting for it. llguidance releases the GIL while it computes the mask; the question is whether what
 remains (taking the GIL to call in and to return) lets the two overlap. Median µs per step of each way.
+
+The second table puts the mask beside work that holds no GIL instead: a call that releases it for the given
+µs (a sleep, standing for `mx.async_eval` launching a GPU's kernels, which releases the GIL; a sleep leaves
+the mask a core of its own, as the launch does on a GPU host). That is where the engine computes the masks on
+a GPU (mlx_backend/engine/masks.py, MaskStep._compute); beside Python work it does not (the first table).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--python-work", default="300,1500", help="rounds of the stand-in Python work")
+    parser.add_argument("--gil-free-work", default="300,1500", help="µs of the stand-in GIL-free work")
     args = parser.parse_args()
     hf = fast_tokenizer(synthetic_tokenizer(args.vocab))
     compiler = GrammarCompiler(hf, [hf.convert_tokens_to_ids(tm.EOS)])
@@ -81,6 +88,20 @@ def main() -> None:
             pending.result()
 
         print(f"| {rounds} | {alone:.0f} | {masked:.0f} | {serial:.0f} | {timed(threaded):.0f} |", flush=True)
+    print()
+    print("| GIL-free work (µs) | work alone | mask alone | one after the other | mask on a thread |")
+    print("|---:|---:|---:|---:|---:|")
+    for micros in (int(m) for m in args.gil_free_work.split(",")):
+        alone = timed(lambda micros=micros: time.sleep(micros / 1e6))
+        masked = timed(mask)
+        serial = timed(lambda micros=micros: (mask(), time.sleep(micros / 1e6)))
+
+        def beside(micros: int = micros) -> None:
+            pending = pool.submit(mask)
+            time.sleep(micros / 1e6)
+            pending.result()
+
+        print(f"| {micros} | {alone:.0f} | {masked:.0f} | {serial:.0f} | {timed(beside):.0f} |", flush=True)
     processor.raise_if_failed()
 
 
