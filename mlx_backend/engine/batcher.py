@@ -616,23 +616,38 @@ def constrained_step(generator: Any) -> Iterator[None]:
     """Plan the coming step for the constrained rows of the batch: their masks are then computed together,
     while the forward pass runs, and applied to the whole batch's logits in one op (mlx_backend/engine/masks.py).
 
-    mlx-lm's step calls the processors row by row (a slice, a token-context update and a call per row, then a
-    concatenation) as soon as any row has one. So for this step the generation batch's model is a
+    The engine's generator (engine/joining.py) is planned inside its step, once the rows joining in it are in:
+    a joining row's first step is planned with the others. A stock BatchGenerator is planned before its step
+    (its new rows took their first step in a pass of their own)."""
+    batch = generator._generation_batch
+    if not isinstance(batch, joining.JoiningBatch):
+        with _masked_step(batch):
+            yield
+        return
+    batch.around_step = lambda: _masked_step(batch)
+    try:
+        yield
+    finally:
+        batch.around_step = None
+
+
+@contextlib.contextmanager
+def _masked_step(batch: Any) -> Iterator[None]:
+    """mlx-lm's step calls the processors row by row (a slice, a token-context update and a call per row, then
+    a concatenation) as soon as any row has one. So for this step the generation batch's model is a
     `MaskedForward` that masks the logits it returns, and the rows whose only processor is their grammar have
     their processors set aside (restored after): with no other processor in the batch, mlx-lm takes its path
     without a per-row loop. Rows with penalties or a logit bias keep theirs, grammar last, as before (their row
     of the mask is applied twice: the same logits). mlx-lm keeps no token context for a row set aside, so once
-    planned, every later step of a batch must be planned here too (the batcher's only way to step).
+    planned, every later step of a batch must be planned here too (the batcher's only way to step). A grammar
+    that has not started (a row in its first step: its prompt's last token is fed) consumes nothing.
 
     Reads mlx-lm 0.32.2's GenerationBatch (pinned; tests/unit/mlx_backend/engine/test_masks.py fails if it
-    moves): the rows' uids and processors, the tokens sampled last step that this step feeds (still lazy:
-    nothing waits), and the model its step calls (the prompt batch calls its own). Rows that join in the
-    step (engine/joining.py) come after the planned ones, their processors not set aside: a grammar's first
-    step is its own.
-    A step that never called that model fails, rather than let the rows set aside sample unmasked."""
-    batch = generator._generation_batch
+    moves): the rows' uids and processors, the tokens this step feeds (the ones sampled last step, still lazy,
+    and the joining rows' last prompt tokens), and the model its step calls. A step that never called that model
+    fails, rather than let the rows set aside sample unmasked."""
     rows = [(row, p) for row, processors in enumerate(batch.logits_processors or ()) for p in processors or ()
-            if isinstance(p, ConstraintProcessor) and p.started]
+            if isinstance(p, ConstraintProcessor)]
     if not rows:
         yield
         return
@@ -647,7 +662,7 @@ def constrained_step(generator: Any) -> Iterator[None]:
         yield
     finally:
         batch.model = model
-        for i, uid in enumerate(batch.uids):  # rows that ended are gone, rows that joined come after
+        for i, uid in enumerate(batch.uids):  # rows that ended are gone
             if uid in set_aside:
                 batch.logits_processors[i] = set_aside[uid]
         for _, processor in rows:

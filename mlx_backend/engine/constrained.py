@@ -174,7 +174,7 @@ class ConstraintProcessor:
     # The step's parts, in order (mlx_backend/engine/masks.py): prepare, then check the mask, then finish.
 
     def prepare(self, token: int | None) -> LLMatcher | None:
-        """Consume the token this step feeds (None: the first step, which feeds the prompt) and see whether
+        """Consume the token this step feeds (nothing in the first step, which feeds the prompt) and see whether
         closing is near. The matcher whose mask the step needs; None once failed (only EOS is allowed)."""
         if self._started and token is not None:
             self._consume(token)

@@ -22,8 +22,10 @@ joining row's first step as decode time, where mlx-lm's first-token pass was cou
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -42,6 +44,9 @@ class JoiningBatch(GenerationBatch):
         self._making = True  # mlx-lm's constructor steps a batch that has rows: a joining batch waits
         super().__init__(*args, **kwargs)
         self._making = False
+        # Entered around the next step, with every row in it (the joining ones too): the batcher's plan of
+        # the step's grammar masks (batcher.constrained_step); None: a plain step.
+        self.around_step: Callable[[], contextlib.AbstractContextManager[None]] | None = None
         self._joining = [True] * len(self.uids)
         self._next_logprobs = [_NO_LOGPROBS] * len(self.uids)  # nothing was sampled before the prompt token
 
@@ -73,7 +78,8 @@ class JoiningBatch(GenerationBatch):
         if not self.uids:
             return []
         joining, self._joining = self._joining, [False] * len(self.uids)
-        tokens, logprobs = self._step()
+        with self.around_step() if self.around_step is not None else contextlib.nullcontext():
+            tokens, logprobs = self._step()
         keep: list[int] = []
         responses = []
         for i, uid in enumerate(self.uids):

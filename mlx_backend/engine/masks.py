@@ -24,9 +24,10 @@ feeds it (step t consumes the token of step t-1, then computes the mask for step
 request (its EOS, or the one that uses up max_tokens) is handed out and never fed, so never consumed:
 `ConstraintProcessor.is_accepting` describes the tokens fed so far.
 
-The batcher plans a batch's step (`MaskStep` over the rows whose processors have started) before it runs it;
-a processor that was not planned (a request alone, a row's first step, mlx-lm driven directly) makes a step
-of its own row (`ConstraintProcessor.__call__`).
+The batcher plans a batch's step (`MaskStep` over its constrained rows, those joining in the step included:
+a grammar that has not started consumes nothing) as the step begins; a processor that was not planned (a
+request alone, a new row's first pass in mlx-lm's own generator) makes a step of its own row
+(`ConstraintProcessor.__call__`).
 
 The whole batch at once: a step's masks are one (batch, width) matrix, all true for a row without a grammar,
 and `MaskStep.apply` masks the batch's logits with one `mx.where`. The batcher hands mlx-lm's generation step
@@ -102,8 +103,9 @@ class MaskStep:
     def apply(self, logits: mx.array, finishing: Sequence[MaskRow]) -> mx.array:
         """The batch's logits (batch, width), every row's mask applied in one `mx.where`. The rows in
         `finishing` are not called in this step (their processors stand aside): their `finish` is asked here,
-        and only costs a row of its own once closing is near. Rows that joined the batch after the step was
-        planned come last (engine/joining.py) and have no mask of this step's."""
+        and only costs a row of its own once closing is near. Rows the plan does not cover (joined after a
+        caller planned before the joins; the engine plans after them: batcher.constrained_step) come last and
+        have no mask of this step's."""
         self._size = logits.shape[0]
         masked = mx.where(self._allowed_tokens(logits), logits, -mx.inf)
         guided = {self._position[id(row)]: row for row in finishing if row.guides}

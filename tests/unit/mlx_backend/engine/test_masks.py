@@ -146,10 +146,29 @@ def test_the_batched_path_gives_the_tokens_of_the_per_row_path(
 def test_rows_joining_a_planned_batch_one_a_step_get_the_tokens_of_the_per_row_path(
     bpe: Loaded
 ) -> None:
-    """A row joins after the step was planned, in the step itself: it has no mask of that step's (its grammar's
-    first step is its own), and the planned rows keep theirs."""
+    """Each row joins a decoding batch in a step of its own, planned with the running rows there (its grammar
+    consumes nothing in that step), beside plain rows and other samplers."""
     per_row = decode(bpe, rows(bpe), planned=False, one_a_step=True)
     assert decode(bpe, rows(bpe), planned=True, one_a_step=True) == per_row
+
+
+def test_a_row_joining_a_decoding_batch_takes_its_first_step_with_the_batch(
+    bpe: Loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step a constrained row joins in is planned once it has joined: its grammar's first mask is computed
+    with the running rows' (consuming nothing: its prompt's last token is fed), and no row is called by
+    mlx-lm's per-row loop in that step."""
+    calls: list[int] = []
+    call = ConstraintProcessor.__call__
+    monkeypatch.setattr(ConstraintProcessor, "__call__",
+                        lambda self, tokens, logits: (calls.append(1), call(self, tokens, logits))[1])
+    sizes = count_steps(monkeypatch)
+    requests = [r for r in greedy_rows(bpe) if r[1] and all(isinstance(p, ConstraintProcessor) for p in r[1])]
+    decoded = decode(bpe, requests, planned=True, one_a_step=True)
+    assert calls == []
+    assert sizes[:len(requests)] == list(range(1, len(requests) + 1))  # each join planned in its own step
+    for (tokens, reason), (_, processors, _) in zip(decoded, requests, strict=True):
+        assert_complete(bpe, tokens, reason, processors[0])
 
 
 @pytest.mark.usefixtures("mask_order")
@@ -185,9 +204,10 @@ def test_rows_the_closing_reserve_guides_get_the_per_row_tokens(
 def test_a_planned_step_masks_the_batch_in_one_op_without_a_per_row_loop(
     bpe: Loaded, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A row whose only processor is its grammar is called once, for its first step (its prompt is fed, in a
-    batch of its own): every later step masks it with the whole batch's logits (`MaskStep.apply`) and mlx-lm
-    updates no row's token context. A grammar after penalties is still called at every step."""
+    """A row whose only processor is its grammar is never called row by row, its first step included (its
+    prompt's last token is fed as it joins the batch): every step masks it with the whole batch's logits
+    (`MaskStep.apply`) and mlx-lm updates no row's token context. A grammar after penalties is still called
+    at every step."""
     calls: dict[int, int] = {}
     call = ConstraintProcessor.__call__
     monkeypatch.setattr(ConstraintProcessor, "__call__",
@@ -205,11 +225,12 @@ def test_a_planned_step_masks_the_batch_in_one_op_without_a_per_row_loop(
     requests = [r for r in greedy_rows(bpe) if all(isinstance(p, ConstraintProcessor) for p in r[1])]
     decoded = decode(bpe, requests, planned=True)
     constrained = [processors[0] for _, processors, _ in requests if processors]
-    assert [calls[id(p)] for p in constrained] == [1] * len(constrained)
-    assert len(updates) == len(constrained)  # each one's first step only
+    assert constrained and [calls.get(id(p), 0) for p in constrained] == [0] * len(constrained)
+    assert updates == []
     longest = max(len(tokens) for (tokens, _), (_, processors, _) in zip(decoded, requests, strict=True) if processors)
-    # Each step after the first (mlx-lm hands a token out in the step that feeds it), the whole batch at once.
-    assert len(applied) == longest and applied[0] == len(requests)
+    # Each step, the whole batch at once: the joining step that samples the first token, then one a token
+    # handed out (mlx-lm hands a token out in the step that feeds it).
+    assert len(applied) == longest + 1 and applied[0] == len(requests)
 
     calls.clear()
     mixed = greedy_rows(bpe)
@@ -270,6 +291,18 @@ def test_in_a_batch_step_a_rejected_token_fails_its_own_row_only(
     assert allowed(masked[1:2]) == allowed(alone(mx.array([good]), mx.zeros((1, WIDTH)))) != bpe.eos
     assert rejecting.error is not None and going_on.error is None
     assert (rejecting.tokens, going_on.tokens) == (1, 1)
+
+
+def test_rows_past_the_plan_are_left_unmasked(bpe: Loaded) -> None:
+    """Rows after the planned ones (a caller that planned before rows joined) get every token: no mask of
+    this step's, and the planned row keeps its own."""
+    processor, alone = bpe.processor("json_object"), bpe.processor("json_object")
+    for p in (processor, alone):
+        p(mx.array(bpe.prompt()), mx.zeros((1, WIDTH)))  # the first step: the prompt, nothing consumed
+    brace = bpe.compiler.tokenizer.tokenize_str("{")[0]
+    masked = MaskStep([processor], mx.array([brace]), [0]).apply(mx.zeros((2, WIDTH)), [])
+    assert allowed(masked[0:1]) == allowed(alone(mx.array([brace]), mx.zeros((1, WIDTH))))
+    assert allowed(masked[1:2]) == set(range(WIDTH))
 
 
 def test_a_row_without_a_grammar_is_untouched(bpe: Loaded) -> None:
