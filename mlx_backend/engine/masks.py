@@ -82,8 +82,8 @@ class MaskRow(Protocol):
 class MaskStep:
     """The masks of one step's constrained rows. `fed` holds the tokens the step feeds (lazy: the previous
     step's samples), `positions[i]` the place of row i in the batch (and of its token in `fed`); `fed` is None
-    for a first step (the prompt is fed: nothing to consume). The first to ask (`masked` or `apply`) computes
-    every row's mask, as one (batch, width) matrix: rows without a grammar allow every token."""
+    for a row's first step taken alone (the prompt is fed: nothing to consume). The first to ask (`masked` or
+    `apply`) computes every row's mask, as one (batch, width) matrix: rows without a grammar allow every token."""
 
     def __init__(self, rows: Sequence[MaskRow], fed: mx.array | None, positions: Sequence[int]) -> None:
         self._rows = list(rows)
@@ -190,8 +190,9 @@ class MaskedForward:
 
 
 def plan_rows(rows: Sequence[tuple[int, MaskRow]], fed: mx.array) -> MaskStep:
-    """Plan a batch step: `rows` are (the row's place in `fed`, its processor), processors that have
-    started. Reading nothing yet: `fed` is only queued (before the forward pass that will need it)."""
+    """Plan a batch step: `rows` are (the row's place in `fed`, its processor); a processor that has not started
+    (its row joins in this step, fed its prompt's last token) consumes nothing. Reading nothing yet: `fed` is
+    only queued (before the forward pass that will need it)."""
     _async_eval(fed)  # a no-op if the previous step already queued it as it is
     step = MaskStep([p for _, p in rows], fed, [i for i, _ in rows])
     for _, processor in rows:

@@ -83,12 +83,13 @@ def greedy_rows(loaded: Loaded, max_tokens: int | None = None) -> list[tuple[lis
 
 
 def decode(loaded: Loaded, requests: list[tuple[list[int], list[Any], Any]], planned: bool,
-           max_tokens: int = 120, one_a_step: bool = False) -> list[tuple[list[int], str]]:
+           max_tokens: int = 120, one_a_step: bool = False, joining: bool = True) -> list[tuple[list[int], str]]:
     """Each row's tokens and finish reason through one BatchGenerator, each step planned as the batcher plans
-    it (`planned`, with rows joining in the step as in the batcher: engine/joining.py), or with every
-    constrained row a step of its own; the rows all at once, or `one_a_step`."""
+    it (`planned`, with rows joining in the step as in the batcher: engine/joining.py, unless not `joining`:
+    mlx-lm's own generator), or with every constrained row a step of its own; the rows all at once, or
+    `one_a_step`."""
     generator: Any = BatchGenerator(loaded.model, stop_tokens=[[t] for t in sorted(loaded.eos)])
-    if planned:
+    if planned and joining:
         join_in_step(generator)
     waiting = [[request] for request in requests] if one_a_step else [requests]
     try:
@@ -150,6 +151,12 @@ def test_rows_joining_a_planned_batch_one_a_step_get_the_tokens_of_the_per_row_p
     consumes nothing in that step), beside plain rows and other samplers."""
     per_row = decode(bpe, rows(bpe), planned=False, one_a_step=True)
     assert decode(bpe, rows(bpe), planned=True, one_a_step=True) == per_row
+
+
+def test_mlx_lm_s_own_generator_planned_before_its_step_gives_the_per_row_tokens(bpe: Loaded) -> None:
+    """Its new rows take their first step in a pass of their own (unplanned); every later step is planned."""
+    per_row = decode(bpe, rows(bpe), planned=False, one_a_step=True)
+    assert decode(bpe, rows(bpe), planned=True, one_a_step=True, joining=False) == per_row
 
 
 def test_a_row_joining_a_decoding_batch_takes_its_first_step_with_the_batch(
