@@ -4,7 +4,9 @@
 
 For each batch size, a plain decode loop on the model (its own KV cache, one token per row and step):
 - serial: build the step's graph in Python, launch it (`mx.async_eval`), wait for it; the three times apart;
-- pipelined: the next step launched before the last one's tokens are read, as mlx-lm's generators do.
+- pipelined: the next step launched before the last one's tokens are read, as mlx-lm's generators do;
+- pipelined, with logprobs as mlx-lm 0.32.2's GenerationBatch makes them: normalized, sampled from, and split
+  into one array per row (`list(logprobs)`), every row evaluated with the tokens; or kept as one array.
 If the pipelined step takes about build + launch, the host is the limit and the device waits for it; if it
 takes about build + launch + wait, the device is. A CUDA sync may spin, so a busy MLX thread alone does not
 say which (py-spy counts the spin as work). Medians over `--steps` steps.
@@ -20,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 
-def decode_loop(model: Any, batch: int, steps: int, context: int, pipelined: bool) -> dict[str, float]:
+def decode_loop(model: Any, batch: int, steps: int, context: int, pipelined: bool,
+                logprobs: str = "none") -> dict[str, float]:
+    """`logprobs`: "none" (argmax of the logits), "per row" (mlx-lm's way) or "batch" (one array)."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -30,17 +34,22 @@ def decode_loop(model: Any, batch: int, steps: int, context: int, pipelined: boo
     y = mx.zeros((batch, 1), dtype=mx.int32)
     build, launch, wait, total = [], [], [], []
 
-    def forward(tokens: Any) -> Any:
-        return mx.argmax(model(tokens, cache=cache)[:, -1, :], axis=-1, keepdims=True).astype(mx.int32)
+    def forward(tokens: Any) -> tuple[Any, list[Any]]:
+        logits = model(tokens, cache=cache)[:, -1, :]
+        if logprobs == "none":
+            return mx.argmax(logits, axis=-1, keepdims=True).astype(mx.int32), []
+        normalized = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        sampled = mx.argmax(normalized, axis=-1, keepdims=True).astype(mx.int32)
+        return sampled, list(normalized) if logprobs == "per row" else [normalized]
 
     if pipelined:
-        y = forward(y)
-        mx.async_eval(y)
+        y, extra = forward(y)
+        mx.async_eval(y, extra)
     for _ in range(steps):
         t0 = time.perf_counter()
-        following = forward(y)
+        following, extra = forward(y)
         t1 = time.perf_counter()
-        mx.async_eval(following)
+        mx.async_eval(following, extra)
         t2 = time.perf_counter()
         if pipelined:
             y.tolist()  # the previous step's tokens, while this one runs
@@ -83,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for batch in sizes:
         decode_loop(model, batch, 5, args.context, pipelined=True)  # kernels for the shapes, first
-        for pipelined in (False, True):
-            r = decode_loop(model, batch, args.steps, args.context, pipelined)
-            way = "pipelined" if pipelined else "serial"
+        for pipelined, logprobs in ((False, "none"), (True, "none"), (True, "per row"), (True, "batch")):
+            r = decode_loop(model, batch, args.steps, args.context, pipelined, logprobs)
+            way = ("pipelined" if pipelined else "serial") + ("" if logprobs == "none" else f", logprobs {logprobs}")
             lines.append(f"| {batch} | {way} | {r['build_us']:.0f} | {r['launch_us']:.0f} | {r['wait_us']:.0f} | "
                          f"{r['step_us']:.0f} | {batch * 1e6 / r['step_us']:.0f} |")
             print(lines[-1], file=sys.stderr, flush=True)
