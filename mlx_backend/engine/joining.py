@@ -14,6 +14,10 @@ A joining row's first token is sampled in the same step as before, and handed ou
 (one token in flight); the step that feeds its prompt token gives no response for it, and counts nothing
 against its max_tokens or stop sequences (`JoiningBatch.next`).
 
+The batch's step is mlx-lm's, but for the logprobs: each row's are a view of the batch's, evaluated only when
+read (a request that asked for logprobs), where mlx-lm evaluates one slice per row every step
+(`JoiningBatch._step`).
+
 `join_in_step(generator)` puts this on one BatchGenerator (the engine's, as the batcher makes it); others,
 such as the benchmarks' stock generator, stay mlx-lm's. It reads mlx-lm 0.32.2's internals (pinned:
 tests/unit/mlx_backend/engine/test_joining.py fails when the version moves). The generator's counters count a
@@ -33,6 +37,7 @@ from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
 
 __all__ = ["JoiningBatch", "join_in_step"]
 
+_async_eval: Callable[..., None] = mx.async_eval  # untyped in mlx
 _CLEAR_CACHE_EVERY = 512  # generation steps between emptying MLX's buffer cache, as mlx-lm's generator does
 _NO_LOGPROBS = mx.zeros((1,))  # a joining row's place in the logprobs of the step before it joined
 
@@ -59,9 +64,45 @@ class JoiningBatch(GenerationBatch):
                    prompts.stop_sequences, prompts.max_tokens)
 
     def _step(self) -> tuple[list[int], list[mx.array]]:
+        """mlx-lm's step (the forward pass, the rows' processors, normalized logprobs, the samplers; the next
+        step launched before the tokens fed in this one are read), with one difference: the rows' logprobs
+        are views of the batch's that nothing evaluates unless read. mlx-lm evaluates a slice per row every
+        step, which costs host time per row where the step is host-bound (`bench_step_split.py`)."""
         if self._making:
             return [], []
-        return super()._step()
+        batch: Any = self  # mlx-lm's attributes are typed as their initial values (None, or Optional lists)
+        fed, fed_logprobs = batch._next_tokens, batch._next_logprobs
+        batch._current_tokens, batch._current_logprobs = fed, fed_logprobs
+        logits = self.model(fed[:, None], cache=self.prompt_cache)[:, -1, :]
+        contexts: list[mx.array] = []
+        processors_by_row: list[Any] = self.logits_processors or []
+        if any(processors_by_row):
+            rows = []
+            for i, processors in enumerate(processors_by_row):
+                row = logits[i : i + 1]
+                if processors:
+                    context = batch._token_context[i].update_and_fetch(fed[i : i + 1])
+                    contexts.append(context)
+                    for processor in processors:
+                        row = processor(context, row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        batch._next_tokens = self._sample(logprobs)
+        batch._next_logprobs = list(logprobs)  # lazy views of `logprobs`
+        _async_eval(batch._next_tokens, logprobs, contexts)
+        tokens: list[int] = fed.tolist()  # waits for the step before this one
+        for kept, token in zip(self.tokens, tokens, strict=False):
+            kept.append(token)
+        return tokens, fed_logprobs
+
+    def _sample(self, logprobs: mx.array) -> mx.array:
+        """One call for the whole batch when every row has the same sampler, else one per row."""
+        chosen: list[Any] = self.samplers or [None] * len(self.uids)
+        samplers = [self.fallback_sampler if s is None else s for s in chosen]
+        if all(s is samplers[0] for s in samplers):
+            return (samplers[0] if samplers else self.fallback_sampler)(logprobs)
+        return mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(samplers)], axis=0)
 
     def extend(self, batch: Any) -> None:
         joining = batch._joining if isinstance(batch, JoiningBatch) else [False] * len(batch.uids)

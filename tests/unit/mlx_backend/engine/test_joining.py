@@ -123,3 +123,27 @@ def test_the_mlx_lm_it_was_written_against_is_the_one_installed() -> None:
     """joining.py replaces BatchGenerator._next and reads its private state (_currently_processing, _make_batch,
     _counters) and GenerationBatch's constructor, which steps itself: re-read them before moving the pin."""
     assert mlx_lm.__version__ == "0.32.2"
+
+
+def test_a_step_launches_the_batchs_logprobs_as_one_array_and_no_row_of_them(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mlx-lm evaluates a slice of the logprobs per row every step; ours launches the step's tokens and the
+    batch's logprobs (rows x vocabulary) only, and a row's logprobs are read from it when asked for (the
+    logprobs above match mlx-lm's)."""
+    launched: list[list[Any]] = []
+    real = joining._async_eval
+
+    def recording(*arrays: Any) -> None:
+        launched.append(list(arrays))
+        real(*arrays)
+
+    monkeypatch.setattr(joining, "_async_eval", recording)
+    options = {"completion_batch_size": 8, "prefill_batch_size": 2, "extras": penalties_and_bias}
+    ours = run(tiny, STAGGERED, join=True, **options)
+    assert ours == run(tiny, STAGGERED, join=True, **options)  # recording changed nothing
+    vocab = tiny.args.vocab_size
+    assert launched, "the engine's batch did not take its own step"
+    for tokens, logprobs, contexts in launched:
+        assert logprobs.ndim == 2 and logprobs.shape == (tokens.shape[0], vocab)
+        assert len(contexts) == tokens.shape[0]  # every row has penalties: each its token context
