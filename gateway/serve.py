@@ -24,7 +24,7 @@ from gateway.health.engine_events import MetricsObserver
 from gateway.placement import pin_this_process, plan
 from gateway.runtime import GatewayRuntime
 from gateway.settings import Settings
-from mlx_backend import timeline
+from mlx_backend import cpu_blas, timeline
 from mlx_backend.client.engine import EngineClient
 from mlx_backend.client.group import GroupSpec, hosts_from_list, new_group_seed, read_hostfile
 from mlx_backend.client.supervision import SupervisionPolicy
@@ -104,7 +104,7 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         idle_progress_timeout_s=max(settings.stall_timeout_s, 5 * GROUP_TICK_S) if group else None,
     )
     observer = MetricsObserver()
-    engine = EngineClient(config, observer, policy, group=group)
+    engine = EngineClient(config, observer, policy, extra_env=cpu_blas.engine_env(settings.cpu_blas), group=group)
     return GatewayRuntime(settings, engine, registry, observer)
 
 

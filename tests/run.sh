@@ -5,13 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the tests drive for real: Prometheus (server + promtool), shellcheck, systemd-analyze,
-# Chromium (headless, to render and screenshot the status page).
+# Chromium (headless, to render and screenshot the status page), OpenBLAS (the engine's CPU BLAS).
 if command -v apt-get >/dev/null 2>&1; then
   missing=()
   command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
   command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing+=(chromium)
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+  # OpenBLAS: the engine's CPU matrix products (mlx_backend/cpu_blas.py); its tests check the real preload
+  compgen -G "/usr/lib/*/libopenblas.so.0" >/dev/null || [[ -e /usr/lib64/libopenblas.so.0 ]] || missing+=(libopenblas0-pthread)
   if ((${#missing[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
     $SUDO apt-get update -qq

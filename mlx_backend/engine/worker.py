@@ -34,7 +34,7 @@ from pathlib import Path
 import mlx.core as mx
 import msgspec
 
-from mlx_backend import timeline
+from mlx_backend import cpu_blas, timeline
 from mlx_backend.contract import (
     Command,
     EngineConfig,
@@ -108,6 +108,8 @@ def serve(channel: Channel, config: EngineConfig) -> int:
     source[0] = batcher.heartbeat
     log.info("ready on %s (mlx %s, mlx-lm %s), memory budget %.2f GB, batch of %d",
              device, *versions, batcher.residency.budget / 1e9, config.max_running)
+    if device == "cpu" and sys.platform == "linux":
+        log.info("matrix products on the CPU: %s", cpu_blas.in_use())
     controls.preload(config.preload, config.pinned)
 
     while True:
