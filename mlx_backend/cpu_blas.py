@@ -38,7 +38,9 @@ def choose(setting: str, platform: str = sys.platform, paths: tuple[str, ...] = 
     if setting != "auto":
         if not Path(setting).is_file():
             raise ValueError(f"cpu_blas {setting!r} is not a file (give auto, off, or a BLAS library's path)")
-        return setting if platform == "linux" else None
+        if ":" in setting or any(c.isspace() for c in setting):
+            raise ValueError(f"cpu_blas {setting!r}: the dynamic linker would split a path at ':' or a space")
+        return os.path.abspath(setting) if platform == "linux" else None  # a bare name would be searched for
     return system_openblas(paths) if platform == "linux" else None
 
 
@@ -68,6 +70,7 @@ def in_use() -> str:
         found = process.dladdr(address, ctypes.byref(info)) and info.dli_fname
     except AttributeError:  # no cblas_sgemm in the global scope (or no dladdr)
         found = False
-    if not found or "mlx_cpu.libs" in info.dli_fname.decode():
+    path = os.fsdecode(info.dli_fname) if found else ""
+    if not path or "mlx_cpu.libs" in path:
         return "MLX's reference BLAS (slow for prompts: install OpenBLAS, see cpu_blas in docs/configuration.md)"
-    return str(info.dli_fname.decode())
+    return path

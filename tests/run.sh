@@ -13,7 +13,8 @@ if command -v apt-get >/dev/null 2>&1; then
   command -v shellcheck >/dev/null 2>&1 || missing+=(shellcheck)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   # OpenBLAS: the engine's CPU matrix products (mlx_backend/cpu_blas.py); its tests check the real preload
-  compgen -G "/usr/lib/*/libopenblas.so.0" >/dev/null || [[ -e /usr/lib64/libopenblas.so.0 ]] || missing+=(libopenblas0-pthread)
+  python3 -c "import sys; from mlx_backend.cpu_blas import system_openblas; sys.exit(not system_openblas())" \
+    || missing+=(libopenblas0-pthread)
   if ((${#missing[@]})); then
     SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
     $SUDO apt-get update -qq

@@ -14,9 +14,9 @@ A joining row's first token is sampled in the same step as before, and handed ou
 (one token in flight); the step that feeds its prompt token gives no response for it, and counts nothing
 against its max_tokens or stop sequences (`JoiningBatch.next`).
 
-The batch's step is mlx-lm's, but for the logprobs: each row's are a view of the batch's, evaluated only when
-read (a request that asked for logprobs), where mlx-lm evaluates one slice per row every step
-(`JoiningBatch._step`).
+The batch's step is mlx-lm's, but for the logprobs: the batch's are evaluated as one array and each row's are
+sliced from it only when read (a request that asked for logprobs), where mlx-lm evaluates one slice per row
+every step (`JoiningBatch._step`, `logprobs.RowOf`).
 
 `join_in_step(generator)` puts this on one BatchGenerator (the engine's, as the batcher makes it); others,
 such as the benchmarks' stock generator, stay mlx-lm's. It reads mlx-lm 0.32.2's internals (pinned:
@@ -34,6 +34,8 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationBatch, PromptProcessingBatch
+
+from mlx_backend.engine.logprobs import RowOf
 
 __all__ = ["JoiningBatch", "join_in_step"]
 
@@ -63,11 +65,12 @@ class JoiningBatch(GenerationBatch):
                    prompts.tokens, prompts.samplers, prompts.fallback_sampler, prompts.logits_processors,
                    prompts.stop_sequences, prompts.max_tokens)
 
-    def _step(self) -> tuple[list[int], list[mx.array]]:
+    def _step(self) -> tuple[list[int], list[Any]]:
         """mlx-lm's step (the forward pass, the rows' processors, normalized logprobs, the samplers; the next
-        step launched before the tokens fed in this one are read), with one difference: the rows' logprobs
-        are views of the batch's that nothing evaluates unless read. mlx-lm evaluates a slice per row every
-        step, which costs host time per row where the step is host-bound (`bench_step_split.py`)."""
+        step launched before the tokens fed in this one are read), with one difference: the batch's logprobs
+        are evaluated as one array, and a row's are a `RowOf` it, sliced only if a request reads them. mlx-lm
+        evaluates a slice per row every step, which costs host time per row where the step is host-bound
+        (`bench_step_split.py`)."""
         if self._making:
             return [], []
         batch: Any = self  # mlx-lm's attributes are typed as their initial values (None, or Optional lists)
@@ -89,7 +92,7 @@ class JoiningBatch(GenerationBatch):
             logits = mx.concatenate(rows, axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         batch._next_tokens = self._sample(logprobs)
-        batch._next_logprobs = list(logprobs)  # lazy views of `logprobs`
+        batch._next_logprobs = [RowOf(logprobs, i) for i in range(len(self.uids))]  # sliced when read
         _async_eval(batch._next_tokens, logprobs, contexts)
         tokens: list[int] = fed.tolist()  # waits for the step before this one
         for kept, token in zip(self.tokens, tokens, strict=False):

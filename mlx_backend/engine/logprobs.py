@@ -9,6 +9,7 @@ each token, so a token that is part of a UTF-8 character still shows its exact b
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -18,6 +19,19 @@ from mlx_backend.contract import SamplingParams, TokenLogprob, TopLogprob
 from mlx_backend.engine.sampling import GREEDY_BELOW, filter_logprobs
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+@dataclass(frozen=True, slots=True)
+class RowOf:
+    """Row `position` of a batch step's logprobs (rows x vocabulary), evaluated with the step as one array. It is
+    sliced only when read, and on the reader's stream: a slice made inside the step would sit on the generation
+    stream behind the next step's forward pass, and reading it would wait for that whole pass."""
+
+    batch: mx.array
+    position: int
+
+    def row(self) -> mx.array:
+        return self.batch[self.position]
 
 
 class TokenText:
@@ -88,8 +102,10 @@ def sampled_distribution(logprobs: mx.array, params: SamplingParams) -> mx.array
     return mx.maximum(scaled - mx.logsumexp(scaled, keepdims=True), LOGPROB_FLOOR)
 
 
-def token_logprob(logprobs: mx.array, token: int, params: SamplingParams, text: TokenText) -> TokenLogprob:
+def token_logprob(logprobs: mx.array | RowOf, token: int, params: SamplingParams, text: TokenText) -> TokenLogprob:
     """The entry for one generated token: its logprob and the `params.logprobs` most likely tokens."""
+    if isinstance(logprobs, RowOf):
+        logprobs = logprobs.row()
     distribution = sampled_distribution(logprobs.reshape(-1), params)
     k = min(params.logprobs or 0, MAX_TOP_LOGPROBS, distribution.shape[0])
     if k:

@@ -11,6 +11,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
 
 from mlx_backend.engine import joining
+from mlx_backend.engine.logprobs import RowOf
 
 Arrival = tuple[list[list[int]], list[int]]  # prompts inserted at one step, and their max_tokens
 
@@ -62,7 +63,9 @@ def run(model: Any, arrivals: list[Arrival], join: bool, remove: dict[int, int] 
                 generator.remove([remove[step]])
             for response in generator.next()[1]:
                 result.tokens[response.uid].append(response.token)
-                result.logprobs[response.uid].append(response.logprobs[response.token].item())
+                row = response.logprobs  # the engine's batch hands a RowOf its step's logprobs, mlx-lm's an array
+                row = row.row() if isinstance(row, RowOf) else row
+                result.logprobs[response.uid].append(row[response.token].item())
                 if response.finish_reason is not None:
                     result.reasons[response.uid] = response.finish_reason
                     result.finals[response.uid] = (list(response.all_tokens),

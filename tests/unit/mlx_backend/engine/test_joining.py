@@ -17,6 +17,7 @@ from mlx_lm.models.cache import BatchKVCache
 
 from mlx_backend.contract import SamplingParams
 from mlx_backend.engine import batch_cache, joining
+from mlx_backend.engine.logprobs import RowOf
 from mlx_backend.engine.sampling import SeededSampler, make_logits_processors
 from tests.support import tiny_models as tm
 from tests.support.generator_runs import PAIRED, STAGGERED, Arrival, Run, run
@@ -147,3 +148,31 @@ def test_a_step_launches_the_batchs_logprobs_as_one_array_and_no_row_of_them(
     for tokens, logprobs, contexts in launched:
         assert logprobs.ndim == 2 and logprobs.shape == (tokens.shape[0], vocab)
         assert len(contexts) == tokens.shape[0]  # every row has penalties: each its token context
+
+
+def test_a_rows_logprobs_are_handed_out_unsliced_so_reading_them_never_waits_for_the_next_step(
+    tiny: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slice made inside the step would be queued on the generation stream behind the step launched next, and
+    reading it would wait for that whole pass: each response carries its row of the array the step launched,
+    sliced by whoever reads it (the batcher, only for a request that asked for logprobs)."""
+    launched: dict[int, Any] = {}
+    real = joining._async_eval
+
+    def recording(*arrays: Any) -> None:
+        launched[id(arrays[1])] = arrays[1]
+        real(*arrays)
+
+    monkeypatch.setattr(joining, "_async_eval", recording)
+    generator: Any = BatchGenerator(tiny, stop_tokens=[], completion_batch_size=4, prefill_batch_size=2)
+    joining.join_in_step(generator)
+    generator.insert([[5, 6, 7], [8, 9]], max_tokens=[4, 4])
+    responses = []
+    while generator._generation_batch.uids or generator._prompt_batch.uids or generator._unprocessed_sequences:
+        responses.extend(generator.next()[1])
+    generator.close()
+    assert len(responses) == 8
+    for response in responses:
+        assert isinstance(response.logprobs, RowOf)
+        assert id(response.logprobs.batch) in launched  # the step's one array, not a copy or a slice of it
+        assert response.logprobs.row()[response.token].item() <= 0.0
