@@ -65,7 +65,10 @@ def tiktoken_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(models: Path, tiktoken_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "embeddings.log"
-    process = ServerProcess(["--models-dir", str(models), "--keep-alive-s", "2",
+    # MLX's reference BLAS, as in this test process, whose rows do not depend on the batch they are in: vectors
+    # are compared bit for bit. OpenBLAS (the default where installed, mlx_backend/cpu_blas.py) blocks a product
+    # by its shape, so the same text in another batching differs in the last float32 bits.
+    process = ServerProcess(["--models-dir", str(models), "--keep-alive-s", "2", "--cpu-blas", "off",
                              "--model-keep-alive", "qwen3-embedding=-1"], log,
                             env={"TIKTOKEN_CACHE_DIR": str(tiktoken_cache)}).start()
     process.wait_ready()
