@@ -104,7 +104,8 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         idle_progress_timeout_s=max(settings.stall_timeout_s, 5 * GROUP_TICK_S) if group else None,
     )
     observer = MetricsObserver()
-    engine = EngineClient(config, observer, policy, extra_env=cpu_blas.engine_env(settings.cpu_blas), group=group)
+    blas_env = cpu_blas.engine_env(settings.cpu_blas, len(engine_cpus))
+    engine = EngineClient(config, observer, policy, extra_env=blas_env, group=group)
     return GatewayRuntime(settings, engine, registry, observer)
 
 

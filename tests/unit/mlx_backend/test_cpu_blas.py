@@ -52,9 +52,20 @@ def test_the_gateway_refuses_to_start_with_a_cpu_blas_that_is_not_a_file(tmp_pat
 def test_the_engine_environment_preloads_the_library_first_and_keeps_the_operators(tmp_path: Path) -> None:
     library = tmp_path / "libopenblas.so.0"
     library.write_bytes(b"")
-    env = cpu_blas.engine_env(str(library), {"LD_PRELOAD": f"/opt/a.so {library}:/opt/b.so"})
-    assert env == {"LD_PRELOAD": f"{library}:/opt/a.so:/opt/b.so"}
-    assert cpu_blas.engine_env("off", {"LD_PRELOAD": "/opt/a.so"}) == {}
+    env = cpu_blas.engine_env(str(library), environ={"LD_PRELOAD": f"/opt/a.so {library}:/opt/b.so"})
+    assert env["LD_PRELOAD"] == f"{library}:/opt/a.so:/opt/b.so"
+    assert cpu_blas.engine_env("off", environ={"LD_PRELOAD": "/opt/a.so"}) == {}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="LD_PRELOAD is Linux's")
+def test_openblas_leaves_the_gateway_a_core_unless_told_otherwise(tmp_path: Path) -> None:
+    library = tmp_path / "libopenblas.so.0"
+    library.write_bytes(b"")
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_blas.engine_env(str(library), environ={})["OPENBLAS_NUM_THREADS"] == str(max(1, cores - 1))
+    assert cpu_blas.engine_env(str(library), engine_cpus=3, environ={})["OPENBLAS_NUM_THREADS"] == "3"  # pinned
+    mine = {"OPENBLAS_NUM_THREADS": "6"}
+    assert cpu_blas.engine_env(str(library), engine_cpus=3, environ=mine)["OPENBLAS_NUM_THREADS"] == "6"
 
 
 def _in_a_process(env: dict[str, str]) -> dict[str, object]:
