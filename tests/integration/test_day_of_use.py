@@ -98,7 +98,9 @@ def soak_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def soak_server(soak_models: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     # Room for the larger model, the KV cache of two of its longest requests (3000 tokens + prompt, two rows of
-    # the batch), and half the smaller model.
+    # the batch), and half the smaller model. MLX's reference BLAS: the timeout steps need the long model slow
+    # (~100 tokens/s); the system's OpenBLAS decoded it at 508 tokens/s on CI's 2 cores, too close to the
+    # timeout to cut.
     per_token = kv_bytes_per_token(json.loads((soak_models / LONG / "config.json").read_text()), float16_upcast=True)
     long_rows = 2 * rounded_tokens(ENDLESS["max_tokens"] + 64) * per_token  # type: ignore[operator]
     budget = tensor_bytes(soak_models / LONG) + long_rows + tensor_bytes(soak_models / TINY) // 2
@@ -107,6 +109,7 @@ def soak_server(soak_models: Path, tmp_path: Path) -> Iterator[ServerProcess]:
         "--stall-timeout-s", str(STALL_S), "--request-timeout-s", str(REQUEST_S),
         "--header-timeout-s", str(HEADER_S), "--body-timeout-s", str(BODY_S), "--drain-timeout-s", str(DRAIN_S),
         "--max-running", str(MAX_RUNNING), "--max-queue", str(MAX_QUEUE), "--prompt-cache-gb", "0.05",
+        "--cpu-blas", "off",
     ], tmp_path / "server.log").start()
     yield server
     server.stop()
