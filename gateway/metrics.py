@@ -39,6 +39,10 @@ PROMPT_CACHED_TOKENS = Counter(
 GENERATION_TOKENS = Counter(
     _P + "generation_tokens_total", "Tokens generated.", ["model"], registry=REGISTRY
 )
+DRAFT_TOKENS = Counter(
+    _P + "draft_tokens_total", "Speculative decoding: draft tokens fed with the next token, by whether the output "
+    "kept them (accepted) or they were computed and dropped (rejected).", ["model", "outcome"], registry=REGISTRY,
+)
 TIME_TO_FIRST_TOKEN = Histogram(
     _P + "time_to_first_token_seconds", "From request arrival to the first generated text.", ["model"],
     buckets=_LATENCY_BUCKETS, registry=REGISTRY,

@@ -60,7 +60,7 @@ _SECURITY_SCHEMES = {
 # tool names are unique.
 _HUGE_INTEGERS = "integers beyond 64 bits in a tool's parameters (the engine's IPC carries 64-bit integers)"
 _REFUSED = {
-    "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, prediction, "
+    "/v1/chat/completions": "functions / function_call (send tools), audio, modalities other than text, "
                             "web_search_options, store: true, tool types other than function, "
                             "images outside user messages, image URLs other than base64 data URLs (or file:// "
                             "under --image-dir: never http(s), nothing is fetched), images a model without vision "
@@ -109,7 +109,7 @@ _CLEAR_THINKING = {"anyOf": [
 # component -> property -> the schema of what is accepted (None: no value is).
 _ACCEPTED: dict[str, dict[str, Any]] = {
     "ChatCompletionRequest": {
-        "functions": _NONE, "function_call": {"enum": ["none", "auto"]}, "audio": _NULL, "prediction": _NULL,
+        "functions": _NONE, "function_call": {"enum": ["none", "auto"]}, "audio": _NULL,
         "reasoning_effort": {"enum": [*OPENAI_EFFORTS, None]},
         "chat_template_kwargs": {"anyOf": [{"type": "object", "propertyNames": {"not": {"enum": list(
             SERVER_TEMPLATE_KEYS)}}}, _NULL]},

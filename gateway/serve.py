@@ -82,6 +82,7 @@ def build_runtime(settings: Settings, engine_cpus: frozenset[int] = frozenset())
         max_running=settings.max_running,
         prefill_gather_steps=settings.prefill_gather_steps,
         prefill_batch=settings.prefill_batch,
+        max_draft_tokens=settings.draft_tokens,
         prefill_piece_s=prefill_piece_s(settings.stall_timeout_s),
         prompt_cache_bytes=int(settings.prompt_cache_gb * 1024**3),
         allow_fault_injection=settings.test_faults,

@@ -89,6 +89,12 @@ class Settings:
         default=0, metadata={"help": "prompts prefilled together in one pass while a batch decodes (0: 8 on a CPU, "
                                      "32 on a GPU: a burst of arrivals in fewer passes)"}
     )
+    draft_tokens: int = field(
+        default=8, metadata={"help": "speculative decoding of a request alone with its model: at most this many "
+                                     "tokens a pass guessed from its prompt, its prediction and its output so far, "
+                                     "kept where the model agrees (the output is unchanged; off on MLX's reference "
+                                     "BLAS; 0: off)"}
+    )
     max_tokens_default: int = field(default=4096, metadata={"help": "max_tokens when a request gives none"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "a request running longer is ended"})
     stall_timeout_s: float = field(
@@ -216,7 +222,7 @@ class Settings:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
-        for name in ("prefill_gather_steps", "prefill_batch"):
+        for name in ("prefill_gather_steps", "prefill_batch", "draft_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more")
         if self.group_hosts and self.group_hostfile is not None:

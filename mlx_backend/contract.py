@@ -114,6 +114,9 @@ class EngineConfig(msgspec.Struct, frozen=True, omit_defaults=True):
     prefill_gather_steps: int = 2
     prefill_batch: int = 0  # prompts prefilled together in one pass; 0: the device's default (engine/batcher.py)
     prompt_cache_bytes: int = 1 << 30  # prefix (KV) cache kept for reuse across requests
+    # Speculative decoding for a request alone with its model: at most this many tokens drafted a pass from its
+    # prompt, its prediction and its output so far (mlx_backend/engine/lookup.py); 0: off.
+    max_draft_tokens: int = 8
     heartbeat_interval_s: float = 0.25
     load_retry_backoff_s: float = 30.0  # a failed model is retried after this, or when its files change
     allow_fault_injection: bool = False  # test-only: honours Generate.fault
@@ -193,6 +196,7 @@ class Generate(msgspec.Struct, frozen=True, tag="generate", omit_defaults=True):
     n: int = 1  # choices, sharing the prompt's prefill
     reasoning: ReasoningControl | None = None  # thinking on/off, effort, budget (reasoning models)
     template_kwargs: str | None = None  # JSON object: extra chat-template variables (chat_template_kwargs)
+    prediction: str | None = None  # text the reply likely repeats: speculative decoding drafts from it too
     fault: str | None = None  # test-only: "abort", "stall", "raise" (needs allow_fault_injection)
 
 
@@ -332,6 +336,8 @@ class Finished(msgspec.Struct, frozen=True, tag="finished", omit_defaults=True):
     index: int = 0
     stop_sequence: str | None = None  # finish_reason "stop" because this stop string matched (not EOS)
     reasoning_tokens: int = 0  # of completion_tokens, those spent thinking
+    draft_tokens: int = 0  # speculative decoding: tokens drafted and fed (mlx_backend/engine/solo.py)
+    accepted_draft_tokens: int = 0  # of those, kept in the output
 
 
 class PromptCount(msgspec.Struct, frozen=True, tag="prompt_count"):

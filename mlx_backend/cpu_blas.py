@@ -62,6 +62,20 @@ def engine_env(setting: str, engine_cpus: int = 0, environ: Mapping[str, str] = 
 def in_use() -> str:
     """In the engine, for its start log: the library whose `cblas_sgemm` this process resolves first (a preloaded
     one comes before MLX's own, which is loaded privately and not found here)."""
+    path = _sgemm_library()
+    if not path:
+        return "MLX's reference BLAS (slow for prompts: install OpenBLAS, see cpu_blas in docs/configuration.md)"
+    return path
+
+
+def reference_in_use() -> bool:
+    """In the engine (Linux): whether MLX's reference BLAS multiplies its matrices. It takes as long per row for
+    a pass of several tokens as for several passes of one, so nothing that feeds tokens together pays there."""
+    return not _sgemm_library()
+
+
+def _sgemm_library() -> str:
+    """The file `cblas_sgemm` resolves to in this process; "": MLX's own reference BLAS (or none found)."""
     import ctypes
 
     class DlInfo(ctypes.Structure):
@@ -76,6 +90,4 @@ def in_use() -> str:
     except AttributeError:  # no cblas_sgemm in the global scope (or no dladdr)
         found = False
     path = os.fsdecode(info.dli_fname) if found else ""
-    if not path or "mlx_cpu.libs" in path:
-        return "MLX's reference BLAS (slow for prompts: install OpenBLAS, see cpu_blas in docs/configuration.md)"
-    return path
+    return "" if "mlx_cpu.libs" in path else path

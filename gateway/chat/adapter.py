@@ -73,8 +73,10 @@ class ChoicesAdapter:
 
 def usage(exchange: Exchange) -> Usage:
     """Tokens so far: the prompt once, every choice's completion tokens."""
+    sent_prediction = isinstance(exchange.command, Generate) and exchange.command.prediction is not None
+    predicted = exchange.draft_tokens if sent_prediction else None
     return render.usage_of(exchange.prompt_tokens, exchange.completion_tokens, exchange.cached_tokens,
-                           exchange.reasoning_tokens)
+                           exchange.reasoning_tokens, predicted)
 
 
 async def _stream(

@@ -49,8 +49,6 @@ def check_chat_supported(req: ChatCompletionRequest) -> None:
         raise unsupported("audio", "audio output is not available")
     if req.modalities not in (UNSET, None) and list(req.modalities) != ["text"]:
         raise unsupported("modalities", "only text output is available")
-    if req.prediction not in (UNSET, None):
-        raise unsupported("prediction", "predicted outputs are not available")
     if req.web_search_options is not UNSET:
         raise unsupported("web_search_options", "this server never goes to the network")
     if req.store:
@@ -175,6 +173,7 @@ def chat_to_generate(
         **tool_fields(tools, choice, req.parallel_tool_calls is not False), n=req.n or 1,
         fault=fault_of(req.user, allow_faults), reasoning=reasoning,
         template_kwargs=template_kwargs_of(req.chat_template_kwargs),
+        prediction=text_of(req.prediction.content, "prediction.content") if req.prediction is not None else None,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from msgspec import UNSET
+from msgspec import UNSET, UnsetType
 
 from gateway.chat.wire import (
     AssistantReply,
@@ -45,13 +45,19 @@ class ResponseMeta:
         self.created = int(time.time())
 
 
-def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0) -> Usage:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int = 0,
+             predicted: tuple[int, int] | None = None) -> Usage:
+    """`predicted`: (accepted, rejected) draft tokens, for a request that sent a prediction."""
+    details: CompletionTokensDetails | UnsetType = UNSET
+    if reasoning_tokens or predicted is not None:
+        accepted, rejected = predicted or (0, 0)
+        details = CompletionTokensDetails(reasoning_tokens, accepted, rejected)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-        completion_tokens_details=CompletionTokensDetails(reasoning_tokens) if reasoning_tokens else UNSET,
+        completion_tokens_details=details,
     )
 
 

@@ -134,6 +134,13 @@ class ResponseFormatJsonSchema(Struct, tag="json_schema", tag_field="type", forb
 ResponseFormat = ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema
 
 
+class PredictionContent(Struct, tag="content", tag_field="type", forbid_unknown_fields=True):
+    """Predicted Outputs: text the reply is likely to repeat (a file being edited). The server drafts tokens
+    from it for speculative decoding: it changes the speed, never the output."""
+
+    content: str | list[TextPart]
+
+
 class StreamOptions(Struct, forbid_unknown_fields=True):
     include_usage: bool = False
     include_obfuscation: bool | UnsetType = UNSET  # accepted: we never add obfuscation padding
@@ -170,10 +177,10 @@ class ChatCompletionRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     # An extension (vLLM, llama.cpp, LM Studio): variables for the model's chat template, such as
     # {"enable_thinking": false} for Qwen3.
     chat_template_kwargs: dict[str, Any] | None = None
+    prediction: PredictionContent | None = None
     # Fields OpenAI defines that change behaviour we do not offer: named in a 400 when set.
     audio: dict[str, Any] | UnsetType | None = UNSET
     modalities: list[str] | UnsetType | None = UNSET
-    prediction: dict[str, Any] | UnsetType | None = UNSET
     reasoning_effort: str | UnsetType | None = UNSET
     functions: list[dict[str, Any]] | UnsetType = UNSET
     function_call: str | dict[str, Any] | UnsetType = UNSET
@@ -212,6 +219,8 @@ class PromptTokensDetails(Struct):
 
 class CompletionTokensDetails(Struct):
     reasoning_tokens: int = 0
+    accepted_prediction_tokens: int = 0  # with a prediction: drafted tokens the reply kept
+    rejected_prediction_tokens: int = 0  # and those it did not (computed, then dropped)
 
 
 class Usage(Struct):

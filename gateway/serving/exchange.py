@@ -64,6 +64,7 @@ class Exchange:
         self.cached_tokens = 0
         self.completion_tokens = 0
         self.reasoning_tokens = 0  # of completion_tokens, spent thinking (as each choice's Finished says)
+        self.draft_tokens = (0, 0)  # speculative decoding's drafts: (kept, dropped), as Finished says
         self.arrived_at = arrived_at if arrived_at is not None else time.monotonic()
         self._engine_request = engine_request
         self._on_end = on_end
@@ -124,6 +125,12 @@ class Exchange:
             self.unfinished.discard(event.index)
             self.finish_reasons[event.index] = event.finish_reason
             self.reasoning_tokens += event.reasoning_tokens
+            if event.draft_tokens:
+                rejected = event.draft_tokens - event.accepted_draft_tokens
+                kept, dropped = self.draft_tokens
+                self.draft_tokens = (kept + event.accepted_draft_tokens, dropped + rejected)
+                metrics.DRAFT_TOKENS.labels(self.command.model, "accepted").inc(event.accepted_draft_tokens)
+                metrics.DRAFT_TOKENS.labels(self.command.model, "rejected").inc(rejected)
             if not self.unfinished:
                 self.end(Ending.FINISHED)
             return event

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -27,9 +28,9 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
-from mlx_backend import timeline
+from mlx_backend import cpu_blas, timeline
 from mlx_backend.contract import (
     EngineConfig,
     Event,
@@ -44,6 +45,7 @@ from mlx_backend.contract import (
 from mlx_backend.engine import batch_cache, faults, joining, vision
 from mlx_backend.engine.constrained import ConstraintFailed, ConstraintProcessor
 from mlx_backend.engine.logprobs import TokenText
+from mlx_backend.engine.lookup import DraftLookup
 from mlx_backend.engine.masks import MaskedForward, plan_rows
 from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.plan import ChoicePlan, RequestPlan, plan_request
@@ -80,6 +82,7 @@ class Batcher:
         self.config = config
         self._prefill_batch = config.prefill_batch or (PREFILL_BATCH_GPU if gpu else PREFILL_BATCH_CPU)
         self._solo_one_pass_tokens = SOLO_ONE_PASS_TOKENS_GPU if gpu else 0
+        self.max_draft_tokens = config.max_draft_tokens if drafting_pays(gpu) else 0
         self._emit = emit
         self._waiting = WaitingRequests()
         self._steps = 0
@@ -347,9 +350,12 @@ class Batcher:
         if len(plan.choices) == 1 and not state.rows and not self._waiting.others_for(command.model, command):
             choice = plan.choices[0]
             row = Row(request, choice, plan.max_tokens)
+            prompt_cache = prompt_cache if prompt_cache is not None else make_prompt_cache(cached.artifacts.model)
+            drafts = self._draft_lookup(tokens, plan, choice, prompt_cache)
             row.solo = SoloGeneration(cached.artifacts.model, tokens, prompt_cache, cached_tokens, choice.sampler,
                                       choice.processors, self.config.prefill_step_size, self._made_progress,
-                                      state.pacer, self._solo_one_pass_tokens)
+                                      state.pacer, self._solo_one_pass_tokens, drafts,
+                                      self.max_draft_tokens if drafts is not None else 0)
             rows = [row]
         elif len(plan.choices) == 1:
             rows = [self._insert(state, request, plan.choices[0], plan.max_tokens, [rest], prompt_cache,
@@ -366,6 +372,17 @@ class Batcher:
             state.rows[row.uid] = row
         self._where[command.request_id] = (state, request)
         self._emit(Started(command.request_id, len(tokens), request.cached_tokens))
+
+    def _draft_lookup(self, tokens: list[int], plan: RequestPlan, choice: ChoicePlan,
+                      prompt_cache: list[Any]) -> DraftLookup | None:
+        """Where a solo request's drafts come from, or None where it decodes one token a pass: speculative
+        decoding is off, a logits processor (grammar, penalties, bias) reads each token before the next is
+        drawn, its cache cannot drop rejected drafts (rotating or recurrent layers), or it is an engine group's
+        (its ranks would have to agree on every draft)."""
+        if (self.max_draft_tokens <= 0 or choice.processors or self.config.group is not None
+                or not can_trim_prompt_cache(prompt_cache)):
+            return None
+        return DraftLookup(tokens, source=plan.prediction)
 
     def _prefill_shared_prefix(self, command: Generate, cached: CachedModel, state: ModelState,
                                tokens: list[int]) -> int:
@@ -433,6 +450,7 @@ class Batcher:
             self._fail(state, row.request, EngineError(EngineErrorCode.INTERNAL, _internal(exc)))
             return
         del state.rows[SOLO_UID]
+        row.drafted, row.accepted = _drafts_of(solo)
         row.uid, row.solo = uid, None
         state.rows[uid] = row
 
@@ -580,9 +598,10 @@ class Batcher:
             state.generator.remove([row.uid])
         state.rows.pop(row.uid, None)
         request = row.request
+        drafted, accepted = _drafts_of(row.solo) if row.solo is not None else (row.drafted, row.accepted)
         self._emit(Finished(request.rid, reason, request.prompt_tokens, row.plan.output.completion_tokens,
                             request.cached_tokens, row.plan.index, row.plan.output.stop_sequence,
-                            row.plan.output.reasoning_tokens))
+                            row.plan.output.reasoning_tokens, drafted, accepted))
         if not request.open_rows:
             self._where.pop(request.rid, None)
             self._done(state, request)
@@ -670,6 +689,19 @@ def _masked_step(batch: Any) -> Iterator[None]:
     if not forward.spent:  # loudly: the rows set aside would have sampled tokens their grammars forbid
         raise RuntimeError("mlx-lm's generation step did not call the model it was given: constrained rows "
                            "went unmasked (mlx_backend/engine/batcher.py, constrained_step)")
+
+
+def drafting_pays(gpu: bool) -> bool:
+    """Whether a pass of several tokens costs about what a pass of one does here, as speculative decoding needs:
+    on a GPU, and on a CPU whose BLAS multiplies rows together (Accelerate, OpenBLAS). MLX's Linux wheel's
+    reference BLAS takes k times as long for k tokens (SmolLM2-135M: 134 ms for one, 1019 for nine; OpenBLAS 73
+    and 116), so there a rejected draft costs its whole pass."""
+    return gpu or sys.platform != "linux" or not cpu_blas.reference_in_use()
+
+
+def _drafts_of(solo: SoloGeneration | Any) -> tuple[int, int]:
+    """(drafted, accepted) of a solo generation (a vision model's drafts nothing)."""
+    return (solo.drafted, solo.accepted) if isinstance(solo, SoloGeneration) else (0, 0)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

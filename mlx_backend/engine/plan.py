@@ -10,7 +10,7 @@ EngineError naming the parameter (a 400 at the gateway).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -45,6 +45,7 @@ class RequestPlan:
     max_tokens: int
     choices: list[ChoicePlan]
     pixels: Any = None  # a vision model's processed images and their model inputs (mlx_backend/engine/vision.py)
+    prediction: list[int] = field(default_factory=list)  # the request's predicted output, as tokens
 
 
 def plan_request(
@@ -100,7 +101,8 @@ def plan_request(
                               tools.parser() if tools else None, logprob_of,
                               thinks.splitter(starts_inside) if thinks else None, budget)
         choices.append(ChoicePlan(index, make_sampler(params), processors, processor, output))
-    return RequestPlan(tokens, max_tokens, choices)
+    prediction = list(tokenizer.encode(command.prediction, add_special_tokens=False)) if command.prediction else []
+    return RequestPlan(tokens, max_tokens, choices, prediction=prediction)
 
 
 class _KeepLeadingSpace(BPEStreamingDetokenizer):

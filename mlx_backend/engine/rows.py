@@ -45,6 +45,8 @@ class Row:
     uid: int = SOLO_UID
     solo: SoloGeneration | VisionGeneration | None = None  # set while the request runs alone, outside the batch
     ended: bool = False
+    drafted: int = 0  # speculative decoding's draft tokens while it ran solo, and those it kept
+    accepted: int = 0
 
     @property
     def next_is_last(self) -> bool:

@@ -5,25 +5,33 @@ Through BatchGenerator a batch of one pays for the batch: a padded batch cache, 
 bookkeeping. On a GPU, where a small model's step is a few milliseconds of kernel launches, that cost a lone
 stream a third or more of its speed. So a request that finds its model idle runs here, and moves into the
 batch (its KV cache with it, nothing recomputed) as soon as a second request for the model arrives.
+
+A solo request may also decode speculatively (`drafts`): where the text so far ends in an n-gram seen before
+(mlx_backend/engine/lookup.py), the tokens that followed it are fed with the next token in one pass, and each
+is kept while it is the token the request's own sampler draws at its place: the output is what one token a
+pass would give (at any temperature: every kept token is the sampler's draw given the tokens before it). The
+tokens kept wait in `_ready` (already in the KV cache) and are handed out one a call, like any other.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
-from mlx_lm.models.cache import TokenBuffer, make_prompt_cache
+from mlx_lm.models.cache import TokenBuffer, make_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 from mlx_backend import timeline
 from mlx_backend.engine.constrained import ConstraintProcessor
+from mlx_backend.engine.lookup import DraftLookup
 from mlx_backend.engine.pacing import PrefillPacer
 
 # The library's untyped calls, given types once here.
 _async_eval: Callable[..., None] = mx.async_eval
 _token_buffer: Callable[[list[int]], Any] = TokenBuffer
+_trim: Callable[[list[Any], int], Any] = trim_prompt_cache
 
 
 def prefill(
@@ -57,6 +65,8 @@ class SoloGeneration:
         on_prefill_chunk: Callable[[], None] = lambda: None,
         pacer: PrefillPacer | None = None,  # None: fixed pieces of prefill_step_size
         one_pass_tokens: int = 0,
+        drafts: DraftLookup | None = None,  # speculative decoding from this lookup (no logits processors)
+        max_draft_tokens: int = 0,
     ) -> None:
         """A prompt whose uncached rest is at most `one_pass_tokens` long is fed in one pass that also gives
         the first token (mlx-lm's stream_generate does so); a longer one (or any, with 0) is prefilled in
@@ -78,16 +88,28 @@ class SoloGeneration:
         self._pending: tuple[mx.array, mx.array] | None = None  # the next token and its logprobs, computing
         self.logprobs: mx.array | None = None  # the distribution the last token was drawn from
         self.prefilled = 0  # prompt tokens the last `next_token` call prefilled (the first call's work)
+        if drafts is not None and (self.logits_processors or max_draft_tokens <= 0):
+            raise ValueError("speculative decoding needs draft tokens and a request without logits processors")
+        self._drafts = drafts
+        self._max_draft_tokens = max_draft_tokens
+        self._draft_limit = max_draft_tokens  # grows while drafts are kept whole, shrinks when they are not
+        self._ready: list[tuple[int, mx.array]] = []  # drafts kept (in the KV cache), not yet handed out
+        self.drafted = 0  # draft tokens fed
+        self.accepted = 0  # of those, kept
 
     def next_token(self, more: bool) -> int:
         """The next token. With `more`, the one after it starts computing before this one is waited for
         (the GPU never idles on Python); without, nothing more is fed and the cache ends before this token."""
         self.prefilled = 0
+        if self._ready:
+            return self._next_ready(more)
         if self._pending is None:
             self.prefilled = len(self._rest)
             self._pending = self._prefill()
         token, self.logprobs = self._pending
         self._pending = None
+        if more and self._drafts is not None and self._drafts.draft(1):
+            return self._next_speculating(token)
         if more:
             self._pending = self._feed(token)
             _async_eval(*self._pending)
@@ -96,6 +118,58 @@ class SoloGeneration:
         assert isinstance(value, int)
         if more:
             self.tokens_in_cache.append(value)
+            if self._drafts is not None:
+                self._drafts.extend([value])
+        return value
+
+    def _next_speculating(self, token: mx.array) -> int:
+        """`token`, read first (drafts follow it): the text so far ends in an n-gram seen before, so a draft is
+        likely. A step that finds none feeds `token` alone, having waited for it (the cost of looking)."""
+        assert self._drafts is not None
+        value = token.item()
+        assert isinstance(value, int)
+        self.tokens_in_cache.append(value)
+        self._drafts.extend([value])
+        drafts = self._drafts.draft(self._draft_limit)
+        if drafts:
+            self._verify(value, drafts)
+        else:
+            self._pending = self._feed(token)
+            _async_eval(*self._pending)
+        timeline.mark_launched()
+        return value
+
+    def _verify(self, value: int, drafts: list[int]) -> None:
+        """Feed `value` and `drafts` in one pass; keep the drafts up to the first the sampler does not draw
+        (they wait in `_ready`), and set the token drawn after the last one kept computing."""
+        logits = self.model(mx.array([value, *drafts])[None], cache=self.prompt_cache)[0]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        drawn = self.sampler(logprobs)  # the token after each position, drawn as a pass of one would
+        mx.eval(drawn, logprobs)
+        draws = cast(list[int], drawn.tolist())
+        kept = 0
+        while kept < len(drafts) and draws[kept] == drafts[kept]:
+            kept += 1
+        _trim(self.prompt_cache, len(drafts) - kept)
+        self.drafted += len(drafts)
+        self.accepted += kept
+        self._draft_limit = (min(self._max_draft_tokens, self._draft_limit + 2) if kept == len(drafts)
+                             else max(1, self._draft_limit - 1))
+        self._ready = [(drafts[i], logprobs[i]) for i in range(kept)]  # drafts[i] was drawn after position i
+        self.tokens_in_cache.extend(drafts[:kept])
+        assert self._drafts is not None
+        self._drafts.extend(drafts[:kept])
+        self._pending = (drawn[kept:kept + 1], logprobs[kept])
+
+    def _next_ready(self, more: bool) -> int:
+        """A kept draft, already in the cache. Without `more`, the cache ends before it (the row leaves solo, or
+        its budget ends): it and what followed it are trimmed off."""
+        value, self.logprobs = self._ready.pop(0)
+        if not more:
+            after = 1 + len(self._ready)
+            _trim(self.prompt_cache, after)
+            del self.tokens_in_cache[-after:]
+            self._ready, self._pending = [], None
         return value
 
     def _prefill(self) -> tuple[mx.array, mx.array]:

@@ -110,6 +110,9 @@ def serve(channel: Channel, config: EngineConfig) -> int:
              device, *versions, batcher.residency.budget / 1e9, config.max_running)
     if device == "cpu" and sys.platform == "linux":
         log.info("matrix products on the CPU: %s", cpu_blas.in_use())
+    log.info("speculative decoding of a lone request: %s", f"up to {batcher.max_draft_tokens} draft tokens a pass"
+             if batcher.max_draft_tokens else "off" if config.max_draft_tokens <= 0 else
+             "off (MLX's reference BLAS: a pass of several tokens costs as much as that many passes)")
     controls.preload(config.preload, config.pinned)
 
     while True:
