@@ -160,3 +160,44 @@ def test_raw_malformed_input_gets_400_and_the_server_keeps_serving(shared_server
     assert httpx.post(url, content=b"x" * (9 * 1024 * 1024), headers={"content-type": "application/json"},
                       timeout=30).status_code == 413
     assert shared_server.health().status_code == 200
+
+
+def test_a_prediction_of_the_reply_is_drafted_from_and_changes_only_the_counts(
+    client: openai.OpenAI, shared_server: ServerProcess
+) -> None:
+    # A lone request decodes speculatively (this server's engine multiplies with OpenBLAS, tests/run.sh
+    # installs it); OpenAI's Predicted Outputs feed it the reply to expect.
+    asked: dict[str, Any] = {"model": "tiny", "messages": MESSAGES, "max_tokens": 48, "temperature": 0}
+    plain = client.chat.completions.create(**asked)
+    assert plain.usage is not None and plain.usage.completion_tokens_details is None  # no prediction: no counts
+    text = plain.choices[0].message.content
+    assert text
+
+    predicted = client.chat.completions.create(**asked, prediction={"type": "content", "content": text})
+    assert predicted.choices[0].message.content == text
+    assert predicted.usage is not None and predicted.usage.completion_tokens_details is not None
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens is not None and details.rejected_prediction_tokens is not None
+    assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens // 2, details
+
+    stream = client.chat.completions.create(**asked, stream=True, stream_options={"include_usage": True},
+                                            prediction={"type": "content", "content": [{"type": "text",
+                                                                                        "text": text}]})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    last = chunks[-1].usage
+    assert last is not None and last.completion_tokens_details is not None
+    assert last.completion_tokens_details.accepted_prediction_tokens == details.accepted_prediction_tokens
+
+    metrics = httpx.get(shared_server.base_url + "/metrics", timeout=10).text
+    accepted = [line for line in metrics.splitlines()
+                if line.startswith('mlx_gateway_draft_tokens_total{model="tiny",outcome="accepted"}')]
+    assert accepted and float(accepted[0].split()[-1]) >= 2 * details.accepted_prediction_tokens
+
+
+def test_a_prediction_of_another_kind_is_a_400_naming_it(client: openai.OpenAI) -> None:
+    for prediction in ({"type": "image", "content": "x"}, {"type": "content"}, {"type": "content", "content": 3}):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4,
+                                           prediction=prediction)  # type: ignore[arg-type]
+        assert bad.value.param is not None and bad.value.param.startswith("prediction"), bad.value.param

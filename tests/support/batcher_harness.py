@@ -57,13 +57,15 @@ class BatcherHarness:
         return self.batcher.residency
 
     def submit(self, rid: str, model: str = "tiny", messages: tuple[ChatMessage, ...] | None = HELLO,
-               prompt: str | None = None, fault: str | None = None, **params: object) -> None:
+               prompt: str | None = None, fault: str | None = None, prediction: str | None = None,
+               **params: object) -> None:
         params.setdefault("max_tokens", 12)
         params.setdefault("temperature", 0.0)
         sampling = SamplingParams(**params)  # type: ignore[arg-type]
         if prompt is not None:
             messages = None
-        self.batcher.submit(Generate(rid, model, sampling, messages=messages, prompt=prompt, fault=fault))
+        self.batcher.submit(Generate(rid, model, sampling, messages=messages, prompt=prompt, fault=fault,
+                                     prediction=prediction))
 
     def run(self, max_steps: int = 2000) -> None:
         """Step until no work is left."""

@@ -290,6 +290,47 @@ def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
     check_well_formed(h, "newcomer")
 
 
+@pytest.mark.parametrize("steps_alone", [1, 3, 6, 10])
+def test_a_speculating_solo_request_gives_the_text_of_one_token_a_pass_and_joins_the_batch_mid_draft(
+    h: BatcherHarness, steps_alone: int
+) -> None:
+    h.batcher.max_draft_tokens = 0
+    h.submit("plain", max_tokens=40, prompt="the quick brown fox")
+    h.run()
+    h.batcher.max_draft_tokens = 8  # as on a GPU or an OpenBLAS CPU (this process has MLX's reference BLAS)
+    h.submit("alone", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"))
+    h.run()
+    assert h.text("alone") == h.text("plain")
+    alone = check_well_formed(h, "alone")
+    assert alone.accepted_draft_tokens >= 30 and alone.draft_tokens >= alone.accepted_draft_tokens
+
+    h.submit("joined", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"))
+    for _ in range(steps_alone):
+        h.batcher.step()
+    state = h.batcher._states["tiny"]
+    assert state.solo_row is not None
+    h.submit("newcomer", max_tokens=30, prompt="hello model code")
+    h.batcher.step()
+    assert state.solo_row is None and h.batcher.running == 2
+    h.run()
+    joined = check_well_formed(h, "joined")
+    assert joined.completion_tokens == 40 and h.text("joined") == h.text("plain")
+    # drafting ends with solo; the first step is the prefill's token, drafted from nothing
+    assert joined.accepted_draft_tokens < alone.accepted_draft_tokens
+    assert (joined.accepted_draft_tokens > 0) is (steps_alone > 1)
+
+
+def test_requests_with_logits_processors_never_draft(h: BatcherHarness) -> None:
+    h.batcher.max_draft_tokens = 8
+    h.submit("plain", max_tokens=30, prompt="the quick brown fox")
+    h.run()
+    h.submit("penalized", max_tokens=30, prompt="the quick brown fox", prediction=h.text("plain"),
+             presence_penalty=0.5)
+    h.run()
+    assert check_well_formed(h, "penalized").draft_tokens == 0
+    assert check_well_formed(h, "plain").draft_tokens > 0
+
+
 def test_a_solo_request_ended_by_its_last_token_at_the_join_does_not_enter_the_batch(h: BatcherHarness) -> None:
     h.submit("short", max_tokens=2, prompt="the quick brown fox")
     h.batcher.step()  # the first token; the second (its last) is in flight

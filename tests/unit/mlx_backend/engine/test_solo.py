@@ -13,6 +13,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import trim_prompt_cache
 from mlx_lm.sample_utils import greedy_sampler
 
+from mlx_backend.engine.lookup import DraftLookup
 from mlx_backend.engine.pacing import PrefillPacer
 from mlx_backend.engine.sampling import PenaltyProcessor
 from mlx_backend.engine.solo import SoloGeneration
@@ -143,3 +144,56 @@ def test_a_prompt_longer_than_one_pass_is_prefilled_in_pieces(model: Any, monkey
     assert lengths == [16, 16, 7, 1] + [1] * 3  # 16-token pieces, the last prompt token, then a token a pass
     monkeypatch.undo()
     assert tokens == reference(model, 3)
+
+
+# -- speculative decoding ----------------------------------------------------------------------------------
+# The random tiny model's greedy output repeats itself (464 464 464 ..., 121 121 ...), so drafts from its own
+# output are often right and sometimes wrong: both paths run.
+
+
+def speculating(model: Any, prediction: list[int] | None = None, max_draft_tokens: int = 4) -> SoloGeneration:
+    return solo(model, drafts=DraftLookup(PROMPT, source=prediction or []), max_draft_tokens=max_draft_tokens)
+
+
+@pytest.mark.parametrize("max_draft_tokens", [1, 4, 16])
+def test_speculative_decoding_gives_the_tokens_of_one_token_a_pass(model: Any, max_draft_tokens: int) -> None:
+    generation = speculating(model, max_draft_tokens=max_draft_tokens)
+    assert [generation.next_token(more=True) for _ in range(60)] == reference(model, 60)
+    assert 0 < generation.accepted < generation.drafted
+
+
+def test_a_prediction_of_the_whole_output_is_kept_nearly_whole(model: Any) -> None:
+    expected = reference(model, 60)
+    generation = speculating(model, prediction=expected, max_draft_tokens=8)
+    assert [generation.next_token(more=True) for _ in range(60)] == expected
+    # every token but the first (it comes from the prefill) can come from a kept draft
+    assert generation.accepted >= 50, (generation.accepted, generation.drafted)
+
+
+def test_a_wrong_prediction_changes_nothing_but_the_drafts(model: Any) -> None:
+    generation = speculating(model, prediction=list(range(300, 360)), max_draft_tokens=8)
+    assert [generation.next_token(more=True) for _ in range(40)] == reference(model, 40)
+
+
+@pytest.mark.parametrize("leave_after", [3, 8, 13, 21, 34])
+def test_leaving_mid_draft_leaves_a_cache_that_holds_exactly_the_tokens_handed_out_but_the_last(
+    model: Any, leave_after: int
+) -> None:
+    expected = reference(model, 60)
+    generation = speculating(model, prediction=expected, max_draft_tokens=8)
+    handed_out = [generation.next_token(more=True) for _ in range(leave_after)]
+    last = generation.next_token(more=False)  # the row joins the batch, or its budget ends
+    assert [*handed_out, last] == expected[:leave_after + 1]
+    assert generation.tokens_in_cache == PROMPT + handed_out
+    assert all(layer.offset == len(PROMPT) + len(handed_out) for layer in generation.prompt_cache)
+    # and the cache's contents are those tokens': fed the last token as a one-token prompt (the batch does),
+    # it goes on exactly as a run alone
+    held = generation.tokens_in_cache
+    theirs = SoloGeneration(model, [*held, last], generation.prompt_cache, len(held), greedy_sampler, None, 16)
+    assert [theirs.next_token(more=True) for _ in range(10)] == expected[leave_after + 1:leave_after + 11]
+
+
+def test_drafting_needs_a_request_without_logits_processors(model: Any) -> None:
+    with pytest.raises(ValueError):
+        solo(model, logits_processors=[PenaltyProcessor(2.0, 0.5, len(PROMPT))], drafts=DraftLookup(PROMPT),
+             max_draft_tokens=4)
