@@ -34,6 +34,22 @@ class SeededSampler:
         logprobs = filter_logprobs(logprobs, self._top_k, self._top_p)
         return mx.random.categorical(logprobs * self._inv_temp, key=draw)
 
+    def draws_ahead(self, logprobs: mx.array) -> mx.array:
+        """Row i drawn as the (i+1)-th call from now would draw it, the key left where it is. Speculative
+        decoding draws at every drafted position, keeps some, then `skip`s as many draws as it handed out: a
+        seeded request's tokens do not depend on its drafts."""
+        filtered = filter_logprobs(logprobs, self._top_k, self._top_p) * self._inv_temp
+        key, drawn = self._key, []
+        for row in range(logprobs.shape[0]):
+            keys = mx.random.split(key)
+            key = keys[0]
+            drawn.append(mx.random.categorical(filtered[row:row + 1], key=keys[1]))
+        return mx.concatenate(drawn)
+
+    def skip(self, draws: int) -> None:
+        for _ in range(draws):
+            self._key = mx.random.split(self._key)[0]
+
 
 def filter_logprobs(logprobs: mx.array, top_k: int, top_p: float) -> mx.array:
     """Top-k, then top-p, on (rows, vocab) log-probabilities: what the samplers draw from (before temperature)."""

@@ -27,6 +27,7 @@ from mlx_backend import timeline
 from mlx_backend.engine.constrained import ConstraintProcessor
 from mlx_backend.engine.lookup import DraftLookup
 from mlx_backend.engine.pacing import PrefillPacer
+from mlx_backend.engine.sampling import SeededSampler
 
 # The library's untyped calls, given types once here.
 _async_eval: Callable[..., None] = mx.async_eval
@@ -144,12 +145,16 @@ class SoloGeneration:
         (they wait in `_ready`), and set the token drawn after the last one kept computing."""
         logits = self.model(mx.array([value, *drafts])[None], cache=self.prompt_cache)[0]
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        drawn = self.sampler(logprobs)  # the token after each position, drawn as a pass of one would
+        # the token after each position, drawn as a pass of one would draw it (a seeded sampler, with its keys)
+        seeded = self.sampler if isinstance(self.sampler, SeededSampler) else None
+        drawn = seeded.draws_ahead(logprobs) if seeded is not None else self.sampler(logprobs)
         mx.eval(drawn, logprobs)
         draws = cast(list[int], drawn.tolist())
         kept = 0
         while kept < len(drafts) and draws[kept] == drafts[kept]:
             kept += 1
+        if seeded is not None:
+            seeded.skip(kept + 1)  # the kept drafts' draws and the next token's
         _trim(self.prompt_cache, len(drafts) - kept)
         self.drafted += len(drafts)
         self.accepted += kept

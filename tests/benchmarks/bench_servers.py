@@ -88,7 +88,10 @@ def server_spec(
         ]
         return ServerSpec(name, argv, model_id=str(model))
     if name == "gateway":
-        # The model id is the folder name under --models-dir.
+        # The model id is the folder name under --models-dir. One token a pass (--draft-tokens 0), as the servers
+        # and the ceilings beside it decode: a random-weight model's greedy output loops, and drafts from its own
+        # output would be kept as no real model's are (bench_speculative.py measures drafting, on a real model;
+        # a later --draft-tokens in `extra` wins).
         return ServerSpec(
             name,
             [
@@ -107,6 +110,8 @@ def server_spec(
                 str(max_running),
                 "--max-queue",
                 str(max_queue),
+                "--draft-tokens",
+                "0",
                 *extra,
             ],
             model_id=model.name,

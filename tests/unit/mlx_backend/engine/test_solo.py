@@ -15,7 +15,7 @@ from mlx_lm.sample_utils import greedy_sampler
 
 from mlx_backend.engine.lookup import DraftLookup
 from mlx_backend.engine.pacing import PrefillPacer
-from mlx_backend.engine.sampling import PenaltyProcessor
+from mlx_backend.engine.sampling import PenaltyProcessor, SeededSampler
 from mlx_backend.engine.solo import SoloGeneration
 from tests.support import tiny_models as tm
 
@@ -160,6 +160,19 @@ def test_speculative_decoding_gives_the_tokens_of_one_token_a_pass(model: Any, m
     generation = speculating(model, max_draft_tokens=max_draft_tokens)
     assert [generation.next_token(more=True) for _ in range(60)] == reference(model, 60)
     assert 0 < generation.accepted < generation.drafted
+
+
+def test_a_seeded_sampled_request_draws_the_same_tokens_with_drafts_as_without(model: Any) -> None:
+    # A low temperature keeps the random model's loops, so drafts are kept; the sampler's keys are used as
+    # one token a pass uses them.
+    plain = solo(model, sampler=SeededSampler(0.3, 1.0, seed=11))
+    tokens = [plain.next_token(more=True) for _ in range(60)]
+    drafting = solo(model, sampler=SeededSampler(0.3, 1.0, seed=11), drafts=DraftLookup(PROMPT),
+                    max_draft_tokens=6)
+    assert [drafting.next_token(more=True) for _ in range(60)] == tokens
+    assert 0 < drafting.accepted < drafting.drafted
+    # not a greedy run in disguise: the draws differ from greedy's
+    assert tokens != reference(model, 60)
 
 
 def test_a_prediction_of_the_whole_output_is_kept_nearly_whole(model: Any) -> None:
