@@ -34,6 +34,8 @@ _async_eval: Callable[..., None] = mx.async_eval
 _token_buffer: Callable[[list[int]], Any] = TokenBuffer
 _trim: Callable[[list[Any], int], Any] = trim_prompt_cache
 
+MAX_BACKOFF = 64  # tokens decoded one a pass after failed drafts, at most
+
 
 def prefill(
     model: Any, tokens: list[int], prompt_cache: list[Any], pacer: PrefillPacer, on_chunk: Callable[[], None]
@@ -93,7 +95,12 @@ class SoloGeneration:
             raise ValueError("speculative decoding needs draft tokens and a request without logits processors")
         self._drafts = drafts
         self._max_draft_tokens = max_draft_tokens
-        self._draft_limit = max_draft_tokens  # grows while drafts are kept whole, shrinks when they are not
+        # Grows by 2 while drafts are kept whole, shrinks by 1 when some are kept, halves when none is.
+        self._draft_limit = max_draft_tokens
+        # After a pass that kept no draft, this many tokens go one a pass; doubled at each such pass in a row
+        # (up to MAX_BACKOFF), so text whose guesses keep failing costs few wasted passes.
+        self._backoff = 1
+        self._undrafted = 0  # tokens left to decode one a pass
         self._ready: list[tuple[int, mx.array]] = []  # drafts kept (in the KV cache), not yet handed out
         self.drafted = 0  # draft tokens fed
         self.accepted = 0  # of those, kept
@@ -109,8 +116,10 @@ class SoloGeneration:
             self._pending = self._prefill()
         token, self.logprobs = self._pending
         self._pending = None
-        if more and self._drafts is not None and self._drafts.draft(1):
-            return self._next_speculating(token)
+        if more and self._drafts is not None:
+            if self._undrafted <= 0 and self._drafts.draft(1):
+                return self._next_speculating(token)
+            self._undrafted -= 1
         if more:
             self._pending = self._feed(token)
             _async_eval(*self._pending)
@@ -158,8 +167,14 @@ class SoloGeneration:
         _trim(self.prompt_cache, len(drafts) - kept)
         self.drafted += len(drafts)
         self.accepted += kept
-        self._draft_limit = (min(self._max_draft_tokens, self._draft_limit + 2) if kept == len(drafts)
-                             else max(1, self._draft_limit - 1))
+        if kept == len(drafts):
+            self._draft_limit = min(self._max_draft_tokens, self._draft_limit + 2)
+        else:
+            self._draft_limit = max(1, self._draft_limit - 1 if kept else self._draft_limit // 2)
+        if kept:
+            self._backoff = 1
+        else:
+            self._undrafted, self._backoff = self._backoff, min(MAX_BACKOFF, 2 * self._backoff)
         self._ready = [(drafts[i], logprobs[i]) for i in range(kept)]  # drafts[i] was drawn after position i
         self.tokens_in_cache.extend(drafts[:kept])
         assert self._drafts is not None

@@ -210,3 +210,27 @@ def test_drafting_needs_a_request_without_logits_processors(model: Any) -> None:
     with pytest.raises(ValueError):
         solo(model, logits_processors=[PenaltyProcessor(2.0, 0.5, len(PROMPT))], drafts=DraftLookup(PROMPT),
              max_draft_tokens=4)
+
+
+class _WrongDrafts(DraftLookup):
+    """Guesses that are never the token drawn: the reference's next tokens, each plus one."""
+
+    def __init__(self, expected: list[int]) -> None:
+        self.expected, self.generated = expected, -len(PROMPT)
+        super().__init__(PROMPT)
+
+    def extend(self, tokens: Any) -> None:
+        tokens = list(tokens)
+        self.generated += len(tokens)
+        super().extend(tokens)
+
+    def draft(self, limit: int) -> list[int]:
+        return [t + 1 for t in self.expected[self.generated:self.generated + limit]]
+
+
+def test_drafts_that_keep_failing_are_fed_ever_more_rarely(model: Any) -> None:
+    expected = reference(model, 100)
+    generation = solo(model, drafts=_WrongDrafts(expected), max_draft_tokens=8)
+    assert [generation.next_token(more=True) for _ in range(100)] == expected
+    # passes of 8, 4, 2, 1, 1, 1, 1 drafts, with 1, 2, 4, 8, 16, 32 tokens one a pass between them: 18 fed
+    assert generation.accepted == 0 and generation.drafted <= 20
