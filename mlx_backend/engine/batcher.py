@@ -28,7 +28,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
 from mlx_backend import cpu_blas, timeline
 from mlx_backend.contract import (
@@ -71,6 +71,8 @@ SOLO_ONE_PASS_TOKENS_GPU = 512
 
 # Waiting requests that share a prompt prefix this long (agents with one system prompt) have it prefilled once.
 SHARED_PREFIX_MIN_TOKENS = 512
+
+_TRIMMABLE_CACHES = (KVCache, QuantizedKVCache)  # trim any number of tokens at any length
 
 
 class Batcher:
@@ -377,10 +379,11 @@ class Batcher:
                       prompt_cache: list[Any]) -> DraftLookup | None:
         """Where a solo request's drafts come from, or None where it decodes one token a pass: speculative
         decoding is off, a logits processor (grammar, penalties, bias) reads each token before the next is
-        drawn, its cache cannot drop rejected drafts (rotating or recurrent layers), or it is an engine group's
-        (its ranks would have to agree on every draft)."""
+        drawn, its cache cannot drop any number of rejected drafts at any length (only a plain or quantized KV
+        cache can: a rotating one stops trimming once it wraps, a chunked one trims within its chunk, recurrent
+        layers not at all), or it is an engine group's (its ranks would have to agree on every draft)."""
         if (self.max_draft_tokens <= 0 or choice.processors or self.config.group is not None
-                or not can_trim_prompt_cache(prompt_cache)):
+                or not all(type(layer) in _TRIMMABLE_CACHES for layer in prompt_cache)):
             return None
         return DraftLookup(tokens, source=plan.prediction)
 

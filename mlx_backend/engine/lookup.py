@@ -30,7 +30,7 @@ class DraftLookup:
         """`source`: text the output is likely to repeat that is not part of the sequence (a prediction)."""
         self._source = list(source)
         self._source_ends: dict[tuple[int, ...], int] = {}  # n-gram -> index just past its last occurrence
-        _index(self._source, self._source_ends, 0, len(self._source))
+        _index(self._source, self._source_ends, 0, len(self._source) - 1)  # n-grams that something follows
         self._at: int | None = None  # where in the source the sequence is, while it follows the source
         self._tokens: list[int] = []
         self._ends: dict[tuple[int, ...], int] = {}
@@ -57,7 +57,7 @@ class DraftLookup:
         for n in range(min(NGRAM_MAX, len(tokens)), NGRAM_MIN - 1, -1):
             gram = tuple(tokens[-n:])
             end = self._source_ends.get(gram)
-            if end is not None and end < len(self._source):
+            if end is not None:
                 self._at = end  # kept if the next tokens are the source's
                 return self._source[end:end + limit]
             end = self._ends.get(gram)

@@ -32,7 +32,8 @@ from mlx_backend.engine.sampling import SeededSampler
 # The library's untyped calls, given types once here.
 _async_eval: Callable[..., None] = mx.async_eval
 _token_buffer: Callable[[list[int]], Any] = TokenBuffer
-_trim: Callable[[list[Any], int], Any] = trim_prompt_cache
+# mlx-lm annotates it as returning the cache; it returns the number of tokens it dropped
+_trim = cast(Callable[[list[Any], int], int], trim_prompt_cache)
 
 MAX_BACKOFF = 64  # tokens decoded one a pass after failed drafts, at most
 
@@ -70,6 +71,7 @@ class SoloGeneration:
         one_pass_tokens: int = 0,
         drafts: DraftLookup | None = None,  # speculative decoding from this lookup (no logits processors)
         max_draft_tokens: int = 0,
+        max_tokens: int | None = None,  # the request's budget: no draft runs past it (None: unbounded)
     ) -> None:
         """A prompt whose uncached rest is at most `one_pass_tokens` long is fed in one pass that also gives
         the first token (mlx-lm's stream_generate does so); a longer one (or any, with 0) is prefilled in
@@ -102,13 +104,17 @@ class SoloGeneration:
         self._backoff = 1
         self._undrafted = 0  # tokens left to decode one a pass
         self._ready: list[tuple[int, mx.array]] = []  # drafts kept (in the KV cache), not yet handed out
+        self._pending_drawn_ahead = False  # the pending token was drawn by a verify pass (not yet `_skip_draw`n)
+        self._tokens_left = max_tokens  # tokens still to hand out, when bounded
         self.drafted = 0  # draft tokens fed
-        self.accepted = 0  # of those, kept
+        self.accepted = 0  # of those, handed out (kept drafts a row never hands out count as dropped)
 
     def next_token(self, more: bool) -> int:
         """The next token. With `more`, the one after it starts computing before this one is waited for
         (the GPU never idles on Python); without, nothing more is fed and the cache ends before this token."""
         self.prefilled = 0
+        if self._tokens_left is not None:
+            self._tokens_left -= 1
         if self._ready:
             return self._next_ready(more)
         if self._pending is None:
@@ -116,6 +122,9 @@ class SoloGeneration:
             self._pending = self._prefill()
         token, self.logprobs = self._pending
         self._pending = None
+        if self._pending_drawn_ahead:
+            self._skip_draw()
+            self._pending_drawn_ahead = False
         if more and self._drafts is not None:
             if self._undrafted <= 0 and self._drafts.draft(1):
                 return self._next_speculating(token)
@@ -140,7 +149,9 @@ class SoloGeneration:
         assert isinstance(value, int)
         self.tokens_in_cache.append(value)
         self._drafts.extend([value])
-        drafts = self._drafts.draft(self._draft_limit)
+        # kept drafts and the token drawn after them all count against the budget
+        limit = self._draft_limit if self._tokens_left is None else min(self._draft_limit, self._tokens_left - 1)
+        drafts = self._drafts.draft(limit)
         if drafts:
             self._verify(value, drafts)
         else:
@@ -162,11 +173,8 @@ class SoloGeneration:
         kept = 0
         while kept < len(drafts) and draws[kept] == drafts[kept]:
             kept += 1
-        if seeded is not None:
-            seeded.skip(kept + 1)  # the kept drafts' draws and the next token's
-        _trim(self.prompt_cache, len(drafts) - kept)
+        self._trim(len(drafts) - kept)
         self.drafted += len(drafts)
-        self.accepted += kept
         if kept == len(drafts):
             self._draft_limit = min(self._max_draft_tokens, self._draft_limit + 2)
         else:
@@ -180,17 +188,31 @@ class SoloGeneration:
         assert self._drafts is not None
         self._drafts.extend(drafts[:kept])
         self._pending = (drawn[kept:kept + 1], logprobs[kept])
+        self._pending_drawn_ahead = True
 
     def _next_ready(self, more: bool) -> int:
         """A kept draft, already in the cache. Without `more`, the cache ends before it (the row leaves solo, or
         its budget ends): it and what followed it are trimmed off."""
         value, self.logprobs = self._ready.pop(0)
+        self._skip_draw()
+        self.accepted += 1
         if not more:
             after = 1 + len(self._ready)
-            _trim(self.prompt_cache, after)
+            self._trim(after)
             del self.tokens_in_cache[-after:]
-            self._ready, self._pending = [], None
+            self._ready, self._pending, self._pending_drawn_ahead = [], None, False
         return value
+
+    def _skip_draw(self) -> None:
+        """A token a verify pass drew is handed out: a seeded sampler moves past its key, as one token a pass
+        would have used it (keys of tokens never handed out stay unused: the batch may go on drawing)."""
+        if isinstance(self.sampler, SeededSampler):
+            self.sampler.skip(1)
+
+    def _trim(self, tokens: int) -> None:
+        trimmed = _trim(self.prompt_cache, tokens)
+        if trimmed != tokens:  # the batcher drafts only on caches that drop any number of tokens
+            raise RuntimeError(f"the KV cache dropped {trimmed} of {tokens} rejected draft tokens")
 
     def _prefill(self) -> tuple[mx.array, mx.array]:
         rest = self._rest

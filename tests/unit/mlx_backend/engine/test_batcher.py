@@ -7,8 +7,11 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from mlx_backend.contract import (
     ChatMessage,
@@ -291,20 +294,22 @@ def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
 
 
 @pytest.mark.parametrize("steps_alone", [1, 3, 6, 10])
+@pytest.mark.parametrize("params", [{}, {"temperature": 0.3, "seed": 5}], ids=["greedy", "seeded"])
 def test_a_speculating_solo_request_gives_the_text_of_one_token_a_pass_and_joins_the_batch_mid_draft(
-    h: BatcherHarness, steps_alone: int
+    h: BatcherHarness, steps_alone: int, params: dict[str, Any]
 ) -> None:
     h.batcher.max_draft_tokens = 0
-    h.submit("plain", max_tokens=40, prompt="the quick brown fox")
+    h.submit("plain", max_tokens=40, prompt="the quick brown fox", **params)
     h.run()
     h.batcher.max_draft_tokens = 8  # as on a GPU or an OpenBLAS CPU (this process has MLX's reference BLAS)
-    h.submit("alone", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"))
+    h.submit("alone", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"), **params)
     h.run()
     assert h.text("alone") == h.text("plain")
     alone = check_well_formed(h, "alone")
-    assert alone.accepted_draft_tokens >= 30 and alone.draft_tokens >= alone.accepted_draft_tokens
+    assert 20 <= alone.accepted_draft_tokens <= alone.completion_tokens - 1
+    assert alone.draft_tokens >= alone.accepted_draft_tokens
 
-    h.submit("joined", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"))
+    h.submit("joined", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"), **params)
     for _ in range(steps_alone):
         h.batcher.step()
     state = h.batcher._states["tiny"]
@@ -315,9 +320,21 @@ def test_a_speculating_solo_request_gives_the_text_of_one_token_a_pass_and_joins
     h.run()
     joined = check_well_formed(h, "joined")
     assert joined.completion_tokens == 40 and h.text("joined") == h.text("plain")
-    # drafting ends with solo; the first step is the prefill's token, drafted from nothing
+    # drafting ends with solo; the first step is the prefill's token, drafted from nothing (the seeded run's
+    # first drafts miss: its mid-draft leaving is pinned in test_solo.py)
     assert joined.accepted_draft_tokens < alone.accepted_draft_tokens
-    assert (joined.accepted_draft_tokens > 0) is (steps_alone > 1)
+    if not params:
+        assert (joined.accepted_draft_tokens > 0) is (steps_alone > 1)
+
+
+def test_caches_that_cannot_drop_any_number_of_tokens_never_draft(h: BatcherHarness) -> None:
+    h.batcher.max_draft_tokens = 8
+    plan, choice = SimpleNamespace(prediction=[]), SimpleNamespace(processors=[])
+    plain = [KVCache(), KVCache()]
+    assert h.batcher._draft_lookup([1, 2, 3], plan, choice, plain) is not None  # type: ignore[arg-type]
+    # a sliding window stops trimming once it wraps
+    rotating = [KVCache(), RotatingKVCache(max_size=128)]
+    assert h.batcher._draft_lookup([1, 2, 3], plan, choice, rotating) is None  # type: ignore[arg-type]
 
 
 def test_requests_with_logits_processors_never_draft(h: BatcherHarness) -> None:

@@ -175,12 +175,43 @@ def test_a_seeded_sampled_request_draws_the_same_tokens_with_drafts_as_without(m
     assert tokens != reference(model, 60)
 
 
+@pytest.mark.parametrize("leave_after", [4, 9, 14])
+def test_a_seeded_request_that_leaves_mid_draft_goes_on_with_the_draws_of_one_token_a_pass(
+    model: Any, leave_after: int
+) -> None:
+    plain = solo(model, sampler=SeededSampler(0.3, 1.0, seed=11))
+    expected = [plain.next_token(more=True) for _ in range(40)]
+    sampler = SeededSampler(0.3, 1.0, seed=11)
+    generation = solo(model, sampler=sampler, drafts=DraftLookup(PROMPT, source=expected), max_draft_tokens=8)
+    handed_out = [generation.next_token(more=True) for _ in range(leave_after)]
+    assert generation._ready  # kept drafts wait: it leaves mid-draft
+    last = generation.next_token(more=False)
+    # the batch goes on with the same sampler, from the cache, fed the last token
+    held = generation.tokens_in_cache
+    rest = SoloGeneration(model, [*held, last], generation.prompt_cache, len(held), sampler, None, 16)
+    after = [rest.next_token(more=True) for _ in range(10)]
+    assert [*handed_out, last, *after] == expected[:leave_after + 11]
+
+
 def test_a_prediction_of_the_whole_output_is_kept_nearly_whole(model: Any) -> None:
     expected = reference(model, 60)
     generation = speculating(model, prediction=expected, max_draft_tokens=8)
     assert [generation.next_token(more=True) for _ in range(60)] == expected
-    # every token but the first (it comes from the prefill) can come from a kept draft
-    assert generation.accepted >= 50, (generation.accepted, generation.drafted)
+    # every token but the first (the prefill's) and the second (an n-gram needs two) can come from a kept draft,
+    # and none is dropped; drafting from its own repeats alone keeps far fewer
+    assert generation.accepted == generation.drafted >= 50
+    without = speculating(model, max_draft_tokens=8)
+    assert [without.next_token(more=True) for _ in range(60)] == expected
+    assert without.accepted < generation.accepted - 20
+
+
+def test_no_draft_runs_past_the_budget(model: Any) -> None:
+    expected = reference(model, 60)
+    generation = solo(model, drafts=DraftLookup(PROMPT, source=expected), max_draft_tokens=8, max_tokens=20)
+    assert [generation.next_token(more=i < 19) for i in range(20)] == expected[:20]
+    # a perfect prediction: every draft fed was handed out, none computed past the 20th token
+    assert generation.accepted == generation.drafted > 0
+    assert generation.tokens_in_cache == PROMPT + expected[:19]
 
 
 def test_a_wrong_prediction_changes_nothing_but_the_drafts(model: Any) -> None:
@@ -197,6 +228,7 @@ def test_leaving_mid_draft_leaves_a_cache_that_holds_exactly_the_tokens_handed_o
     handed_out = [generation.next_token(more=True) for _ in range(leave_after)]
     last = generation.next_token(more=False)  # the row joins the batch, or its budget ends
     assert [*handed_out, last] == expected[:leave_after + 1]
+    assert generation.accepted <= leave_after  # drafts trimmed off are not counted as kept
     assert generation.tokens_in_cache == PROMPT + handed_out
     assert all(layer.offset == len(PROMPT) + len(handed_out) for layer in generation.prompt_cache)
     # and the cache's contents are those tokens': fed the last token as a one-token prompt (the batch does),
