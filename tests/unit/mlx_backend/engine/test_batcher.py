@@ -269,6 +269,19 @@ def test_requests_arriving_together_go_straight_to_the_batch(h: BatcherHarness) 
     assert state.solo_row is None and len(state.rows) == 2
 
 
+def join_after(h: BatcherHarness, steps_alone: int) -> None:
+    """The request just submitted runs solo for `steps_alone` steps; then a newcomer arrives and both decode in
+    the batch, to the end."""
+    for _ in range(steps_alone):
+        h.batcher.step()
+    state = h.batcher._states["tiny"]
+    assert state.solo_row is not None
+    h.submit("newcomer", max_tokens=30, prompt="hello model code")
+    h.batcher.step()
+    assert state.solo_row is None and h.batcher.running == 2  # both decode in the batch now
+    h.run()
+
+
 @pytest.mark.parametrize("steps_alone", [1, 2, 7])
 @pytest.mark.parametrize(
     "params", [{}, {"presence_penalty": 1.5, "frequency_penalty": 0.5}], ids=["greedy", "penalties"]
@@ -279,14 +292,7 @@ def test_a_solo_request_joins_the_batch_without_losing_or_repeating_a_token(
     h.submit("alone", max_tokens=30, prompt="the quick brown fox", **params)
     h.run()
     h.submit("joined", max_tokens=30, prompt="the quick brown fox", **params)
-    for _ in range(steps_alone):
-        h.batcher.step()
-    state = h.batcher._states["tiny"]
-    assert state.solo_row is not None
-    h.submit("newcomer", max_tokens=30, prompt="hello model code")
-    h.batcher.step()
-    assert state.solo_row is None and h.batcher.running == 2  # both decode in the batch now
-    h.run()
+    join_after(h, steps_alone)
     joined = check_well_formed(h, "joined")
     assert joined.completion_tokens == 30 and joined.finish_reason == "length"
     assert h.text("joined") == h.text("alone")
@@ -310,14 +316,7 @@ def test_a_speculating_solo_request_gives_the_text_of_one_token_a_pass_and_joins
     assert alone.draft_tokens >= alone.accepted_draft_tokens
 
     h.submit("joined", max_tokens=40, prompt="the quick brown fox", prediction=h.text("plain"), **params)
-    for _ in range(steps_alone):
-        h.batcher.step()
-    state = h.batcher._states["tiny"]
-    assert state.solo_row is not None
-    h.submit("newcomer", max_tokens=30, prompt="hello model code")
-    h.batcher.step()
-    assert state.solo_row is None and h.batcher.running == 2
-    h.run()
+    join_after(h, steps_alone)
     joined = check_well_formed(h, "joined")
     assert joined.completion_tokens == 40 and h.text("joined") == h.text("plain")
     # drafting ends with solo; the first step is the prefill's token, drafted from nothing (the seeded run's
